@@ -1,0 +1,1 @@
+"""KServe retriever: request -> Triton (user/item tower) -> FAISS -> ranked articles with metadata."""

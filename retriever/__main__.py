@@ -1,0 +1,49 @@
+"""Run the retriever as a KServe model server.
+
+    python -m retriever --index-dir artifacts/index --predictor_host 127.0.0.1:8000 --http_port 8080
+
+KServe's own flags (--http_port, --workers, --model_name, ...) are accepted unchanged;
+--predictor_host is Triton's HTTP address; --model_name defaults to "recommender" and gRPC is off
+unless --enable_grpc true (the v1/v2 REST endpoints are the supported API). Ours are listed under RetrieverConfig and can also
+be set as TWOTOWER_<FLAG> environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import kserve
+from kserve import model_server
+
+from retriever.model import DEFAULT_MODEL_NAME, Recommender
+from twotower.artifacts import ArtifactError
+from twotower.config import RetrieverConfig, add_arguments, from_arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[model_server.parser]
+    )
+    add_arguments(parser, RetrieverConfig)
+    parser.add_argument("--triton-wait-s", type=float, default=60.0, help="how long load() waits for Triton")
+    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_grpc=False)
+    args, _ = parser.parse_known_args(argv)
+    if not args.predictor_host:
+        parser.error("--predictor_host (Triton's HTTP host:port) is required")
+    config = from_arguments(RetrieverConfig, args)
+    model = Recommender(args.model_name, config, args.predictor_host)
+    try:
+        model.load(args.triton_wait_s)
+    except (ArtifactError, OSError) as err:
+        logging.getLogger("retriever").error("refusing to start: %s", err)
+        print(f"error: refusing to start: {err}", file=sys.stderr)
+        return 2
+    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+                       enable_grpc=args.enable_grpc).start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

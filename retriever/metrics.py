@@ -1,0 +1,18 @@
+"""Prometheus metrics added to KServe's own on the retriever's /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Fine buckets at the low end: the latency targets are single-digit milliseconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+STAGE_SECONDS = Histogram(
+    "retriever_stage_seconds",
+    "Time per request stage: parse, tokenize, triton (tower call), search (FAISS), total",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
+REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, by kind", ["kind"])
+ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
+INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"])

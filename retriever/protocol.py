@@ -1,0 +1,173 @@
+"""Request parsing and response building for the v1 (JSON instances) and v2 (tensors) protocols.
+
+Kept apart from the model so the semantics (what a recommendation request is) do not depend
+on the transport. Every malformed request raises kserve's InvalidInput (HTTP 400) with a
+message naming the instance and field.
+
+v1  POST /v1/models/<name>:predict
+    {"instances": [{"customer_id": "..."} | {"history": ["0108775015", ...]} | {"query": "black dress"},
+                   ... each may add "k": 12]}
+    -> {"predictions": [{"kind": ..., "items": [{"article_id", "score", "similarity", "prod_name", ...}]}]}
+    `history` lists article_ids oldest first (the last one is the most recent purchase).
+
+v2  POST /v2/models/<name>/infer with ONE of the BYTES inputs `customer_id` [N], `query` [N],
+    `history` [N] (each element: article_ids separated by commas or spaces, oldest first),
+    optional INT32/INT64 `k` [1]. Outputs: article_id BYTES [N,k], score FP32 [N,k],
+    similarity FP32 [N,k], metadata BYTES [N,k] (JSON objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+
+from twotower.config import RetrieverConfig
+
+KINDS = ("customer_id", "history", "query")
+ID_SEPARATORS = re.compile(r"[,\s]+")
+
+
+@dataclasses.dataclass
+class Query:
+    kind: str  # one of KINDS
+    value: Any  # str for customer_id/query, list[str] for history (oldest first)
+    k: int
+
+
+@dataclasses.dataclass
+class Recommendation:
+    article_ids: list[str]
+    similarities: list[float]
+    scores: list[float]
+    metadata: list[dict[str, str]]
+
+
+def _parse_k(raw: Any, where: str, config: RetrieverConfig) -> int:
+    if raw is None:
+        return config.top_k
+    if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
+        raise InvalidInput(f"{where}: 'k' must be an integer, got {type(raw).__name__} {raw!r}")
+    if not 1 <= int(raw) <= config.max_k:
+        raise InvalidInput(f"{where}: 'k' must be between 1 and {config.max_k}, got {raw}")
+    return int(raw)
+
+
+def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> Any:
+    if kind == "customer_id":
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInput(f"{where}: 'customer_id' must be a non-empty string")
+        return value.strip()
+    if kind == "query":
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInput(f"{where}: 'query' must be a non-empty string")
+        if len(value) > config.max_query_chars:
+            raise InvalidInput(f"{where}: 'query' is {len(value)} characters, the limit is {config.max_query_chars}")
+        return value.strip()
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise InvalidInput(f"{where}: 'history' must be a list of article_id strings")
+    if not value:
+        raise InvalidInput(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
+    if len(value) > config.max_history_items:
+        raise InvalidInput(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
+    return [a.strip() for a in value]
+
+
+def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
+    where = f"instances[{index}]"
+    if not isinstance(instance, dict):
+        raise InvalidInput(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
+    given = [kind for kind in KINDS if kind in instance]
+    if len(given) != 1:
+        raise InvalidInput(f"{where}: give exactly one of {list(KINDS)}, got {given or 'none'}")
+    unknown = sorted(set(instance) - set(KINDS) - {"k"})
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {unknown}; allowed: {list(KINDS) + ['k']}")
+    kind = given[0]
+    return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config))
+
+
+def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:
+    if isinstance(body, (bytes, str)):  # a body sent without a JSON content type arrives undecoded
+        try:
+            body = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InvalidInput(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict) or "instances" not in body:
+        raise InvalidInput("request body must be a JSON object with an 'instances' list")
+    instances = body["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise InvalidInput("'instances' must be a non-empty list")
+    return [parse_instance(instance, i, config) for i, instance in enumerate(instances)]
+
+
+def _decode(value: Any) -> str:
+    return value.decode("utf-8", errors="strict") if isinstance(value, bytes) else str(value)
+
+
+def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
+    inputs = {tensor.name: tensor for tensor in request.inputs}
+    given = [kind for kind in KINDS if kind in inputs]
+    if len(given) != 1:
+        raise InvalidInput(f"give exactly one of the inputs {list(KINDS)}, got {sorted(inputs)}")
+    unknown = sorted(set(inputs) - set(KINDS) - {"k"})
+    if unknown:
+        raise InvalidInput(f"unknown input(s) {unknown}; allowed: {list(KINDS) + ['k']}")
+    kind = given[0]
+    tensor = inputs[kind]
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")
+    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
+        raise InvalidInput(f"input '{kind}' must have shape [N] with N >= 1, got {tensor.shape}")
+    try:
+        values = [_decode(v) for v in tensor.as_numpy().reshape(-1)]
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InvalidInput(f"input '{kind}': cannot decode ({err})") from err
+    k = config.top_k
+    if "k" in inputs:
+        k_tensor = inputs["k"]
+        if k_tensor.datatype not in ("INT32", "INT64") or list(k_tensor.shape) != [1]:
+            raise InvalidInput(f"input 'k' must be INT32 or INT64 with shape [1], got {k_tensor.datatype} {k_tensor.shape}")
+        k = _parse_k(int(k_tensor.as_numpy().reshape(-1)[0]), "input 'k'", config)
+    if kind == "history":
+        parsed: list[Any] = [[a for a in ID_SEPARATORS.split(v.strip()) if a] for v in values]
+    else:
+        parsed = values
+    return [Query(kind, _parse_value(kind, v, f"{kind}[{i}]", config), k) for i, v in enumerate(parsed)]
+
+
+def v1_response(queries: list[Query], results: list[Recommendation]) -> dict[str, Any]:
+    predictions = []
+    for query, result in zip(queries, results):
+        items = [
+            {"article_id": a, "score": round(s, 6), "similarity": round(c, 6), **meta}
+            for a, s, c, meta in zip(result.article_ids, result.scores, result.similarities, result.metadata)
+        ]
+        predictions.append({query.kind: query.value, "items": items})
+    return {"predictions": predictions}
+
+
+def v2_response(model_name: str, request: InferRequest, results: list[Recommendation]) -> InferResponse:
+    k = max((len(r.article_ids) for r in results), default=0)
+
+    def padded(values: list, fill: Any) -> list:
+        return list(values) + [fill] * (k - len(values))
+
+    ids = np.array([padded(r.article_ids, "") for r in results], dtype=object).reshape(len(results), k)
+    scores = np.array([padded(r.scores, 0.0) for r in results], dtype=np.float32).reshape(len(results), k)
+    sims = np.array([padded(r.similarities, 0.0) for r in results], dtype=np.float32).reshape(len(results), k)
+    meta = np.array(
+        [padded([json.dumps(m) for m in r.metadata], "{}") for r in results], dtype=object
+    ).reshape(len(results), k)
+    outputs = []
+    for name, array, datatype in (("article_id", ids, "BYTES"), ("score", scores, "FP32"),
+                                  ("similarity", sims, "FP32"), ("metadata", meta, "BYTES")):
+        output = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
+        output.set_data_from_numpy(array, binary_data=False)
+        outputs.append(output)
+    return InferResponse(response_id=request.id or "", model_name=model_name, infer_outputs=outputs)

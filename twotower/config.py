@@ -1,0 +1,121 @@
+"""All tunable settings, in one place.
+
+Each settings group is a dataclass. `add_arguments` turns one into argparse flags
+(`--field-name`) and `from_arguments` builds it back; a flag's default can be
+overridden by an environment variable `TWOTOWER_<FIELD_NAME>` so that containers
+can be configured without editing command lines. Precedence: CLI > env > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+ENV_PREFIX = "TWOTOWER_"
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Both towers. `clip_model` names an open_clip config; `pretrained` a hub tag or local checkpoint."""
+
+    clip_model: str = "hm-tiny-text"
+    pretrained: str = ""  # "" = random init; an open_clip tag (e.g. "openai") or a local .pt/.bin path
+    embed_dim: int = 64  # shared user/item embedding dimension
+    unfreeze_text_blocks: int = 2  # top N text transformer blocks fine-tuned (+ ln_final, projections)
+    unfreeze_token_embedding: bool = True  # only sensible for from-scratch configs
+    user_layers: int = 2
+    user_heads: int = 4
+    max_history: int = 20
+    max_age_days: float = 365.0
+    score_hidden: int = 16
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings; a run is reproducible from (config, seed)."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    temperature: float = 0.1
+    seed: int = 0
+    max_steps: int = 0  # 0 = no cap; handy for smoke runs on big data
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    item_batch_size: int = 256  # batch size when embedding the catalogue for history vectors
+
+
+def field_env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--flag` per dataclass field; defaults honour TWOTOWER_<FIELD> env vars."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        convert = _parse_bool if kind is bool else kind
+        default = field.default
+        env_value = os.environ.get(field_env_name(field.name))
+        if env_value is not None:
+            try:
+                default = convert(env_value)
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise SystemExit(f"environment variable {field_env_name(field.name)}={env_value!r}: {err}")
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=convert,
+            default=default,
+            help=f"(env {field_env_name(field.name)}; default {default!r})",
+        )
+
+
+def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Rebuild a config saved by `dataclasses.asdict`, ignoring keys a newer version dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class RetrieverConfig:
+    """The KServe retriever's own settings (KServe's flags such as --http_port come on top)."""
+
+    index_dir: str = "artifacts/index"
+    top_k: int = 12  # default k when a request gives none
+    max_k: int = 1000
+    max_history_items: int = 1000  # longer request histories are refused, not truncated silently
+    max_query_chars: int = 2000
+    triton_timeout_s: float = 2.0
+    triton_retries: int = 1  # extra attempts on connection errors, never on 4xx
+    faiss_threads: int = 1  # one thread is fastest for concurrent single queries
+    hnsw_ef_search: int = 128
+    ivf_nprobe: int = 16

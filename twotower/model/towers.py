@@ -1,0 +1,138 @@
+"""The two towers and the score head.
+
+ItemTower   input_ids int64 [B, T]             -> embedding float32 [B, D], L2-normalised
+UserTower   history   float32 [B, L, D]        -> embedding float32 [B, D], L2-normalised
+            history_mask float32 [B, L] (1 = a purchase, 0 = padding; index 0 = most recent)
+            history_age  float32 [B, L] (days between that purchase and the request)
+ScoreHead   cosine float32 [...]               -> score in (0, 1)
+
+The user tower reads item-tower vectors, not item ids, so an item added after training
+is usable in a history as soon as its text has been embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower.config import ModelConfig
+from twotower.model.clip_text import load_clip
+
+
+class ItemTower(nn.Module):
+    """open_clip's text transformer + a projection into the shared space."""
+
+    def __init__(self, clip_model: nn.Module, embed_dim: int):
+        super().__init__()
+        text = getattr(clip_model, "text", clip_model)  # CustomTextCLIP keeps the text tower in `.text`
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+            if not hasattr(text, name):
+                raise ValueError(f"open_clip model has no text {name}: only CLIP-style text transformers are supported")
+        self.token_embedding = text.token_embedding
+        self.positional_embedding = text.positional_embedding
+        self.transformer = text.transformer
+        self.ln_final = text.ln_final
+        projection = getattr(text, "text_projection", None)
+        width = self.ln_final.normalized_shape[0]
+        if isinstance(projection, nn.Linear):
+            self.text_projection = projection
+        else:
+            self.text_projection = nn.Linear(width, width if projection is None else projection.shape[1], bias=False)
+            if projection is not None:
+                with torch.no_grad():
+                    self.text_projection.weight.copy_(projection.T)
+        self.register_buffer("attn_mask", text.attn_mask.clone() if text.attn_mask is not None else None, persistent=False)
+        self.projection = nn.Linear(self.text_projection.out_features, embed_dim)
+
+    def freeze_except_top(self, n_blocks: int, token_embedding: bool) -> None:
+        """Freeze CLIP except the top `n_blocks` text blocks, ln_final and the projections."""
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+        blocks = list(self.transformer.resblocks)
+        trainable: list[nn.Module] = blocks[len(blocks) - n_blocks:] if n_blocks > 0 else []
+        trainable += [self.ln_final, self.text_projection, self.projection]
+        for module in trainable:
+            for parameter in module.parameters():
+                parameter.requires_grad = True
+        if token_embedding:
+            self.token_embedding.weight.requires_grad = True
+            self.positional_embedding.requires_grad = True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(input_ids) + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        # CLIP pooling: the end-of-text token has the highest id in each row.
+        x = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
+        return F.normalize(self.projection(self.text_projection(x)), dim=-1)
+
+
+class UserTower(nn.Module):
+    """A transformer encoder over the last L purchased items' vectors, position and recency."""
+
+    def __init__(self, embed_dim: int, max_history: int, layers: int, heads: int, max_age_days: float):
+        super().__init__()
+        hidden = max(embed_dim, heads * 16)
+        self.max_history = max_history
+        self.age_scale = 1.0 / math.log1p(max_age_days)
+        self.input = nn.Linear(embed_dim, hidden)
+        self.position = nn.Parameter(torch.zeros(max_history, hidden))
+        self.age = nn.Linear(1, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.output = nn.Linear(hidden, embed_dim)
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, history: torch.Tensor, history_mask: torch.Tensor, history_age: torch.Tensor) -> torch.Tensor:
+        age = torch.log1p(history_age.clamp(min=0.0)).unsqueeze(-1) * self.age_scale
+        x = self.input(history) + self.position[: history.shape[1]] + self.age(age)
+        # Position 0 is never masked so a row that is all padding cannot turn into NaN.
+        padding = history_mask <= 0
+        padding = torch.cat([torch.zeros_like(padding[:, :1]), padding[:, 1:]], dim=1)
+        x = self.encoder(x, src_key_padding_mask=padding)
+        weights = history_mask.unsqueeze(-1)
+        count = weights.sum(dim=1).clamp(min=1.0)
+        pooled = (x * weights).sum(dim=1) / count
+        mean_item = (history * weights).sum(dim=1) / count  # skip path: start from "the mean of my items"
+        return F.normalize(self.output(pooled) + mean_item, dim=-1)
+
+
+class ScoreHead(nn.Module):
+    """2-layer MLP mapping a cosine similarity to a purchase score in (0, 1)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def logits(self, cosine: torch.Tensor) -> torch.Tensor:
+        return self.layers(cosine.unsqueeze(-1)).squeeze(-1)
+
+    def forward(self, cosine: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(cosine))
+
+
+class TwoTowerModel(nn.Module):
+    def __init__(self, config: ModelConfig, clip_model: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        clip_model = clip_model if clip_model is not None else load_clip(config.clip_model, config.pretrained)
+        self.item_tower = ItemTower(clip_model, config.embed_dim)
+        self.item_tower.freeze_except_top(config.unfreeze_text_blocks, config.unfreeze_token_embedding)
+        self.user_tower = UserTower(
+            config.embed_dim, config.max_history, config.user_layers, config.user_heads, config.max_age_days
+        )
+        self.score_head = ScoreHead(config.score_hidden)
+
+
+def build_model(config: ModelConfig, state_dict: dict | None = None) -> TwoTowerModel:
+    """A model from its config; with a saved state dict, the CLIP weights come from it, not the hub."""
+    if state_dict is None:
+        return TwoTowerModel(config)
+    offline = dataclasses.replace(config, pretrained="")
+    model = TwoTowerModel(offline)
+    model.load_state_dict(state_dict)
+    return model
