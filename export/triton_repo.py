@@ -37,6 +37,7 @@ class TritonModelSpec:
     max_queue_delay_us: int = 200
     instance_count: int = 1
     versions_kept: int = 2  # the previous version stays loaded while its index may still be served
+    warmup_runs: int = 3  # TorchScript optimises on its first calls: pay that before serving
 
 
 def _tensor_block(specs: tuple[TensorSpec, ...]) -> str:
@@ -45,6 +46,15 @@ def _tensor_block(specs: tuple[TensorSpec, ...]) -> str:
         for s in specs
     ]
     return "[\n" + ",\n".join(entries) + "\n]"
+
+
+def _warmup_block(spec: TritonModelSpec) -> str:
+    inputs = "".join(
+        f'    inputs {{\n      key: "{s.name}"\n      value: {{\n        data_type: TYPE_{s.data_type}\n'
+        f'        dims: [ {", ".join(map(str, s.dims))} ]\n        zero_data: true\n      }}\n    }}\n'
+        for s in spec.inputs
+    )
+    return f'model_warmup [\n  {{\n    name: "zeros"\n    batch_size: 1\n    count: {spec.warmup_runs}\n{inputs}  }}\n]\n'
 
 
 def render_config(spec: TritonModelSpec) -> str:
@@ -57,6 +67,7 @@ def render_config(spec: TritonModelSpec) -> str:
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n}}\n"
         f"instance_group [\n  {{\n    count: {spec.instance_count}\n    kind: KIND_AUTO\n  }}\n]\n"
         f"version_policy: {{ latest: {{ num_versions: {spec.versions_kept} }} }}\n"
+        + (_warmup_block(spec) if spec.warmup_runs > 0 else "")
     )
 
 

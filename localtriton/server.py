@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -59,9 +60,11 @@ class TritonSettings:
 
 
 def pytriton_root() -> Path:
-    import pytriton  # the wheel is only a carrier for the server binary
-
-    return Path(pytriton.__file__).parent / "tritonserver"
+    # Locate, never import: pytriton imports tritonclient.grpc, which clashes with kserve's protobufs.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError("the nvidia-pytriton wheel (which carries the Triton binary) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
 
 
 def prepare_backend_dir(state_dir: Path) -> Path:

@@ -45,6 +45,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     temperature: float = 0.1
+    score_head_lr: float = 1e-2  # a 2-layer MLP on one scalar: it needs a far larger step than the towers
     seed: int = 0
     max_steps: int = 0  # 0 = no cap; handy for smoke runs on big data
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default

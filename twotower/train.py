@@ -71,9 +71,11 @@ def contrastive_loss(users: torch.Tensor, items: torch.Tensor, targets: torch.Te
 
 
 def score_head_loss(model: TwoTowerModel, cosine: torch.Tensor) -> torch.Tensor:
-    """The score head learns P(bought | cosine) from the batch's positive/negative pairs."""
+    """The score head learns "bought vs not" from the batch's pairs, positives and negatives weighted
+    equally, so a score of 0.5 is the boundary; it reads detached cosines and never moves the towers."""
     labels = torch.eye(len(cosine))
-    return F.binary_cross_entropy_with_logits(model.score_head.logits(cosine.detach()), labels)
+    pos_weight = torch.tensor(float(len(cosine) - 1))
+    return F.binary_cross_entropy_with_logits(model.score_head.logits(cosine.detach()), labels, pos_weight=pos_weight)
 
 
 def recall_at_k(model: TwoTowerModel, examples: TrainingExamples, item_table: torch.Tensor, rows: np.ndarray, k: int = 10) -> float:
@@ -132,8 +134,12 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
 
     model = build_model(model_config)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(parameters, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    head = list(model.score_head.parameters())
+    towers = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
+    optimiser = torch.optim.AdamW(
+        [{"params": towers}, {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0}],
+        lr=train_config.lr, weight_decay=train_config.weight_decay,
+    )
     generator = np.random.default_rng(train_config.seed)
     item_table = torch.zeros((len(row_of), model_config.embed_dim))
     epochs: list[dict] = []

@@ -1,0 +1,57 @@
+# Two commands are the contract (see README): `make demo` and `make test`.
+# Both create .venv and install the project on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# DATA=path/to/hm_dir uses real H&M files; empty = the built-in synthetic shop.
+DATA   ?=
+HM     ?= ../shared/data/hm_lastweek
+
+.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@$(PY) -c "import numpy; assert numpy.__version__ < '2', 'numpy<2 is required by the Triton python stub'"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) examples/demo.py $(if $(DATA),--data-dir $(DATA))
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration and not hm"
+
+# Step by step (what `make demo` does in one go):
+data/synthetic/articles.csv: | setup
+	$(PY) -m twotower.data.synthetic --out data/synthetic
+
+train: setup $(if $(DATA),,data/synthetic/articles.csv)
+	$(PY) -m twotower.train --data-dir $(or $(DATA),data/synthetic) --out runs/demo --force
+
+export: setup
+	$(PY) -m export --run runs/demo --data-dir $(or $(DATA),data/synthetic) \
+		--model-repository model_repository --index-dir artifacts/index
+
+serve-triton: setup
+	$(PY) -m localtriton start --model-repository model_repository
+
+stop-triton: setup
+	$(PY) -m localtriton stop
+
+serve: setup
+	$(PY) -m retriever --index-dir artifacts/index --predictor_host 127.0.0.1:8000 --http_port 8080
+
+# The full H&M catalogue (105,542 articles): train, export, index.
+hm: setup
+	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm --force --epochs 1
+	$(PY) -m export --run runs/hm --data-dir $(HM) --model-repository model_repository --index-dir artifacts/index
+
+clean:
+	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower

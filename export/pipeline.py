@@ -1,0 +1,168 @@
+"""Export a trained run for serving (the steps behind `python -m export`).
+
+1. traces both towers to TorchScript and refuses to export one whose output differs from
+   eager execution by more than the tolerance (default 1e-5);
+2. embeds the whole catalogue through the serialised item tower, builds the FAISS index and
+   writes the index directory with its manifest (checked by the retriever at load);
+3. writes both towers as the next version of `item_tower` and `user_tower` in the Triton
+   model repository, with config.pbtxt (pytorch_libtorch, dynamic batching, KIND_AUTO).
+Each output appears whole or not at all; a failure before step 3 leaves the repository untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.catalogue_index import INDEX_TYPES, embed_catalogue, item_metadata, resolve_index_type, write_index_dir
+from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
+from export.triton_repo import TensorSpec, TritonModelSpec, next_version, write_model
+from twotower import artifacts
+from twotower.config import ModelConfig, from_dict
+from twotower.data.histories import day_numbers, latest_histories
+from twotower.data.hm import build_captions, load_hm_dir
+from twotower.model.clip_text import get_tokenizer
+from twotower.model.towers import TwoTowerModel, build_model
+from twotower.train import RUN_CONFIG, RUN_WEIGHTS
+
+log = logging.getLogger("export")
+
+EMBEDDING_OUTPUT = "embedding__0"
+
+
+def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
+    config_path, weights_path = run_dir / RUN_CONFIG, run_dir / RUN_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; is {run_dir} a run directory written by `python -m twotower.train`?")
+    run_config = json.loads(config_path.read_text())
+    model_config = from_dict(ModelConfig, run_config["model"])
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    model = build_model(model_config, state).eval()
+    return model, run_config
+
+
+def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int) -> tuple[TritonModelSpec, TritonModelSpec]:
+    output = (TensorSpec(EMBEDDING_OUTPUT, "FP32", (config.embed_dim,)),)
+    item = TritonModelSpec(
+        artifacts.ITEM_MODEL, (TensorSpec("input_ids", "INT64", (context_length,)),), output, max_batch_size, queue_delay_us
+    )
+    user = TritonModelSpec(
+        artifacts.USER_MODEL,
+        (
+            TensorSpec("history", "FP32", (config.max_history, config.embed_dim)),
+            TensorSpec("history_mask", "FP32", (config.max_history,)),
+            TensorSpec("history_age", "FP32", (config.max_history,)),
+        ),
+        output,
+        max_batch_size,
+        queue_delay_us,
+    )
+    return item, user
+
+
+def serialise(module: torch.jit.ScriptModule) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()
+
+
+def reload(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    return torch.jit.load(io.BytesIO(serialise(module)))
+
+
+def module_sha256(module: torch.jit.ScriptModule) -> str:
+    return hashlib.sha256(serialise(module)).hexdigest()
+
+
+def user_examples(config: ModelConfig, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Histories of varied lengths at several batch sizes, for the eager-vs-TorchScript check."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for batch in (4, 1, 9):
+        history = torch.nn.functional.normalize(torch.randn(batch, config.max_history, config.embed_dim, generator=generator), dim=-1)
+        lengths = torch.randint(1, config.max_history + 1, (batch,), generator=generator)
+        mask = (torch.arange(config.max_history) < lengths[:, None]).float()
+        age = torch.rand(batch, config.max_history, generator=generator) * 30 * mask
+        examples.append((history * mask.unsqueeze(-1), mask, age))
+    return examples
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    version: int = 0  # Triton model version; 0 = next free
+    max_batch_size: int = 64
+    queue_delay_us: int = 200  # dynamic batching max_queue_delay_microseconds
+    index_type: str = "auto"
+    embed_batch_size: int = 512
+    tolerance: float = DEFAULT_TOLERANCE
+
+
+def export_run(
+    run_dir: Path, data_dir: Path, model_repository: Path, index_dir: Path, options: ExportOptions | None = None
+) -> artifacts.Manifest:
+    """Trace + verify the towers, embed the catalogue, write the index, then the Triton model versions."""
+    options = options or ExportOptions()
+    model, run_config = load_run(Path(run_dir))
+    config: ModelConfig = model.config
+    context_length = int(run_config["context_length"])
+    data = load_hm_dir(data_dir)
+    captions = build_captions(data.articles)
+    tokenizer = get_tokenizer(config.clip_model)
+
+    sample_ids = tokenizer(captions[:16])
+    item_ts, item_diff = trace_and_verify(
+        artifacts.ITEM_MODEL, model.item_tower, [(sample_ids[:4],), (sample_ids[:1],), (sample_ids,)], options.tolerance
+    )
+    user_ts, user_diff = trace_and_verify(artifacts.USER_MODEL, model.user_tower, user_examples(config), options.tolerance)
+    log.info("TorchScript vs eager max |diff|: item %.2e, user %.2e", item_diff, user_diff)
+
+    started = time.perf_counter()
+    exported_item_tower = reload(item_ts)  # embed with exactly the bytes Triton will serve
+    vectors = embed_catalogue(exported_item_tower, captions, tokenizer, options.embed_batch_size)
+    seconds = time.perf_counter() - started
+    log.info("embedded %d articles in %.1fs (%.0f items/s)", len(vectors), seconds, len(vectors) / seconds)
+
+    item_spec, user_spec = tower_specs(config, context_length, options.max_batch_size, options.queue_delay_us)
+    version = options.version or next_version(Path(model_repository), [item_spec.name, user_spec.name])
+    row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
+    customers, histories, last_day = latest_histories(data.transactions, row_of, config.max_history)
+    head = model.score_head.layers
+    manifest = write_index_dir(
+        Path(index_dir),
+        vectors,
+        resolve_index_type(options.index_type, len(vectors)),
+        item_metadata(data.articles),
+        {"customer_ids": np.asarray(customers), "rows": histories.rows.astype(np.int32),
+         "age_days": histories.age_days, "last_day": last_day},
+        artifacts.ScoreHeadWeights(
+            head[0].weight.detach().numpy()[:, 0], head[0].bias.detach().numpy(),
+            head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
+        ),
+        {
+            "model_version": version,
+            "customer_count": len(customers),
+            "max_history": config.max_history,
+            "context_length": context_length,
+            "clip_model": config.clip_model,
+            "reference_day": int(day_numbers(data.transactions["t_dat"]).max()),
+            "data_source": str(data_dir),
+            "tower_checksums": {item_spec.name: module_sha256(item_ts), user_spec.name: module_sha256(user_ts)},
+        },
+    )
+    # Models last: a failure above leaves the repository untouched; the index names this version.
+    item_path = write_model(Path(model_repository), item_spec, version, item_ts)
+    user_path = write_model(Path(model_repository), user_spec, version, user_ts)
+    log.info("wrote %s and %s (version %d)", item_path, user_path, version)
+    log.info("wrote index directory %s: %d items, dim %d, %s index, %d customers, model version %d",
+             Path(index_dir), manifest.item_count, manifest.dim, manifest.index_type, manifest.customer_count, version)
+
+    return manifest

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny trained + exported model, and the REAL Triton and KServe processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+
+HM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm_lastweek"
+
+
+@dataclasses.dataclass
+class TinyPipeline:
+    data_dir: Path
+    run_dir: Path
+    repository: Path
+    index_dir: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
+    """Synthetic shop -> 1 epoch of training -> TorchScript towers + FAISS index (about 15 s)."""
+    from export.pipeline import export_run
+    from twotower.config import ModelConfig, TrainConfig
+    from twotower.data.hm import load_hm_dir
+    from twotower.data.synthetic import generate
+    from twotower.train import train
+
+    logging.getLogger().setLevel(logging.INFO)
+    root = tmp_path_factory.mktemp("pipeline")
+    data_dir = generate(root / "data", seed=1, n_articles=150, n_customers=200)
+    run_dir = train(load_hm_dir(data_dir), ModelConfig(), TrainConfig(epochs=1), root / "run")
+    export_run(run_dir, data_dir, root / "model_repository", root / "index")
+    return TinyPipeline(data_dir, run_dir, root / "model_repository", root / "index")
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_pipeline: TinyPipeline, tmp_path_factory: pytest.TempPathFactory):
+    """The real Triton binary serving the tiny model repository on loopback ports."""
+    from localtriton import TritonServer, TritonSettings
+    from retriever.launch import free_port
+
+    settings = TritonSettings(
+        tiny_pipeline.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        state_dir=tmp_path_factory.mktemp("triton"),
+    )
+    with TritonServer(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def retriever(tiny_pipeline: TinyPipeline, triton, tmp_path_factory: pytest.TempPathFactory):
+    """The real KServe retriever process, talking to the real Triton."""
+    from retriever.launch import RetrieverProcess
+
+    log_path = tmp_path_factory.mktemp("retriever") / "retriever.log"
+    with RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=log_path) as process:
+        yield process
+
+
+def require_hm() -> Path:
+    if not (HM_DIR / "articles.csv.gz").is_file():
+        pytest.skip(f"real H&M data not found at {HM_DIR} (only present beside the project's shared/ folder)")
+    return HM_DIR

@@ -1,0 +1,240 @@
+"""Against the REAL servers: the Triton binary and the KServe retriever, each its own process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton_http
+
+from export.triton_repo import MODEL_FILE
+from twotower import artifacts
+from twotower.data.hm import build_captions, load_hm_dir
+from twotower.model.clip_text import get_tokenizer
+
+pytestmark = pytest.mark.integration
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def infer(client: triton_http.InferenceServerClient, model: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    inputs = []
+    for name, array in tensors.items():
+        tensor = triton_http.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return client.infer(model, inputs, model_version="1").as_numpy("embedding__0")
+
+
+def local_tower(pipeline, model: str) -> torch.jit.ScriptModule:
+    return torch.jit.load(str(pipeline.repository / model / "1" / MODEL_FILE))
+
+
+def user_inputs(manifest: artifacts.Manifest, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    history = rng.normal(size=(batch, manifest.max_history, manifest.dim)).astype(np.float32)
+    mask = (np.arange(manifest.max_history) < rng.integers(1, manifest.max_history, size=(batch, 1))).astype(np.float32)
+    age = (rng.random((batch, manifest.max_history)) * 5 * mask).astype(np.float32)
+    return {"history": history * mask[..., None], "history_mask": mask, "history_age": age}
+
+
+def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> None:
+    manifest = artifacts.read_manifest(tiny_pipeline.index_dir)
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{triton.settings.http_port}")
+    tensors = user_inputs(manifest, batch=5)
+    served = infer(client, "user_tower", tensors)
+    with torch.inference_mode():
+        expected = local_tower(tiny_pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
+    assert served.shape == (5, manifest.dim)
+    assert np.abs(served - expected).max() <= 1e-5
+    assert np.abs(served).sum() > 0  # numpy 2 in the stub would give zeros/empty silently
+
+    captions = build_captions(load_hm_dir(tiny_pipeline.data_dir).articles)[:3]
+    ids = get_tokenizer(manifest.clip_model)(captions).numpy().astype(np.int64)
+    served = infer(client, "item_tower", {"input_ids": ids})
+    with torch.inference_mode():
+        expected = local_tower(tiny_pipeline, "item_tower")(torch.from_numpy(ids)).numpy()
+    assert np.abs(served - expected).max() <= 1e-5
+    # ... and the index holds exactly those vectors for those articles.
+    assert np.abs(np.load(tiny_pipeline.index_dir / artifacts.VECTORS_FILE)[:3] - served).max() <= 1e-5
+
+
+def statistics(client: triton_http.InferenceServerClient, model: str) -> tuple[int, int]:
+    stats = client.get_inference_statistics(model)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def test_dynamic_batching_forms_batches_under_concurrency(tiny_pipeline, triton) -> None:
+    import asyncio
+
+    import tritonclient.http.aio as triton_aio
+
+    manifest = artifacts.read_manifest(tiny_pipeline.index_dir)
+    url = f"127.0.0.1:{triton.settings.http_port}"
+
+    async def burst() -> list[np.ndarray]:
+        client = triton_aio.InferenceServerClient(url)
+        gate = asyncio.Semaphore(32)  # 32 single-row requests in flight at once
+
+        async def one(seed: int) -> np.ndarray:
+            inputs = []
+            for name, array in user_inputs(manifest, batch=1, seed=seed).items():
+                tensor = triton_aio.InferInput(name, list(array.shape), "FP32")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            async with gate:
+                result = await client.infer("user_tower", inputs, model_version="1")
+            return result.as_numpy("embedding__0")
+
+        try:
+            return await asyncio.gather(*(one(seed) for seed in range(400)))
+        finally:
+            await client.close()
+
+    stats_client = triton_http.InferenceServerClient(url)
+    before = statistics(stats_client, "user_tower")
+    results = asyncio.run(burst())
+    after = statistics(stats_client, "user_tower")
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert len(results) == 400 and inferences == 400
+    assert executions < inferences, f"{inferences} inferences in {executions} executions: no batch was formed"
+
+
+def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, retriever) -> None:
+    articles = load_hm_dir(tiny_pipeline.data_dir).articles
+    captions = build_captions(articles)
+    for row in (0, 7, 42):
+        status, body = post(retriever.predict_url, {"instances": [{"query": captions[row], "k": 3}]})
+        assert status == 200, body
+        top = body["predictions"][0]["items"][0]
+        assert top["article_id"] == articles.index[row]
+        assert top["similarity"] == pytest.approx(1.0, abs=1e-4)
+        assert top["prod_name"] == articles["prod_name"].iloc[row]
+
+
+def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int) -> list[list[str]]:
+    """The same computation in-process: TorchScript user tower + exact search over the item vectors."""
+    with torch.inference_mode():
+        users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
+    vectors = np.load(pipeline.index_dir / artifacts.VECTORS_FILE)
+    ids = json.loads((pipeline.index_dir / artifacts.ITEMS_FILE).read_text())["article_id"]
+    return [[ids[i] for i in np.argsort(-(vectors @ user))[:k]] for user in users]
+
+
+def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline, retriever) -> None:
+    from retriever.catalog import Catalog
+
+    catalog = Catalog(tiny_pipeline.index_dir)
+    history = [catalog.article_ids[5], catalog.article_ids[9], catalog.article_ids[20]]  # oldest first
+    customer = next(iter(catalog.customer_row))
+    status, body = post(retriever.predict_url, {"instances": [{"history": history, "k": 10}, {"customer_id": customer, "k": 10}]})
+    assert status == 200, body
+    served = [[item["article_id"] for item in p["items"]] for p in body["predictions"]]
+    rows = catalog.rows_for(history)[::-1]
+    vectors, mask, ages = catalog.history_tensors([(rows, np.zeros(3, np.float32)), catalog.customer_history(customer)])
+    expected = reference_top_k(tiny_pipeline, {"history": vectors, "history_mask": mask, "history_age": ages}, 10)
+    assert served == expected
+    scores = [item["score"] for item in body["predictions"][0]["items"]]
+    assert all(0.0 < s < 1.0 for s in scores)
+
+
+def test_v2_protocol(retriever) -> None:
+    body = {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [2], "data": ["black dress", "red sneakers"]},
+                       {"name": "k", "datatype": "INT32", "shape": [1], "data": [4]}]}
+    status, response = post(f"{retriever.url}/v2/models/recommender/infer", body)
+    assert status == 200, response
+    outputs = {o["name"]: o for o in response["outputs"]}
+    assert outputs["article_id"]["shape"] == [2, 4]
+    assert json.loads(outputs["metadata"]["data"][0])["prod_name"]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"{oops", "Unrecognized request format"),  # KServe's own JSON decoding
+        ({"instances": [{"customer_id": "nobody"}]}, "unknown customer_id: 'nobody'"),
+        ({"instances": [{"history": ["0000000000"]}]}, "unknown article_id: '0000000000'"),
+        ({"instances": [{"history": []}]}, "'history' is empty"),
+        ({"instances": [{"query": "dress", "k": 0}]}, "'k' must be between 1 and"),
+        ({"instances": [{"query": "dress", "k": 100000}]}, "'k' must be between 1 and"),
+        ({"inputs": []}, "'instances'"),
+    ],
+)
+def test_bad_requests_get_400_with_a_clear_message(retriever, body, fragment: str) -> None:
+    status, response = post(retriever.predict_url, body)
+    assert status == 400
+    assert fragment in response["error"]
+
+
+def test_v2_bad_dtype_gets_400(retriever) -> None:
+    body = {"inputs": [{"name": "query", "datatype": "INT32", "shape": [1], "data": [3]}]}
+    status, response = post(f"{retriever.url}/v2/models/recommender/infer", body)
+    assert status == 400 and "datatype BYTES" in response["error"]
+
+
+def test_metrics_expose_stage_latencies_and_counters(retriever, triton) -> None:
+    post(retriever.predict_url, {"instances": [{"query": "dress"}]})
+    post(retriever.predict_url, {"instances": [{"query": ""}]})
+    text = urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10).read().decode()
+    for needle in ('retriever_stage_seconds_bucket{le="0.005",stage="triton"}', 'stage="search"', 'stage="total"',
+                   'retriever_requests_total{kind="query"}', 'retriever_errors_total{reason="invalid_input"}',
+                   "request_predict_seconds"):
+        assert needle in text, needle
+    triton_metrics = urllib.request.urlopen(triton.settings.metrics_url, timeout=10).read().decode()
+    assert "nv_inference_exec_count" in triton_metrics
+
+
+def run_retriever(index_dir: Path, triton_port: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "retriever", "--index-dir", str(index_dir), "--predictor_host",
+               f"127.0.0.1:{triton_port}", "--http_port", "0", "--triton-wait-s", "3"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline, triton, tmp_path: Path) -> None:
+    mismatched = tmp_path / "index"
+    shutil.copytree(tiny_pipeline.index_dir, mismatched)
+    manifest = json.loads((mismatched / artifacts.MANIFEST_FILE).read_text())
+    manifest["model_version"] = 99
+    (mismatched / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = run_retriever(mismatched, triton.settings.http_port)
+    assert result.returncode == 2
+    assert "refusing to start" in result.stderr and "version 99" in result.stderr
+
+    (mismatched / artifacts.MANIFEST_FILE).write_text((tiny_pipeline.index_dir / artifacts.MANIFEST_FILE).read_text())
+    (mismatched / artifacts.ITEMS_FILE).write_text("{}")
+    result = run_retriever(mismatched, triton.settings.http_port)
+    assert result.returncode == 2 and "checksum" in result.stderr
+
+
+def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tmp_path: Path) -> None:
+    from localtriton.server import pid_alive
+    from retriever.launch import free_port
+
+    ports = [str(free_port()) for _ in range(3)]
+    common = ["--model-repository", str(tiny_pipeline.repository), "--state-dir", str(tmp_path),
+              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    started = subprocess.run([sys.executable, "-m", "localtriton", "start", *common], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr
+    state = json.loads((tmp_path / f"triton-{ports[0]}.json").read_text())
+    assert pid_alive(state["pid"])
+    assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5).status == 200
+    stopped = subprocess.run([sys.executable, "-m", "localtriton", "stop", *common], capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0 and "stopped Triton" in stopped.stdout
+    assert not pid_alive(state["pid"])
+    assert not (tmp_path / f"triton-{ports[0]}.json").exists()

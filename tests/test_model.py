@@ -1,0 +1,72 @@
+"""Towers: pretrained loading from a local checkpoint, freezing, shapes, padding, seeded training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from twotower.config import ModelConfig, TrainConfig
+from twotower.data.hm import load_hm_dir
+from twotower.data.synthetic import generate
+from twotower.model.clip_text import get_tokenizer, load_clip
+from twotower.model.towers import build_model
+from twotower.train import RUN_WEIGHTS, train
+
+
+def test_pretrained_weights_load_from_a_local_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = load_clip("hm-tiny-text")
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(source.state_dict(), checkpoint)
+    model = build_model(ModelConfig(pretrained=str(checkpoint)))
+    assert torch.equal(model.item_tower.token_embedding.weight, source.token_embedding.weight)
+    assert torch.equal(model.item_tower.transformer.resblocks[1].mlp.c_fc.weight, source.transformer.resblocks[1].mlp.c_fc.weight)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_clip("hm-tiny-text", str(tmp_path / "missing" / "weights.pt"))
+
+
+def test_only_the_top_text_blocks_and_projections_train() -> None:
+    model = build_model(ModelConfig(unfreeze_text_blocks=1, unfreeze_token_embedding=False))
+    tower = model.item_tower
+    assert not any(p.requires_grad for p in tower.transformer.resblocks[0].parameters())
+    assert all(p.requires_grad for p in tower.transformer.resblocks[1].parameters())
+    assert not tower.token_embedding.weight.requires_grad
+    assert tower.projection.weight.requires_grad and tower.text_projection.weight.requires_grad
+    assert all(p.requires_grad for p in model.user_tower.parameters())
+
+
+def test_tower_outputs_are_unit_vectors_and_padding_is_ignored() -> None:
+    config = ModelConfig()
+    model = build_model(config).eval()
+    ids = get_tokenizer(config.clip_model)(["black dress", "red sneakers"])
+    items = model.item_tower(ids)
+    assert items.shape == (2, config.embed_dim)
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(2))
+    history = torch.zeros(1, config.max_history, config.embed_dim)
+    history[0, :2] = items.detach()
+    mask = torch.zeros(1, config.max_history)
+    mask[0, :2] = 1
+    age = torch.zeros(1, config.max_history)
+    with torch.no_grad():
+        user = model.user_tower(history, mask, age)
+        noisy = history.clone()
+        noisy[0, 2:] = torch.randn(config.max_history - 2, config.embed_dim)  # garbage in padded slots
+        assert torch.allclose(model.user_tower(noisy, mask, age), user, atol=1e-6)
+        empty = model.user_tower(torch.zeros_like(history), torch.zeros_like(mask), age)
+    assert torch.isfinite(empty).all()
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    data = load_hm_dir(generate(tmp_path / "data", seed=2, n_articles=80, n_customers=60))
+    config = TrainConfig(epochs=1, batch_size=32)
+    first = train(data, ModelConfig(), config, tmp_path / "a")
+    second = train(data, ModelConfig(), config, tmp_path / "b")
+    a, b = torch.load(first / RUN_WEIGHTS), torch.load(second / RUN_WEIGHTS)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    losses = [json.loads((run / "metrics.json").read_text())["epochs"][0]["loss"] for run in (first, second)]
+    assert losses[0] == losses[1]
+    with pytest.raises(FileExistsError):
+        train(data, ModelConfig(), config, tmp_path / "a")
