@@ -21,7 +21,7 @@ from pathlib import Path
 
 from export.pipeline import export_run
 from localtriton import TritonServer, TritonSettings
-from retriever.launch import RetrieverProcess, free_port
+from retriever.launch import RetrieverProcess
 from twotower.config import ModelConfig, TrainConfig
 from twotower.data.hm import load_hm_dir
 from twotower.data.synthetic import generate
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     repository, index_dir = work / "model_repository", work / "artifacts" / "index"
     export_run(run_dir, data_dir, repository, index_dir)
 
-    settings = TritonSettings(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                              state_dir=work / ".localtriton")
+    settings = TritonSettings.on_free_ports(repository, work / ".localtriton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with TritonServer(settings) as triton, RetrieverProcess(index_dir, f"127.0.0.1:{settings.http_port}",
                                                             log_path=settings.state_dir / "retriever-demo.log") as retriever:

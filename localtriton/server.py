@@ -21,16 +21,16 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from localtriton.process import ProcessStartError, free_port, wait_until_ready
 
 log = logging.getLogger("localtriton")
 
 PYTORCH_BACKEND_SOURCE = Path(__file__).with_name("backends") / "pytorch" / "model.py"
 
 
-class TritonStartError(RuntimeError):
+class TritonStartError(ProcessStartError):
     """Triton exited or did not become ready before the deadline."""
 
 
@@ -45,6 +45,11 @@ class TritonSettings:
     torch_threads: int = 1  # per model instance; 2 cores are shared with the retriever
     log_verbose: int = 0
     exit_timeout_s: int = 10
+
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, state_dir: Path, host: str = "127.0.0.1") -> "TritonSettings":
+        """Settings for a private server (tests, demo) that cannot collide with one already running."""
+        return cls(model_repository, host, free_port(host), free_port(host), free_port(host), Path(state_dir))
 
     @property
     def http_url(self) -> str:
@@ -120,14 +125,6 @@ def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
     ]
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
 class TritonServer:
     """One Triton process. Use as a context manager, or start()/stop() explicitly."""
 
@@ -157,25 +154,13 @@ class TritonServer:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Poll /v2/health/ready until it answers 200, the process dies, or the deadline passes."""
-        deadline = time.monotonic() + timeout_s
-        ready_url = f"{self.settings.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise TritonStartError(
-                    f"Triton exited with code {self.process.returncode} during start-up; last log lines:\n{self.log_tail()}"
-                )
-            if http_ok(ready_url):
-                log.info("Triton ready (pid %s)", self.pid)
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise TritonStartError(f"Triton not ready after {timeout_s:.0f}s; last log lines:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
+        assert self.process is not None
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            wait_until_ready(self.process, f"{self.settings.http_url}/v2/health/ready", timeout_s, "Triton", self.log_path)
+        except ProcessStartError as err:
+            self.stop()
+            raise TritonStartError(str(err)) from err
+        log.info("Triton ready (pid %s)", self.pid)
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; remove this server's leftover shared-memory regions."""

@@ -8,23 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from localtriton.process import ProcessStartError, free_port, wait_until_ready
 from retriever.model import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("retriever.launch")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class RetrieverProcess:
@@ -70,27 +61,13 @@ class RetrieverProcess:
                 self.command(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        deadline = time.monotonic() + ready_timeout_s
-        ready_url = f"{self.url}/v1/models/{self.model_name}"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"retriever exited with code {self.process.returncode}; log:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(ready_url, timeout=1.0) as response:
-                    if response.status == 200:
-                        log.info("retriever ready at %s (pid %d)", self.url, self.process.pid)
-                        return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"retriever not ready after {ready_timeout_s:.0f}s; log:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            wait_until_ready(self.process, f"{self.url}/v1/models/{self.model_name}", ready_timeout_s, "retriever", self.log_path)
+        except ProcessStartError:
+            self.stop()
+            raise
+        log.info("retriever ready at %s (pid %d)", self.url, self.process.pid)
+        return self
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         if self.process is None:

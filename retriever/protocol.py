@@ -78,17 +78,22 @@ def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> 
     return [a.strip() for a in value]
 
 
+def _choose_kind(names: set[str], where: str, noun: str) -> str:
+    """Exactly one of KINDS, optionally `k`, nothing else."""
+    given = [kind for kind in KINDS if kind in names]
+    if len(given) != 1:
+        raise InvalidInput(f"{where}give exactly one {noun} of {list(KINDS)}, got {given or 'none'}")
+    unknown = sorted(names - set(KINDS) - {"k"})
+    if unknown:
+        raise InvalidInput(f"{where}unknown {noun}(s) {unknown}; allowed: {list(KINDS) + ['k']}")
+    return given[0]
+
+
 def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     where = f"instances[{index}]"
     if not isinstance(instance, dict):
         raise InvalidInput(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
-    given = [kind for kind in KINDS if kind in instance]
-    if len(given) != 1:
-        raise InvalidInput(f"{where}: give exactly one of {list(KINDS)}, got {given or 'none'}")
-    unknown = sorted(set(instance) - set(KINDS) - {"k"})
-    if unknown:
-        raise InvalidInput(f"{where}: unknown field(s) {unknown}; allowed: {list(KINDS) + ['k']}")
-    kind = given[0]
+    kind = _choose_kind(set(instance), f"{where}: ", "field")
     return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config))
 
 
@@ -112,13 +117,7 @@ def _decode(value: Any) -> str:
 
 def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
     inputs = {tensor.name: tensor for tensor in request.inputs}
-    given = [kind for kind in KINDS if kind in inputs]
-    if len(given) != 1:
-        raise InvalidInput(f"give exactly one of the inputs {list(KINDS)}, got {sorted(inputs)}")
-    unknown = sorted(set(inputs) - set(KINDS) - {"k"})
-    if unknown:
-        raise InvalidInput(f"unknown input(s) {unknown}; allowed: {list(KINDS) + ['k']}")
-    kind = given[0]
+    kind = _choose_kind(set(inputs), "", "input")
     tensor = inputs[kind]
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")

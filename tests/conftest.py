@@ -40,12 +40,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
 def triton(tiny_pipeline: TinyPipeline, tmp_path_factory: pytest.TempPathFactory):
     """The real Triton binary serving the tiny model repository on loopback ports."""
     from localtriton import TritonServer, TritonSettings
-    from retriever.launch import free_port
-
-    settings = TritonSettings(
-        tiny_pipeline.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        state_dir=tmp_path_factory.mktemp("triton"),
-    )
+    settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path_factory.mktemp("triton"))
     with TritonServer(settings) as server:
         yield server
 

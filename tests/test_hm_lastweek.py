@@ -23,7 +23,7 @@ HM_ARTICLES = 105_542
 def hm_served(tmp_path_factory: pytest.TempPathFactory):
     from export.pipeline import export_run
     from localtriton import TritonServer, TritonSettings
-    from retriever.launch import RetrieverProcess, free_port
+    from retriever.launch import RetrieverProcess
     from twotower.config import ModelConfig, TrainConfig
     from twotower.data.hm import load_hm_dir
     from twotower.train import train
@@ -34,8 +34,7 @@ def hm_served(tmp_path_factory: pytest.TempPathFactory):
     model = ModelConfig(clip_model="hm-micro-text", embed_dim=32, unfreeze_text_blocks=1)
     run_dir = train(data, model, TrainConfig(epochs=1, max_steps=20), root / "run")
     manifest = export_run(run_dir, data_dir, root / "model_repository", root / "index")
-    settings = TritonSettings(root / "model_repository", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), state_dir=root)
+    settings = TritonSettings.on_free_ports(root / "model_repository", root)
     with TritonServer(settings), RetrieverProcess(root / "index", f"127.0.0.1:{settings.http_port}",
                                                   log_path=root / "retriever.log") as retriever:
         yield data, manifest, retriever

@@ -224,7 +224,7 @@ def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline
 
 def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tmp_path: Path) -> None:
     from localtriton.server import pid_alive
-    from retriever.launch import free_port
+    from localtriton.process import free_port
 
     ports = [str(free_port()) for _ in range(3)]
     common = ["--model-repository", str(tiny_pipeline.repository), "--state-dir", str(tmp_path),

@@ -28,8 +28,8 @@ def test_v1_kinds_and_default_k() -> None:
         ({"instances": []}, "non-empty list"),
         ({"instances": "x"}, "non-empty list"),
         ({"instances": [3]}, "instances[0]: expected an object"),
-        ({"instances": [{}]}, "exactly one of"),
-        ({"instances": [{"query": "a", "history": ["b"]}]}, "exactly one of"),
+        ({"instances": [{}]}, "exactly one field of"),
+        ({"instances": [{"query": "a", "history": ["b"]}]}, "exactly one field of"),
         ({"instances": [{"query": "a", "colour": "red"}]}, "unknown field(s) ['colour']"),
         ({"instances": [{"query": ""}]}, "'query' must be a non-empty string"),
         ({"instances": [{"query": "x" * 51}]}, "limit is 50"),
@@ -66,8 +66,8 @@ def test_v2_inputs() -> None:
 @pytest.mark.parametrize(
     "inputs, fragment",
     [
-        ([], "exactly one of the inputs"),
-        ([bytes_input("query", ["a"]), bytes_input("customer_id", ["b"])], "exactly one of the inputs"),
+        ([], "exactly one input of"),
+        ([bytes_input("query", ["a"]), bytes_input("customer_id", ["b"])], "exactly one input of"),
         ([bytes_input("query", ["a"]), bytes_input("extra", ["b"])], "unknown input(s) ['extra']"),
         ([bytes_input("history", [" "])], "'history' is empty"),
     ],

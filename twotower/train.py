@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from twotower.config import ModelConfig, TrainConfig, add_arguments, from_arguments, write_json
-from twotower.data.hm import HMData, build_captions, load_hm_dir
+from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.data.histories import Histories, TrainingExamples, training_examples
 from twotower.model.clip_text import context_length_of, get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
@@ -205,7 +206,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="H&M-format directory (articles.csv[.gz], transactions_train.csv[.gz])")
     parser.add_argument("--out", required=True, help="run directory to write")
@@ -214,9 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data = load_hm_dir(args.data_dir)
-    train(data, from_arguments(ModelConfig, args), from_arguments(TrainConfig, args), Path(args.out), force=args.force)
+    try:
+        data = load_hm_dir(args.data_dir)
+        train(data, from_arguments(ModelConfig, args), from_arguments(TrainConfig, args), Path(args.out), force=args.force)
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
