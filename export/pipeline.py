@@ -24,7 +24,7 @@ import torch
 
 from export.catalogue_index import INDEX_TYPES, embed_catalogue, item_metadata, resolve_index_type, write_index_dir
 from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
-from export.triton_repo import TensorSpec, TritonModelSpec, next_version, write_model
+from export.triton_repo import TensorSpec, TritonModelSpec, next_version, serialise, write_model
 from twotower import artifacts
 from twotower.config import ModelConfig, from_dict
 from twotower.data.histories import day_numbers, latest_histories
@@ -67,12 +67,6 @@ def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, q
         queue_delay_us,
     )
     return item, user
-
-
-def serialise(module: torch.jit.ScriptModule) -> bytes:
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    return buffer.getvalue()
 
 
 def reload(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -155,6 +149,7 @@ def export_run(
             "clip_model": config.clip_model,
             "reference_day": int(day_numbers(data.transactions["t_dat"]).max()),
             "data_source": str(data_dir),
+            "trained_until": run_config["train"].get("until", ""),
             "tower_checksums": {item_spec.name: module_sha256(item_ts), user_spec.name: module_sha256(user_ts)},
         },
     )

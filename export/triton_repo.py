@@ -9,6 +9,7 @@ forward() arguments (in order), outputs `<name>__<index>`.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import tempfile
@@ -71,6 +72,13 @@ def render_config(spec: TritonModelSpec) -> str:
     )
 
 
+def serialise(module: torch.jit.ScriptModule) -> bytes:
+    """The exact bytes written as model.pt (so their checksum can be recorded before writing)."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()
+
+
 def next_version(repository: Path, model_names: list[str]) -> int:
     """One more than the highest version any of the models has (towers share version numbers)."""
     existing = [
@@ -92,7 +100,7 @@ def write_model(repository: Path, spec: TritonModelSpec, version: int, module: t
         raise FileExistsError(f"{target} exists: model versions are immutable, export a new version")
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
     try:
-        torch.jit.save(module, str(staging / MODEL_FILE))
+        (staging / MODEL_FILE).write_bytes(serialise(module))
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

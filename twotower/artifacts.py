@@ -56,6 +56,7 @@ class Manifest:
     data_source: str
     files: dict[str, str]  # file name -> sha256
     tower_checksums: dict[str, str]  # Triton model name -> sha256 of its model.pt
+    trained_until: str = ""  # YYYY-MM-DD: the towers saw no purchase on or after this day ("" = all data)
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
     format_version: int = FORMAT_VERSION

@@ -50,6 +50,7 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no cap; handy for smoke runs on big data
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     item_batch_size: int = 256  # batch size when embedding the catalogue for history vectors
+    until: str = ""  # YYYY-MM-DD: train only on purchases before this day (keeps an evaluation target unseen)
 
 
 def field_env_name(field_name: str) -> str:

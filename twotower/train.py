@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -119,13 +120,17 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         torch.set_num_threads(train_config.threads)
 
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
-    examples = training_examples(data.transactions, row_of, model_config.max_history)
+    transactions = data.transactions
+    if train_config.until:
+        transactions = transactions[transactions["t_dat"] < pd.Timestamp(train_config.until)]
+        log.info("training on %d purchases before %s (of %d)", len(transactions), train_config.until, len(data.transactions))
+    examples = training_examples(transactions, row_of, model_config.max_history)
     if len(examples) < 2:
         raise ValueError(f"{data.source}: need at least 2 customers with 2+ purchases to train, found {len(examples)} examples")
     train_set, holdout = split_examples(examples)
     used_rows = np.unique(np.concatenate([examples.targets, examples.histories.rows[examples.histories.rows >= 0]]))
     log.info("%d articles, %d purchases -> %d training / %d held-out examples over %d distinct articles",
-             len(row_of), len(data.transactions), len(train_set), len(holdout), len(used_rows))
+             len(row_of), len(transactions), len(train_set), len(holdout), len(used_rows))
 
     captions = build_captions(data.articles.iloc[used_rows])
     tokenizer = get_tokenizer(model_config.clip_model)

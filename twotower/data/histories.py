@@ -1,0 +1,99 @@
+"""Purchase sequences -> fixed-size history tensors for the user tower.
+
+A history is the customer's last L purchases, most recent first, as catalogue row numbers
+(-1 = padding) with their age in days relative to a reference day. The same layout is used
+for training examples, for the per-customer histories the retriever serves, and for the
+tensors sent to Triton, so there is exactly one definition of "a history".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+PAD = -1
+
+
+@dataclasses.dataclass
+class Histories:
+    rows: np.ndarray  # int64 [N, L], catalogue rows, PAD where empty; column 0 = most recent
+    age_days: np.ndarray  # float32 [N, L], 0 where empty
+
+    @property
+    def mask(self) -> np.ndarray:
+        return (self.rows != PAD).astype(np.float32)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.rows != PAD).sum(axis=1)
+
+
+@dataclasses.dataclass
+class TrainingExamples:
+    histories: Histories
+    targets: np.ndarray  # int64 [N] catalogue rows
+    days: np.ndarray  # int64 [N] day number of the target purchase
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def day_numbers(dates: pd.Series) -> np.ndarray:
+    """Whole days since the epoch: ages are differences of these."""
+    return (dates.to_numpy(dtype="datetime64[D]").astype(np.int64))
+
+
+def _customer_sequences(transactions: pd.DataFrame, row_of: dict[str, int]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Per customer, in purchase order: catalogue rows and day numbers."""
+    rows = transactions["article_id"].map(row_of).to_numpy(dtype=np.int64)
+    days = day_numbers(transactions["t_dat"])
+    codes, customers = pd.factorize(transactions["customer_id"], sort=False)
+    order = np.argsort(codes, kind="stable")  # keeps date order within a customer
+    boundaries = np.flatnonzero(np.diff(codes[order])) + 1
+    row_groups = np.split(rows[order], boundaries)
+    day_groups = np.split(days[order], boundaries)
+    return list(customers), row_groups, day_groups
+
+
+def _fill(out_rows: np.ndarray, out_age: np.ndarray, i: int, rows: np.ndarray, days: np.ndarray, today: int) -> None:
+    recent_rows = rows[::-1][: out_rows.shape[1]]
+    recent_days = days[::-1][: out_rows.shape[1]]
+    out_rows[i, : len(recent_rows)] = recent_rows
+    out_age[i, : len(recent_rows)] = today - recent_days
+
+
+def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_history: int) -> TrainingExamples:
+    """One example per purchase that has at least one earlier purchase by the same customer."""
+    _, row_groups, day_groups = _customer_sequences(transactions, row_of)
+    total = sum(max(len(g) - 1, 0) for g in row_groups)
+    rows = np.full((total, max_history), PAD, dtype=np.int64)
+    ages = np.zeros((total, max_history), dtype=np.float32)
+    targets = np.empty(total, dtype=np.int64)
+    target_days = np.empty(total, dtype=np.int64)
+    i = 0
+    for group_rows, group_days in zip(row_groups, day_groups):
+        for position in range(1, len(group_rows)):
+            _fill(rows, ages, i, group_rows[:position], group_days[:position], int(group_days[position]))
+            targets[i] = group_rows[position]
+            target_days[i] = group_days[position]
+            i += 1
+    return TrainingExamples(Histories(rows, ages), targets, target_days)
+
+
+def latest_histories(
+    transactions: pd.DataFrame, row_of: dict[str, int], max_history: int
+) -> tuple[list[str], Histories, np.ndarray]:
+    """Each customer's last `max_history` purchases; ages relative to that customer's last day.
+
+    Returns (customer_ids, histories, last_day). Serving adds (request day - last_day) to the ages.
+    """
+    customers, row_groups, day_groups = _customer_sequences(transactions, row_of)
+    rows = np.full((len(customers), max_history), PAD, dtype=np.int64)
+    ages = np.zeros((len(customers), max_history), dtype=np.float32)
+    last_day = np.empty(len(customers), dtype=np.int64)
+    for i, (group_rows, group_days) in enumerate(zip(row_groups, day_groups)):
+        last_day[i] = group_days[-1]
+        _fill(rows, ages, i, group_rows, group_days, int(group_days[-1]))
+    return [str(c) for c in customers], Histories(rows, ages), last_day
