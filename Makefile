@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm clean
+.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,20 @@ serve: setup
 hm: setup
 	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm --force --epochs 1
 	$(PY) -m export --run runs/hm --data-dir $(HM) --model-repository model_repository --index-dir artifacts/index
+
+# Quality on real H&M data, temporal split (target = the last day). The model must not see the
+# target day: train with --until. Writes reports/hm_lastweek/eval.{json,md,png}.
+CUTOFF ?= 2020-09-22
+eval: setup
+	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm-eval --force --until $(CUTOFF) $(TRAIN_ARGS)
+	$(PY) -m export --run runs/hm-eval --data-dir $(HM) --model-repository runs/hm-eval/model_repository \
+		--index-dir runs/hm-eval/index
+	$(PY) -m twotower.evaluation --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
+		--model-repository runs/hm-eval/model_repository --out reports/hm_lastweek
+
+inspect: setup
+	$(PY) -m twotower.evaluation.inspect_recs --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
+		--model-repository runs/hm-eval/model_repository --customers 5
 
 clean:
 	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower

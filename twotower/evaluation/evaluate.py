@@ -1,0 +1,95 @@
+"""Score every ranker on the same cases of a temporal split."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retriever.catalog import Catalog
+from twotower.data.hm import HMData
+from twotower.evaluation import metrics
+from twotower.evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
+from twotower.evaluation.split import TemporalSplit
+from twotower.evaluation.two_tower import TwoTower, load_user_tower
+
+log = logging.getLogger("twotower.evaluation")
+
+K_SMALL, K_LARGE, SAMPLED_NEGATIVES, SAMPLED_K = 12, 100, 100, 10
+
+
+def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
+    started = time.perf_counter()
+    ranked = [ranker.rank(i, K_LARGE) for i in range(len(split.customers))]
+    targets = split.targets
+    cold = [(r, t & split.cold_rows) for r, t in zip(ranked, targets) if t & split.cold_rows]
+    # Leave-one-out with sampled negatives: one target per case, 100 random articles it did not buy.
+    rng = np.random.default_rng(seed)
+    size = len(split.row_of)
+    target_scores, negative_scores = [], []
+    for i, t in enumerate(targets):
+        held_out = sorted(t)[rng.integers(len(t))]
+        negatives = rng.choice(size, SAMPLED_NEGATIVES + len(t), replace=False)
+        negatives = np.asarray([n for n in negatives if n not in t][:SAMPLED_NEGATIVES])
+        scores = ranker.scores(i)
+        target_scores.append(scores[held_out])
+        negative_scores.append(scores[negatives])
+    result = {
+        "recall@12": metrics.recall_at_k(ranked, targets, K_SMALL),
+        "map@12": metrics.map_at_k(ranked, targets, K_SMALL),
+        "ndcg@12": metrics.ndcg_at_k(ranked, targets, K_SMALL),
+        "recall@100": metrics.recall_at_k(ranked, targets, K_LARGE),
+        "coverage@12": metrics.coverage_at_k(ranked, K_SMALL, size),
+        "cold_recall@100": metrics.recall_at_k([r for r, _ in cold], [t for _, t in cold], K_LARGE) if cold else 0.0,
+        "hr@10_sampled100": metrics.hit_rate_sampled(np.asarray(target_scores), np.asarray(negative_scores), SAMPLED_K),
+    }
+    log.info("%-45s recall@12 %.4f  map@12 %.4f  recall@100 %.4f  cold recall@100 %.4f  (%.1fs)", ranker.name,
+             result["recall@12"], result["map@12"], result["recall@100"], result["cold_recall@100"],
+             time.perf_counter() - started)
+    return result, ranked
+
+
+def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_repository: Path, command: str) -> dict[str, Any]:
+    catalog = Catalog(index_dir)
+    if catalog.article_ids != data.article_ids:
+        raise ValueError(f"{index_dir} indexes a different catalogue than {data.source} "
+                         f"({len(catalog.article_ids)} vs {len(data.article_ids)} articles or a different order)")
+    manifest = catalog.manifest
+    if not manifest.trained_until or manifest.trained_until > str(split.cutoff.date()):
+        log.warning("the model was trained on purchases up to %s, past the cutoff %s: its numbers are not honest; "
+                    "train with --until %s", manifest.trained_until or "the end of the data", split.cutoff.date(),
+                    split.cutoff.date())
+    user_tower = load_user_tower(model_repository, manifest)
+
+    popularity = Popularity(split, days=7)
+    repurchase, co_purchase = Repurchase(split), CoPurchase(split)
+    baselines: list[Ranker] = [
+        popularity, Popularity(split, days=1), repurchase, co_purchase,
+        Mix([repurchase, co_purchase, popularity]), Mix([repurchase, popularity]), Mix([co_purchase, popularity]),
+    ]
+    results: dict[str, dict[str, float]] = {}
+    for ranker in baselines:
+        results[ranker.name] = score_ranker(ranker, split)[0]
+    served, exact = TwoTower(split, catalog, user_tower), TwoTower(split, catalog, user_tower, exact=True)
+    results[served.name], ann_ranked = score_ranker(served, split)
+    results[exact.name], exact_ranked = score_ranker(exact, split)
+    ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
+                                for a, e in zip(ann_ranked, exact_ranked)]))
+    best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
+    return {
+        "data": data.source,
+        "split": split.describe(),
+        "cutoff": str(split.cutoff.date()),
+        "catalogue_size": len(split.row_of),
+        "cases": len(split.customers),
+        "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
+        "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
+                 f"trained until {manifest.trained_until or 'end of data'}",
+        "rankers": results,
+        "best_baseline": best,
+        "ann_recall_at_100": ann_recall,
+        "command": command,
+    }

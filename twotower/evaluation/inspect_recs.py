@@ -1,0 +1,62 @@
+"""Print a few customers' history captions beside their recommended captions, to judge by eye.
+
+    python -m twotower.evaluation.inspect_recs --data-dir ../shared/data/hm_lastweek \
+        --index-dir artifacts/index --model-repository model_repository --customers 5
+
+Uses the same split and the same served artifacts as the evaluation; items the customer then
+bought on the target day are marked with `*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from retriever.catalog import Catalog
+from twotower.data.hm import build_captions, load_hm_dir
+from twotower.evaluation.split import temporal_split
+from twotower.evaluation.two_tower import TwoTower, load_user_tower
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--index-dir", default=Path("artifacts/index"), type=Path)
+    parser.add_argument("--model-repository", default=Path("model_repository"), type=Path)
+    parser.add_argument("--cutoff", default="")
+    parser.add_argument("--history-days", type=int, default=6)
+    parser.add_argument("--customers", type=int, default=5)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    data = load_hm_dir(args.data_dir)
+    split = temporal_split(data, args.cutoff, args.history_days)
+    catalog = Catalog(args.index_dir)
+    ranker = TwoTower(split, catalog, load_user_tower(args.model_repository, catalog.manifest))
+    captions = build_captions(data.articles)
+    histories = split.histories(catalog.manifest.max_history)
+    picks = np.random.default_rng(args.seed).choice(len(split.customers), min(args.customers, len(split.customers)), replace=False)
+    width = 60
+    for case in picks:
+        history = [r for r in histories.rows[case] if r >= 0]
+        recommended = ranker.rank(int(case), args.k)
+        print(f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
+              f"{len(split.targets[case])} on the target day)")
+        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day)")
+        for i in range(max(len(history[: args.k]), len(recommended))):
+            left = textwrap.shorten(captions[history[i]], width) if i < len(history[: args.k]) else ""
+            right = ""
+            if i < len(recommended):
+                mark = "*" if recommended[i] in split.targets[case] else " "
+                right = f"{mark} {textwrap.shorten(captions[recommended[i]], width)}"
+            print(f"{left:<{width}} | {right}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
