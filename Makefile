@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect clean
+.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ eval: setup
 inspect: setup
 	$(PY) -m twotower.evaluation.inspect_recs --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
 		--model-repository runs/hm-eval/model_repository --customers 5
+
+# Serving latency under open-loop load + in-process baseline + offline costs -> docs/benchmarks.{md,json,png}
+# (full H&M catalogue when $(HM) exists; artifacts are reused from runs/bench between runs).
+bench: setup
+	$(PY) -m benchmarks.serving $(BENCH_ARGS)
 
 clean:
 	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -21,7 +22,7 @@ from kserve.errors import InvalidInput, ModelNotReady
 from retriever import metrics
 from retriever.catalog import Catalog, UnknownIds
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
-from retriever.towers import TowerClient, TritonUnavailable
+from retriever.towers import TowerClient, Towers, TritonUnavailable
 from twotower.artifacts import ArtifactError
 from twotower.config import RetrieverConfig
 
@@ -43,28 +44,38 @@ class Results:
 
 
 class Recommender(Model):
-    def __init__(self, name: str, config: RetrieverConfig, triton_url: str):
+    def __init__(self, name: str, config: RetrieverConfig, triton_url: str = ""):
         super().__init__(name)
         self.config = config
         self.triton_url = triton_url
         self.catalog: Catalog | None = None
-        self.towers: TowerClient | None = None
+        self.towers: Towers | None = None
         self.tokenizer = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def load(self, triton_wait_s: float = 60.0) -> bool:
-        """Load and verify the index, then check Triton serves the matching tower version."""
+    def load(self, triton_wait_s: float = 60.0, local_repository: Path | None = None) -> bool:
+        """Load and verify the index, then check Triton serves the matching tower version.
+
+        With `local_repository`, the towers run in this process from that model repository instead
+        of Triton: the same request path with no network, used as the benchmark's baseline.
+        """
         faiss.omp_set_num_threads(self.config.faiss_threads)
         self.catalog = Catalog(self.config.index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe)
         from twotower.model.clip_text import get_tokenizer  # imports torch: only when serving
 
         self.tokenizer = get_tokenizer(self.catalog.manifest.clip_model)
-        loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
-        try:
-            loop.run_until_complete(self._wait_for_towers(triton_wait_s))
-        finally:
-            loop.close()
-        self.towers = TowerClient(self.triton_url, self.catalog.manifest, self.config.triton_timeout_s, self.config.triton_retries)
+        if local_repository is not None:
+            from retriever.towers import LocalTowers
+
+            self.towers = LocalTowers(local_repository, self.catalog.manifest)
+        else:
+            loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
+            try:
+                loop.run_until_complete(self._wait_for_towers(triton_wait_s))
+            finally:
+                loop.close()
+            self.towers = TowerClient(self.triton_url, self.catalog.manifest, self.config.triton_timeout_s,
+                                      self.config.triton_retries)
         metrics.INDEX_INFO.labels(str(self.catalog.manifest.model_version)).set(len(self.catalog.article_ids))
         self.ready = True
         return self.ready

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import numpy as np
@@ -25,8 +27,18 @@ class TritonUnavailable(RuntimeError):
     """Triton could not be reached or could not run the model (the request may be retried later)."""
 
 
+class Towers(Protocol):
+    """Where the user/query vectors come from: Triton when serving, TorchScript in-process as a baseline."""
+
+    async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray: ...
+
+    async def query_vectors(self, input_ids: np.ndarray) -> np.ndarray: ...
+
+    async def close(self) -> None: ...
+
+
 class TowerClient:
-    """Calls `item_tower` / `user_tower` at the model version named in the index manifest."""
+    """Calls `item_tower` / `user_tower` on Triton at the model version named in the index manifest."""
 
     def __init__(self, url: str, manifest: Manifest, timeout_s: float = 2.0, retries: int = 1):
         self.url = url.removeprefix("http://").rstrip("/")
@@ -98,3 +110,26 @@ class TowerClient:
                     raise ArtifactError(f"{model} v{version} input {name} has dims {dims.get(name)}, index expects {want}")
             if out_dims != [self.manifest.dim]:
                 raise ArtifactError(f"{model} v{version} output dims {out_dims}, index dimension is {self.manifest.dim}")
+
+
+class LocalTowers:
+    """The exported TorchScript towers run in this process (no Triton, no network)."""
+
+    def __init__(self, repository: Path, manifest: Manifest):
+        import torch
+
+        self._torch = torch
+        version = str(manifest.model_version)
+        self.user = torch.jit.load(str(Path(repository) / manifest.user_model / version / "model.pt")).eval()
+        self.item = torch.jit.load(str(Path(repository) / manifest.item_model / version / "model.pt")).eval()
+
+    async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.user(*(self._torch.from_numpy(a) for a in (history, mask, age))).numpy()
+
+    async def query_vectors(self, input_ids: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.item(self._torch.from_numpy(input_ids)).numpy()
+
+    async def close(self) -> None:
+        return None

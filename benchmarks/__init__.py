@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the library): serving latency under load and offline costs."""

@@ -1,0 +1,102 @@
+"""Open-loop HTTP load generator: requests are sent on a fixed schedule, whatever the server does.
+
+Latency is measured from each request's *scheduled* send time, so a server that falls behind is
+charged for the queueing it causes (no coordinated omission). Bounded by request count; loopback only.
+
+    python -m benchmarks.loadgen --url http://127.0.0.1:8080/v1/models/recommender:predict \
+        --bodies bodies.jsonl --rate 100 --requests 1000 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import numpy as np
+
+
+def summarise(latencies_s: list[float], errors: int, started: float, finished: float, rate: float) -> dict[str, Any]:
+    values = np.asarray(latencies_s) * 1000.0
+    ok = len(values)
+    return {
+        "target_qps": rate,
+        "achieved_qps": (ok + errors) / max(finished - started, 1e-9),
+        "requests": ok + errors,
+        "errors": errors,
+        "p50_ms": float(np.percentile(values, 50)) if ok else float("nan"),
+        "p95_ms": float(np.percentile(values, 95)) if ok else float("nan"),
+        "p99_ms": float(np.percentile(values, 99)) if ok else float("nan"),
+        "max_ms": float(values.max()) if ok else float("nan"),
+        "mean_ms": float(values.mean()) if ok else float("nan"),
+    }
+
+
+async def run_open_loop(url: str, bodies: list[bytes], rate: float, timeout_s: float = 10.0) -> dict[str, Any]:
+    host = urlparse(url).hostname or ""
+    if not (host.startswith("127.") or host in {"localhost", "::1"}):
+        raise ValueError(f"refusing to load {host}: the load generator only targets loopback addresses")
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=512, force_close=False)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        # warm the connection pool and the server's first-call paths outside the measurement
+        for body in bodies[:5]:
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+
+        async def one(body: bytes, scheduled: float) -> None:
+            nonlocal errors
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - scheduled)
+
+        started = time.perf_counter()
+        tasks = []
+        for i, body in enumerate(bodies):
+            scheduled = started + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(body, scheduled)))
+        await asyncio.gather(*tasks)
+        finished = time.perf_counter()
+    return summarise(latencies, errors, started, finished, rate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--bodies", required=True, type=Path, help="JSON lines, one request body each (cycled)")
+    parser.add_argument("--rate", type=float, required=True, help="requests per second")
+    parser.add_argument("--requests", type=int, required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    pool = [line.encode() for line in args.bodies.read_text().splitlines() if line.strip()]
+    bodies = [pool[i % len(pool)] for i in range(args.requests)]
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(run_open_loop(args.url, bodies, args.rate))
+    args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Artifacts for the benchmark, and the offline costs: training, catalogue embedding, index build, index recall."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.catalogue_index import build_faiss_index, embed_catalogue
+from export.pipeline import export_run
+from retriever.catalog import Catalog
+from twotower import artifacts as index_files
+from twotower.config import ModelConfig, TrainConfig, write_json
+from twotower.data.hm import build_captions, load_hm_dir
+from twotower.data.synthetic import generate
+from twotower.model.clip_text import get_tokenizer
+from twotower.train import RUN_METRICS, train
+
+log = logging.getLogger("benchmarks.offline")
+
+
+@dataclasses.dataclass
+class BenchArtifacts:
+    index_dir: Path
+    repository: Path
+    item_count: int
+    index_type: str
+    offline: dict[str, Any]
+
+
+def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) -> float:
+    """Top-10 overlap of the served index with exact search, for real user vectors."""
+    user_tower = torch.jit.load(str(repository / catalog.manifest.user_model / str(catalog.manifest.model_version) / "model.pt"))
+    customers = list(catalog.customer_row)[:n_users]
+    tensors = catalog.history_tensors([catalog.customer_history(c) for c in customers])
+    with torch.inference_mode():
+        users = user_tower(*(torch.from_numpy(t) for t in tensors)).numpy()
+    _, approximate = catalog.search(users, 10)
+    exact = np.argsort(-(users @ catalog.vectors.T), axis=1)[:, :10]
+    return float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())]))
+
+
+def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: Path) -> dict[str, Any]:
+    catalog = Catalog(index_dir)
+    captions = build_captions(load_hm_dir(data_dir).articles)
+    sample = captions[: min(len(captions), 4096)]
+    tokenizer = get_tokenizer(catalog.manifest.clip_model)
+    item_tower = torch.jit.load(str(repository / catalog.manifest.item_model / str(catalog.manifest.model_version) / "model.pt"))
+    embed_catalogue(item_tower, sample[:512], tokenizer)  # first calls optimise the TorchScript graph
+    started = time.perf_counter()
+    embed_catalogue(item_tower, sample, tokenizer)
+    embed_rate = len(sample) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    tokenizer(sample)
+    tokenize_rate = len(sample) / (time.perf_counter() - started)
+    builds = {}
+    for index_type in ("flat", "hnsw"):
+        started = time.perf_counter()
+        build_faiss_index(catalog.vectors, index_type)
+        builds[index_type] = time.perf_counter() - started
+    epochs = json.loads((run_dir / RUN_METRICS).read_text())["epochs"]
+    return {
+        "items": len(captions),
+        "embedding_items_per_s": embed_rate,
+        "tokenizing_items_per_s": tokenize_rate,
+        "catalogue_embedding_s_estimate": len(captions) / embed_rate,
+        "index_build_s": builds,
+        "training_examples_per_s": float(np.mean([e["examples_per_second"] for e in epochs])),
+        "index_recall_at_10": index_recall_at_10(catalog, repository),
+        "clip_model": catalog.manifest.clip_model,
+    }
+
+
+def prepare_artifacts(data_dir: Path | None, work: Path) -> BenchArtifacts:
+    """Train briefly and export (latency does not depend on model quality); reuse a previous export."""
+    data_dir = data_dir or generate(work / "data", seed=0, n_articles=5000, n_customers=3000)
+    index_dir, repository, run_dir = work / "index", work / "model_repository", work / "run"
+    offline_file = work / "offline.json"
+    reuse = offline_file.is_file() and (index_dir / index_files.MANIFEST_FILE).is_file() and \
+        index_files.read_manifest(index_dir).data_source == str(data_dir)
+    if not reuse:
+        train(load_hm_dir(data_dir), ModelConfig(), TrainConfig(epochs=1, max_steps=60), run_dir, force=True)
+        if repository.exists():
+            import shutil
+
+            shutil.rmtree(repository)
+        export_run(run_dir, data_dir, repository, index_dir)
+        write_json(offline_file, measure_offline(data_dir, index_dir, repository, run_dir))
+    else:
+        log.info("reusing %s and %s (delete %s to rebuild)", index_dir, repository, offline_file)
+    manifest = index_files.read_manifest(index_dir)
+    return BenchArtifacts(index_dir, repository, manifest.item_count, manifest.index_type, json.loads(offline_file.read_text()))

@@ -1,0 +1,121 @@
+"""docs/benchmarks.{json,md,png} from one benchmark run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twotower.config import write_json
+
+LEVERS_FILE = Path(__file__).with_name("LEVERS.md")
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.1f}x" if b > 0 else "n/a"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    served, local = report["served"], report["in_process"]
+    at_100 = served.get("100", {})
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Machine: {report['machine']}. Data: {report['data']} ({report['catalogue']:,} articles, "
+        f"{report['index_type']} index). Retriever flags: `{report['retriever_args'] or '(defaults)'}`.",
+        "Open-loop load (fixed arrival rate, latency from each request's scheduled send time), request mix:",
+        "40% known customers, 40% histories of 1..50 articles, 20% text queries, k=12. Command: `make bench`.",
+        "",
+        "## Served: HTTP -> KServe retriever -> Triton -> FAISS",
+        "",
+        "| target QPS | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | p50 served/in-process | p99 served/in-process |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rate, r in served.items():
+        base = local.get(rate)
+        lines.append(
+            f"| {rate} | {r['achieved_qps']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['max_ms']:.1f} | {r['errors']} | {_ratio(r['p50_ms'], base['p50_ms']) if base else '-'} | "
+            f"{_ratio(r['p99_ms'], base['p99_ms']) if base else '-'} |"
+        )
+    lines += [
+        "",
+        f"Highest rate with p99 < 50 ms and no errors: **{report['max_qps_p99_under_50ms']:.0f} QPS**.",
+        "",
+        "## In-process baseline: the same Recommender, TorchScript towers and index in one process",
+        "",
+        "| target QPS | p50 ms | p95 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for rate, r in local.items():
+        lines.append(f"| {rate} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} |")
+    lines += [
+        "",
+        "## Where the served time goes (retriever's own histograms, mean ms per request)",
+        "",
+        "| target QPS | parse | tokenize (queries) | Triton call | FAISS search | other (KServe, JSON, metadata) | total |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rate, r in served.items():
+        s = r["stages_ms"]
+        lines.append(f"| {rate} | {s['parse']:.2f} | {s['tokenize']:.2f} | {s['triton']:.2f} | {s['search']:.2f} | "
+                     f"{s['other']:.2f} | {s['total']:.2f} |")
+    batches = ", ".join(f"{name}: {b['inferences']} inferences in {b['executions']} executions"
+                        for name, b in report["triton_batches"].items())
+    off = report["offline"]
+    lines += [
+        "",
+        f"Triton dynamic batching over the run: {batches}.",
+        "",
+        "## Offline costs",
+        "",
+        f"- Catalogue embedding ({off['clip_model']}, tokenizing included): {off['embedding_items_per_s']:.0f} items/s, "
+        f"about {off['catalogue_embedding_s_estimate']:.0f} s for {off['items']:,} articles "
+        f"(the tokenizer alone: {off['tokenizing_items_per_s']:.0f} items/s).",
+        "- Index build over the full catalogue: " + ", ".join(f"{k} {v:.1f} s" for k, v in off["index_build_s"].items()) + ".",
+        f"- Training throughput: {off['training_examples_per_s']:.0f} examples/s.",
+        f"- Index recall@10 vs exact search, 1000 real user vectors: **{off['index_recall_at_10']:.4f}**.",
+        "",
+        "## Targets (issue: p99 <= 10 ms and p50 <= 5 ms at 100 QPS, >= 400 QPS under p99 50 ms, recall@10 >= 0.95)",
+        "",
+        f"- 100 QPS: p50 {at_100.get('p50_ms', float('nan')):.2f} ms, p99 {at_100.get('p99_ms', float('nan')):.2f} ms, "
+        f"errors {at_100.get('errors', '-')}: {'met' if at_100 and at_100['p99_ms'] <= 10 and at_100['p50_ms'] <= 5 and not at_100['errors'] else 'NOT met'}.",
+        f"- Highest rate under p99 50 ms: {report['max_qps_p99_under_50ms']:.0f} QPS: "
+        f"{'met' if report['max_qps_p99_under_50ms'] >= 400 else 'NOT met'}.",
+        f"- Index recall@10: {off['index_recall_at_10']:.4f}: {'met' if off['index_recall_at_10'] >= 0.95 else 'NOT met'}.",
+        "",
+    ]
+    if LEVERS_FILE.is_file():
+        lines += [LEVERS_FILE.read_text()]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for label, runs, style in (("served", report["served"], "-o"), ("in-process", report["in_process"], "--s")):
+        rates = [float(r) for r in runs]
+        for quantile in ("p50_ms", "p99_ms"):
+            axis.plot(rates, [runs[r][quantile] for r in runs], style, label=f"{label} {quantile[:3]}")
+    axis.axhline(10, color="grey", linewidth=0.8, linestyle=":")
+    axis.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+    axis.set_xlabel("target QPS (open loop)")
+    axis.set_ylabel("latency, ms")
+    axis.set_yscale("log")
+    axis.set_title(f"Recommendation latency, {report['catalogue']:,} articles")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "benchmarks.json", out_dir / "benchmarks.md", out_dir / "benchmarks.png"]
+    write_json(paths[0], report)
+    paths[1].write_text(markdown(report))
+    plot(report, paths[2])
+    return paths

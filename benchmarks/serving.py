@@ -1,0 +1,199 @@
+"""Serving benchmark of the whole path, with an in-process baseline measured in the same run.
+
+    python -m benchmarks.serving                      # full H&M catalogue when ../shared/data is there
+    python -m benchmarks.serving --data-dir data/synthetic --rates 50,100
+
+Served path: load generator (own process) -> HTTP -> KServe retriever -> Triton (tower) -> FAISS ->
+response. Baseline: the same retriever code, TorchScript towers and index in one Python process,
+no network, fed the same requests on the same open-loop schedule. Results go to
+docs/benchmarks.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import offline
+from benchmarks.loadgen import summarise
+from localtriton import TritonServer, TritonSettings
+from retriever.launch import RetrieverProcess
+from twotower.config import RetrieverConfig
+
+log = logging.getLogger("benchmarks.serving")
+
+HM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm_lastweek"
+QUERIES = ["black jersey dress", "white cotton t-shirt", "blue denim jeans", "red knitted sweater", "kids pyjamas",
+           "sports bra", "striped shirt", "beige trench coat", "floral summer skirt", "leather ankle boots"]
+P99_LIMIT_MS = 50.0
+
+
+def request_bodies(index_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A realistic mix: 40% known customers, 40% histories of 1..50 articles, 20% text queries."""
+    from retriever.catalog import Catalog
+
+    catalog = Catalog(index_dir)
+    rng = np.random.default_rng(seed)
+    customers = list(catalog.customer_row)
+    bought = np.unique(catalog.history_rows[catalog.history_rows >= 0])
+    bodies = []
+    for _ in range(n):
+        draw = rng.random()
+        if draw < 0.4:
+            instance: dict[str, Any] = {"customer_id": customers[rng.integers(len(customers))]}
+        elif draw < 0.8:
+            rows = rng.choice(bought, size=int(rng.integers(1, 51)), replace=True)
+            instance = {"history": [catalog.article_ids[r] for r in rows]}
+        else:
+            instance = {"query": QUERIES[rng.integers(len(QUERIES))]}
+        bodies.append({"instances": [{**instance, "k": 12}]})
+    return bodies
+
+
+def scrape(url: str) -> dict[str, float]:
+    """retriever_stage_seconds sums and counts per stage."""
+    values: dict[str, float] = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith(("retriever_stage_seconds_sum", "retriever_stage_seconds_count")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    means = {}
+    for stage in ("parse", "tokenize", "triton", "search", "total"):
+        key_sum = f'retriever_stage_seconds_sum{{stage="{stage}"}}'
+        key_count = f'retriever_stage_seconds_count{{stage="{stage}"}}'
+        count = after.get(key_count, 0.0) - before.get(key_count, 0.0)
+        means[stage] = 1000.0 * (after.get(key_sum, 0.0) - before.get(key_sum, 0.0)) / count if count else 0.0
+    # tokenize and triton overlap (query tokens are made just before the item-tower call)
+    means["other"] = max(means["total"] - means["triton"] - means["search"] - means["parse"], 0.0)
+    return means
+
+
+def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path) -> dict:
+    before = scrape(f"{retriever.url}/metrics")
+    out = work / f"load-{int(rate)}.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", retriever.predict_url, "--bodies",
+                    str(bodies_file), "--rate", str(rate), "--requests", str(int(rate * seconds)), "--out", str(out)],
+                   check=True, timeout=seconds * 20 + 60)
+    result = json.loads(out.read_text())
+    result["stages_ms"] = stage_means(before, scrape(f"{retriever.url}/metrics"))
+    return result
+
+
+async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
+    """The same open-loop schedule against the Recommender object itself."""
+    latencies, errors = [], 0
+
+    async def one(body: dict, scheduled: float) -> None:
+        nonlocal errors
+        try:
+            await model(body, {})
+            latencies.append(time.perf_counter() - scheduled)
+        except Exception:  # noqa: BLE001 - counted, like an HTTP error in the served run
+            errors += 1
+
+    for body in bodies[:5]:
+        await model(body, {})
+    started = time.perf_counter()
+    tasks = []
+    for i, body in enumerate(bodies):
+        scheduled = started + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(body, scheduled)))
+    await asyncio.gather(*tasks)
+    return summarise(latencies, errors, started, time.perf_counter(), rate)
+
+
+def in_process_baseline(index_dir: Path, repository: Path, bodies: list[dict], rates: list[float], seconds: float) -> dict:
+    from retriever.model import DEFAULT_MODEL_NAME, Recommender
+
+    model = Recommender(DEFAULT_MODEL_NAME, RetrieverConfig(index_dir=str(index_dir)))
+    model.load(local_repository=repository)
+    results = {}
+    for rate in rates:
+        count = int(rate * seconds)
+        results[str(int(rate))] = asyncio.run(run_in_process_rate(model, [bodies[i % len(bodies)] for i in range(count)], rate))
+        log.info("in-process %4d qps: p50 %.2f ms p99 %.2f ms", rate, results[str(int(rate))]["p50_ms"],
+                 results[str(int(rate))]["p99_ms"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--rates", default="50,100,200,400", help="comma-separated target QPS")
+    parser.add_argument("--extra-rates", default="600,800,1200", help="tried after --rates while p99 stays under 50 ms")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per rate")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--retriever-args", default="", help="extra retriever flags, e.g. '--workers 2'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+
+    artifacts = offline.prepare_artifacts(args.data_dir, work)
+    bodies = request_bodies(artifacts.index_dir, 2000)
+    bodies_file = work / "bodies.jsonl"
+    bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
+    rates = [float(r) for r in args.rates.split(",") if r]
+    extra = [float(r) for r in args.extra_rates.split(",") if r]
+
+    served: dict[str, dict] = {}
+    settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with TritonServer(settings), RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
+                                                  log_path=work / "retriever.log",
+                                                  extra_args=args.retriever_args.split()) as retriever:
+        last: dict | None = None
+        for rate in rates + extra:
+            if rate in extra and last is not None and (last["p99_ms"] >= P99_LIMIT_MS or last["errors"]):
+                break  # the extra rates only search upwards for the highest rate under the p99 limit
+            result = last = run_served_rate(retriever, bodies_file, rate, args.seconds, work)
+            served[str(int(rate))] = result
+            log.info("served %4d qps: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d; stages %s", rate,
+                     result["achieved_qps"], result["p50_ms"], result["p99_ms"], result["errors"],
+                     {k: round(v, 2) for k, v in result["stages_ms"].items()})
+        triton_stats = json.loads(urllib.request.urlopen(f"{settings.http_url}/v2/models/stats", timeout=10).read())
+    baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies, rates, args.seconds)
+    passing = [r["target_qps"] for r in served.values() if r["p99_ms"] < P99_LIMIT_MS and r["errors"] == 0]
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores (shared by load generator and servers)",
+        "data": str(args.data_dir or "synthetic"),
+        "catalogue": artifacts.item_count,
+        "index_type": artifacts.index_type,
+        "served": served,
+        "in_process": baseline,
+        "max_qps_p99_under_50ms": max(passing, default=0.0),
+        "triton_batches": {
+            m["name"]: {"inferences": int(m["inference_count"]), "executions": int(m["execution_count"])}
+            for m in triton_stats["model_stats"]
+        },
+        "offline": artifacts.offline,
+        "retriever_args": args.retriever_args,
+    }
+    from benchmarks.report import write_report
+
+    for path in write_report(args.out, report):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
