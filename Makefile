@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench clean
+.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,17 @@ inspect: setup
 # (full H&M catalogue when $(HM) exists; artifacts are reused from runs/bench between runs).
 bench: setup
 	$(PY) -m benchmarks.serving $(BENCH_ARGS)
+
+# Render every k8s overlay and validate it (schemas + our rules); also part of `make test`.
+k8s-check: setup
+	$(PY) k8s/check.py
+
+# Container images; needs a Docker engine (there is none on the CPU dev machines).
+IMAGE_TAG ?= 0.1.0
+images:
+	@docker info >/dev/null 2>&1 || { echo "no Docker engine here: images not built"; exit 1; }
+	docker build -f docker/retriever.Dockerfile -t ghcr.io/hm-two-tower/retriever:$(IMAGE_TAG) .
+	docker build -f docker/retriever.Dockerfile --build-arg FAISS=faiss-gpu-cu12 -t ghcr.io/hm-two-tower/retriever:$(IMAGE_TAG)-gpu .
 
 clean:
 	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower

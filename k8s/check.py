@@ -1,0 +1,159 @@
+"""`make k8s-check`: render every overlay and check what comes out, without a cluster.
+
+1. `kubectl kustomize k8s/overlays/<name>` for each overlay;
+2. every core object validated (strict) against the Kubernetes OpenAPI schemas shipped in
+   `kubernetes-validate`;
+3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
+   read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
+   GPU overlays request a GPU and the cpu overlay does not; the Grafana dashboard is valid JSON
+   with a query in every panel; the alert rules pass `promtool check rules` where promtool exists.
+
+Exit status 1 with one line per problem.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+K8S_DIR = Path(__file__).resolve().parent
+OVERLAYS = {"kserve": True, "raw": True, "cpu": False}  # overlay -> must request a GPU
+KUBERNETES_VERSION = "1.32.0"
+CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    output = subprocess.run(["kubectl", "kustomize", str(K8S_DIR / "overlays" / overlay)],
+                            capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+def containers(obj: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(container, pod-level securityContext) for every container an object will run."""
+    kind, spec = obj["kind"], obj.get("spec", {})
+    if kind in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        pod = spec["template"]["spec"]
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            yield container, pod.get("securityContext", {})
+    elif kind == "ServingRuntime":
+        for container in spec.get("containers", []):
+            yield container, {}
+    elif kind == "InferenceService":
+        for component in ("transformer", "explainer"):
+            part = spec.get(component)
+            for container in (part or {}).get("containers", []):
+                yield container, part.get("securityContext", {})
+
+
+def container_problems(where: str, container: dict[str, Any], pod_security: dict[str, Any]) -> list[str]:
+    problems = []
+    name = f"{where} container {container.get('name')}"
+    resources = container.get("resources", {})
+    for part in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in resources.get(part, {}):
+                problems.append(f"{name}: no {part}.{resource}")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if probe not in container:
+            problems.append(f"{name}: no {probe}")
+    security = container.get("securityContext", {})
+    if not (security.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
+        problems.append(f"{name}: runAsNonRoot is not set")
+    if security.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{name}: root filesystem is writable")
+    if security.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{name}: allowPrivilegeEscalation is not false")
+    if "ALL" not in security.get("capabilities", {}).get("drop", []):
+        problems.append(f"{name}: capabilities are not all dropped")
+    image = container.get("image", "")
+    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+    if not tag or tag == "latest":
+        problems.append(f"{name}: image {image!r} is not pinned to a tag (and must not be :latest)")
+    return problems
+
+
+def requests_gpu(objects: list[dict[str, Any]]) -> bool:
+    text = json.dumps([o for o in objects if o["kind"] in {"Deployment", "InferenceService", "ServingRuntime"}])
+    return "nvidia.com/gpu" in text
+
+
+def core_problems(obj: dict[str, Any], where: str) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{where}: {err.message} at {'/'.join(str(p) for p in err.path)}"]
+    except kubernetes_validate.SchemaNotFoundError as err:
+        return [f"{where}: no Kubernetes {KUBERNETES_VERSION} schema for {obj['apiVersion']} {obj['kind']} ({err})"]
+    return []
+
+
+def dashboard_problems(obj: dict[str, Any], where: str) -> list[str]:
+    if obj.get("metadata", {}).get("labels", {}).get("grafana_dashboard") != "1":
+        return [f"{where}: missing label grafana_dashboard=1 (the Grafana sidecar would not load it)"]
+    problems = []
+    for name, text in obj.get("data", {}).items():
+        try:
+            dashboard = json.loads(text)
+        except json.JSONDecodeError as err:
+            problems.append(f"{where} {name}: not JSON ({err})")
+            continue
+        for panel in dashboard.get("panels", []):
+            if not [t for t in panel.get("targets", []) if t.get("expr")]:
+                problems.append(f"{where} {name}: panel {panel.get('title')!r} has no query")
+    return problems
+
+
+def promtool_problems(obj: dict[str, Any], where: str) -> list[str]:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        print(f"note: promtool not found; {where} checked by the Prometheus test only")
+        return []
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as rules:
+        yaml.safe_dump({"groups": obj["spec"]["groups"]}, rules)
+        rules.flush()
+        result = subprocess.run([promtool, "check", "rules", rules.name], capture_output=True, text=True)
+    return [] if result.returncode == 0 else [f"{where}: promtool: {result.stdout.strip()} {result.stderr.strip()}"]
+
+
+def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
+    objects = render(overlay)
+    problems = []
+    for obj in objects:
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] not in CUSTOM_KINDS:
+            problems += core_problems(obj, where)
+        for container, pod_security in containers(obj):
+            problems += container_problems(where, container, pod_security)
+        if obj["kind"] == "InferenceService":
+            model = obj["spec"]["predictor"].get("model", {})
+            for part in ("requests", "limits"):
+                if not model.get("resources", {}).get(part):
+                    problems.append(f"{where}: predictor model has no resources.{part}")
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].endswith("-dashboard"):
+            problems += dashboard_problems(obj, where)
+        if obj["kind"] == "PrometheusRule":
+            problems += promtool_problems(obj, where)
+    if needs_gpu != requests_gpu(objects):
+        problems.append(f"{overlay}: {'requests no GPU' if needs_gpu else 'requests a GPU'}")
+    print(f"{overlay}: {len(objects)} objects, {len(problems)} problem(s)")
+    return problems
+
+
+def main() -> int:
+    problems = [p for overlay, gpu in OVERLAYS.items() for p in check_overlay(overlay, gpu)]
+    for problem in problems:
+        print(f"  {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The Kubernetes manifests render and pass `make k8s-check` (kubectl kustomize + schemas + our rules)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+
+spec = importlib.util.spec_from_file_location("k8s_check", Path(__file__).resolve().parents[1] / "k8s" / "check.py")
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+
+
+def test_every_overlay_passes() -> None:
+    assert check.main() == 0
+
+
+def test_the_rules_catch_what_they_claim_to() -> None:
+    triton = next(o for o in check.render("raw") if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
+    container = triton["spec"]["template"]["spec"]["containers"][0]
+    assert check.container_problems("x", container, triton["spec"]["template"]["spec"]["securityContext"]) == []
+    broken = copy.deepcopy(container)
+    broken["image"] = "nvcr.io/nvidia/tritonserver:latest"
+    del broken["livenessProbe"], broken["resources"]["limits"]
+    broken["securityContext"]["readOnlyRootFilesystem"] = False
+    problems = "\n".join(check.container_problems("x", broken, {}))
+    for expected in ("no limits.cpu", "no livenessProbe", "runAsNonRoot", "root filesystem is writable", ":latest"):
+        assert expected in problems
+    bogus = copy.deepcopy(triton)
+    bogus["spec"]["replicaz"] = 3
+    assert check.core_problems(bogus, "x"), "strict schema validation must reject unknown fields"
+
+
+def test_gpu_only_where_intended() -> None:
+    assert check.requests_gpu(check.render("raw")) and check.requests_gpu(check.render("kserve"))
+    assert not check.requests_gpu(check.render("cpu"))
