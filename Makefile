@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) examples/demo.py $(if $(DATA),--data-dir $(DATA))
 
-test: setup
+test: setup tools
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Debian's prometheus (for the scrape test); installed when running as root, else that test skips.
+tools:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+		|| echo "prometheus not installed: tests/test_prometheus.py will skip"; }
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration and not hm"

@@ -1,0 +1,98 @@
+"""A real Prometheus scrapes the real retriever and Triton; every dashboard and alert query returns data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from localtriton.process import ProcessStartError, free_port, wait_until_ready
+from localtriton.server import stop_process
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus package is not installed"),
+]
+MONITORING = Path(__file__).resolve().parents[1] / "k8s" / "components" / "monitoring"
+COMPARISON = re.compile(r"^(?P<query>.*?)\s*(>|<|>=|<=|==|!=)\s*[0-9.e+-]+\s*$", re.S)
+
+
+def alert_groups() -> list[dict]:
+    return yaml.safe_load((MONITORING / "alert-rules.yaml").read_text())["spec"]["groups"]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads((MONITORING / "dashboards" / "hm-two-tower.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+@pytest.fixture(scope="module")
+def prometheus(retriever, triton, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("prometheus")
+    (root / "rules.yaml").write_text(yaml.safe_dump({"groups": alert_groups()}))
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(root / "rules.yaml")],
+        "scrape_configs": [
+            {"job_name": "retriever", "static_configs": [{"targets": [f"127.0.0.1:{retriever.http_port}"]}]},
+            {"job_name": "triton", "static_configs": [{"targets": [f"127.0.0.1:{triton.settings.metrics_port}"]}]},
+        ],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = root / "prometheus.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_until_ready(process, f"http://127.0.0.1:{port}/-/ready", 60, "prometheus", log_path)
+        yield f"http://127.0.0.1:{port}", root
+    except ProcessStartError:
+        raise
+    finally:
+        stop_process(process.pid, 15, process)
+
+
+def query(base: str, expr: str) -> list:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_promtool_accepts_the_alert_rules(prometheus) -> None:
+    _, root = prometheus
+    result = subprocess.run(["promtool", "check", "rules", str(root / "rules.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever) -> None:
+    base, _ = prometheus
+    bodies = [{"instances": [{"query": "black dress"}]}, {"instances": [{"query": ""}]}]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # a few seconds of steady load, several scrapes
+        for body in bodies:
+            request = urllib.request.Request(retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=10).read()
+            except urllib.error.HTTPError:
+                pass
+        if time.monotonic() > deadline - 12 and query(base, 'up{job="retriever"} == 1') and query(base, 'up{job="triton"} == 1'):
+            break
+        time.sleep(0.05)
+    time.sleep(3)
+    expressions = [e.replace("$__rate_interval", "30s") for e in dashboard_queries()]
+    expressions += [COMPARISON.match(r["expr"]).group("query") for g in alert_groups() for r in g["rules"]]
+    empty = [e for e in expressions if not e.startswith("avg by (gpu_uuid) (nv_gpu") and not query(base, e)]
+    assert not empty, f"queries without data: {empty}"
