@@ -17,6 +17,8 @@ def _ratio(a: float, b: float) -> str:
 def markdown(report: dict[str, Any]) -> str:
     served, local = report["served"], report["in_process"]
     at_100 = served.get("100", {})
+    recall = report["offline"]["index_recall_at_10"].get(str(report["ef_search"]),
+                                                                     min(report["offline"]["index_recall_at_10"].values()))
     lines = [
         "# Serving benchmark",
         "",
@@ -73,7 +75,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(the tokenizer alone: {off['tokenizing_items_per_s']:.0f} items/s).",
         "- Index build over the full catalogue: " + ", ".join(f"{k} {v:.1f} s" for k, v in off["index_build_s"].items()) + ".",
         f"- Training throughput: {off['training_examples_per_s']:.0f} examples/s.",
-        f"- Index recall@10 vs exact search, 1000 real user vectors: **{off['index_recall_at_10']:.4f}**.",
+        "- Index recall@10 vs exact search, 1000 real user vectors, by HNSW efSearch: "
+        + ", ".join(f"ef {ef}: {r:.4f}" for ef, r in off["index_recall_at_10"].items())
+        + f" (served with ef {report['ef_search']}).",
         "",
         "## Targets (issue: p99 <= 10 ms and p50 <= 5 ms at 100 QPS, >= 400 QPS under p99 50 ms, recall@10 >= 0.95)",
         "",
@@ -81,7 +85,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"errors {at_100.get('errors', '-')}: {'met' if at_100 and at_100['p99_ms'] <= 10 and at_100['p50_ms'] <= 5 and not at_100['errors'] else 'NOT met'}.",
         f"- Highest rate under p99 50 ms: {report['max_qps_p99_under_50ms']:.0f} QPS: "
         f"{'met' if report['max_qps_p99_under_50ms'] >= 400 else 'NOT met'}.",
-        f"- Index recall@10: {off['index_recall_at_10']:.4f}: {'met' if off['index_recall_at_10'] >= 0.95 else 'NOT met'}.",
+        f"- Index recall@10 at the served ef: {recall:.4f}: {'met' if recall >= 0.95 else 'NOT met'}.",
         "",
     ]
     if LEVERS_FILE.is_file():

