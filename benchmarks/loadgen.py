@@ -14,11 +14,13 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import aiohttp
 import numpy as np
+
+T = TypeVar("T")
 
 
 def summarise(latencies_s: list[float], errors: int, started: float, finished: float, rate: float) -> dict[str, Any]:
@@ -37,44 +39,49 @@ def summarise(latencies_s: list[float], errors: int, started: float, finished: f
     }
 
 
+async def open_loop(items: Sequence[T], rate: float, send: Callable[[T], Awaitable[bool]], warmup: int = 5) -> dict[str, Any]:
+    """Send item i at start + i/rate whatever happened before; latency counts from that scheduled time."""
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(item: T, scheduled: float) -> None:
+        nonlocal errors
+        if await send(item):
+            latencies.append(time.perf_counter() - scheduled)
+        else:
+            errors += 1
+
+    for item in items[:warmup]:  # connection pools and first-call paths, outside the measurement
+        await send(item)
+    started = time.perf_counter()
+    tasks = []
+    for i, item in enumerate(items):
+        scheduled = started + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(item, scheduled)))
+    await asyncio.gather(*tasks)
+    return summarise(latencies, errors, started, time.perf_counter(), rate)
+
+
 async def run_open_loop(url: str, bodies: list[bytes], rate: float, timeout_s: float = 10.0) -> dict[str, Any]:
     host = urlparse(url).hostname or ""
     if not (host.startswith("127.") or host in {"localhost", "::1"}):
         raise ValueError(f"refusing to load {host}: the load generator only targets loopback addresses")
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=512, force_close=False)
+    connector = aiohttp.TCPConnector(limit=512)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        # warm the connection pool and the server's first-call paths outside the measurement
-        for body in bodies[:5]:
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
 
-        async def one(body: bytes, scheduled: float) -> None:
-            nonlocal errors
+        async def send(body: bytes) -> bool:
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
-                    if response.status != 200:
-                        errors += 1
-                        return
+                    return response.status == 200
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                errors += 1
-                return
-            latencies.append(time.perf_counter() - scheduled)
+                return False
 
-        started = time.perf_counter()
-        tasks = []
-        for i, body in enumerate(bodies):
-            scheduled = started + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(body, scheduled)))
-        await asyncio.gather(*tasks)
-        finished = time.perf_counter()
-    return summarise(latencies, errors, started, finished, rate)
+        return await open_loop(bodies, rate, send)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twotower.config import write_json
+from twotower.reporting import write_bundle
 
 LEVERS_FILE = Path(__file__).with_name("LEVERS.md")
+
+
+def _by_rate(runs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Numeric order: the JSON file stores rates as sorted strings ("100" < "50")."""
+    return sorted(runs.items(), key=lambda item: float(item[0]))
 
 
 def _ratio(a: float, b: float) -> str:
@@ -32,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| target QPS | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | p50 served/in-process | p99 served/in-process |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for rate, r in served.items():
+    for rate, r in _by_rate(served):
         base = local.get(rate)
         lines.append(
             f"| {rate} | {r['achieved_qps']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
@@ -48,7 +53,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| target QPS | p50 ms | p95 ms | p99 ms | max ms |",
         "|---|---|---|---|---|",
     ]
-    for rate, r in local.items():
+    for rate, r in _by_rate(local):
         lines.append(f"| {rate} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} |")
     lines += [
         "",
@@ -57,7 +62,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| target QPS | parse | tokenize (queries) | Triton call | FAISS search | other (KServe, JSON, metadata) | total |",
         "|---|---|---|---|---|---|---|",
     ]
-    for rate, r in served.items():
+    for rate, r in _by_rate(served):
         s = r["stages_ms"]
         lines.append(f"| {rate} | {s['parse']:.2f} | {s['tokenize']:.2f} | {s['triton']:.2f} | {s['search']:.2f} | "
                      f"{s['other']:.2f} | {s['total']:.2f} |")
@@ -76,7 +81,7 @@ def markdown(report: dict[str, Any]) -> str:
         "- Index build over the full catalogue: " + ", ".join(f"{k} {v:.1f} s" for k, v in off["index_build_s"].items()) + ".",
         f"- Training throughput: {off['training_examples_per_s']:.0f} examples/s.",
         "- Index recall@10 vs exact search, 1000 real user vectors, by HNSW efSearch: "
-        + ", ".join(f"ef {ef}: {r:.4f}" for ef, r in off["index_recall_at_10"].items())
+        + ", ".join(f"ef {ef}: {r:.4f}" for ef, r in _by_rate(off["index_recall_at_10"]))
         + f" (served with ef {report['ef_search']}).",
         "",
         "## Targets (issue: p99 <= 10 ms and p50 <= 5 ms at 100 QPS, >= 400 QPS under p99 50 ms, recall@10 >= 0.95)",
@@ -101,9 +106,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for label, runs, style in (("served", report["served"], "-o"), ("in-process", report["in_process"], "--s")):
-        rates = [float(r) for r in runs]
+        ordered = _by_rate(runs)
         for quantile in ("p50_ms", "p99_ms"):
-            axis.plot(rates, [runs[r][quantile] for r in runs], style, label=f"{label} {quantile[:3]}")
+            axis.plot([float(r) for r, _ in ordered], [v[quantile] for _, v in ordered], style, label=f"{label} {quantile[:3]}")
     axis.axhline(10, color="grey", linewidth=0.8, linestyle=":")
     axis.axhline(50, color="grey", linewidth=0.8, linestyle=":")
     axis.set_xlabel("target QPS (open loop)")
@@ -116,10 +121,5 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(out_dir: Path, report: dict[str, Any]) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "benchmarks.json", out_dir / "benchmarks.md", out_dir / "benchmarks.png"]
-    write_json(paths[0], report)
-    paths[1].write_text(markdown(report))
-    plot(report, paths[2])
-    return paths
+def write_report(out_dir: Path, result: dict[str, Any]) -> list[Path]:
+    return write_bundle(out_dir, "benchmarks", result, markdown, plot)

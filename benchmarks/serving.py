@@ -19,7 +19,6 @@ import logging
 import platform
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import offline
-from benchmarks.loadgen import summarise
+from benchmarks.loadgen import open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
 from twotower.config import RetrieverConfig, config_from_env
@@ -97,28 +96,15 @@ def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float,
 
 async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
     """The same open-loop schedule against the Recommender object itself."""
-    latencies, errors = [], 0
 
-    async def one(body: dict, scheduled: float) -> None:
-        nonlocal errors
+    async def send(body: dict) -> bool:
         try:
             await model(body, {})
-            latencies.append(time.perf_counter() - scheduled)
+            return True
         except Exception:  # noqa: BLE001 - counted, like an HTTP error in the served run
-            errors += 1
+            return False
 
-    for body in bodies[:5]:
-        await model(body, {})
-    started = time.perf_counter()
-    tasks = []
-    for i, body in enumerate(bodies):
-        scheduled = started + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(body, scheduled)))
-    await asyncio.gather(*tasks)
-    return summarise(latencies, errors, started, time.perf_counter(), rate)
+    return await open_loop(bodies, rate, send)
 
 
 def in_process_baseline(index_dir: Path, repository: Path, bodies: list[dict], rates: list[float], seconds: float) -> dict:

@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twotower.config import write_json
+from twotower.reporting import write_bundle
 
 TABLE_METRICS = ("recall@12", "map@12", "ndcg@12", "recall@100", "coverage@12", "cold_recall@100", "hr@10_sampled100")
 
 
 def write_reports(out_dir: Path, result: dict[str, Any]) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "eval.json", out_dir / "eval.md", out_dir / "eval.png"]
-    write_json(paths[0], result)
-    paths[1].write_text(markdown(result))
-    bar_chart(result, paths[2])
-    return paths
+    return write_bundle(out_dir, "eval", result, markdown, bar_chart)
+
 
 
 def markdown(result: dict[str, Any]) -> str:
