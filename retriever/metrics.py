@@ -16,3 +16,4 @@ STAGE_SECONDS = Histogram(
 REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, by kind", ["kind"])
 ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
 INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"])
+TOWERS_HEALTHY = Gauge("retriever_towers_healthy", "1 while a real tower inference succeeds (readiness), else 0")

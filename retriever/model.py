@@ -51,6 +51,8 @@ class Recommender(Model):
         self.catalog: Catalog | None = None
         self.towers: Towers | None = None
         self.tokenizer = None
+        self._towers_healthy = False
+        self._health_checked_at = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self, triton_wait_s: float = 60.0, local_repository: Path | None = None) -> bool:
@@ -99,6 +101,34 @@ class Recommender(Model):
                     await asyncio.sleep(1.0)
         finally:
             await client.close()
+
+    async def healthy(self) -> bool:
+        """Ready only while the towers really answer: a tiny user-tower inference, cached briefly.
+
+        Triton's own readiness stays green when a python stub has died (every inference then fails),
+        so only a real inference tells the truth. KServe asks this on every request and probe.
+        """
+        if not self.ready or self.towers is None or self.catalog is None:
+            return False
+        now = time.monotonic()
+        if now - self._health_checked_at < self.config.health_cache_s:
+            return self._towers_healthy
+        self._health_checked_at = now
+        length, dim = self.catalog.manifest.max_history, self.catalog.manifest.dim
+        mask = np.zeros((1, length), dtype=np.float32)
+        mask[0, 0] = 1.0
+        try:
+            await self.towers.user_vectors(np.zeros((1, length, dim), dtype=np.float32), mask, np.zeros_like(mask))
+            healthy = True
+        except TritonUnavailable as err:
+            healthy = False
+            if self._towers_healthy:
+                log.error("not ready: the towers do not answer (%s)", err)
+        if healthy and not self._towers_healthy:
+            log.info("ready: the towers answer again")
+        self._towers_healthy = healthy
+        metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
+        return healthy
 
     # -- request path ----------------------------------------------------------------------
     async def __call__(self, body: Any, headers: dict[str, str] | None = None, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,88 @@
+"""Faults against the real processes: Triton stopped and restarted, a Triton python stub killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from localtriton import TritonServer, TritonSettings
+from retriever.launch import RetrieverProcess
+
+pytestmark = pytest.mark.integration
+
+
+def status_of(url: str, body: dict | None = None) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_for(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.fixture()
+def private_servers(tiny_pipeline, tmp_path):
+    """A Triton + retriever pair of this test's own, so breaking them disturbs no other test."""
+    settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path)
+    triton = TritonServer(settings).start()
+    retriever = RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{settings.http_port}", log_path=tmp_path / "r.log").start()
+    try:
+        yield triton, retriever
+    finally:
+        retriever.stop()
+        triton.stop()
+
+
+REQUEST = {"instances": [{"query": "black dress", "k": 3}]}
+
+
+def test_triton_gone_gives_503_and_not_ready_then_recovers(private_servers) -> None:
+    triton, retriever = private_servers
+    ready_url = f"{retriever.url}/v1/models/recommender"
+    assert status_of(retriever.predict_url, REQUEST)[0] == 200
+    triton.stop()
+    assert wait_for(lambda: status_of(ready_url)[0] == 503, 15), "readiness stayed true with Triton gone"
+    code, body = status_of(retriever.predict_url, REQUEST)
+    assert code == 503, body
+    assert "not ready" in body or "Triton" in body
+    triton.start()  # same ports: the retriever must find it again by itself
+    assert wait_for(lambda: status_of(ready_url)[0] == 200, 30), "readiness did not come back"
+    assert status_of(retriever.predict_url, REQUEST)[0] == 200
+    assert retriever.process is not None and retriever.process.poll() is None
+
+
+def stub_pids(triton_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "triton_python_backend_stub", "-g", str(triton_pid)],
+                         capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_killed_python_stub_is_caught_by_a_real_inference(private_servers) -> None:
+    triton, retriever = private_servers
+    ready_url = f"{retriever.url}/v1/models/recommender"
+    stubs = stub_pids(triton.pid)
+    assert stubs, "no python backend stub found under Triton"
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)
+    # Triton itself still says ready: only an inference shows the damage.
+    assert status_of(f"{triton.settings.http_url}/v2/health/ready")[0] == 200
+    assert wait_for(lambda: status_of(ready_url)[0] == 503, 15), "retriever readiness missed the dead stub"
+    code, body = status_of(retriever.predict_url, {"instances": [{"history": ["0100001001"]}]})
+    assert code == 503, body
