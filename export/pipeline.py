@@ -31,7 +31,7 @@ from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
-from twotower.train import RUN_CONFIG, RUN_WEIGHTS
+from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_WEIGHTS
 
 log = logging.getLogger("export")
 
@@ -46,8 +46,24 @@ def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
     run_config = json.loads(config_path.read_text())
     model_config = from_dict(ModelConfig, run_config["model"])
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    model = build_model(model_config, state).eval()
+    ids_path = run_dir / RUN_ITEM_IDS
+    run_config["item_ids"] = json.loads(ids_path.read_text()) if ids_path.is_file() else []
+    model = build_model(model_config, state, n_items=len(run_config["item_ids"]) if "item_ids.weight" in state else 0).eval()
     return model, run_config
+
+
+def with_id_vectors(model: TwoTowerModel, text_vectors: np.ndarray, article_ids: list[str], trained_ids: list[str]) -> np.ndarray:
+    """Hybrid vectors for the index: articles the model was trained with get their id vector added."""
+    if model.item_ids is None:
+        return text_vectors
+    trained_row = {article_id: row for row, article_id in enumerate(trained_ids)}
+    rows = torch.tensor([trained_row.get(a, -1) for a in article_ids], dtype=torch.long)
+    with torch.no_grad():
+        hybrid = model.hybrid(torch.from_numpy(text_vectors), rows).numpy()
+    learned = (model.item_ids.weight.detach().abs().sum(dim=1) > 0)[rows.clamp(min=0)] & (rows >= 0)
+    log.info("%d of %d articles carry a learned id vector; the rest are indexed by text alone",
+             int(learned.sum()), len(article_ids))
+    return np.ascontiguousarray(hybrid, dtype=np.float32)
 
 
 def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int) -> tuple[TritonModelSpec, TritonModelSpec]:
@@ -122,6 +138,7 @@ def export_run(
     started = time.perf_counter()
     exported_item_tower = reload(item_ts)  # embed with exactly the bytes Triton will serve
     vectors = embed_catalogue(exported_item_tower, captions, tokenizer, options.embed_batch_size)
+    vectors = with_id_vectors(model, vectors, data.article_ids, run_config["item_ids"])
     seconds = time.perf_counter() - started
     log.info("embedded %d articles in %.1fs (%.0f items/s)", len(vectors), seconds, len(vectors) / seconds)
 

@@ -70,3 +70,18 @@ def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     assert losses[0] == losses[1]
     with pytest.raises(FileExistsError):
         train(data, ModelConfig(), config, tmp_path / "a")
+
+
+def test_hybrid_item_vectors_add_the_id_vector_only_where_known() -> None:
+    model = build_model(ModelConfig(), n_items=4)
+    assert model.item_ids is not None
+    with torch.no_grad():
+        model.item_ids.weight[1] = 1.0
+    text = torch.nn.functional.normalize(torch.randn(3, ModelConfig().embed_dim), dim=-1)
+    out = model.hybrid(text, torch.tensor([1, 2, -1]))
+    torch.testing.assert_close(out[1:], text[1:])  # untrained row and unknown article: text alone
+    assert not torch.allclose(out[0], text[0])
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    dropped = model.hybrid(text, torch.tensor([1, 2, -1]), keep=torch.zeros(3))
+    torch.testing.assert_close(dropped, text)
+    assert build_model(ModelConfig(item_id_embeddings=False), n_items=4).item_ids is None

@@ -34,6 +34,8 @@ class ModelConfig:
     max_history: int = 20
     max_age_days: float = 365.0
     score_hidden: int = 16
+    item_id_embeddings: bool = True  # hybrid item vectors: text + a learned vector per article seen in training
+    item_id_dropout: float = 0.5  # share of training targets that use the text vector alone (cold-start)
 
 
 @dataclasses.dataclass

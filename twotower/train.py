@@ -38,6 +38,7 @@ log = logging.getLogger("twotower.train")
 RUN_CONFIG = "config.json"
 RUN_WEIGHTS = "model.pt"
 RUN_METRICS = "metrics.json"
+RUN_ITEM_IDS = "item_ids.json"  # article_id of each row of the id-embedding table
 
 
 def seed_everything(seed: int) -> None:
@@ -46,12 +47,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def embed_items(model: TwoTowerModel, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Item-tower vectors for every row of `tokens`, without gradients."""
+def embed_items(model: TwoTowerModel, tokens: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Indexed (hybrid) vectors of catalogue `rows`, without gradients."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = torch.cat([model.item_tower(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)])
+        text = torch.cat([model.item_tower(tokens[rows[i : i + batch_size]]) for i in range(0, len(rows), batch_size)])
+        out = model.hybrid(text, rows)
     model.train(was_training)
     return out
 
@@ -138,7 +140,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     tokens = torch.zeros((len(row_of), tokens_used.shape[1]), dtype=torch.long)
     tokens[torch.from_numpy(used_rows)] = tokens_used
 
-    model = build_model(model_config)
+    model = build_model(model_config, n_items=len(row_of))
     model.train()
     head = list(model.score_head.parameters())
     towers = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
@@ -152,7 +154,8 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     step = 0
     for epoch in range(train_config.epochs):
         # History vectors come from a per-epoch snapshot of the item tower: cheap, and stable targets.
-        item_table[torch.from_numpy(used_rows)] = embed_items(model, tokens[torch.from_numpy(used_rows)], train_config.item_batch_size)
+        used = torch.from_numpy(used_rows)
+        item_table[used] = embed_items(model, tokens, used, train_config.item_batch_size)
         order = generator.permutation(len(train_set))
         batches = [order[i : i + train_config.batch_size] for i in range(0, len(order), train_config.batch_size)]
         batches = [b for b in batches if len(b) >= 2]
@@ -161,7 +164,8 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         for index in progress:
             targets = torch.from_numpy(train_set.targets[index])
             users = model.user_tower(*history_tensors(train_set.histories, item_table, index))
-            items = model.item_tower(tokens[targets])
+            keep = (torch.rand(len(targets)) >= model_config.item_id_dropout).float()
+            items = model.hybrid(model.item_tower(tokens[targets]), targets, keep)
             loss, cosine = contrastive_loss(users, items, targets, train_config.temperature)
             total = loss + score_head_loss(model, cosine)
             optimiser.zero_grad(set_to_none=True)
@@ -175,7 +179,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
                 break
         seconds = time.perf_counter() - started
         n_seen = sum(len(b) for b in batches[: len(losses)])
-        item_table[torch.from_numpy(used_rows)] = embed_items(model, tokens[torch.from_numpy(used_rows)], train_config.item_batch_size)
+        item_table[used] = embed_items(model, tokens, used, train_config.item_batch_size)
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
@@ -201,6 +205,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "context_length": context_length_of(model_config.clip_model),
         })
         torch.save(model.state_dict(), staging / RUN_WEIGHTS)
+        write_json(staging / RUN_ITEM_IDS, data.article_ids)
         write_json(staging / RUN_METRICS, {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout)})
         if out.exists():
             shutil.rmtree(out)

@@ -116,7 +116,14 @@ class ScoreHead(nn.Module):
 
 
 class TwoTowerModel(nn.Module):
-    def __init__(self, config: ModelConfig, clip_model: nn.Module | None = None):
+    """Both towers, the score head and, optionally, a learned vector per known article.
+
+    With `item_id_embeddings`, an article seen in training is indexed as normalize(text vector + its id
+    vector): the id part learns what text cannot say (who buys it with what). Articles without one (new,
+    or never bought) keep the pure text vector; id dropout in training keeps those usable.
+    """
+
+    def __init__(self, config: ModelConfig, clip_model: nn.Module | None = None, n_items: int = 0):
         super().__init__()
         self.config = config
         clip_model = clip_model if clip_model is not None else load_clip(config.clip_model, config.pretrained)
@@ -126,13 +133,25 @@ class TwoTowerModel(nn.Module):
             config.embed_dim, config.max_history, config.user_layers, config.user_heads, config.max_age_days
         )
         self.score_head = ScoreHead(config.score_hidden)
+        self.item_ids: nn.Embedding | None = None
+        if config.item_id_embeddings and n_items > 0:
+            self.item_ids = nn.Embedding(n_items, config.embed_dim)
+            nn.init.zeros_(self.item_ids.weight)  # untrained rows add nothing to the text vector
+
+    def hybrid(self, text_vectors: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Indexed item vectors: text vector + id vector (rows < 0 or keep == 0: text only)."""
+        if self.item_ids is None:
+            return text_vectors
+        known = (rows >= 0).float() if keep is None else (rows >= 0).float() * keep
+        ids = self.item_ids(rows.clamp(min=0)) * known.unsqueeze(-1)
+        return F.normalize(text_vectors + ids, dim=-1)
 
 
-def build_model(config: ModelConfig, state_dict: dict | None = None) -> TwoTowerModel:
+def build_model(config: ModelConfig, state_dict: dict | None = None, n_items: int = 0) -> TwoTowerModel:
     """A model from its config; with a saved state dict, the CLIP weights come from it, not the hub."""
     if state_dict is None:
-        return TwoTowerModel(config)
+        return TwoTowerModel(config, n_items=n_items)
     offline = dataclasses.replace(config, pretrained="")
-    model = TwoTowerModel(offline)
+    model = TwoTowerModel(offline, n_items=n_items)
     model.load_state_dict(state_dict)
     return model
