@@ -22,10 +22,6 @@ class Histories:
     age_days: np.ndarray  # float32 [N, L], 0 where empty
 
     @property
-    def mask(self) -> np.ndarray:
-        return (self.rows != PAD).astype(np.float32)
-
-    @property
     def lengths(self) -> np.ndarray:
         return (self.rows != PAD).sum(axis=1)
 
