@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from twotower import artifacts
+from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD
 
 log = logging.getLogger("retriever.catalog")
@@ -24,7 +25,9 @@ class UnknownIds(KeyError):
 
 
 class Catalog:
-    def __init__(self, index_dir: Path | str, hnsw_ef_search: int = 128, ivf_nprobe: int = 16):
+    def __init__(self, index_dir: Path | str, hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
+                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe):
+        """Search settings default to the served ones, so offline evaluation measures what is served."""
         started = time.perf_counter()
         self.index_dir = Path(index_dir)
         self.manifest = artifacts.read_manifest(self.index_dir)
