@@ -85,14 +85,6 @@ def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, q
     return item, user
 
 
-def reload(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    return torch.jit.load(io.BytesIO(serialise(module)))
-
-
-def module_sha256(module: torch.jit.ScriptModule) -> str:
-    return hashlib.sha256(serialise(module)).hexdigest()
-
-
 def user_examples(config: ModelConfig, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """Histories of varied lengths at several batch sizes, for the eager-vs-TorchScript check."""
     generator = torch.Generator().manual_seed(seed)
@@ -136,7 +128,9 @@ def export_run(
     log.info("TorchScript vs eager max |diff|: item %.2e, user %.2e", item_diff, user_diff)
 
     started = time.perf_counter()
-    exported_item_tower = reload(item_ts)  # embed with exactly the bytes Triton will serve
+    # Serialised once: these exact bytes are embedded with, checksummed and written for Triton.
+    item_bytes, user_bytes = serialise(item_ts), serialise(user_ts)
+    exported_item_tower = torch.jit.load(io.BytesIO(item_bytes))
     vectors = embed_catalogue(exported_item_tower, captions, tokenizer, options.embed_batch_size)
     vectors = with_id_vectors(model, vectors, data.article_ids, run_config["item_ids"])
     seconds = time.perf_counter() - started
@@ -167,12 +161,13 @@ def export_run(
             "reference_day": int(day_numbers(data.transactions["t_dat"]).max()),
             "data_source": str(data_dir),
             "trained_until": run_config["train"].get("until", ""),
-            "tower_checksums": {item_spec.name: module_sha256(item_ts), user_spec.name: module_sha256(user_ts)},
+            "tower_checksums": {item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
+                                user_spec.name: hashlib.sha256(user_bytes).hexdigest()},
         },
     )
     # Models last: a failure above leaves the repository untouched; the index names this version.
-    item_path = write_model(Path(model_repository), item_spec, version, item_ts)
-    user_path = write_model(Path(model_repository), user_spec, version, user_ts)
+    item_path = write_model(Path(model_repository), item_spec, version, item_bytes)
+    user_path = write_model(Path(model_repository), user_spec, version, user_bytes)
     log.info("wrote %s and %s (version %d)", item_path, user_path, version)
     log.info("wrote index directory %s: %d items, dim %d, %s index, %d customers, model version %d",
              Path(index_dir), manifest.item_count, manifest.dim, manifest.index_type, manifest.customer_count, version)

@@ -91,7 +91,7 @@ def next_version(repository: Path, model_names: list[str]) -> int:
     return max(existing, default=0) + 1
 
 
-def write_model(repository: Path, spec: TritonModelSpec, version: int, module: torch.jit.ScriptModule) -> Path:
+def write_model(repository: Path, spec: TritonModelSpec, version: int, model_bytes: bytes) -> Path:
     """Write one model version; the version directory appears whole or not at all."""
     model_dir = repository / spec.name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def write_model(repository: Path, spec: TritonModelSpec, version: int, module: t
         raise FileExistsError(f"{target} exists: model versions are immutable, export a new version")
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
     try:
-        (staging / MODEL_FILE).write_bytes(serialise(module))
+        (staging / MODEL_FILE).write_bytes(model_bytes)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from export.catalogue_index import build_faiss_index, resolve_index_type, write_index_dir
 from export.torchscript import ExportMismatchError, trace_and_verify
-from export.triton_repo import TensorSpec, TritonModelSpec, next_version, render_config, write_model
+from export.triton_repo import TensorSpec, TritonModelSpec, next_version, render_config, serialise, write_model
 from twotower import artifacts
 
 
@@ -51,7 +51,7 @@ def test_config_pbtxt_has_libtorch_platform_batching_and_kind_auto() -> None:
 
 
 def test_model_versions_are_immutable_and_numbered(tmp_path: Path) -> None:
-    module = torch.jit.trace(nn.Identity(), torch.ones(1, 2))
+    module = serialise(torch.jit.trace(nn.Identity(), torch.ones(1, 2)))
     assert next_version(tmp_path, ["user_tower"]) == 1
     write_model(tmp_path, SPEC, 1, module)
     assert (tmp_path / "user_tower" / "1" / "model.pt").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from localtriton.process import ProcessStartError, free_port, wait_until_ready
+from localtriton.process import free_port, wait_until_ready
 from localtriton.server import stop_process
 
 pytestmark = [
@@ -58,8 +58,6 @@ def prometheus(retriever, triton, tmp_path_factory: pytest.TempPathFactory):
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}/-/ready", 60, "prometheus", log_path)
         yield f"http://127.0.0.1:{port}", root
-    except ProcessStartError:
-        raise
     finally:
         stop_process(process.pid, 15, process)
 
