@@ -87,19 +87,19 @@ def prepare_artifacts(data_dir: Path | None, work: Path) -> BenchArtifacts:
     data_dir = data_dir or generate(work / "data", seed=0, n_articles=5000, n_customers=3000)
     index_dir, repository, run_dir = work / "index", work / "model_repository", work / "run"
     offline_file = work / "offline.json"
-    reuse = offline_file.is_file() and (index_dir / index_files.MANIFEST_FILE).is_file() and \
-        index_files.read_manifest(index_dir).data_source == str(data_dir)
+    reuse = offline_file.is_file() and (index_dir / index_files.CURRENT_FILE).is_file() and \
+        index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir)
     if not reuse:
         train(load_hm_dir(data_dir), ModelConfig(), TrainConfig(epochs=1, max_steps=60), run_dir, force=True)
-        if repository.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(repository)
+        for stale in (repository, index_dir):
+            shutil.rmtree(stale, ignore_errors=True)
         export_run(run_dir, data_dir, repository, index_dir)
         write_json(offline_file, measure_offline(data_dir, index_dir, repository, run_dir))
     else:
         log.info("reusing %s and %s (delete %s to rebuild)", index_dir, repository, offline_file)
-    manifest = index_files.read_manifest(index_dir)
+    manifest = index_files.read_manifest(index_files.resolve_index_dir(index_dir))
     offline = json.loads(offline_file.read_text())
     offline["index_recall_at_10"] = index_recall_at_10(Catalog(index_dir), repository)  # cheap: measured every run
     return BenchArtifacts(index_dir, repository, manifest.item_count, manifest.index_type, offline)

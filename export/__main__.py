@@ -18,6 +18,7 @@ from pathlib import Path
 from export.catalogue_index import INDEX_TYPES
 from export.pipeline import ExportOptions, export_run
 from export.torchscript import ExportMismatchError
+from twotower.artifacts import ArtifactError
 from twotower.config import add_arguments, from_arguments
 from twotower.data.hm import DataFormatError
 
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="run directory from twotower.train")
     parser.add_argument("--data-dir", required=True, type=Path, help="H&M-format directory whose catalogue is indexed")
     parser.add_argument("--model-repository", default=Path("model_repository"), type=Path)
-    parser.add_argument("--index-dir", default=Path("artifacts/index"), type=Path)
+    parser.add_argument("--index-dir", default=Path("artifacts/index"), type=Path,
+                        help="index root: the new version is written beside earlier ones and published via CURRENT")
     add_arguments(parser, ExportOptions)
     args = parser.parse_args(argv)
     if args.index_type not in INDEX_TYPES:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         export_run(args.run, args.data_dir, args.model_repository, args.index_dir, from_arguments(ExportOptions, args))
-    except (DataFormatError, ExportMismatchError, FileNotFoundError, FileExistsError) as err:
+    except (ArtifactError, DataFormatError, ExportMismatchError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

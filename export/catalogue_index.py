@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -72,44 +71,63 @@ def build_faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
     return index
 
 
-def item_metadata(articles: pd.DataFrame) -> dict[str, list]:
+def item_metadata(articles: pd.DataFrame, transactions: pd.DataFrame | None = None) -> dict[str, list]:
+    """Column-oriented metadata; `price` is the article's mean sale price ("" when never sold)."""
     columns = ["article_id"] + [c for c in METADATA_COLUMNS if c in articles.columns]
-    return {column: articles[column].astype(str).tolist() for column in columns}
+    metadata = {column: articles[column].astype(str).tolist() for column in columns}
+    if "price" in articles.columns:  # a catalogue delta may carry list prices
+        prices = pd.to_numeric(articles["price"], errors="coerce")
+    elif transactions is not None and len(transactions):
+        prices = articles["article_id"].map(transactions.groupby("article_id")["price"].mean())
+    else:
+        prices = pd.Series([np.nan] * len(articles))
+    metadata["price"] = ["" if pd.isna(p) else f"{float(p):.6f}" for p in prices]
+    return metadata
 
 
 def write_index_dir(
     out: Path,
+    index: faiss.Index,
     vectors: np.ndarray,
-    index_type: str,
     metadata: dict[str, list],
     histories: dict[str, np.ndarray],
     score_head: artifacts.ScoreHeadWeights,
     manifest_fields: dict,
+    excluded_rows: list[int] | None = None,
 ) -> artifacts.Manifest:
-    """Write every artifact into a staging directory, checksum them, then swap it into place."""
+    """Write one index version into a staging directory, checksum it, then rename it into place."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists: index versions are immutable")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        started = time.perf_counter()
-        index = build_faiss_index(vectors, index_type)
-        log.info("built %s index over %d items in %.1fs", index_type, len(vectors), time.perf_counter() - started)
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
         np.save(staging / artifacts.VECTORS_FILE, vectors)
         (staging / artifacts.ITEMS_FILE).write_text(json.dumps(metadata))
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
+        names = list(artifacts.ARTIFACT_FILES)
+        if excluded_rows:
+            (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
+            names.append(artifacts.EXCLUDED_FILE)
         manifest = artifacts.Manifest(
             dim=int(vectors.shape[1]),
             metric=artifacts.METRIC_INNER_PRODUCT,
             item_count=int(len(vectors)),
-            index_type=index_type,
-            files={name: artifacts.sha256_file(staging / name) for name in artifacts.ARTIFACT_FILES},
+            index_version=out.name,
+            files={name: artifacts.sha256_file(staging / name) for name in names},
             **manifest_fields,
         )
         artifacts.write_manifest(staging, manifest)
-        if out.exists():
-            shutil.rmtree(out)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def new_version_dir(index_root: Path) -> Path:
+    """Where the next version of an index root goes (refuses a plain version directory as root)."""
+    if (index_root / artifacts.MANIFEST_FILE).is_file():
+        raise artifacts.ArtifactError(
+            f"{index_root} is a single index version, not an index root: pass its parent directory or a new path")
+    return index_root / artifacts.next_version_name(index_root)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.catalogue_index import INDEX_TYPES, embed_catalogue, item_metadata, resolve_index_type, write_index_dir
+from export.catalogue_index import (build_faiss_index, embed_catalogue, item_metadata, new_version_dir,
+                                    resolve_index_type, write_index_dir)
 from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
 from export.triton_repo import TensorSpec, TritonModelSpec, next_version, serialise, write_model
 from twotower import artifacts
@@ -141,11 +142,17 @@ def export_run(
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
     customers, histories, last_day = latest_histories(data.transactions, row_of, config.max_history)
     head = model.score_head.layers
+    index_root = Path(index_dir)
+    out = new_version_dir(index_root)
+    index_type = resolve_index_type(options.index_type, len(vectors))
+    started = time.perf_counter()
+    index = build_faiss_index(vectors, index_type)
+    log.info("built %s index over %d items in %.1fs", index_type, len(vectors), time.perf_counter() - started)
     manifest = write_index_dir(
-        Path(index_dir),
+        out,
+        index,
         vectors,
-        resolve_index_type(options.index_type, len(vectors)),
-        item_metadata(data.articles),
+        item_metadata(data.articles, data.transactions),
         {"customer_ids": np.asarray(customers), "rows": histories.rows.astype(np.int32),
          "age_days": histories.age_days, "last_day": last_day},
         artifacts.ScoreHeadWeights(
@@ -153,6 +160,7 @@ def export_run(
             head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
         ),
         {
+            "index_type": index_type,
             "model_version": version,
             "customer_count": len(customers),
             "max_history": config.max_history,
@@ -165,11 +173,13 @@ def export_run(
                                 user_spec.name: hashlib.sha256(user_bytes).hexdigest()},
         },
     )
-    # Models last: a failure above leaves the repository untouched; the index names this version.
+    # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
+    # A retriever watching the root swaps only once Triton serves the version this index names.
     item_path = write_model(Path(model_repository), item_spec, version, item_bytes)
     user_path = write_model(Path(model_repository), user_spec, version, user_bytes)
     log.info("wrote %s and %s (version %d)", item_path, user_path, version)
-    log.info("wrote index directory %s: %d items, dim %d, %s index, %d customers, model version %d",
-             Path(index_dir), manifest.item_count, manifest.dim, manifest.index_type, manifest.customer_count, version)
+    artifacts.publish_version(index_root, out.name)
+    log.info("published index %s: %d items, dim %d, %s index, %d customers, model version %d",
+             out, manifest.item_count, manifest.dim, manifest.index_type, manifest.customer_count, version)
 
     return manifest

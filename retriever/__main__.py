@@ -2,6 +2,7 @@
 
     python -m retriever --index-dir artifacts/index --predictor_host 127.0.0.1:8000 --http_port 8080
 
+Beside KServe's v1/v2 API it serves the web-shop endpoints and page of retriever/shop_api.py.
 KServe's own flags (--http_port, --workers, --model_name, ...) are accepted unchanged;
 --predictor_host is Triton's HTTP address; --model_name defaults to "recommender" and gRPC is off
 unless --enable_grpc true (the v1/v2 REST endpoints are the supported API). Ours are listed under RetrieverConfig and can also
@@ -17,6 +18,8 @@ import sys
 import kserve
 from kserve import model_server
 
+from retriever import shop_api
+from retriever.limits import BodySizeLimit
 from retriever.model import DEFAULT_MODEL_NAME, Recommender
 from twotower.artifacts import ArtifactError
 from twotower.config import RetrieverConfig, add_arguments, from_arguments
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("retriever").error("refusing to start: %s", err)
         print(f"error: refusing to start: {err}", file=sys.stderr)
         return 2
+    # KServe serves this module-level FastAPI app: our routes and limits join its v1/v2 API.
+    model_server.app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    shop_api.install(model_server.app, model)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                        enable_grpc=args.enable_grpc).start([model])
     return 0

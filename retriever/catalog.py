@@ -1,4 +1,8 @@
-"""The loaded index directory: FAISS index, item vectors and metadata, known customers' histories."""
+"""One loaded index version: FAISS index, item vectors and metadata, known customers' histories.
+
+Immutable once loaded: the retriever swaps whole Catalog objects, so a request that started on one
+version finishes on it.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,25 @@ import numpy as np
 
 from twotower import artifacts
 from twotower.config import RetrieverConfig
+from retriever.filters import FilterColumns
 from twotower.data.histories import PAD
 
 log = logging.getLogger("retriever.catalog")
+
+
+EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
+MAX_FILTERED_EF = 2048
+
+
+def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_similarities = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    out_rows = np.full((len(rows), k), -1, dtype=np.int64)
+    for i in range(len(rows)):
+        keep = rows[i][(rows[i] >= 0)]
+        keep_mask = ~hidden[keep]
+        kept_rows, kept_sims = keep[keep_mask][:k], similarities[i][: len(keep)][keep_mask][:k]
+        out_rows[i, : len(kept_rows)], out_similarities[i, : len(kept_rows)] = kept_rows, kept_sims
+    return out_similarities, out_rows
 
 
 class UnknownIds(KeyError):
@@ -26,10 +46,15 @@ class UnknownIds(KeyError):
 
 class Catalog:
     def __init__(self, index_dir: Path | str, hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
-                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe):
-        """Search settings default to the served ones, so offline evaluation measures what is served."""
+                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe, exact_search_limit: int = RetrieverConfig.exact_search_limit):
+        """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
+
+        Search settings default to the served ones, so offline evaluation measures what is served.
+        """
         started = time.perf_counter()
-        self.index_dir = Path(index_dir)
+        self.index_dir = artifacts.resolve_index_dir(index_dir)
+        self.hnsw_ef_search = hnsw_ef_search
+        self.exact_search_limit = exact_search_limit
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
         self.index = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))
@@ -40,7 +65,11 @@ class Catalog:
         self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE)
         self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
         self.article_ids: list[str] = self.items["article_id"]
+        # A changed article is appended as a new row and its old row excluded: the last row wins.
         self.row_of = {article_id: row for row, article_id in enumerate(self.article_ids)}
+        self.excluded = np.zeros(len(self.article_ids), dtype=bool)
+        self.excluded[artifacts.read_excluded(self.index_dir)] = True
+        self.filter_columns = FilterColumns(self.items)
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
             customer_ids = histories["customer_ids"]
             self.history_rows = histories["rows"]
@@ -51,9 +80,14 @@ class Catalog:
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
         )
         self._check_consistency()
-        log.info("loaded index %s: %d items, dim %d, %s, %d customers, model version %d (%.1fs)",
-                 self.index_dir, len(self.article_ids), self.manifest.dim, self.manifest.index_type,
-                 len(self.customer_row), self.manifest.model_version, time.perf_counter() - started)
+        log.info("loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d (%.1fs)",
+                 self.index_dir, len(self.article_ids), int(self.excluded.sum()), self.manifest.dim,
+                 self.manifest.index_type, len(self.customer_row), self.manifest.model_version,
+                 time.perf_counter() - started)
+
+    @property
+    def version(self) -> str:
+        return self.manifest.index_version or self.index_dir.name
 
     def _check_consistency(self) -> None:
         m = self.manifest
@@ -69,6 +103,7 @@ class Catalog:
             raise artifacts.ArtifactError(f"{self.index_dir}: " + "; ".join(problems))
 
     def rows_for(self, article_ids: list[str]) -> np.ndarray:
+        """Current rows of these articles (removed articles stay known: histories may name them)."""
         unknown = [a for a in article_ids if a not in self.row_of]
         if unknown:
             raise UnknownIds("article_id", unknown)
@@ -99,9 +134,45 @@ class Catalog:
         return vectors, mask, ages
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, rows) [B, k]; rows are -1 where the index has fewer than k results."""
-        similarities, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return similarities, rows
+        """(similarities, rows) [B, k] over every available row; rows are -1 past the last result."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n_excluded = int(self.excluded.sum())
+        if n_excluded == 0:
+            return self.index.search(queries, k)
+        if n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
+            # Few hidden rows: fetch that many more and drop them (cheaper than a filtered search).
+            similarities, rows = self.index.search(queries, k + n_excluded)
+            return _drop_rows(similarities, rows, self.excluded, k)
+        mask = ~self.excluded
+        results = [self.search_masked(q, k, mask) for q in queries]
+        return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+
+    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector.
+
+        Few candidates: exact inner products over just them (exact results, cheaper than a graph walk).
+        Many: the ANN index restricted by an id selector, with efSearch raised by 1/selectivity.
+        """
+        allowed = allowed & ~self.excluded
+        candidates = np.flatnonzero(allowed)
+        similarities = np.full(k, -np.inf, dtype=np.float32)
+        rows = np.full(k, -1, dtype=np.int64)
+        if len(candidates) == 0:
+            return similarities, rows
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if len(candidates) <= self.exact_search_limit or not hasattr(self.index, "hnsw"):
+            scores = self.vectors[candidates] @ query[0]
+            top = min(k, len(candidates))
+            best = np.argpartition(-scores, top - 1)[:top]
+            best = best[np.argsort(-scores[best], kind="stable")]
+            similarities[:top], rows[:top] = scores[best], candidates[best]
+            return similarities, rows
+        bitmap = np.packbits(allowed, bitorder="little")
+        params = faiss.SearchParametersHNSW()
+        params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+        params.efSearch = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search * len(allowed) / len(candidates))))
+        found_similarities, found_rows = self.index.search(query, k, params=params)
+        return found_similarities[0], found_rows[0]
 
     def metadata(self, row: int) -> dict[str, str]:
         return {column: values[row] for column, values in self.items.items()}

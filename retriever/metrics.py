@@ -17,3 +17,8 @@ REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, b
 ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
 INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"])
 TOWERS_HEALTHY = Gauge("retriever_towers_healthy", "1 while a real tower inference succeeds (readiness), else 0")
+CACHE_LOOKUPS = Counter("retriever_cache_lookups_total", "Vector cache lookups, by cache and result", ["cache", "result"])
+INDEX_RELOADS = Counter("retriever_index_reloads_total",
+                        "Index version swaps attempted, by result (swapped, refused, failed)", ["result"])
+INDEX_VERSION = Gauge("retriever_index_version_info", "1 for the index version being served", ["index_version", "model_version"])
+LIVE_CUSTOMERS = Gauge("retriever_live_customers", "Customers with purchases posted since start (kept in memory)")

@@ -3,6 +3,9 @@
 preprocess   body (v1 dict / v2 InferRequest) -> ParsedRequest      (400 on bad input)
 predict      ParsedRequest -> vectors from Triton -> FAISS top-k     (503 when Triton is gone)
 postprocess  results -> v1 JSON or v2 InferResponse
+
+The index version and the towers that match it are held together in one `Serving` object that is
+replaced whole on a hot reload: a request reads it once and finishes on the pair it started with.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,13 @@ from kserve import InferRequest, Model
 from kserve.errors import InvalidInput, ModelNotReady
 
 from retriever import metrics
+from retriever.cache import LRUCache
 from retriever.catalog import Catalog, UnknownIds
+from retriever.filters import FilterError, cap_per_type
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
+from retriever.purchases import LivePurchases
 from retriever.towers import TowerClient, Towers, TritonUnavailable
+from twotower import artifacts
 from twotower.artifacts import ArtifactError
 from twotower.config import RetrieverConfig
 
@@ -37,6 +45,21 @@ class ParsedRequest:
     v2_request: InferRequest | None  # None for v1
 
 
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """An index version and the towers serving its model version: swapped as one."""
+
+    catalog: Catalog
+    towers: Towers
+
+
+@dataclasses.dataclass
+class ReloadResult:
+    status: str  # swapped | unchanged | refused
+    index_version: str
+    message: str = ""
+
+
 @dataclasses.dataclass
 class Results:
     request: ParsedRequest
@@ -48,11 +71,26 @@ class Recommender(Model):
         super().__init__(name)
         self.config = config
         self.triton_url = triton_url
-        self.catalog: Catalog | None = None
-        self.towers: Towers | None = None
+        self.serving: Serving | None = None
         self.tokenizer = None
+        self.local_repository: Path | None = None
+        self.purchases = LivePurchases(config.max_live_customers, config.max_live_items)
+        self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
+        self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
         self._towers_healthy = False
         self._health_checked_at = float("-inf")
+        self._reload_lock = threading.Lock()
+        self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
+
+    @property
+    def catalog(self) -> Catalog | None:
+        return self.serving.catalog if self.serving else None
+
+    @property
+    def towers(self) -> Towers | None:
+        return self.serving.towers if self.serving else None
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self, triton_wait_s: float = 60.0, local_repository: Path | None = None) -> bool:
@@ -62,37 +100,54 @@ class Recommender(Model):
         of Triton: the same request path with no network, used as the benchmark's baseline.
         """
         faiss.omp_set_num_threads(self.config.faiss_threads)
-        self.catalog = Catalog(self.config.index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe)
+        self.local_repository = local_repository
+        catalog = self._open_catalog(self.config.index_dir)
         from twotower.model.clip_text import get_tokenizer  # imports torch: only when serving
 
-        self.tokenizer = get_tokenizer(self.catalog.manifest.clip_model)
-        if local_repository is not None:
-            from retriever.towers import LocalTowers
-
-            self.towers = LocalTowers(local_repository, self.catalog.manifest)
-        else:
-            loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
-            try:
-                loop.run_until_complete(self._wait_for_towers(triton_wait_s))
-            finally:
-                loop.close()
-            self.towers = TowerClient(self.triton_url, self.catalog.manifest, self.config.triton_timeout_s,
-                                      self.config.triton_retries)
-        metrics.INDEX_INFO.labels(str(self.catalog.manifest.model_version)).set(len(self.catalog.article_ids))
+        self.tokenizer = get_tokenizer(catalog.manifest.clip_model)
+        self._install(Serving(catalog, self._towers_for(catalog, triton_wait_s)))
         self.ready = True
+        if self.config.index_poll_s > 0 and (Path(self.config.index_dir) / artifacts.CURRENT_FILE).is_file():
+            self._watcher = threading.Thread(target=self._watch_index, name="index-watch", daemon=True)
+            self._watcher.start()
         return self.ready
 
-    async def _wait_for_towers(self, timeout_s: float) -> None:
-        assert self.catalog is not None
-        client = TowerClient(self.triton_url, self.catalog.manifest, self.config.triton_timeout_s, retries=0)
+    def _open_catalog(self, index_dir: Path | str) -> Catalog:
+        return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit)
+
+    def _towers_for(self, catalog: Catalog, triton_wait_s: float) -> Towers:
+        """Towers for this index's model version, proven to be served (raises ArtifactError otherwise)."""
+        if self.local_repository is not None:
+            from retriever.towers import LocalTowers
+
+            return LocalTowers(self.local_repository, catalog.manifest)
+        loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
+        try:
+            loop.run_until_complete(self._wait_for_towers(catalog, triton_wait_s))
+        finally:
+            loop.close()
+        return TowerClient(self.triton_url, catalog.manifest, self.config.triton_timeout_s, self.config.triton_retries)
+
+    def _install(self, serving: Serving) -> None:
+        previous = self.serving
+        self.serving = serving  # one reference assignment: requests see the old pair or the new one
+        manifest = serving.catalog.manifest
+        if previous is not None:
+            metrics.INDEX_VERSION.labels(previous.catalog.version, str(previous.catalog.manifest.model_version)).set(0)
+            metrics.INDEX_INFO.clear()
+        metrics.INDEX_INFO.labels(str(manifest.model_version)).set(len(serving.catalog.article_ids))
+        metrics.INDEX_VERSION.labels(serving.catalog.version, str(manifest.model_version)).set(1)
+
+    async def _wait_for_towers(self, catalog: Catalog, timeout_s: float) -> None:
+        manifest = catalog.manifest
+        client = TowerClient(self.triton_url, manifest, self.config.triton_timeout_s, retries=0)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
                 try:
                     await client.verify_models()
-                    log.info("Triton at %s serves %s/%s version %d matching the index", self.triton_url,
-                             self.catalog.manifest.item_model, self.catalog.manifest.user_model,
-                             self.catalog.manifest.model_version)
+                    log.info("Triton at %s serves %s/%s version %d matching index %s", self.triton_url,
+                             manifest.item_model, manifest.user_model, manifest.model_version, catalog.version)
                     return
                 except TritonUnavailable as err:
                     if time.monotonic() > deadline:
@@ -102,23 +157,85 @@ class Recommender(Model):
         finally:
             await client.close()
 
+    # -- hot reload ------------------------------------------------------------------------
+    def reload_index(self, index_dir: Path | str | None = None) -> ReloadResult:
+        """Load the index root's CURRENT version (or `index_dir`) and swap it in if it checks out.
+
+        Blocking (run it in a thread). A version that is corrupt, or whose model version Triton does
+        not serve, or whose dimension/metric differ, is refused: the old one keeps serving.
+        """
+        path = Path(index_dir or self.config.index_dir)
+        with self._reload_lock:
+            current = self.serving
+            assert current is not None, "load() first"
+            try:
+                target = artifacts.resolve_index_dir(path)
+                if current.catalog.index_dir.resolve() == target.resolve():
+                    return ReloadResult("unchanged", current.catalog.version)
+                catalog = self._open_catalog(target)
+                self._check_compatible(current.catalog, catalog)
+                if catalog.manifest.model_version == current.catalog.manifest.model_version:
+                    towers = current.towers  # same towers: only the catalogue changed
+                else:
+                    towers = self._towers_for(catalog, triton_wait_s=0.0)
+                    self._retired.append((time.monotonic(), current.towers))
+            except (ArtifactError, OSError, ValueError) as err:
+                metrics.INDEX_RELOADS.labels("refused").inc()
+                log.error("index reload refused, still serving %s: %s", current.catalog.version, err)
+                return ReloadResult("refused", current.catalog.version, str(err))
+            self._install(Serving(catalog, towers))
+            metrics.INDEX_RELOADS.labels("swapped").inc()
+            log.info("index swapped: %s -> %s (%d items, model version %d)", current.catalog.version,
+                     catalog.version, len(catalog.article_ids), catalog.manifest.model_version)
+            return ReloadResult("swapped", catalog.version)
+
+    @staticmethod
+    def _check_compatible(old: Catalog, new: Catalog) -> None:
+        a, b = old.manifest, new.manifest
+        for field in ("dim", "metric", "max_history", "context_length", "clip_model"):
+            if getattr(a, field) != getattr(b, field):
+                raise ArtifactError(f"{new.index_dir}: {field} {getattr(b, field)!r} differs from the served "
+                                    f"index's {getattr(a, field)!r}; restart the retriever for such a change")
+
+    def _watch_index(self) -> None:
+        pointer = Path(self.config.index_dir) / artifacts.CURRENT_FILE
+        seen = None
+        while not self._stop_watching.wait(self.config.index_poll_s):
+            try:
+                name = pointer.read_text().strip()
+            except OSError as err:
+                log.warning("index watch: cannot read %s: %s", pointer, err)
+                continue
+            if name != seen:
+                seen = name
+                self.reload_index()
+
+    async def _close_retired(self) -> None:
+        """Close replaced tower clients once requests that started on them have long finished."""
+        grace = 4 * self.config.triton_timeout_s * (self.config.triton_retries + 1)
+        while self._retired and time.monotonic() - self._retired[0][0] > grace:
+            _, towers = self._retired.pop(0)
+            await towers.close()
+
     async def healthy(self) -> bool:
         """Ready only while the towers really answer: a tiny user-tower inference, cached briefly.
 
         Triton's own readiness stays green when a python stub has died (every inference then fails),
         so only a real inference tells the truth. KServe asks this on every request and probe.
         """
-        if not self.ready or self.towers is None or self.catalog is None:
+        serving = self.serving
+        if not self.ready or serving is None:
             return False
         now = time.monotonic()
         if now - self._health_checked_at < self.config.health_cache_s:
             return self._towers_healthy
         self._health_checked_at = now
-        length, dim = self.catalog.manifest.max_history, self.catalog.manifest.dim
+        await self._close_retired()
+        length, dim = serving.catalog.manifest.max_history, serving.catalog.manifest.dim
         mask = np.zeros((1, length), dtype=np.float32)
         mask[0, 0] = 1.0
         try:
-            await self.towers.user_vectors(np.zeros((1, length, dim), dtype=np.float32), mask, np.zeros_like(mask))
+            await serving.towers.user_vectors(np.zeros((1, length, dim), dtype=np.float32), mask, np.zeros_like(mask))
             healthy = True
         except TritonUnavailable as err:
             healthy = False
@@ -157,64 +274,151 @@ class Recommender(Model):
             return ParsedRequest(parse_v1(payload, self.config), None)
 
     async def predict(self, payload: ParsedRequest, headers: dict[str, str] | None = None, *args: Any) -> Results:
-        assert self.catalog is not None and self.towers is not None
-        queries = payload.queries
-        vectors = np.zeros((len(queries), self.catalog.manifest.dim), dtype=np.float32)
-        histories, history_slots, texts, text_slots = [], [], [], []
+        return Results(payload, await self.recommend(payload.queries))
+
+    async def recommend(self, queries: list[Query], serving: Serving | None = None) -> list[Recommendation]:
+        """Vectors for the queries, then the top-k search with each query's options."""
+        serving = serving or self.serving
+        assert serving is not None
+        vectors, bought = await self.query_vectors(queries, serving)
+        with metrics.STAGE_SECONDS.labels("search").time():
+            return await asyncio.to_thread(self._search, serving.catalog, queries, vectors, bought)
+
+    async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One vector per query, plus the catalogue rows each query's customer has bought (or the
+        article itself for similar_to). Known vectors come from caches; the rest from the towers."""
+        catalog = serving.catalog
+        version = catalog.manifest.model_version
+        vectors = np.zeros((len(queries), catalog.manifest.dim), dtype=np.float32)
+        bought: list[np.ndarray] = []
+        histories, history_slots, history_keys, texts, text_slots = [], [], [], [], []
         for slot, query in enumerate(queries):
             metrics.REQUESTS.labels(query.kind).inc()
             try:
-                if query.kind == "customer_id":
-                    histories.append(self.catalog.customer_history(query.value))
-                elif query.kind == "history":
-                    rows = self.catalog.rows_for(query.value)[::-1]  # requests list oldest first
-                    histories.append((rows, np.zeros(len(rows), dtype=np.float32)))
-                else:
-                    texts.append(query.value)
-                    text_slots.append(slot)
+                if query.kind == "similar_to":
+                    row = int(catalog.rows_for([query.value])[0])
+                    vectors[slot] = catalog.vectors[row]
+                    bought.append(np.asarray([row]))
                     continue
+                if query.kind == "query":
+                    bought.append(np.empty(0, dtype=np.int64))
+                    cached = self.query_cache.get((version, query.value))
+                    if cached is not None:
+                        vectors[slot] = cached
+                    else:
+                        texts.append(query.value)
+                        text_slots.append(slot)
+                    continue
+                rows, ages = self._history(catalog, query)
             except UnknownIds as err:
                 raise InvalidInput(f"instances[{slot}]: {err.message}") from err
+            bought.append(rows)
+            key = (version, rows[: catalog.manifest.max_history].tobytes(), np.round(ages[: catalog.manifest.max_history], 1).tobytes())
+            cached = self.user_cache.get(key)
+            if cached is not None:
+                vectors[slot] = cached
+                continue
+            histories.append((rows, ages))
             history_slots.append(slot)
+            history_keys.append(key)
 
+        if histories or texts:
+            try:
+                with metrics.STAGE_SECONDS.labels("triton").time():
+                    calls = []
+                    if histories:
+                        calls.append(serving.towers.user_vectors(*catalog.history_tensors(histories)))
+                    if texts:
+                        calls.append(self._text_vectors(serving, texts))
+                    outputs = await asyncio.gather(*calls)
+            except TritonUnavailable as err:
+                raise ModelNotReady(self.name, f"Triton is unavailable: {err}") from err
+            if histories:
+                found = outputs.pop(0)
+                vectors[history_slots] = found
+                for key, vector in zip(history_keys, found):
+                    self.user_cache.put(key, vector)
+            if texts:
+                found = outputs.pop(0)
+                vectors[text_slots] = found
+                for text, vector in zip(texts, found):
+                    self.query_cache.put((version, text), vector)
+        return vectors, bought
+
+    def _history(self, catalog: Catalog, query: Query) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, ages in days) most recent first, for a history or customer_id query."""
+        if query.kind == "history":
+            rows = catalog.rows_for(query.value)[::-1]  # requests list oldest first
+            return rows, np.zeros(len(rows), dtype=np.float32)
+        return self.customer_history(catalog, query.value)
+
+    def customer_history(self, catalog: Catalog, customer_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Purchases posted to this service (most recent first), then the customer's history in the index."""
+        live_ids, live_ages = self.purchases.recent(customer_id)
         try:
-            with metrics.STAGE_SECONDS.labels("triton").time():
-                calls = []
-                if histories:
-                    calls.append(self.towers.user_vectors(*self.catalog.history_tensors(histories)))
-                if texts:
-                    calls.append(self._query_vectors(texts))
-                outputs = await asyncio.gather(*calls)
-        except TritonUnavailable as err:
-            raise ModelNotReady(self.name, f"Triton is unavailable: {err}") from err
-        if histories:
-            vectors[history_slots] = outputs.pop(0)
-        if texts:
-            vectors[text_slots] = outputs.pop(0)
+            rows, ages = catalog.customer_history(customer_id)
+        except UnknownIds:
+            if not live_ids:
+                raise
+            rows, ages = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if live_ids:
+            rows = np.concatenate([catalog.rows_for(live_ids), rows])
+            ages = np.concatenate([np.asarray(live_ages, dtype=np.float32), ages])
+        return rows, ages
 
-        k = max(query.k for query in queries)
-        with metrics.STAGE_SECONDS.labels("search").time():
-            similarities, rows = await asyncio.to_thread(self.catalog.search, vectors, k)
-        return Results(payload, [self._recommendation(similarities[i, : q.k], rows[i, : q.k]) for i, q in enumerate(queries)])
-
-    async def _query_vectors(self, texts: list[str]) -> np.ndarray:
-        assert self.tokenizer is not None and self.towers is not None
+    async def _text_vectors(self, serving: Serving, texts: list[str]) -> np.ndarray:
+        assert self.tokenizer is not None
         started = time.perf_counter()
         input_ids = await asyncio.to_thread(lambda: self.tokenizer(texts).numpy().astype(np.int64))
         metrics.STAGE_SECONDS.labels("tokenize").observe(time.perf_counter() - started)
-        return await self.towers.query_vectors(input_ids)
+        return await serving.towers.query_vectors(input_ids)
 
-    def _recommendation(self, similarities: np.ndarray, rows: np.ndarray) -> Recommendation:
-        assert self.catalog is not None
+    def _search(self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[np.ndarray]
+                ) -> list[Recommendation]:
+        results: list[Recommendation | None] = [None] * len(queries)
+        plain = [i for i, q in enumerate(queries) if q.options.plain and q.kind != "similar_to"]
+        if plain:
+            k = max(queries[i].k for i in plain)
+            similarities, rows = catalog.search(vectors[plain], k)
+            for j, i in enumerate(plain):
+                results[i] = self._recommendation(catalog, similarities[j, : queries[i].k], rows[j, : queries[i].k])
+        for i, query in enumerate(queries):
+            if results[i] is not None:
+                continue
+            options = query.options
+            try:
+                allowed = catalog.filter_columns.mask(options.filters)
+            except FilterError as err:
+                raise InvalidInput(f"instances[{i}]: {err}") from err
+            if options.exclude_purchased or query.kind == "similar_to":
+                allowed[bought[i]] = False
+            # A diversity cap drops results: fetch more so k usually remain.
+            fetch = query.k if options.max_per_product_type is None else min(self.config.max_k, 5 * query.k)
+            similarities, rows = catalog.search_masked(vectors[i], fetch, allowed)
+            if options.max_per_product_type is not None:
+                rows, similarities = cap_per_type(rows, similarities, catalog.filter_columns.product_type,
+                                                  options.max_per_product_type, query.k)
+            results[i] = self._recommendation(catalog, similarities, rows)
+        return [r for r in results if r is not None]
+
+    def _recommendation(self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray) -> Recommendation:
         keep = rows >= 0
         rows, similarities = rows[keep], similarities[keep]
-        scores = self.catalog.score_head(similarities)
+        scores = catalog.score_head(similarities)
         return Recommendation(
-            article_ids=[self.catalog.article_ids[r] for r in rows],
+            article_ids=[catalog.article_ids[r] for r in rows],
             similarities=[float(s) for s in similarities],
             scores=[float(s) for s in scores],
-            metadata=[{k: v for k, v in self.catalog.metadata(r).items() if k != "article_id"} for r in rows],
+            metadata=[self.article_metadata(catalog, r) for r in rows],
         )
+
+    def article_metadata(self, catalog: Catalog, row: int) -> dict[str, str]:
+        """Metadata shown with a result (article_id is returned beside it), plus the image URL when configured."""
+        metadata = {k: v for k, v in catalog.metadata(row).items() if k != "article_id"}
+        if self.config.image_url_template:
+            article_id = catalog.article_ids[row]
+            metadata["image_url"] = self.config.image_url_template.format(article_id=article_id, prefix=article_id[:3])
+        return metadata
 
     async def postprocess(self, result: Results, headers: dict[str, str] | None = None, *args: Any) -> Any:
         request = result.request
@@ -223,6 +427,7 @@ class Recommender(Model):
         return v1_response(request.queries, result.recommendations)
 
     def stop(self) -> None:
+        self._stop_watching.set()
         if self.towers is not None:
             try:
                 asyncio.get_running_loop().create_task(self.towers.close())

@@ -5,10 +5,13 @@ on the transport. Every malformed request raises kserve's InvalidInput (HTTP 400
 message naming the instance and field.
 
 v1  POST /v1/models/<name>:predict
-    {"instances": [{"customer_id": "..."} | {"history": ["0108775015", ...]} | {"query": "black dress"},
-                   ... each may add "k": 12]}
+    {"instances": [{"customer_id": "..."} | {"history": ["0108775015", ...]} | {"query": "black dress"}
+                   | {"similar_to": "0108775015"}, ... each may add the options below]}
     -> {"predictions": [{"kind": ..., "items": [{"article_id", "score", "similarity", "prod_name", ...}]}]}
     `history` lists article_ids oldest first (the last one is the most recent purchase).
+    Options: "k": 12, "filters": {"product_group": [...], "product_type": [...], "index": [...],
+    "colour": [...], "section": [...], "garment_group": [...], "price_min": 0.01, "price_max": 0.05},
+    "exclude_purchased": true (customer_id/history: drop what they bought), "max_per_product_type": 3.
 
 v2  POST /v2/models/<name>/infer with ONE of the BYTES inputs `customer_id` [N], `query` [N],
     `history` [N] (each element: article_ids separated by commas or spaces, oldest first),
@@ -27,17 +30,31 @@ import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 
+from retriever.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
-KINDS = ("customer_id", "history", "query")
+KINDS = ("customer_id", "history", "query", "similar_to")
+OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type")
 ID_SEPARATORS = re.compile(r"[,\s]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryOptions:
+    filters: Filters = Filters()
+    exclude_purchased: bool = False  # customer_id/history: never return an article they bought
+    max_per_product_type: int | None = None  # diversity cap
+
+    @property
+    def plain(self) -> bool:
+        return self.filters.empty and not self.exclude_purchased and self.max_per_product_type is None
 
 
 @dataclasses.dataclass
 class Query:
     kind: str  # one of KINDS
-    value: Any  # str for customer_id/query, list[str] for history (oldest first)
+    value: Any  # str for customer_id/query/similar_to, list[str] for history (oldest first)
     k: int
+    options: QueryOptions = QueryOptions()
 
 
 @dataclasses.dataclass
@@ -58,10 +75,24 @@ def _parse_k(raw: Any, where: str, config: RetrieverConfig) -> int:
     return int(raw)
 
 
+def parse_options(raw: dict[str, Any], where: str) -> QueryOptions:
+    try:
+        filters = Filters.parse(raw.get("filters"), f"{where}: 'filters'")
+    except FilterError as err:
+        raise InvalidInput(str(err)) from err
+    exclude = raw.get("exclude_purchased", False)
+    if not isinstance(exclude, bool):
+        raise InvalidInput(f"{where}: 'exclude_purchased' must be true or false, got {exclude!r}")
+    cap = raw.get("max_per_product_type")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise InvalidInput(f"{where}: 'max_per_product_type' must be a positive integer, got {cap!r}")
+    return QueryOptions(filters, exclude, cap)
+
+
 def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> Any:
-    if kind == "customer_id":
+    if kind in ("customer_id", "similar_to"):
         if not isinstance(value, str) or not value.strip():
-            raise InvalidInput(f"{where}: 'customer_id' must be a non-empty string")
+            raise InvalidInput(f"{where}: '{kind}' must be a non-empty string")
         return value.strip()
     if kind == "query":
         if not isinstance(value, str) or not value.strip():
@@ -78,14 +109,14 @@ def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> 
     return [a.strip() for a in value]
 
 
-def _choose_kind(names: set[str], where: str, noun: str) -> str:
-    """Exactly one of KINDS, optionally `k`, nothing else."""
+def _choose_kind(names: set[str], where: str, noun: str, options: tuple[str, ...] = OPTIONS) -> str:
+    """Exactly one of KINDS, optionally some of `options`, nothing else."""
     given = [kind for kind in KINDS if kind in names]
     if len(given) != 1:
         raise InvalidInput(f"{where}give exactly one {noun} of {list(KINDS)}, got {given or 'none'}")
-    unknown = sorted(names - set(KINDS) - {"k"})
+    unknown = sorted(names - set(KINDS) - set(options))
     if unknown:
-        raise InvalidInput(f"{where}unknown {noun}(s) {unknown}; allowed: {list(KINDS) + ['k']}")
+        raise InvalidInput(f"{where}unknown {noun}(s) {unknown}; allowed: {list(KINDS) + list(options)}")
     return given[0]
 
 
@@ -94,7 +125,8 @@ def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     if not isinstance(instance, dict):
         raise InvalidInput(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
     kind = _choose_kind(set(instance), f"{where}: ", "field")
-    return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config))
+    return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config),
+                 parse_options(instance, where))
 
 
 def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:
@@ -117,7 +149,7 @@ def _decode(value: Any) -> str:
 
 def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
     inputs = {tensor.name: tensor for tensor in request.inputs}
-    kind = _choose_kind(set(inputs), "", "input")
+    kind = _choose_kind(set(inputs), "", "input", options=("k",))
     tensor = inputs[kind]
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")

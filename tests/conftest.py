@@ -16,7 +16,14 @@ class TinyPipeline:
     data_dir: Path
     run_dir: Path
     repository: Path
-    index_dir: Path
+    index_dir: Path  # the index root
+
+    @property
+    def version_dir(self) -> Path:
+        """The published index version (what CURRENT names)."""
+        from twotower.artifacts import resolve_index_dir
+
+        return resolve_index_dir(self.index_dir)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ def test_numpy_score_head_matches_torch() -> None:
 
 def test_corrupt_or_missing_files_are_detected(tiny_pipeline, tmp_path: Path) -> None:
     copy = tmp_path / "index"
-    shutil.copytree(tiny_pipeline.index_dir, copy)
+    shutil.copytree(tiny_pipeline.version_dir, copy)
     manifest = artifacts.read_manifest(copy)
     artifacts.verify_files(copy, manifest)
     with open(copy / artifacts.VECTORS_FILE, "r+b") as handle:

@@ -75,7 +75,8 @@ def test_index_types_search_inner_product() -> None:
 def test_failed_index_write_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "index"
     with pytest.raises(TypeError):
-        write_index_dir(out, np.ones((3, 4), np.float32), "flat", {"article_id": ["a", "b", "c"]}, {},
+        vectors = np.ones((3, 4), np.float32)
+        write_index_dir(out, build_faiss_index(vectors, "flat"), vectors, {"article_id": ["a", "b", "c"]}, {},
                         artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), {"unexpected": 1})
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

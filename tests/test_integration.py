@@ -55,7 +55,7 @@ def user_inputs(manifest: artifacts.Manifest, batch: int, seed: int = 0) -> dict
 
 
 def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> None:
-    manifest = artifacts.read_manifest(tiny_pipeline.index_dir)
+    manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
     client = triton_http.InferenceServerClient(f"127.0.0.1:{triton.settings.http_port}")
     tensors = user_inputs(manifest, batch=5)
     served = infer(client, "user_tower", tensors)
@@ -75,9 +75,9 @@ def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> N
     from export.pipeline import load_run, with_id_vectors
 
     model, run_config = load_run(tiny_pipeline.run_dir)
-    article_ids = json.loads((tiny_pipeline.index_dir / artifacts.ITEMS_FILE).read_text())["article_id"][:3]
+    article_ids = json.loads((tiny_pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"][:3]
     expected_index = with_id_vectors(model, served, article_ids, run_config["item_ids"])
-    assert np.abs(np.load(tiny_pipeline.index_dir / artifacts.VECTORS_FILE)[:3] - expected_index).max() <= 1e-5
+    assert np.abs(np.load(tiny_pipeline.version_dir / artifacts.VECTORS_FILE)[:3] - expected_index).max() <= 1e-5
 
 
 def statistics(client: triton_http.InferenceServerClient, model: str) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def test_dynamic_batching_forms_batches_under_concurrency(tiny_pipeline, triton)
 
     import tritonclient.http.aio as triton_aio
 
-    manifest = artifacts.read_manifest(tiny_pipeline.index_dir)
+    manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
     url = f"127.0.0.1:{triton.settings.http_port}"
 
     async def burst() -> list[np.ndarray]:
@@ -141,8 +141,8 @@ def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int) -> list[li
     """The same computation in-process: TorchScript user tower + exact search over the item vectors."""
     with torch.inference_mode():
         users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
-    vectors = np.load(pipeline.index_dir / artifacts.VECTORS_FILE)
-    ids = json.loads((pipeline.index_dir / artifacts.ITEMS_FILE).read_text())["article_id"]
+    vectors = np.load(pipeline.version_dir / artifacts.VECTORS_FILE)
+    ids = json.loads((pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"]
     return [[ids[i] for i in np.argsort(-(vectors @ user))[:k]] for user in users]
 
 
@@ -217,7 +217,7 @@ def run_retriever(index_dir: Path, triton_port: int) -> subprocess.CompletedProc
 
 def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline, triton, tmp_path: Path) -> None:
     mismatched = tmp_path / "index"
-    shutil.copytree(tiny_pipeline.index_dir, mismatched)
+    shutil.copytree(tiny_pipeline.version_dir, mismatched)
     manifest = json.loads((mismatched / artifacts.MANIFEST_FILE).read_text())
     manifest["model_version"] = 99
     (mismatched / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -225,7 +225,7 @@ def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline
     assert result.returncode == 2
     assert "refusing to start" in result.stderr and "version 99" in result.stderr
 
-    (mismatched / artifacts.MANIFEST_FILE).write_text((tiny_pipeline.index_dir / artifacts.MANIFEST_FILE).read_text())
+    (mismatched / artifacts.MANIFEST_FILE).write_text((tiny_pipeline.version_dir / artifacts.MANIFEST_FILE).read_text())
     (mismatched / artifacts.ITEMS_FILE).write_text("{}")
     result = run_retriever(mismatched, triton.settings.http_port)
     assert result.returncode == 2 and "checksum" in result.stderr

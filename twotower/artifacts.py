@@ -1,11 +1,17 @@
 """The index directory: the contract between `export` (writer) and `retriever` (reader).
 
-Layout (written to a temporary sibling and renamed, so readers never see half of it):
+An index root holds immutable versions and a pointer to the served one:
+    <root>/CURRENT          the served version's directory name, replaced atomically
+    <root>/v0001/, v0002/   one index version each (a catalogue update writes the next one)
+A path given to a reader may be the root or a version directory itself.
+
+One version's layout (written to a temporary sibling and renamed, so readers never see half of it):
     index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
     items.json      column-oriented item metadata, row i = FAISS id i
     histories.npz   known customers' last L purchases (see twotower.data.histories)
     score_head.json weights of the 2-layer score head (cosine -> score), evaluated with numpy
+    excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
 
 Only numpy here: the retriever imports this without torch.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,10 @@ VECTORS_FILE = "vectors.npy"
 ITEMS_FILE = "items.json"
 HISTORIES_FILE = "histories.npz"
 SCORE_HEAD_FILE = "score_head.json"
+EXCLUDED_FILE = "excluded.json"
 ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)
+CURRENT_FILE = "CURRENT"
+VERSION_PREFIX = "v"
 METRIC_INNER_PRODUCT = "inner_product"
 
 ITEM_MODEL = "item_tower"
@@ -57,6 +67,8 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     tower_checksums: dict[str, str]  # Triton model name -> sha256 of its model.pt
     trained_until: str = ""  # YYYY-MM-DD: the towers saw no purchase on or after this day ("" = all data)
+    index_version: str = ""  # this version's directory name under the index root
+    parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
     format_version: int = FORMAT_VERSION
@@ -91,9 +103,9 @@ def read_manifest(index_dir: Path | str) -> Manifest:
 
 
 def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
-    """Every file the manifest names exists and has the recorded checksum."""
+    """Every required file and every file the manifest names exists and has the recorded checksum."""
     directory = Path(index_dir)
-    for name in ARTIFACT_FILES:
+    for name in dict.fromkeys((*ARTIFACT_FILES, *manifest.files)):
         expected = manifest.files.get(name)
         path = directory / name
         if expected is None:
@@ -129,3 +141,66 @@ class ScoreHeadWeights:
             np.asarray(raw["w2"], dtype=np.float32),
             float(raw["b2"]),
         )
+
+
+# -- index root: versions + CURRENT pointer -------------------------------------------------------
+def version_name(number: int) -> str:
+    return f"{VERSION_PREFIX}{number:04d}"
+
+
+def list_versions(root: Path | str) -> list[str]:
+    """Complete version directories (they have a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(VERSION_PREFIX)
+             and p.name[len(VERSION_PREFIX):].isdigit() and (p / MANIFEST_FILE).is_file()]
+    return sorted(names, key=lambda name: int(name[len(VERSION_PREFIX):]))
+
+
+def next_version_name(root: Path | str) -> str:
+    root = Path(root)
+    taken = [int(p.name[len(VERSION_PREFIX):]) for p in root.iterdir()
+             if p.name.startswith(VERSION_PREFIX) and p.name[len(VERSION_PREFIX):].isdigit()] if root.is_dir() else []
+    return version_name(max(taken, default=0) + 1)
+
+
+def current_version(root: Path | str) -> str:
+    pointer = Path(root) / CURRENT_FILE
+    if not pointer.is_file():
+        raise ArtifactError(f"{pointer}: missing (not an index root written by `python -m export`)")
+    name = pointer.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        raise ArtifactError(f"{pointer}: does not name a version directory ({name!r})")
+    return name
+
+
+def publish_version(root: Path | str, name: str) -> None:
+    """Point CURRENT at a complete version (atomic replace: readers see the old or the new name)."""
+    root = Path(root)
+    if not (root / name / MANIFEST_FILE).is_file():
+        raise ArtifactError(f"{root / name}: not a complete index version, refusing to publish it")
+    tmp = root / (CURRENT_FILE + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / CURRENT_FILE)
+
+
+def resolve_index_dir(path: Path | str) -> Path:
+    """The version directory to read: `path` itself when it has a manifest, else its CURRENT version."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    if (path / CURRENT_FILE).is_file():
+        return path / current_version(path)
+    raise ArtifactError(f"{path}: neither an index version (no {MANIFEST_FILE}) nor an index root (no {CURRENT_FILE})")
+
+
+def read_excluded(index_dir: Path | str) -> list[int]:
+    path = Path(index_dir) / EXCLUDED_FILE
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        return [int(r) for r in rows]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: unreadable excluded-rows file ({err})") from err

@@ -131,3 +131,10 @@ class RetrieverConfig:
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
     hnsw_ef_search: int = 256  # recall@10 vs exact 0.97 on H&M (128: 0.94), no measurable latency cost
     ivf_nprobe: int = 16
+    exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
+    index_poll_s: float = 2.0  # how often to check an index root's CURRENT for a new version (0 = never)
+    vector_cache_size: int = 10_000  # user vectors (by history) and text-query vectors kept per cache (0 = off)
+    max_live_customers: int = 100_000  # customers whose posted purchases are kept in memory
+    max_live_items: int = 100  # posted purchases kept per customer
+    image_url_template: str = ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are parsed

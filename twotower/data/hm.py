@@ -44,6 +44,7 @@ METADATA_COLUMNS = (
     "colour_group_name",
     "index_name",
     "section_name",
+    "garment_group_name",
     "detail_desc",
 )
 TRANSACTION_REQUIRED_COLUMNS = ("t_dat", "customer_id", "article_id", "price")

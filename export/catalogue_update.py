@@ -1,0 +1,179 @@
+"""Catalogue updates without retraining: the next index version from the served one plus a delta.
+
+Input: an index root (its CURRENT version is the parent), an H&M-format articles file holding only
+new or changed articles, and/or article_ids to remove. Output: the next version directory beside the
+parent, published through CURRENT (a watching retriever swaps to it without restart).
+
+- New articles: captions -> item tower (Triton at the parent's model version, batched) -> vectors
+  appended to the parent's FAISS index (no rebuild) with their metadata.
+- Changed articles: appended as new rows the same way; the old row is excluded from results and
+  customers' histories point at the new row. They are indexed by their text vector alone: a learned
+  id component returns with the next full export.
+- Removed / out-of-stock articles: excluded from results (excluded.json); nothing is rebuilt, and
+  histories naming them still work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import faiss
+import numpy as np
+
+from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
+from twotower import artifacts
+from twotower.data.hm import build_captions, load_articles
+
+log = logging.getLogger("export.update")
+
+
+class ItemEmbedder(Protocol):
+    def __call__(self, captions: list[str]) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class UpdateSummary:
+    parent_version: str
+    index_version: str
+    added: int
+    changed: int
+    removed: int
+    items: int
+    seconds: float
+
+
+def read_removals(path: Path) -> list[str]:
+    """One article_id per line (blank lines and # comments ignored), zero-padded like the catalogue."""
+    ids = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        if not text.isdigit() or len(text) > 10:
+            raise ValueError(f"{path}, line {number}: {text!r} is not an article_id (at most 10 digits)")
+        ids.append(text.zfill(10))
+    return ids
+
+
+def triton_embedder(url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0) -> ItemEmbedder:
+    """Captions -> vectors through the item tower Triton serves at the index's model version."""
+    import tritonclient.http as triton_http
+
+    from twotower.model.clip_text import get_tokenizer
+
+    tokenizer = get_tokenizer(manifest.clip_model)
+    client = triton_http.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout_s)
+    version = str(manifest.model_version)
+    if not client.is_model_ready(manifest.item_model, version):
+        raise artifacts.ArtifactError(f"Triton at {url}: {manifest.item_model} version {version} is not ready")
+
+    def embed(captions: list[str]) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(captions), batch_size):
+            ids = tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64)
+            tensor = triton_http.InferInput("input_ids", list(ids.shape), "INT64")
+            tensor.set_data_from_numpy(ids, binary_data=True)
+            output = triton_http.InferRequestedOutput("embedding__0", binary_data=True)
+            result = client.infer(manifest.item_model, [tensor], model_version=version, outputs=[output])
+            chunks.append(result.as_numpy("embedding__0"))
+        return np.concatenate(chunks).astype(np.float32)
+
+    return embed
+
+
+def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> ItemEmbedder:
+    """The same TorchScript item tower Triton serves, run in this process (no Triton needed)."""
+    import torch
+
+    from export.catalogue_index import embed_catalogue
+    from twotower.model.clip_text import get_tokenizer
+
+    path = Path(model_repository) / manifest.item_model / str(manifest.model_version) / "model.pt"
+    if not path.is_file():
+        raise artifacts.ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
+    tower = torch.jit.load(str(path)).eval()
+    tokenizer = get_tokenizer(manifest.clip_model)
+    return lambda captions: embed_catalogue(tower, captions, tokenizer)
+
+
+def update_catalogue(
+    index_root: Path,
+    embedder_for: Callable[[artifacts.Manifest], ItemEmbedder],
+    articles_path: Path | None = None,
+    remove_ids: list[str] | None = None,
+) -> UpdateSummary:
+    """Write and publish the next index version; the parent is never modified."""
+    started = time.perf_counter()
+    index_root = Path(index_root)
+    parent_name = artifacts.current_version(index_root)
+    parent = index_root / parent_name
+    manifest = artifacts.read_manifest(parent)
+    artifacts.verify_files(parent, manifest)
+    delta = load_articles(articles_path) if articles_path is not None else None
+    remove_ids = list(dict.fromkeys(remove_ids or []))
+    if (delta is None or delta.empty) and not remove_ids:
+        raise ValueError("nothing to do: give an articles delta file and/or article_ids to remove")
+
+    items: dict[str, list[str]] = json.loads((parent / artifacts.ITEMS_FILE).read_text())
+    row_of = {article_id: row for row, article_id in enumerate(items["article_id"])}
+    unknown = [a for a in remove_ids if a not in row_of]
+    if unknown:
+        raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
+    excluded = set(artifacts.read_excluded(parent))
+
+    vectors = np.load(parent / artifacts.VECTORS_FILE)
+    index = faiss.read_index(str(parent / artifacts.INDEX_FILE))
+    with np.load(parent / artifacts.HISTORIES_FILE) as stored:
+        histories = {name: stored[name] for name in stored.files}
+    n_parent = len(vectors)
+    added = changed = 0
+    if delta is not None and not delta.empty:
+        new_vectors = embedder_for(manifest)(build_captions(delta))
+        _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
+        metadata = item_metadata(delta)
+        for column in items:  # the delta may lack optional columns: keep the table rectangular
+            items[column].extend(metadata.get(column, [""] * len(delta)))
+        remap = np.arange(n_parent + len(delta), dtype=np.int64)
+        for offset, article_id in enumerate(delta["article_id"]):
+            old = row_of.get(article_id)
+            if old is not None:
+                changed += 1
+                excluded.add(old)
+                remap[old] = n_parent + offset
+            else:
+                added += 1
+        index.add(new_vectors)
+        vectors = np.ascontiguousarray(np.concatenate([vectors, new_vectors]), dtype=np.float32)
+        rows = histories["rows"]
+        histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
+    # Removal applies to an article's current row, so it wins when an id is both added and removed.
+    current_row = {article_id: row for row, article_id in enumerate(items["article_id"])}
+    excluded.update(current_row[a] for a in remove_ids)
+
+    out = new_version_dir(index_root)
+    fields = {k: v for k, v in dataclasses.asdict(manifest).items()
+              if k not in ("dim", "metric", "item_count", "index_version", "files")}
+    fields["parent_version"] = parent_name
+    score_head = artifacts.ScoreHeadWeights.from_json(json.loads((parent / artifacts.SCORE_HEAD_FILE).read_text()))
+    new_manifest = write_index_dir(out, index, vectors, items, histories, score_head, fields, sorted(excluded))
+    artifacts.publish_version(index_root, out.name)
+    summary = UpdateSummary(parent_name, out.name, added, changed, len(remove_ids), new_manifest.item_count,
+                            time.perf_counter() - started)
+    log.info("published index %s (parent %s): %d added, %d changed, %d removed, %d rows in %.1fs",
+             out.name, parent_name, added, changed, len(remove_ids), new_manifest.item_count, summary.seconds)
+    return summary
+
+
+def _check_vectors(vectors: np.ndarray, n: int, dim: int, source: Path | None) -> None:
+    if vectors.shape != (n, dim):
+        raise artifacts.ArtifactError(f"item tower returned shape {vectors.shape} for {n} articles, expected ({n}, {dim})")
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise artifacts.ArtifactError(f"{source}: the item tower returned non-finite vectors for data line(s) "
+                                      f"{[int(i) + 2 for i in bad[:5]]}")
+

@@ -1,0 +1,54 @@
+"""Add, change or remove catalogue articles without retraining: publish the next index version.
+
+    python -m export.update --index-dir artifacts/index --articles new_articles.csv --triton 127.0.0.1:8000
+    python -m export.update --index-dir artifacts/index --remove sold_out.txt --model-repository model_repository
+
+The articles file has the H&M articles.csv schema and holds only the delta (new or changed rows,
+optionally a `price` column). Captions are embedded by the item tower Triton serves (--triton) or,
+offline, by the same TorchScript file from the model repository (--model-repository). The new
+version is written beside the served one and published through CURRENT; a retriever watching the
+index root swaps to it without restart (or call POST /admin/index/reload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from export.catalogue_update import local_embedder, read_removals, triton_embedder, update_catalogue
+from twotower.artifacts import ArtifactError
+from twotower.data.hm import DataFormatError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index-dir", type=Path, default=Path("artifacts/index"), help="the index root (holds CURRENT)")
+    parser.add_argument("--articles", type=Path, help="H&M-format articles file with only new/changed articles")
+    parser.add_argument("--remove", type=Path, help="file with one article_id per line to exclude from results")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--triton", help="Triton HTTP host:port serving the item tower (batched requests)")
+    source.add_argument("--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower")
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per Triton request")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        removals = read_removals(args.remove) if args.remove else []
+        summary = update_catalogue(
+            args.index_dir,
+            (lambda m: triton_embedder(args.triton, m, args.batch_size)) if args.triton
+            else (lambda m: local_embedder(args.model_repository, m)),
+            args.articles,
+            removals,
+        )
+    except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "
+          f"{summary.changed} changed, {summary.removed} removed, {summary.items} rows, {summary.seconds:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Request filters: which catalogue rows may be returned, and a per-product-type diversity cap.
+
+Filters become a boolean row mask over the catalogue; `Catalog.search` then decides how to search
+it (exact over the few rows that pass, or the ANN index restricted to them). Numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+# request field -> metadata column; each takes a list of accepted values (any of them matches)
+CATEGORY_FILTERS = {
+    "product_group": "product_group_name",
+    "product_type": "product_type_name",
+    "index": "index_name",
+    "colour": "colour_group_name",
+    "section": "section_name",
+    "garment_group": "garment_group_name",
+}
+FILTER_FIELDS = (*CATEGORY_FILTERS, "price_min", "price_max")
+
+
+class FilterError(ValueError):
+    """A filter field has the wrong type or value; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    categories: tuple[tuple[str, frozenset[str]], ...] = ()  # (metadata column, accepted values)
+    price_min: float | None = None
+    price_max: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.categories and self.price_min is None and self.price_max is None
+
+    @classmethod
+    def parse(cls, raw: Any, where: str = "filters") -> "Filters":
+        """From a request's `filters` object, e.g. {"product_group": ["Garment Upper body"], "price_max": 0.05}."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise FilterError(f"{where}: expected an object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(FILTER_FIELDS))
+        if unknown:
+            raise FilterError(f"{where}: unknown field(s) {unknown}; expected some of {list(FILTER_FIELDS)}")
+        categories = []
+        for field, column in CATEGORY_FILTERS.items():
+            if field not in raw:
+                continue
+            values = raw[field]
+            if isinstance(values, str):
+                values = [values]
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+                raise FilterError(f"{where}.{field}: expected a non-empty list of strings")
+            categories.append((column, frozenset(values)))
+        prices = {}
+        for field in ("price_min", "price_max"):
+            value = raw.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise FilterError(f"{where}.{field}: expected a finite number, got {value!r}")
+            prices[field] = float(value)
+        if "price_min" in prices and "price_max" in prices and prices["price_min"] > prices["price_max"]:
+            raise FilterError(f"{where}: price_min {prices['price_min']} > price_max {prices['price_max']}")
+        return cls(tuple(categories), prices.get("price_min"), prices.get("price_max"))
+
+
+class FilterColumns:
+    """The metadata columns filters look at, as arrays (built once per index version)."""
+
+    def __init__(self, items: Mapping[str, list[str]]):
+        n = len(items["article_id"])
+        self.n = n
+        self._columns = {c: np.asarray(items[c], dtype=object) for c in CATEGORY_FILTERS.values() if c in items}
+        prices = items.get("price", [""] * n)
+        self.price = np.asarray([float(p) if p else np.nan for p in prices], dtype=np.float64)
+        self.product_type = self._columns.get("product_type_name", np.full(n, "", dtype=object))
+
+    def has(self, column: str) -> bool:
+        return column in self._columns
+
+    def values(self, column: str) -> list[str]:
+        return sorted(set(self._columns[column]))
+
+    def mask(self, filters: Filters) -> np.ndarray:
+        keep = np.ones(self.n, dtype=bool)
+        for column, accepted in filters.categories:
+            values = self._columns.get(column)
+            if values is None:
+                raise FilterError(f"this index has no {column} metadata to filter on")
+            keep &= np.isin(values, list(accepted))
+        # Articles without a price never match a price filter.
+        if filters.price_min is not None:
+            keep &= self.price >= filters.price_min
+        if filters.price_max is not None:
+            keep &= self.price <= filters.price_max
+        return keep
+
+
+def cap_per_type(rows: np.ndarray, similarities: np.ndarray, product_types: np.ndarray, cap: int, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The best-first list with at most `cap` articles of any one product type, up to k of them."""
+    counts: dict[str, int] = {}
+    kept = []
+    for i, row in enumerate(rows):
+        if row < 0:
+            break
+        kind = product_types[row]
+        if counts.get(kind, 0) < cap:
+            counts[kind] = counts.get(kind, 0) + 1
+            kept.append(i)
+            if len(kept) == k:
+                break
+    index = np.asarray(kept, dtype=np.int64)
+    return rows[index], similarities[index]

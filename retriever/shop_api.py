@@ -1,0 +1,195 @@
+"""HTTP endpoints a web shop needs, beside KServe's v1/v2 predict API on the same server.
+
+Transport only: each endpoint builds a `Query` (the same one the v1 API parses) and asks the
+Recommender, so both APIs share one semantics. FastAPI documents them at /docs (/openapi.json).
+
+    GET  /shop/                                        the demo page (static HTML + JS)
+    GET  /shop/api/search?q=black+dress&k=12           text search through the CLIP text tower
+    GET  /shop/api/articles/{id}                       metadata, image URL, availability
+    GET  /shop/api/articles/{id}/similar?k=12          "more like this", from the article's vector
+    GET  /shop/api/articles/{id}/vector                the indexed vector (debugging, A/B tools)
+    GET  /shop/api/customers?limit=20                  sample known customers (for the page)
+    GET  /shop/api/customers/{id}/recommendations      with filters, exclude_purchased, diversity cap
+    GET  /shop/api/customers/{id}/history              what the service knows they bought
+    POST /shop/api/customers/{id}/purchases            {"article_ids": [...]}: counts from the next request
+    GET  /shop/api/customers/{id}/vector               the user-tower vector
+    GET  /admin/index                                  the index version being served
+    POST /admin/index/reload                           swap to the index root's CURRENT version now
+Filters are query parameters: product_group, product_type, index, colour, section, garment_group
+(repeatable), price_min, price_max.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query as Param
+from fastapi.responses import HTMLResponse
+from kserve.errors import InvalidInput, ModelNotReady
+from pydantic import BaseModel, Field
+
+from retriever import metrics
+from retriever.catalog import UnknownIds
+from retriever.filters import CATEGORY_FILTERS, FilterError, Filters
+from retriever.model import Recommender, Serving
+from retriever.protocol import Query, QueryOptions, v1_response
+
+PAGE = "shop.html"
+
+
+class Purchases(BaseModel):
+    article_ids: list[str] = Field(min_length=1, max_length=1000, description="bought articles, oldest first")
+
+
+def _filters(product_group: list[str] | None, product_type: list[str] | None, index: list[str] | None,
+             colour: list[str] | None, section: list[str] | None, garment_group: list[str] | None,
+             price_min: float | None, price_max: float | None) -> Filters:
+    given = {"product_group": product_group, "product_type": product_type, "index": index, "colour": colour,
+             "section": section, "garment_group": garment_group, "price_min": price_min, "price_max": price_max}
+    try:
+        return Filters.parse({k: v for k, v in given.items() if v is not None}, "filters")
+    except FilterError as err:
+        raise InvalidInput(str(err)) from err
+
+
+FilterParam = Annotated[list[str] | None, Param()]
+K = Annotated[int | None, Param(ge=1, le=1000)]
+
+
+def build_router(model: Recommender) -> APIRouter:
+    router = APIRouter()
+
+    def serving() -> Serving:
+        if model.serving is None or not model.ready:
+            raise ModelNotReady(model.name, "the index is not loaded yet")
+        return model.serving
+
+    def article_row(current: Serving, article_id: str) -> int:
+        try:
+            return int(current.catalog.rows_for([article_id])[0])
+        except UnknownIds as err:
+            raise InvalidInput(f"article_id: {err.message}") from err
+
+    async def run(query: Query) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            results = await model.recommend([query], serving())
+        finally:
+            metrics.STAGE_SECONDS.labels("total").observe(time.perf_counter() - started)
+        return v1_response([query], results)["predictions"][0]
+
+    def options(k: int | None, filters: Filters, exclude_purchased: bool = False, max_per_product_type: int | None = None
+                ) -> tuple[int, QueryOptions]:
+        return k or model.config.top_k, QueryOptions(filters, exclude_purchased, max_per_product_type)
+
+    @router.get("/shop/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return resources.files("retriever.static").joinpath(PAGE).read_text()
+
+    @router.get("/shop/api/search", tags=["shop"])
+    async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], k: K = None,
+                     product_group: FilterParam = None, product_type: FilterParam = None, index: FilterParam = None,
+                     colour: FilterParam = None, section: FilterParam = None, garment_group: FilterParam = None,
+                     price_min: float | None = None, price_max: float | None = None,
+                     max_per_product_type: Annotated[int | None, Param(ge=1)] = None) -> dict[str, Any]:
+        if not q.strip():
+            raise InvalidInput("q: empty query text")
+        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
+                                        price_min, price_max), max_per_product_type=max_per_product_type)
+        return await run(Query("query", q.strip(), top, opts))
+
+    @router.get("/shop/api/articles/{article_id}", tags=["shop"])
+    async def article(article_id: str) -> dict[str, Any]:
+        current = serving()
+        row = article_row(current, article_id)
+        return {"article_id": article_id, "available": not bool(current.catalog.excluded[row]),
+                "index_version": current.catalog.version, **model.article_metadata(current.catalog, row)}
+
+    @router.get("/shop/api/articles/{article_id}/similar", tags=["shop"])
+    async def similar(article_id: str, k: K = None, product_group: FilterParam = None, product_type: FilterParam = None,
+                      index: FilterParam = None, colour: FilterParam = None, section: FilterParam = None,
+                      garment_group: FilterParam = None, price_min: float | None = None, price_max: float | None = None,
+                      max_per_product_type: Annotated[int | None, Param(ge=1)] = None) -> dict[str, Any]:
+        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
+                                        price_min, price_max), max_per_product_type=max_per_product_type)
+        return await run(Query("similar_to", article_id, top, opts))
+
+    @router.get("/shop/api/articles/{article_id}/vector", tags=["debug"])
+    async def article_vector(article_id: str) -> dict[str, Any]:
+        current = serving()
+        row = article_row(current, article_id)
+        return {"article_id": article_id, "model_version": current.catalog.manifest.model_version,
+                "vector": current.catalog.vectors[row].tolist()}
+
+    @router.get("/shop/api/customers", tags=["shop"])
+    async def customers(limit: Annotated[int, Param(ge=1, le=1000)] = 20) -> dict[str, Any]:
+        current = serving()
+        return {"customer_ids": list(current.catalog.customer_row)[:limit], "count": len(current.catalog.customer_row)}
+
+    @router.get("/shop/api/customers/{customer_id}/recommendations", tags=["shop"])
+    async def recommendations(customer_id: str, k: K = None, exclude_purchased: bool = False,
+                              max_per_product_type: Annotated[int | None, Param(ge=1)] = None,
+                              product_group: FilterParam = None, product_type: FilterParam = None,
+                              index: FilterParam = None, colour: FilterParam = None, section: FilterParam = None,
+                              garment_group: FilterParam = None, price_min: float | None = None,
+                              price_max: float | None = None) -> dict[str, Any]:
+        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
+                                        price_min, price_max), exclude_purchased, max_per_product_type)
+        return await run(Query("customer_id", customer_id, top, opts))
+
+    @router.get("/shop/api/customers/{customer_id}/history", tags=["shop"])
+    async def history(customer_id: str) -> dict[str, Any]:
+        current = serving()
+        try:
+            rows, ages = model.customer_history(current.catalog, customer_id)
+        except UnknownIds as err:
+            raise InvalidInput(f"customer_id: {err.message}") from err
+        items = [{"article_id": current.catalog.article_ids[r], "age_days": round(float(a), 2),
+                  **model.article_metadata(current.catalog, int(r))} for r, a in zip(rows, ages)]
+        return {"customer_id": customer_id, "items": items}
+
+    @router.post("/shop/api/customers/{customer_id}/purchases", tags=["shop"])
+    async def purchases(customer_id: str, body: Purchases) -> dict[str, Any]:
+        current = serving()
+        try:
+            current.catalog.rows_for(body.article_ids)  # unknown articles are refused, nothing is stored
+        except UnknownIds as err:
+            raise InvalidInput(f"article_ids: {err.message}") from err
+        count = model.purchases.add(customer_id, body.article_ids)
+        metrics.LIVE_CUSTOMERS.set(len(model.purchases))
+        return {"customer_id": customer_id, "recorded": len(body.article_ids), "live_purchases": count}
+
+    @router.get("/shop/api/customers/{customer_id}/vector", tags=["debug"])
+    async def customer_vector(customer_id: str) -> dict[str, Any]:
+        current = serving()
+        vectors, _ = await model.query_vectors([Query("customer_id", customer_id, 1)], current)
+        return {"customer_id": customer_id, "model_version": current.catalog.manifest.model_version,
+                "vector": vectors[0].tolist()}
+
+    @router.get("/shop/api/filters", tags=["shop"])
+    async def filter_values() -> dict[str, Any]:
+        """The values each category filter accepts in the served index (for building a filter UI)."""
+        columns = serving().catalog.filter_columns
+        return {field: columns.values(column) for field, column in CATEGORY_FILTERS.items() if columns.has(column)}
+
+    @router.get("/admin/index", tags=["admin"])
+    async def index_info() -> dict[str, Any]:
+        catalog = serving().catalog
+        manifest = catalog.manifest
+        return {"index_version": catalog.version, "path": str(catalog.index_dir), "model_version": manifest.model_version,
+                "items": len(catalog.article_ids), "excluded": int(catalog.excluded.sum()), "dim": manifest.dim,
+                "parent_version": manifest.parent_version}
+
+    @router.post("/admin/index/reload", tags=["admin"])
+    async def reload() -> dict[str, Any]:
+        result = await asyncio.to_thread(model.reload_index)
+        return {"status": result.status, "index_version": result.index_version, "message": result.message}
+
+    return router
+
+
+def install(app: FastAPI, model: Recommender) -> None:
+    app.include_router(build_router(model))
