@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,21 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) examples/demo.py $(if $(DATA),--data-dir $(DATA))
 
-test: setup tools
+test: setup tools audit
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# Debian's prometheus (for the scrape test); installed when running as root, else that test skips.
+# pip-audit over .venv; fails on a known vulnerability, reports (without failing) when offline.
+audit: setup
+	$(PY) tools/dependency_audit.py
+
+# Debian's prometheus (scrape test) and chromium (browser test); installed when running as root,
+# else those tests skip with the reason.
 tools:
-	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-		|| echo "prometheus not installed: tests/test_prometheus.py will skip"; }
+	@missing=""; command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+		|| echo "not installed:$$missing (tests/test_prometheus.py, tests/test_browser.py will skip)"; }
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration and not hm"

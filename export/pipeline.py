@@ -44,9 +44,15 @@ def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; is {run_dir} a run directory written by `python -m twotower.train`?")
-    run_config = json.loads(config_path.read_text())
-    model_config = from_dict(ModelConfig, run_config["model"])
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        run_config = json.loads(config_path.read_text())
+        model_config = from_dict(ModelConfig, run_config["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise artifacts.ArtifactError(f"{config_path}: not a run configuration written by twotower.train ({err!r})") from err
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/corrupt files
+        raise artifacts.ArtifactError(f"{weights_path}: unreadable weights ({type(err).__name__}: {err})") from err
     ids_path = run_dir / RUN_ITEM_IDS
     run_config["item_ids"] = json.loads(ids_path.read_text()) if ids_path.is_file() else []
     model = build_model(model_config, state, n_items=len(run_config["item_ids"]) if "item_ids.weight" in state else 0).eval()

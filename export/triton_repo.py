@@ -105,7 +105,10 @@ def write_model(repository: Path, spec: TritonModelSpec, version: int, model_byt
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     config = model_dir / CONFIG_FILE
-    tmp = config.with_name(CONFIG_FILE + ".tmp")
-    tmp.write_text(render_config(spec))
-    os.replace(tmp, config)
+    text = render_config(spec)
+    # Rewritten only when it changes: a polling Triton reloads every version of a model whose config changed.
+    if not config.is_file() or config.read_text() != text:
+        tmp = config.with_name(CONFIG_FILE + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, config)
     return target / MODEL_FILE

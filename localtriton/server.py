@@ -45,6 +45,7 @@ class TritonSettings:
     torch_threads: int = 1  # per model instance; 2 cores are shared with the retriever
     log_verbose: int = 0
     exit_timeout_s: int = 10
+    repository_poll_s: int = 0  # > 0: poll the repository, loading new model versions without restart
 
     @classmethod
     def on_free_ports(cls, model_repository: Path, state_dir: Path, host: str = "127.0.0.1") -> "TritonSettings":
@@ -122,6 +123,8 @@ def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         f"--grpc-port={settings.grpc_port}",
         f"--metrics-port={settings.metrics_port}",
         f"--log-verbose={settings.log_verbose}",
+        *(["--model-control-mode=poll", f"--repository-poll-secs={settings.repository_poll_s}"]
+          if settings.repository_poll_s > 0 else []),
     ]
 
 

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.predictor_host:
         parser.error("--predictor_host (Triton's HTTP host:port) is required")
     config = from_arguments(RetrieverConfig, args)
+    logging.getLogger("retriever").setLevel(logging.INFO)  # index swaps and readiness changes are for operators
     model = Recommender(args.model_name, config, args.predictor_host)
     try:
         model.load(args.triton_wait_s)

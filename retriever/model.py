@@ -36,7 +36,8 @@ from twotower.config import RetrieverConfig
 
 log = logging.getLogger("retriever")
 
-DEFAULT_MODEL_NAME = "recommender"  # endpoint path: /v1/models/recommender:predict
+DEFAULT_MODEL_NAME = "recommender"
+REFUSED_RETRY_S = 5.0  # endpoint path: /v1/models/recommender:predict
 
 
 @dataclasses.dataclass
@@ -151,7 +152,7 @@ class Recommender(Model):
                     return
                 except TritonUnavailable as err:
                     if time.monotonic() > deadline:
-                        raise ArtifactError(f"giving up after {timeout_s:.0f}s: {err}") from err
+                        raise ArtifactError(f"giving up after {timeout_s:.0f}s: {err}" if timeout_s > 0 else str(err)) from err
                     log.info("waiting for Triton: %s", err)
                     await asyncio.sleep(1.0)
         finally:
@@ -198,17 +199,21 @@ class Recommender(Model):
                                     f"index's {getattr(a, field)!r}; restart the retriever for such a change")
 
     def _watch_index(self) -> None:
+        """Poll CURRENT; swap when it names a new version. A refused version is retried every
+        REFUSED_RETRY_S (its towers may still be loading in Triton) until CURRENT changes again."""
         pointer = Path(self.config.index_dir) / artifacts.CURRENT_FILE
-        seen = None
+        seen, retry_at = None, 0.0
         while not self._stop_watching.wait(self.config.index_poll_s):
             try:
                 name = pointer.read_text().strip()
             except OSError as err:
                 log.warning("index watch: cannot read %s: %s", pointer, err)
                 continue
-            if name != seen:
-                seen = name
-                self.reload_index()
+            if name == seen and time.monotonic() < retry_at:
+                continue
+            seen = name
+            result = self.reload_index()
+            retry_at = time.monotonic() + REFUSED_RETRY_S if result.status == "refused" else float("inf")
 
     async def _close_retired(self) -> None:
         """Close replaced tower clients once requests that started on them have long finished."""

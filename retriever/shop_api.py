@@ -26,8 +26,9 @@ import time
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query as Param
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, FastAPI, Query as Param, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from kserve.errors import InvalidInput, ModelNotReady
 from pydantic import BaseModel, Field
 
@@ -191,5 +192,14 @@ def build_router(model: Recommender) -> APIRouter:
     return router
 
 
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field. FastAPI's default echoes the input back, which fails (500) when
+    the input is not JSON-encodable, e.g. a bare `Infinity` body."""
+    problems = ["{}: {}".format(".".join(str(part) for part in error.get("loc", ())), error.get("msg", "invalid"))
+                for error in exc.errors()]
+    return JSONResponse(status_code=422, content={"error": "; ".join(problems) or "invalid request"})
+
+
 def install(app: FastAPI, model: Recommender) -> None:
     app.include_router(build_router(model))
+    app.add_exception_handler(RequestValidationError, validation_error)

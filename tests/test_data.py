@@ -143,3 +143,28 @@ def test_histories_are_most_recent_first_with_ages() -> None:
     assert histories.rows[a].tolist() == [2, 1, 0]
     assert histories.rows[customers.index("b")].tolist() == [0, PAD, PAD]
     assert histories.lengths.tolist()[a] == 3
+
+
+def test_truncated_gzip_is_named_and_nothing_is_half_written(tmp_path: Path, capsys) -> None:
+    """A truncated transactions file: a clear error naming it, and no run directory or index left behind."""
+    import gzip
+
+    from export.__main__ import main as export_main
+    from twotower.data.synthetic import generate
+    from twotower.train import main as train_main
+
+    data = generate(tmp_path / "data", seed=0, n_articles=40, n_customers=30)
+    raw = (data / "transactions_train.csv").read_bytes()
+    (data / "transactions_train.csv").unlink()
+    packed = gzip.compress(raw)
+    (data / "transactions_train.csv.gz").write_bytes(packed[: len(packed) // 2])
+    assert train_main(["--data-dir", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"]) == 1
+    message = capsys.readouterr().err
+    assert "transactions_train.csv.gz" in message and "cannot be read" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run directory, no staging leftovers
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "model.pt").write_bytes(b"")
+    assert export_main(["--run", str(tmp_path / "run"), "--data-dir", str(data), "--model-repository",
+                        str(tmp_path / "repo"), "--index-dir", str(tmp_path / "index")]) != 0
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "index").exists()

@@ -1,0 +1,178 @@
+"""Catalogue updates (new index versions without retraining), filtered search, the body size limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from export.catalogue_update import local_embedder, read_removals, update_catalogue
+from export.update import main as update_main
+from retriever.catalog import Catalog
+from retriever.filters import FilterColumns, FilterError, Filters, cap_per_type
+from retriever.limits import BodySizeLimit
+from twotower import artifacts
+from twotower.data.hm import DataFormatError, find_data_file
+
+
+def copy_root(tiny_pipeline, tmp_path: Path) -> Path:
+    root = tmp_path / "index"
+    shutil.copytree(tiny_pipeline.index_dir, root)
+    return root
+
+
+def delta_file(tiny_pipeline, path: Path, new_ids: list[str], changed: int = 0) -> pd.DataFrame:
+    """New articles cloned from existing rows with new ids and names, plus `changed` edited existing rows."""
+    source = pd.read_csv(find_data_file(tiny_pipeline.data_dir, "articles"), dtype=str, keep_default_na=False)
+    new = source.iloc[: len(new_ids)].copy()
+    new["article_id"] = new_ids
+    new["prod_name"] = [f"Brand new item {i}" for i in range(len(new_ids))]
+    new["detail_desc"] = "A completely new fluorescent raincoat with sequins"
+    edited = source.iloc[len(new_ids) : len(new_ids) + changed].copy()
+    edited["prod_name"] = "Edited name"
+    frame = pd.concat([new, edited])
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def embedder(tiny_pipeline):
+    return lambda manifest: local_embedder(tiny_pipeline.repository, manifest)
+
+
+def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    parent = artifacts.current_version(root)
+    parent_files = {p.name: p.read_bytes() for p in (root / parent).iterdir()}
+    before = Catalog(root)
+    delta = delta_file(tiny_pipeline, tmp_path / "delta.csv", ["0999000001", "0999000002"], changed=1)
+    changed_id = str(delta["article_id"].iloc[-1]).zfill(10)
+    removed_id = before.article_ids[10]
+
+    summary = update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", [removed_id])
+    assert (summary.added, summary.changed, summary.removed) == (2, 1, 1)
+    assert artifacts.current_version(root) == summary.index_version != parent
+    assert {p.name: p.read_bytes() for p in (root / parent).iterdir()} == parent_files  # immutable parent
+
+    after = Catalog(root)
+    assert after.manifest.parent_version == parent and after.manifest.model_version == before.manifest.model_version
+    assert len(after.article_ids) == len(before.article_ids) + 3
+    new_row = after.row_of["0999000001"]
+    assert after.metadata(new_row)["prod_name"] == "Brand new item 0"
+    # The new article's own vector finds it first; removed and replaced rows are never returned.
+    _, rows = after.search(after.vectors[[new_row]], 5)
+    assert rows[0, 0] == new_row
+    old_changed_row = before.row_of[changed_id]
+    assert after.excluded[old_changed_row] and after.excluded[after.row_of[removed_id]]
+    assert after.row_of[changed_id] != old_changed_row and after.metadata(after.row_of[changed_id])["prod_name"] == "Edited name"
+    _, rows = after.search(after.vectors, 20)
+    returned = set(rows[rows >= 0].tolist())
+    assert old_changed_row not in returned and after.row_of[removed_id] not in returned
+    # Histories now point at the changed article's new row.
+    assert old_changed_row not in set(after.history_rows[after.history_rows >= 0].tolist())
+
+
+def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    versions = artifacts.list_versions(root)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("article_id,prod_name\n0999000001,x\n")
+    with pytest.raises(DataFormatError, match="missing required column"):
+        update_catalogue(root, embedder(tiny_pipeline), bad)
+    with pytest.raises(ValueError, match="nothing to do"):
+        update_catalogue(root, embedder(tiny_pipeline))
+    with pytest.raises(ValueError, match="unknown article_id"):
+        update_catalogue(root, embedder(tiny_pipeline), remove_ids=["0000000001"])
+    removals = tmp_path / "remove.txt"
+    removals.write_text("# sold out\n0108775015\nnot-an-id\n")
+    with pytest.raises(ValueError, match="line 3"):
+        read_removals(removals)
+    assert update_main(["--index-dir", str(root), "--articles", str(bad), "--model-repository",
+                        str(tiny_pipeline.repository)]) == 2
+    assert artifacts.list_versions(root) == versions
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging directory left
+
+
+def test_filtered_search_equals_exact_filtered_search(tiny_pipeline) -> None:
+    catalog = Catalog(tiny_pipeline.index_dir, exact_search_limit=0)  # force the ANN+selector path where possible
+    group = catalog.items["product_group_name"][0]
+    mask = catalog.filter_columns.mask(Filters((("product_group_name", frozenset([group])),)))
+    assert 0 < mask.sum() < len(mask)
+    for query in catalog.vectors[:5]:
+        similarities, rows = catalog.search_masked(query, 10, mask)
+        rows = rows[rows >= 0]
+        assert mask[rows].all()
+        expected = np.flatnonzero(mask)[np.argsort(-(catalog.vectors[mask] @ query), kind="stable")][: len(rows)]
+        assert set(rows.tolist()) == set(expected.tolist())
+
+
+def test_filters_parse_and_cap() -> None:
+    filters = Filters.parse({"product_group": "Shoes", "colour": ["Black", "White"], "price_max": 0.05})
+    columns = FilterColumns({"article_id": ["a", "b", "c"], "product_group_name": ["Shoes", "Shoes", "Bags"],
+                             "colour_group_name": ["Black", "Red", "Black"], "price": ["0.01", "", "0.02"],
+                             "product_type_name": ["Boot", "Boot", "Bag"]})
+    assert columns.mask(filters).tolist() == [True, False, False]
+    for raw, message in (([], "expected an object"), ({"colour": []}, "colour"), ({"price_min": "1"}, "price_min"),
+                         ({"price_min": 2, "price_max": 1}, "price_min 2.0 > price_max"), ({"size": ["M"]}, "unknown")):
+        with pytest.raises(FilterError, match=message):
+            Filters.parse(raw)
+    rows, sims = cap_per_type(np.array([0, 1, 2, -1]), np.array([0.9, 0.8, 0.7, 0.0]), columns.product_type, 1, 3)
+    assert rows.tolist() == [0, 2] and sims.tolist() == [0.9, 0.7]
+
+
+@pytest.mark.asyncio
+async def test_body_size_limit() -> None:
+    async def echo(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps({"n": len(body)}).encode()})
+
+    app = BodySizeLimit(echo, max_bytes=100)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.post("/", content=b"x" * 100)).json() == {"n": 100}
+        response = await client.post("/", content=b"x" * 101)
+        assert response.status_code == 413 and "exceeds the limit of 100" in response.json()["error"]
+
+        async def chunks():
+            for _ in range(5):
+                yield b"x" * 50
+
+        response = await client.post("/", content=chunks())  # no Content-Length: counted as it streams
+        assert response.status_code == 413
+
+
+def test_hnsw_filtered_search_keeps_recall(tmp_path: Path) -> None:
+    """The ANN + id-selector path (many candidates) against exact filtered search on random vectors."""
+    from export.catalogue_index import build_faiss_index, write_index_dir
+
+    rng = np.random.default_rng(0)
+    n, dim = 3000, 16
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    groups = rng.choice(["A", "B", "C"], size=n, p=[0.6, 0.3, 0.1]).tolist()
+    histories = {"customer_ids": np.asarray(["c"]), "rows": np.full((1, 4), -1, np.int32),
+                 "age_days": np.zeros((1, 4), np.float32), "last_day": np.zeros(1, np.int32)}
+    fields = {"index_type": "hnsw", "model_version": 1, "customer_count": 1, "max_history": 4, "context_length": 8,
+              "clip_model": "x", "reference_day": 0, "data_source": "random", "tower_checksums": {}}
+    write_index_dir(tmp_path / "v0001", build_faiss_index(vectors, "hnsw"), vectors,
+                    {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
+                    histories, artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), fields)
+    catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)
+    mask = catalog.filter_columns.mask(Filters.parse({"product_group": ["A", "B"]}))
+    hits = total = 0
+    for query in rng.standard_normal((50, dim)).astype(np.float32):
+        _, rows = catalog.search_masked(query, 10, mask)
+        assert mask[rows].all()
+        exact = np.flatnonzero(mask)[np.argsort(-(vectors[mask] @ query))[:10]]
+        hits += len(set(rows.tolist()) & set(exact.tolist()))
+        total += 10
+    assert hits / total >= 0.95
