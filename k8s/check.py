@@ -2,7 +2,11 @@
 
 1. `kubectl kustomize k8s/overlays/<name>` for each overlay;
 2. every core object validated (strict) against the Kubernetes OpenAPI schemas shipped in
-   `kubernetes-validate`;
+   `kubernetes-validate`; every custom resource against its project's published schema, pinned by
+   package version: InferenceService/ServingRuntime through the KServe SDK's models (generated from
+   KServe's OpenAPI spec; pod fields through the Kubernetes client's models), PodMonitor /
+   ServiceMonitor / PrometheusRule through cloudcoil's models generated from prometheus-operator's
+   CRDs; unknown fields and wrong types are problems;
 3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
    read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
    GPU overlays request a GPU and the cpu overlay does not; the Grafana dashboard is valid JSON
@@ -96,6 +100,81 @@ def core_problems(obj: dict[str, Any], where: str) -> list[str]:
     return []
 
 
+# -- custom resources ------------------------------------------------------------------------------
+KSERVE_MODELS = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
+OPENAPI_PRIMITIVES = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float), "datetime": (str,),
+                      "date": (str,)}
+
+
+def _openapi_model(name: str) -> Any:
+    import kubernetes.client.models as kubernetes_models
+    import kserve.models as kserve_models
+
+    return getattr(kserve_models, name, None) or getattr(kubernetes_models, name)
+
+
+def openapi_problems(value: Any, type_name: str, path: str) -> list[str]:
+    """Check a manifest fragment against an OpenAPI-generated model type ('V1Container', 'list[...]', ...)."""
+    if type_name in ("object", "Any"):
+        return []
+    if type_name.startswith(("list[", "List[")):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list, got {type(value).__name__}"]
+        return [p for i, item in enumerate(value) for p in openapi_problems(item, type_name[5:-1], f"{path}[{i}]")]
+    if type_name.startswith(("dict(", "Dict[")):  # 'dict(str, X)' (kubernetes client) or 'Dict[str, X]'
+        if not isinstance(value, dict):
+            return [f"{path}: expected a map, got {type(value).__name__}"]
+        inner = type_name[5:-1].split(", ", 1)[1]
+        return [p for key, item in value.items() for p in openapi_problems(item, inner, f"{path}.{key}")]
+    if type_name in OPENAPI_PRIMITIVES:
+        accepted = OPENAPI_PRIMITIVES[type_name]
+        if type_name == "str" and path.rsplit(".", 2)[-2:-1] in (["limits"], ["requests"]):
+            accepted = (str, int, float)  # resource quantities: int-or-string in the API server
+        if isinstance(value, bool) and bool not in accepted:
+            return [f"{path}: expected {type_name}, got a boolean"]
+        return [] if isinstance(value, accepted) else [f"{path}: expected {type_name}, got {type(value).__name__} {value!r}"]
+    model = _openapi_model(type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: expected an object ({type_name}), got {type(value).__name__}"]
+    by_json_name = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    problems = []
+    for key, item in value.items():
+        if key not in by_json_name:
+            problems.append(f"{path}: unknown field {key!r} for {type_name}")
+        else:
+            problems += openapi_problems(item, model.openapi_types[by_json_name[key]], f"{path}.{key}")
+    return problems
+
+
+def _dropped_keys(given: Any, kept: Any, path: str) -> list[str]:
+    """Keys present in the manifest but absent after a round trip through the model: unknown fields."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        return [p for key, item in given.items()
+                for p in ([f"{path}: unknown field {key!r}"] if key not in kept else _dropped_keys(item, kept[key], f"{path}.{key}"))]
+    if isinstance(given, list) and isinstance(kept, list):
+        return [p for i, (a, b) in enumerate(zip(given, kept)) for p in _dropped_keys(a, b, f"{path}[{i}]")]
+    return []
+
+
+def custom_resource_problems(obj: dict[str, Any], where: str) -> list[str]:
+    kind = obj["kind"]
+    if kind in KSERVE_MODELS:
+        return [f"{where}: {p}" for p in openapi_problems(obj, KSERVE_MODELS[kind], kind)]
+    try:
+        from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
+    except ImportError:
+        return [f"{where}: cloudcoil-models-prometheus-operator is not installed (pip install -e '.[test]')"]
+    import pydantic
+
+    model = getattr(prometheus_operator, kind)
+    try:
+        parsed = model.model_validate(obj)
+    except pydantic.ValidationError as err:
+        return [f"{where}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    kept = parsed.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return [f"{where}: {p}" for p in _dropped_keys(obj, kept, kind)]
+
+
 def dashboard_problems(obj: dict[str, Any], where: str) -> list[str]:
     if obj.get("metadata", {}).get("labels", {}).get("grafana_dashboard") != "1":
         return [f"{where}: missing label grafana_dashboard=1 (the Grafana sidecar would not load it)"]
@@ -131,6 +210,8 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
         where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
         if obj["kind"] not in CUSTOM_KINDS:
             problems += core_problems(obj, where)
+        else:
+            problems += custom_resource_problems(obj, where)
         for container, pod_security in containers(obj):
             problems += container_problems(where, container, pod_security)
         if obj["kind"] == "InferenceService":

@@ -39,3 +39,23 @@ def test_the_rules_catch_what_they_claim_to() -> None:
 def test_gpu_only_where_intended() -> None:
     assert check.requests_gpu(check.render("raw")) and check.requests_gpu(check.render("kserve"))
     assert not check.requests_gpu(check.render("cpu"))
+
+
+def test_custom_resources_are_checked_against_their_published_schemas() -> None:
+    objects = {o["kind"]: o for o in check.render("kserve")}
+    for kind in ("InferenceService", "ServingRuntime", "PodMonitor", "PrometheusRule"):
+        assert check.custom_resource_problems(objects[kind], kind) == [], kind
+    isvc = copy.deepcopy(objects["InferenceService"])
+    isvc["spec"]["predictor"]["modle"] = {}
+    isvc["spec"]["transformer"]["containers"][0]["imagePullPolicy"] = 3
+    problems = "\n".join(check.custom_resource_problems(isvc, "x"))
+    assert "unknown field 'modle'" in problems and "imagePullPolicy: expected str" in problems
+    runtime = copy.deepcopy(objects["ServingRuntime"])
+    runtime["spec"]["supportedModelFormats"] = "pytorch"
+    assert "expected a list" in "\n".join(check.custom_resource_problems(runtime, "x"))
+    monitor = copy.deepcopy(objects["PodMonitor"])
+    monitor["spec"]["podMetricsEndpoints"][0]["pathh"] = "/metrics"
+    assert "unknown field 'pathh'" in "\n".join(check.custom_resource_problems(monitor, "x"))
+    rule = copy.deepcopy(objects["PrometheusRule"])
+    rule["spec"]["groups"][0]["rules"] = "not a list"
+    assert check.custom_resource_problems(rule, "x")
