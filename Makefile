@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools audit demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit soak filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,14 @@ inspect: setup
 # (full H&M catalogue when $(HM) exists; artifacts are reused from runs/bench between runs).
 bench: setup
 	$(PY) -m benchmarks.serving $(BENCH_ARGS)
+
+# 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md).
+soak: setup
+	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
+
+# Recall of filtered searches vs exact filtered search on the bench index (docs/filters.md).
+filtered-recall: setup
+	$(PY) -m benchmarks.filtered_recall
 
 # Render every k8s overlay and validate it (schemas + our rules); also part of `make test`.
 k8s-check: setup

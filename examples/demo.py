@@ -4,7 +4,8 @@
     python examples/demo.py --data-dir ../shared/data/hm_lastweek
 
 Starts both servers on free loopback ports, sends a few recommendation requests (a known
-customer, a new customer given only a history, a free-text query), prints the results with
+customer, a new customer given only a history, a free-text query, "more like this" with a filter),
+adds a new article to the live catalogue without retraining or restarting, prints the results with
 the measured latency, and stops both servers whatever happens.
 """
 
@@ -13,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from export.catalogue_update import triton_embedder, update_catalogue
 from export.pipeline import export_run
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
@@ -45,6 +49,22 @@ def show(title: str, prediction: dict, latency_ms: float) -> None:
               f"{item['product_type_name']:<14.14} score {item['score']:.3f}  cos {item['similarity']:.3f}")
 
 
+def add_article_live(data, index_dir: Path, triton_url: str, retriever: RetrieverProcess) -> None:
+    """A new article goes into the served catalogue: embedded by Triton, swapped in without restart."""
+    with tempfile.TemporaryDirectory() as tmp:
+        delta = data.articles.iloc[:1].copy()
+        delta["article_id"] = "0999000001"
+        delta["prod_name"] = "Aurora sequin raincoat"
+        delta["detail_desc"] = "Shiny fluorescent raincoat covered in sequins"
+        delta.to_csv(Path(tmp) / "new_articles.csv", index=False)
+        summary = update_catalogue(index_dir, lambda m: triton_embedder(triton_url, m), Path(tmp) / "new_articles.csv")
+    reload, _ = post(f"{retriever.url}/admin/index/reload", {})
+    print(f"\nadded 1 article as index {summary.index_version} (parent {summary.parent_version}); "
+          f"the retriever now serves {reload['index_version']}, without a restart")
+    payload, latency = post(retriever.predict_url, {"instances": [{"query": "sequin raincoat", "k": 3}]})
+    show("text query 'sequin raincoat' after the update", payload["predictions"][0], latency)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="", help="H&M-format directory; empty = generate the synthetic shop")
@@ -60,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_hm_dir(data_dir)
     run_dir = train(data, ModelConfig(), TrainConfig(epochs=args.epochs, max_steps=args.max_steps), work / "runs" / "demo", force=True)
     repository, index_dir = work / "model_repository", work / "artifacts" / "index"
+    for stale in (repository, index_dir):  # the demo's own outputs from an earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     export_run(run_dir, data_dir, repository, index_dir)
 
     settings = TritonSettings.on_free_ports(repository, work / ".localtriton")
@@ -80,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             (f"new customer with history {new_history}", {"history": new_history, "k": 5}),
             ("text query 'black jersey dress'", {"query": "black jersey dress", "k": 5}),
         ]
+        group = str(data.articles.loc[history[-1], "product_group_name"])
+        requests.append((f"more like {history[-1]}, only {group}",
+                         {"similar_to": history[-1], "k": 5, "filters": {"product_group": [group]}}))
         for title, instance in requests:
             payload, latency = post(retriever.predict_url, {"instances": [instance]})
             show(title, payload["predictions"][0], latency)
+        add_article_live(data, index_dir, settings.http_url, retriever)
         latencies = [post(retriever.predict_url, {"instances": [instance]})[1] for _ in range(20) for _, instance in requests]
         print(f"\nlatency over {len(latencies)} sequential requests: p50 {statistics.median(latencies):.1f} ms, "
               f"max {max(latencies):.1f} ms (HTTP client -> KServe -> Triton -> FAISS -> response)")

@@ -359,7 +359,8 @@ class Recommender(Model):
 
     def customer_history(self, catalog: Catalog, customer_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Purchases posted to this service (most recent first), then the customer's history in the index."""
-        live_ids, live_ages = self.purchases.recent(customer_id)
+        live = [(a, age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
+        live_ids, live_ages = [a for a, _ in live], [age for _, age in live]  # an index swapped back may lack some
         try:
             rows, ages = catalog.customer_history(customer_id)
         except UnknownIds:

@@ -26,7 +26,7 @@ import time
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query as Param, Request
+from fastapi import APIRouter, Depends, FastAPI, Query as Param, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from kserve.errors import InvalidInput, ModelNotReady
@@ -45,9 +45,15 @@ class Purchases(BaseModel):
     article_ids: list[str] = Field(min_length=1, max_length=1000, description="bought articles, oldest first")
 
 
-def _filters(product_group: list[str] | None, product_type: list[str] | None, index: list[str] | None,
-             colour: list[str] | None, section: list[str] | None, garment_group: list[str] | None,
-             price_min: float | None, price_max: float | None) -> Filters:
+FilterParam = Annotated[list[str] | None, Param()]
+K = Annotated[int | None, Param(ge=1, le=1000)]
+Cap = Annotated[int | None, Param(ge=1, description="at most this many articles of one product type")]
+
+
+def filter_params(product_group: FilterParam = None, product_type: FilterParam = None, index: FilterParam = None,
+                  colour: FilterParam = None, section: FilterParam = None, garment_group: FilterParam = None,
+                  price_min: float | None = None, price_max: float | None = None) -> Filters:
+    """Filters from query parameters (category ones repeatable: ?colour=Black&colour=White)."""
     given = {"product_group": product_group, "product_type": product_type, "index": index, "colour": colour,
              "section": section, "garment_group": garment_group, "price_min": price_min, "price_max": price_max}
     try:
@@ -56,8 +62,7 @@ def _filters(product_group: list[str] | None, product_type: list[str] | None, in
         raise InvalidInput(str(err)) from err
 
 
-FilterParam = Annotated[list[str] | None, Param()]
-K = Annotated[int | None, Param(ge=1, le=1000)]
+FilterQuery = Annotated[Filters, Depends(filter_params)]
 
 
 def build_router(model: Recommender) -> APIRouter:
@@ -91,15 +96,11 @@ def build_router(model: Recommender) -> APIRouter:
         return resources.files("retriever.static").joinpath(PAGE).read_text()
 
     @router.get("/shop/api/search", tags=["shop"])
-    async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], k: K = None,
-                     product_group: FilterParam = None, product_type: FilterParam = None, index: FilterParam = None,
-                     colour: FilterParam = None, section: FilterParam = None, garment_group: FilterParam = None,
-                     price_min: float | None = None, price_max: float | None = None,
-                     max_per_product_type: Annotated[int | None, Param(ge=1)] = None) -> dict[str, Any]:
+    async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], filters: FilterQuery, k: K = None,
+                     max_per_product_type: Cap = None) -> dict[str, Any]:
         if not q.strip():
             raise InvalidInput("q: empty query text")
-        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
-                                        price_min, price_max), max_per_product_type=max_per_product_type)
+        top, opts = options(k, filters, max_per_product_type=max_per_product_type)
         return await run(Query("query", q.strip(), top, opts))
 
     @router.get("/shop/api/articles/{article_id}", tags=["shop"])
@@ -110,12 +111,8 @@ def build_router(model: Recommender) -> APIRouter:
                 "index_version": current.catalog.version, **model.article_metadata(current.catalog, row)}
 
     @router.get("/shop/api/articles/{article_id}/similar", tags=["shop"])
-    async def similar(article_id: str, k: K = None, product_group: FilterParam = None, product_type: FilterParam = None,
-                      index: FilterParam = None, colour: FilterParam = None, section: FilterParam = None,
-                      garment_group: FilterParam = None, price_min: float | None = None, price_max: float | None = None,
-                      max_per_product_type: Annotated[int | None, Param(ge=1)] = None) -> dict[str, Any]:
-        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
-                                        price_min, price_max), max_per_product_type=max_per_product_type)
+    async def similar(article_id: str, filters: FilterQuery, k: K = None, max_per_product_type: Cap = None) -> dict[str, Any]:
+        top, opts = options(k, filters, max_per_product_type=max_per_product_type)
         return await run(Query("similar_to", article_id, top, opts))
 
     @router.get("/shop/api/articles/{article_id}/vector", tags=["debug"])
@@ -131,14 +128,9 @@ def build_router(model: Recommender) -> APIRouter:
         return {"customer_ids": list(current.catalog.customer_row)[:limit], "count": len(current.catalog.customer_row)}
 
     @router.get("/shop/api/customers/{customer_id}/recommendations", tags=["shop"])
-    async def recommendations(customer_id: str, k: K = None, exclude_purchased: bool = False,
-                              max_per_product_type: Annotated[int | None, Param(ge=1)] = None,
-                              product_group: FilterParam = None, product_type: FilterParam = None,
-                              index: FilterParam = None, colour: FilterParam = None, section: FilterParam = None,
-                              garment_group: FilterParam = None, price_min: float | None = None,
-                              price_max: float | None = None) -> dict[str, Any]:
-        top, opts = options(k, _filters(product_group, product_type, index, colour, section, garment_group,
-                                        price_min, price_max), exclude_purchased, max_per_product_type)
+    async def recommendations(customer_id: str, filters: FilterQuery, k: K = None, exclude_purchased: bool = False,
+                              max_per_product_type: Cap = None) -> dict[str, Any]:
+        top, opts = options(k, filters, exclude_purchased, max_per_product_type)
         return await run(Query("customer_id", customer_id, top, opts))
 
     @router.get("/shop/api/customers/{customer_id}/history", tags=["shop"])
