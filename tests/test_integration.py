@@ -230,6 +230,16 @@ def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline
     result = run_retriever(mismatched, triton.settings.http_port)
     assert result.returncode == 2 and "checksum" in result.stderr
 
+    result = run_retriever(tmp_path / "nowhere", triton.settings.http_port)  # no index at all
+    assert result.returncode == 2 and "nowhere" in result.stderr and "CURRENT" in result.stderr
+
+
+def test_retriever_gives_up_clearly_when_triton_never_comes(tiny_pipeline) -> None:
+    from localtriton.process import free_port
+
+    result = run_retriever(tiny_pipeline.index_dir, free_port())  # nothing listens there
+    assert result.returncode == 2 and "giving up after 3s" in result.stderr and "unreachable" in result.stderr
+
 
 def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tmp_path: Path) -> None:
     from localtriton.server import pid_alive
