@@ -118,3 +118,28 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly(privat
     assert elapsed < 35
     assert 200 in results
     assert all(status in (200, 503, -1) for status in results), results  # never a 500, never a dropped request
+
+
+def test_frozen_triton_times_out_into_503_and_recovers(private_servers, tiny_pipeline) -> None:
+    """Triton paused (SIGSTOP: connections accepted, nothing answered): every call has a deadline and
+    bounded retries, so requests end in 503 within the bound instead of hanging; SIGCONT heals it."""
+    from twotower.config import RetrieverConfig
+
+    triton, retriever = private_servers
+    ready_url = f"{retriever.url}/v1/models/recommender"
+    article = json.loads((tiny_pipeline.version_dir / "items.json").read_text())["article_id"][7]
+    body = {"instances": [{"history": [article], "k": 3}]}  # not cached: needs the user tower
+    config = RetrieverConfig()
+    bound_s = 2 * config.triton_timeout_s * (config.triton_retries + 1) + 5  # health check + the request itself
+    os.killpg(triton.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code, text = status_of(retriever.predict_url, body)
+        elapsed = time.monotonic() - started
+        assert code == 503, text
+        assert elapsed < bound_s, f"took {elapsed:.1f}s, bound {bound_s:.1f}s"
+        assert status_of(ready_url)[0] == 503
+    finally:
+        os.killpg(triton.pid, signal.SIGCONT)
+    assert wait_for(lambda: status_of(ready_url)[0] == 200, 30), "readiness did not come back after SIGCONT"
+    assert status_of(retriever.predict_url, body)[0] == 200
