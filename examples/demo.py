@@ -27,7 +27,7 @@ from export.pipeline import export_run
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
 from twotower.config import ModelConfig, TrainConfig
-from twotower.data.hm import load_hm_dir
+from twotower.data.hm import build_captions, load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.train import train
 
@@ -51,18 +51,21 @@ def show(title: str, prediction: dict, latency_ms: float) -> None:
 
 def add_article_live(data, index_dir: Path, triton_url: str, retriever: RetrieverProcess) -> None:
     """A new article goes into the served catalogue: embedded by Triton, swapped in without restart."""
+    delta = data.articles.iloc[:1].copy()
     with tempfile.TemporaryDirectory() as tmp:
-        delta = data.articles.iloc[:1].copy()
         delta["article_id"] = "0999000001"
-        delta["prod_name"] = "Aurora sequin raincoat"
-        delta["detail_desc"] = "Shiny fluorescent raincoat covered in sequins"
+        delta["prod_name"] = "Aurora sequin " + delta["product_type_name"].str.lower()
+        delta["detail_desc"] = "Shiny fluorescent fabric covered in sequins"
         delta.to_csv(Path(tmp) / "new_articles.csv", index=False)
         summary = update_catalogue(index_dir, lambda m: triton_embedder(triton_url, m), Path(tmp) / "new_articles.csv")
     reload, _ = post(f"{retriever.url}/admin/index/reload", {})
     print(f"\nadded 1 article as index {summary.index_version} (parent {summary.parent_version}); "
           f"the retriever now serves {reload['index_version']}, without a restart")
-    payload, latency = post(retriever.predict_url, {"instances": [{"query": "sequin raincoat", "k": 3}]})
-    show("text query 'sequin raincoat' after the update", payload["predictions"][0], latency)
+    # The tiny demo model never saw words like "sequin": search with the new article's own caption,
+    # which the item tower maps to exactly its indexed vector (cosine 1).
+    caption = build_captions(delta)[0]
+    payload, latency = post(retriever.predict_url, {"instances": [{"query": caption, "k": 3}]})
+    show(f"text query {caption[:60]!r}... after the update", payload["predictions"][0], latency)
 
 
 def main(argv: list[str] | None = None) -> int:
