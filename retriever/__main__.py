@@ -19,7 +19,6 @@ import kserve
 from kserve import model_server
 
 from retriever import shop_api
-from retriever.limits import BodySizeLimit
 from retriever.model import DEFAULT_MODEL_NAME, Recommender
 from twotower.artifacts import ArtifactError
 from twotower.config import RetrieverConfig, add_arguments, from_arguments
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("retriever").error("refusing to start: %s", err)
         print(f"error: refusing to start: {err}", file=sys.stderr)
         return 2
-    # KServe serves this module-level FastAPI app: our routes and limits join its v1/v2 API.
-    model_server.app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    # KServe serves this module-level FastAPI app: our routes and limits join its v1/v2 API
+    # (with --workers N each worker process adds them when it unpickles the model).
     shop_api.install(model_server.app, model)
     kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
                        enable_grpc=args.enable_grpc).start([model])

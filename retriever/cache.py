@@ -18,18 +18,17 @@ class LRUCache(Generic[V]):
         self.name = name
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
-        self._hits = metrics.CACHE_LOOKUPS.labels(name, "hit")
-        self._misses = metrics.CACHE_LOOKUPS.labels(name, "miss")
 
     def get(self, key: Hashable) -> V | None:
         if self.capacity <= 0:
             return None
         value = self._entries.get(key)
+        # Counters looked up per use, not held: the cache must pickle (KServe --workers N).
         if value is None:
-            self._misses.inc()
+            metrics.CACHE_LOOKUPS.labels(self.name, "miss").inc()
             return None
         self._entries.move_to_end(key)
-        self._hits.inc()
+        metrics.CACHE_LOOKUPS.labels(self.name, "hit").inc()
         return value
 
     def put(self, key: Hashable, value: V) -> None:

@@ -108,10 +108,35 @@ class Recommender(Model):
         self.tokenizer = get_tokenizer(catalog.manifest.clip_model)
         self._install(Serving(catalog, self._towers_for(catalog, triton_wait_s)))
         self.ready = True
+        self._start_watcher()
+        return self.ready
+
+    def _start_watcher(self) -> None:
         if self.config.index_poll_s > 0 and (Path(self.config.index_dir) / artifacts.CURRENT_FILE).is_file():
             self._watcher = threading.Thread(target=self._watch_index, name="index-watch", daemon=True)
             self._watcher.start()
-        return self.ready
+
+    # KServe's --workers N pickles the loaded model into each worker process: locks and the watcher
+    # thread cannot travel, so each worker makes its own (and watches the index root itself).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_reload_lock", "_stop_watching", "_watcher"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reload_lock = threading.Lock()
+        self._stop_watching = threading.Event()
+        self._watcher = None
+        if self.serving is not None:
+            self._start_watcher()
+            # A worker process imports KServe's app afresh: give it the shop/admin routes too.
+            from kserve import model_server
+
+            from retriever import shop_api
+
+            shop_api.install(model_server.app, self)
 
     def _open_catalog(self, index_dir: Path | str) -> Catalog:
         return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit)

@@ -43,3 +43,12 @@ class LivePurchases:
 
     def __len__(self) -> int:
         return len(self._by_customer)
+
+    def __getstate__(self) -> dict:  # each KServe worker process gets its own copy and lock
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from retriever import metrics
 from retriever.catalog import UnknownIds
 from retriever.filters import CATEGORY_FILTERS, FilterError, Filters
+from retriever.limits import BodySizeLimit
 from retriever.model import Recommender, Serving
 from retriever.protocol import Query, QueryOptions, v1_response
 
@@ -193,5 +194,10 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 def install(app: FastAPI, model: Recommender) -> None:
+    """Add the shop/admin routes, the validation handler and the body size limit to KServe's app, once."""
+    if getattr(app.state, "shop_api_installed", False):
+        return
+    app.state.shop_api_installed = True
+    app.add_middleware(BodySizeLimit, max_bytes=model.config.max_body_bytes)
     app.include_router(build_router(model))
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -257,3 +257,20 @@ def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tm
     assert stopped.returncode == 0 and "stopped Triton" in stopped.stdout
     assert not pid_alive(state["pid"])
     assert not (tmp_path / f"triton-{ports[0]}.json").exists()
+
+
+def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: Path) -> None:
+    """--workers 2 pickles the model into each worker process: every route must come along."""
+    import urllib.request
+
+    from retriever.launch import RetrieverProcess
+
+    with RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=tmp_path / "r.log",
+                          extra_args=["--workers", "2"]) as retriever:
+        body = json.dumps({"instances": [{"query": "black dress", "k": 2}]}).encode()
+        for _ in range(6):  # requests spread over both workers
+            for url, data in ((retriever.predict_url, body), (f"{retriever.url}/admin/index", None),
+                              (f"{retriever.url}/shop/api/customers?limit=1", None)):
+                request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert response.status == 200, url
