@@ -17,19 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from benchmarks.offline import known_user_vectors
 from retriever.catalog import Catalog
 from retriever.filters import Filters
-
-
-def user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    path = repository / catalog.manifest.user_model / str(catalog.manifest.model_version) / "model.pt"
-    tower = torch.jit.load(str(path)).eval()
-    histories = [catalog.customer_history(c) for c in list(catalog.customer_row)[:n]]
-    with torch.inference_mode():
-        vectors = tower(*(torch.from_numpy(t) for t in catalog.history_tensors(histories))).numpy()
-    return vectors, [rows for rows, _ in histories]
 
 
 def measure(catalog: Catalog, users: np.ndarray, masks: list[np.ndarray], k: int = 10) -> dict[str, Any]:
@@ -61,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     catalog = Catalog(args.index_dir)
-    users, bought = user_vectors(catalog, args.model_repository, args.users)
+    users, bought = known_user_vectors(catalog, args.model_repository, args.users)
     columns = catalog.filter_columns
     cases: dict[str, list[np.ndarray]] = {}
     for group in columns.values("product_group_name"):

@@ -34,14 +34,19 @@ class BenchArtifacts:
     offline: dict[str, Any]
 
 
+def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """User-tower vectors of the index's first n known customers, and the rows each has bought."""
+    user_tower = torch.jit.load(str(index_files.tower_file(repository, catalog.manifest, catalog.manifest.user_model)))
+    histories = [catalog.customer_history(c) for c in list(catalog.customer_row)[:n]]
+    with torch.inference_mode():
+        users = user_tower(*(torch.from_numpy(t) for t in catalog.history_tensors(histories))).numpy()
+    return users, [rows for rows, _ in histories]
+
+
 def index_recall_at_10(catalog: Catalog, repository: Path, ef_values: tuple[int, ...] = (64, 128, 256, 512),
                        n_users: int = 1000) -> dict[str, float]:
     """Top-10 overlap of the served index with exact search, for real user vectors, per HNSW efSearch."""
-    user_tower = torch.jit.load(str(repository / catalog.manifest.user_model / str(catalog.manifest.model_version) / "model.pt"))
-    customers = list(catalog.customer_row)[:n_users]
-    tensors = catalog.history_tensors([catalog.customer_history(c) for c in customers])
-    with torch.inference_mode():
-        users = user_tower(*(torch.from_numpy(t) for t in tensors)).numpy()
+    users, _ = known_user_vectors(catalog, repository, n_users)
     exact = np.argsort(-(users @ catalog.vectors.T), axis=1)[:, :10]
     recalls = {}
     for ef in ef_values if hasattr(catalog.index, "hnsw") else (0,):
@@ -57,7 +62,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     captions = build_captions(load_hm_dir(data_dir).articles)
     sample = captions[: min(len(captions), 4096)]
     tokenizer = get_tokenizer(catalog.manifest.clip_model)
-    item_tower = torch.jit.load(str(repository / catalog.manifest.item_model / str(catalog.manifest.model_version) / "model.pt"))
+    item_tower = torch.jit.load(str(index_files.tower_file(repository, catalog.manifest, catalog.manifest.item_model)))
     embed_catalogue(item_tower, sample[:512], tokenizer)  # first calls optimise the TorchScript graph
     started = time.perf_counter()
     embed_catalogue(item_tower, sample, tokenizer)

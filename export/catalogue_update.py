@@ -15,17 +15,17 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-import faiss
 import numpy as np
 
 from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
+from retriever.catalog import Catalog
 from twotower import artifacts
 from twotower.data.hm import build_captions, load_articles
 
@@ -61,29 +61,23 @@ def read_removals(path: Path) -> list[str]:
 
 
 def triton_embedder(url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0) -> ItemEmbedder:
-    """Captions -> vectors through the item tower Triton serves at the index's model version."""
-    import tritonclient.http as triton_http
-
+    """Captions -> vectors through the item tower Triton serves at the index's model version, with the
+    retriever's own client (same model/version/shape checks, timeouts and retries)."""
+    from retriever.towers import TowerClient
     from twotower.model.clip_text import get_tokenizer
 
     tokenizer = get_tokenizer(manifest.clip_model)
-    client = triton_http.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout_s)
-    version = str(manifest.model_version)
-    if not client.is_model_ready(manifest.item_model, version):
-        raise artifacts.ArtifactError(f"Triton at {url}: {manifest.item_model} version {version} is not ready")
 
-    def embed(captions: list[str]) -> np.ndarray:
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            ids = tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64)
-            tensor = triton_http.InferInput("input_ids", list(ids.shape), "INT64")
-            tensor.set_data_from_numpy(ids, binary_data=True)
-            output = triton_http.InferRequestedOutput("embedding__0", binary_data=True)
-            result = client.infer(manifest.item_model, [tensor], model_version=version, outputs=[output])
-            chunks.append(result.as_numpy("embedding__0"))
-        return np.concatenate(chunks).astype(np.float32)
+    async def embed_batches(captions: list[str]) -> list[np.ndarray]:
+        client = TowerClient(url, manifest, timeout_s)
+        try:
+            await client.verify_models()
+            return [await client.query_vectors(tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64))
+                    for start in range(0, len(captions), batch_size)]
+        finally:
+            await client.close()
 
-    return embed
+    return lambda captions: np.concatenate(asyncio.run(embed_batches(captions))).astype(np.float32)
 
 
 def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> ItemEmbedder:
@@ -93,10 +87,7 @@ def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> Item
     from export.catalogue_index import embed_catalogue
     from twotower.model.clip_text import get_tokenizer
 
-    path = Path(model_repository) / manifest.item_model / str(manifest.model_version) / "model.pt"
-    if not path.is_file():
-        raise artifacts.ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
-    tower = torch.jit.load(str(path)).eval()
+    tower = torch.jit.load(str(artifacts.tower_file(model_repository, manifest, manifest.item_model))).eval()
     tokenizer = get_tokenizer(manifest.clip_model)
     return lambda captions: embed_catalogue(tower, captions, tokenizer)
 
@@ -111,24 +102,20 @@ def update_catalogue(
     started = time.perf_counter()
     index_root = Path(index_root)
     parent_name = artifacts.current_version(index_root)
-    parent = index_root / parent_name
-    manifest = artifacts.read_manifest(parent)
-    artifacts.verify_files(parent, manifest)
+    parent = Catalog(index_root / parent_name)  # verified against its manifest's checksums
+    manifest = parent.manifest
     delta = load_articles(articles_path) if articles_path is not None else None
     remove_ids = list(dict.fromkeys(remove_ids or []))
     if (delta is None or delta.empty) and not remove_ids:
         raise ValueError("nothing to do: give an articles delta file and/or article_ids to remove")
-
-    items: dict[str, list[str]] = json.loads((parent / artifacts.ITEMS_FILE).read_text())
-    row_of = {article_id: row for row, article_id in enumerate(items["article_id"])}
-    unknown = [a for a in remove_ids if a not in row_of]
+    unknown = [a for a in remove_ids if a not in parent.row_of]
     if unknown:
         raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
-    excluded = set(artifacts.read_excluded(parent))
 
-    vectors = np.load(parent / artifacts.VECTORS_FILE)
-    index = faiss.read_index(str(parent / artifacts.INDEX_FILE))
-    with np.load(parent / artifacts.HISTORIES_FILE) as stored:
+    # The loaded parent's own objects are extended in memory; its files are never written.
+    items, vectors, index = parent.items, parent.vectors, parent.index
+    excluded = set(np.flatnonzero(parent.excluded).tolist())
+    with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}
     n_parent = len(vectors)
     added = changed = 0
@@ -140,7 +127,7 @@ def update_catalogue(
             items[column].extend(metadata.get(column, [""] * len(delta)))
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
         for offset, article_id in enumerate(delta["article_id"]):
-            old = row_of.get(article_id)
+            old = parent.row_of.get(article_id)
             if old is not None:
                 changed += 1
                 excluded.add(old)
@@ -159,8 +146,7 @@ def update_catalogue(
     fields = {k: v for k, v in dataclasses.asdict(manifest).items()
               if k not in ("dim", "metric", "item_count", "index_version", "files")}
     fields["parent_version"] = parent_name
-    score_head = artifacts.ScoreHeadWeights.from_json(json.loads((parent / artifacts.SCORE_HEAD_FILE).read_text()))
-    new_manifest = write_index_dir(out, index, vectors, items, histories, score_head, fields, sorted(excluded))
+    new_manifest = write_index_dir(out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded))
     artifacts.publish_version(index_root, out.name)
     summary = UpdateSummary(parent_name, out.name, added, changed, len(remove_ids), new_manifest.item_count,
                             time.perf_counter() - started)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from twotower import artifacts
 
-MODEL_FILE = "model.pt"
+
+MODEL_FILE = artifacts.TOWER_FILE
 CONFIG_FILE = "config.pbtxt"
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from export.catalogue_update import local_embedder, read_removals, triton_embedder, update_catalogue
+from retriever.towers import TritonUnavailable
 from twotower.artifacts import ArtifactError
 from twotower.data.hm import DataFormatError
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             args.articles,
             removals,
         )
-    except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, TritonUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "

@@ -14,9 +14,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from retriever.filters import FilterColumns
 from twotower import artifacts
 from twotower.config import RetrieverConfig
-from retriever.filters import FilterColumns
 from twotower.data.histories import PAD
 
 log = logging.getLogger("retriever.catalog")
@@ -69,6 +69,7 @@ class Catalog:
         self.row_of = {article_id: row for row, article_id in enumerate(self.article_ids)}
         self.excluded = np.zeros(len(self.article_ids), dtype=bool)
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
+        self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         self.filter_columns = FilterColumns(self.items)
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
             customer_ids = histories["customer_ids"]
@@ -81,7 +82,7 @@ class Catalog:
         )
         self._check_consistency()
         log.info("loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d (%.1fs)",
-                 self.index_dir, len(self.article_ids), int(self.excluded.sum()), self.manifest.dim,
+                 self.index_dir, len(self.article_ids), self.n_excluded, self.manifest.dim,
                  self.manifest.index_type, len(self.customer_row), self.manifest.model_version,
                  time.perf_counter() - started)
 
@@ -136,11 +137,10 @@ class Catalog:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows) [B, k] over every available row; rows are -1 past the last result."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        n_excluded = int(self.excluded.sum())
-        if n_excluded == 0:
+        if self.n_excluded == 0:
             return self.index.search(queries, k)
-        if n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
-            similarities, rows = self.index.search(queries, k + n_excluded)
+        if self.n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
+            similarities, rows = self.index.search(queries, k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         everything = np.ones(len(self.excluded), dtype=bool)
         results = [self.search_masked(q, k, everything) for q in queries]

@@ -76,24 +76,32 @@ class FilterColumns:
     def __init__(self, items: Mapping[str, list[str]]):
         n = len(items["article_id"])
         self.n = n
-        self._columns = {c: np.asarray(items[c], dtype=object) for c in CATEGORY_FILTERS.values() if c in items}
+        # Each category column as (sorted distinct values, integer code per row): a filter becomes a
+        # lookup table indexed by code, ~50x cheaper per request than comparing strings row by row.
+        self._columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for column in CATEGORY_FILTERS.values():
+            if column in items:
+                values, codes = np.unique(np.asarray(items[column], dtype=object), return_inverse=True)
+                self._columns[column] = (values, codes)
         prices = items.get("price", [""] * n)
         self.price = np.asarray([float(p) if p else np.nan for p in prices], dtype=np.float64)
-        self.product_type = self._columns.get("product_type_name", np.full(n, "", dtype=object))
+        # product type code per row (the diversity cap groups by it)
+        self.product_type = self._columns["product_type_name"][1] if "product_type_name" in self._columns \
+            else np.zeros(n, dtype=np.int64)
 
     def has(self, column: str) -> bool:
         return column in self._columns
 
     def values(self, column: str) -> list[str]:
-        return sorted(set(self._columns[column]))
+        return [str(v) for v in self._columns[column][0]]
 
     def mask(self, filters: Filters) -> np.ndarray:
         keep = np.ones(self.n, dtype=bool)
         for column, accepted in filters.categories:
-            values = self._columns.get(column)
-            if values is None:
+            if column not in self._columns:
                 raise FilterError(f"this index has no {column} metadata to filter on")
-            keep &= np.isin(values, list(accepted))
+            values, codes = self._columns[column]
+            keep &= np.isin(values, list(accepted))[codes]
         # Articles without a price never match a price filter.
         if filters.price_min is not None:
             keep &= self.price >= filters.price_min
@@ -105,7 +113,7 @@ class FilterColumns:
 def cap_per_type(rows: np.ndarray, similarities: np.ndarray, product_types: np.ndarray, cap: int, k: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The best-first list with at most `cap` articles of any one product type, up to k of them."""
-    counts: dict[str, int] = {}
+    counts: dict[Any, int] = {}
     kept = []
     for i, row in enumerate(rows):
         if row < 0:

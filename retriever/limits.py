@@ -36,6 +36,8 @@ class BodySizeLimit:
             if too_large:
                 await self._refuse(send, 413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}")
                 return
+            await self.app(scope, receive, send)  # the server holds a body to its declared length
+            return
         received = 0
         started = False
 

@@ -36,8 +36,8 @@ from twotower.config import RetrieverConfig
 
 log = logging.getLogger("retriever")
 
-DEFAULT_MODEL_NAME = "recommender"
-REFUSED_RETRY_S = 5.0  # endpoint path: /v1/models/recommender:predict
+DEFAULT_MODEL_NAME = "recommender"  # endpoint path: /v1/models/recommender:predict
+REFUSED_RETRY_S = 5.0  # a refused index version is tried again this often while CURRENT names it
 
 
 @dataclasses.dataclass
@@ -158,8 +158,8 @@ class Recommender(Model):
         previous = self.serving
         self.serving = serving  # one reference assignment: requests see the old pair or the new one
         manifest = serving.catalog.manifest
-        if previous is not None:
-            metrics.INDEX_VERSION.labels(previous.catalog.version, str(previous.catalog.manifest.model_version)).set(0)
+        if previous is not None:  # one series each: the version being served
+            metrics.INDEX_VERSION.clear()
             metrics.INDEX_INFO.clear()
         metrics.INDEX_INFO.labels(str(manifest.model_version)).set(len(serving.catalog.article_ids))
         metrics.INDEX_VERSION.labels(serving.catalog.version, str(manifest.model_version)).set(1)
@@ -184,18 +184,17 @@ class Recommender(Model):
             await client.close()
 
     # -- hot reload ------------------------------------------------------------------------
-    def reload_index(self, index_dir: Path | str | None = None) -> ReloadResult:
-        """Load the index root's CURRENT version (or `index_dir`) and swap it in if it checks out.
+    def reload_index(self) -> ReloadResult:
+        """Load the index root's CURRENT version and swap it in if it checks out.
 
         Blocking (run it in a thread). A version that is corrupt, or whose model version Triton does
         not serve, or whose dimension/metric differ, is refused: the old one keeps serving.
         """
-        path = Path(index_dir or self.config.index_dir)
         with self._reload_lock:
             current = self.serving
             assert current is not None, "load() first"
             try:
-                target = artifacts.resolve_index_dir(path)
+                target = artifacts.resolve_index_dir(self.config.index_dir)
                 if current.catalog.index_dir.resolve() == target.resolve():
                     return ReloadResult("unchanged", current.catalog.version)
                 catalog = self._open_catalog(target)
@@ -384,17 +383,17 @@ class Recommender(Model):
 
     def customer_history(self, catalog: Catalog, customer_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Purchases posted to this service (most recent first), then the customer's history in the index."""
-        live = [(a, age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
-        live_ids, live_ages = [a for a, _ in live], [age for _, age in live]  # an index swapped back may lack some
+        # An index swapped back to an older version may lack some posted articles: skip those.
+        live = [(catalog.row_of[a], age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
         try:
             rows, ages = catalog.customer_history(customer_id)
         except UnknownIds:
-            if not live_ids:
+            if not live:
                 raise
             rows, ages = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        if live_ids:
-            rows = np.concatenate([catalog.rows_for(live_ids), rows])
-            ages = np.concatenate([np.asarray(live_ages, dtype=np.float32), ages])
+        if live:
+            rows = np.concatenate([np.asarray([r for r, _ in live], dtype=np.int64), rows])
+            ages = np.concatenate([np.asarray([a for _, a in live], dtype=np.float32), ages])
         return rows, ages
 
     async def _text_vectors(self, serving: Serving, texts: list[str]) -> np.ndarray:

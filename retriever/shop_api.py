@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from importlib import resources
+from itertools import islice
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query as Param, Request
@@ -92,9 +93,11 @@ def build_router(model: Recommender) -> APIRouter:
                 ) -> tuple[int, QueryOptions]:
         return k or model.config.top_k, QueryOptions(filters, exclude_purchased, max_per_product_type)
 
+    page_html = resources.files("retriever.static").joinpath(PAGE).read_text()  # static: read once
+
     @router.get("/shop/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return resources.files("retriever.static").joinpath(PAGE).read_text()
+        return page_html
 
     @router.get("/shop/api/search", tags=["shop"])
     async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], filters: FilterQuery, k: K = None,
@@ -126,7 +129,7 @@ def build_router(model: Recommender) -> APIRouter:
     @router.get("/shop/api/customers", tags=["shop"])
     async def customers(limit: Annotated[int, Param(ge=1, le=1000)] = 20) -> dict[str, Any]:
         current = serving()
-        return {"customer_ids": list(current.catalog.customer_row)[:limit], "count": len(current.catalog.customer_row)}
+        return {"customer_ids": list(islice(current.catalog.customer_row, limit)), "count": len(current.catalog.customer_row)}
 
     @router.get("/shop/api/customers/{customer_id}/recommendations", tags=["shop"])
     async def recommendations(customer_id: str, filters: FilterQuery, k: K = None, exclude_purchased: bool = False,
@@ -174,7 +177,7 @@ def build_router(model: Recommender) -> APIRouter:
         catalog = serving().catalog
         manifest = catalog.manifest
         return {"index_version": catalog.version, "path": str(catalog.index_dir), "model_version": manifest.model_version,
-                "items": len(catalog.article_ids), "excluded": int(catalog.excluded.sum()), "dim": manifest.dim,
+                "items": len(catalog.article_ids), "excluded": catalog.n_excluded, "dim": manifest.dim,
                 "parent_version": manifest.parent_version}
 
     @router.post("/admin/index/reload", tags=["admin"])

@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
-from twotower.artifacts import ArtifactError, Manifest
+from twotower.artifacts import ArtifactError, Manifest, tower_file
 
 log = logging.getLogger("retriever.towers")
 
@@ -119,9 +119,8 @@ class LocalTowers:
         import torch
 
         self._torch = torch
-        version = str(manifest.model_version)
-        self.user = torch.jit.load(str(Path(repository) / manifest.user_model / version / "model.pt")).eval()
-        self.item = torch.jit.load(str(Path(repository) / manifest.item_model / version / "model.pt")).eval()
+        self.user = torch.jit.load(str(tower_file(repository, manifest, manifest.user_model))).eval()
+        self.item = torch.jit.load(str(tower_file(repository, manifest, manifest.item_model))).eval()
 
     async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

@@ -56,8 +56,8 @@ def test_shop_page_shows_recommendations_and_search_results(browser, retriever, 
     page.wait_for_function("document.getElementById('status').textContent.includes('more like')")
     ids = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.articleId)")
     assert ids and clicked not in ids
-    metas = page.eval_on_selector_all(".card .type", "els => els.map(e => e.textContent)")
-    assert metas and group
+    groups = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.productGroup)")
+    assert groups and set(groups) == {group}  # the page's product-group filter reached the API
 
     # An error is shown, not swallowed.
     page.fill("#query", "")

@@ -45,6 +45,7 @@ METRIC_INNER_PRODUCT = "inner_product"
 
 ITEM_MODEL = "item_tower"
 USER_MODEL = "user_tower"
+TOWER_FILE = "model.pt"  # <repository>/<tower>/<model_version>/model.pt, as Triton's libtorch backend reads it
 
 
 class ArtifactError(RuntimeError):
@@ -117,6 +118,18 @@ def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: checksum {actual[:12]}... does not match the manifest's {expected[:12]}...")
 
 
+def tower_file(repository: Path | str, manifest: Manifest, model: str) -> Path:
+    """The TorchScript file of one tower at this index's model version, checked against the checksum
+    recorded when the index was built (so an index is never paired with other towers)."""
+    path = Path(repository) / model / str(manifest.model_version) / TOWER_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
+    expected = manifest.tower_checksums.get(model)
+    if expected and sha256_file(path) != expected:
+        raise ArtifactError(f"{path}: checksum differs from the one the index was built with")
+    return path
+
+
 @dataclasses.dataclass
 class ScoreHeadWeights:
     """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2)."""
@@ -148,21 +161,23 @@ def version_name(number: int) -> str:
     return f"{VERSION_PREFIX}{number:04d}"
 
 
+def _version_numbers(root: Path) -> dict[str, int]:
+    """Directory name -> number for every `v<digits>` directory, complete or not."""
+    if not root.is_dir():
+        return {}
+    return {p.name: int(p.name[len(VERSION_PREFIX):]) for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(VERSION_PREFIX) and p.name[len(VERSION_PREFIX):].isdigit()}
+
+
 def list_versions(root: Path | str) -> list[str]:
     """Complete version directories (they have a manifest), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    names = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith(VERSION_PREFIX)
-             and p.name[len(VERSION_PREFIX):].isdigit() and (p / MANIFEST_FILE).is_file()]
-    return sorted(names, key=lambda name: int(name[len(VERSION_PREFIX):]))
+    numbers = _version_numbers(Path(root))
+    return sorted((name for name in numbers if (Path(root) / name / MANIFEST_FILE).is_file()), key=numbers.__getitem__)
 
 
 def next_version_name(root: Path | str) -> str:
-    root = Path(root)
-    taken = [int(p.name[len(VERSION_PREFIX):]) for p in root.iterdir()
-             if p.name.startswith(VERSION_PREFIX) and p.name[len(VERSION_PREFIX):].isdigit()] if root.is_dir() else []
-    return version_name(max(taken, default=0) + 1)
+    """One past the highest version directory, complete or not (a failed write never gets reused)."""
+    return version_name(max(_version_numbers(Path(root)).values(), default=0) + 1)
 
 
 def current_version(root: Path | str) -> str:

@@ -14,13 +14,7 @@ from twotower.evaluation.split import TemporalSplit
 
 
 def load_user_tower(model_repository: Path, manifest: artifacts.Manifest) -> torch.jit.ScriptModule:
-    path = Path(model_repository) / manifest.user_model / str(manifest.model_version) / "model.pt"
-    if not path.is_file():
-        raise artifacts.ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
-    expected = manifest.tower_checksums.get(manifest.user_model)
-    if expected and artifacts.sha256_file(path) != expected:
-        raise artifacts.ArtifactError(f"{path}: checksum differs from the one the index was built with")
-    return torch.jit.load(str(path)).eval()
+    return torch.jit.load(str(artifacts.tower_file(model_repository, manifest, manifest.user_model))).eval()
 
 
 class TwoTower(Ranker):
