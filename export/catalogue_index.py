@@ -43,6 +43,26 @@ def embed_catalogue(
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
 
 
+def embed_customers(
+    user_tower: torch.jit.ScriptModule, item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray, batch_size: int = 1024
+) -> np.ndarray:
+    """float32 [C, D] user vectors of known customers from their stored histories (rows -1 = padding).
+
+    They are what the retriever would ask Triton for on a customer_id request (same tower bytes,
+    same inputs), so it can answer those without the call; `ages` must be as the retriever serves them.
+    """
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            mask = (part >= 0).astype(np.float32)
+            history = item_vectors[np.clip(part, 0, None)] * mask[..., None]
+            chunks.append(user_tower(torch.from_numpy(history), torch.from_numpy(mask),
+                                     torch.from_numpy(ages[start : start + batch_size] * mask)).numpy())
+    dim = item_vectors.shape[1]
+    return np.ascontiguousarray(np.concatenate(chunks) if chunks else np.zeros((0, dim)), dtype=np.float32)
+
+
 def resolve_index_type(index_type: str, n_items: int) -> str:
     if index_type not in INDEX_TYPES:
         raise ValueError(f"index type {index_type!r}: expected one of {INDEX_TYPES}")

@@ -138,6 +138,10 @@ def update_catalogue(
         vectors = np.ascontiguousarray(np.concatenate([vectors, new_vectors]), dtype=np.float32)
         rows = histories["rows"]
         histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
+        if "user_vectors" in histories:  # a customer whose history now names a changed article: ask Triton again
+            stale = (histories["rows"] != rows).any(axis=1)
+            histories["user_vectors"] = histories["user_vectors"].copy()
+            histories["user_vectors"][stale] = np.nan
     # Removal applies to an article's current row, so it wins when an id is both added and removed.
     current_row = {article_id: row for row, article_id in enumerate(items["article_id"])}
     excluded.update(current_row[a] for a in remove_ids)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.catalogue_index import (build_faiss_index, embed_catalogue, item_metadata, new_version_dir,
+from export.catalogue_index import (build_faiss_index, embed_catalogue, embed_customers, item_metadata, new_version_dir,
                                     resolve_index_type, write_index_dir)
 from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
 from export.triton_repo import TensorSpec, TritonModelSpec, next_version, serialise, write_model
@@ -32,7 +32,8 @@ from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
-from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_WEIGHTS
+from twotower.repeats import RepeatBoost
+from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_REPEAT_BOOST, RUN_WEIGHTS
 
 log = logging.getLogger("export")
 
@@ -55,6 +56,8 @@ def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
         raise artifacts.ArtifactError(f"{weights_path}: unreadable weights ({type(err).__name__}: {err})") from err
     ids_path = run_dir / RUN_ITEM_IDS
     run_config["item_ids"] = json.loads(ids_path.read_text()) if ids_path.is_file() else []
+    boost_path = run_dir / RUN_REPEAT_BOOST  # runs trained before repeat boosts have none
+    run_config["repeat_boost"] = json.loads(boost_path.read_text()) if boost_path.is_file() else None
     model = build_model(model_config, state, n_items=len(run_config["item_ids"]) if "item_ids.weight" in state else 0).eval()
     return model, run_config
 
@@ -147,6 +150,12 @@ def export_run(
     version = options.version or next_version(Path(model_repository), [item_spec.name, user_spec.name])
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
     customers, histories, last_day = latest_histories(data.transactions, row_of, config.max_history)
+    # Known customers' vectors, computed once with the exported user tower: customer_id requests skip Triton.
+    reference_day = int(day_numbers(data.transactions["t_dat"]).max())
+    served_ages = histories.age_days + (reference_day - last_day)[:, None].astype(np.float32)
+    started = time.perf_counter()
+    user_vectors = embed_customers(torch.jit.load(io.BytesIO(user_bytes)), vectors, histories.rows, served_ages)
+    log.info("embedded %d known customers in %.1fs", len(user_vectors), time.perf_counter() - started)
     head = model.score_head.layers
     index_root = Path(index_dir)
     out = new_version_dir(index_root)
@@ -160,10 +169,11 @@ def export_run(
         vectors,
         item_metadata(data.articles, data.transactions),
         {"customer_ids": np.asarray(customers), "rows": histories.rows.astype(np.int32),
-         "age_days": histories.age_days, "last_day": last_day},
+         "age_days": histories.age_days, "last_day": last_day, "user_vectors": user_vectors},
         artifacts.ScoreHeadWeights(
             head[0].weight.detach().numpy()[:, 0], head[0].bias.detach().numpy(),
             head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
+            RepeatBoost.from_json(run_config["repeat_boost"]),
         ),
         {
             "index_type": index_type,
@@ -172,7 +182,7 @@ def export_run(
             "max_history": config.max_history,
             "context_length": context_length,
             "clip_model": config.clip_model,
-            "reference_day": int(day_numbers(data.transactions["t_dat"]).max()),
+            "reference_day": reference_day,
             "data_source": str(data_dir),
             "trained_until": run_config["train"].get("until", ""),
             "tower_checksums": {item_spec.name: hashlib.sha256(item_bytes).hexdigest(),

@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 
 from retriever.filters import FilterColumns
-from twotower import artifacts
+from twotower import artifacts, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD
 
@@ -24,6 +24,9 @@ log = logging.getLogger("retriever.catalog")
 
 EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
+
+Purchases = tuple[np.ndarray, np.ndarray]  # (catalogue rows most recent first, ages in days)
+NOTHING_BOUGHT: Purchases = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
 
 
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +79,8 @@ class Catalog:
             self.history_rows = histories["rows"]
             self.history_age = histories["age_days"]
             self.history_last_day = histories["last_day"]
+            # Precomputed by export (NaN rows: recompute); indexes written before them have none.
+            self.customer_vectors = histories["user_vectors"] if "user_vectors" in histories.files else None
         self.customer_row = {str(c): i for i, c in enumerate(customer_ids)}
         self.score_head = artifacts.ScoreHeadWeights.from_json(
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
@@ -98,6 +103,8 @@ class Catalog:
                             f"metadata {len(self.article_ids)}, manifest {m.item_count}")
         if self.index.d != m.dim or self.vectors.shape[1] != m.dim:
             problems.append(f"dimension differs: index {self.index.d}, vectors {self.vectors.shape[1]}, manifest {m.dim}")
+        if self.customer_vectors is not None and self.customer_vectors.shape != (len(self.history_rows), m.dim):
+            problems.append(f"customer vectors {self.customer_vectors.shape} != ({len(self.history_rows)}, {m.dim})")
         if self.history_rows.shape[1] != m.max_history:
             problems.append(f"history length {self.history_rows.shape[1]} != manifest max_history {m.max_history}")
         if problems:
@@ -110,6 +117,13 @@ class Catalog:
             raise UnknownIds("article_id", unknown)
         return np.asarray([self.row_of[a] for a in article_ids], dtype=np.int64)
 
+    def customer_vector(self, customer_id: str) -> np.ndarray | None:
+        """The user vector export computed for this known customer's stored history, if any."""
+        row = self.customer_row.get(customer_id)
+        if row is None or self.customer_vectors is None or not np.isfinite(self.customer_vectors[row]).all():
+            return None
+        return self.customer_vectors[row]
+
     def customer_history(self, customer_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(rows, ages) most recent first, ages relative to the data's latest day; no padding."""
         row = self.customer_row.get(customer_id)
@@ -120,6 +134,18 @@ class Catalog:
         # Ages were stored relative to the customer's last purchase; serve them as of the data's last day.
         shift = float(self.manifest.reference_day - self.history_last_day[row])
         return rows[keep].astype(np.int64), self.history_age[row][keep] + shift
+
+    def with_repeats(self, user: np.ndarray, similarities: np.ndarray, rows: np.ndarray, bought: Purchases, k: int,
+                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A search result merged with the customer's own earlier purchases, ranked by cosine + the
+        index's repeat boost (twotower.repeats); removed articles and ones `allowed` forbids stay out."""
+        boost = self.score_head.repeat
+        if not boost.active or len(bought[0]) == 0:
+            return similarities[:k], rows[:k]
+        repeat_rows, ages = repeats.latest_purchases(*bought)
+        visible = ~self.excluded[repeat_rows] if allowed is None else ~self.excluded[repeat_rows] & allowed[repeat_rows]
+        repeat_rows, ages = repeat_rows[visible], ages[visible]
+        return repeats.merge(similarities, rows, repeat_rows, self.vectors[repeat_rows] @ user + boost(ages), k)
 
     def history_tensors(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pad (rows most-recent-first, ages) pairs into the user tower's fixed [B, L, D] inputs."""

@@ -25,7 +25,7 @@ from kserve.errors import InvalidInput, ModelNotReady
 
 from retriever import metrics
 from retriever.cache import LRUCache
-from retriever.catalog import Catalog, UnknownIds
+from retriever.catalog import NOTHING_BOUGHT, Catalog, Purchases, UnknownIds
 from retriever.filters import FilterError, cap_per_type
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
 from retriever.purchases import LivePurchases
@@ -313,13 +313,13 @@ class Recommender(Model):
         with metrics.STAGE_SECONDS.labels("search").time():
             return await asyncio.to_thread(self._search, serving.catalog, queries, vectors, bought)
 
-    async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One vector per query, plus the catalogue rows each query's customer has bought (or the
-        article itself for similar_to). Known vectors come from caches; the rest from the towers."""
+    async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[Purchases]]:
+        """One vector per query, plus what each query's customer has bought as (rows most recent first,
+        ages in days) (for similar_to: the article itself). Known vectors come from caches; the rest from the towers."""
         catalog = serving.catalog
         version = catalog.manifest.model_version
         vectors = np.zeros((len(queries), catalog.manifest.dim), dtype=np.float32)
-        bought: list[np.ndarray] = []
+        bought: list[Purchases] = []
         histories, history_slots, history_keys, texts, text_slots = [], [], [], [], []
         for slot, query in enumerate(queries):
             metrics.REQUESTS.labels(query.kind).inc()
@@ -327,10 +327,10 @@ class Recommender(Model):
                 if query.kind == "similar_to":
                     row = int(catalog.rows_for([query.value])[0])
                     vectors[slot] = catalog.vectors[row]
-                    bought.append(np.asarray([row]))
+                    bought.append((np.asarray([row]), np.zeros(1, dtype=np.float32)))
                     continue
                 if query.kind == "query":
-                    bought.append(np.empty(0, dtype=np.int64))
+                    bought.append(NOTHING_BOUGHT)
                     cached = self.query_cache.get((version, query.value))
                     if cached is not None:
                         vectors[slot] = cached
@@ -341,7 +341,13 @@ class Recommender(Model):
                 rows, ages = self._history(catalog, query)
             except UnknownIds as err:
                 raise InvalidInput(f"instances[{slot}]: {err.message}") from err
-            bought.append(rows)
+            bought.append((rows, ages))
+            if query.kind == "customer_id" and self.config.known_customer_vectors and not self.purchases.recent(query.value)[0]:
+                known = catalog.customer_vector(query.value)  # computed by export: no Triton call
+                metrics.CACHE_LOOKUPS.labels("known_customer", "miss" if known is None else "hit").inc()
+                if known is not None:
+                    vectors[slot] = known
+                    continue
             key = (version, rows[: catalog.manifest.max_history].tobytes(), np.round(ages[: catalog.manifest.max_history], 1).tobytes())
             cached = self.user_cache.get(key)
             if cached is not None:
@@ -403,15 +409,20 @@ class Recommender(Model):
         metrics.STAGE_SECONDS.labels("tokenize").observe(time.perf_counter() - started)
         return await serving.towers.query_vectors(input_ids)
 
-    def _search(self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[np.ndarray]
+    def _search(self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
                 ) -> list[Recommendation]:
         results: list[Recommendation | None] = [None] * len(queries)
+        # A customer's own earlier purchases may come back (boosted, twotower.repeats) unless excluded.
+        repeats = [q.kind in ("customer_id", "history") and not q.options.exclude_purchased for q in queries]
         plain = [i for i, q in enumerate(queries) if q.options.plain and q.kind != "similar_to"]
         if plain:
             k = max(queries[i].k for i in plain)
             similarities, rows = catalog.search(vectors[plain], k)
             for j, i in enumerate(plain):
-                results[i] = self._recommendation(catalog, similarities[j, : queries[i].k], rows[j, : queries[i].k])
+                found = similarities[j, : queries[i].k], rows[j, : queries[i].k]
+                if repeats[i]:
+                    found = catalog.with_repeats(vectors[i], *found, bought[i], queries[i].k)
+                results[i] = self._recommendation(catalog, *found)
         for i, query in enumerate(queries):
             if results[i] is not None:
                 continue
@@ -421,10 +432,12 @@ class Recommender(Model):
             except FilterError as err:
                 raise InvalidInput(f"instances[{i}]: {err}") from err
             if options.exclude_purchased or query.kind == "similar_to":
-                allowed[bought[i]] = False
+                allowed[bought[i][0]] = False
             # A diversity cap drops results: fetch more so k usually remain.
             fetch = query.k if options.max_per_product_type is None else min(self.config.max_k, 5 * query.k)
             similarities, rows = catalog.search_masked(vectors[i], fetch, allowed)
+            if repeats[i]:
+                similarities, rows = catalog.with_repeats(vectors[i], similarities, rows, bought[i], fetch, allowed)
             if options.max_per_product_type is not None:
                 rows, similarities = cap_per_type(rows, similarities, catalog.filter_columns.product_type,
                                                   options.max_per_product_type, query.k)

@@ -48,12 +48,13 @@ def test_shop_page_shows_recommendations_and_search_results(browser, retriever, 
     group = page.eval_on_selector("#product-group", "e => e.value")
     page.fill("#query", "black jersey dress")
     page.press("#query", "Enter")
-    page.wait_for_function("document.getElementById('status').textContent.includes('black jersey dress')")
+    page.wait_for_function("document.getElementById('status').textContent.includes('items for \"black jersey dress\"')")
     cards = page.locator(".card")
     assert cards.count() >= 1
     clicked = cards.first.get_attribute("data-article-id")
     cards.first.click()
-    page.wait_for_function("document.getElementById('status').textContent.includes('more like')")
+    # "loading more like ..." shows first, with the previous cards still up: wait for the result line.
+    page.wait_for_function("document.getElementById('status').textContent.includes('items for more like')")
     ids = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.articleId)")
     assert ids and clicked not in ids
     groups = page.eval_on_selector_all(".card", "cards => cards.map(c => c.dataset.productGroup)")

@@ -72,8 +72,15 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     _, rows = after.search(after.vectors, 20)
     returned = set(rows[rows >= 0].tolist())
     assert old_changed_row not in returned and after.row_of[removed_id] not in returned
-    # Histories now point at the changed article's new row.
+    # Histories now point at the changed article's new row; those customers' stored vectors are
+    # marked stale (Triton recomputes them), every other customer keeps theirs.
     assert old_changed_row not in set(after.history_rows[after.history_rows >= 0].tolist())
+    touched = (before.history_rows == old_changed_row).any(axis=1)
+    assert touched.any()
+    customers = list(before.customer_row)
+    assert all(after.customer_vector(customers[i]) is None for i in np.flatnonzero(touched))
+    kept = np.flatnonzero(~touched)
+    assert len(kept) and all(np.array_equal(after.customer_vector(customers[i]), before.customer_vector(customers[i])) for i in kept)
 
 
 def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:

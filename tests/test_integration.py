@@ -137,13 +137,22 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
         assert top["prod_name"] == articles["prod_name"].iloc[row]
 
 
-def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int) -> list[list[str]]:
-    """The same computation in-process: TorchScript user tower + exact search over the item vectors."""
+def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int, bought: list | None = None) -> list[list[str]]:
+    """The same computation in-process: TorchScript user tower + exact search over the item vectors,
+    then (given what each query's customer bought) the index's repeat boost on their own purchases."""
+    from retriever.catalog import Catalog
+
     with torch.inference_mode():
         users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
-    vectors = np.load(pipeline.version_dir / artifacts.VECTORS_FILE)
-    ids = json.loads((pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"]
-    return [[ids[i] for i in np.argsort(-(vectors @ user))[:k]] for user in users]
+    catalog = Catalog(pipeline.index_dir)
+    results = []
+    for i, user in enumerate(users):
+        similarities = catalog.vectors @ user
+        rows = np.argsort(-similarities)[:k]
+        if bought is not None:
+            _, rows = catalog.with_repeats(user, similarities[rows], rows, bought[i], k)
+        results.append([catalog.article_ids[r] for r in rows])
+    return results
 
 
 def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline, retriever) -> None:
@@ -155,12 +164,41 @@ def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline,
     status, body = post(retriever.predict_url, {"instances": [{"history": history, "k": 10}, {"customer_id": customer, "k": 10}]})
     assert status == 200, body
     served = [[item["article_id"] for item in p["items"]] for p in body["predictions"]]
-    rows = catalog.rows_for(history)[::-1]
-    vectors, mask, ages = catalog.history_tensors([(rows, np.zeros(3, np.float32)), catalog.customer_history(customer)])
-    expected = reference_top_k(tiny_pipeline, {"history": vectors, "history_mask": mask, "history_age": ages}, 10)
+    bought = [(catalog.rows_for(history)[::-1], np.zeros(3, np.float32)), catalog.customer_history(customer)]
+    vectors, mask, ages = catalog.history_tensors(bought)
+    expected = reference_top_k(tiny_pipeline, {"history": vectors, "history_mask": mask, "history_age": ages}, 10, bought)
     assert served == expected
     scores = [item["score"] for item in body["predictions"][0]["items"]]
     assert all(0.0 < s < 1.0 for s in scores)
+
+
+def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipeline, retriever) -> None:
+    """Export stores each known customer's user vector; the retriever serves it without calling Triton."""
+    from retriever.catalog import Catalog
+
+    catalog = Catalog(tiny_pipeline.index_dir)
+    customers = list(catalog.customer_row)[:20]
+    vectors, mask, ages = catalog.history_tensors([catalog.customer_history(c) for c in customers])
+    with torch.inference_mode():
+        expected = local_tower(tiny_pipeline, "user_tower")(*(torch.from_numpy(t) for t in (vectors, mask, ages))).numpy()
+    stored = np.stack([catalog.customer_vector(c) for c in customers])
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+
+    def metrics() -> str:
+        return urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10).read().decode()
+
+    before = metrics()
+    status, body = post(retriever.predict_url, {"instances": [{"customer_id": customers[0], "k": 5}]})
+    assert status == 200, body
+    after = metrics()
+
+    def count(text: str, needle: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(needle))
+
+    hits = 'retriever_cache_lookups_total{cache="known_customer",result="hit"}'
+    assert count(after, hits) == count(before, hits) + 1
+    triton_calls = 'retriever_stage_seconds_count{stage="triton"}'
+    assert count(after, triton_calls) == count(before, triton_calls)
 
 
 def test_v2_protocol(retriever) -> None:

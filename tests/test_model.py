@@ -85,3 +85,33 @@ def test_hybrid_item_vectors_add_the_id_vector_only_where_known() -> None:
     dropped = model.hybrid(text, torch.tensor([1, 2, -1]), keep=torch.zeros(3))
     torch.testing.assert_close(dropped, text)
     assert build_model(ModelConfig(item_id_embeddings=False), n_items=4).item_ids is None
+
+
+def test_holdout_is_whole_last_days_of_returning_customers_and_never_trained_on(tmp_path: Path) -> None:
+    import numpy as np
+
+    from twotower.data.histories import training_examples
+    from twotower.train import split_examples
+
+    data = load_hm_dir(generate(tmp_path / "data", seed=3, n_articles=80, n_customers=120))
+    row_of = {a: i for i, a in enumerate(data.article_ids)}
+    examples = training_examples(data.transactions, row_of, max_history=5)
+    train_set, holdout = split_examples(examples)
+    last_day = examples.days.max()
+    assert (holdout.examples.days == last_day).all() and len(holdout.targets) > 0
+    held = set(holdout.examples.customers.tolist())
+    assert not ((train_set.days == last_day) & np.isin(train_set.customers, list(held))).any()
+    assert len(train_set) + len(holdout.examples) == len(examples)
+    # Each case's history holds earlier days only; its targets are everything bought that day.
+    assert (holdout.histories.age_days[:, 0] > 0).all()
+    assert sum(len(t) for t in holdout.targets) <= len(holdout.examples)
+
+
+def test_the_tower_trains_on_new_articles_and_the_repeat_boost_is_fitted(tmp_path: Path) -> None:
+    data = load_hm_dir(generate(tmp_path / "data", seed=2, n_articles=60, n_customers=80))
+    run = train(data, ModelConfig(), TrainConfig(epochs=2, text_epochs=1, max_steps=0), tmp_path / "run")
+    boost = json.loads((run / "repeat_boost.json").read_text())
+    assert set(boost) == {"bonus", "slope"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["holdout_map_at_12"]["with_repeat_boost"] >= metrics["holdout_map_at_12"]["without"]
+    assert metrics["epochs"][1]["examples_per_second"] > 0

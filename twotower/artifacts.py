@@ -9,8 +9,8 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
     index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
     items.json      column-oriented item metadata, row i = FAISS id i
-    histories.npz   known customers' last L purchases (see twotower.data.histories)
-    score_head.json weights of the 2-layer score head (cosine -> score), evaluated with numpy
+    histories.npz   known customers' last L purchases (see twotower.data.histories) and their user vectors
+    score_head.json weights of the 2-layer score head (cosine -> score) and the repeat boost, evaluated with numpy
     excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
 
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from twotower.config import write_json
+from twotower.repeats import RepeatBoost
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -132,19 +133,22 @@ def tower_file(repository: Path | str, manifest: Manifest, model: str) -> Path:
 
 @dataclasses.dataclass
 class ScoreHeadWeights:
-    """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2)."""
+    """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2), and the boost an
+    article the customer bought before gets on its cosine (twotower.repeats)."""
 
     w1: np.ndarray  # [H]
     b1: np.ndarray  # [H]
     w2: np.ndarray  # [H]
     b2: float
+    repeat: RepeatBoost = RepeatBoost()
 
     def __call__(self, cosine: np.ndarray) -> np.ndarray:
         hidden = np.maximum(cosine[..., None] * self.w1 + self.b1, 0.0)
         return 1.0 / (1.0 + np.exp(-(hidden @ self.w2 + self.b2)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"w1": self.w1.tolist(), "b1": self.b1.tolist(), "w2": self.w2.tolist(), "b2": float(self.b2)}
+        return {"w1": self.w1.tolist(), "b1": self.b1.tolist(), "w2": self.w2.tolist(), "b2": float(self.b2),
+                "repeat": self.repeat.to_json()}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "ScoreHeadWeights":
@@ -153,6 +157,7 @@ class ScoreHeadWeights:
             np.asarray(raw["b1"], dtype=np.float32),
             np.asarray(raw["w2"], dtype=np.float32),
             float(raw["b2"]),
+            RepeatBoost.from_json(raw.get("repeat")),  # indexes written before repeats: no boost
         )
 
 

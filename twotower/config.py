@@ -42,11 +42,15 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings; a run is reproducible from (config, seed)."""
 
-    epochs: int = 3
+    epochs: int = 6
+    text_epochs: int = 1  # epochs that fine-tune the text tower; later ones train ids + user tower on its frozen vectors
     batch_size: int = 128
     lr: float = 3e-4
     weight_decay: float = 0.01
     temperature: float = 0.1
+    logq_correction: bool = True  # subtract log(target frequency) from in-batch logits: scores estimate P(item | user), not lift
+    repeat_targets: bool = False  # also train the towers on buying an article again (the repeat boost ranks those)
+    item_id_lr: float = 3e-3  # id vectors start at zero and each row is updated only when its article is in a batch
     score_head_lr: float = 1e-2  # a 2-layer MLP on one scalar: it needs a far larger step than the towers
     seed: int = 0
     max_steps: int = 0  # 0 = no cap; handy for smoke runs on big data
@@ -133,6 +137,7 @@ class RetrieverConfig:
     ivf_nprobe: int = 16
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
     index_poll_s: float = 2.0  # how often to check an index root's CURRENT for a new version (0 = never)
+    known_customer_vectors: bool = True  # answer customer_id requests from the user vectors export stored (no Triton call)
     vector_cache_size: int = 10_000  # user vectors (by history) and text-query vectors kept per cache (0 = off)
     max_live_customers: int = 100_000  # customers whose posted purchases are kept in memory
     max_live_items: int = 100  # posted purchases kept per customer

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from twotower import repeats
 from twotower.config import ModelConfig, TrainConfig, add_arguments, from_arguments, write_json
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.data.histories import Histories, TrainingExamples, training_examples
@@ -39,6 +41,7 @@ RUN_CONFIG = "config.json"
 RUN_WEIGHTS = "model.pt"
 RUN_METRICS = "metrics.json"
 RUN_ITEM_IDS = "item_ids.json"  # article_id of each row of the id-embedding table
+RUN_REPEAT_BOOST = "repeat_boost.json"  # twotower.repeats.RepeatBoost fitted on the held-out purchases
 
 
 def seed_everything(seed: int) -> None:
@@ -47,29 +50,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def embed_items(model: TwoTowerModel, tokens: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Indexed (hybrid) vectors of catalogue `rows`, without gradients."""
+def embed_text(model: TwoTowerModel, tokens: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Text-tower vectors of catalogue `rows`, without gradients."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        text = torch.cat([model.item_tower(tokens[rows[i : i + batch_size]]) for i in range(0, len(rows), batch_size)])
-        out = model.hybrid(text, rows)
+        out = torch.cat([model.item_tower(tokens[rows[i : i + batch_size]]) for i in range(0, len(rows), batch_size)])
     model.train(was_training)
     return out
 
 
-def history_tensors(histories: Histories, item_table: torch.Tensor, index: np.ndarray) -> tuple[torch.Tensor, ...]:
+def history_tensors(histories: Histories, item_vectors: Callable[[torch.Tensor], torch.Tensor], index: np.ndarray
+                    ) -> tuple[torch.Tensor, ...]:
+    """User-tower inputs for examples `index`; `item_vectors` maps catalogue rows to indexed item vectors."""
     rows = torch.from_numpy(histories.rows[index])
     mask = (rows >= 0).float()
-    vectors = item_table[rows.clamp(min=0)] * mask.unsqueeze(-1)
+    vectors = item_vectors(rows.clamp(min=0)) * mask.unsqueeze(-1)
     return vectors, mask, torch.from_numpy(histories.age_days[index])
 
 
-def contrastive_loss(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch softmax; another row with the same target article is not a negative."""
+def contrastive_loss(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     log_frequency: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch softmax; another row with the same target article is not a negative.
+
+    In-batch negatives are drawn as often as articles are bought, so the plain softmax learns
+    lift (popular articles pushed down). With `log_frequency` (logQ correction) each column's
+    logit is lowered by log(its sampling frequency) during training only, and the cosine itself
+    learns to rank by purchase likelihood, which is what full-catalogue retrieval needs.
+    """
     cosine = users @ items.T
     same_item = (targets.unsqueeze(0) == targets.unsqueeze(1)) & ~torch.eye(len(targets), dtype=torch.bool)
-    logits = (cosine / temperature).masked_fill(same_item, float("-inf"))
+    logits = cosine / temperature
+    if log_frequency is not None:
+        logits = logits - log_frequency[targets].unsqueeze(0)
+    logits = logits.masked_fill(same_item, float("-inf"))
     labels = torch.arange(len(targets))
     return F.cross_entropy(logits, labels), cosine
 
@@ -83,7 +97,7 @@ def score_head_loss(model: TwoTowerModel, cosine: torch.Tensor) -> torch.Tensor:
 
 
 def recall_at_k(model: TwoTowerModel, examples: TrainingExamples, item_table: torch.Tensor, rows: np.ndarray, k: int = 10) -> float:
-    """Held-out recall@k against all items the training data knows (`rows`)."""
+    """Held-out recall@k against all items the training data knows (`rows`); `item_table` holds indexed vectors."""
     if len(examples) == 0:
         return float("nan")
     model.eval()
@@ -92,24 +106,73 @@ def recall_at_k(model: TwoTowerModel, examples: TrainingExamples, item_table: to
     with torch.no_grad():
         for start in range(0, len(examples), 512):
             index = np.arange(start, min(start + 512, len(examples)))
-            users = model.user_tower(*history_tensors(examples.histories, item_table, index))
+            users = model.user_tower(*history_tensors(examples.histories, item_table.__getitem__, index))
             top = (users @ candidates.T).topk(min(k, len(rows)), dim=1).indices.numpy()
             hits += int((rows[top] == examples.targets[index, None]).any(axis=1).sum())
     model.train()
     return hits / len(examples)
 
 
-def split_examples(examples: TrainingExamples, max_holdout: int = 2000) -> tuple[TrainingExamples, TrainingExamples]:
-    """Hold out the latest purchases (never a random split: the future must not leak)."""
-    order = np.argsort(examples.days, kind="stable")
-    n_holdout = min(max_holdout, max(1, len(order) // 10))
-    parts = order[:-n_holdout], order[-n_holdout:]
+@dataclasses.dataclass
+class Holdout:
+    """Held-out examples, and the same purchases as whole-day cases for fitting the repeat boost:
+    history = what the customer bought before that day, targets = everything they bought on it
+    (the evaluation's protocol, one day earlier)."""
 
-    def take(index: np.ndarray) -> TrainingExamples:
-        h = examples.histories
-        return TrainingExamples(Histories(h.rows[index], h.age_days[index]), examples.targets[index], examples.days[index])
+    examples: TrainingExamples
+    histories: Histories
+    targets: list[set[int]]
 
-    return take(parts[0]), take(parts[1])
+
+def split_examples(examples: TrainingExamples, max_customers: int = 2000, seed: int = 0
+                   ) -> tuple[TrainingExamples, Holdout]:
+    """Hold out the last day's purchases of up to `max_customers` customers who had bought before that day.
+
+    Never a random split of purchases: a held-out customer's whole last day is unseen in training.
+    """
+    last_day = examples.days.max()
+    on_last = examples.days == last_day
+    # A customer's first purchase of that day has only earlier days in its history (most recent age > 0).
+    first_of_day = on_last & (examples.histories.age_days[:, 0] > 0)
+    eligible = np.unique(examples.customers[first_of_day])
+    if len(eligible) == 0 or len(eligible) == len(np.unique(examples.customers)):
+        eligible = np.unique(examples.customers[on_last])[:1]  # tiny data: keep at least one case, train on the rest
+    count = min(max_customers, max(1, len(eligible) // 2))  # small data sets keep most of their last day
+    chosen = np.random.default_rng(seed).choice(eligible, count, replace=False)
+    held = on_last & np.isin(examples.customers, chosen)
+    holdout = examples.take(np.flatnonzero(held))
+    starts = np.flatnonzero(np.r_[True, holdout.customers[1:] != holdout.customers[:-1]])
+    targets = [set(map(int, part)) for part in np.split(holdout.targets, starts[1:])]
+    h = holdout.histories
+    return examples.take(np.flatnonzero(~held)), Holdout(holdout, Histories(h.rows[starts], h.age_days[starts]), targets)
+
+
+def fit_repeat_boost(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tensor, rows: np.ndarray
+                     ) -> tuple[repeats.RepeatBoost, float, float]:
+    """Fit the boost for own earlier purchases on the held-out days; candidates = the articles training knows.
+
+    Returns (boost, MAP@12 with it, MAP@12 without it).
+    """
+    model.eval()
+    candidates = item_table[torch.from_numpy(rows)]
+    n = len(holdout.targets)
+    with torch.no_grad():
+        users = torch.cat([model.user_tower(*history_tensors(holdout.histories, item_table.__getitem__,
+                                                             np.arange(s, min(s + 512, n))))
+                           for s in range(0, n, 512)])
+    model.train()
+
+    def search(case: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        top = (candidates @ users[case]).topk(min(n, len(rows)))
+        return top.values.numpy(), rows[top.indices.numpy()]
+
+    def cosine(case: int, found: np.ndarray) -> np.ndarray:
+        return (item_table[torch.from_numpy(found)] @ users[case]).numpy()
+
+    histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
+    boost, with_boost = repeats.fit(search, cosine, histories, holdout.targets)
+    without = repeats.fit(search, cosine, histories, holdout.targets, grid=[(0.0, 0.0)])[1]
+    return boost, with_boost, without
 
 
 def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, out: Path, force: bool = False) -> Path:
@@ -129,10 +192,17 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     examples = training_examples(transactions, row_of, model_config.max_history)
     if len(examples) < 2:
         raise ValueError(f"{data.source}: need at least 2 customers with 2+ purchases to train, found {len(examples)} examples")
-    train_set, holdout = split_examples(examples)
+    train_set, holdout = split_examples(examples, seed=train_config.seed)
+    if not train_config.repeat_targets:
+        again = (train_set.histories.rows == train_set.targets[:, None]).any(axis=1)
+        log.info("%d of %d training purchases are of an article the customer already had: left to the repeat boost",
+                 int(again.sum()), len(train_set))
+        train_set = train_set.take(np.flatnonzero(~again))
+    if len(train_set) < 2:
+        raise ValueError(f"{data.source}: only {len(train_set)} training examples left after holding out the last day")
     used_rows = np.unique(np.concatenate([examples.targets, examples.histories.rows[examples.histories.rows >= 0]]))
     log.info("%d articles, %d purchases -> %d training / %d held-out examples over %d distinct articles",
-             len(row_of), len(transactions), len(train_set), len(holdout), len(used_rows))
+             len(row_of), len(transactions), len(train_set), len(holdout.examples), len(used_rows))
 
     captions = build_captions(data.articles.iloc[used_rows])
     tokenizer = get_tokenizer(model_config.clip_model)
@@ -140,22 +210,37 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     tokens = torch.zeros((len(row_of), tokens_used.shape[1]), dtype=torch.long)
     tokens[torch.from_numpy(used_rows)] = tokens_used
 
-    model = build_model(model_config, n_items=len(row_of))
+    # Id vectors only for articles that appear in training: the others would never get a gradient, and
+    # a smaller table keeps each optimiser step cheap. id_row maps catalogue rows to table rows (-1: none).
+    model = build_model(model_config, n_items=len(used_rows))
+    id_row = torch.full((len(row_of) + 1,), -1, dtype=torch.long)  # index -1 (padding) stays -1
+    id_row[torch.from_numpy(used_rows)] = torch.arange(len(used_rows))
     model.train()
     head = list(model.score_head.parameters())
-    towers = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
+    ids = list(model.item_ids.parameters()) if model.item_ids is not None else []
+    towers = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head + ids)]
     optimiser = torch.optim.AdamW(
-        [{"params": towers}, {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0}],
+        [{"params": towers}, {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0},
+         {"params": ids, "lr": train_config.item_id_lr, "weight_decay": 0.0}],
         lr=train_config.lr, weight_decay=train_config.weight_decay,
     )
+    log_frequency = None
+    if train_config.logq_correction:
+        counts = np.bincount(train_set.targets, minlength=len(row_of)).astype(np.float64)
+        log_frequency = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float()
     generator = np.random.default_rng(train_config.seed)
-    item_table = torch.zeros((len(row_of), model_config.embed_dim))
+    # Text vectors of the articles in histories: a per-epoch snapshot (cheap, stable targets). The id part
+    # is added live, so histories see the id vectors as they learn, exactly as the index will hold them.
+    text_table = torch.zeros((len(row_of), model_config.embed_dim))
+
+    def history_item_vectors(rows: torch.Tensor) -> torch.Tensor:
+        return model.hybrid(text_table[rows], id_row[rows])
+
+    used = torch.from_numpy(used_rows)
+    text_table[used] = embed_text(model, tokens, used, train_config.item_batch_size)
     epochs: list[dict] = []
     step = 0
     for epoch in range(train_config.epochs):
-        # History vectors come from a per-epoch snapshot of the item tower: cheap, and stable targets.
-        used = torch.from_numpy(used_rows)
-        item_table[used] = embed_items(model, tokens, used, train_config.item_batch_size)
         order = generator.permutation(len(train_set))
         batches = [order[i : i + train_config.batch_size] for i in range(0, len(order), train_config.batch_size)]
         batches = [b for b in batches if len(b) >= 2]
@@ -163,10 +248,13 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         progress = tqdm(batches, desc=f"epoch {epoch + 1}/{train_config.epochs}", unit="batch", disable=None)
         for index in progress:
             targets = torch.from_numpy(train_set.targets[index])
-            users = model.user_tower(*history_tensors(train_set.histories, item_table, index))
+            users = model.user_tower(*history_tensors(train_set.histories, history_item_vectors, index))
             keep = (torch.rand(len(targets)) >= model_config.item_id_dropout).float()
-            items = model.hybrid(model.item_tower(tokens[targets]), targets, keep)
-            loss, cosine = contrastive_loss(users, items, targets, train_config.temperature)
+            # After `text_epochs` the text tower is frozen: its snapshot vectors stand in, and a step
+            # costs the user tower and the id vectors only (~10x cheaper on CPU).
+            text = model.item_tower(tokens[targets]) if epoch < train_config.text_epochs else text_table[targets]
+            items = model.hybrid(text, id_row[targets], keep)
+            loss, cosine = contrastive_loss(users, items, targets, train_config.temperature, log_frequency)
             total = loss + score_head_loss(model, cosine)
             optimiser.zero_grad(set_to_none=True)
             total.backward()
@@ -179,12 +267,16 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
                 break
         seconds = time.perf_counter() - started
         n_seen = sum(len(b) for b in batches[: len(losses)])
-        item_table[used] = embed_items(model, tokens, used, train_config.item_batch_size)
+        if epoch < train_config.text_epochs:  # the text tower moved: refresh its snapshot
+            text_table[used] = embed_text(model, tokens, used, train_config.item_batch_size)
+        with torch.no_grad():
+            item_table = torch.zeros_like(text_table)
+            item_table[used] = model.hybrid(text_table[used], id_row[used])
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
             "in_batch_accuracy": float(np.mean(accuracies)),
-            "holdout_recall_at_10": recall_at_k(model, holdout, item_table, used_rows),
+            "holdout_recall_at_10": recall_at_k(model, holdout.examples, item_table, used_rows),
             "examples_per_second": n_seen / seconds if seconds > 0 else float("nan"),
             "seconds": seconds,
         }
@@ -194,6 +286,10 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
                  record["examples_per_second"])
         if train_config.max_steps and step >= train_config.max_steps:
             break
+
+    boost, with_boost, without = fit_repeat_boost(model, holdout, item_table, used_rows)
+    log.info("repeat boost for own earlier purchases: bonus %.2f, slope %.2f (held-out MAP@12 %.4f, %.4f without)",
+             boost.bonus, boost.slope, with_boost, without)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -205,8 +301,10 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "context_length": context_length_of(model_config.clip_model),
         })
         torch.save(model.state_dict(), staging / RUN_WEIGHTS)
-        write_json(staging / RUN_ITEM_IDS, data.article_ids)
-        write_json(staging / RUN_METRICS, {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout)})
+        write_json(staging / RUN_ITEM_IDS, [data.article_ids[r] for r in used_rows])
+        write_json(staging / RUN_REPEAT_BOOST, boost.to_json())
+        write_json(staging / RUN_METRICS, {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout.examples),
+                                           "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without}})
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -31,9 +31,15 @@ class TrainingExamples:
     histories: Histories
     targets: np.ndarray  # int64 [N] catalogue rows
     days: np.ndarray  # int64 [N] day number of the target purchase
+    customers: np.ndarray  # int64 [N] the buyer's number (examples of one customer are consecutive, in order)
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def take(self, index: np.ndarray) -> "TrainingExamples":
+        h = self.histories
+        return TrainingExamples(Histories(h.rows[index], h.age_days[index]), self.targets[index], self.days[index],
+                                self.customers[index])
 
 
 def day_numbers(dates: pd.Series) -> np.ndarray:
@@ -68,14 +74,16 @@ def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_hi
     ages = np.zeros((total, max_history), dtype=np.float32)
     targets = np.empty(total, dtype=np.int64)
     target_days = np.empty(total, dtype=np.int64)
+    buyers = np.empty(total, dtype=np.int64)
     i = 0
-    for group_rows, group_days in zip(row_groups, day_groups):
+    for customer, (group_rows, group_days) in enumerate(zip(row_groups, day_groups)):
         for position in range(1, len(group_rows)):
             _fill(rows, ages, i, group_rows[:position], group_days[:position], int(group_days[position]))
             targets[i] = group_rows[position]
             target_days[i] = group_days[position]
+            buyers[i] = customer
             i += 1
-    return TrainingExamples(Histories(rows, ages), targets, target_days)
+    return TrainingExamples(Histories(rows, ages), targets, target_days, buyers)
 
 
 def latest_histories(

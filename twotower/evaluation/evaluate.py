@@ -76,9 +76,19 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     served, exact = TwoTower(split, catalog, user_tower), TwoTower(split, catalog, user_tower, exact=True)
     results[served.name], ann_ranked = score_ranker(served, split)
     results[exact.name], exact_ranked = score_ranker(exact, split)
+    if catalog.score_head.repeat.active:  # what the towers alone rank, for comparison
+        towers_only = TwoTower(split, catalog, user_tower, exact=True, repeat_boost=False)
+        results[towers_only.name] = score_ranker(towers_only, split)[0]
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
+    ours, theirs = results[served.name], results[best]
+    targets = {
+        "recall@100 >= 1.2 x best baseline": ours["recall@100"] >= 1.2 * theirs["recall@100"],
+        "recall@12 >= best baseline": ours["recall@12"] >= theirs["recall@12"],
+        "map@12 >= best baseline": ours["map@12"] >= theirs["map@12"],
+        "cold recall@100 > 0": ours["cold_recall@100"] > 0,
+    }
     return {
         "data": data.source,
         "split": split.describe(),
@@ -87,9 +97,12 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         "cases": len(split.customers),
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
         "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
-                 f"trained until {manifest.trained_until or 'end of data'}",
+                 f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
+                 f"{catalog.score_head.repeat.bonus:g} - {catalog.score_head.repeat.slope:g} * log1p(days)",
         "rankers": results,
         "best_baseline": best,
+        "served": served.name,
+        "targets": targets,
         "ann_recall_at_100": ann_recall,
         "command": command,
     }

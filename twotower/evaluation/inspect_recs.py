@@ -4,7 +4,7 @@
         --index-dir artifacts/index --model-repository model_repository --customers 5
 
 Uses the same split and the same served artifacts as the evaluation; items the customer then
-bought on the target day are marked with `*`.
+bought on the target day are marked with `*`, their own earlier purchases recommended again with `+`.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         recommended = ranker.rank(int(case), args.k)
         print(f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
               f"{len(split.targets[case])} on the target day)")
-        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day)")
+        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before)")
         for i in range(max(len(history[: args.k]), len(recommended))):
             left = textwrap.shorten(captions[history[i]], width) if i < len(history[: args.k]) else ""
             right = ""
             if i < len(recommended):
-                mark = "*" if recommended[i] in split.targets[case] else " "
+                mark = ("*" if recommended[i] in split.targets[case] else " ") + ("+" if recommended[i] in history else " ")
                 right = f"{mark} {textwrap.shorten(captions[recommended[i]], width)}"
             print(f"{left:<{width}} | {right}")
     return 0

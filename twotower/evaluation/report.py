@@ -33,6 +33,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"Best baseline by recall@100: **{result['best_baseline']}**. "
         f"ANN recall of the served index vs exact search (top-100 overlap): {result['ann_recall_at_100']:.4f}.",
         "",
+    ]
+    if "targets" in result:
+        lines += [f"Targets (served ranker **{result['served']}** against the best baseline):", ""]
+        lines += [f"- {name}: {'met' if met else 'NOT met'}" for name, met in result["targets"].items()]
+        lines.append("")
+    lines += [
         "`hr@10_sampled100` is the classic leave-one-out protocol (one held-out purchase ranked against 100",
         "random articles) reported so the numbers can be set beside published ones; it is a much easier",
         "protocol than full-catalogue ranking and flatters every model.",

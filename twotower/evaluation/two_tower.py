@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from retriever.catalog import Catalog
-from twotower import artifacts
+from twotower import artifacts, repeats
 from twotower.evaluation.baselines import Ranker
 from twotower.evaluation.split import TemporalSplit
 
@@ -18,14 +18,20 @@ def load_user_tower(model_repository: Path, manifest: artifacts.Manifest) -> tor
 
 
 class TwoTower(Ranker):
-    """Ranks with FAISS (as the retriever does) or, with exact=True, by brute force over all vectors."""
+    """Ranks with FAISS (as the retriever does) or, with exact=True, by brute force over all vectors.
+
+    Either way the customer's own earlier purchases compete with their boosted cosine, as served.
+    """
 
     def __init__(self, split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.ScriptModule, exact: bool = False,
-                 batch_size: int = 256):
+                 batch_size: int = 256, repeat_boost: bool = True):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
+        if not repeat_boost:
+            self.name = self.name.replace("two-tower", "two-tower without repeat boost")
         self.catalog, self.exact = catalog, exact
+        self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
         histories = split.histories(catalog.manifest.max_history)
-        pairs = [(rows[rows >= 0], ages[rows >= 0]) for rows, ages in zip(histories.rows, histories.age_days)]
+        self.pairs = pairs = [(rows[rows >= 0], ages[rows >= 0]) for rows, ages in zip(histories.rows, histories.age_days)]
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(pairs), batch_size):
@@ -34,10 +40,16 @@ class TwoTower(Ranker):
         self.users = np.concatenate(chunks) if chunks else np.zeros((0, catalog.manifest.dim), np.float32)
 
     def scores(self, case: int) -> np.ndarray:
-        return (self.catalog.vectors @ self.users[case]).astype(np.float64)
+        scores = (self.catalog.vectors @ self.users[case]).astype(np.float64)
+        if self.boost.active:
+            rows, ages = repeats.latest_purchases(*self.pairs[case])
+            scores[rows] += self.boost(ages)
+        return scores
 
     def rank(self, case: int, k: int) -> np.ndarray:
         if self.exact:
             return super().rank(case, k)
-        _, rows = self.catalog.search(self.users[case : case + 1], k)
-        return rows[0][rows[0] >= 0]
+        similarities, rows = self.catalog.search(self.users[case : case + 1], k)
+        if self.boost.active:
+            _, rows = self.catalog.with_repeats(self.users[case], similarities[0], rows[0], self.pairs[case], k)
+        return rows[rows >= 0]

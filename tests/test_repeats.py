@@ -1,0 +1,55 @@
+"""The repeat boost: own earlier purchases merged into a search result (twotower.repeats)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twotower import repeats
+from twotower.artifacts import ScoreHeadWeights
+
+
+def test_latest_purchases_keeps_the_youngest_age_of_each_article() -> None:
+    rows, ages = repeats.latest_purchases(np.array([7, 3, 7, -1]), np.array([0.0, 1.0, 4.0, 0.0]))
+    assert dict(zip(rows.tolist(), ages.tolist())) == {3: 1.0, 7: 0.0}
+
+
+def test_merge_ranks_boosted_purchases_among_search_hits_without_duplicates() -> None:
+    similarities, rows = np.array([0.9, 0.8, 0.7, 0.0]), np.array([10, 11, 12, -1])
+    scores, merged = repeats.merge(similarities, rows, np.array([11, 20]), np.array([0.95, 0.75]), k=4)
+    assert merged.tolist() == [11, 10, 20, 12]
+    assert scores.tolist() == np.float32([0.95, 0.9, 0.75, 0.7]).tolist()
+
+
+def test_boost_fades_with_age_and_round_trips_through_the_score_head_json() -> None:
+    boost = repeats.RepeatBoost(bonus=0.5, slope=0.1)
+    values = boost(np.array([0.0, 1.0, 30.0]))
+    assert values[0] == np.float32(0.5) and values[0] > values[1] > values[2]
+    head = ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, boost)
+    assert ScoreHeadWeights.from_json(head.to_json()).repeat == boost
+    legacy = {k: v for k, v in head.to_json().items() if k != "repeat"}
+    assert not ScoreHeadWeights.from_json(legacy).repeat.active  # indexes written before boosts
+
+
+def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(200, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    users = rng.normal(size=(50, 8)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    histories = [(rng.choice(200, 5, replace=False), np.arange(5, dtype=np.float32)) for _ in range(50)]
+
+    def search(case: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = vectors @ users[case]
+        top = np.argsort(-scores)[:n]
+        return scores[top], top
+
+    def cosine(case: int, rows: np.ndarray) -> np.ndarray:
+        return vectors[rows] @ users[case]
+
+    again = [{int(h[0][0])} for h in histories]  # each buys their latest article again
+    boost, value = repeats.fit(search, cosine, histories, again)
+    _, unboosted = repeats.fit(search, cosine, histories, again, grid=[(0.0, 0.0)])
+    assert boost.bonus > 0 and boost.slope > 0 and value > unboosted + 0.3
+    novel = [{int(search(c, 1)[1][0])} - set(histories[c][0].tolist()) or {199} for c in range(50)]
+    boost, _ = repeats.fit(search, cosine, histories, novel)
+    assert boost.bonus <= 0.05, boost
