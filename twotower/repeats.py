@@ -46,16 +46,19 @@ class RepeatBoost:
 
 def latest_purchases(rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct articles of a history (rows most recent first, -1 = padding) with their youngest age."""
-    keep = rows >= 0
-    rows, ages = rows[keep], ages[keep]
-    unique, first = np.unique(rows, return_index=True)  # first occurrence = most recent purchase
-    return unique, ages[first]
+    youngest: dict[int, float] = {}
+    for row, age in zip(rows.tolist(), ages.tolist()):  # a few dozen items: plain Python beats np.unique here
+        if row >= 0 and row not in youngest:
+            youngest[row] = age
+    return (np.fromiter(youngest.keys(), dtype=np.int64, count=len(youngest)),
+            np.fromiter(youngest.values(), dtype=np.float32, count=len(youngest)))
 
 
 def merge(similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, repeat_scores: np.ndarray, k: int
           ) -> tuple[np.ndarray, np.ndarray]:
     """Top k of a search result (-1 rows ignored) and boosted own purchases; a boosted row wins over its search hit."""
-    keep = (rows >= 0) & ~np.isin(rows, repeat_rows)
+    repeated = set(repeat_rows.tolist())
+    keep = [i for i, row in enumerate(rows.tolist()) if row >= 0 and row not in repeated]
     all_scores = np.concatenate([similarities[keep], repeat_scores]).astype(np.float32)
     all_rows = np.concatenate([rows[keep], repeat_rows]).astype(np.int64)
     order = np.argsort(-all_scores, kind="stable")[:k]
