@@ -47,9 +47,8 @@ def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do(
         return vectors[rows] @ users[case]
 
     again = [{int(h[0][0])} for h in histories]  # each buys their latest article again
-    boost, value = repeats.fit(search, cosine, histories, again)
-    _, unboosted = repeats.fit(search, cosine, histories, again, grid=[(0.0, 0.0)])
+    boost, value, unboosted = repeats.fit(search, cosine, histories, again)
     assert boost.bonus > 0 and boost.slope > 0 and value > unboosted + 0.3
     novel = [{int(search(c, 1)[1][0])} - set(histories[c][0].tolist()) or {199} for c in range(50)]
-    boost, _ = repeats.fit(search, cosine, histories, novel)
+    boost, _, _ = repeats.fit(search, cosine, histories, novel)
     assert boost.bonus <= 0.05, boost

@@ -72,8 +72,8 @@ def fit(
     targets: list[set[int]],
     k: int = 12,
     grid: Iterable[tuple[float, float]] = tuple(itertools.product(BONUS_GRID, SLOPE_GRID)),
-) -> tuple[RepeatBoost, float]:
-    """The (bonus, slope) with the best MAP@k over the cases, and that MAP.
+) -> tuple[RepeatBoost, float, float]:
+    """The (bonus, slope) with the best MAP@k over the cases, that MAP, and the MAP without a boost.
 
     search(case, n) -> (similarities, rows) of the n nearest articles; cosine(case, rows) -> their
     similarities; histories[case] = (rows most recent first, ages in days).
@@ -85,11 +85,13 @@ def fit(
         repeat_rows, repeat_ages = latest_purchases(rows, ages)
         similarities, found = search(case, k + len(repeat_rows))
         prepared.append((similarities, found, repeat_rows, repeat_ages, cosine(case, repeat_rows)))
-    best, best_map = RepeatBoost(), -1.0
-    for bonus, slope in grid:
+    best, best_map, unboosted = RepeatBoost(), -1.0, 0.0
+    for bonus, slope in dict.fromkeys([(0.0, 0.0), *grid]):  # no boost first: ties keep it
         boost = RepeatBoost(bonus, slope)
         ranked = [merge(s, r, rr, rc + boost(ra), k)[1] for s, r, rr, ra, rc in prepared]
         value = map_at_k(ranked, targets, k)
+        if not boost.active:
+            unboosted = value
         if value > best_map + 1e-9:
             best, best_map = boost, value
-    return best, best_map
+    return best, best_map, unboosted

@@ -170,9 +170,7 @@ def fit_repeat_boost(model: TwoTowerModel, holdout: Holdout, item_table: torch.T
         return (item_table[torch.from_numpy(found)] @ users[case]).numpy()
 
     histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
-    boost, with_boost = repeats.fit(search, cosine, histories, holdout.targets)
-    without = repeats.fit(search, cosine, histories, holdout.targets, grid=[(0.0, 0.0)])[1]
-    return boost, with_boost, without
+    return repeats.fit(search, cosine, histories, holdout.targets)
 
 
 def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, out: Path, force: bool = False) -> Path:
