@@ -57,6 +57,7 @@ class Catalog:
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
         self.hnsw_ef_search = hnsw_ef_search
+        self.ivf_nprobe = ivf_nprobe
         self.exact_search_limit = exact_search_limit
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
@@ -74,6 +75,8 @@ class Catalog:
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
         self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         self.filter_columns = FilterColumns(self.items)
+        # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
+        self.products = repeats.Products(self.items["product_code"]) if "product_code" in self.items else None
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
             customer_ids = histories["customer_ids"]
             self.history_rows = histories["rows"]
@@ -138,14 +141,15 @@ class Catalog:
     def with_repeats(self, user: np.ndarray, similarities: np.ndarray, rows: np.ndarray, bought: Purchases, k: int,
                      allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A search result merged with the customer's own earlier purchases, ranked by cosine + the
-        index's repeat boost (twotower.repeats); removed articles and ones `allowed` forbids stay out."""
+        index's repeat boost, and with other colours of those products (twotower.repeats); removed articles
+        and ones `allowed` forbids stay out."""
         boost = self.score_head.repeat
         if not boost.active or len(bought[0]) == 0:
             return similarities[:k], rows[:k]
-        repeat_rows, ages = repeats.latest_purchases(*bought)
-        visible = ~self.excluded[repeat_rows] if allowed is None else ~self.excluded[repeat_rows] & allowed[repeat_rows]
-        repeat_rows, ages = repeat_rows[visible], ages[visible]
-        return repeats.merge(similarities, rows, repeat_rows, self.vectors[repeat_rows] @ user + boost(ages), k)
+        boosted, boosts = repeats.candidates(bought, boost, self.products)
+        visible = ~self.excluded[boosted] if allowed is None else ~self.excluded[boosted] & allowed[boosted]
+        boosted, boosts = boosted[visible], boosts[visible]
+        return repeats.merge(similarities, rows, boosted, self.vectors[boosted] @ user + boosts, k)
 
     def history_tensors(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pad (rows most-recent-first, ages) pairs into the user tower's fixed [B, L, D] inputs."""
@@ -175,17 +179,22 @@ class Catalog:
     def search_plan(self, allowed: np.ndarray) -> str:
         """How `search_masked` will search for this mask (already combined with the excluded rows):
         overfetch (few rows hidden: search the index for k + hidden and drop them), exact (few rows
-        allowed: inner products over just them), or hnsw+selector (the graph restricted to allowed ids)."""
+        allowed: inner products over just them), or hnsw+selector / ivf+selector (the index restricted to
+        allowed ids)."""
         n_allowed = int(allowed.sum())
         if len(allowed) - n_allowed <= EXCLUDED_OVERFETCH_LIMIT:
             return "overfetch"
-        if n_allowed <= self.exact_search_limit or not hasattr(self.index, "hnsw"):
-            return "exact"
-        return "hnsw+selector"
+        if n_allowed > self.exact_search_limit:
+            if hasattr(self.index, "hnsw"):
+                return "hnsw+selector"
+            if hasattr(self.index, "nprobe"):
+                return "ivf+selector"
+        return "exact"
 
     def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector;
-        rows are -1 past the last result. With HNSW the selector path raises efSearch by 1/selectivity^2."""
+        rows are -1 past the last result. The selector paths widen the search as fewer rows are allowed:
+        HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity (allowed rows are spread over the lists)."""
         allowed = allowed & ~self.excluded
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         plan = self.search_plan(allowed)
@@ -206,12 +215,18 @@ class Catalog:
             similarities[:top], rows[:top] = scores[best], candidates[best]
             return similarities, rows
         bitmap = np.packbits(allowed, bitorder="little")
-        params = faiss.SearchParametersHNSW()
-        params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
-        # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
         selectivity = len(candidates) / len(allowed)
-        params.efSearch = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
+        params: faiss.SearchParameters
+        if plan == "hnsw+selector":
+            params = faiss.SearchParametersHNSW()
+            # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
+            # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
+            params.efSearch = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
+        else:
+            params = faiss.SearchParametersIVF()
+            # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search.
+            params.nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe / selectivity)))
+        params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
         found_similarities, found_rows = self.index.search(query, k, params=params)
         return found_similarities[0], found_rows[0]
 

@@ -145,6 +145,21 @@ def test_histories_are_most_recent_first_with_ages() -> None:
     assert histories.lengths.tolist()[a] == 3
 
 
+def test_earlier_days_only_histories_skip_the_same_basket() -> None:
+    frame = pd.DataFrame({
+        "t_dat": pd.to_datetime(["2020-09-16", "2020-09-18", "2020-09-18", "2020-09-20"]),
+        "customer_id": ["a", "a", "a", "a"],
+        "article_id": ["x", "y", "z", "w"],
+    })
+    row_of = {"x": 0, "y": 1, "z": 2, "w": 3}
+    plain = training_examples(frame, row_of, max_history=3)
+    assert plain.histories.rows[plain.targets.tolist().index(2)].tolist() == [1, 0, PAD]  # z sees y, same day
+    strict = training_examples(frame, row_of, max_history=3, earlier_days_only=True)
+    assert strict.targets.tolist() == [1, 2, 3]
+    assert strict.histories.rows.tolist() == [[0, PAD, PAD], [0, PAD, PAD], [2, 1, 0]]  # y and z: only x
+    assert strict.histories.age_days[1].tolist() == [2.0, 0.0, 0.0]
+
+
 def test_truncated_gzip_is_named_and_nothing_is_half_written(tmp_path: Path, capsys) -> None:
     """A truncated transactions file: a clear error naming it, and no run directory or index left behind."""
     import gzip

@@ -111,7 +111,7 @@ def test_the_tower_trains_on_new_articles_and_the_repeat_boost_is_fitted(tmp_pat
     data = load_hm_dir(generate(tmp_path / "data", seed=2, n_articles=60, n_customers=80))
     run = train(data, ModelConfig(), TrainConfig(epochs=2, text_epochs=1, max_steps=0), tmp_path / "run")
     boost = json.loads((run / "repeat_boost.json").read_text())
-    assert set(boost) == {"bonus", "slope"}
+    assert set(boost) == {"bonus", "slope", "sibling_bonus", "sibling_slope"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["holdout_map_at_12"]["with_repeat_boost"] >= metrics["holdout_map_at_12"]["without"]
     assert metrics["epochs"][1]["examples_per_second"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from twotower import repeats
@@ -30,13 +32,12 @@ def test_boost_fades_with_age_and_round_trips_through_the_score_head_json() -> N
     assert not ScoreHeadWeights.from_json(legacy).repeat.active  # indexes written before boosts
 
 
-def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do() -> None:
-    rng = np.random.default_rng(0)
+def random_space(rng: np.random.Generator) -> tuple[Callable, Callable]:
+    """Exact search and cosine callbacks over 200 random articles for 50 random users, as `fit` takes them."""
     vectors = rng.normal(size=(200, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     users = rng.normal(size=(50, 8)).astype(np.float32)
     users /= np.linalg.norm(users, axis=1, keepdims=True)
-    histories = [(rng.choice(200, 5, replace=False), np.arange(5, dtype=np.float32)) for _ in range(50)]
 
     def search(case: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         scores = vectors @ users[case]
@@ -46,9 +47,40 @@ def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do(
     def cosine(case: int, rows: np.ndarray) -> np.ndarray:
         return vectors[rows] @ users[case]
 
+    return search, cosine
+
+
+def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do() -> None:
+    rng = np.random.default_rng(0)
+    search, cosine = random_space(rng)
+    histories = [(rng.choice(200, 5, replace=False), np.arange(5, dtype=np.float32)) for _ in range(50)]
     again = [{int(h[0][0])} for h in histories]  # each buys their latest article again
     boost, value, unboosted = repeats.fit(search, cosine, histories, again)
     assert boost.bonus > 0 and boost.slope > 0 and value > unboosted + 0.3
     novel = [{int(search(c, 1)[1][0])} - set(histories[c][0].tolist()) or {199} for c in range(50)]
     boost, _, _ = repeats.fit(search, cosine, histories, novel)
     assert boost.bonus <= 0.05, boost
+
+
+def test_siblings_are_the_other_colours_of_bought_products_with_the_youngest_age() -> None:
+    products = repeats.Products(["p1", "p1", "p1", "p2", "", ""])
+    rows, ages = products.siblings(np.array([0, 3, 4]), np.array([2.0, 1.0, 0.0]))
+    assert dict(zip(rows.tolist(), ages.tolist())) == {1: 2.0, 2: 2.0}  # p2 has no other article; "" is no product
+    boost = repeats.RepeatBoost(1.0, 0.0, 0.5, 0.0)
+    rows, boosts = repeats.candidates((np.array([1, 0]), np.array([0.0, 3.0])), boost, products)
+    assert dict(zip(rows.tolist(), boosts.tolist())) == {1: 1.0, 0: 1.0, 2: 0.5}
+    rows, _ = repeats.candidates((np.array([1]), np.array([0.0])), repeats.RepeatBoost(1.0), products)
+    assert rows.tolist() == [1]  # no sibling boost fitted: own articles only
+    legacy = repeats.RepeatBoost.from_json({"bonus": 1.0, "slope": 0.1})
+    assert legacy == repeats.RepeatBoost(1.0, 0.1) and repeats.RepeatBoost.from_json(boost.to_json()) == boost
+
+
+def test_fit_finds_a_sibling_boost_when_customers_buy_other_colours() -> None:
+    rng = np.random.default_rng(1)
+    search, cosine = random_space(rng)
+    products = repeats.Products([f"p{row // 2}" for row in range(200)])  # articles 2n and 2n+1: one product
+    histories = [(np.array([2 * int(p)]), np.array([1.0], np.float32)) for p in rng.choice(100, 50, replace=False)]
+    other_colour = [{int(h[0][0]) + 1} for h in histories]
+    boost, value, unboosted = repeats.fit(search, cosine, histories, other_colour, products)
+    assert boost.sibling_bonus > 0 and value > unboosted + 0.3
+    assert repeats.fit(search, cosine, histories, other_colour)[0].sibling_bonus == 0  # no products: no siblings

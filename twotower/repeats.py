@@ -1,14 +1,16 @@
-"""Letting customers' own recent purchases be recommended again.
+"""Letting customers' own recent purchases, and the same products in other colours, be recommended.
 
 Repurchase is the strongest single signal in fashion: on hm_lastweek a fifth of next-day purchases
-are articles the customer bought in the days before (another size, a second one). The towers rank by
-cosine; an article the customer already bought is ranked by its cosine plus a boost that fades with
-the days since that purchase:
+are articles the customer bought in the days before (another size, a second one), and a few percent
+more are another colour of a product they bought. The towers rank by cosine; an article the customer
+already bought, or a sibling of one (same product_code), is ranked by its cosine plus a boost that
+fades with the days since that purchase:
 
-    boost(age) = bonus - slope * log1p(age_days)
+    own article:  bonus - slope * log1p(age_days)
+    sibling:      sibling_bonus - sibling_slope * log1p(age_days)
 
-(bonus, slope) are fitted after training on the held-out latest purchases (never on an evaluation
-target) and ship with the score head in the index. The same `merge` runs in training, in the
+The four numbers are fitted after training on held-out whole days (never on an evaluation target)
+and ship with the score head in the index. The same `candidates` + `merge` run in training, in the
 evaluation and in the retriever, so the three agree on what "recommend it again" means.
 """
 
@@ -20,28 +22,83 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-BONUS_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+BONUS_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 SLOPE_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
+SIBLING_BONUS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75)
+SIBLING_SLOPE_GRID = (0.0, 0.1, 0.2)
+
+
+def _fade(bonus: float, slope: float, age_days: np.ndarray) -> np.ndarray:
+    return (bonus - slope * np.log1p(np.maximum(age_days, 0.0))).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class RepeatBoost:
     bonus: float = 0.0
     slope: float = 0.0
+    sibling_bonus: float = 0.0  # other articles of a product the customer bought (another colour)
+    sibling_slope: float = 0.0
 
     @property
     def active(self) -> bool:
-        return self.bonus != 0.0 or self.slope != 0.0
+        return self.bonus != 0.0 or self.slope != 0.0 or self.siblings_active
+
+    @property
+    def siblings_active(self) -> bool:
+        return self.sibling_bonus != 0.0 or self.sibling_slope != 0.0
 
     def __call__(self, age_days: np.ndarray) -> np.ndarray:
-        return (self.bonus - self.slope * np.log1p(np.maximum(age_days, 0.0))).astype(np.float32)
+        return _fade(self.bonus, self.slope, age_days)
+
+    def sibling(self, age_days: np.ndarray) -> np.ndarray:
+        return _fade(self.sibling_bonus, self.sibling_slope, age_days)
 
     def to_json(self) -> dict[str, float]:
-        return {"bonus": self.bonus, "slope": self.slope}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any] | None) -> "RepeatBoost":
-        return cls(float(raw["bonus"]), float(raw["slope"])) if raw else cls()
+        """Indexes written before sibling boosts have only bonus and slope."""
+        if not raw:
+            return cls()
+        return cls(float(raw["bonus"]), float(raw["slope"]), float(raw.get("sibling_bonus", 0.0)),
+                   float(raw.get("sibling_slope", 0.0)))
+
+
+class Products:
+    """Which catalogue rows are articles of the same product (H&M `product_code`: one per colour)."""
+
+    def __init__(self, codes: list[str]):
+        _, product_of = np.unique(np.asarray(codes, dtype=str), return_inverse=True)
+        self.product_of = product_of.astype(np.int64)
+        self.product_of[np.asarray([not code for code in codes], dtype=bool)] = -1  # no code: no siblings
+        order = np.argsort(self.product_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(self.product_of[order])) + 1
+        self._members = {int(self.product_of[group[0]]): group for group in np.split(order, bounds) if len(group)}
+
+    def siblings(self, rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Other articles of the products of `rows` (distinct, each with the youngest age of its product)."""
+        own = set(rows.tolist())
+        youngest: dict[int, float] = {}
+        for row, age in zip(rows.tolist(), ages.tolist()):
+            product = int(self.product_of[row])
+            if product < 0:
+                continue
+            for sibling in self._members[product].tolist():
+                if sibling not in own and sibling not in youngest:
+                    youngest[sibling] = age
+        return (np.fromiter(youngest.keys(), dtype=np.int64, count=len(youngest)),
+                np.fromiter(youngest.values(), dtype=np.float32, count=len(youngest)))
+
+
+def candidates(history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to boost for a history (rows most recent first, ages) and each one's boost."""
+    rows, ages = latest_purchases(*history)
+    if products is None or not boost.siblings_active or len(rows) == 0:
+        return rows, boost(ages)
+    sibling_rows, sibling_ages = products.siblings(rows, ages)
+    return np.concatenate([rows, sibling_rows]), np.concatenate([boost(ages), boost.sibling(sibling_ages)])
 
 
 def latest_purchases(rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,28 +127,42 @@ def fit(
     cosine: Callable[[int, np.ndarray], np.ndarray],
     histories: list[tuple[np.ndarray, np.ndarray]],
     targets: list[set[int]],
+    products: Products | None = None,
     k: int = 12,
     grid: Iterable[tuple[float, float]] = tuple(itertools.product(BONUS_GRID, SLOPE_GRID)),
+    sibling_grid: Iterable[tuple[float, float]] = tuple(itertools.product(SIBLING_BONUS_GRID, SIBLING_SLOPE_GRID)),
 ) -> tuple[RepeatBoost, float, float]:
-    """The (bonus, slope) with the best MAP@k over the cases, that MAP, and the MAP without a boost.
+    """The boost with the best MAP@k over the cases, that MAP, and the MAP without a boost.
 
-    search(case, n) -> (similarities, rows) of the n nearest articles; cosine(case, rows) -> their
-    similarities; histories[case] = (rows most recent first, ages in days).
+    Coordinate ascent: own-article (bonus, slope) over `grid`, then the sibling pair over `sibling_grid`
+    (when `products` is given), then own again. search(case, n) -> (similarities, rows) of the n nearest
+    articles; cosine(case, rows) -> their similarities; histories[case] = (rows most recent first, ages).
     """
     from twotower.evaluation.metrics import map_at_k  # evaluation imports this module's users
 
+    full = RepeatBoost(1.0, 0.0, 1.0 if products is not None else 0.0, 0.0)  # every row any boost could touch
     prepared = []
-    for case, (rows, ages) in enumerate(histories):
-        repeat_rows, repeat_ages = latest_purchases(rows, ages)
-        similarities, found = search(case, k + len(repeat_rows))
-        prepared.append((similarities, found, repeat_rows, repeat_ages, cosine(case, repeat_rows)))
-    best, best_map, unboosted = RepeatBoost(), -1.0, 0.0
-    for bonus, slope in dict.fromkeys([(0.0, 0.0), *grid]):  # no boost first: ties keep it
-        boost = RepeatBoost(bonus, slope)
-        ranked = [merge(s, r, rr, rc + boost(ra), k)[1] for s, r, rr, ra, rc in prepared]
-        value = map_at_k(ranked, targets, k)
-        if not boost.active:
-            unboosted = value
-        if value > best_map + 1e-9:
-            best, best_map = boost, value
+    for case, history in enumerate(histories):
+        rows, _ = candidates(history, full, products)
+        similarities, found = search(case, k + len(rows))
+        prepared.append((similarities, found, history, dict(zip(rows.tolist(), cosine(case, rows).tolist()))))
+
+    def score(boost: RepeatBoost) -> float:
+        ranked = []
+        for similarities, found, history, cosines in prepared:
+            rows, boosts = candidates(history, boost, products)
+            base = np.fromiter((cosines[r] for r in rows.tolist()), dtype=np.float32, count=len(rows))
+            ranked.append(merge(similarities, found, rows, base + boosts, k)[1])
+        return map_at_k(ranked, targets, k)
+
+    unboosted = score(RepeatBoost())
+    best, best_map = RepeatBoost(), unboosted
+    rounds = [("own", grid)] + ([("sibling", sibling_grid), ("own", grid)] if products is not None else [])
+    for part, pairs in rounds:
+        for a, b in dict.fromkeys(pairs):
+            boost = (dataclasses.replace(best, bonus=a, slope=b) if part == "own"
+                     else dataclasses.replace(best, sibling_bonus=a, sibling_slope=b))
+            value = score(boost)
+            if value > best_map + 1e-9:  # ties keep the simpler, earlier boost
+                best, best_map = boost, value
     return best, best_map, unboosted

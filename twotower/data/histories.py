@@ -66,19 +66,29 @@ def _fill(out_rows: np.ndarray, out_age: np.ndarray, i: int, rows: np.ndarray, d
     out_age[i, : len(recent_rows)] = today - recent_days
 
 
-def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_history: int) -> TrainingExamples:
-    """One example per purchase that has at least one earlier purchase by the same customer."""
+def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_history: int,
+                      earlier_days_only: bool = False) -> TrainingExamples:
+    """One example per purchase that has at least one earlier purchase by the same customer.
+
+    With `earlier_days_only` a history stops at the day before the target's day: a customer coming
+    back on a later day, which is what the evaluation (and a returning visitor) looks like; the
+    other articles of the same basket are then never each other's history.
+    """
     _, row_groups, day_groups = _customer_sequences(transactions, row_of)
-    total = sum(max(len(g) - 1, 0) for g in row_groups)
+    # ends[p]: how many of the customer's purchases may form the history of purchase p
+    ends = [np.searchsorted(days, days, side="left") if earlier_days_only else np.arange(len(days))
+            for days in day_groups]
+    total = sum(int((e > 0).sum()) for e in ends)
     rows = np.full((total, max_history), PAD, dtype=np.int64)
     ages = np.zeros((total, max_history), dtype=np.float32)
     targets = np.empty(total, dtype=np.int64)
     target_days = np.empty(total, dtype=np.int64)
     buyers = np.empty(total, dtype=np.int64)
     i = 0
-    for customer, (group_rows, group_days) in enumerate(zip(row_groups, day_groups)):
-        for position in range(1, len(group_rows)):
-            _fill(rows, ages, i, group_rows[:position], group_days[:position], int(group_days[position]))
+    for customer, (group_rows, group_days, group_ends) in enumerate(zip(row_groups, day_groups, ends)):
+        for position in np.flatnonzero(group_ends > 0):
+            end = int(group_ends[position])
+            _fill(rows, ages, i, group_rows[:end], group_days[:end], int(group_days[position]))
             targets[i] = group_rows[position]
             target_days[i] = group_days[position]
             buyers[i] = customer

@@ -38,6 +38,7 @@ ARTICLE_TEXT_COLUMNS = (
 ARTICLE_REQUIRED_COLUMNS = ("article_id",) + ARTICLE_TEXT_COLUMNS
 # Columns the retriever returns with every recommendation.
 METADATA_COLUMNS = (
+    "product_code",  # articles sharing it are one product in other colours (the sibling boost reads it)
     "prod_name",
     "product_type_name",
     "product_group_name",

@@ -4,7 +4,8 @@
         --index-dir artifacts/index --model-repository model_repository --customers 5
 
 Uses the same split and the same served artifacts as the evaluation; items the customer then
-bought on the target day are marked with `*`, their own earlier purchases recommended again with `+`.
+bought on the target day are marked with `*`, their own earlier purchases recommended again with `+`,
+other colours of products they bought with `~`.
 """
 
 from __future__ import annotations
@@ -45,14 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     for case in picks:
         history = [r for r in histories.rows[case] if r >= 0]
         recommended = ranker.rank(int(case), args.k)
+        products = {int(catalog.products.product_of[r]) for r in history} - {-1} if catalog.products is not None else set()
         print(f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
               f"{len(split.targets[case])} on the target day)")
-        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before)")
+        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before, "
+              "~ = another colour of a product bought before)")
         for i in range(max(len(history[: args.k]), len(recommended))):
             left = textwrap.shorten(captions[history[i]], width) if i < len(history[: args.k]) else ""
             right = ""
             if i < len(recommended):
-                mark = ("*" if recommended[i] in split.targets[case] else " ") + ("+" if recommended[i] in history else " ")
+                row = recommended[i]
+                sibling = catalog.products is not None and catalog.products.product_of[row] in products
+                mark = ("*" if row in split.targets[case] else " ") + ("+" if row in history else "~" if sibling else " ")
                 right = f"{mark} {textwrap.shorten(captions[recommended[i]], width)}"
             print(f"{left:<{width}} | {right}")
     return 0

@@ -42,8 +42,8 @@ class TwoTower(Ranker):
     def scores(self, case: int) -> np.ndarray:
         scores = (self.catalog.vectors @ self.users[case]).astype(np.float64)
         if self.boost.active:
-            rows, ages = repeats.latest_purchases(*self.pairs[case])
-            scores[rows] += self.boost(ages)
+            rows, boosts = repeats.candidates(self.pairs[case], self.boost, self.catalog.products)
+            scores[rows] += boosts
         return scores
 
     def rank(self, case: int, k: int) -> np.ndarray:
