@@ -81,9 +81,11 @@ inspect: setup
 		--model-repository runs/hm-eval/model_repository --customers 5
 
 # Serving latency under open-loop load + in-process baseline + offline costs -> docs/benchmarks.{md,json,png}
-# (full H&M catalogue when $(HM) exists; artifacts are reused from runs/bench between runs).
+# (full H&M catalogue when $(HM) exists; artifacts are reused from runs/bench between runs). Serves the
+# model `make eval` trained when runs/hm-eval exists: ANN recall is only honest for a trained model.
+BENCH_RUN ?= $(wildcard runs/hm-eval/model.pt)
 bench: setup
-	$(PY) -m benchmarks.serving $(BENCH_ARGS)
+	$(PY) -m benchmarks.serving $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) $(BENCH_ARGS)
 
 # 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md).
 soak: setup

@@ -70,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         cases["exclude_purchased"].append(mask)
     results = {name: measure(catalog, users, masks) for name, masks in cases.items()}
     report = {"index": str(catalog.index_dir), "items": len(catalog.article_ids), "users": len(users),
-              "exact_search_limit": catalog.exact_search_limit, "ef_search": catalog.hnsw_ef_search, "cases": results}
+              "exact_search_limit": catalog.exact_search_limit, "index_type": catalog.manifest.index_type,
+              "ef_search": catalog.hnsw_ef_search, "nprobe": catalog.ivf_nprobe, "cases": results}
     lines = ["# Filtered search: recall against exact filtered search", "",
              f"`python -m benchmarks.filtered_recall` over {report['items']:,} articles ({report['index']}), "
              f"{report['users']} real user vectors, top-10. Filters with at most {report['exact_search_limit']:,} "
-             f"candidates are searched exactly; broader ones walk HNSW (efSearch {report['ef_search']} / selectivity^2, at most 2048) "
-             "restricted by an id selector; when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
+             f"candidates are searched exactly; broader ones search the {report['index_type']} index restricted by an id "
+             f"selector (HNSW: efSearch {report['ef_search']} / selectivity^2, at most 2048; IVF: nprobe {report['nprobe']} / "
+             "selectivity); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
              "The candidates column shows the first user's count.", "",
              "| filter | candidates | path | recall@10 | mean ms | p99 ms |", "|---|---|---|---|---|---|"]
     for name, r in results.items():

@@ -20,7 +20,7 @@ from twotower.config import ModelConfig, TrainConfig, write_json
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.model.clip_text import get_tokenizer
-from twotower.train import RUN_METRICS, train
+from twotower.train import RUN_METRICS, RUN_WEIGHTS, train
 
 log = logging.getLogger("benchmarks.offline")
 
@@ -43,18 +43,27 @@ def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.n
     return users, [rows for rows, _ in histories]
 
 
-def index_recall_at_10(catalog: Catalog, repository: Path, ef_values: tuple[int, ...] = (64, 128, 256, 512),
-                       n_users: int = 1000) -> dict[str, float]:
-    """Top-10 overlap of the served index with exact search, for real user vectors, per HNSW efSearch."""
+SEARCH_SETTINGS = {"hnsw": ("efSearch", (64, 128, 256, 512)), "ivf": ("nprobe", (32, 64, 128, 256))}
+
+
+def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) -> dict[str, Any]:
+    """Top-10 overlap of the served index with exact search for real user vectors, per value of the
+    index's search setting (HNSW efSearch, IVF nprobe); the catalog's own setting is restored after."""
     users, _ = known_user_vectors(catalog, repository, n_users)
     exact = np.argsort(-(users @ catalog.vectors.T), axis=1)[:, :10]
+    index_type = catalog.manifest.index_type
+    setting, values = SEARCH_SETTINGS.get(index_type, ("", (0,)))
+    owner = catalog.index.hnsw if index_type == "hnsw" else catalog.index
+    served = getattr(owner, setting) if setting else 0
     recalls = {}
-    for ef in ef_values if hasattr(catalog.index, "hnsw") else (0,):
-        if ef:
-            catalog.index.hnsw.efSearch = ef
+    for value in values:
+        if setting:
+            setattr(owner, setting, value)
         _, approximate = catalog.search(users, 10)
-        recalls[str(ef)] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())]))
-    return recalls
+        recalls[str(value)] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())]))
+    if setting:
+        setattr(owner, setting, served)
+    return {"index_type": index_type, "setting": setting, "served": served, "recall": recalls}
 
 
 def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: Path) -> dict[str, Any]:
@@ -71,7 +80,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     tokenizer(sample)
     tokenize_rate = len(sample) / (time.perf_counter() - started)
     builds = {}
-    for index_type in ("flat", "hnsw"):
+    for index_type in ("flat", "ivf", "hnsw"):
         started = time.perf_counter()
         build_faiss_index(catalog.vectors, index_type)
         builds[index_type] = time.perf_counter() - started
@@ -87,21 +96,28 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     }
 
 
-def prepare_artifacts(data_dir: Path | None, work: Path) -> BenchArtifacts:
-    """Train briefly and export (latency does not depend on model quality); reuse a previous export."""
+def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = None) -> BenchArtifacts:
+    """Export `run_dir` (a trained run, e.g. runs/hm-eval from `make eval`) or, without one, a model
+    trained for 60 steps: latency barely depends on model quality, but ANN recall does, so the recall
+    reported is only honest for a trained run. A previous export of the same data and run is reused."""
     data_dir = data_dir or generate(work / "data", seed=0, n_articles=5000, n_customers=3000)
-    index_dir, repository, run_dir = work / "index", work / "model_repository", work / "run"
+    index_dir, repository = work / "index", work / "model_repository"
     offline_file = work / "offline.json"
+    # A retrained run at the same path must not reuse the old export: the weights' mtime is part of the key.
+    source_run = f"{run_dir.resolve()} ({(run_dir / RUN_WEIGHTS).stat().st_mtime_ns})" if run_dir else ""
     reuse = offline_file.is_file() and (index_dir / index_files.CURRENT_FILE).is_file() and \
-        index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir)
+        index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir) and \
+        json.loads(offline_file.read_text()).get("run_dir", "") == source_run
     if not reuse:
-        train(load_hm_dir(data_dir), ModelConfig(), TrainConfig(epochs=1, max_steps=60), run_dir, force=True)
+        if run_dir is None:
+            run_dir = work / "run"
+            train(load_hm_dir(data_dir), ModelConfig(), TrainConfig(epochs=1, max_steps=60), run_dir, force=True)
         import shutil
 
         for stale in (repository, index_dir):
             shutil.rmtree(stale, ignore_errors=True)
         export_run(run_dir, data_dir, repository, index_dir)
-        write_json(offline_file, measure_offline(data_dir, index_dir, repository, run_dir))
+        write_json(offline_file, {**measure_offline(data_dir, index_dir, repository, run_dir), "run_dir": source_run})
     else:
         log.info("reusing %s and %s (delete %s to rebuild)", index_dir, repository, offline_file)
     manifest = index_files.read_manifest(index_files.resolve_index_dir(index_dir))

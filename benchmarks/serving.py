@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import platform
+import resource
 import subprocess
 import sys
 import urllib.request
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from benchmarks import offline
 from benchmarks.loadgen import open_loop
@@ -83,14 +85,38 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return means
 
 
-def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path) -> dict:
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (Triton's Python-backend stubs are children)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path,
+                    servers: dict[str, int]) -> dict:
+    """One open-loop run; also the CPU each server (`servers`: name -> pid) and the load generator spent
+    per request, which says where a 2-core budget goes when a rate saturates it."""
     before = scrape(f"{retriever.url}/metrics")
+    cpu_before = {name: process_tree_cpu_s(pid) for name, pid in servers.items()}
+    loadgen_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = work / f"load-{int(rate)}.json"
     subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", retriever.predict_url, "--bodies",
                     str(bodies_file), "--rate", str(rate), "--requests", str(int(rate * seconds)), "--out", str(out)],
                    check=True, timeout=seconds * 20 + 60)
+    loadgen_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator is the only child waited for
     result = json.loads(out.read_text())
     result["stages_ms"] = stage_means(before, scrape(f"{retriever.url}/metrics"))
+    cpu = {name: process_tree_cpu_s(pid) - cpu_before[name] for name, pid in servers.items()}
+    cpu["load generator"] = (loadgen_after.ru_utime + loadgen_after.ru_stime
+                             - loadgen_before.ru_utime - loadgen_before.ru_stime)
+    result["cpu_ms_per_request"] = {name: 1000.0 * seconds_used / max(result["requests"], 1)
+                                    for name, seconds_used in cpu.items()}
     return result
 
 
@@ -129,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="trained run to serve (e.g. runs/hm-eval); default: a model trained for 60 steps")
     parser.add_argument("--rates", default="50,100,200,400", help="comma-separated target QPS")
     parser.add_argument("--extra-rates", default="600,800,1200", help="tried after --rates while p99 stays under 50 ms")
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate")
@@ -139,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
 
-    artifacts = offline.prepare_artifacts(args.data_dir, work)
+    artifacts = offline.prepare_artifacts(args.data_dir, work, args.run_dir)
     rates = [float(r) for r in args.rates.split(",") if r]
     extra = [float(r) for r in args.extra_rates.split(",") if r]
     # Fresh bodies for every rate, so the vector caches see only the repeats a real mix has (the
@@ -153,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[str, dict] = {}
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with TritonServer(settings), RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
+    with TritonServer(settings) as triton, RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
                                                   log_path=work / "retriever.log",
                                                   extra_args=args.retriever_args.split()) as retriever:
         last: dict | None = None
@@ -162,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the extra rates only search upwards for the highest rate under the p99 limit
             bodies_file = work / f"bodies-{int(rate)}.jsonl"
             bodies_file.write_text("\n".join(json.dumps(b) for b in bodies_by_rate[rate]) + "\n")
-            result = last = run_served_rate(retriever, bodies_file, rate, args.seconds, work)
+            result = last = run_served_rate(retriever, bodies_file, rate, args.seconds, work,
+                                            {"retriever": retriever.process.pid, "Triton": triton.pid})
             served[str(int(rate))] = result
             log.info("served %4d qps: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d; stages %s", rate,
                      result["achieved_qps"], result["p50_ms"], result["p99_ms"], result["errors"],
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "offline": artifacts.offline,
         "retriever_args": args.retriever_args,
-        "ef_search": config_from_env(RetrieverConfig).hnsw_ef_search,
+        "model_run": str(args.run_dir or "60 training steps (latency only: recall needs a trained run)"),
     }
     from benchmarks.report import write_report
 

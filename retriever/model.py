@@ -311,6 +311,10 @@ class Recommender(Model):
         assert serving is not None
         vectors, bought = await self.query_vectors(queries, serving)
         with metrics.STAGE_SECONDS.labels("search").time():
+            # An unfiltered search takes ~0.3 ms: cheaper on the event loop than a thread handoff. Filtered
+            # ones may scan tens of thousands of rows and go to a worker thread.
+            if not self.config.search_in_thread and all(q.options.plain and q.kind != "similar_to" for q in queries):
+                return self._search(serving.catalog, queries, vectors, bought)
             return await asyncio.to_thread(self._search, serving.catalog, queries, vectors, bought)
 
     async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[Purchases]]:

@@ -29,3 +29,32 @@ def test_stage_means_from_histogram_deltas() -> None:
     means = stage_means(sample(1.0, 0.5, 10), sample(1.5, 0.7, 110))
     assert means["total"] == pytest.approx(5.0) and means["triton"] == pytest.approx(2.0)
     assert means["other"] == pytest.approx(3.0) and means["search"] == 0.0
+
+
+def test_process_cpu_counts_this_process() -> None:
+    import os
+
+    from benchmarks.serving import process_tree_cpu_s
+
+    assert process_tree_cpu_s(os.getpid()) > 0
+
+
+def test_report_names_the_search_setting_and_cpu_split() -> None:
+    from benchmarks.report import markdown
+
+    run = {"target_qps": 100, "achieved_qps": 100, "requests": 1000, "errors": 0, "p50_ms": 4.0, "p95_ms": 6.0,
+           "p99_ms": 9.0, "max_ms": 12.0, "mean_ms": 4.5,
+           "stages_ms": {"parse": 0.1, "tokenize": 0.0, "triton": 3.0, "search": 0.5, "other": 0.4, "total": 4.0},
+           "cpu_ms_per_request": {"retriever": 2.0, "Triton": 1.5, "load generator": 0.5}}
+    report = {"machine": "x", "data": "d", "catalogue": 10, "index_type": "ivf", "model_run": "runs/hm-eval",
+              "retriever_args": "", "served": {"100": run}, "in_process": {"100": {**run, "p50_ms": 2.0, "p99_ms": 4.0}},
+              "max_qps_p99_under_50ms": 100, "triton_batches": {},
+              "offline": {"clip_model": "m", "embedding_items_per_s": 1.0, "catalogue_embedding_s_estimate": 1.0,
+                          "items": 10, "tokenizing_items_per_s": 1.0, "index_build_s": {"ivf": 1.0},
+                          "training_examples_per_s": 1.0,
+                          "index_recall_at_10": {"index_type": "ivf", "setting": "nprobe", "served": 128,
+                                                 "recall": {"64": 0.94, "128": 0.97}}}}
+    text = markdown(report)
+    assert "by ivf nprobe: 64: 0.9400, 128: 0.9700 (served with nprobe 128)" in text
+    assert "Index recall@10 at the served nprobe: 0.9700: met" in text
+    assert "| 100 | 2.00 | 1.50 | 0.50 | 4.00 |" in text
