@@ -58,3 +58,5 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
     assert "by ivf nprobe: 64: 0.9400, 128: 0.9700 (served with nprobe 128)" in text
     assert "Index recall@10 at the served nprobe: 0.9700: met" in text
     assert "| 100 | 2.00 | 1.50 | 0.50 | 4.00 |" in text
+    report["offline"]["index_recall_at_10"] = {"index_type": "flat", "setting": "", "served": 0, "recall": {"0": 1.0}}
+    assert "1000 real user vectors: 1.0000 (flat index: exact)" in markdown(report)
