@@ -14,7 +14,7 @@ from twotower.data.hm import HMData
 from twotower.evaluation import metrics
 from twotower.evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
 from twotower.evaluation.split import TemporalSplit
-from twotower.evaluation.two_tower import TwoTower, load_user_tower
+from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
 
 log = logging.getLogger("twotower.evaluation")
 
@@ -73,11 +73,12 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     results: dict[str, dict[str, float]] = {}
     for ranker in baselines:
         results[ranker.name] = score_ranker(ranker, split)[0]
-    served, exact = TwoTower(split, catalog, user_tower), TwoTower(split, catalog, user_tower, exact=True)
+    cases = case_users(split, catalog, user_tower)
+    served, exact = TwoTower(cases, catalog), TwoTower(cases, catalog, exact=True)
     results[served.name], ann_ranked = score_ranker(served, split)
     results[exact.name], exact_ranked = score_ranker(exact, split)
     if catalog.score_head.repeat.active:  # what the towers alone rank, for comparison
-        towers_only = TwoTower(split, catalog, user_tower, exact=True, repeat_boost=False)
+        towers_only = TwoTower(cases, catalog, exact=True, repeat_boost=False)
         results[towers_only.name] = score_ranker(towers_only, split)[0]
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))

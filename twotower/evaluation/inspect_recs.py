@@ -20,7 +20,7 @@ import numpy as np
 from retriever.catalog import Catalog
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.evaluation.split import temporal_split
-from twotower.evaluation.two_tower import TwoTower, load_user_tower
+from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_hm_dir(args.data_dir)
     split = temporal_split(data, args.cutoff, args.history_days)
     catalog = Catalog(args.index_dir)
-    ranker = TwoTower(split, catalog, load_user_tower(args.model_repository, catalog.manifest))
+    ranker = TwoTower(case_users(split, catalog, load_user_tower(args.model_repository, catalog.manifest)), catalog)
     captions = build_captions(data.articles)
     histories = split.histories(catalog.manifest.max_history)
     picks = np.random.default_rng(args.seed).choice(len(split.customers), min(args.customers, len(split.customers)), replace=False)

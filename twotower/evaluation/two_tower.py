@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +18,40 @@ def load_user_tower(model_repository: Path, manifest: artifacts.Manifest) -> tor
     return torch.jit.load(str(artifacts.tower_file(model_repository, manifest, manifest.user_model))).eval()
 
 
+@dataclasses.dataclass
+class CaseUsers:
+    """Each case's history (rows, ages; no padding) and its user vector from the exported user tower."""
+
+    pairs: list[tuple[np.ndarray, np.ndarray]]
+    users: np.ndarray  # float32 [cases, dim]
+
+
+def case_users(split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.ScriptModule, batch_size: int = 256
+               ) -> CaseUsers:
+    histories = split.histories(catalog.manifest.max_history)
+    pairs = [(rows[rows >= 0], ages[rows >= 0]) for rows, ages in zip(histories.rows, histories.age_days)]
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            tensors = catalog.history_tensors(pairs[start : start + batch_size])
+            chunks.append(user_tower(*(torch.from_numpy(t) for t in tensors)).numpy())
+    return CaseUsers(pairs, np.concatenate(chunks) if chunks else np.zeros((0, catalog.manifest.dim), np.float32))
+
+
 class TwoTower(Ranker):
     """Ranks with FAISS (as the retriever does) or, with exact=True, by brute force over all vectors.
 
-    Either way the customer's own earlier purchases compete with their boosted cosine, as served.
+    Either way the customer's own earlier purchases (and their products' other colours) compete with
+    their boosted cosine, as served. Variants share one `CaseUsers`: the user tower runs once per split.
     """
 
-    def __init__(self, split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.ScriptModule, exact: bool = False,
-                 batch_size: int = 256, repeat_boost: bool = True):
+    def __init__(self, cases: CaseUsers, catalog: Catalog, exact: bool = False, repeat_boost: bool = True):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
         if not repeat_boost:
             self.name = self.name.replace("two-tower", "two-tower without repeat boost")
         self.catalog, self.exact = catalog, exact
         self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
-        histories = split.histories(catalog.manifest.max_history)
-        self.pairs = pairs = [(rows[rows >= 0], ages[rows >= 0]) for rows, ages in zip(histories.rows, histories.age_days)]
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(pairs), batch_size):
-                tensors = catalog.history_tensors(pairs[start : start + batch_size])
-                chunks.append(user_tower(*(torch.from_numpy(t) for t in tensors)).numpy())
-        self.users = np.concatenate(chunks) if chunks else np.zeros((0, catalog.manifest.dim), np.float32)
+        self.pairs, self.users = cases.pairs, cases.users
 
     def scores(self, case: int) -> np.ndarray:
         scores = (self.catalog.vectors @ self.users[case]).astype(np.float64)
