@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from twotower import artifacts
 from twotower.config import RetrieverConfig
+from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
 
 log = logging.getLogger("export.index")
@@ -55,11 +56,8 @@ def embed_customers(
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
-            part = rows[start : start + batch_size]
-            mask = (part >= 0).astype(np.float32)
-            history = item_vectors[np.clip(part, 0, None)] * mask[..., None]
-            chunks.append(user_tower(torch.from_numpy(history), torch.from_numpy(mask),
-                                     torch.from_numpy(ages[start : start + batch_size] * mask)).numpy())
+            inputs = user_tower_inputs(item_vectors, rows[start : start + batch_size], ages[start : start + batch_size])
+            chunks.append(user_tower(*(torch.from_numpy(t) for t in inputs)).numpy())
     dim = item_vectors.shape[1]
     return np.ascontiguousarray(np.concatenate(chunks) if chunks else np.zeros((0, dim)), dtype=np.float32)
 

@@ -17,7 +17,7 @@ import numpy as np
 from retriever.filters import FilterColumns
 from twotower import artifacts, repeats
 from twotower.config import RetrieverConfig
-from twotower.data.histories import PAD
+from twotower.data.histories import PAD, user_tower_inputs
 
 log = logging.getLogger("retriever.catalog")
 
@@ -153,16 +153,13 @@ class Catalog:
 
     def history_tensors(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pad (rows most-recent-first, ages) pairs into the user tower's fixed [B, L, D] inputs."""
-        length, dim = self.manifest.max_history, self.manifest.dim
-        vectors = np.zeros((len(histories), length, dim), dtype=np.float32)
-        mask = np.zeros((len(histories), length), dtype=np.float32)
+        length = self.manifest.max_history
+        rows = np.full((len(histories), length), PAD, dtype=np.int64)
         ages = np.zeros((len(histories), length), dtype=np.float32)
-        for i, (rows, age) in enumerate(histories):
-            rows, age = rows[:length], age[:length]
-            vectors[i, : len(rows)] = self.vectors[rows]
-            mask[i, : len(rows)] = 1.0
-            ages[i, : len(rows)] = age
-        return vectors, mask, ages
+        for i, (history_rows, history_ages) in enumerate(histories):
+            n = min(len(history_rows), length)
+            rows[i, :n], ages[i, :n] = history_rows[:n], history_ages[:n]
+        return user_tower_inputs(self.vectors, rows, ages)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows) [B, k] over every available row; rows are -1 past the last result."""

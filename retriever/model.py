@@ -67,6 +67,11 @@ class Results:
     recommendations: list[Recommendation]
 
 
+def _unfiltered(query: Query) -> bool:
+    """Searched with the plain index (similar_to always hides the article itself)."""
+    return query.options.plain and query.kind != "similar_to"
+
+
 class Recommender(Model):
     def __init__(self, name: str, config: RetrieverConfig, triton_url: str = ""):
         super().__init__(name)
@@ -313,7 +318,7 @@ class Recommender(Model):
         with metrics.STAGE_SECONDS.labels("search").time():
             # An unfiltered search takes ~0.3 ms: cheaper on the event loop than a thread handoff. Filtered
             # ones may scan tens of thousands of rows and go to a worker thread.
-            if not self.config.search_in_thread and all(q.options.plain and q.kind != "similar_to" for q in queries):
+            if not self.config.search_in_thread and all(_unfiltered(q) for q in queries):
                 return self._search(serving.catalog, queries, vectors, bought)
             return await asyncio.to_thread(self._search, serving.catalog, queries, vectors, bought)
 
@@ -342,11 +347,11 @@ class Recommender(Model):
                         texts.append(query.value)
                         text_slots.append(slot)
                     continue
-                rows, ages = self._history(catalog, query)
+                (rows, ages), posted = self._history(catalog, query)
             except UnknownIds as err:
                 raise InvalidInput(f"instances[{slot}]: {err.message}") from err
             bought.append((rows, ages))
-            if query.kind == "customer_id" and self.config.known_customer_vectors and not self.purchases.recent(query.value)[0]:
+            if query.kind == "customer_id" and self.config.known_customer_vectors and not posted:
                 known = catalog.customer_vector(query.value)  # computed by export: no Triton call
                 metrics.CACHE_LOOKUPS.labels("known_customer", "miss" if known is None else "hit").inc()
                 if known is not None:
@@ -384,15 +389,19 @@ class Recommender(Model):
                     self.query_cache.put((version, text), vector)
         return vectors, bought
 
-    def _history(self, catalog: Catalog, query: Query) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, ages in days) most recent first, for a history or customer_id query."""
+    def _history(self, catalog: Catalog, query: Query) -> tuple[Purchases, bool]:
+        """(rows, ages in days) most recent first for a history or customer_id query, and whether
+        purchases posted to this service are part of it (the index's stored user vector then is stale)."""
         if query.kind == "history":
             rows = catalog.rows_for(query.value)[::-1]  # requests list oldest first
-            return rows, np.zeros(len(rows), dtype=np.float32)
-        return self.customer_history(catalog, query.value)
+            return (rows, np.zeros(len(rows), dtype=np.float32)), False
+        return self._customer_history(catalog, query.value)
 
-    def customer_history(self, catalog: Catalog, customer_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def customer_history(self, catalog: Catalog, customer_id: str) -> Purchases:
         """Purchases posted to this service (most recent first), then the customer's history in the index."""
+        return self._customer_history(catalog, customer_id)[0]
+
+    def _customer_history(self, catalog: Catalog, customer_id: str) -> tuple[Purchases, bool]:
         # An index swapped back to an older version may lack some posted articles: skip those.
         live = [(catalog.row_of[a], age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
         try:
@@ -404,7 +413,7 @@ class Recommender(Model):
         if live:
             rows = np.concatenate([np.asarray([r for r, _ in live], dtype=np.int64), rows])
             ages = np.concatenate([np.asarray([a for _, a in live], dtype=np.float32), ages])
-        return rows, ages
+        return (rows, ages), bool(live)
 
     async def _text_vectors(self, serving: Serving, texts: list[str]) -> np.ndarray:
         assert self.tokenizer is not None
@@ -418,7 +427,7 @@ class Recommender(Model):
         results: list[Recommendation | None] = [None] * len(queries)
         # A customer's own earlier purchases may come back (boosted, twotower.repeats) unless excluded.
         repeats = [q.kind in ("customer_id", "history") and not q.options.exclude_purchased for q in queries]
-        plain = [i for i, q in enumerate(queries) if q.options.plain and q.kind != "similar_to"]
+        plain = [i for i, q in enumerate(queries) if _unfiltered(q)]
         if plain:
             k = max(queries[i].k for i in plain)
             similarities, rows = catalog.search(vectors[plain], k)

@@ -87,8 +87,7 @@ class Products:
             for sibling in self._members[product].tolist():
                 if sibling not in own and sibling not in youngest:
                     youngest[sibling] = age
-        return (np.fromiter(youngest.keys(), dtype=np.int64, count=len(youngest)),
-                np.fromiter(youngest.values(), dtype=np.float32, count=len(youngest)))
+        return _as_arrays(youngest)
 
 
 def candidates(history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None
@@ -107,8 +106,12 @@ def latest_purchases(rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np
     for row, age in zip(rows.tolist(), ages.tolist()):  # a few dozen items: plain Python beats np.unique here
         if row >= 0 and row not in youngest:
             youngest[row] = age
-    return (np.fromiter(youngest.keys(), dtype=np.int64, count=len(youngest)),
-            np.fromiter(youngest.values(), dtype=np.float32, count=len(youngest)))
+    return _as_arrays(youngest)
+
+
+def _as_arrays(age_of_row: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.fromiter(age_of_row.keys(), dtype=np.int64, count=len(age_of_row)),
+            np.fromiter(age_of_row.values(), dtype=np.float32, count=len(age_of_row)))
 
 
 def merge(similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, repeat_scores: np.ndarray, k: int

@@ -42,6 +42,15 @@ class TrainingExamples:
                                 self.customers[index])
 
 
+def user_tower_inputs(item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The user tower's inputs (history [B, L, D], mask [B, L], age [B, L], float32) from padded
+    histories: `rows` [B, L] catalogue rows (PAD where empty) into `item_vectors`, `ages` in days."""
+    mask = (rows != PAD).astype(np.float32)
+    history = item_vectors[np.where(rows != PAD, rows, 0)] * mask[..., None]
+    return history.astype(np.float32, copy=False), mask, (ages * mask).astype(np.float32, copy=False)
+
+
 def day_numbers(dates: pd.Series) -> np.ndarray:
     """Whole days since the epoch: ages are differences of these."""
     return (dates.to_numpy(dtype="datetime64[D]").astype(np.int64))

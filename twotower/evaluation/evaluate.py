@@ -83,7 +83,7 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
-    ours, theirs = results[served.name], results[best]
+    ours, theirs, boost = results[served.name], results[best], catalog.score_head.repeat
     targets = {
         "recall@100 >= 1.2 x best baseline": ours["recall@100"] >= 1.2 * theirs["recall@100"],
         "recall@12 >= best baseline": ours["recall@12"] >= theirs["recall@12"],
@@ -99,7 +99,8 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
         "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
                  f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
-                 f"{catalog.score_head.repeat.bonus:g} - {catalog.score_head.repeat.slope:g} * log1p(days)",
+                 f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
+                 f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days)",
         "rankers": results,
         "best_baseline": best,
         "served": served.name,
