@@ -26,6 +26,7 @@ import kserve  # noqa: E402
 from kserve import model_server  # noqa: E402
 
 from retriever import shop_api  # noqa: E402
+from retriever.gpu_search import GpuUnavailable  # noqa: E402
 from retriever.model import DEFAULT_MODEL_NAME, Recommender  # noqa: E402
 from twotower.artifacts import ArtifactError  # noqa: E402
 from twotower.config import RetrieverConfig, add_arguments, from_arguments  # noqa: E402
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Recommender(args.model_name, config, args.predictor_host)
     try:
         model.load(args.triton_wait_s)
-    except (ArtifactError, OSError) as err:
+    except (ArtifactError, OSError, GpuUnavailable, ValueError) as err:
         logging.getLogger("retriever").error("refusing to start: %s", err)
         print(f"error: refusing to start: {err}", file=sys.stderr)
         return 2

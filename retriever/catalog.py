@@ -15,6 +15,7 @@ import faiss
 import numpy as np
 
 from retriever.filters import FilterColumns
+from retriever.gpu_search import gpu_copy
 from twotower import artifacts, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, user_tower_inputs
@@ -49,10 +50,12 @@ class UnknownIds(KeyError):
 
 class Catalog:
     def __init__(self, index_dir: Path | str, hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
-                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe, exact_search_limit: int = RetrieverConfig.exact_search_limit):
+                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe, exact_search_limit: int = RetrieverConfig.exact_search_limit,
+                 faiss_gpu: str = "off"):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
-        Search settings default to the served ones, so offline evaluation measures what is served.
+        Search settings default to the served ones, so offline evaluation measures what is served;
+        `faiss_gpu` (auto | on | off, retriever.gpu_search) moves unfiltered searches to a GPU copy.
         """
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
@@ -66,6 +69,7 @@ class Catalog:
             self.index.hnsw.efSearch = hnsw_ef_search
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = ivf_nprobe
+        self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
         self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE)
         self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
         self.article_ids: list[str] = self.items["article_id"]
@@ -165,13 +169,17 @@ class Catalog:
         """(similarities, rows) [B, k] over every available row; rows are -1 past the last result."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.n_excluded == 0:
-            return self.index.search(queries, k)
+            return self._top_k(queries, k)
         if self.n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
-            similarities, rows = self.index.search(queries, k + self.n_excluded)
+            similarities, rows = self._top_k(queries, k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         everything = np.ones(len(self.excluded), dtype=bool)
         results = [self.search_masked(q, k, everything) for q in queries]
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+
+    def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """A plain search of every row: on the GPU copy when there is one."""
+        return (self.gpu or self.index).search(queries, k)
 
     def search_plan(self, allowed: np.ndarray) -> str:
         """How `search_masked` will search for this mask (already combined with the excluded rows):
@@ -196,7 +204,7 @@ class Catalog:
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         plan = self.search_plan(allowed)
         if plan == "overfetch":
-            similarities, rows = self.index.search(query, k + int(len(allowed) - allowed.sum()))
+            similarities, rows = self._top_k(query, k + int(len(allowed) - allowed.sum()))
             found_similarities, found_rows = _drop_rows(similarities, rows, ~allowed, k)
             return found_similarities[0], found_rows[0]
         similarities = np.full(k, -np.inf, dtype=np.float32)

@@ -66,3 +66,24 @@ def require_hm() -> Path:
     if not (HM_DIR / "articles.csv.gz").is_file():
         pytest.skip(f"real H&M data not found at {HM_DIR} (only present beside the project's shared/ folder)")
     return HM_DIR
+
+
+def write_random_index(directory: Path, index_type: str, groups: list[str], dim: int = 16, seed: int = 0):
+    """An index version of len(groups) random unit vectors (product_group_name = groups) and no customers:
+    for search tests that need no trained model. Returns the vectors."""
+    import numpy as np
+
+    from export.catalogue_index import build_faiss_index, write_index_dir
+    from twotower import artifacts
+
+    n = len(groups)
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    histories = {"customer_ids": np.asarray(["c"]), "rows": np.full((1, 4), -1, np.int32),
+                 "age_days": np.zeros((1, 4), np.float32), "last_day": np.zeros(1, np.int32)}
+    fields = {"index_type": index_type, "model_version": 1, "customer_count": 1, "max_history": 4, "context_length": 8,
+              "clip_model": "x", "reference_day": 0, "data_source": "random", "tower_checksums": {}}
+    write_index_dir(directory, build_faiss_index(vectors, index_type), vectors,
+                    {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
+                    histories, artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), fields)
+    return vectors

@@ -16,6 +16,7 @@ from export.update import main as update_main
 from retriever.catalog import Catalog
 from retriever.filters import FilterColumns, FilterError, Filters, cap_per_type
 from retriever.limits import BodySizeLimit
+from tests.conftest import write_random_index
 from twotower import artifacts
 from twotower.data.hm import DataFormatError, find_data_file
 
@@ -160,26 +161,15 @@ async def test_body_size_limit() -> None:
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
 def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> None:
     """The ANN + id-selector path (many candidates) against exact filtered search on random vectors."""
-    from export.catalogue_index import build_faiss_index, write_index_dir
-
     rng = np.random.default_rng(0)
-    n, dim = 3000, 16
-    vectors = rng.standard_normal((n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    groups = rng.choice(["A", "B", "C"], size=n, p=[0.6, 0.3, 0.1]).tolist()
-    histories = {"customer_ids": np.asarray(["c"]), "rows": np.full((1, 4), -1, np.int32),
-                 "age_days": np.zeros((1, 4), np.float32), "last_day": np.zeros(1, np.int32)}
-    fields = {"index_type": index_type, "model_version": 1, "customer_count": 1, "max_history": 4, "context_length": 8,
-              "clip_model": "x", "reference_day": 0, "data_source": "random", "tower_checksums": {}}
-    write_index_dir(tmp_path / "v0001", build_faiss_index(vectors, index_type), vectors,
-                    {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
-                    histories, artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), fields)
+    groups = rng.choice(["A", "B", "C"], size=3000, p=[0.6, 0.3, 0.1]).tolist()
+    vectors = write_random_index(tmp_path / "v0001", index_type, groups, seed=1)
     # IVF: 76 lists here; 24 probed unfiltered, widened to 27 for this 90% filter (all 76 would be exact)
     catalog = Catalog(tmp_path / "v0001", exact_search_limit=100, ivf_nprobe=24)
     mask = catalog.filter_columns.mask(Filters.parse({"product_group": ["A", "B"]}))
     assert catalog.search_plan(mask) == f"{index_type}+selector"
     hits = total = 0
-    for query in rng.standard_normal((50, dim)).astype(np.float32):
+    for query in rng.standard_normal((50, vectors.shape[1])).astype(np.float32):
         _, rows = catalog.search_masked(query, 10, mask)
         assert mask[rows].all()
         exact = np.flatnonzero(mask)[np.argsort(-(vectors[mask] @ query))[:10]]

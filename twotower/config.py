@@ -136,6 +136,7 @@ class RetrieverConfig:
     kserve_timing: bool = False  # KServe's timing middleware (kserve.trace log only): 2 getrusage calls + a route match per request
     search_in_thread: bool = False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
+    faiss_gpu: str = "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (retriever.gpu_search)
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly

@@ -1,0 +1,99 @@
+"""Which searches go to a GPU copy of the index (retriever.gpu_search).
+
+This machine has faiss-cpu and no GPU, so the GPU side is a stand-in recording what it is asked:
+the unit under test is the routing (plain top-k -> GPU copy, id-selector searches -> CPU index), the
+modes and their errors. The faiss-gpu copy itself is faiss' own `index_cpu_to_gpu`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from retriever import gpu_search
+from retriever.catalog import Catalog
+from retriever.filters import Filters
+from tests.conftest import write_random_index
+from twotower import artifacts
+
+
+def write_index(directory: Path, index_type: str) -> np.ndarray:
+    return write_random_index(directory, index_type, ["A" if i % 10 else "B" for i in range(3000)])
+
+
+class FakeGpuCopy:
+    """Stands in for a faiss GPU index: searches the CPU index it was copied from, counting calls."""
+
+    def __init__(self, index: Any):
+        self.cpu, self.searches, self.nprobe = index, 0, None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.searches += 1
+        return self.cpu.search(queries, k)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[FakeGpuCopy]:
+    copies: list[FakeGpuCopy] = []
+
+    class ParameterSpace:
+        def set_index_parameter(self, index: FakeGpuCopy, name: str, value: int) -> None:
+            assert name == "nprobe"
+            index.nprobe = value
+
+    def to_gpu(resources: object, device: int, index: Any) -> FakeGpuCopy:
+        assert device == 0
+        copies.append(FakeGpuCopy(index))
+        return copies[-1]
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", ParameterSpace, raising=False)
+    return copies
+
+
+def test_modes_on_a_cpu_only_build(tmp_path: Path) -> None:
+    write_index(tmp_path / "v0001", "ivf")
+    index = faiss.read_index(str(tmp_path / "v0001" / artifacts.INDEX_FILE))
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("this machine has a GPU faiss: the CPU-only behaviour cannot be seen here")
+    assert gpu_search.gpu_copy(index, "off", 8) is None
+    assert gpu_search.gpu_copy(index, "auto", 8) is None  # quietly on the CPU
+    with pytest.raises(gpu_search.GpuUnavailable, match="faiss_gpu on: .*(no GPU support|no GPU is visible)"):
+        gpu_search.gpu_copy(index, "on", 8)
+    with pytest.raises(ValueError, match="faiss_gpu: 'yes' is not one of auto, on, off"):
+        gpu_search.gpu_copy(index, "yes", 8)
+    assert Catalog(tmp_path / "v0001").gpu is None  # offline tools search on the CPU unless asked
+
+
+def test_plain_searches_use_the_gpu_copy_and_filtered_ones_the_cpu_index(tmp_path: Path, fake_gpu) -> None:
+    vectors = write_index(tmp_path / "v0001", "ivf")
+    catalog = Catalog(tmp_path / "v0001", ivf_nprobe=24, exact_search_limit=100, faiss_gpu="auto")
+    (copy,) = fake_gpu
+    assert catalog.gpu is not None and copy.nprobe == 24
+    cpu_similarities, cpu_rows = catalog.index.search(vectors[:4], 10)
+    similarities, rows = catalog.search(vectors[:4], 10)
+    assert copy.searches == 1 and (rows == cpu_rows).all() and np.allclose(similarities, cpu_similarities)
+
+    mask = catalog.filter_columns.mask(Filters.parse({"product_group": ["A"]}))
+    assert catalog.search_plan(mask) == "ivf+selector"
+    _, rows = catalog.search_masked(vectors[0], 10, mask)
+    assert copy.searches == 1 and mask[rows[rows >= 0]].all()  # the id selector ran on the CPU index
+
+    few_hidden = np.ones(len(mask), dtype=bool)
+    few_hidden[:5] = False
+    assert catalog.search_plan(few_hidden) == "overfetch"
+    _, rows = catalog.search_masked(vectors[0], 10, few_hidden)
+    assert copy.searches == 2 and not set(rows.tolist()) & set(range(5))  # overfetch is a plain search
+
+
+def test_hnsw_stays_on_the_cpu(tmp_path: Path, fake_gpu) -> None:
+    write_index(tmp_path / "v0001", "hnsw")
+    assert Catalog(tmp_path / "v0001", faiss_gpu="auto").gpu is None and not fake_gpu
+    with pytest.raises(gpu_search.GpuUnavailable, match="no GPU HNSW"):
+        Catalog(tmp_path / "v0001", faiss_gpu="on")
