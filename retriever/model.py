@@ -27,6 +27,7 @@ from retriever import metrics
 from retriever.cache import LRUCache
 from retriever.catalog import NOTHING_BOUGHT, Catalog, Purchases, UnknownIds
 from retriever.filters import FilterError, cap_per_type
+from retriever.gpu_search import GpuUnavailable
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
 from retriever.purchases import LivePurchases
 from retriever.towers import TowerClient, Towers, TritonUnavailable
@@ -131,6 +132,7 @@ class Recommender(Model):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        faiss.omp_set_num_threads(self.config.faiss_threads)  # a fresh process: OpenMP would use every core
         self._reload_lock = threading.Lock()
         self._stop_watching = threading.Event()
         self._watcher = None
@@ -144,7 +146,8 @@ class Recommender(Model):
             shop_api.install(model_server.app, self)
 
     def _open_catalog(self, index_dir: Path | str) -> Catalog:
-        return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit)
+        return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit,
+                       self.config.faiss_gpu)
 
     def _towers_for(self, catalog: Catalog, triton_wait_s: float) -> Towers:
         """Towers for this index's model version, proven to be served (raises ArtifactError otherwise)."""
@@ -209,7 +212,7 @@ class Recommender(Model):
                 else:
                     towers = self._towers_for(catalog, triton_wait_s=0.0)
                     self._retired.append((time.monotonic(), current.towers))
-            except (ArtifactError, OSError, ValueError) as err:
+            except (ArtifactError, OSError, ValueError, GpuUnavailable) as err:
                 metrics.INDEX_RELOADS.labels("refused").inc()
                 log.error("index reload refused, still serving %s: %s", current.catalog.version, err)
                 return ReloadResult("refused", current.catalog.version, str(err))
@@ -459,12 +462,11 @@ class Recommender(Model):
 
     def _recommendation(self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray) -> Recommendation:
         keep = rows >= 0
-        rows, similarities = rows[keep], similarities[keep]
-        scores = catalog.score_head(similarities)
+        rows, similarities = rows[keep].tolist(), similarities[keep]
         return Recommendation(
             article_ids=[catalog.article_ids[r] for r in rows],
-            similarities=[float(s) for s in similarities],
-            scores=[float(s) for s in scores],
+            similarities=similarities.tolist(),
+            scores=catalog.score_head(similarities).tolist(),
             metadata=[self.article_metadata(catalog, r) for r in rows],
         )
 
