@@ -19,6 +19,15 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "n/a"
 
 
+def _host_probe(report: dict[str, Any]) -> list[str]:
+    probe = report.get("host_probe_ms")  # runs before the probe existed have none
+    if not probe:
+        return []
+    return [f"Host speed probe (benchmarks/hostspeed.py, a fixed CPU workload; lower is faster, ~25 ms on a quiet "
+            f"evening here): {probe['before']:.1f} ms before the run, {probe['after']:.1f} ms after. Compare runs "
+            "only at similar values: this host's speed drifts by a third between evenings."]
+
+
 def markdown(report: dict[str, Any]) -> str:
     served, local = report["served"], report["in_process"]
     at_100 = served.get("100", {})
@@ -30,6 +39,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['machine']}. Data: {report['data']} ({report['catalogue']:,} articles, "
         f"{report['index_type']} index). Model: {report.get('model_run', '-')}. "
         f"Retriever flags: `{report['retriever_args'] or '(defaults)'}`.",
+        *_host_probe(report),
         "Open-loop load (fixed arrival rate, latency from each request's scheduled send time), request mix:",
         "40% known customers, 40% histories of 1..50 articles, 20% text queries, k=12. Command: `make bench`.",
         "",

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from benchmarks import offline
+from benchmarks import hostspeed, offline
 from benchmarks.loadgen import open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for rate, start, count in zip(rates + extra, np.cumsum([0] + counts[:-1]), counts):
         bodies_by_rate[rate] = pool[int(start) : int(start) + count]
 
+    probe_before = hostspeed.probe_ms()
     served: dict[str, dict] = {}
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                      {k: round(v, 2) for k, v in result["stages_ms"].items()})
         triton_stats = json.loads(urllib.request.urlopen(f"{settings.http_url}/v2/models/stats", timeout=10).read())
     baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies_by_rate, rates, args.seconds)
+    host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
+    log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])
     passing = [r["target_qps"] for r in served.values() if r["p99_ms"] < P99_LIMIT_MS and r["errors"] == 0]
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores (shared by load generator and servers)",
+        "host_probe_ms": host_probe_ms,
         "data": str(args.data_dir or "synthetic"),
         "catalogue": artifacts.item_count,
         "index_type": artifacts.index_type,

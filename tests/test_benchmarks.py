@@ -31,6 +31,12 @@ def test_stage_means_from_histogram_deltas() -> None:
     assert means["other"] == pytest.approx(3.0) and means["search"] == 0.0
 
 
+def test_host_probe_times_a_fixed_workload() -> None:
+    from benchmarks.hostspeed import probe_ms
+
+    assert 0 < probe_ms(repeats=1) < 10_000
+
+
 def test_process_cpu_counts_this_process() -> None:
     import os
 
@@ -57,8 +63,11 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
                           "index_recall_at_10": {"index_type": "ivf", "setting": "nprobe", "served": 128,
                                                  "recall": {"64": 0.94, "128": 0.97}}}}
     text = markdown(report)
+    assert "Host speed probe" not in text  # a run from before the probe
     assert "by ivf nprobe: 64: 0.9400, 128: 0.9700 (served with nprobe 128)" in text
     assert "Index recall@10 at the served nprobe: 0.9700: met" in text
     assert "| 100 | 2.00 | 1.50 | 0.50 | 4.00 |" in text
+    report["host_probe_ms"] = {"before": 24.61, "after": 31.04}
+    assert "24.6 ms before the run, 31.0 ms after" in markdown(report)
     report["offline"]["index_recall_at_10"] = {"index_type": "flat", "setting": "", "served": 0, "recall": {"0": 1.0}}
     assert "1000 real user vectors: 1.0000 (flat index: exact)" in markdown(report)
