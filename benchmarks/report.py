@@ -23,9 +23,9 @@ def _host_probe(report: dict[str, Any]) -> list[str]:
     probe = report.get("host_probe_ms")  # runs before the probe existed have none
     if not probe:
         return []
-    return [f"Host speed probe (benchmarks/hostspeed.py, a fixed CPU workload; lower is faster, ~25 ms on a quiet "
-            f"evening here): {probe['before']:.1f} ms before the run, {probe['after']:.1f} ms after. Compare runs "
-            "only at similar values: this host's speed drifts by a third between evenings."]
+    return [f"Host speed probe (benchmarks/hostspeed.py, a fixed CPU workload; lower is faster, 24-25 ms on "
+            f"this host when idle, 2026-11-26): {probe['before']:.1f} ms before the run, {probe['after']:.1f} ms after. Compare runs "
+            "only at similar values: the same code needed a third more CPU per request on some evenings than on others."]
 
 
 def markdown(report: dict[str, Any]) -> str:
