@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in picks:
         history = [r for r in histories.rows[case] if r >= 0]
         recommended = ranker.rank(int(case), args.k)
-        products = {int(catalog.products.product_of[r]) for r in history} - {-1} if catalog.products is not None else set()
+        siblings = (set(catalog.products.siblings(np.asarray(history), np.zeros(len(history)))[0].tolist())
+                    if catalog.products is not None else set())
         print(f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
               f"{len(split.targets[case])} on the target day)")
         print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before, "
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             right = ""
             if i < len(recommended):
                 row = recommended[i]
-                sibling = catalog.products is not None and catalog.products.product_of[row] in products
-                mark = ("*" if row in split.targets[case] else " ") + ("+" if row in history else "~" if sibling else " ")
+                mark = ("*" if row in split.targets[case] else " ") + ("+" if row in history else "~" if row in siblings else " ")
                 right = f"{mark} {textwrap.shorten(captions[recommended[i]], width)}"
             print(f"{left:<{width}} | {right}")
     return 0
