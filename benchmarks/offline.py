@@ -47,10 +47,11 @@ SEARCH_SETTINGS = {"hnsw": ("efSearch", (64, 128, 256, 512)), "ivf": ("nprobe", 
 
 
 def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) -> dict[str, Any]:
-    """Top-10 overlap of the served index with exact search for real user vectors, per value of the
-    index's search setting (HNSW efSearch, IVF nprobe); the catalog's own setting is restored after."""
+    """Top-10 overlap of the served index with exact search for real user vectors (scored as served:
+    with the popularity prior), per value of the index's search setting (HNSW efSearch, IVF nprobe);
+    the catalog's own setting is restored after."""
     users, _ = known_user_vectors(catalog, repository, n_users)
-    exact = np.argsort(-(users @ catalog.vectors.T), axis=1)[:, :10]
+    exact = np.argsort(-catalog.scores(users, prior=catalog.prior_weight), axis=1)[:, :10]
     index_type = catalog.manifest.index_type
     setting, values = SEARCH_SETTINGS.get(index_type, ("", (0,)))
     owner = catalog.index.hnsw if index_type == "hnsw" else catalog.index
@@ -59,7 +60,7 @@ def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) 
     for value in values:
         if setting:
             setattr(owner, setting, value)
-        _, approximate = catalog.search(users, 10)
+        _, approximate = catalog.search(users, 10, catalog.prior_weight)
         recalls[str(value)] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())]))
     if setting:
         setattr(owner, setting, served)

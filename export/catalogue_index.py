@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from twotower import artifacts
+from twotower import artifacts, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
@@ -72,9 +72,11 @@ def resolve_index_type(index_type: str, n_items: int) -> str:
     return index_type
 
 
-def build_faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
-    """Inner-product index whose ids are catalogue rows."""
-    n, dim = vectors.shape
+def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarray | None = None) -> faiss.Index:
+    """Inner-product index whose ids are catalogue rows; with `item_bias`, over [vector, bias] rows
+    (twotower.popularity), so that a query [user, weight] ranks by cosine + weight * bias."""
+    rows = vectors if item_bias is None else popularity.with_bias(vectors, item_bias)
+    n, dim = rows.shape
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif index_type == "hnsw":
@@ -84,11 +86,13 @@ def build_faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
     elif index_type == "ivf":
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
+        # Lists by direction alone: centroids trained with a zero bias coordinate, so an article's list and
+        # the lists a query probes do not depend on popularity (or it would pull best sellers into a few lists).
+        index.train(vectors if item_bias is None else popularity.with_bias(vectors, np.zeros(n, np.float32)))
         index.nprobe = min(nlist, RetrieverConfig.ivf_nprobe)  # the retriever sets its own on load
     else:
         raise ValueError(f"unknown index type {index_type!r}")
-    index.add(vectors)
+    index.add(rows)
     return index
 
 
@@ -115,6 +119,7 @@ def write_index_dir(
     score_head: artifacts.ScoreHeadWeights,
     manifest_fields: dict,
     excluded_rows: list[int] | None = None,
+    item_bias: np.ndarray | None = None,
 ) -> artifacts.Manifest:
     """Write one index version into a staging directory, checksum it, then rename it into place."""
     if out.exists():
@@ -128,6 +133,9 @@ def write_index_dir(
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
         names = list(artifacts.ARTIFACT_FILES)
+        if item_bias is not None:
+            np.save(staging / artifacts.ITEM_BIAS_FILE, np.asarray(item_bias, dtype=np.float32))
+            names.append(artifacts.ITEM_BIAS_FILE)
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)

@@ -5,10 +5,11 @@ new or changed articles, and/or article_ids to remove. Output: the next version 
 parent, published through CURRENT (a watching retriever swaps to it without restart).
 
 - New articles: captions -> item tower (Triton at the parent's model version, batched) -> vectors
-  appended to the parent's FAISS index (no rebuild) with their metadata.
+  appended to the parent's FAISS index (no rebuild) with their metadata and no popularity prior
+  (nobody has bought them yet; twotower.popularity).
 - Changed articles: appended as new rows the same way; the old row is excluded from results and
   customers' histories point at the new row. They are indexed by their text vector alone: a learned
-  id component returns with the next full export.
+  id component returns with the next full export; they keep their popularity prior.
 - Removed / out-of-stock articles: excluded from results (excluded.json); nothing is rebuilt, and
   histories naming them still work.
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
 from retriever.catalog import Catalog
-from twotower import artifacts
+from twotower import artifacts, popularity
 from twotower.data.hm import build_captions, load_articles
 
 log = logging.getLogger("export.update")
@@ -113,7 +114,7 @@ def update_catalogue(
         raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
 
     # The loaded parent's own objects are extended in memory; its files are never written.
-    items, vectors, index = parent.items, parent.vectors, parent.index
+    items, vectors, index, item_bias = parent.items, parent.vectors, parent.index, parent.item_bias
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}
@@ -126,15 +127,22 @@ def update_catalogue(
         for column in items:  # the delta may lack optional columns: keep the table rectangular
             items[column].extend(metadata.get(column, [""] * len(delta)))
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
+        new_bias = np.zeros(len(delta), dtype=np.float32)
         for offset, article_id in enumerate(delta["article_id"]):
             old = parent.row_of.get(article_id)
             if old is not None:
                 changed += 1
                 excluded.add(old)
                 remap[old] = n_parent + offset
+                if item_bias is not None:
+                    new_bias[offset] = item_bias[old]
             else:
                 added += 1
-        index.add(new_vectors)
+        if item_bias is None:
+            index.add(new_vectors)
+        else:
+            index.add(popularity.with_bias(new_vectors, new_bias))
+            item_bias = np.concatenate([item_bias, new_bias])
         vectors = np.ascontiguousarray(np.concatenate([vectors, new_vectors]), dtype=np.float32)
         rows = histories["rows"]
         histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
@@ -150,7 +158,8 @@ def update_catalogue(
     fields = {k: v for k, v in dataclasses.asdict(manifest).items()
               if k not in ("dim", "metric", "item_count", "index_version", "files")}
     fields["parent_version"] = parent_name
-    new_manifest = write_index_dir(out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded))
+    new_manifest = write_index_dir(out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded),
+                                   item_bias)
     artifacts.publish_version(index_root, out.name)
     summary = UpdateSummary(parent_name, out.name, added, changed, len(remove_ids), new_manifest.item_count,
                             time.perf_counter() - started)

@@ -20,20 +20,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from export.catalogue_index import (build_faiss_index, embed_catalogue, embed_customers, item_metadata, new_version_dir,
                                     resolve_index_type, write_index_dir)
 from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
 from export.triton_repo import TensorSpec, TritonModelSpec, next_version, serialise, write_model
-from twotower import artifacts
+from twotower import artifacts, popularity
 from twotower.config import ModelConfig, from_dict
 from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
 from twotower.repeats import RepeatBoost
-from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_REPEAT_BOOST, RUN_WEIGHTS
+from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_POPULARITY_PRIOR, RUN_REPEAT_BOOST, RUN_WEIGHTS
 
 log = logging.getLogger("export")
 
@@ -58,6 +59,8 @@ def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
     run_config["item_ids"] = json.loads(ids_path.read_text()) if ids_path.is_file() else []
     boost_path = run_dir / RUN_REPEAT_BOOST  # runs trained before repeat boosts have none
     run_config["repeat_boost"] = json.loads(boost_path.read_text()) if boost_path.is_file() else None
+    prior_path = run_dir / RUN_POPULARITY_PRIOR  # nor before the popularity prior
+    run_config["popularity_prior"] = json.loads(prior_path.read_text()) if prior_path.is_file() else None
     model = build_model(model_config, state, n_items=len(run_config["item_ids"]) if "item_ids.weight" in state else 0).eval()
     return model, run_config
 
@@ -157,11 +160,18 @@ def export_run(
     user_vectors = embed_customers(torch.jit.load(io.BytesIO(user_bytes)), vectors, histories.rows, served_ages)
     log.info("embedded %d known customers in %.1fs", len(user_vectors), time.perf_counter() - started)
     head = model.score_head.layers
+    prior = popularity.PopularityPrior.from_json(run_config["popularity_prior"])
+    # Counted up to the day training stopped: an evaluation's target day never feeds its own prior.
+    until = run_config["train"].get("until", "")
+    prior_before = pd.Timestamp(until) if until else pd.Timestamp(reference_day + 1, unit="D")
+    item_bias = popularity.item_bias(data.transactions, row_of, len(vectors), prior_before, prior.window_days)
+    log.info("popularity prior: weight %g on log1p(purchases in the %d days before %s); %d articles bought then",
+             prior.weight, prior.window_days, prior_before.date(), int((item_bias > 0).sum()))
     index_root = Path(index_dir)
     out = new_version_dir(index_root)
     index_type = resolve_index_type(options.index_type, len(vectors))
     started = time.perf_counter()
-    index = build_faiss_index(vectors, index_type)
+    index = build_faiss_index(vectors, index_type, item_bias)
     log.info("built %s index over %d items in %.1fs", index_type, len(vectors), time.perf_counter() - started)
     manifest = write_index_dir(
         out,
@@ -174,6 +184,7 @@ def export_run(
             head[0].weight.detach().numpy()[:, 0], head[0].bias.detach().numpy(),
             head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
             RepeatBoost.from_json(run_config["repeat_boost"]),
+            prior,
         ),
         {
             "index_type": index_type,
@@ -188,6 +199,7 @@ def export_run(
             "tower_checksums": {item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
                                 user_spec.name: hashlib.sha256(user_bytes).hexdigest()},
         },
+        item_bias=item_bias,
     )
     # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
     # A retriever watching the root swaps only once Triton serves the version this index names.

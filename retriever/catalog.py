@@ -16,7 +16,7 @@ import numpy as np
 
 from retriever.filters import FilterColumns
 from retriever.gpu_search import gpu_copy
-from twotower import artifacts, repeats
+from twotower import artifacts, popularity, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, user_tower_inputs
 
@@ -71,6 +71,11 @@ class Catalog:
             self.index.nprobe = ivf_nprobe
         self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
         self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE)
+        # The popularity prior per article (twotower.popularity); indexes written before it have none
+        # and search by cosine alone. With it, the index's rows are [vector, bias].
+        self.item_bias: np.ndarray | None = None
+        if artifacts.ITEM_BIAS_FILE in self.manifest.files:
+            self.item_bias = np.load(self.index_dir / artifacts.ITEM_BIAS_FILE)
         self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
         self.article_ids: list[str] = self.items["article_id"]
         # A changed article is appended as a new row and its old row excluded: the last row wins.
@@ -93,14 +98,19 @@ class Catalog:
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
         )
         self._check_consistency()
-        log.info("loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d (%.1fs)",
-                 self.index_dir, len(self.article_ids), self.n_excluded, self.manifest.dim,
-                 self.manifest.index_type, len(self.customer_row), self.manifest.model_version,
-                 time.perf_counter() - started)
+        log.info("loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d, "
+                 "popularity prior weight %g (%.1fs)", self.index_dir, len(self.article_ids), self.n_excluded,
+                 self.manifest.dim, self.manifest.index_type, len(self.customer_row), self.manifest.model_version,
+                 self.prior_weight, time.perf_counter() - started)
 
     @property
     def version(self) -> str:
         return self.manifest.index_version or self.index_dir.name
+
+    @property
+    def prior_weight(self) -> float:
+        """The popularity prior's weight for customers' queries (0 when this index has no prior)."""
+        return self.score_head.prior.weight if self.item_bias is not None else 0.0
 
     def _check_consistency(self) -> None:
         m = self.manifest
@@ -108,8 +118,12 @@ class Catalog:
         if self.index.ntotal != m.item_count or len(self.vectors) != m.item_count or len(self.article_ids) != m.item_count:
             problems.append(f"item counts differ: index {self.index.ntotal}, vectors {len(self.vectors)}, "
                             f"metadata {len(self.article_ids)}, manifest {m.item_count}")
-        if self.index.d != m.dim or self.vectors.shape[1] != m.dim:
-            problems.append(f"dimension differs: index {self.index.d}, vectors {self.vectors.shape[1]}, manifest {m.dim}")
+        index_dim = m.dim + (self.item_bias is not None)  # + the prior's coordinate
+        if self.index.d != index_dim or self.vectors.shape[1] != m.dim:
+            problems.append(f"dimension differs: index {self.index.d} (expected {index_dim}), vectors "
+                            f"{self.vectors.shape[1]}, manifest {m.dim}")
+        if self.item_bias is not None and self.item_bias.shape != (m.item_count,):
+            problems.append(f"item bias shape {self.item_bias.shape} != ({m.item_count},)")
         if self.customer_vectors is not None and self.customer_vectors.shape != (len(self.history_rows), m.dim):
             problems.append(f"customer vectors {self.customer_vectors.shape} != ({len(self.history_rows)}, {m.dim})")
         if self.history_rows.shape[1] != m.max_history:
@@ -142,18 +156,32 @@ class Catalog:
         shift = float(self.manifest.reference_day - self.history_last_day[row])
         return rows[keep].astype(np.int64), self.history_age[row][keep] + shift
 
+    def scores(self, query: np.ndarray, rows: np.ndarray | slice = slice(None), prior: float = 0.0) -> np.ndarray:
+        """What the index ranks these rows by for a query [D] (or queries [B, D]): cosine + prior * the
+        popularity bias."""
+        scores = query @ self.vectors[rows].T
+        if prior and self.item_bias is not None:
+            scores = scores + prior * self.item_bias[rows]
+        return scores
+
+    def _index_queries(self, queries: np.ndarray, prior: float | np.ndarray) -> np.ndarray:
+        """Queries as the index holds items: [query, prior weight] when it carries the popularity bias."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return queries if self.item_bias is None else popularity.with_weight(queries, prior)
+
     def with_repeats(self, user: np.ndarray, similarities: np.ndarray, rows: np.ndarray, bought: Purchases, k: int,
-                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """A search result merged with the customer's own earlier purchases, ranked by cosine + the
-        index's repeat boost, and with other colours of those products (twotower.repeats); removed articles
-        and ones `allowed` forbids stay out."""
+                     allowed: np.ndarray | None = None, prior: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """A search result merged with the customer's own earlier purchases, ranked by cosine (+ the
+        popularity prior with weight `prior`, as the search was) + the index's repeat boost, and with
+        other colours of those products (twotower.repeats); removed articles and ones `allowed` forbids
+        stay out."""
         boost = self.score_head.repeat
         if not boost.active or len(bought[0]) == 0:
             return similarities[:k], rows[:k]
         boosted, boosts = repeats.candidates(bought, boost, self.products)
         visible = ~self.excluded[boosted] if allowed is None else ~self.excluded[boosted] & allowed[boosted]
         boosted, boosts = boosted[visible], boosts[visible]
-        return repeats.merge(similarities, rows, boosted, self.vectors[boosted] @ user + boosts, k)
+        return repeats.merge(similarities, rows, boosted, self.scores(user, boosted, prior) + boosts, k)
 
     def history_tensors(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pad (rows most-recent-first, ages) pairs into the user tower's fixed [B, L, D] inputs."""
@@ -165,16 +193,17 @@ class Catalog:
             rows[i, :n], ages[i, :n] = history_rows[:n], history_ages[:n]
         return user_tower_inputs(self.vectors, rows, ages)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, rows) [B, k] over every available row; rows are -1 past the last result."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+    def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) [B, k] over every available row; rows are -1 past the last result. A score is the
+        cosine + `prior` (one weight, or one per query) * the article's popularity bias (`scores`)."""
+        queries = self._index_queries(queries, prior)
         if self.n_excluded == 0:
             return self._top_k(queries, k)
         if self.n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
             similarities, rows = self._top_k(queries, k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         everything = np.ones(len(self.excluded), dtype=bool)
-        results = [self.search_masked(q, k, everything) for q in queries]
+        results = [self._search_masked(q.reshape(1, -1), k, everything) for q in queries]
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
     def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,12 +225,17 @@ class Catalog:
                 return "ivf+selector"
         return "exact"
 
-    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector;
-        rows are -1 past the last result. The selector paths widen the search as fewer rows are allowed:
-        HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity (allowed rows are spread over the lists)."""
+    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector, by the
+        same scores as `search`; rows are -1 past the last result. The selector paths widen the search as
+        fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity (allowed rows
+        are spread over the lists)."""
+        return self._search_masked(self._index_queries(np.reshape(query, (1, -1)), prior), k, allowed)
+
+    def _search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`search_masked` for one query row already in the index's form (`_index_queries`)."""
         allowed = allowed & ~self.excluded
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         plan = self.search_plan(allowed)
         if plan == "overfetch":
             similarities, rows = self._top_k(query, k + int(len(allowed) - allowed.sum()))
@@ -213,7 +247,8 @@ class Catalog:
         if len(candidates) == 0:
             return similarities, rows
         if plan == "exact":
-            scores = self.vectors[candidates] @ query[0]
+            dim = self.manifest.dim
+            scores = self.scores(query[0, :dim], candidates, float(query[0, dim]) if query.shape[1] > dim else 0.0)
             top = min(k, len(candidates))
             best = np.argpartition(-scores, top - 1)[:top]
             best = best[np.argsort(-scores[best], kind="stable")]

@@ -435,15 +435,18 @@ class Recommender(Model):
                 ) -> list[Recommendation]:
         results: list[Recommendation | None] = [None] * len(queries)
         # A customer's own earlier purchases may come back (boosted, twotower.repeats) unless excluded.
-        repeats = [q.kind in ("customer_id", "history") and not q.options.exclude_purchased for q in queries]
+        personal = [q.kind in ("customer_id", "history") for q in queries]
+        repeats = [personal[i] and not q.options.exclude_purchased for i, q in enumerate(queries)]
+        # Customers' queries rank with the popularity prior (twotower.popularity); text and similar-item ones by cosine.
+        priors = np.asarray([catalog.prior_weight if p else 0.0 for p in personal], dtype=np.float32)
         plain = [i for i, q in enumerate(queries) if _unfiltered(q)]
         if plain:
             k = max(queries[i].k for i in plain)
-            similarities, rows = catalog.search(vectors[plain], k)
+            similarities, rows = catalog.search(vectors[plain], k, priors[plain])
             for j, i in enumerate(plain):
                 found = similarities[j, : queries[i].k], rows[j, : queries[i].k]
                 if repeats[i]:
-                    found = catalog.with_repeats(vectors[i], *found, bought[i], queries[i].k)
+                    found = catalog.with_repeats(vectors[i], *found, bought[i], queries[i].k, prior=priors[i])
                 results[i] = self._recommendation(catalog, *found)
         for i, query in enumerate(queries):
             if results[i] is not None:
@@ -457,9 +460,10 @@ class Recommender(Model):
                 allowed[bought[i][0]] = False
             # A diversity cap drops results: fetch more so k usually remain.
             fetch = query.k if options.max_per_product_type is None else min(self.config.max_k, 5 * query.k)
-            similarities, rows = catalog.search_masked(vectors[i], fetch, allowed)
+            similarities, rows = catalog.search_masked(vectors[i], fetch, allowed, priors[i])
             if repeats[i]:
-                similarities, rows = catalog.with_repeats(vectors[i], similarities, rows, bought[i], fetch, allowed)
+                similarities, rows = catalog.with_repeats(vectors[i], similarities, rows, bought[i], fetch, allowed,
+                                                          priors[i])
             if options.max_per_product_type is not None:
                 rows, similarities = cap_per_type(rows, similarities, catalog.filter_columns.product_type,
                                                   options.max_per_product_type, query.k)

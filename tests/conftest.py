@@ -68,13 +68,16 @@ def require_hm() -> Path:
     return HM_DIR
 
 
-def write_random_index(directory: Path, index_type: str, groups: list[str], dim: int = 16, seed: int = 0):
+def write_random_index(directory: Path, index_type: str, groups: list[str], dim: int = 16, seed: int = 0,
+                       item_bias=None, prior_weight: float = 0.0):
     """An index version of len(groups) random unit vectors (product_group_name = groups) and no customers:
-    for search tests that need no trained model. Returns the vectors."""
+    for search tests that need no trained model; `item_bias` + `prior_weight` add a popularity prior.
+    Returns the vectors."""
     import numpy as np
 
     from export.catalogue_index import build_faiss_index, write_index_dir
     from twotower import artifacts
+    from twotower.popularity import PopularityPrior
 
     n = len(groups)
     vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
@@ -83,7 +86,8 @@ def write_random_index(directory: Path, index_type: str, groups: list[str], dim:
                  "age_days": np.zeros((1, 4), np.float32), "last_day": np.zeros(1, np.int32)}
     fields = {"index_type": index_type, "model_version": 1, "customer_count": 1, "max_history": 4, "context_length": 8,
               "clip_model": "x", "reference_day": 0, "data_source": "random", "tower_checksums": {}}
-    write_index_dir(directory, build_faiss_index(vectors, index_type), vectors,
+    head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0, prior=PopularityPrior(prior_weight))
+    write_index_dir(directory, build_faiss_index(vectors, index_type, item_bias), vectors,
                     {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
-                    histories, artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), fields)
+                    histories, head, fields, item_bias=item_bias)
     return vectors

@@ -70,6 +70,10 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     old_changed_row = before.row_of[changed_id]
     assert after.excluded[old_changed_row] and after.excluded[after.row_of[removed_id]]
     assert after.row_of[changed_id] != old_changed_row and after.metadata(after.row_of[changed_id])["prod_name"] == "Edited name"
+    # The popularity prior: nobody has bought a new article yet; a changed one keeps its sales.
+    assert after.item_bias is not None and after.index.d == after.manifest.dim + 1
+    assert after.item_bias[new_row] == 0.0 and np.array_equal(after.item_bias[: len(before.item_bias)], before.item_bias)
+    assert after.item_bias[after.row_of[changed_id]] == before.item_bias[old_changed_row]
     _, rows = after.search(after.vectors, 20)
     returned = set(rows[rows >= 0].tolist())
     assert old_changed_row not in returned and after.row_of[removed_id] not in returned

@@ -10,7 +10,10 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
     items.json      column-oriented item metadata, row i = FAISS id i
     histories.npz   known customers' last L purchases (see twotower.data.histories) and their user vectors
-    score_head.json weights of the 2-layer score head (cosine -> score) and the repeat boost, evaluated with numpy
+    score_head.json weights of the 2-layer score head (cosine -> score), the repeat boost and the popularity
+                    prior's weight, evaluated with numpy
+    item_bias.npy   optional: float32 [N] popularity prior per article (twotower.popularity); when present the
+                    FAISS index holds [vector, bias] rows (dimension D + 1)
     excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
 
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from twotower.config import write_json
+from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
 
 FORMAT_VERSION = 1
@@ -39,6 +43,7 @@ ITEMS_FILE = "items.json"
 HISTORIES_FILE = "histories.npz"
 SCORE_HEAD_FILE = "score_head.json"
 EXCLUDED_FILE = "excluded.json"
+ITEM_BIAS_FILE = "item_bias.npy"
 ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)
 CURRENT_FILE = "CURRENT"
 VERSION_PREFIX = "v"
@@ -133,14 +138,16 @@ def tower_file(repository: Path | str, manifest: Manifest, model: str) -> Path:
 
 @dataclasses.dataclass
 class ScoreHeadWeights:
-    """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2), and the boost an
-    article the customer bought before gets on its cosine (twotower.repeats)."""
+    """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2), the boost an
+    article the customer bought before gets on its cosine (twotower.repeats) and the weight of the
+    popularity prior (twotower.popularity)."""
 
     w1: np.ndarray  # [H]
     b1: np.ndarray  # [H]
     w2: np.ndarray  # [H]
     b2: float
     repeat: RepeatBoost = RepeatBoost()
+    prior: PopularityPrior = PopularityPrior()
 
     def __call__(self, cosine: np.ndarray) -> np.ndarray:
         hidden = np.maximum(cosine[..., None] * self.w1 + self.b1, 0.0)
@@ -148,7 +155,7 @@ class ScoreHeadWeights:
 
     def to_json(self) -> dict[str, Any]:
         return {"w1": self.w1.tolist(), "b1": self.b1.tolist(), "w2": self.w2.tolist(), "b2": float(self.b2),
-                "repeat": self.repeat.to_json()}
+                "repeat": self.repeat.to_json(), "prior": self.prior.to_json()}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "ScoreHeadWeights":
@@ -158,6 +165,7 @@ class ScoreHeadWeights:
             np.asarray(raw["w2"], dtype=np.float32),
             float(raw["b2"]),
             RepeatBoost.from_json(raw.get("repeat")),  # indexes written before repeats: no boost
+            PopularityPrior.from_json(raw.get("prior")),  # nor before the prior
         )
 
 

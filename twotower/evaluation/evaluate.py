@@ -77,9 +77,14 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     served, exact = TwoTower(cases, catalog), TwoTower(cases, catalog, exact=True)
     results[served.name], ann_ranked = score_ranker(served, split)
     results[exact.name], exact_ranked = score_ranker(exact, split)
-    if catalog.score_head.repeat.active:  # what the towers alone rank, for comparison
-        towers_only = TwoTower(cases, catalog, exact=True, repeat_boost=False)
-        results[towers_only.name] = score_ranker(towers_only, split)[0]
+    # What the prior and then the boost add, for comparison: the last variant is the towers alone.
+    variants = []
+    if catalog.prior_weight:
+        variants.append(TwoTower(cases, catalog, exact=True, popularity_prior=False))
+    if catalog.score_head.repeat.active:
+        variants.append(TwoTower(cases, catalog, exact=True, repeat_boost=False, popularity_prior=False))
+    for variant in variants:
+        results[variant.name] = score_ranker(variant, split)[0]
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
@@ -100,7 +105,9 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
                  f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
                  f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
-                 f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days)",
+                 f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "
+                 f"{catalog.prior_weight:g} * log1p(purchases in the {catalog.score_head.prior.window_days} days "
+                 f"before {manifest.trained_until or 'the end of data'})",
         "rankers": results,
         "best_baseline": best,
         "served": served.name,

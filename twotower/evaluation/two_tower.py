@@ -42,19 +42,24 @@ class TwoTower(Ranker):
     """Ranks with FAISS (as the retriever does) or, with exact=True, by brute force over all vectors.
 
     Either way the customer's own earlier purchases (and their products' other colours) compete with
-    their boosted cosine, as served. Variants share one `CaseUsers`: the user tower runs once per split.
+    their boosted cosine, and every article with its popularity prior, as served. The variants without
+    them show what each adds. Variants share one `CaseUsers`: the user tower runs once per split.
     """
 
-    def __init__(self, cases: CaseUsers, catalog: Catalog, exact: bool = False, repeat_boost: bool = True):
+    def __init__(self, cases: CaseUsers, catalog: Catalog, exact: bool = False, repeat_boost: bool = True,
+                 popularity_prior: bool = True):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
-        if not repeat_boost:
-            self.name = self.name.replace("two-tower", "two-tower without repeat boost")
+        left_out = [part for part, kept in (("repeat boost", repeat_boost), ("popularity prior", popularity_prior))
+                    if not kept]
+        if left_out:
+            self.name = self.name.replace("two-tower", "two-tower without " + " or ".join(left_out))
         self.catalog, self.exact = catalog, exact
         self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
+        self.prior = catalog.prior_weight if popularity_prior else 0.0
         self.pairs, self.users = cases.pairs, cases.users
 
     def scores(self, case: int) -> np.ndarray:
-        scores = (self.catalog.vectors @ self.users[case]).astype(np.float64)
+        scores = self.catalog.scores(self.users[case], prior=self.prior).astype(np.float64)
         if self.boost.active:
             rows, boosts = repeats.candidates(self.pairs[case], self.boost, self.catalog.products)
             scores[rows] += boosts
@@ -63,7 +68,8 @@ class TwoTower(Ranker):
     def rank(self, case: int, k: int) -> np.ndarray:
         if self.exact:
             return super().rank(case, k)
-        similarities, rows = self.catalog.search(self.users[case : case + 1], k)
+        similarities, rows = self.catalog.search(self.users[case : case + 1], k, self.prior)
         if self.boost.active:
-            _, rows = self.catalog.with_repeats(self.users[case], similarities[0], rows[0], self.pairs[case], k)
+            _, rows = self.catalog.with_repeats(self.users[case], similarities[0], rows[0], self.pairs[case], k,
+                                                prior=self.prior)
         return rows[rows >= 0]

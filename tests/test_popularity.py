@@ -1,0 +1,100 @@
+"""The popularity prior: per-article bias, its place in the index, its fitted weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from retriever.catalog import Catalog
+from tests.conftest import write_random_index
+from twotower import artifacts, popularity
+from twotower.data.hm import load_hm_dir
+from twotower.train import RUN_POPULARITY_PRIOR
+
+
+def test_item_bias_counts_only_the_window_before_the_day() -> None:
+    transactions = pd.DataFrame({
+        "t_dat": pd.to_datetime(["2020-09-01", "2020-09-15", "2020-09-20", "2020-09-21", "2020-09-21", "2020-09-22"]),
+        "article_id": ["a", "b", "b", "a", "zz", "b"],  # zz: not in the catalogue
+    })
+    bias = popularity.item_bias(transactions, {"a": 0, "b": 1, "c": 2}, 3, pd.Timestamp("2020-09-22"), window_days=7)
+    # 09-15..09-21 count (7 days), 09-01 is too old and 09-22 is the day itself.
+    np.testing.assert_allclose(bias, np.log1p([1, 2, 0]))
+
+
+def test_an_index_row_with_bias_scores_cosine_plus_weighted_bias() -> None:
+    rng = np.random.default_rng(0)
+    vectors, queries = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    bias = np.arange(5, dtype=np.float32)
+    scores = popularity.with_weight(queries, np.asarray([0.0, 0.5, 2.0])) @ popularity.with_bias(vectors, bias).T
+    np.testing.assert_allclose(scores, queries @ vectors.T + np.asarray([0.0, 0.5, 2.0])[:, None] * bias, rtol=1e-5)
+
+
+def test_fit_keeps_the_smallest_weight_that_finds_most() -> None:
+    targets = [{1}, {2}]
+
+    def rank(case: int, weight: float, k: int) -> np.ndarray:  # weight >= 0.05 finds row 1 for case 0
+        return np.asarray([1 if weight >= 0.05 and case == 0 else 9, 8])
+
+    assert popularity.fit(rank, targets, k=2) == (0.05, 0.5, 0.0)
+    assert popularity.fit(lambda case, weight, k: np.asarray([7]), targets, k=1)[0] == 0.0  # no gain: no prior
+
+
+def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
+    head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.5, prior=popularity.PopularityPrior(0.03, 5))
+    raw = json.loads(json.dumps(head.to_json()))
+    assert artifacts.ScoreHeadWeights.from_json(raw).prior == popularity.PopularityPrior(0.03, 5)
+    del raw["prior"]
+    assert artifacts.ScoreHeadWeights.from_json(raw).prior.weight == 0.0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: str) -> None:
+    n = 3000
+    bias = np.zeros(n, dtype=np.float32)
+    bias[:30] = np.log1p(np.arange(30, dtype=np.float32) * 10)  # a few best sellers, most articles unsold
+    vectors = write_random_index(tmp_path / "v0001", index_type, ["A"] * n, item_bias=bias, prior_weight=0.1)
+    catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76, exact_search_limit=100)  # all lists: exact for this check
+    assert catalog.prior_weight == 0.1 and catalog.index.d == vectors.shape[1] + 1
+    query = vectors[100]
+    for prior in (0.0, 0.1):
+        expected = np.argsort(-(vectors @ query + prior * bias), kind="stable")[:10]
+        _, rows = catalog.search(query[None], 10, prior)
+        assert rows[0].tolist() == expected.tolist()
+        np.testing.assert_allclose(catalog.scores(query, rows[0], prior), (vectors @ query + prior * bias)[rows[0]],
+                                   rtol=1e-5)
+        # The filtered paths rank the same way: exact over few rows, the index's selector over many.
+        for allowed_rows in (np.arange(0, 60), np.arange(0, 2000)):
+            allowed = np.zeros(n, dtype=bool)
+            allowed[allowed_rows] = True
+            _, rows = catalog.search_masked(query, 10, allowed, prior)
+            scores = vectors[allowed_rows] @ query + prior * bias[allowed_rows]
+            assert rows.tolist() == allowed_rows[np.argsort(-scores, kind="stable")[:10]].tolist()
+    # The boosted own purchases are scored the same way as the search.
+    bought = (np.asarray([5, 200]), np.zeros(2, np.float32))
+    similarities, rows = catalog.search(query[None], 10, 0.1)
+    merged_scores, merged_rows = catalog.with_repeats(query, similarities[0], rows[0], bought, 10, prior=0.1)
+    assert set(merged_rows.tolist()) <= set(rows[0].tolist()) | {5, 200}
+
+
+def test_indexes_without_a_prior_search_by_cosine(tmp_path: Path) -> None:
+    vectors = write_random_index(tmp_path / "v0001", "flat", ["A"] * 50)
+    catalog = Catalog(tmp_path / "v0001")
+    assert catalog.item_bias is None and catalog.prior_weight == 0.0 and catalog.index.d == vectors.shape[1]
+    _, rows = catalog.search(vectors[:1], 5, prior=0.3)  # a weight with nothing to weigh changes nothing
+    assert rows[0].tolist() == np.argsort(-(vectors @ vectors[0]))[:5].tolist()
+
+
+def test_export_serves_the_fitted_weight_over_the_last_days_sales(tiny_pipeline) -> None:
+    catalog = Catalog(tiny_pipeline.index_dir)
+    prior = popularity.PopularityPrior.from_json(json.loads((tiny_pipeline.run_dir / RUN_POPULARITY_PRIOR).read_text()))
+    assert catalog.score_head.prior == prior  # the weight training fitted is the one served
+    data = load_hm_dir(tiny_pipeline.data_dir)  # trained on all of it: the window ends with the data's last day
+    expected = popularity.item_bias(data.transactions, catalog.row_of, len(catalog.row_of),
+                                    data.transactions["t_dat"].max() + pd.Timedelta(days=1), prior.window_days)
+    assert catalog.item_bias is not None and catalog.item_bias.max() > 0
+    np.testing.assert_array_equal(catalog.item_bias, expected)

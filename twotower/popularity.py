@@ -1,0 +1,89 @@
+"""A popularity prior: what many customers bought in the last days ranks a little higher for everyone.
+
+The towers rank by cosine, which says what suits a customer but not what is selling now; on
+hm_lastweek the 7-day best sellers alone find 13% of next-day purchases in a top 100. A customer's
+score for an article becomes
+
+    cosine + weight * log1p(purchases of the article in the `window_days` before the data's last day)
+
+`weight` is fitted after training on held-out whole days (recall@100, the candidate-generation
+metric; the repeat boost is fitted for MAP@12) and ships in the index with the score head. Articles
+nobody bought lately (new ones included) get no prior, so they still compete by cosine alone.
+
+The per-article bias rides in the FAISS index as one extra coordinate: items are indexed as
+[vector, bias] and a query is [user vector, weight], so the nearest-neighbour search itself ranks by
+cosine + prior and a best seller outside the cosine top-k still comes back. A query with weight 0
+(text queries) searches by cosine alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+WEIGHT_GRID = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+DEFAULT_WINDOW_DAYS = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class PopularityPrior:
+    weight: float = 0.0
+    window_days: int = DEFAULT_WINDOW_DAYS
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any] | None) -> "PopularityPrior":
+        """Runs and indexes written before the prior have none (weight 0)."""
+        if not raw:
+            return cls()
+        return cls(float(raw["weight"]), int(raw.get("window_days", DEFAULT_WINDOW_DAYS)))
+
+
+def item_bias(transactions: pd.DataFrame, row_of: dict[str, int], n_items: int, before: pd.Timestamp,
+              window_days: int = DEFAULT_WINDOW_DAYS) -> np.ndarray:
+    """float32 [n_items]: log1p(purchases of each article in the `window_days` days before `before`).
+
+    `before` is exclusive, so a bias computed for an evaluation or held-out day never counts that day.
+    Purchases of articles outside `row_of` are ignored.
+    """
+    days = pd.to_datetime(transactions["t_dat"])
+    recent = transactions["article_id"][(days < before) & (days >= before - pd.Timedelta(days=window_days))]
+    rows = recent.map(row_of).dropna().to_numpy(dtype=np.int64)
+    return np.log1p(np.bincount(rows, minlength=n_items).astype(np.float32))
+
+
+def with_bias(vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Index rows [vector, bias]: an inner product with [query, weight] is cosine + weight * bias."""
+    return np.ascontiguousarray(np.hstack([vectors, bias.reshape(-1, 1)]), dtype=np.float32)
+
+
+def with_weight(queries: np.ndarray, weights: float | np.ndarray) -> np.ndarray:
+    """Query rows [query, weight]; weight 0 searches by cosine alone."""
+    column = np.broadcast_to(np.asarray(weights, dtype=np.float32), (len(queries),)).reshape(-1, 1)
+    return np.ascontiguousarray(np.hstack([queries, column]), dtype=np.float32)
+
+
+def fit(rank: Callable[[int, float, int], np.ndarray], targets: Sequence[set[int]], k: int = 100,
+        grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, float, float]:
+    """The weight with the best recall@k over the cases, that recall, and the recall without a prior.
+
+    rank(case, weight, k) -> the top-k rows for that case when the prior has that weight. Ties keep
+    the smaller weight: a prior only earns its place by finding more.
+    """
+    from twotower.evaluation.metrics import recall_at_k  # evaluation imports this module's users
+
+    def recall(weight: float) -> float:
+        return recall_at_k([rank(case, weight, k) for case in range(len(targets))], list(targets), k)
+
+    without = recall(0.0)
+    best, best_recall = 0.0, without
+    for weight in sorted(set(grid) - {0.0}):
+        value = recall(weight)
+        if value > best_recall + 1e-9:
+            best, best_recall = weight, value
+    return best, best_recall, without
