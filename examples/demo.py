@@ -46,7 +46,7 @@ def show(title: str, prediction: dict, latency_ms: float) -> None:
     print(f"\n=== {title}  ({latency_ms:.1f} ms)")
     for rank, item in enumerate(prediction["items"], 1):
         print(f"  {rank:2d}. {item['article_id']}  {item['prod_name']:<28.28} {item['colour_group_name']:<12.12} "
-              f"{item['product_type_name']:<14.14} score {item['score']:.3f}  cos {item['similarity']:.3f}")
+              f"{item['product_type_name']:<14.14} score {item['score']:.3f}  similarity {item['similarity']:.3f}")
 
 
 def add_article_live(data, index_dir: Path, triton_url: str, retriever: RetrieverProcess) -> None:
