@@ -51,17 +51,19 @@ class UnknownIds(KeyError):
 class Catalog:
     def __init__(self, index_dir: Path | str, hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
                  ivf_nprobe: int = RetrieverConfig.ivf_nprobe, exact_search_limit: int = RetrieverConfig.exact_search_limit,
-                 faiss_gpu: str = "off"):
+                 faiss_gpu: str = "off", popularity_weight: float = RetrieverConfig.popularity_weight):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
         Search settings default to the served ones, so offline evaluation measures what is served;
-        `faiss_gpu` (auto | on | off, retriever.gpu_search) moves unfiltered searches to a GPU copy.
+        `faiss_gpu` (auto | on | off, retriever.gpu_search) moves unfiltered searches to a GPU copy;
+        `popularity_weight` >= 0 replaces the prior weight the index was fitted with.
         """
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
         self.hnsw_ef_search = hnsw_ef_search
         self.ivf_nprobe = ivf_nprobe
         self.exact_search_limit = exact_search_limit
+        self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
         self.index = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))
@@ -110,7 +112,9 @@ class Catalog:
     @property
     def prior_weight(self) -> float:
         """The popularity prior's weight for customers' queries (0 when this index has no prior)."""
-        return self.score_head.prior.weight if self.item_bias is not None else 0.0
+        if self.item_bias is None:
+            return 0.0
+        return self.popularity_weight if self.popularity_weight >= 0 else self.score_head.prior.weight
 
     def _check_consistency(self) -> None:
         m = self.manifest

@@ -148,7 +148,7 @@ class Recommender(Model):
 
     def _open_catalog(self, index_dir: Path | str) -> Catalog:
         return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit,
-                       self.config.faiss_gpu)
+                       self.config.faiss_gpu, self.config.popularity_weight)
 
     def _towers_for(self, catalog: Catalog, triton_wait_s: float) -> Towers:
         """Towers for this index's model version, proven to be served (raises ArtifactError otherwise)."""

@@ -81,6 +81,13 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
     assert set(merged_rows.tolist()) <= set(rows[0].tolist()) | {5, 200}
 
 
+def test_operators_can_replace_the_fitted_weight(tmp_path: Path) -> None:
+    write_random_index(tmp_path / "v0001", "flat", ["A"] * 50, item_bias=np.ones(50, np.float32), prior_weight=0.1)
+    assert Catalog(tmp_path / "v0001").prior_weight == 0.1  # -1 (default): the fitted weight
+    assert Catalog(tmp_path / "v0001", popularity_weight=0.0).prior_weight == 0.0  # off
+    assert Catalog(tmp_path / "v0001", popularity_weight=0.3).prior_weight == 0.3
+
+
 def test_indexes_without_a_prior_search_by_cosine(tmp_path: Path) -> None:
     vectors = write_random_index(tmp_path / "v0001", "flat", ["A"] * 50)
     catalog = Catalog(tmp_path / "v0001")

@@ -137,6 +137,7 @@ class RetrieverConfig:
     search_in_thread: bool = False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
     faiss_gpu: str = "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (retriever.gpu_search)
+    popularity_weight: float = -1.0  # popularity prior for customers' lists (twotower.popularity): -1 = the index's fitted weight, 0 = off
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
