@@ -200,14 +200,14 @@ class Catalog:
     def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) [B, k] over every available row; rows are -1 past the last result. A score is the
         cosine + `prior` (one weight, or one per query) * the article's popularity bias (`scores`)."""
-        queries = self._index_queries(queries, prior)
         if self.n_excluded == 0:
-            return self._top_k(queries, k)
+            return self._top_k(self._index_queries(queries, prior), k)
         if self.n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
-            similarities, rows = self._top_k(queries, k + self.n_excluded)
+            similarities, rows = self._top_k(self._index_queries(queries, prior), k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         everything = np.ones(len(self.excluded), dtype=bool)
-        results = [self._search_masked(q.reshape(1, -1), k, everything) for q in queries]
+        priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
+        results = [self.search_masked(q, k, everything, float(w)) for q, w in zip(queries, priors)]
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
     def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,14 +235,11 @@ class Catalog:
         same scores as `search`; rows are -1 past the last result. The selector paths widen the search as
         fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity (allowed rows
         are spread over the lists)."""
-        return self._search_masked(self._index_queries(np.reshape(query, (1, -1)), prior), k, allowed)
-
-    def _search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`search_masked` for one query row already in the index's form (`_index_queries`)."""
         allowed = allowed & ~self.excluded
         plan = self.search_plan(allowed)
+        index_query = self._index_queries(np.reshape(query, (1, -1)), prior)
         if plan == "overfetch":
-            similarities, rows = self._top_k(query, k + int(len(allowed) - allowed.sum()))
+            similarities, rows = self._top_k(index_query, k + int(len(allowed) - allowed.sum()))
             found_similarities, found_rows = _drop_rows(similarities, rows, ~allowed, k)
             return found_similarities[0], found_rows[0]
         similarities = np.full(k, -np.inf, dtype=np.float32)
@@ -251,8 +248,7 @@ class Catalog:
         if len(candidates) == 0:
             return similarities, rows
         if plan == "exact":
-            dim = self.manifest.dim
-            scores = self.scores(query[0, :dim], candidates, float(query[0, dim]) if query.shape[1] > dim else 0.0)
+            scores = self.scores(np.asarray(query, dtype=np.float32).reshape(-1), candidates, prior)
             top = min(k, len(candidates))
             best = np.argpartition(-scores, top - 1)[:top]
             best = best[np.argsort(-scores[best], kind="stable")]
@@ -271,7 +267,7 @@ class Catalog:
             # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search.
             params.nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe / selectivity)))
         params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        found_similarities, found_rows = self.index.search(query, k, params=params)
+        found_similarities, found_rows = self.index.search(index_query, k, params=params)
         return found_similarities[0], found_rows[0]
 
     def metadata(self, row: int) -> dict[str, str]:

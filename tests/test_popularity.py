@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from retriever.catalog import Catalog
 from tests.conftest import write_random_index
 from twotower import artifacts, popularity
 from twotower.data.hm import load_hm_dir
+from twotower.repeats import RepeatBoost
 from twotower.train import RUN_POPULARITY_PRIOR
 
 
@@ -74,11 +76,24 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
             _, rows = catalog.search_masked(query, 10, allowed, prior)
             scores = vectors[allowed_rows] @ query + prior * bias[allowed_rows]
             assert rows.tolist() == allowed_rows[np.argsort(-scores, kind="stable")[:10]].tolist()
-    # The boosted own purchases are scored the same way as the search.
+    # Many rows hidden (a search per query through the masked path): the same scores.
+    catalog.excluded[100:400] = True
+    catalog.n_excluded = 300
+    visible = np.flatnonzero(~catalog.excluded)
+    _, rows = catalog.search(np.stack([query, vectors[7]]), 10, np.asarray([0.1, 0.0]))
+    for i, (q, prior) in enumerate(((query, 0.1), (vectors[7], 0.0))):
+        scores = vectors[visible] @ q + prior * bias[visible]
+        assert rows[i].tolist() == visible[np.argsort(-scores, kind="stable")[:10]].tolist()
+    catalog.excluded[100:400], catalog.n_excluded = False, 0
+    # The boosted own purchases are scored the same way as the search, plus their boost.
+    catalog.score_head = dataclasses.replace(catalog.score_head, repeat=RepeatBoost(bonus=2.0))
     bought = (np.asarray([5, 200]), np.zeros(2, np.float32))
     similarities, rows = catalog.search(query[None], 10, 0.1)
     merged_scores, merged_rows = catalog.with_repeats(query, similarities[0], rows[0], bought, 10, prior=0.1)
-    assert set(merged_rows.tolist()) <= set(rows[0].tolist()) | {5, 200}
+    for row in (5, 200):
+        assert row in merged_rows.tolist()
+        assert merged_scores[merged_rows.tolist().index(row)] == pytest.approx(vectors[row] @ query + 0.1 * bias[row] + 2.0,
+                                                                           rel=1e-5)
 
 
 def test_operators_can_replace_the_fitted_weight(tmp_path: Path) -> None:
