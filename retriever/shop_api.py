@@ -86,7 +86,7 @@ def build_router(model: Recommender) -> APIRouter:
         try:
             results = await model.recommend([query], serving())
         finally:
-            metrics.STAGE_SECONDS.labels("total").observe(time.perf_counter() - started)
+            metrics.STAGE["total"].observe(time.perf_counter() - started)
         return v1_response([query], results)["predictions"][0]
 
     def options(k: int | None, filters: Filters, exclude_purchased: bool = False, max_per_product_type: int | None = None
