@@ -41,4 +41,39 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
         assert 0.0 <= values["recall@12"] <= values["recall@100"] <= 1.0
     assert result["rankers"]["repurchase"]["cold_recall@100"] == 0.0
     assert "| two-tower (flat) |" in (out / "eval.md").read_text()
+    # the breakdown's shares cover every target once; what it finds is the served ranker's recall@100
+    breakdown = result["target_breakdown"]
+    assert sum(part["share"] for part in breakdown.values()) == pytest.approx(1.0)
+    for ranker in ("two-tower (flat)", result["best_baseline"]):
+        assert sum(part[ranker] for part in breakdown.values()) == pytest.approx(result["rankers"][ranker]["recall@100"])
+        assert all(0.0 <= part[ranker] <= part["share"] + 1e-9 for part in breakdown.values())
+    assert "| own earlier purchase |" in (out / "eval.md").read_text()
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_target_breakdown_puts_each_target_in_its_first_category() -> None:
+    import pandas as pd
+
+    from twotower.evaluation.breakdown import CATEGORIES, target_breakdown
+    from twotower.evaluation.split import TemporalSplit
+    from twotower.repeats import Products
+
+    # rows 0-1 one product; customer a bought 0 before; b bought 5
+    history = pd.DataFrame({"customer_id": ["a", "b"], "article_id": ["r0", "r5"],
+                            "t_dat": pd.to_datetime(["2020-09-20", "2020-09-21"])})
+    row_of = {f"r{i}": i for i in range(1200)}
+    split = TemporalSplit(pd.Timestamp("2020-09-22"), pd.Timestamp("2020-09-16"), pd.Timestamp("2020-09-23"), history,
+                          ["a", "b"], [{0, 1, 2, 3}, {4, 1100}], cold_rows={1100}, row_of=row_of)
+    products = Products(["p0", "p0"] + [f"q{i}" for i in range(2, 1200)])
+    co_purchase = [np.asarray([2]), np.asarray([], dtype=np.int64)]
+    popularity = np.asarray([3] + list(range(5, 1004)))  # row 4 in neither popularity band
+    ranked = [np.asarray([0, 2, 9]), np.asarray([1100])]
+    parts = target_breakdown(split, products, co_purchase, popularity, {"found": ranked})
+    # a's targets (1/4 each): own 0, sibling 1, co-purchased 2, popular 3; b's (1/2 each): 4 (not cold, in no
+    # list) and cold 1100. Each share is averaged over the two cases.
+    assert parts[CATEGORIES[0]] == {"share": 0.125, "found": 0.125}
+    assert parts[CATEGORIES[1]] == {"share": 0.125, "found": 0.0}
+    assert parts[CATEGORIES[2]] == {"share": 0.125, "found": 0.125}
+    assert parts[CATEGORIES[3]] == {"share": 0.125, "found": 0.0}
+    assert parts[CATEGORIES[5]] == {"share": 0.25, "found": 0.0}
+    assert parts[CATEGORIES[6]] == {"share": 0.25, "found": 0.25}

@@ -12,6 +12,7 @@ import numpy as np
 from retriever.catalog import Catalog
 from twotower.data.hm import HMData
 from twotower.evaluation import metrics
+from twotower.evaluation.breakdown import target_breakdown
 from twotower.evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
 from twotower.evaluation.split import TemporalSplit
 from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
@@ -71,8 +72,9 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         Mix([repurchase, co_purchase, popularity]), Mix([repurchase, popularity]), Mix([co_purchase, popularity]),
     ]
     results: dict[str, dict[str, float]] = {}
+    ranked_by: dict[str, list[np.ndarray]] = {}
     for ranker in baselines:
-        results[ranker.name] = score_ranker(ranker, split)[0]
+        results[ranker.name], ranked_by[ranker.name] = score_ranker(ranker, split)
     cases = case_users(split, catalog, user_tower)
     served, exact = TwoTower(cases, catalog), TwoTower(cases, catalog, exact=True)
     results[served.name], ann_ranked = score_ranker(served, split)
@@ -88,6 +90,8 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
+    breakdown = target_breakdown(split, catalog.products, ranked_by[co_purchase.name], popularity.rank(0, 1000),
+                                 {served.name: ann_ranked, best: ranked_by[best]})
     ours, theirs, boost = results[served.name], results[best], catalog.score_head.repeat
     targets = {
         "recall@100 >= 1.2 x best baseline": ours["recall@100"] >= 1.2 * theirs["recall@100"],
@@ -113,5 +117,6 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         "served": served.name,
         "targets": targets,
         "ann_recall_at_100": ann_recall,
+        "target_breakdown": breakdown,
         "command": command,
     }

@@ -14,7 +14,6 @@ def write_reports(out_dir: Path, result: dict[str, Any]) -> list[Path]:
     return write_bundle(out_dir, "eval", result, markdown, bar_chart)
 
 
-
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation: {result['data']}",
@@ -37,6 +36,19 @@ def markdown(result: dict[str, Any]) -> str:
     if "targets" in result:
         lines += [f"Targets (served ranker **{result['served']}** against the best baseline):", ""]
         lines += [f"- {name}: {'met' if met else 'NOT met'}" for name, met in result["targets"].items()]
+        lines.append("")
+    if "target_breakdown" in result:
+        served, best = result["served"], result["best_baseline"]
+        lines += [
+            "Where the targets are, and how much of each kind the served ranker and the best baseline find in their",
+            "top 100 (each case's targets weigh 1 / their count, averaged over cases: the shares sum to 1, a ranker's",
+            "column to its recall@100; a target counts in the first row that holds it; twotower/evaluation/breakdown.py):",
+            "",
+            f"| target | share of targets | found by {served} | found by {best} |",
+            "|---|---|---|---|",
+        ]
+        for category, part in result["target_breakdown"].items():
+            lines.append(f"| {category} | {part['share']:.4f} | {part[served]:.4f} | {part[best]:.4f} |")
         lines.append("")
     lines += [
         "`hr@10_sampled100` is the classic leave-one-out protocol (one held-out purchase ranked against 100",
