@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
 # One BLAS thread, set before numpy loads OpenBLAS: its extra threads busy-wait after every product over
 # a few hundred rows (the repeat boost's candidates), which cost ~9 ms of CPU per request at 100 QPS.
@@ -27,25 +26,10 @@ from kserve import model_server  # noqa: E402
 
 from retriever import shop_api  # noqa: E402
 from retriever.gpu_search import GpuUnavailable  # noqa: E402
+from retriever.kserve_app import disable_kserve_timing  # noqa: E402
 from retriever.model import DEFAULT_MODEL_NAME, Recommender  # noqa: E402
 from twotower.artifacts import ArtifactError  # noqa: E402
 from twotower.config import RetrieverConfig, add_arguments, from_arguments  # noqa: E402
-
-
-class _Untimed:
-    """Stands in for KServe's TimingMiddleware, which times every request for a log that is off by default."""
-
-    def __init__(self, app: Any, **_: Any):
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.app(scope, receive, send)
-
-
-def disable_kserve_timing() -> None:
-    from kserve.protocol.rest import server
-
-    server.TimingMiddleware = _Untimed  # read when KServe builds its app, at ModelServer.start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from retriever.cache import LRUCache
 from retriever.catalog import NOTHING_BOUGHT, Catalog, Purchases, UnknownIds
 from retriever.filters import FilterError, cap_per_type
 from retriever.gpu_search import GpuUnavailable
+from retriever.kserve_app import disable_kserve_timing
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
 from retriever.purchases import LivePurchases
 from retriever.towers import TowerClient, Towers, TritonUnavailable
@@ -145,6 +146,9 @@ class Recommender(Model):
             from retriever import shop_api
 
             shop_api.install(model_server.app, self)
+            if not self.config.kserve_timing:
+                disable_kserve_timing()  # this worker builds KServe's app after unpickling the model
+            gc.freeze()  # as after an install: the unpickled index is new to this process's collector
 
     def _open_catalog(self, index_dir: Path | str) -> Catalog:
         return Catalog(index_dir, self.config.hnsw_ef_search, self.config.ivf_nprobe, self.config.exact_search_limit,

@@ -131,3 +131,11 @@ def test_keep_alive_poster_reuses_connections_and_counts_failures(http_server: s
 def test_open_loop_through_keep_alive_poster(http_server: str) -> None:
     result = asyncio.run(run_open_loop(http_server + "/ok/200", [b"{}"] * 50, rate=500.0))
     assert result["requests"] == 50 and result["errors"] == 0 and result["p99_ms"] > 0
+
+
+def test_wait_until_idle_returns_once_the_processes_are_quiet() -> None:
+    import os
+
+    from benchmarks.serving import wait_until_idle
+
+    assert 1.0 <= wait_until_idle([os.getpid()], busy_cores=0.5, timeout_s=10.0) < 5.0
