@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-rates", default="600,800,1200", help="tried after --rates while p99 stays under 50 ms")
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate")
     parser.add_argument("--out", type=Path, default=Path("docs"))
-    # Two KServe workers: one Python process tops out near 400 QPS on this path (~2.4 ms of CPU per
-    # request under the GIL); two use both cores (benchmarks/LEVERS.md, KServe --workers rows).
+    # Two KServe workers: at 400 QPS one Python process is 80-95% busy under the GIL (2.0-2.4 ms of CPU
+    # per request, by host speed); two use both cores (benchmarks/LEVERS.md, KServe --workers rows).
     parser.add_argument("--retriever-args", default="--workers 2",
                         help="retriever flags, e.g. '--workers 1' (default: '--workers 2')")
     args = parser.parse_args(argv)
