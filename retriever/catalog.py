@@ -23,7 +23,6 @@ from twotower.data.histories import PAD, user_tower_inputs
 log = logging.getLogger("retriever.catalog")
 
 
-METADATA_CACHE_ROWS = 20_000  # results repeat the popular articles: their metadata is built once
 EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
 
@@ -87,7 +86,6 @@ class Catalog:
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
         self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         self.filter_columns = FilterColumns(self.items)
-        self._metadata: dict[int, dict[str, str]] = {}  # row -> metadata, see `metadata`
         # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
         self.products = repeats.Products(self.items["product_code"]) if "product_code" in self.items else None
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
@@ -273,13 +271,5 @@ class Catalog:
         return found_similarities[0], found_rows[0]
 
     def metadata(self, row: int) -> dict[str, str]:
-        """A row's metadata columns but article_id (answers carry it beside them). Built once per row
-        and shared between requests (a plain dict, so the catalogue still pickles for KServe's worker
-        processes): callers copy it before changing it."""
-        found = self._metadata.get(row)
-        if found is None:
-            if len(self._metadata) >= METADATA_CACHE_ROWS:
-                self._metadata.clear()  # a crude bound: popular rows come back within a few requests
-            found = self._metadata[row] = {column: values[row] for column, values in self.items.items()
-                                           if column != "article_id"}
-        return found
+        """A row's metadata columns but article_id (answers carry it beside them): a new dict per call."""
+        return {column: values[row] for column, values in self.items.items() if column != "article_id"}

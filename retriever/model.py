@@ -486,11 +486,10 @@ class Recommender(Model):
 
     def article_metadata(self, catalog: Catalog, row: int) -> dict[str, str]:
         """Metadata shown with a result (article_id is returned beside it), plus the image URL when configured."""
-        metadata = catalog.metadata(row)  # shared between requests: copied before image_url is added
+        metadata = catalog.metadata(row)
         if self.config.image_url_template:
             article_id = catalog.article_ids[row]
-            image_url = self.config.image_url_template.format(article_id=article_id, prefix=article_id[:3])
-            metadata = {**metadata, "image_url": image_url}
+            metadata["image_url"] = self.config.image_url_template.format(article_id=article_id, prefix=article_id[:3])
         return metadata
 
     async def postprocess(self, result: Results, headers: dict[str, str] | None = None, *args: Any) -> Any:
