@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -91,3 +95,48 @@ def write_random_index(directory: Path, index_type: str, groups: list[str], dim:
                     {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
                     histories, head, fields, item_bias=item_bias)
     return vectors
+
+
+class EchoHandler(http.server.BaseHTTPRequestHandler):
+    """A real HTTP/1.1 server for the keep-alive client. Status from the path's last part; /close asks to close, /chunked frames by chunks, /slow answers late."""
+
+    protocol_version = "HTTP/1.1"
+    connections: set[int] = set()
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self._answer(b"")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def _answer(self, body: bytes) -> None:
+        EchoHandler.connections.add(id(self.connection))
+        if self.path.startswith("/slow"):
+            time.sleep(0.5)
+        self.send_response(int(self.path.rsplit("/", 1)[-1]))
+        self.send_header("X-Echo-Path", self.path)
+        if self.path.startswith("/chunked"):
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
+            return
+        if self.path.startswith("/close"):
+            self.send_header("Connection", "close")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    EchoHandler.connections = set()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
-import threading
-from typing import Iterator
 
 import pytest
 
-from benchmarks.loadgen import KeepAlivePoster, run_open_loop, summarise
+from benchmarks.loadgen import run_open_loop, summarise
 from benchmarks.serving import stage_means
 
 
@@ -76,61 +73,11 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
     assert "1000 real user vectors: 1.0000 (flat index: exact)" in markdown(report)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """A real HTTP/1.1 server for the load generator's client: status from the path, keep-alive unless asked."""
-
-    protocol_version = "HTTP/1.1"
-    connections: set[int] = set()
-
-    def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-        _Handler.connections.add(id(self.connection))
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        status = int(self.path.rsplit("/", 1)[-1])
-        self.send_response(status)
-        if self.path.startswith("/chunked"):
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            self.wfile.write(b"2\r\nok\r\n0\r\n\r\n")
-            return
-        if self.path.startswith("/close"):
-            self.send_header("Connection", "close")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture()
-def http_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Handler.connections = set()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_keep_alive_poster_reuses_connections_and_counts_failures(http_server: str) -> None:
-    async def post_all(path: str, n: int) -> list[bool]:
-        poster = KeepAlivePoster(http_server + path, timeout_s=5.0)
-        try:
-            return [await poster.post(b'{"n": %d}' % i) for i in range(n)]
-        finally:
-            poster.close()
-
-    assert asyncio.run(post_all("/ok/200", 20)) == [True] * 20
-    assert len(_Handler.connections) == 1  # sequential posts share one kept-alive connection
-    assert asyncio.run(post_all("/ok/500", 3)) == [False] * 3  # answered, but not 200
-    assert asyncio.run(post_all("/close/200", 3)) == [True] * 3  # Connection: close -> a new one each time
-    assert asyncio.run(post_all("/chunked/200", 2)) == [False] * 2  # no Content-Length: an error, not a hang
-
-
-def test_open_loop_through_keep_alive_poster(http_server: str) -> None:
+def test_open_loop_counts_answers_and_errors(http_server: str) -> None:
     result = asyncio.run(run_open_loop(http_server + "/ok/200", [b"{}"] * 50, rate=500.0))
     assert result["requests"] == 50 and result["errors"] == 0 and result["p99_ms"] > 0
+    result = asyncio.run(run_open_loop(http_server + "/ok/503", [b"{}"] * 5, rate=500.0))
+    assert result["errors"] == 5
 
 
 def test_wait_until_idle_returns_once_the_processes_are_quiet() -> None:

@@ -80,6 +80,42 @@ def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> N
     assert np.abs(np.load(tiny_pipeline.version_dir / artifacts.VECTORS_FILE)[:3] - expected_index).max() <= 1e-5
 
 
+def test_retrievers_triton_client_agrees_with_tritonclient_and_names_tritons_errors(tiny_pipeline, triton) -> None:
+    import asyncio
+    import dataclasses
+
+    from retriever.towers import TowerClient, TritonUnavailable
+
+    manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
+    url = f"127.0.0.1:{triton.settings.http_port}"
+    tensors = user_inputs(manifest, batch=3, seed=1)
+    reference = infer(triton_http.InferenceServerClient(url), "user_tower", tensors)
+    ids = get_tokenizer(manifest.clip_model)(["red cotton dress"]).numpy().astype(np.int64)
+    reference_query = infer(triton_http.InferenceServerClient(url), "item_tower", {"input_ids": ids})
+
+    async def run() -> tuple[np.ndarray, np.ndarray]:
+        client = TowerClient(url, manifest)
+        try:
+            await client.verify_models()
+            served = await client.user_vectors(*tensors.values())
+            query = await client.query_vectors(ids)
+            with pytest.raises(TritonUnavailable, match="history_mask"):  # Triton's own message, passed on
+                await client._infer(manifest.user_model, {"history": tensors["history"]})
+            assert np.array_equal(await client.user_vectors(*tensors.values()), served)  # connection still usable
+        finally:
+            await client.close()
+        wrong = TowerClient(url, dataclasses.replace(manifest, model_version=99))
+        try:
+            with pytest.raises(TritonUnavailable, match="version 99 is not ready"):
+                await wrong.verify_models()
+        finally:
+            await wrong.close()
+        return served, query
+
+    served, query = asyncio.run(run())
+    assert np.array_equal(served, reference) and np.array_equal(query, reference_query)
+
+
 def statistics(client: triton_http.InferenceServerClient, model: str) -> tuple[int, int]:
     stats = client.get_inference_statistics(model)["model_stats"][0]
     return int(stats["inference_count"]), int(stats["execution_count"])
