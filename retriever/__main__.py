@@ -26,7 +26,7 @@ from kserve import model_server  # noqa: E402
 
 from retriever import shop_api  # noqa: E402
 from retriever.gpu_search import GpuUnavailable  # noqa: E402
-from retriever.kserve_app import disable_kserve_timing  # noqa: E402
+from retriever.kserve_app import disable_kserve_timing, prepare_worker_metrics  # noqa: E402
 from retriever.model import DEFAULT_MODEL_NAME, Recommender  # noqa: E402
 from twotower.artifacts import ArtifactError  # noqa: E402
 from twotower.config import RetrieverConfig, add_arguments, from_arguments  # noqa: E402
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.predictor_host:
         parser.error("--predictor_host (Triton's HTTP host:port) is required")
     config = from_arguments(RetrieverConfig, args)
+    # Before KServe spawns the workers: they import prometheus_client afresh and inherit the directory.
+    metrics_dir = prepare_worker_metrics(args.workers)
     logging.getLogger("retriever").setLevel(logging.INFO)  # index swaps and readiness changes are for operators
     model = Recommender(args.model_name, config, args.predictor_host)
     try:
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("retriever").error("refusing to start: %s", err)
         print(f"error: refusing to start: {err}", file=sys.stderr)
         return 2
+    if metrics_dir is not None:
+        logging.getLogger("retriever").info("%d workers: /metrics sums their files in %s", args.workers, metrics_dir)
     # KServe serves this module-level FastAPI app: our routes and limits join its v1/v2 API
     # (with --workers N each worker process adds them when it unpickles the model).
     shop_api.install(model_server.app, model)

@@ -1,4 +1,8 @@
-"""Prometheus metrics added to KServe's own on the retriever's /metrics."""
+"""Prometheus metrics added to KServe's own on the retriever's /metrics.
+
+Gauges say how to combine workers (`multiprocess_mode`, used only with --workers N, see
+retriever/kserve_app.py): the latest value any worker set, or the sum of per-worker state.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ STAGE_SECONDS = Histogram(
 STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in ("parse", "tokenize", "triton", "search", "total")}
 REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, by kind", ["kind"])
 ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
-INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"])
-TOWERS_HEALTHY = Gauge("retriever_towers_healthy", "1 while a real tower inference succeeds (readiness), else 0")
+INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"], multiprocess_mode="mostrecent")
+TOWERS_HEALTHY = Gauge("retriever_towers_healthy", "1 while a real tower inference succeeds (readiness), else 0",
+                       multiprocess_mode="mostrecent")
 CACHE_LOOKUPS = Counter("retriever_cache_lookups_total", "Vector cache lookups, by cache and result", ["cache", "result"])
 INDEX_RELOADS = Counter("retriever_index_reloads_total",
                         "Index version swaps attempted, by result (swapped, refused, failed)", ["result"])
-INDEX_VERSION = Gauge("retriever_index_version_info", "1 for the index version being served", ["index_version", "model_version"])
-LIVE_CUSTOMERS = Gauge("retriever_live_customers", "Customers with purchases posted since start (kept in memory)")
+INDEX_VERSION = Gauge("retriever_index_version_info", "1 for the index version being served", ["index_version", "model_version"],
+                      multiprocess_mode="mostrecent")
+LIVE_CUSTOMERS = Gauge("retriever_live_customers", "Customers with purchases posted since start (kept in memory, per worker)",
+                       multiprocess_mode="livesum")

@@ -29,7 +29,7 @@ from retriever.cache import LRUCache
 from retriever.catalog import NOTHING_BOUGHT, Catalog, Purchases, UnknownIds
 from retriever.filters import FilterError, cap_per_type
 from retriever.gpu_search import GpuUnavailable
-from retriever.kserve_app import disable_kserve_timing
+from retriever.kserve_app import disable_kserve_timing, expose_worker_metrics
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
 from retriever.purchases import LivePurchases
 from retriever.towers import TowerClient, Towers, TritonUnavailable
@@ -148,6 +148,8 @@ class Recommender(Model):
             shop_api.install(model_server.app, self)
             if not self.config.kserve_timing:
                 disable_kserve_timing()  # this worker builds KServe's app after unpickling the model
+            expose_worker_metrics()
+            self._publish_index_metrics()  # gauges are per process: the launcher's values are not this worker's
             gc.freeze()  # as after an install: the unpickled index is new to this process's collector
 
     def _open_catalog(self, index_dir: Path | str) -> Catalog:
@@ -175,12 +177,20 @@ class Recommender(Model):
         # seconds of queueing to drain. Frozen objects are skipped by the collector (a replaced
         # version is still freed by reference counting).
         gc.freeze()
-        manifest = serving.catalog.manifest
+        self._publish_index_metrics(previous)
+
+    def _publish_index_metrics(self, previous: Serving | None = None) -> None:
+        assert self.serving is not None
+        catalog = self.serving.catalog
         if previous is not None:  # one series each: the version being served
+            old = str(previous.catalog.manifest.model_version)
+            # Zeroed before dropped: with several workers the summed /metrics keeps a series' last value.
+            metrics.INDEX_VERSION.labels(previous.catalog.version, old).set(0)
+            metrics.INDEX_INFO.labels(old).set(0)
             metrics.INDEX_VERSION.clear()
             metrics.INDEX_INFO.clear()
-        metrics.INDEX_INFO.labels(str(manifest.model_version)).set(len(serving.catalog.article_ids))
-        metrics.INDEX_VERSION.labels(serving.catalog.version, str(manifest.model_version)).set(1)
+        metrics.INDEX_INFO.labels(str(catalog.manifest.model_version)).set(len(catalog.article_ids))
+        metrics.INDEX_VERSION.labels(catalog.version, str(catalog.manifest.model_version)).set(1)
 
     async def _wait_for_towers(self, catalog: Catalog, timeout_s: float) -> None:
         manifest = catalog.manifest

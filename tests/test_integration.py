@@ -348,3 +348,14 @@ def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: P
                 request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=10) as response:
                     assert response.status == 200, url
+        # A scrape reaches one worker, yet each must report both workers' requests (and the index once).
+        manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
+        items = len(json.loads((tiny_pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"])
+        for _ in range(6):
+            with urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            assert 'retriever_stage_seconds_count{stage="total"} 6.0' in text
+            assert f'retriever_index_items{{model_version="{manifest.model_version}"}} {float(items)}' in text
+        metrics_dir = retriever.log_path.read_text().split("/metrics sums their files in ")[1].split()[0]
+        assert Path(metrics_dir).is_dir()
+    assert not Path(metrics_dir).exists()  # made for this run, removed with it
