@@ -75,14 +75,22 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    means = {}
-    for stage in ("parse", "tokenize", "triton", "search", "total"):
-        key_sum = f'retriever_stage_seconds_sum{{stage="{stage}"}}'
-        key_count = f'retriever_stage_seconds_count{{stage="{stage}"}}'
-        count = after.get(key_count, 0.0) - before.get(key_count, 0.0)
-        means[stage] = 1000.0 * (after.get(key_sum, 0.0) - before.get(key_sum, 0.0)) / count if count else 0.0
-    # tokenize and triton overlap (query tokens are made just before the item-tower call)
+    """Mean ms per request of each stage (a stage that only some requests reach, like the Triton call,
+    is averaged over all of them, so the stages add up to `total`), plus the Triton call's mean per call
+    and the share of requests that made one."""
+
+    def delta(kind: str, stage: str) -> float:
+        key = f'retriever_stage_seconds_{kind}{{stage="{stage}"}}'
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    requests = delta("count", "total")
+    means = {stage: 1000.0 * delta("sum", stage) / requests if requests else 0.0
+             for stage in ("parse", "tokenize", "triton", "search", "total")}
+    # tokenize runs inside the Triton stage (query tokens are made just before the item-tower call)
     means["other"] = max(means["total"] - means["triton"] - means["search"] - means["parse"], 0.0)
+    calls = delta("count", "triton")
+    means["triton_per_call"] = 1000.0 * delta("sum", "triton") / calls if calls else 0.0
+    means["triton_call_share"] = calls / requests if requests else 0.0
     return means
 
 

@@ -29,6 +29,12 @@ def test_stage_means_from_histogram_deltas() -> None:
     means = stage_means(sample(1.0, 0.5, 10), sample(1.5, 0.7, 110))
     assert means["total"] == pytest.approx(5.0) and means["triton"] == pytest.approx(2.0)
     assert means["other"] == pytest.approx(3.0) and means["search"] == 0.0
+    # 100 requests, 40 of them calling Triton at 5 ms: 2 ms per request, 5 per call
+    before, after = sample(1.0, 0.5, 10), sample(1.5, 0.7, 110)
+    after['retriever_stage_seconds_count{stage="triton"}'] = 50.0
+    means = stage_means(before, after)
+    assert means["triton"] == pytest.approx(2.0) and means["triton_per_call"] == pytest.approx(5.0)
+    assert means["triton_call_share"] == pytest.approx(0.4) and means["other"] == pytest.approx(3.0)
 
 
 def test_host_probe_times_a_fixed_workload() -> None:
