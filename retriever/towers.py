@@ -58,6 +58,10 @@ class TowerClient:
             self._client = KeepAliveClient(self.url, timeout_s=self.timeout_s)
         return self._client
 
+    def __getstate__(self) -> dict[str, object]:
+        # KServe's --workers N pickles the model: open connections stay behind, each worker opens its own.
+        return {**self.__dict__, "_client": None}
+
     async def close(self) -> None:
         if self._client is not None:
             self._client.close()

@@ -98,10 +98,15 @@ def write_random_index(directory: Path, index_type: str, groups: list[str], dim:
 
 
 class EchoHandler(http.server.BaseHTTPRequestHandler):
-    """A real HTTP/1.1 server for the keep-alive client. Status from the path's last part; /close asks to close, /chunked frames by chunks, /slow answers late."""
+    """A real HTTP/1.1 server for the keep-alive client (retriever/http1.py): the status is the path's last
+    part; /close asks to close, /chunked frames by chunks, /slow answers late."""
 
     protocol_version = "HTTP/1.1"
-    connections: set[int] = set()
+    connections = 0  # accepted so far (one handler instance per connection)
+
+    def setup(self) -> None:
+        super().setup()
+        EchoHandler.connections += 1
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
         self._answer(b"")
@@ -110,7 +115,6 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
         self._answer(self.rfile.read(int(self.headers["Content-Length"])))
 
     def _answer(self, body: bytes) -> None:
-        EchoHandler.connections.add(id(self.connection))
         if self.path.startswith("/slow"):
             time.sleep(0.5)
         self.send_response(int(self.path.rsplit("/", 1)[-1]))
@@ -136,7 +140,7 @@ def http_server() -> Iterator[str]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    EchoHandler.connections = set()
+    EchoHandler.connections = 0
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()

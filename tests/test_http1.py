@@ -34,14 +34,14 @@ def requests(url: str, paths: list[str], timeout_s: float = 5.0) -> list[Respons
 def test_sequential_requests_share_one_kept_alive_connection(http_server: str) -> None:
     answers = requests(http_server, ["/ok/200"] * 20)
     assert [a.body for a in answers] == [b'{"n": %d}' % i for i in range(20)]  # type: ignore[union-attr]
-    assert len(EchoHandler.connections) == 1
+    assert EchoHandler.connections == 1
     assert answers[0].header("X-ECHO-PATH") == "/ok/200" and answers[0].header("missing") is None  # type: ignore[union-attr]
 
 
 def test_status_close_and_framing_errors(http_server: str) -> None:
     assert [a.status for a in requests(http_server, ["/ok/500"] * 2)] == [500, 500]  # type: ignore[union-attr]
     assert [a.status for a in requests(http_server, ["/close/200"] * 3)] == [200] * 3  # type: ignore[union-attr]
-    assert len(EchoHandler.connections) == 4  # Connection: close -> a new one each time
+    assert EchoHandler.connections == 4  # Connection: close -> a new one each time
     chunked = requests(http_server, ["/chunked/200"])[0]
     assert isinstance(chunked, ConnectionError) and "Content-Length" in str(chunked)  # an error, not a hang
 
@@ -117,3 +117,23 @@ def test_infer_output_is_found_among_several_binary_and_json_outputs() -> None:
 def test_error_message_is_tritons_text_or_the_status() -> None:
     assert error_message(Response(400, b"", b'{"error": "expected 3 inputs"}')) == "expected 3 inputs"
     assert error_message(Response(502, b"", b"<html>bad gateway")) == "HTTP 502: b'<html>bad gateway'"
+
+
+def test_tower_client_pickles_without_its_connections(http_server: str) -> None:
+    import pickle
+
+    from retriever.towers import TowerClient
+    from twotower.artifacts import Manifest
+
+    manifest = Manifest.__new__(Manifest)  # fields are not read here
+
+    async def use_then_pickle() -> TowerClient:
+        client = TowerClient(http_server, manifest)
+        assert (await client._call("GET", "/ok/200")).status == 200  # a pooled connection now
+        try:
+            return pickle.loads(pickle.dumps(client))
+        finally:
+            await client.close()
+
+    copy = asyncio.run(use_then_pickle())
+    assert copy._client is None and copy.url == http_server.removeprefix("http://")
