@@ -14,7 +14,6 @@ from typing import Protocol
 import numpy as np
 
 from retriever.http1 import KeepAliveClient, Response
-
 from twotower.artifacts import ArtifactError, Manifest, tower_file
 
 log = logging.getLogger("retriever.towers")
