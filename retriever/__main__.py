@@ -24,9 +24,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import kserve  # noqa: E402
 from kserve import model_server  # noqa: E402
 
-from retriever import shop_api  # noqa: E402
 from retriever.gpu_search import GpuUnavailable  # noqa: E402
-from retriever.kserve_app import disable_kserve_timing, prepare_worker_metrics  # noqa: E402
+from retriever.kserve_app import adjust_app, prepare_worker_metrics  # noqa: E402
 from retriever.model import DEFAULT_MODEL_NAME, Recommender  # noqa: E402
 from twotower.artifacts import ArtifactError  # noqa: E402
 from twotower.config import RetrieverConfig, add_arguments, from_arguments  # noqa: E402
@@ -55,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if metrics_dir is not None:
         logging.getLogger("retriever").info("%d workers: /metrics sums their files in %s", args.workers, metrics_dir)
-    # KServe serves this module-level FastAPI app: our routes and limits join its v1/v2 API
-    # (with --workers N each worker process adds them when it unpickles the model).
-    shop_api.install(model_server.app, model)
-    if not config.kserve_timing:
-        disable_kserve_timing()
+    # KServe serves its module-level FastAPI app: our routes and limits join its v1/v2 API
+    # (with --workers N each worker process adds them again when it unpickles the model).
+    adjust_app(model, config.kserve_timing)
     if args.event_loop in ("auto", "uvloop"):
         # KServe's single-process server runs under asyncio.run(), which ignores --event-loop: install it here.
         import asyncio

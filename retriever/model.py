@@ -29,7 +29,7 @@ from retriever.cache import LRUCache
 from retriever.catalog import NOTHING_BOUGHT, Catalog, Purchases, UnknownIds
 from retriever.filters import FilterError, cap_per_type
 from retriever.gpu_search import GpuUnavailable
-from retriever.kserve_app import disable_kserve_timing, expose_worker_metrics
+from retriever.kserve_app import adjust_app
 from retriever.protocol import Query, Recommendation, parse_v1, parse_v2, v1_response, v2_response
 from retriever.purchases import LivePurchases
 from retriever.towers import TowerClient, Towers, TritonUnavailable
@@ -140,15 +140,7 @@ class Recommender(Model):
         self._watcher = None
         if self.serving is not None:
             self._start_watcher()
-            # A worker process imports KServe's app afresh: give it the shop/admin routes too.
-            from kserve import model_server
-
-            from retriever import shop_api
-
-            shop_api.install(model_server.app, self)
-            if not self.config.kserve_timing:
-                disable_kserve_timing()  # this worker builds KServe's app after unpickling the model
-            expose_worker_metrics()
+            adjust_app(self, self.config.kserve_timing)  # a worker imports KServe's app afresh, then builds it
             self._publish_index_metrics()  # gauges are per process: the launcher's values are not this worker's
             gc.freeze()  # as after an install: the unpickled index is new to this process's collector
 

@@ -68,7 +68,8 @@ def test_target_breakdown_puts_each_target_in_its_first_category() -> None:
     co_purchase = [np.asarray([2]), np.asarray([], dtype=np.int64)]
     popularity = np.asarray([3] + list(range(5, 1004)))  # row 4 in neither popularity band
     ranked = [np.asarray([0, 2, 9]), np.asarray([1100])]
-    parts = target_breakdown(split, products, co_purchase, popularity, {"found": ranked})
+    bought = [np.asarray([0]), np.asarray([5])]
+    parts = target_breakdown(split, products, bought, co_purchase, popularity, {"found": ranked})
     # a's targets (1/4 each): own 0, sibling 1, co-purchased 2, popular 3; b's (1/2 each): 4 (not cold, in no
     # list) and cold 1100. Each share is averaged over the two cases.
     assert parts[CATEGORIES[0]] == {"share": 0.125, "found": 0.125}

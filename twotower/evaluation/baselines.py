@@ -68,6 +68,10 @@ class Repurchase(Ranker):
             self._items[customer] = (rows, 1000.0 - part["recency"].to_numpy() + part["count"].to_numpy() / 100.0)
         self._customers = split.customers
 
+    def bought(self, case: int) -> np.ndarray:
+        """The catalogue rows the case's customer bought before the cutoff."""
+        return self._items[self._customers[case]][0]
+
     def scores(self, case: int) -> np.ndarray:
         out = np.full(self._size, -np.inf)
         rows, values = self._items[self._customers[case]]

@@ -25,19 +25,19 @@ CATEGORIES = (
 )
 
 
-def target_breakdown(split: TemporalSplit, products: Products | None, co_purchase_ranked: list[np.ndarray],
-                     popularity_ranked: np.ndarray, ranked_by: dict[str, list[np.ndarray]], k: int = 100
-                     ) -> dict[str, dict[str, float]]:
+def target_breakdown(split: TemporalSplit, products: Products | None, bought: list[np.ndarray],
+                     co_purchase_ranked: list[np.ndarray], popularity_ranked: np.ndarray,
+                     ranked_by: dict[str, list[np.ndarray]], k: int = 100) -> dict[str, dict[str, float]]:
     """{category: {"share": its part of all targets, ranker name: its part found in that ranker's top k}}.
 
-    `co_purchase_ranked[i]`: case i's co-purchase list; `popularity_ranked`: the popularity list (one
-    for everyone, at least 1,000 long for the 101-1000 band); `ranked_by[name][i]`: a ranker's list for case i.
+    `bought[i]`: case i's rows bought before the cutoff (baselines.Repurchase.bought); `co_purchase_ranked[i]`:
+    case i's co-purchase list; `popularity_ranked`: the popularity list (one for everyone, at least 1,000
+    long for the 101-1000 band); `ranked_by[name][i]`: a ranker's list for case i.
     """
-    own = split.history.assign(row=split.history["article_id"].map(split.row_of)).groupby("customer_id")["row"].agg(set)
     top_popular, next_popular = set(popularity_ranked[:100].tolist()), set(popularity_ranked[100:1000].tolist())
     parts = {c: dict.fromkeys(["share", *ranked_by], 0.0) for c in CATEGORIES}
     for case, targets in enumerate(split.targets):
-        mine = own[split.customers[case]]
+        mine = set(bought[case].tolist())
         my_products = ({int(products.product_of[r]) for r in mine} - {-1}) if products is not None else set()
         co_purchased = set(co_purchase_ranked[case][:100].tolist())
         hits = {name: set(ranked[case][:k].tolist()) for name, ranked in ranked_by.items()}

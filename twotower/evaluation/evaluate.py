@@ -12,8 +12,8 @@ import numpy as np
 from retriever.catalog import Catalog
 from twotower.data.hm import HMData
 from twotower.evaluation import metrics
-from twotower.evaluation.breakdown import target_breakdown
 from twotower.evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
+from twotower.evaluation.breakdown import target_breakdown
 from twotower.evaluation.split import TemporalSplit
 from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
 
@@ -90,7 +90,8 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
     ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
                                 for a, e in zip(ann_ranked, exact_ranked)]))
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
-    breakdown = target_breakdown(split, catalog.products, ranked_by[co_purchase.name], popularity.rank(0, 1000),
+    bought = [repurchase.bought(case) for case in range(len(split.customers))]
+    breakdown = target_breakdown(split, catalog.products, bought, ranked_by[co_purchase.name], popularity.rank(0, 1000),
                                  {served.name: ann_ranked, best: ranked_by[best]})
     ours, theirs, boost = results[served.name], results[best], catalog.score_head.repeat
     targets = {
