@@ -142,6 +142,27 @@ def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float,
     return result
 
 
+ROUND_FIELDS = ("achieved_qps", "p50_ms", "p99_ms", "max_ms", "errors", "probe_ms")
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """One rate's result from its rounds: the round with the median p99 (the lower middle of an even
+    count), whole, so p50, p99 and the stage table come from one real run and not from different ones.
+    A neighbour's burst on this shared host sinks one 10-second round; the median shows the service,
+    and `rounds` keeps every round's numbers beside it. Errors are those of all rounds together."""
+    if not rounds:
+        raise ValueError("no rounds to summarise")
+    chosen = dict(sorted(rounds, key=lambda r: r["p99_ms"])[(len(rounds) - 1) // 2])
+    chosen["rounds"] = [{key: r[key] for key in ROUND_FIELDS if key in r} for r in rounds]
+    chosen["errors_all_rounds"] = sum(r["errors"] for r in rounds)
+    return chosen
+
+
+def passes(result: dict) -> bool:
+    """Under the p99 limit with no error in any round."""
+    return result["p99_ms"] < P99_LIMIT_MS and not result.get("errors_all_rounds", result["errors"])
+
+
 async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
     """The same open-loop schedule against the Recommender object itself."""
 
@@ -181,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="trained run to serve (e.g. runs/hm-eval); default: a model trained for 60 steps")
     parser.add_argument("--rates", default="50,100,200,400", help="comma-separated target QPS")
     parser.add_argument("--extra-rates", default="600,800,1200", help="tried after --rates while p99 stays under 50 ms")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per rate")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per rate and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each rate, interleaved (all rates, then all again); each rate reports its "
+                             "median-p99 round, every round listed beside it")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     # Two KServe workers: at 400 QPS one Python process is 80-95% busy under the GIL (2.0-2.4 ms of CPU
     # per request, by host speed); two use both cores (benchmarks/LEVERS.md, KServe --workers rows).
@@ -195,16 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = offline.prepare_artifacts(args.data_dir, work, args.run_dir)
     rates = [float(r) for r in args.rates.split(",") if r]
     extra = [float(r) for r in args.extra_rates.split(",") if r]
-    # Fresh bodies for every rate, so the vector caches see only the repeats a real mix has (the
-    # same customer drawn twice, popular text queries), never a replay of the previous rate.
-    counts = [int(rate * args.seconds) for rate in rates + extra]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    # Fresh bodies for every rate and round, so the vector caches see only the repeats a real mix has
+    # (the same customer drawn twice, popular text queries), never a replay of an earlier run.
+    runs = [(rate, round_) for round_ in range(args.rounds) for rate in rates + extra]
+    counts = [int(rate * args.seconds) for rate, _ in runs]
     pool = request_bodies(artifacts.index_dir, sum(counts))
-    bodies_by_rate = {}
-    for rate, start, count in zip(rates + extra, np.cumsum([0] + counts[:-1]), counts):
-        bodies_by_rate[rate] = pool[int(start) : int(start) + count]
+    bodies_for = {run: pool[int(start) : int(start) + count]
+                  for run, start, count in zip(runs, np.cumsum([0] + counts[:-1]), counts)}
+    bodies_by_rate = {rate: bodies_for[(rate, 0)] for rate in rates}  # the in-process baseline's
 
     probe_before = hostspeed.probe_ms()
-    served: dict[str, dict] = {}
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with TritonServer(settings) as triton, RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
@@ -212,22 +238,37 @@ def main(argv: list[str] | None = None) -> int:
                                                   extra_args=args.retriever_args.split()) as retriever:
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         log.info("servers idle after %.1f s", wait_until_idle(list(servers.values())))
-        last: dict | None = None
-        for rate in rates + extra:
-            if rate in extra and last is not None and (last["p99_ms"] >= P99_LIMIT_MS or last["errors"]):
-                break  # the extra rates only search upwards for the highest rate under the p99 limit
+
+        def run_round(rate: float, round_: int) -> dict:
             bodies_file = work / f"bodies-{int(rate)}.jsonl"
-            bodies_file.write_text("\n".join(json.dumps(b) for b in bodies_by_rate[rate]) + "\n")
-            result = last = run_served_rate(retriever, bodies_file, rate, args.seconds, work, servers)
-            served[str(int(rate))] = result
-            log.info("served %4d qps: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d; stages %s", rate,
-                     result["achieved_qps"], result["p50_ms"], result["p99_ms"], result["errors"],
-                     {k: round(v, 2) for k, v in result["stages_ms"].items()})
+            bodies_file.write_text("\n".join(json.dumps(b) for b in bodies_for[(rate, round_)]) + "\n")
+            probe = hostspeed.probe_ms(repeats=3)
+            result = {**run_served_rate(retriever, bodies_file, rate, args.seconds, work, servers), "probe_ms": probe}
+            log.info("served %4d qps, round %d: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d (probe %.1f ms); "
+                     "stages %s", rate, round_ + 1, result["achieved_qps"], result["p50_ms"], result["p99_ms"],
+                     result["errors"], probe, {k: round(v, 2) for k, v in result["stages_ms"].items()})
+            return result
+
+        # Interleaved rounds: a burst of a neighbour's load then hits one round of several rates, not
+        # every round of one rate.
+        by_rate: dict[float, list[dict]] = {rate: [] for rate in rates}
+        for round_ in range(args.rounds):
+            for rate in rates:
+                by_rate[rate].append(run_round(rate, round_))
+        served = {str(int(rate)): median_round(results) for rate, results in by_rate.items()}
+        last = served[str(int(rates[-1]))] if rates else None
+        for rate in extra:
+            if last is not None and not passes(last):
+                break  # the extra rates only search upwards for the highest rate under the p99 limit
+            last = served[str(int(rate))] = median_round([run_round(rate, r) for r in range(args.rounds)])
+        for rate, result in served.items():  # ascending: the rates, then the extra ones
+            log.info("served %4s qps: median round p50 %.2f ms, p99 %.2f ms; p99 of the rounds %s", rate,
+                     result["p50_ms"], result["p99_ms"], [round(r["p99_ms"], 2) for r in result["rounds"]])
         triton_stats = json.loads(urllib.request.urlopen(f"{settings.http_url}/v2/models/stats", timeout=10).read())
     baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies_by_rate, rates, args.seconds)
     host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
     log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])
-    passing = [r["target_qps"] for r in served.values() if r["p99_ms"] < P99_LIMIT_MS and r["errors"] == 0]
+    passing = [r["target_qps"] for r in served.values() if passes(r)]
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores (shared by load generator and servers)",
         "host_probe_ms": host_probe_ms,
@@ -243,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "offline": artifacts.offline,
         "retriever_args": args.retriever_args,
+        "rounds": args.rounds,
         "model_run": str(args.run_dir or "60 training steps (latency only: recall needs a trained run)"),
     }
     from benchmarks.report import write_report

@@ -75,6 +75,13 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
     assert "| 100 | 2.00 | 1.50 | 0.50 | 4.00 |" in text
     report["host_probe_ms"] = {"before": 24.61, "after": 31.04}
     assert "24.6 ms before the run, 31.0 ms after" in markdown(report)
+    assert "p99 ms of each round" in text and "| 0 | 2.0x | 2.2x | - |" in text  # a run from before rounds
+    report["rounds"] = 3
+    report["served"]["100"] = {**run, "errors_all_rounds": 2,
+                               "rounds": [{"p99_ms": 9.0, "probe_ms": 24.2}, {"p99_ms": 12.04, "probe_ms": 30.6}]}
+    text = markdown(report)
+    assert "| 2 | 2.0x | 2.2x | 9.0 (24), 12.0 (31) |" in text and "interleaved" in text
+    assert "100 QPS (median round of 3): p50 4.00 ms, p99 9.00 ms, errors 2: NOT met" in text
     report["offline"]["index_recall_at_10"] = {"index_type": "flat", "setting": "", "served": 0, "recall": {"0": 1.0}}
     assert "1000 real user vectors: 1.0000 (flat index: exact)" in markdown(report)
 
@@ -92,3 +99,19 @@ def test_wait_until_idle_returns_once_the_processes_are_quiet() -> None:
     from benchmarks.serving import wait_until_idle
 
     assert 1.0 <= wait_until_idle([os.getpid()], busy_cores=0.5, timeout_s=10.0) < 5.0
+
+
+def test_median_round_is_one_whole_round_and_counts_every_error() -> None:
+    from benchmarks.serving import median_round, passes
+
+    rounds = [{"p50_ms": 4.0, "p99_ms": 30.0, "errors": 0, "probe_ms": 31.0, "stages_ms": {"total": 3.0}},
+              {"p50_ms": 3.0, "p99_ms": 8.0, "errors": 1, "probe_ms": 24.0, "stages_ms": {"total": 2.0}},
+              {"p50_ms": 3.5, "p99_ms": 9.0, "errors": 0, "probe_ms": 25.0, "stages_ms": {"total": 2.5}}]
+    chosen = median_round(rounds)
+    assert (chosen["p50_ms"], chosen["p99_ms"], chosen["stages_ms"]) == (3.5, 9.0, {"total": 2.5})
+    assert [r["p99_ms"] for r in chosen["rounds"]] == [30.0, 8.0, 9.0] and "stages_ms" not in chosen["rounds"][0]
+    assert chosen["errors_all_rounds"] == 1 and not passes(chosen)  # an error in any round fails the rate
+    assert median_round(rounds[1:])["p99_ms"] == 8.0  # an even count takes the lower middle
+    assert passes(median_round(rounds[2:]))
+    with pytest.raises(ValueError):
+        median_round([])
