@@ -52,6 +52,14 @@ def _round_p99s(run: dict[str, Any]) -> str:
     return ", ".join(f"{r['p99_ms']:.1f}" + (f" ({r['probe_ms']:.0f})" if "probe_ms" in r else "") for r in rounds) or "-"
 
 
+def _inside_triton(model: dict[str, Any]) -> str:
+    stages = [(stage, model[f"{stage}_ms"]) for stage in ("queue", "compute_input", "compute_infer", "compute_output")
+              if f"{stage}_ms" in model]  # runs before these were recorded have none
+    if not stages:
+        return ""
+    return ", ms per request inside Triton: " + ", ".join(f"{stage.replace('compute_', '')} {ms:.2f}" for stage, ms in stages)
+
+
 def markdown(report: dict[str, Any]) -> str:
     served, local = report["served"], report["in_process"]
     at_100 = served.get("100", {})
@@ -123,12 +131,13 @@ def markdown(report: dict[str, Any]) -> str:
             cpu = r.get("cpu_ms_per_request", {})
             lines.append(f"| {rate} | " + " | ".join(f"{cpu.get(p, float('nan')):.2f}" for p in processes)
                          + f" | {sum(cpu.values()):.2f} |")
-    batches = ", ".join(f"{name}: {b['inferences']} inferences in {b['executions']} executions"
+    batches = "; ".join(f"{name}: {b['inferences']} inferences in {b['executions']} executions{_inside_triton(b)}"
                         for name, b in report["triton_batches"].items())
     off = report["offline"]
     lines += [
         "",
-        f"Triton dynamic batching over the run: {batches}.",
+        (f"Triton over the run (its own statistics; `infer` is the Python backend's round trip to its stub with "
+         f"the tower in it): {batches}."),
         "",
         "## Offline costs",
         "",

@@ -53,21 +53,27 @@ def test_process_cpu_counts_this_process() -> None:
     assert process_tree_cpu_s(os.getpid()) > before
 
 
-def test_report_names_the_search_setting_and_cpu_split() -> None:
-    from benchmarks.report import markdown
-
+def _report() -> dict:
+    """A one-rate benchmark report as benchmarks.serving writes it (before rounds and Triton stages)."""
     run = {"target_qps": 100, "achieved_qps": 100, "requests": 1000, "errors": 0, "p50_ms": 4.0, "p95_ms": 6.0,
            "p99_ms": 9.0, "max_ms": 12.0, "mean_ms": 4.5,
            "stages_ms": {"parse": 0.1, "tokenize": 0.0, "triton": 3.0, "search": 0.5, "other": 0.4, "total": 4.0},
            "cpu_ms_per_request": {"retriever": 2.0, "Triton": 1.5, "load generator": 0.5}}
-    report = {"machine": "x", "data": "d", "catalogue": 10, "index_type": "ivf", "model_run": "runs/hm-eval",
-              "retriever_args": "", "served": {"100": run}, "in_process": {"100": {**run, "p50_ms": 2.0, "p99_ms": 4.0}},
-              "max_qps_p99_under_50ms": 100, "triton_batches": {},
-              "offline": {"clip_model": "m", "embedding_items_per_s": 1.0, "catalogue_embedding_s_estimate": 1.0,
-                          "items": 10, "tokenizing_items_per_s": 1.0, "index_build_s": {"ivf": 1.0},
-                          "training_examples_per_s": 1.0,
-                          "index_recall_at_10": {"index_type": "ivf", "setting": "nprobe", "served": 128,
-                                                 "recall": {"64": 0.94, "128": 0.97}}}}
+    return {"machine": "x", "data": "d", "catalogue": 10, "index_type": "ivf", "model_run": "runs/hm-eval",
+            "retriever_args": "", "served": {"100": run}, "in_process": {"100": {**run, "p50_ms": 2.0, "p99_ms": 4.0}},
+            "max_qps_p99_under_50ms": 100, "triton_batches": {},
+            "offline": {"clip_model": "m", "embedding_items_per_s": 1.0, "catalogue_embedding_s_estimate": 1.0,
+                        "items": 10, "tokenizing_items_per_s": 1.0, "index_build_s": {"ivf": 1.0},
+                        "training_examples_per_s": 1.0,
+                        "index_recall_at_10": {"index_type": "ivf", "setting": "nprobe", "served": 128,
+                                               "recall": {"64": 0.94, "128": 0.97}}}}
+
+
+def test_report_names_the_search_setting_and_cpu_split() -> None:
+    from benchmarks.report import markdown
+
+    report = _report()
+    run = report["served"]["100"]
     text = markdown(report)
     assert "Host speed probe" not in text  # a run from before the probe
     assert "by ivf nprobe: 64: 0.9400, 128: 0.9700 (served with nprobe 128)" in text
@@ -115,3 +121,25 @@ def test_median_round_is_one_whole_round_and_counts_every_error() -> None:
     assert passes(median_round(rounds[2:]))
     with pytest.raises(ValueError):
         median_round([])
+
+
+def test_triton_model_stats_per_request_stage_means() -> None:
+    from benchmarks.report import markdown
+    from benchmarks.serving import triton_model_stats
+
+    def stage(count: int, ms: float) -> dict:
+        return {"count": count, "ns": int(count * ms * 1e6)}
+
+    raw = {"model_stats": [
+        {"name": "user_tower", "inference_count": "400", "execution_count": "380",
+         "inference_stats": {"success": stage(400, 1.8), "queue": stage(400, 0.3), "compute_input": stage(400, 0.04),
+                             "compute_infer": stage(400, 1.4), "compute_output": stage(400, 0.08), "fail": stage(0, 0)}},
+        {"name": "item_tower", "inference_count": "0", "execution_count": "0", "inference_stats": {}},
+    ]}
+    stats = triton_model_stats(raw)
+    assert stats["user_tower"]["inferences"] == 400 and stats["user_tower"]["executions"] == 380
+    assert stats["user_tower"]["compute_infer_ms"] == pytest.approx(1.4) and "queue_ms" not in stats["item_tower"]
+    report = _report()
+    report["triton_batches"] = stats
+    assert ("user_tower: 400 inferences in 380 executions, ms per request inside Triton: queue 0.30, input 0.04, "
+            "infer 1.40, output 0.08; item_tower: 0 inferences in 0 executions.") in markdown(report)
