@@ -39,6 +39,15 @@ def _rounds_note(report: dict[str, Any]) -> list[str]:
              "those of all rounds.")]
 
 
+def _query_mix_note(report: dict[str, Any]) -> list[str]:
+    mix = report.get("text_queries")  # runs before it drew from ten fixed phrases
+    if not mix:
+        return []
+    return [(f"Text queries: a Zipf law (exponent {mix['zipf_exponent']:g}) over {mix['distinct']:,} phrases made from the "
+             "catalogue (colour + product type or name), so popular ones repeat and hit the query-vector cache while "
+             "the long tail reaches the item tower; the stage table shows the hit share per rate.")]
+
+
 def _median_of(report: dict[str, Any]) -> str:
     return f" (median round of {report['rounds']})" if report.get("rounds", 1) > 1 else ""
 
@@ -74,6 +83,7 @@ def markdown(report: dict[str, Any]) -> str:
         *_host_probe(report),
         "Open-loop load (fixed arrival rate, latency from each request's scheduled send time), request mix:",
         "40% known customers, 40% histories of 1..50 articles, 20% text queries, k=12. Command: `make bench`.",
+        *_query_mix_note(report),
         *_rounds_note(report),
         "",
         "## Served: HTTP -> KServe retriever -> Triton -> FAISS",
@@ -108,15 +118,16 @@ def markdown(report: dict[str, Any]) -> str:
         "an export-time customer vector make no Triton call; the last column is the call itself. The served",
         "latency above minus `total` is HTTP, KServe's routing and JSON, and the load generator.",
         "",
-        "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total | requests calling Triton | ms per Triton call |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total | requests calling Triton | ms per Triton call | text queries from the cache |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rate, r in _by_rate(served):
         s = r["stages_ms"]
         share = f"{s['triton_call_share']:.0%}" if "triton_call_share" in s else "-"
         per_call = f"{s['triton_per_call']:.2f}" if "triton_per_call" in s else "-"
         lines.append(f"| {rate} | {s['parse']:.2f} | {s['triton']:.2f} ({s['tokenize']:.2f}) | {s['search']:.2f} | "
-                     f"{s['other']:.2f} | {s['total']:.2f} | {share} | {per_call} |")
+                     f"{s['other']:.2f} | {s['total']:.2f} | {share} | {per_call} | "
+                     + (f"{s['query_cache_hit_share']:.0%} |" if "query_cache_hit_share" in s else "- |"))
     processes = list(next(iter(served.values()), {}).get("cpu_ms_per_request", {}))
     if processes:
         lines += [

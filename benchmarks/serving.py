@@ -31,23 +31,37 @@ import psutil
 from benchmarks import hostspeed, offline
 from benchmarks.loadgen import open_loop
 from localtriton import TritonServer, TritonSettings
+from retriever.catalog import Catalog
 from retriever.launch import RetrieverProcess
 from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.serving")
 
 HM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm_lastweek"
-QUERIES = ["black jersey dress", "white cotton t-shirt", "blue denim jeans", "red knitted sweater", "kids pyjamas",
-           "sports bra", "striped shirt", "beige trench coat", "floral summer skirt", "leather ankle boots"]
 P99_LIMIT_MS = 50.0
+# Text queries follow a Zipf law over the catalogue's own phrases, as search logs do: a head that
+# repeats (and hits the query-vector cache) and a long tail that reaches the item tower.
+QUERY_ZIPF_EXPONENT = 1.0
 
 
-def request_bodies(index_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """A realistic mix: 40% known customers, 40% histories of 1..50 articles, 20% text queries."""
-    from retriever.catalog import Catalog
+def text_queries(items: dict[str, list[str]], seed: int = 0) -> list[str]:
+    """Distinct shopper-like phrases from the catalogue ("black vest top", "black strap top"), in a
+    seeded random order: their popularity rank for `request_bodies`."""
+    phrases = {f"{colour} {name}".lower()
+               for column in ("product_type_name", "prod_name")
+               for colour, name in zip(items["colour_group_name"], items[column])}
+    ordered = sorted(phrases)
+    np.random.default_rng(seed).shuffle(ordered)
+    return ordered
 
-    catalog = Catalog(index_dir)
+
+def request_bodies(catalog: Catalog, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A realistic mix: 40% known customers, 40% histories of 1..50 articles, 20% text queries drawn
+    by a Zipf law (exponent QUERY_ZIPF_EXPONENT) over the catalogue's phrases (`text_queries`)."""
     rng = np.random.default_rng(seed)
+    queries = text_queries(catalog.items, seed)
+    popularity = 1.0 / np.arange(1, len(queries) + 1) ** QUERY_ZIPF_EXPONENT
+    query_draws = iter(rng.choice(len(queries), size=n, p=popularity / popularity.sum()).tolist())
     customers = list(catalog.customer_row)
     bought = np.unique(catalog.history_rows[catalog.history_rows >= 0])
     bodies = []
@@ -59,16 +73,16 @@ def request_bodies(index_dir: Path, n: int, seed: int = 0) -> list[dict[str, Any
             rows = rng.choice(bought, size=int(rng.integers(1, 51)), replace=True)
             instance = {"history": [catalog.article_ids[r] for r in rows]}
         else:
-            instance = {"query": QUERIES[rng.integers(len(QUERIES))]}
+            instance = {"query": queries[next(query_draws)]}
         bodies.append({"instances": [{**instance, "k": 12}]})
     return bodies
 
 
 def scrape(url: str) -> dict[str, float]:
-    """retriever_stage_seconds sums and counts per stage."""
+    """retriever_stage_seconds sums and counts per stage, and the vector caches' lookups."""
     values: dict[str, float] = {}
     for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
-        if line.startswith(("retriever_stage_seconds_sum", "retriever_stage_seconds_count")):
+        if line.startswith(("retriever_stage_seconds_sum", "retriever_stage_seconds_count", "retriever_cache_lookups_total")):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
@@ -91,6 +105,11 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     calls = delta("count", "triton")
     means["triton_per_call"] = 1000.0 * delta("sum", "triton") / calls if calls else 0.0
     means["triton_call_share"] = calls / requests if requests else 0.0
+    hits, misses = (after.get(f'retriever_cache_lookups_total{{cache="query_vector",result="{result}"}}', 0.0)
+                    - before.get(f'retriever_cache_lookups_total{{cache="query_vector",result="{result}"}}', 0.0)
+                    for result in ("hit", "miss"))
+    if hits + misses:
+        means["query_cache_hit_share"] = hits / (hits + misses)
     return means
 
 
@@ -244,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     # (the same customer drawn twice, popular text queries), never a replay of an earlier run.
     runs = [(rate, round_) for round_ in range(args.rounds) for rate in rates + extra]
     counts = [int(rate * args.seconds) for rate, _ in runs]
-    pool = request_bodies(artifacts.index_dir, sum(counts))
+    catalog = Catalog(artifacts.index_dir)
+    pool = request_bodies(catalog, sum(counts))
+    query_mix = {"zipf_exponent": QUERY_ZIPF_EXPONENT, "distinct": len(text_queries(catalog.items))}
+    del catalog  # the servers load their own copies
     bodies_for = {run: pool[int(start) : int(start) + count]
                   for run, start, count in zip(runs, np.cumsum([0] + counts[:-1]), counts)}
     bodies_by_rate = {rate: bodies_for[(rate, 0)] for rate in rates}  # the in-process baseline's
@@ -301,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "offline": artifacts.offline,
         "retriever_args": args.retriever_args,
         "rounds": args.rounds,
+        "text_queries": query_mix,
         "model_run": str(args.run_dir or "60 training steps (latency only: recall needs a trained run)"),
     }
     from benchmarks.report import write_report

@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks import offline
 from benchmarks.serving import HM_DIR, request_bodies, run_served_rate
 from localtriton import TritonServer, TritonSettings
+from retriever.catalog import Catalog
 from retriever.launch import RetrieverProcess
 
 log = logging.getLogger("benchmarks.soak")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = offline.prepare_artifacts(args.data_dir, args.work_dir)
     windows_n = max(1, round(args.minutes * 60 / args.window_s))
     per_window = int(args.rate * args.window_s)
-    bodies = request_bodies(artifacts.index_dir, per_window * windows_n, seed=1)
+    bodies = request_bodies(Catalog(artifacts.index_dir), per_window * windows_n, seed=1)
 
     settings = TritonSettings.on_free_ports(artifacts.repository, args.work_dir / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)

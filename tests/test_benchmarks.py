@@ -81,6 +81,11 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
     assert "| 100 | 2.00 | 1.50 | 0.50 | 4.00 |" in text
     report["host_probe_ms"] = {"before": 24.61, "after": 31.04}
     assert "24.6 ms before the run, 31.0 ms after" in markdown(report)
+    assert "| - |" in text.split("text queries from the cache |")[1].splitlines()[2]  # no hit share recorded
+    report["text_queries"] = {"zipf_exponent": 1.0, "distinct": 28123}
+    report["served"]["100"]["stages_ms"]["query_cache_hit_share"] = 0.62
+    text = markdown(report)
+    assert "Zipf law (exponent 1) over 28,123 phrases" in text and "| 62% |" in text
     assert "p99 ms of each round" in text and "| 0 | 2.0x | 2.2x | - |" in text  # a run from before rounds
     report["rounds"] = 3
     report["served"]["100"] = {**run, "errors_all_rounds": 2,
@@ -143,3 +148,21 @@ def test_triton_model_stats_per_request_stage_means() -> None:
     report["triton_batches"] = stats
     assert ("user_tower: 400 inferences in 380 executions, ms per request inside Triton: queue 0.30, input 0.04, "
             "infer 1.40, output 0.08; item_tower: 0 inferences in 0 executions.") in markdown(report)
+
+
+def test_text_queries_are_distinct_catalogue_phrases_in_a_seeded_order() -> None:
+    from benchmarks.serving import text_queries
+
+    items = {"colour_group_name": ["Black", "Black", "White"], "product_type_name": ["Vest top", "Vest top", "Dress"],
+             "prod_name": ["Strap top", "Strap top", "Maxi"]}
+    queries = text_queries(items, seed=3)
+    assert sorted(queries) == ["black strap top", "black vest top", "white dress", "white maxi"]
+    assert text_queries(items, seed=3) == queries
+
+
+def test_stage_means_report_the_query_cache_hit_share() -> None:
+    key = 'retriever_cache_lookups_total{cache="query_vector",result="%s"}'
+    before = {key % "hit": 10.0, key % "miss": 5.0}
+    after = {key % "hit": 40.0, key % "miss": 15.0}
+    assert stage_means(before, after)["query_cache_hit_share"] == pytest.approx(0.75)
+    assert "query_cache_hit_share" not in stage_means(before, before)  # no text query in the run
