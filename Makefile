@@ -89,7 +89,7 @@ bench: setup
 
 # 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md).
 soak: setup
-	$(PY) -m benchmarks.soak --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
+	$(PY) -m benchmarks.soak $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
 
 # Recall of filtered searches vs exact filtered search on the bench index (docs/filters.md).
 filtered-recall: setup

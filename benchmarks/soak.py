@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="trained run to serve, as for benchmarks.serving (default: a model trained for 60 steps)")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--window-s", type=float, default=60.0, help="latency and RSS are reported per window")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = offline.prepare_artifacts(args.data_dir, args.work_dir)
+    artifacts = offline.prepare_artifacts(args.data_dir, args.work_dir, args.run_dir)
     windows_n = max(1, round(args.minutes * 60 / args.window_s))
     per_window = int(args.rate * args.window_s)
     bodies = request_bodies(Catalog(artifacts.index_dir), per_window * windows_n, seed=1)
@@ -102,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                                                             log_path=args.work_dir / "soak-retriever.log") as retriever:
         assert triton.pid is not None and retriever.process is not None
         rss_start = {"retriever": rss_mb(retriever.process.pid), "triton": group_rss_mb(triton.pid)}
+        servers = {"retriever": retriever.process.pid, "Triton": triton.pid}  # CPU per request, per window
         for w in range(windows_n):
             bodies_file = args.work_dir / "soak-bodies.jsonl"
             chunk = bodies[w * per_window : (w + 1) * per_window]
             bodies_file.write_text("\n".join(json.dumps(b) for b in chunk) + "\n")
-            result = run_served_rate(retriever, bodies_file, args.rate, args.window_s, args.work_dir)
+            result = run_served_rate(retriever, bodies_file, args.rate, args.window_s, args.work_dir, servers)
             result["rss_retriever_mb"] = rss_mb(retriever.process.pid)
             result["rss_triton_mb"] = group_rss_mb(triton.pid)
             windows.append(result)
