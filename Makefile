@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools audit soak filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit lint soak filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) examples/demo.py $(if $(DATA),--data-dir $(DATA))
 
-test: setup tools audit
+test: setup tools audit lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff (lint + format) over the tree, mypy over the library layer (twotower/, serving/): settings in pyproject.toml.
+lint: setup
+	$(PY) -m ruff check --no-cache .
+	$(PY) -m ruff format --check --no-cache .
+	$(PY) -m mypy
 
 # pip-audit over .venv; fails on a known vulnerability, reports (without failing) when offline.
 audit: setup
@@ -73,11 +79,11 @@ eval: setup
 	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm-eval --force --until $(CUTOFF) $(TRAIN_ARGS)
 	$(PY) -m export --run runs/hm-eval --data-dir $(HM) --model-repository runs/hm-eval/model_repository \
 		--index-dir runs/hm-eval/index
-	$(PY) -m twotower.evaluation --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
+	$(PY) -m evaluation --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
 		--model-repository runs/hm-eval/model_repository --out reports/hm_lastweek
 
 inspect: setup
-	$(PY) -m twotower.evaluation.inspect_recs --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
+	$(PY) -m evaluation.inspect_recs --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \
 		--model-repository runs/hm-eval/model_repository --customers 5
 
 # Serving latency under open-loop load + in-process baseline + offline costs -> docs/benchmarks.{md,json,png}

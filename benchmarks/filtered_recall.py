@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.offline import known_user_vectors
-from retriever.catalog import Catalog
-from retriever.filters import Filters
+from serving.catalog import Catalog
+from serving.filters import Filters
 
 
 def measure(catalog: Catalog, users: np.ndarray, masks: list[np.ndarray], k: int = 10) -> dict[str, Any]:

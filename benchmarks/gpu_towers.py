@@ -46,10 +46,10 @@ def measure(device: str, repository: Path, version: str, vectors: np.ndarray, re
             ids = torch.randint(1, 40000, (batch, 77), device=device)
             ids[:, 20] = 49407  # end-of-text token
             queries = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=-1)
-            results[str(batch)] = {
-                "user_tower": timed(lambda: user(history, mask, age), sync, repeats),
-                "item_tower": timed(lambda: item(ids), sync, repeats),
-                "exact_top12_search": timed(lambda: torch.topk(queries @ items.T, 12, dim=1), sync, repeats),
+            results[str(batch)] = {  # each timed() call runs its lambda before the loop moves on
+                "user_tower": timed(lambda: user(history, mask, age), sync, repeats),  # noqa: B023
+                "item_tower": timed(lambda: item(ids), sync, repeats),  # noqa: B023
+                "exact_top12_search": timed(lambda: torch.topk(queries @ items.T, 12, dim=1), sync, repeats),  # noqa: B023
             }
     return results
 

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from retriever.http1 import KeepAliveClient
+from serving.http1 import KeepAliveClient
 
 T = TypeVar("T")
 JSON_HEADER = "Content-Type: application/json\r\n"

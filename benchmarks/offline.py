@@ -14,13 +14,15 @@ import torch
 
 from export.catalogue_index import build_faiss_index, embed_catalogue
 from export.pipeline import export_run
-from retriever.catalog import Catalog
+from serving.catalog import Catalog
 from twotower import artifacts as index_files
-from twotower.config import ModelConfig, TrainConfig, write_json
+from twotower import rundir, triton_repository
+from twotower.config import ModelConfig, TrainConfig
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.data.synthetic import generate
+from twotower.files import write_json
 from twotower.model.clip_text import get_tokenizer
-from twotower.train import RUN_METRICS, RUN_WEIGHTS, train
+from twotower.train import train
 
 log = logging.getLogger("benchmarks.offline")
 
@@ -36,7 +38,7 @@ class BenchArtifacts:
 
 def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """User-tower vectors of the index's first n known customers, and the rows each has bought."""
-    user_tower = torch.jit.load(str(index_files.tower_file(repository, catalog.manifest, catalog.manifest.user_model)))
+    user_tower = torch.jit.load(str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.user_model)))
     histories = [catalog.customer_history(c) for c in list(catalog.customer_row)[:n]]
     with torch.inference_mode():
         users = user_tower(*(torch.from_numpy(t) for t in catalog.history_tensors(histories))).numpy()
@@ -72,7 +74,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     captions = build_captions(load_hm_dir(data_dir).articles)
     sample = captions[: min(len(captions), 4096)]
     tokenizer = get_tokenizer(catalog.manifest.clip_model)
-    item_tower = torch.jit.load(str(index_files.tower_file(repository, catalog.manifest, catalog.manifest.item_model)))
+    item_tower = torch.jit.load(str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.item_model)))
     embed_catalogue(item_tower, sample[:512], tokenizer)  # first calls optimise the TorchScript graph
     started = time.perf_counter()
     embed_catalogue(item_tower, sample, tokenizer)
@@ -85,7 +87,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
         started = time.perf_counter()
         build_faiss_index(catalog.vectors, index_type)
         builds[index_type] = time.perf_counter() - started
-    epochs = json.loads((run_dir / RUN_METRICS).read_text())["epochs"]
+    epochs = json.loads((run_dir / rundir.METRICS).read_text())["epochs"]
     return {
         "items": len(captions),
         "embedding_items_per_s": embed_rate,
@@ -105,7 +107,7 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     index_dir, repository = work / "index", work / "model_repository"
     offline_file = work / "offline.json"
     # A retrained run at the same path must not reuse the old export: the weights' mtime is part of the key.
-    source_run = f"{run_dir.resolve()} ({(run_dir / RUN_WEIGHTS).stat().st_mtime_ns})" if run_dir else ""
+    source_run = f"{run_dir.resolve()} ({(run_dir / rundir.WEIGHTS).stat().st_mtime_ns})" if run_dir else ""
     reuse = offline_file.is_file() and (index_dir / index_files.CURRENT_FILE).is_file() and \
         index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir) and \
         json.loads(offline_file.read_text()).get("run_dir", "") == source_run

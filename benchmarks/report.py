@@ -102,7 +102,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Highest rate with p99 < 50 ms and no errors: **{report['max_qps_p99_under_50ms']:.0f} QPS**.",
         "",
-        "## In-process baseline: the same Recommender, TorchScript towers and index in one process",
+        "## In-process baseline: the same KServe adapter, TorchScript towers and index in one process",
         "",
         "| target QPS | p50 ms | p95 ms | p99 ms | max ms |",
         "|---|---|---|---|---|",

@@ -31,8 +31,8 @@ import psutil
 from benchmarks import hostspeed, offline
 from benchmarks.loadgen import open_loop
 from localtriton import TritonServer, TritonSettings
-from retriever.catalog import Catalog
 from retriever.launch import RetrieverProcess
+from serving.catalog import Catalog
 from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.serving")
@@ -201,7 +201,7 @@ def passes(result: dict) -> bool:
 
 
 async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
-    """The same open-loop schedule against the Recommender object itself."""
+    """The same open-loop schedule against the KServe adapter object itself."""
 
     async def send(body: dict) -> bool:
         try:
@@ -215,12 +215,12 @@ async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> di
 
 def in_process_baseline(index_dir: Path, repository: Path, bodies_by_rate: dict[float, list[dict]], rates: list[float],
                         seconds: float) -> dict:
-    """The same bodies per rate as the served run, against a Recommender in this process."""
-    from retriever.model import DEFAULT_MODEL_NAME, Recommender
+    """The same bodies per rate as the served run, against the KServe adapter in this process."""
+    from retriever.server import build_model
 
     config = dataclasses.replace(config_from_env(RetrieverConfig), index_dir=str(index_dir))  # same env as the server
-    model = Recommender(DEFAULT_MODEL_NAME, config)
-    model.load(local_repository=repository)
+    model = build_model(config, local_repository=repository)
+    model.load()
     results = {}
     for rate in rates:
         count = int(rate * seconds)

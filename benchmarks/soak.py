@@ -22,8 +22,8 @@ from typing import Any
 from benchmarks import offline
 from benchmarks.serving import HM_DIR, request_bodies, run_served_rate
 from localtriton import TritonServer, TritonSettings
-from retriever.catalog import Catalog
 from retriever.launch import RetrieverProcess
+from serving.catalog import Catalog
 
 log = logging.getLogger("benchmarks.soak")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") / 1024

@@ -6,7 +6,9 @@ ARG FAISS=faiss-cpu
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY twotower twotower
+COPY serving serving
 COPY export export
+COPY evaluation evaluation
 COPY retriever retriever
 COPY localtriton localtriton
 COPY benchmarks benchmarks

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +21,7 @@ from twotower import artifacts, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
+from twotower.files import sha256_file, staged_directory
 
 log = logging.getLogger("export.index")
 
@@ -124,9 +122,7 @@ def write_index_dir(
     """Write one index version into a staging directory, checksum it, then rename it into place."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
         np.save(staging / artifacts.VECTORS_FILE, vectors)
         (staging / artifacts.ITEMS_FILE).write_text(json.dumps(metadata))
@@ -144,13 +140,10 @@ def write_index_dir(
             metric=artifacts.METRIC_INNER_PRODUCT,
             item_count=int(len(vectors)),
             index_version=out.name,
-            files={name: artifacts.sha256_file(staging / name) for name in names},
+            files={name: sha256_file(staging / name) for name in names},
             **manifest_fields,
         )
         artifacts.write_manifest(staging, manifest)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

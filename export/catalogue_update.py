@@ -26,8 +26,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
-from retriever.catalog import Catalog
-from twotower import artifacts, popularity
+from serving.catalog import Catalog
+from twotower import artifacts, popularity, triton_repository
 from twotower.data.hm import build_captions, load_articles
 
 log = logging.getLogger("export.update")
@@ -64,7 +64,7 @@ def read_removals(path: Path) -> list[str]:
 def triton_embedder(url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0) -> ItemEmbedder:
     """Captions -> vectors through the item tower Triton serves at the index's model version, with the
     retriever's own client (same model/version/shape checks, timeouts and retries)."""
-    from retriever.towers import TowerClient
+    from serving.towers import TowerClient
     from twotower.model.clip_text import get_tokenizer
 
     tokenizer = get_tokenizer(manifest.clip_model)
@@ -88,7 +88,7 @@ def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> Item
     from export.catalogue_index import embed_catalogue
     from twotower.model.clip_text import get_tokenizer
 
-    tower = torch.jit.load(str(artifacts.tower_file(model_repository, manifest, manifest.item_model))).eval()
+    tower = torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, manifest.item_model))).eval()
     tokenizer = get_tokenizer(manifest.clip_model)
     return lambda captions: embed_catalogue(tower, captions, tokenizer)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,46 +22,31 @@ import numpy as np
 import pandas as pd
 import torch
 
-from export.catalogue_index import (build_faiss_index, embed_catalogue, embed_customers, item_metadata, new_version_dir,
-                                    resolve_index_type, write_index_dir)
-from export.torchscript import DEFAULT_TOLERANCE, trace_and_verify
-from export.triton_repo import TensorSpec, TritonModelSpec, next_version, serialise, write_model
-from twotower import artifacts, popularity
-from twotower.config import ModelConfig, from_dict
+from export.catalogue_index import (
+    build_faiss_index,
+    embed_catalogue,
+    embed_customers,
+    item_metadata,
+    new_version_dir,
+    resolve_index_type,
+    write_index_dir,
+)
+from export.torchscript import DEFAULT_TOLERANCE, serialise, trace_and_verify
+from twotower import artifacts, popularity, rundir
+from twotower.config import ModelConfig
 from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
-from twotower.repeats import RepeatBoost
-from twotower.train import RUN_CONFIG, RUN_ITEM_IDS, RUN_POPULARITY_PRIOR, RUN_REPEAT_BOOST, RUN_WEIGHTS
+from twotower.triton_repository import next_version, tower_specs, write_model
 
 log = logging.getLogger("export")
 
-EMBEDDING_OUTPUT = "embedding__0"
-
-
-def load_run(run_dir: Path) -> tuple[TwoTowerModel, dict]:
-    config_path, weights_path = run_dir / RUN_CONFIG, run_dir / RUN_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; is {run_dir} a run directory written by `python -m twotower.train`?")
-    try:
-        run_config = json.loads(config_path.read_text())
-        model_config = from_dict(ModelConfig, run_config["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise artifacts.ArtifactError(f"{config_path}: not a run configuration written by twotower.train ({err!r})") from err
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated/corrupt files
-        raise artifacts.ArtifactError(f"{weights_path}: unreadable weights ({type(err).__name__}: {err})") from err
-    ids_path = run_dir / RUN_ITEM_IDS
-    run_config["item_ids"] = json.loads(ids_path.read_text()) if ids_path.is_file() else []
-    boost_path = run_dir / RUN_REPEAT_BOOST  # runs trained before repeat boosts have none
-    run_config["repeat_boost"] = json.loads(boost_path.read_text()) if boost_path.is_file() else None
-    prior_path = run_dir / RUN_POPULARITY_PRIOR  # nor before the popularity prior
-    run_config["popularity_prior"] = json.loads(prior_path.read_text()) if prior_path.is_file() else None
-    model = build_model(model_config, state, n_items=len(run_config["item_ids"]) if "item_ids.weight" in state else 0).eval()
-    return model, run_config
+def load_run(run_dir: Path) -> tuple[TwoTowerModel, rundir.Run]:
+    """The trained model of a run directory (eval mode) and what else the run wrote."""
+    run = rundir.read_run(run_dir)
+    n_items = len(run.item_ids) if "item_ids.weight" in run.state else 0
+    return build_model(run.model_config, run.state, n_items=n_items).eval(), run
 
 
 def with_id_vectors(model: TwoTowerModel, text_vectors: np.ndarray, article_ids: list[str], trained_ids: list[str]) -> np.ndarray:
@@ -77,25 +61,6 @@ def with_id_vectors(model: TwoTowerModel, text_vectors: np.ndarray, article_ids:
     log.info("%d of %d articles carry a learned id vector; the rest are indexed by text alone",
              int(learned.sum()), len(article_ids))
     return np.ascontiguousarray(hybrid, dtype=np.float32)
-
-
-def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int) -> tuple[TritonModelSpec, TritonModelSpec]:
-    output = (TensorSpec(EMBEDDING_OUTPUT, "FP32", (config.embed_dim,)),)
-    item = TritonModelSpec(
-        artifacts.ITEM_MODEL, (TensorSpec("input_ids", "INT64", (context_length,)),), output, max_batch_size, queue_delay_us
-    )
-    user = TritonModelSpec(
-        artifacts.USER_MODEL,
-        (
-            TensorSpec("history", "FP32", (config.max_history, config.embed_dim)),
-            TensorSpec("history_mask", "FP32", (config.max_history,)),
-            TensorSpec("history_age", "FP32", (config.max_history,)),
-        ),
-        output,
-        max_batch_size,
-        queue_delay_us,
-    )
-    return item, user
 
 
 def user_examples(config: ModelConfig, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
@@ -126,9 +91,9 @@ def export_run(
 ) -> artifacts.Manifest:
     """Trace + verify the towers, embed the catalogue, write the index, then the Triton model versions."""
     options = options or ExportOptions()
-    model, run_config = load_run(Path(run_dir))
+    model, run = load_run(Path(run_dir))
     config: ModelConfig = model.config
-    context_length = int(run_config["context_length"])
+    context_length = run.context_length
     data = load_hm_dir(data_dir)
     captions = build_captions(data.articles)
     tokenizer = get_tokenizer(config.clip_model)
@@ -145,7 +110,7 @@ def export_run(
     item_bytes, user_bytes = serialise(item_ts), serialise(user_ts)
     exported_item_tower = torch.jit.load(io.BytesIO(item_bytes))
     vectors = embed_catalogue(exported_item_tower, captions, tokenizer, options.embed_batch_size)
-    vectors = with_id_vectors(model, vectors, data.article_ids, run_config["item_ids"])
+    vectors = with_id_vectors(model, vectors, data.article_ids, run.item_ids)
     seconds = time.perf_counter() - started
     log.info("embedded %d articles in %.1fs (%.0f items/s)", len(vectors), seconds, len(vectors) / seconds)
 
@@ -160,9 +125,9 @@ def export_run(
     user_vectors = embed_customers(torch.jit.load(io.BytesIO(user_bytes)), vectors, histories.rows, served_ages)
     log.info("embedded %d known customers in %.1fs", len(user_vectors), time.perf_counter() - started)
     head = model.score_head.layers
-    prior = popularity.PopularityPrior.from_json(run_config["popularity_prior"])
+    prior = run.popularity_prior
     # Counted up to the day training stopped: an evaluation's target day never feeds its own prior.
-    until = run_config["train"].get("until", "")
+    until = run.trained_until
     prior_before = pd.Timestamp(until) if until else pd.Timestamp(reference_day + 1, unit="D")
     item_bias = popularity.item_bias(data.transactions, row_of, len(vectors), prior_before, prior.window_days)
     log.info("popularity prior: weight %g on log1p(purchases in the %d days before %s); %d articles bought then",
@@ -183,7 +148,7 @@ def export_run(
         artifacts.ScoreHeadWeights(
             head[0].weight.detach().numpy()[:, 0], head[0].bias.detach().numpy(),
             head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
-            RepeatBoost.from_json(run_config["repeat_boost"]),
+            run.repeat_boost,
             prior,
         ),
         {
@@ -195,7 +160,7 @@ def export_run(
             "clip_model": config.clip_model,
             "reference_day": reference_day,
             "data_source": str(data_dir),
-            "trained_until": run_config["train"].get("until", ""),
+            "trained_until": run.trained_until,
             "tower_checksums": {item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
                                 user_spec.name: hashlib.sha256(user_bytes).hexdigest()},
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Sequence
 
@@ -51,3 +52,10 @@ def trace_and_verify(
             f"{name}: TorchScript output differs from eager by {difference:.3g} (> {tolerance:g}); nothing written"
         )
     return scripted, difference
+
+
+def serialise(module: torch.jit.ScriptModule) -> bytes:
+    """The exact bytes written as model.pt (so their checksum can be recorded before writing)."""
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue()

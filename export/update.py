@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from export.catalogue_update import local_embedder, read_removals, triton_embedder, update_catalogue
-from retriever.towers import TritonUnavailable
+from serving.towers import TritonUnavailable
 from twotower.artifacts import ArtifactError
 from twotower.data.hm import DataFormatError
 

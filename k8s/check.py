@@ -107,8 +107,8 @@ OPENAPI_PRIMITIVES = {"str": (str,), "int": (int,), "bool": (bool,), "float": (i
 
 
 def _openapi_model(name: str) -> Any:
-    import kubernetes.client.models as kubernetes_models
     import kserve.models as kserve_models
+    import kubernetes.client.models as kubernetes_models
 
     return getattr(kserve_models, name, None) or getattr(kubernetes_models, name)
 

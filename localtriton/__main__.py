@@ -15,7 +15,14 @@ import sys
 import threading
 from pathlib import Path
 
-from localtriton.server import TritonServer, TritonSettings, TritonStartError, remove_shm_regions, stop_process, write_state
+from localtriton.server import (
+    TritonServer,
+    TritonSettings,
+    TritonStartError,
+    remove_shm_regions,
+    stop_process,
+    write_state,
+)
 
 
 def state_file(settings: TritonSettings) -> Path:

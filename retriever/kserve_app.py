@@ -2,8 +2,8 @@
 and with several workers a /metrics that sums them all.
 
 With `--workers N` KServe spawns fresh worker processes that import its app again, so what the
-launcher patched in its own process is gone there: `adjust_app` is called by the launcher and again
-by `Recommender.__setstate__` (the model is unpickled in each worker before the worker builds the app).
+launcher patched in its own process is gone there: retriever/server.py applies these in the launcher
+and again in each worker (the adapter is unpickled in each worker before the worker builds the app).
 """
 
 from __future__ import annotations
@@ -78,16 +78,3 @@ def expose_worker_metrics() -> None:
         from kserve.protocol.rest import server
 
         server.metrics_handler = summed_metrics  # read when KServe builds its app, like TimingMiddleware
-
-
-def adjust_app(model: Any, kserve_timing: bool) -> None:
-    """Everything a serving process does to KServe's module-level app before KServe builds it: our
-    shop/admin routes, the timing middleware off unless asked for, and summed worker metrics."""
-    from kserve import model_server
-
-    from retriever import shop_api
-
-    shop_api.install(model_server.app, model)
-    if not kserve_timing:
-        disable_kserve_timing()
-    expose_worker_metrics()

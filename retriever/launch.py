@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from localtriton.process import ProcessStartError, free_port, wait_until_ready
-from retriever.model import DEFAULT_MODEL_NAME
+from retriever.kserve_adapter import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("retriever.launch")
 

@@ -1,8 +1,7 @@
 """Request parsing and response building for the v1 (JSON instances) and v2 (tensors) protocols.
 
-Kept apart from the model so the semantics (what a recommendation request is) do not depend
-on the transport. Every malformed request raises kserve's InvalidInput (HTTP 400) with a
-message naming the instance and field.
+Transport only: what a request means is retriever/queries.py. Every malformed request raises
+RequestError (HTTP 400, retriever/errors.py) with a message naming the instance and field.
 
 v1  POST /v1/models/<name>:predict
     {"instances": [{"customer_id": "..."} | {"history": ["0108775015", ...]} | {"query": "black dress"}
@@ -21,57 +20,29 @@ v2  POST /v2/models/<name>/infer with ONE of the BYTES inputs `customer_id` [N],
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from typing import Any
 
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
-from kserve.errors import InvalidInput
 
-from retriever.filters import FilterError, Filters
+from retriever.errors import RequestError
+from retriever.queries import KINDS, Query, QueryOptions, Recommendation
+from serving.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
-KINDS = ("customer_id", "history", "query", "similar_to")
 OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type")
 ID_SEPARATORS = re.compile(r"[,\s]+")
-
-
-@dataclasses.dataclass(frozen=True)
-class QueryOptions:
-    filters: Filters = Filters()
-    exclude_purchased: bool = False  # customer_id/history: never return an article they bought
-    max_per_product_type: int | None = None  # diversity cap
-
-    @property
-    def plain(self) -> bool:
-        return self.filters.empty and not self.exclude_purchased and self.max_per_product_type is None
-
-
-@dataclasses.dataclass
-class Query:
-    kind: str  # one of KINDS
-    value: Any  # str for customer_id/query/similar_to, list[str] for history (oldest first)
-    k: int
-    options: QueryOptions = QueryOptions()
-
-
-@dataclasses.dataclass
-class Recommendation:
-    article_ids: list[str]
-    similarities: list[float]
-    scores: list[float]
-    metadata: list[dict[str, str]]
 
 
 def _parse_k(raw: Any, where: str, config: RetrieverConfig) -> int:
     if raw is None:
         return config.top_k
     if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
-        raise InvalidInput(f"{where}: 'k' must be an integer, got {type(raw).__name__} {raw!r}")
+        raise RequestError(f"{where}: 'k' must be an integer, got {type(raw).__name__} {raw!r}")
     if not 1 <= int(raw) <= config.max_k:
-        raise InvalidInput(f"{where}: 'k' must be between 1 and {config.max_k}, got {raw}")
+        raise RequestError(f"{where}: 'k' must be between 1 and {config.max_k}, got {raw}")
     return int(raw)
 
 
@@ -79,33 +50,33 @@ def parse_options(raw: dict[str, Any], where: str) -> QueryOptions:
     try:
         filters = Filters.parse(raw.get("filters"), f"{where}: 'filters'")
     except FilterError as err:
-        raise InvalidInput(str(err)) from err
+        raise RequestError(str(err)) from err
     exclude = raw.get("exclude_purchased", False)
     if not isinstance(exclude, bool):
-        raise InvalidInput(f"{where}: 'exclude_purchased' must be true or false, got {exclude!r}")
+        raise RequestError(f"{where}: 'exclude_purchased' must be true or false, got {exclude!r}")
     cap = raw.get("max_per_product_type")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise InvalidInput(f"{where}: 'max_per_product_type' must be a positive integer, got {cap!r}")
+        raise RequestError(f"{where}: 'max_per_product_type' must be a positive integer, got {cap!r}")
     return QueryOptions(filters, exclude, cap)
 
 
 def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> Any:
     if kind in ("customer_id", "similar_to"):
         if not isinstance(value, str) or not value.strip():
-            raise InvalidInput(f"{where}: '{kind}' must be a non-empty string")
+            raise RequestError(f"{where}: '{kind}' must be a non-empty string")
         return value.strip()
     if kind == "query":
         if not isinstance(value, str) or not value.strip():
-            raise InvalidInput(f"{where}: 'query' must be a non-empty string")
+            raise RequestError(f"{where}: 'query' must be a non-empty string")
         if len(value) > config.max_query_chars:
-            raise InvalidInput(f"{where}: 'query' is {len(value)} characters, the limit is {config.max_query_chars}")
+            raise RequestError(f"{where}: 'query' is {len(value)} characters, the limit is {config.max_query_chars}")
         return value.strip()
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise InvalidInput(f"{where}: 'history' must be a list of article_id strings")
+        raise RequestError(f"{where}: 'history' must be a list of article_id strings")
     if not value:
-        raise InvalidInput(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
+        raise RequestError(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
     if len(value) > config.max_history_items:
-        raise InvalidInput(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
+        raise RequestError(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
     return [a.strip() for a in value]
 
 
@@ -113,17 +84,17 @@ def _choose_kind(names: set[str], where: str, noun: str, options: tuple[str, ...
     """Exactly one of KINDS, optionally some of `options`, nothing else."""
     given = [kind for kind in KINDS if kind in names]
     if len(given) != 1:
-        raise InvalidInput(f"{where}give exactly one {noun} of {list(KINDS)}, got {given or 'none'}")
+        raise RequestError(f"{where}give exactly one {noun} of {list(KINDS)}, got {given or 'none'}")
     unknown = sorted(names - set(KINDS) - set(options))
     if unknown:
-        raise InvalidInput(f"{where}unknown {noun}(s) {unknown}; allowed: {list(KINDS) + list(options)}")
+        raise RequestError(f"{where}unknown {noun}(s) {unknown}; allowed: {list(KINDS) + list(options)}")
     return given[0]
 
 
 def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     where = f"instances[{index}]"
     if not isinstance(instance, dict):
-        raise InvalidInput(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
+        raise RequestError(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
     kind = _choose_kind(set(instance), f"{where}: ", "field")
     return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config),
                  parse_options(instance, where))
@@ -134,12 +105,12 @@ def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:
         try:
             body = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InvalidInput(f"request body is not valid JSON: {err}") from err
+            raise RequestError(f"request body is not valid JSON: {err}") from err
     if not isinstance(body, dict) or "instances" not in body:
-        raise InvalidInput("request body must be a JSON object with an 'instances' list")
+        raise RequestError("request body must be a JSON object with an 'instances' list")
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
-        raise InvalidInput("'instances' must be a non-empty list")
+        raise RequestError("'instances' must be a non-empty list")
     return [parse_instance(instance, i, config) for i, instance in enumerate(instances)]
 
 
@@ -152,18 +123,18 @@ def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
     kind = _choose_kind(set(inputs), "", "input", options=("k",))
     tensor = inputs[kind]
     if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")
+        raise RequestError(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
-        raise InvalidInput(f"input '{kind}' must have shape [N] with N >= 1, got {tensor.shape}")
+        raise RequestError(f"input '{kind}' must have shape [N] with N >= 1, got {tensor.shape}")
     try:
         values = [_decode(v) for v in tensor.as_numpy().reshape(-1)]
     except (UnicodeDecodeError, ValueError) as err:
-        raise InvalidInput(f"input '{kind}': cannot decode ({err})") from err
+        raise RequestError(f"input '{kind}': cannot decode ({err})") from err
     k = config.top_k
     if "k" in inputs:
         k_tensor = inputs["k"]
         if k_tensor.datatype not in ("INT32", "INT64") or list(k_tensor.shape) != [1]:
-            raise InvalidInput(f"input 'k' must be INT32 or INT64 with shape [1], got {k_tensor.datatype} {k_tensor.shape}")
+            raise RequestError(f"input 'k' must be INT32 or INT64 with shape [1], got {k_tensor.datatype} {k_tensor.shape}")
         k = _parse_k(int(k_tensor.as_numpy().reshape(-1)[0]), "input 'k'", config)
     if kind == "history":
         parsed: list[Any] = [[a for a in ID_SEPARATORS.split(v.strip()) if a] for v in values]

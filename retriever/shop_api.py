@@ -1,7 +1,7 @@
 """HTTP endpoints a web shop needs, beside KServe's v1/v2 predict API on the same server.
 
-Transport only: each endpoint builds a `Query` (the same one the v1 API parses) and asks the
-Recommender, so both APIs share one semantics. FastAPI documents them at /docs (/openapi.json).
+Transport only: each endpoint builds a `Query` (the same one the v1 API parses) or reads what it
+needs from the RecommendationService it is built with, so both APIs share one semantics. FastAPI documents them at /docs (/openapi.json).
 
     GET  /shop/                                        the demo page (static HTML + JS)
     GET  /shop/api/search?q=black+dress&k=12           text search through the CLIP text tower
@@ -21,24 +21,23 @@ Filters are query parameters: product_group, product_type, index, colour, sectio
 
 from __future__ import annotations
 
-import asyncio
 import time
 from importlib import resources
-from itertools import islice
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query as Param, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import Query as Param
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from kserve.errors import InvalidInput, ModelNotReady
 from pydantic import BaseModel, Field
 
 from retriever import metrics
-from retriever.catalog import UnknownIds
-from retriever.filters import CATEGORY_FILTERS, FilterError, Filters
+from retriever.errors import RequestError
 from retriever.limits import BodySizeLimit
-from retriever.model import Recommender, Serving
-from retriever.protocol import Query, QueryOptions, v1_response
+from retriever.protocol import v1_response
+from retriever.queries import Query, QueryOptions
+from retriever.service import RecommendationService
+from serving.filters import FilterError, Filters
 
 PAGE = "shop.html"
 
@@ -61,37 +60,26 @@ def filter_params(product_group: FilterParam = None, product_type: FilterParam =
     try:
         return Filters.parse({k: v for k, v in given.items() if v is not None}, "filters")
     except FilterError as err:
-        raise InvalidInput(str(err)) from err
+        raise RequestError(str(err)) from err
 
 
 FilterQuery = Annotated[Filters, Depends(filter_params)]
 
 
-def build_router(model: Recommender) -> APIRouter:
+def build_router(service: RecommendationService) -> APIRouter:
     router = APIRouter()
-
-    def serving() -> Serving:
-        if model.serving is None or not model.ready:
-            raise ModelNotReady(model.name, "the index is not loaded yet")
-        return model.serving
-
-    def article_row(current: Serving, article_id: str) -> int:
-        try:
-            return int(current.catalog.rows_for([article_id])[0])
-        except UnknownIds as err:
-            raise InvalidInput(f"article_id: {err.message}") from err
 
     async def run(query: Query) -> dict[str, Any]:
         started = time.perf_counter()
         try:
-            results = await model.recommend([query], serving())
+            results = await service.recommend([query])
         finally:
             metrics.STAGE["total"].observe(time.perf_counter() - started)
         return v1_response([query], results)["predictions"][0]
 
     def options(k: int | None, filters: Filters, exclude_purchased: bool = False, max_per_product_type: int | None = None
                 ) -> tuple[int, QueryOptions]:
-        return k or model.config.top_k, QueryOptions(filters, exclude_purchased, max_per_product_type)
+        return k or service.config.top_k, QueryOptions(filters, exclude_purchased, max_per_product_type)
 
     page_html = resources.files("retriever.static").joinpath(PAGE).read_text()  # static: read once
 
@@ -103,16 +91,13 @@ def build_router(model: Recommender) -> APIRouter:
     async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], filters: FilterQuery, k: K = None,
                      max_per_product_type: Cap = None) -> dict[str, Any]:
         if not q.strip():
-            raise InvalidInput("q: empty query text")
+            raise RequestError("q: empty query text")
         top, opts = options(k, filters, max_per_product_type=max_per_product_type)
         return await run(Query("query", q.strip(), top, opts))
 
     @router.get("/shop/api/articles/{article_id}", tags=["shop"])
     async def article(article_id: str) -> dict[str, Any]:
-        current = serving()
-        row = article_row(current, article_id)
-        return {"article_id": article_id, "available": not bool(current.catalog.excluded[row]),
-                "index_version": current.catalog.version, **model.article_metadata(current.catalog, row)}
+        return service.article(article_id)
 
     @router.get("/shop/api/articles/{article_id}/similar", tags=["shop"])
     async def similar(article_id: str, filters: FilterQuery, k: K = None, max_per_product_type: Cap = None) -> dict[str, Any]:
@@ -121,15 +106,11 @@ def build_router(model: Recommender) -> APIRouter:
 
     @router.get("/shop/api/articles/{article_id}/vector", tags=["debug"])
     async def article_vector(article_id: str) -> dict[str, Any]:
-        current = serving()
-        row = article_row(current, article_id)
-        return {"article_id": article_id, "model_version": current.catalog.manifest.model_version,
-                "vector": current.catalog.vectors[row].tolist()}
+        return service.article_vector(article_id)
 
     @router.get("/shop/api/customers", tags=["shop"])
     async def customers(limit: Annotated[int, Param(ge=1, le=1000)] = 20) -> dict[str, Any]:
-        current = serving()
-        return {"customer_ids": list(islice(current.catalog.customer_row, limit)), "count": len(current.catalog.customer_row)}
+        return service.customers(limit)
 
     @router.get("/shop/api/customers/{customer_id}/recommendations", tags=["shop"])
     async def recommendations(customer_id: str, filters: FilterQuery, k: K = None, exclude_purchased: bool = False,
@@ -139,50 +120,28 @@ def build_router(model: Recommender) -> APIRouter:
 
     @router.get("/shop/api/customers/{customer_id}/history", tags=["shop"])
     async def history(customer_id: str) -> dict[str, Any]:
-        current = serving()
-        try:
-            rows, ages = model.customer_history(current.catalog, customer_id)
-        except UnknownIds as err:
-            raise InvalidInput(f"customer_id: {err.message}") from err
-        items = [{"article_id": current.catalog.article_ids[r], "age_days": round(float(a), 2),
-                  **model.article_metadata(current.catalog, int(r))} for r, a in zip(rows, ages)]
-        return {"customer_id": customer_id, "items": items}
+        return service.customer_history(customer_id)
 
     @router.post("/shop/api/customers/{customer_id}/purchases", tags=["shop"])
     async def purchases(customer_id: str, body: Purchases) -> dict[str, Any]:
-        current = serving()
-        try:
-            current.catalog.rows_for(body.article_ids)  # unknown articles are refused, nothing is stored
-        except UnknownIds as err:
-            raise InvalidInput(f"article_ids: {err.message}") from err
-        count = model.purchases.add(customer_id, body.article_ids)
-        metrics.LIVE_CUSTOMERS.set(len(model.purchases))
-        return {"customer_id": customer_id, "recorded": len(body.article_ids), "live_purchases": count}
+        return service.add_purchases(customer_id, body.article_ids)
 
     @router.get("/shop/api/customers/{customer_id}/vector", tags=["debug"])
     async def customer_vector(customer_id: str) -> dict[str, Any]:
-        current = serving()
-        vectors, _ = await model.query_vectors([Query("customer_id", customer_id, 1)], current)
-        return {"customer_id": customer_id, "model_version": current.catalog.manifest.model_version,
-                "vector": vectors[0].tolist()}
+        return await service.customer_vector(customer_id)
 
     @router.get("/shop/api/filters", tags=["shop"])
     async def filter_values() -> dict[str, Any]:
         """The values each category filter accepts in the served index (for building a filter UI)."""
-        columns = serving().catalog.filter_columns
-        return {field: columns.values(column) for field, column in CATEGORY_FILTERS.items() if columns.has(column)}
+        return service.filter_values()
 
     @router.get("/admin/index", tags=["admin"])
     async def index_info() -> dict[str, Any]:
-        catalog = serving().catalog
-        manifest = catalog.manifest
-        return {"index_version": catalog.version, "path": str(catalog.index_dir), "model_version": manifest.model_version,
-                "items": len(catalog.article_ids), "excluded": catalog.n_excluded, "dim": manifest.dim,
-                "parent_version": manifest.parent_version}
+        return service.index_info()
 
     @router.post("/admin/index/reload", tags=["admin"])
     async def reload() -> dict[str, Any]:
-        result = await asyncio.to_thread(model.reload_index)
+        result = await service.reload()
         return {"status": result.status, "index_version": result.index_version, "message": result.message}
 
     return router
@@ -196,11 +155,11 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"error": "; ".join(problems) or "invalid request"})
 
 
-def install(app: FastAPI, model: Recommender) -> None:
-    """Add the shop/admin routes, the validation handler and the body size limit to KServe's app, once."""
+def install(app: FastAPI, service: RecommendationService) -> None:
+    """Add the shop/admin routes, the validation handler and the body size limit to an app, once."""
     if getattr(app.state, "shop_api_installed", False):
         return
     app.state.shop_api_installed = True
-    app.add_middleware(BodySizeLimit, max_bytes=model.config.max_body_bytes)
-    app.include_router(build_router(model))
+    app.add_middleware(BodySizeLimit, max_bytes=service.config.max_body_bytes)
+    app.include_router(build_router(service))
     app.add_exception_handler(RequestValidationError, validation_error)

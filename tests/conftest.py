@@ -98,7 +98,7 @@ def write_random_index(directory: Path, index_type: str, groups: list[str], dim:
 
 
 class EchoHandler(http.server.BaseHTTPRequestHandler):
-    """A real HTTP/1.1 server for the keep-alive client (retriever/http1.py): the status is the path's last
+    """A real HTTP/1.1 server for the keep-alive client (serving/http1.py): the status is the path's last
     part; /close asks to close, /chunked frames by chunks, /slow answers late."""
 
     protocol_version = "HTTP/1.1"

@@ -13,12 +13,13 @@ import pytest
 
 from export.catalogue_update import local_embedder, read_removals, update_catalogue
 from export.update import main as update_main
-from retriever.catalog import Catalog
-from retriever.filters import FilterColumns, FilterError, Filters, cap_per_type
 from retriever.limits import BodySizeLimit
+from serving.catalog import Catalog
+from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
 from twotower.data.hm import DataFormatError, find_data_file
+from twotower.ranking import cap_per_type
 
 
 def copy_root(tiny_pipeline, tmp_path: Path) -> Path:
@@ -133,7 +134,7 @@ def test_filters_parse_and_cap() -> None:
                          ({"price_min": 2, "price_max": 1}, "price_min 2.0 > price_max"), ({"size": ["M"]}, "unknown")):
         with pytest.raises(FilterError, match=message):
             Filters.parse(raw)
-    rows, sims = cap_per_type(np.array([0, 1, 2, -1]), np.array([0.9, 0.8, 0.7, 0.0]), columns.product_type, 1, 3)
+    sims, rows = cap_per_type(np.array([0.9, 0.8, 0.7, 0.0]), np.array([0, 1, 2, -1]), columns.product_type, 1, 3)
     assert rows.tolist() == [0, 2] and sims.tolist() == [0.9, 0.7]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twotower.evaluation import metrics
+from twotower import metrics
 
 
 def test_metrics_on_hand_computed_cases() -> None:
@@ -29,7 +29,7 @@ def test_metrics_on_hand_computed_cases() -> None:
 
 
 def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> None:
-    from twotower.evaluation.__main__ import main
+    from evaluation.__main__ import main
 
     out = tmp_path / "report"
     assert main(["--data-dir", str(tiny_pipeline.data_dir), "--index-dir", str(tiny_pipeline.index_dir),
@@ -54,8 +54,8 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
 def test_target_breakdown_puts_each_target_in_its_first_category() -> None:
     import pandas as pd
 
-    from twotower.evaluation.breakdown import CATEGORIES, target_breakdown
-    from twotower.evaluation.split import TemporalSplit
+    from evaluation.breakdown import CATEGORIES, target_breakdown
+    from evaluation.split import TemporalSplit
     from twotower.repeats import Products
 
     # rows 0-1 one product; customer a bought 0 before; b bought 5

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from export.catalogue_index import build_faiss_index, resolve_index_type, write_index_dir
-from export.torchscript import ExportMismatchError, trace_and_verify
-from export.triton_repo import TensorSpec, TritonModelSpec, next_version, render_config, serialise, write_model
+from export.torchscript import ExportMismatchError, serialise, trace_and_verify
 from twotower import artifacts
+from twotower.triton_repository import TensorSpec, TritonModelSpec, next_version, render_config, write_model
 
 
 class Noisy(nn.Module):

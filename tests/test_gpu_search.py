@@ -1,4 +1,4 @@
-"""Which searches go to a GPU copy of the index (retriever.gpu_search).
+"""Which searches go to a GPU copy of the index (serving.gpu_search).
 
 This machine has faiss-cpu and no GPU, so the GPU side is a stand-in recording what it is asked:
 the unit under test is the routing (plain top-k -> GPU copy, id-selector searches -> CPU index), the
@@ -14,9 +14,9 @@ import faiss
 import numpy as np
 import pytest
 
-from retriever import gpu_search
-from retriever.catalog import Catalog
-from retriever.filters import Filters
+from serving import gpu_search
+from serving.catalog import Catalog
+from serving.filters import Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
 

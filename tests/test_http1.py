@@ -1,4 +1,4 @@
-"""retriever.http1 (the keep-alive client for Triton and the load generator) against a real HTTP/1.1 server,
+"""serving.http1 (the keep-alive client for Triton and the load generator) against a real HTTP/1.1 server,
 and the v2 binary-tensor encoding the retriever's Triton client speaks with it."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from retriever.http1 import KeepAliveClient, Response
-from retriever.towers import decode_infer_output, encode_infer_request, error_message
+from serving.http1 import KeepAliveClient, Response
+from serving.towers import decode_infer_output, encode_infer_request, error_message
 from tests.conftest import EchoHandler
 
 
@@ -122,7 +122,7 @@ def test_error_message_is_tritons_text_or_the_status() -> None:
 def test_tower_client_pickles_without_its_connections(http_server: str) -> None:
     import pickle
 
-    from retriever.towers import TowerClient
+    from serving.towers import TowerClient
     from twotower.artifacts import Manifest
 
     manifest = Manifest.__new__(Manifest)  # fields are not read here

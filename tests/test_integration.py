@@ -15,10 +15,10 @@ import pytest
 import torch
 import tritonclient.http as triton_http
 
-from export.triton_repo import MODEL_FILE
-from twotower import artifacts
+from twotower import artifacts, ranking
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
+from twotower.triton_repository import MODEL_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -74,9 +74,9 @@ def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> N
     # ... and the index holds exactly those vectors (plus each article's learned id vector) for those articles.
     from export.pipeline import load_run, with_id_vectors
 
-    model, run_config = load_run(tiny_pipeline.run_dir)
+    model, run = load_run(tiny_pipeline.run_dir)
     article_ids = json.loads((tiny_pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"][:3]
-    expected_index = with_id_vectors(model, served, article_ids, run_config["item_ids"])
+    expected_index = with_id_vectors(model, served, article_ids, run.item_ids)
     assert np.abs(np.load(tiny_pipeline.version_dir / artifacts.VECTORS_FILE)[:3] - expected_index).max() <= 1e-5
 
 
@@ -84,7 +84,7 @@ def test_retrievers_triton_client_agrees_with_tritonclient_and_names_tritons_err
     import asyncio
     import dataclasses
 
-    from retriever.towers import TowerClient, TritonUnavailable
+    from serving.towers import TowerClient, TritonUnavailable
 
     manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
     url = f"127.0.0.1:{triton.settings.http_port}"
@@ -175,24 +175,21 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
 
 def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int, bought: list | None = None) -> list[list[str]]:
     """The same computation in-process: TorchScript user tower + exact search over the item vectors,
-    then (given what each query's customer bought) the index's repeat boost on their own purchases."""
-    from retriever.catalog import Catalog
+    ranked as a customer's list (given what each query's customer bought: with the index's prior and boost)."""
+    from serving.catalog import Catalog
 
     with torch.inference_mode():
         users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
     catalog = Catalog(pipeline.index_dir)
-    results = []
-    for i, user in enumerate(users):
-        similarities = catalog.vectors @ user
-        rows = np.argsort(-similarities)[:k]
-        if bought is not None:
-            _, rows = catalog.with_repeats(user, similarities[rows], rows, bought[i], k)
-        results.append([catalog.article_ids[r] for r in rows])
-    return results
+    space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)
+    requests = [ranking.RankRequest(k) if bought is None else
+                ranking.RankRequest(k, prior=catalog.prior_weight, boost=catalog.score_head.repeat, bought=bought[i])
+                for i in range(len(users))]
+    return [[catalog.article_ids[r] for r in rows] for _, rows in ranking.rank(space, users, requests)]
 
 
 def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline, retriever) -> None:
-    from retriever.catalog import Catalog
+    from serving.catalog import Catalog
 
     catalog = Catalog(tiny_pipeline.index_dir)
     history = [catalog.article_ids[5], catalog.article_ids[9], catalog.article_ids[20]]  # oldest first
@@ -210,7 +207,7 @@ def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline,
 
 def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipeline, retriever) -> None:
     """Export stores each known customer's user vector; the retriever serves it without calling Triton."""
-    from retriever.catalog import Catalog
+    from serving.catalog import Catalog
 
     catalog = Catalog(tiny_pipeline.index_dir)
     customers = list(catalog.customer_row)[:20]
@@ -316,8 +313,8 @@ def test_retriever_gives_up_clearly_when_triton_never_comes(tiny_pipeline) -> No
 
 
 def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tmp_path: Path) -> None:
-    from localtriton.server import pid_alive
     from localtriton.process import free_port
+    from localtriton.server import pid_alive
 
     ports = [str(free_port()) for _ in range(3)]
     common = ["--model-repository", str(tiny_pipeline.repository), "--state-dir", str(tmp_path),

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from twotower import rundir
 from twotower.config import ModelConfig, TrainConfig
 from twotower.data.hm import load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.model.clip_text import get_tokenizer, load_clip
 from twotower.model.towers import build_model
-from twotower.train import RUN_WEIGHTS, train
+from twotower.train import train
 
 
 def test_pretrained_weights_load_from_a_local_checkpoint(tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     config = TrainConfig(epochs=1, batch_size=32)
     first = train(data, ModelConfig(), config, tmp_path / "a")
     second = train(data, ModelConfig(), config, tmp_path / "b")
-    a, b = torch.load(first / RUN_WEIGHTS), torch.load(second / RUN_WEIGHTS)
+    a, b = torch.load(first / rundir.WEIGHTS), torch.load(second / rundir.WEIGHTS)
     assert all(torch.equal(a[name], b[name]) for name in a)
     losses = [json.loads((run / "metrics.json").read_text())["epochs"][0]["loss"] for run in (first, second)]
     assert losses[0] == losses[1]

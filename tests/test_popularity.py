@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,12 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retriever.catalog import Catalog
+from serving.catalog import Catalog
 from tests.conftest import write_random_index
-from twotower import artifacts, popularity
+from twotower import artifacts, fitting, popularity, ranking, rundir
 from twotower.data.hm import load_hm_dir
 from twotower.repeats import RepeatBoost
-from twotower.train import RUN_POPULARITY_PRIOR
 
 
 def test_item_bias_counts_only_the_window_before_the_day() -> None:
@@ -37,13 +35,12 @@ def test_an_index_row_with_bias_scores_cosine_plus_weighted_bias() -> None:
 
 
 def test_fit_keeps_the_smallest_weight_that_finds_most() -> None:
-    targets = [{1}, {2}]
-
-    def rank(case: int, weight: float, k: int) -> np.ndarray:  # weight >= 0.05 finds row 1 for case 0
-        return np.asarray([1 if weight >= 0.05 and case == 0 else 9, 8])
-
-    assert popularity.fit(rank, targets, k=2) == (0.05, 0.5, 0.0)
-    assert popularity.fit(lambda case, weight, k: np.asarray([7]), targets, k=1)[0] == 0.0  # no gain: no prior
+    # Row 1 (cosine 0.9, bias 3) beats row 0 (cosine 1, no bias) in a top 1 from weight 1/30 on: 0.05 on the grid.
+    vectors = np.asarray([[1.0, 0.0], [0.9, np.sqrt(1 - 0.81)], [-1.0, 0.0]], dtype=np.float32)
+    space = ranking.ExactItems(vectors, np.asarray([0.0, 3.0, 0.0], dtype=np.float32))
+    users, histories = np.asarray([[1.0, 0.0]], dtype=np.float32), [ranking.NOTHING_BOUGHT]
+    assert fitting.fit_prior_weight(space, users, histories, [{1}], RepeatBoost(), k=1) == (0.05, 1.0, 0.0)
+    assert fitting.fit_prior_weight(space, users, histories, [{0}], RepeatBoost(), k=1)[0] == 0.0  # no gain: no prior
 
 
 def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
@@ -86,10 +83,9 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
         assert rows[i].tolist() == visible[np.argsort(-scores, kind="stable")[:10]].tolist()
     catalog.excluded[100:400], catalog.n_excluded = False, 0
     # The boosted own purchases are scored the same way as the search, plus their boost.
-    catalog.score_head = dataclasses.replace(catalog.score_head, repeat=RepeatBoost(bonus=2.0))
     bought = (np.asarray([5, 200]), np.zeros(2, np.float32))
-    similarities, rows = catalog.search(query[None], 10, 0.1)
-    merged_scores, merged_rows = catalog.with_repeats(query, similarities[0], rows[0], bought, 10, prior=0.1)
+    request = ranking.RankRequest(10, prior=0.1, boost=RepeatBoost(bonus=2.0), bought=bought)
+    merged_scores, merged_rows = ranking.rank(catalog, query[None], [request])[0]
     for row in (5, 200):
         assert row in merged_rows.tolist()
         assert merged_scores[merged_rows.tolist().index(row)] == pytest.approx(vectors[row] @ query + 0.1 * bias[row] + 2.0,
@@ -113,7 +109,7 @@ def test_indexes_without_a_prior_search_by_cosine(tmp_path: Path) -> None:
 
 def test_export_serves_the_fitted_weight_over_the_last_days_sales(tiny_pipeline) -> None:
     catalog = Catalog(tiny_pipeline.index_dir)
-    prior = popularity.PopularityPrior.from_json(json.loads((tiny_pipeline.run_dir / RUN_POPULARITY_PRIOR).read_text()))
+    prior = popularity.PopularityPrior.from_json(json.loads((tiny_pipeline.run_dir / rundir.POPULARITY_PRIOR).read_text()))
     assert catalog.score_head.prior == prior  # the weight training fitted is the one served
     data = load_hm_dir(tiny_pipeline.data_dir)  # trained on all of it: the window ends with the data's last day
     expected = popularity.item_bias(data.transactions, catalog.row_of, len(catalog.row_of),

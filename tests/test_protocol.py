@@ -1,13 +1,14 @@
-"""Request parsing: every malformed request is a 400 (InvalidInput) that names the problem."""
+"""Request parsing: every malformed request is a 400 (RequestError) that names the problem."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from kserve import InferInput, InferRequest
-from kserve.errors import InvalidInput
 
-from retriever.protocol import Recommendation, parse_v1, parse_v2, v1_response, v2_response
+from retriever.errors import RequestError
+from retriever.protocol import parse_v1, parse_v2, v1_response, v2_response
+from retriever.queries import Recommendation
 from twotower.config import RetrieverConfig
 
 CONFIG = RetrieverConfig(top_k=12, max_k=100, max_history_items=5, max_query_chars=50)
@@ -45,7 +46,7 @@ def test_v1_kinds_and_default_k() -> None:
     ],
 )
 def test_v1_bad_requests(body, fragment: str) -> None:
-    with pytest.raises(InvalidInput) as caught:
+    with pytest.raises(RequestError) as caught:
         parse_v1(body, CONFIG)
     assert fragment in str(caught.value)
 
@@ -73,7 +74,7 @@ def test_v2_inputs() -> None:
     ],
 )
 def test_v2_bad_requests(inputs, fragment: str) -> None:
-    with pytest.raises(InvalidInput) as caught:
+    with pytest.raises(RequestError) as caught:
         parse_v2(InferRequest("recommender", inputs), CONFIG)
     assert fragment in str(caught.value)
 
@@ -81,11 +82,11 @@ def test_v2_bad_requests(inputs, fragment: str) -> None:
 def test_v2_wrong_dtype_and_shape() -> None:
     wrong = InferInput("query", [1], "FP32")
     wrong.set_data_from_numpy(np.array([1.0], dtype=np.float32), binary_data=False)
-    with pytest.raises(InvalidInput, match="datatype BYTES"):
+    with pytest.raises(RequestError, match="datatype BYTES"):
         parse_v2(InferRequest("recommender", [wrong]), CONFIG)
     k = InferInput("k", [2], "INT32")
     k.set_data_from_numpy(np.array([1, 2], dtype=np.int32), binary_data=False)
-    with pytest.raises(InvalidInput, match="shape \\[1\\]"):
+    with pytest.raises(RequestError, match="shape \\[1\\]"):
         parse_v2(InferRequest("recommender", [bytes_input("query", ["a"]), k]), CONFIG)
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 
-from twotower import repeats
+from twotower import fitting, ranking, repeats
 from twotower.artifacts import ScoreHeadWeights
 
 
@@ -32,33 +30,26 @@ def test_boost_fades_with_age_and_round_trips_through_the_score_head_json() -> N
     assert not ScoreHeadWeights.from_json(legacy).repeat.active  # indexes written before boosts
 
 
-def random_space(rng: np.random.Generator) -> tuple[Callable, Callable]:
-    """Exact search and cosine callbacks over 200 random articles for 50 random users, as `fit` takes them."""
+def random_space(rng: np.random.Generator, products: repeats.Products | None = None
+                 ) -> tuple[ranking.ExactItems, np.ndarray]:
+    """200 random articles searched exactly, and 50 random users."""
     vectors = rng.normal(size=(200, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     users = rng.normal(size=(50, 8)).astype(np.float32)
     users /= np.linalg.norm(users, axis=1, keepdims=True)
-
-    def search(case: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = vectors @ users[case]
-        top = np.argsort(-scores)[:n]
-        return scores[top], top
-
-    def cosine(case: int, rows: np.ndarray) -> np.ndarray:
-        return vectors[rows] @ users[case]
-
-    return search, cosine
+    return ranking.ExactItems(vectors, products=products), users
 
 
 def test_fit_finds_a_boost_when_customers_buy_again_and_none_when_they_never_do() -> None:
     rng = np.random.default_rng(0)
-    search, cosine = random_space(rng)
+    space, users = random_space(rng)
     histories = [(rng.choice(200, 5, replace=False), np.arange(5, dtype=np.float32)) for _ in range(50)]
     again = [{int(h[0][0])} for h in histories]  # each buys their latest article again
-    boost, value, unboosted = repeats.fit(search, cosine, histories, again)
+    boost, value, unboosted = fitting.fit_repeat_boost(space, users, histories, again)
     assert boost.bonus > 0 and boost.slope > 0 and value > unboosted + 0.3
-    novel = [{int(search(c, 1)[1][0])} - set(histories[c][0].tolist()) or {199} for c in range(50)]
-    boost, _, _ = repeats.fit(search, cosine, histories, novel)
+    nearest = space.search(users, 1)[1][:, 0]
+    novel = [{int(nearest[c])} - set(histories[c][0].tolist()) or {199} for c in range(50)]
+    boost, _, _ = fitting.fit_repeat_boost(space, users, histories, novel)
     assert boost.bonus <= 0.05, boost
 
 
@@ -77,10 +68,11 @@ def test_siblings_are_the_other_colours_of_bought_products_with_the_youngest_age
 
 def test_fit_finds_a_sibling_boost_when_customers_buy_other_colours() -> None:
     rng = np.random.default_rng(1)
-    search, cosine = random_space(rng)
     products = repeats.Products([f"p{row // 2}" for row in range(200)])  # articles 2n and 2n+1: one product
+    space, users = random_space(rng, products)
     histories = [(np.array([2 * int(p)]), np.array([1.0], np.float32)) for p in rng.choice(100, 50, replace=False)]
     other_colour = [{int(h[0][0]) + 1} for h in histories]
-    boost, value, unboosted = repeats.fit(search, cosine, histories, other_colour, products)
+    boost, value, unboosted = fitting.fit_repeat_boost(space, users, histories, other_colour)
     assert boost.sibling_bonus > 0 and value > unboosted + 0.3
-    assert repeats.fit(search, cosine, histories, other_colour)[0].sibling_bonus == 0  # no products: no siblings
+    space.products = None
+    assert fitting.fit_repeat_boost(space, users, histories, other_colour)[0].sibling_bonus == 0  # no products: no siblings

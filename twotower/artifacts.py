@@ -23,15 +23,13 @@ Only numpy here: the retriever imports this without torch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twotower.config import write_json
+from twotower.files import sha256_file, write_atomically, write_json
 from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
 
@@ -51,7 +49,6 @@ METRIC_INNER_PRODUCT = "inner_product"
 
 ITEM_MODEL = "item_tower"
 USER_MODEL = "user_tower"
-TOWER_FILE = "model.pt"  # <repository>/<tower>/<model_version>/model.pt, as Triton's libtorch backend reads it
 
 
 class ArtifactError(RuntimeError):
@@ -79,14 +76,6 @@ class Manifest:
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
     format_version: int = FORMAT_VERSION
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
@@ -122,18 +111,6 @@ def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(f"{path}: checksum {actual[:12]}... does not match the manifest's {expected[:12]}...")
-
-
-def tower_file(repository: Path | str, manifest: Manifest, model: str) -> Path:
-    """The TorchScript file of one tower at this index's model version, checked against the checksum
-    recorded when the index was built (so an index is never paired with other towers)."""
-    path = Path(repository) / model / str(manifest.model_version) / TOWER_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
-    expected = manifest.tower_checksums.get(model)
-    if expected and sha256_file(path) != expected:
-        raise ArtifactError(f"{path}: checksum differs from the one the index was built with")
-    return path
 
 
 @dataclasses.dataclass
@@ -208,9 +185,7 @@ def publish_version(root: Path | str, name: str) -> None:
     root = Path(root)
     if not (root / name / MANIFEST_FILE).is_file():
         raise ArtifactError(f"{root / name}: not a complete index version, refusing to publish it")
-    tmp = root / (CURRENT_FILE + ".tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / CURRENT_FILE)
+    write_atomically(root / CURRENT_FILE, name + "\n")
 
 
 def resolve_index_dir(path: Path | str) -> Path:

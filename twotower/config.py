@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 ENV_PREFIX = "TWOTOWER_"
@@ -86,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             try:
                 default = convert(env_value)
             except (ValueError, argparse.ArgumentTypeError) as err:
-                raise SystemExit(f"environment variable {field_env_name(field.name)}={env_value!r}: {err}")
+                raise SystemExit(f"environment variable {field_env_name(field.name)}={env_value!r}: {err}") from err
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
@@ -114,13 +112,6 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class RetrieverConfig:
     """The KServe retriever's own settings (KServe's flags such as --http_port come on top)."""
@@ -136,7 +127,7 @@ class RetrieverConfig:
     kserve_timing: bool = False  # KServe's timing middleware (kserve.trace log only): 2 getrusage calls + a route match per request
     search_in_thread: bool = False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
-    faiss_gpu: str = "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (retriever.gpu_search)
+    faiss_gpu: str = "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (serving.gpu_search)
     popularity_weight: float = -1.0  # popularity prior for customers' lists (twotower.popularity): -1 = the index's fitted weight, 0 = off
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)

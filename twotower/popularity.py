@@ -6,7 +6,7 @@ score for an article becomes
 
     cosine + weight * log1p(purchases of the article in the `window_days` before the data's last day)
 
-`weight` is fitted after training on held-out whole days (recall@100, the candidate-generation
+`weight` is fitted after training on held-out whole days (twotower.fitting; recall@100, the candidate-generation
 metric; the repeat boost is fitted for MAP@12) and ships in the index with the score head. Articles
 nobody bought lately (new ones included) get no prior, so they still compete by cosine alone.
 
@@ -19,12 +19,11 @@ cosine + prior and a best seller outside the cosine top-k still comes back. A qu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-WEIGHT_GRID = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 DEFAULT_WINDOW_DAYS = 7
 
 
@@ -66,24 +65,3 @@ def with_weight(queries: np.ndarray, weights: float | np.ndarray) -> np.ndarray:
     """Query rows [query, weight]; weight 0 searches by cosine alone."""
     column = np.broadcast_to(np.asarray(weights, dtype=np.float32), (len(queries),)).reshape(-1, 1)
     return np.ascontiguousarray(np.hstack([queries, column]), dtype=np.float32)
-
-
-def fit(rank: Callable[[int, float, int], np.ndarray], targets: Sequence[set[int]], k: int = 100,
-        grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, float, float]:
-    """The weight with the best recall@k over the cases, that recall, and the recall without a prior.
-
-    rank(case, weight, k) -> the top-k rows for that case when the prior has that weight. Ties keep
-    the smaller weight: a prior only earns its place by finding more.
-    """
-    from twotower.evaluation.metrics import recall_at_k  # evaluation imports this module's users
-
-    def recall(weight: float) -> float:
-        return recall_at_k([rank(case, weight, k) for case in range(len(targets))], list(targets), k)
-
-    without = recall(0.0)
-    best, best_recall = 0.0, without
-    for weight in sorted(set(grid) - {0.0}):
-        value = recall(weight)
-        if value > best_recall + 1e-9:
-            best, best_recall = weight, value
-    return best, best_recall, without

@@ -9,23 +9,17 @@ fades with the days since that purchase:
     own article:  bonus - slope * log1p(age_days)
     sibling:      sibling_bonus - sibling_slope * log1p(age_days)
 
-The four numbers are fitted after training on held-out whole days (never on an evaluation target)
-and ship with the score head in the index. The same `candidates` + `merge` run in training, in the
-evaluation and in the retriever, so the three agree on what "recommend it again" means.
+The four numbers are fitted after training on held-out whole days (never on an evaluation target,
+twotower.fitting) and ship with the score head in the index. `candidates` and `merge` are the two
+halves twotower.ranking puts together, for training, the evaluation and the retriever alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
-
-BONUS_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
-SLOPE_GRID = (0.0, 0.02, 0.05, 0.1, 0.2)
-SIBLING_BONUS_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75)
-SIBLING_SLOPE_GRID = (0.0, 0.1, 0.2)
 
 
 def _fade(bonus: float, slope: float, age_days: np.ndarray) -> np.ndarray:
@@ -123,49 +117,3 @@ def merge(similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, r
     all_rows = np.concatenate([rows[keep], repeat_rows]).astype(np.int64)
     order = np.argsort(-all_scores, kind="stable")[:k]
     return all_scores[order], all_rows[order]
-
-
-def fit(
-    search: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
-    cosine: Callable[[int, np.ndarray], np.ndarray],
-    histories: list[tuple[np.ndarray, np.ndarray]],
-    targets: list[set[int]],
-    products: Products | None = None,
-    k: int = 12,
-    grid: Iterable[tuple[float, float]] = tuple(itertools.product(BONUS_GRID, SLOPE_GRID)),
-    sibling_grid: Iterable[tuple[float, float]] = tuple(itertools.product(SIBLING_BONUS_GRID, SIBLING_SLOPE_GRID)),
-) -> tuple[RepeatBoost, float, float]:
-    """The boost with the best MAP@k over the cases, that MAP, and the MAP without a boost.
-
-    Coordinate ascent: own-article (bonus, slope) over `grid`, then the sibling pair over `sibling_grid`
-    (when `products` is given), then own again. search(case, n) -> (similarities, rows) of the n nearest
-    articles; cosine(case, rows) -> their similarities; histories[case] = (rows most recent first, ages).
-    """
-    from twotower.evaluation.metrics import map_at_k  # evaluation imports this module's users
-
-    full = RepeatBoost(1.0, 0.0, 1.0 if products is not None else 0.0, 0.0)  # every row any boost could touch
-    prepared = []
-    for case, history in enumerate(histories):
-        rows, _ = candidates(history, full, products)
-        similarities, found = search(case, k + len(rows))
-        prepared.append((similarities, found, history, dict(zip(rows.tolist(), cosine(case, rows).tolist()))))
-
-    def score(boost: RepeatBoost) -> float:
-        ranked = []
-        for similarities, found, history, cosines in prepared:
-            rows, boosts = candidates(history, boost, products)
-            base = np.fromiter((cosines[r] for r in rows.tolist()), dtype=np.float32, count=len(rows))
-            ranked.append(merge(similarities, found, rows, base + boosts, k)[1])
-        return map_at_k(ranked, targets, k)
-
-    unboosted = score(RepeatBoost())
-    best, best_map = RepeatBoost(), unboosted
-    rounds = [("own", grid)] + ([("sibling", sibling_grid), ("own", grid)] if products is not None else [])
-    for part, pairs in rounds:
-        for a, b in dict.fromkeys(pairs):
-            boost = (dataclasses.replace(best, bonus=a, slope=b) if part == "own"
-                     else dataclasses.replace(best, sibling_bonus=a, sibling_slope=b))
-            value = score(boost)
-            if value > best_map + 1e-9:  # ties keep the simpler, earlier boost
-                best, best_map = boost, value
-    return best, best_map, unboosted

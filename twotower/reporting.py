@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from twotower.config import write_json
+from twotower.files import write_json
 
 
 def write_bundle(out_dir: Path, stem: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str],

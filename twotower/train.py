@@ -1,12 +1,6 @@
-"""Train both towers with an in-batch softmax; write a self-contained run directory.
+"""Train both towers with an in-batch softmax; write a self-contained run directory (twotower.rundir).
 
     python -m twotower.train --data-dir data/synthetic --out runs/demo
-
-Run directory (written to a temporary sibling, then renamed, so it is never half-written):
-    config.json   model/train settings, open_clip model name, tokenizer context length
-    model.pt      state dict of TwoTowerModel (CLIP text weights included: export needs no hub)
-    metrics.json  per-epoch loss, in-batch accuracy, held-out recall@10, examples/s
-    item_ids.json, repeat_boost.json, popularity_prior.json  (below)
 """
 
 from __future__ import annotations
@@ -14,14 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -29,22 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from twotower import popularity, repeats
-from twotower.config import ModelConfig, TrainConfig, add_arguments, from_arguments, write_json
-from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
+from twotower import fitting, popularity, ranking, repeats, rundir
+from twotower.config import ModelConfig, TrainConfig, add_arguments, from_arguments
 from twotower.data.histories import Histories, TrainingExamples, training_examples
+from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
 
 log = logging.getLogger("twotower.train")
-
-RUN_CONFIG = "config.json"
-RUN_WEIGHTS = "model.pt"
-RUN_METRICS = "metrics.json"
-RUN_ITEM_IDS = "item_ids.json"  # article_id of each row of the id-embedding table
-RUN_REPEAT_BOOST = "repeat_boost.json"  # twotower.repeats.RepeatBoost fitted on the held-out purchases
-RUN_POPULARITY_PRIOR = "popularity_prior.json"  # twotower.popularity.PopularityPrior, fitted after the boost
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -163,46 +146,11 @@ def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tens
     return users
 
 
-def fit_repeat_boost(users: torch.Tensor, holdout: Holdout, item_table: torch.Tensor, rows: np.ndarray,
-                     products: repeats.Products | None) -> tuple[repeats.RepeatBoost, float, float]:
-    """Fit the boost for own earlier purchases and their products' other colours on the held-out days;
-    candidates = the articles training knows (a sibling outside them has no vector here and scores its boost alone).
-
-    Returns (boost, MAP@12 with it, MAP@12 without it).
-    """
-    candidates = item_table[torch.from_numpy(rows)]
-
-    def search(case: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        top = (candidates @ users[case]).topk(min(n, len(rows)))
-        return top.values.numpy(), rows[top.indices.numpy()]
-
-    def cosine(case: int, found: np.ndarray) -> np.ndarray:
-        return (item_table[torch.from_numpy(found)] @ users[case]).numpy()
-
-    histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
-    return repeats.fit(search, cosine, histories, holdout.targets, products)
-
-
-def fit_popularity_prior(users: torch.Tensor, holdout: Holdout, item_table: torch.Tensor, rows: np.ndarray,
-                         products: repeats.Products | None, boost: repeats.RepeatBoost, item_bias: np.ndarray
-                         ) -> tuple[popularity.PopularityPrior, float, float]:
-    """Fit the prior's weight on the held-out days, ranked as served: search by cosine + prior, then
-    merged with the boosted own purchases (Catalog.with_repeats). Returns (prior, recall@100 with it, without)."""
-    candidates = item_table[torch.from_numpy(rows)].numpy()
-    user_vectors, table = users.numpy(), item_table.numpy()
-    candidate_bias = item_bias[rows]
-    histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
-
-    def rank(case: int, weight: float, k: int) -> np.ndarray:
-        boosted, boosts = repeats.candidates(histories[case], boost, products)
-        scores = candidates @ user_vectors[case] + weight * candidate_bias
-        n = min(k + len(boosted), len(rows))
-        top = np.argpartition(-scores, n - 1)[:n]
-        boosted_scores = table[boosted] @ user_vectors[case] + weight * item_bias[boosted] + boosts
-        return repeats.merge(scores[top], rows[top], boosted, boosted_scores, k)[1]
-
-    weight, with_prior, without = popularity.fit(rank, holdout.targets)
-    return popularity.PopularityPrior(weight), with_prior, without
+def held_out_space(item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray,
+                   products: repeats.Products | None) -> ranking.ExactItems:
+    """The held-out days' search space: the articles training knows (`rows`) by their indexed vectors
+    and popularity bias; a boosted article outside them has no vector here and scores its boost alone."""
+    return ranking.ExactItems(item_table.numpy(), item_bias, searchable=rows, products=products)
 
 
 def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, out: Path, force: bool = False) -> Path:
@@ -249,11 +197,12 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     head = list(model.score_head.parameters())
     ids = list(model.item_ids.parameters()) if model.item_ids is not None else []
     towers = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head + ids)]
-    optimiser = torch.optim.AdamW(
-        [{"params": towers}, {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0},
-         {"params": ids, "lr": train_config.item_id_lr, "weight_decay": 0.0}],
-        lr=train_config.lr, weight_decay=train_config.weight_decay,
-    )
+    groups: list[dict[str, Any]] = [
+        {"params": towers},
+        {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0},
+        {"params": ids, "lr": train_config.item_id_lr, "weight_decay": 0.0},
+    ]
+    optimiser = torch.optim.AdamW(groups, lr=train_config.lr, weight_decay=train_config.weight_decay)
     log_frequency = None
     if train_config.logq_correction:
         counts = np.bincount(train_set.targets, minlength=len(row_of)).astype(np.float64)
@@ -319,39 +268,29 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
 
     products = repeats.Products(data.articles["product_code"].astype(str).tolist()) \
         if "product_code" in data.articles.columns else None
-    users = holdout_users(model, holdout, item_table)
-    boost, with_boost, without = fit_repeat_boost(users, holdout, item_table, used_rows, products)
+    users = holdout_users(model, holdout, item_table).numpy()
+    histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
+    item_bias = popularity.item_bias(transactions, row_of, len(row_of), pd.Timestamp(holdout.day, unit="D"))
+    space = held_out_space(item_table, used_rows, item_bias, products)
+    boost, with_boost, without = fitting.fit_repeat_boost(space, users, histories, holdout.targets)
     log.info("repeat boost: own articles %.2f - %.2f * log1p(days), other colours %.2f - %.2f * log1p(days) "
              "(held-out MAP@12 %.4f, %.4f without)", boost.bonus, boost.slope, boost.sibling_bonus, boost.sibling_slope,
              with_boost, without)
-    item_bias = popularity.item_bias(transactions, row_of, len(row_of), pd.Timestamp(holdout.day, unit="D"))
-    prior, with_prior, without_prior = fit_popularity_prior(users, holdout, item_table, used_rows, products, boost,
-                                                            item_bias)
+    weight, with_prior, without_prior = fitting.fit_prior_weight(space, users, histories, holdout.targets, boost)
+    prior = popularity.PopularityPrior(weight)
     log.info("popularity prior: weight %g on log1p(purchases in the %d days before the held-out day) "
              "(held-out recall@100 %.4f, %.4f without)", prior.weight, prior.window_days, with_prior, without_prior)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write_json(staging / RUN_CONFIG, {
-            "model": dataclasses.asdict(model_config),
-            "train": dataclasses.asdict(train_config),
-            "data": {"source": data.source, "articles": len(row_of), "transactions": len(data.transactions)},
-            "context_length": context_length_of(model_config.clip_model),
-        })
-        torch.save(model.state_dict(), staging / RUN_WEIGHTS)
-        write_json(staging / RUN_ITEM_IDS, [data.article_ids[r] for r in used_rows])
-        write_json(staging / RUN_REPEAT_BOOST, boost.to_json())
-        write_json(staging / RUN_POPULARITY_PRIOR, prior.to_json())
-        write_json(staging / RUN_METRICS, {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout.examples),
-                                           "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
-                                           "holdout_recall_at_100": {"with_popularity_prior": with_prior,
-                                                                     "without": without_prior}})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    rundir.write_run(
+        out,
+        {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
+         "data": {"source": data.source, "articles": len(row_of), "transactions": len(data.transactions)},
+         "context_length": context_length_of(model_config.clip_model)},
+        model.state_dict(), [data.article_ids[r] for r in used_rows], boost, prior,
+        {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout.examples),
+         "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
+         "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior}},
+    )
     log.info("wrote run directory %s", out)
     return out
 

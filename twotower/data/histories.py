@@ -9,6 +9,7 @@ tensors sent to Triton, so there is exactly one definition of "a history".
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,16 @@ class Histories:
     @property
     def lengths(self) -> np.ndarray:
         return (self.rows != PAD).sum(axis=1)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]], length: int) -> "Histories":
+        """Fixed-length histories from (rows most recent first, ages) pairs of any length (longer ones cut)."""
+        rows = np.full((len(pairs), length), PAD, dtype=np.int64)
+        ages = np.zeros((len(pairs), length), dtype=np.float32)
+        for i, (pair_rows, pair_ages) in enumerate(pairs):
+            n = min(len(pair_rows), length)
+            rows[i, :n], ages[i, :n] = pair_rows[:n], pair_ages[:n]
+        return cls(rows, ages)
 
 
 @dataclasses.dataclass
@@ -45,7 +56,8 @@ class TrainingExamples:
 def user_tower_inputs(item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The user tower's inputs (history [B, L, D], mask [B, L], age [B, L], float32) from padded
-    histories: `rows` [B, L] catalogue rows (PAD where empty) into `item_vectors`, `ages` in days."""
+    histories: `rows` [B, L] catalogue rows (PAD where empty) into `item_vectors`, `ages` in days.
+    The one way to build them: export (known customers), the evaluation and the retriever share it."""
     mask = (rows != PAD).astype(np.float32)
     history = item_vectors[np.where(rows != PAD, rows, 0)] * mask[..., None]
     return history.astype(np.float32, copy=False), mask, (ages * mask).astype(np.float32, copy=False)

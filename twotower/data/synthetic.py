@@ -11,15 +11,13 @@ runs unchanged on synthetic or real data. Deterministic for a given seed.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from twotower.data.hm import ARTICLES_STEM, TRANSACTIONS_STEM
+from twotower.files import staged_directory
 
 # (type_no, type name, product group, garment group no, garment group name)
 PRODUCT_TYPES = [
@@ -167,13 +165,9 @@ def generate(out_dir: Path | str, seed: int = 0, n_articles: int = 600, n_custom
     rng = np.random.default_rng(seed)
     articles = make_articles(rng, n_articles)
     transactions = make_transactions(rng, articles, n_customers)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    articles.to_csv(staging / f"{ARTICLES_STEM}.csv", index=False)
-    transactions.to_csv(staging / f"{TRANSACTIONS_STEM}.csv", index=False)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    with staged_directory(out, replace=True) as staging:
+        articles.to_csv(staging / f"{ARTICLES_STEM}.csv", index=False)
+        transactions.to_csv(staging / f"{TRANSACTIONS_STEM}.csv", index=False)
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +29,15 @@ class ItemTower(nn.Module):
 
     def __init__(self, clip_model: nn.Module, embed_dim: int):
         super().__init__()
-        text = getattr(clip_model, "text", clip_model)  # CustomTextCLIP keeps the text tower in `.text`
+        # open_clip's attributes are untyped modules: Any (CustomTextCLIP keeps the text tower in `.text`).
+        text: Any = getattr(clip_model, "text", clip_model)
         for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
             if not hasattr(text, name):
                 raise ValueError(f"open_clip model has no text {name}: only CLIP-style text transformers are supported")
-        self.token_embedding = text.token_embedding
-        self.positional_embedding = text.positional_embedding
-        self.transformer = text.transformer
-        self.ln_final = text.ln_final
+        self.token_embedding: Any = text.token_embedding
+        self.positional_embedding: Any = text.positional_embedding
+        self.transformer: Any = text.transformer
+        self.ln_final: Any = text.ln_final
         projection = getattr(text, "text_projection", None)
         width = self.ln_final.normalized_shape[0]
         if isinstance(projection, nn.Linear):
@@ -45,6 +47,7 @@ class ItemTower(nn.Module):
             if projection is not None:
                 with torch.no_grad():
                     self.text_projection.weight.copy_(projection.T)
+        self.attn_mask: torch.Tensor | None
         self.register_buffer("attn_mask", text.attn_mask.clone() if text.attn_mask is not None else None, persistent=False)
         self.projection = nn.Linear(self.text_projection.out_features, embed_dim)
 

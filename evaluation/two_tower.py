@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retriever.catalog import Catalog
-from twotower import artifacts, repeats
-from twotower.evaluation.baselines import Ranker
-from twotower.evaluation.split import TemporalSplit
+from evaluation.baselines import Ranker
+from evaluation.split import TemporalSplit
+from serving.catalog import Catalog
+from twotower import artifacts, ranking, repeats, triton_repository
 
 
 def load_user_tower(model_repository: Path, manifest: artifacts.Manifest) -> torch.jit.ScriptModule:
-    return torch.jit.load(str(artifacts.tower_file(model_repository, manifest, manifest.user_model))).eval()
+    return torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, manifest.user_model))).eval()
 
 
 @dataclasses.dataclass
@@ -39,7 +39,8 @@ def case_users(split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.Scr
 
 
 class TwoTower(Ranker):
-    """Ranks with FAISS (as the retriever does) or, with exact=True, by brute force over all vectors.
+    """Ranks as the retriever does (twotower.ranking over the FAISS index) or, with exact=True, over a
+    brute-force search of all vectors.
 
     Either way the customer's own earlier purchases (and their products' other colours) compete with
     their boosted cosine, and every article with its popularity prior, as served. The variants without
@@ -53,23 +54,20 @@ class TwoTower(Ranker):
                     if not kept]
         if left_out:
             self.name = self.name.replace("two-tower", "two-tower without " + " or ".join(left_out))
-        self.catalog, self.exact = catalog, exact
+        self.space: ranking.ItemSpace = catalog
+        if exact:
+            self.space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products,
+                                            product_types=catalog.product_types, excluded=catalog.excluded)
         self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
         self.prior = catalog.prior_weight if popularity_prior else 0.0
         self.pairs, self.users = cases.pairs, cases.users
 
+    def request(self, case: int, k: int) -> ranking.RankRequest:
+        """A customer's list, as the retriever asks for it."""
+        return ranking.RankRequest(k, prior=self.prior, boost=self.boost, bought=self.pairs[case])
+
     def scores(self, case: int) -> np.ndarray:
-        scores = self.catalog.scores(self.users[case], prior=self.prior).astype(np.float64)
-        if self.boost.active:
-            rows, boosts = repeats.candidates(self.pairs[case], self.boost, self.catalog.products)
-            scores[rows] += boosts
-        return scores
+        return ranking.dense_scores(self.space, self.users[case], self.request(case, 0))
 
     def rank(self, case: int, k: int) -> np.ndarray:
-        if self.exact:
-            return super().rank(case, k)
-        similarities, rows = self.catalog.search(self.users[case : case + 1], k, self.prior)
-        if self.boost.active:
-            _, rows = self.catalog.with_repeats(self.users[case], similarities[0], rows[0], self.pairs[case], k,
-                                                prior=self.prior)
-        return rows[rows >= 0]
+        return ranking.rank(self.space, self.users[case : case + 1], [self.request(case, k)])[0][1]

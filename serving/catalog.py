@@ -1,7 +1,9 @@
 """One loaded index version: FAISS index, item vectors and metadata, known customers' histories.
 
-Immutable once loaded: the retriever swaps whole Catalog objects, so a request that started on one
-version finishes on it.
+The reader of the index directory (twotower.artifacts) and the served `ItemSpace` of
+twotower.ranking: how to search the index fast (a plain ANN search, an over-fetch, an id selector or
+brute force over few rows) lives here; what to rank lives there. Immutable once loaded: the retriever
+swaps whole Catalog objects, so a request that started on one version finishes on it.
 """
 
 from __future__ import annotations
@@ -10,25 +12,23 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
-from retriever.filters import FilterColumns
-from retriever.gpu_search import gpu_copy
-from twotower import artifacts, popularity, repeats
+from serving.filters import FilterColumns
+from serving.gpu_search import gpu_copy
+from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
-from twotower.data.histories import PAD, user_tower_inputs
+from twotower.data.histories import PAD, Histories, user_tower_inputs
+from twotower.ranking import Purchases
 
-log = logging.getLogger("retriever.catalog")
+log = logging.getLogger("serving.catalog")
 
 
 EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
-
-Purchases = tuple[np.ndarray, np.ndarray]  # (catalogue rows most recent first, ages in days)
-NOTHING_BOUGHT: Purchases = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
-
 
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_similarities = np.full((len(rows), k), -np.inf, dtype=np.float32)
@@ -55,7 +55,7 @@ class Catalog:
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
         Search settings default to the served ones, so offline evaluation measures what is served;
-        `faiss_gpu` (auto | on | off, retriever.gpu_search) moves unfiltered searches to a GPU copy;
+        `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
         `popularity_weight` >= 0 replaces the prior weight the index was fitted with.
         """
         started = time.perf_counter()
@@ -66,7 +66,7 @@ class Catalog:
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
-        self.index = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))
+        self.index: Any = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))  # HNSW, IVF or flat
         if hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = hnsw_ef_search
         if hasattr(self.index, "nprobe"):
@@ -86,6 +86,7 @@ class Catalog:
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
         self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         self.filter_columns = FilterColumns(self.items)
+        self.product_types = self.filter_columns.product_type  # the diversity cap groups by it
         # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
         self.products = repeats.Products(self.items["product_code"]) if "product_code" in self.items else None
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
@@ -163,39 +164,17 @@ class Catalog:
     def scores(self, query: np.ndarray, rows: np.ndarray | slice = slice(None), prior: float = 0.0) -> np.ndarray:
         """What the index ranks these rows by for a query [D] (or queries [B, D]): cosine + prior * the
         popularity bias."""
-        scores = query @ self.vectors[rows].T
-        if prior and self.item_bias is not None:
-            scores = scores + prior * self.item_bias[rows]
-        return scores
+        return ranking.item_scores(self.vectors, self.item_bias, query, rows, prior)
 
     def _index_queries(self, queries: np.ndarray, prior: float | np.ndarray) -> np.ndarray:
         """Queries as the index holds items: [query, prior weight] when it carries the popularity bias."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         return queries if self.item_bias is None else popularity.with_weight(queries, prior)
 
-    def with_repeats(self, user: np.ndarray, similarities: np.ndarray, rows: np.ndarray, bought: Purchases, k: int,
-                     allowed: np.ndarray | None = None, prior: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """A search result merged with the customer's own earlier purchases, ranked by cosine (+ the
-        popularity prior with weight `prior`, as the search was) + the index's repeat boost, and with
-        other colours of those products (twotower.repeats); removed articles and ones `allowed` forbids
-        stay out."""
-        boost = self.score_head.repeat
-        if not boost.active or len(bought[0]) == 0:
-            return similarities[:k], rows[:k]
-        boosted, boosts = repeats.candidates(bought, boost, self.products)
-        visible = ~self.excluded[boosted] if allowed is None else ~self.excluded[boosted] & allowed[boosted]
-        boosted, boosts = boosted[visible], boosts[visible]
-        return repeats.merge(similarities, rows, boosted, self.scores(user, boosted, prior) + boosts, k)
-
-    def history_tensors(self, histories: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pad (rows most-recent-first, ages) pairs into the user tower's fixed [B, L, D] inputs."""
-        length = self.manifest.max_history
-        rows = np.full((len(histories), length), PAD, dtype=np.int64)
-        ages = np.zeros((len(histories), length), dtype=np.float32)
-        for i, (history_rows, history_ages) in enumerate(histories):
-            n = min(len(history_rows), length)
-            rows[i, :n], ages[i, :n] = history_rows[:n], history_ages[:n]
-        return user_tower_inputs(self.vectors, rows, ages)
+    def history_tensors(self, histories: list[Purchases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The user tower's fixed [B, L, D] inputs for (rows most-recent-first, ages) pairs."""
+        padded = Histories.from_pairs(histories, self.manifest.max_history)
+        return user_tower_inputs(self.vectors, padded.rows, padded.age_days)
 
     def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) [B, k] over every available row; rows are -1 past the last result. A score is the
@@ -242,23 +221,15 @@ class Catalog:
             similarities, rows = self._top_k(index_query, k + int(len(allowed) - allowed.sum()))
             found_similarities, found_rows = _drop_rows(similarities, rows, ~allowed, k)
             return found_similarities[0], found_rows[0]
-        similarities = np.full(k, -np.inf, dtype=np.float32)
-        rows = np.full(k, -1, dtype=np.int64)
         candidates = np.flatnonzero(allowed)
-        if len(candidates) == 0:
-            return similarities, rows
-        if plan == "exact":
+        if plan == "exact" or len(candidates) == 0:
             scores = self.scores(np.asarray(query, dtype=np.float32).reshape(-1), candidates, prior)
-            top = min(k, len(candidates))
-            best = np.argpartition(-scores, top - 1)[:top]
-            best = best[np.argsort(-scores[best], kind="stable")]
-            similarities[:top], rows[:top] = scores[best], candidates[best]
-            return similarities, rows
+            return ranking.top_k(scores, candidates, k)
         bitmap = np.packbits(allowed, bitorder="little")
         selectivity = len(candidates) / len(allowed)
-        params: faiss.SearchParameters
+        params: Any  # faiss' SWIG stubs lack the concrete parameter classes
         if plan == "hnsw+selector":
-            params = faiss.SearchParametersHNSW()
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
             # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
             # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
             params.efSearch = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))

@@ -42,7 +42,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "Where the targets are, and how much of each kind the served ranker and the best baseline find in their",
             "top 100 (each case's targets weigh 1 / their count, averaged over cases: the shares sum to 1, a ranker's",
-            "column to its recall@100; a target counts in the first row that holds it; twotower/evaluation/breakdown.py):",
+            "column to its recall@100; a target counts in the first row that holds it; evaluation/breakdown.py):",
             "",
             f"| target | share of targets | found by {served} | found by {best} |",
             "|---|---|---|---|",

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from twotower.evaluation.split import TemporalSplit
+from evaluation.split import TemporalSplit
 
 
 class Ranker:

@@ -1,7 +1,8 @@
-"""Request filters: which catalogue rows may be returned, and a per-product-type diversity cap.
+"""Request filters: which catalogue rows may be returned.
 
-Filters become a boolean row mask over the catalogue; `Catalog.search` then decides how to search
-it (exact over the few rows that pass, or the ANN index restricted to them). Numpy only.
+Filters become a boolean row mask over the catalogue; twotower.ranking applies it and
+`Catalog.search_masked` decides how to search it (exact over the few rows that pass, or the ANN index
+restricted to them). The per-product-type diversity cap is part of the ranking. Numpy only.
 """
 
 from __future__ import annotations
@@ -108,21 +109,3 @@ class FilterColumns:
         if filters.price_max is not None:
             keep &= self.price <= filters.price_max
         return keep
-
-
-def cap_per_type(rows: np.ndarray, similarities: np.ndarray, product_types: np.ndarray, cap: int, k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The best-first list with at most `cap` articles of any one product type, up to k of them."""
-    counts: dict[Any, int] = {}
-    kept = []
-    for i, row in enumerate(rows):
-        if row < 0:
-            break
-        kind = product_types[row]
-        if counts.get(kind, 0) < cap:
-            counts[kind] = counts.get(kind, 0) + 1
-            kept.append(i)
-            if len(kept) == k:
-                break
-    index = np.asarray(kept, dtype=np.int64)
-    return rows[index], similarities[index]

@@ -1,6 +1,6 @@
 """Offline evaluation on a temporal split, two-tower (served artifacts) vs baselines.
 
-    python -m twotower.evaluation --data-dir ../shared/data/hm_lastweek \
+    python -m evaluation --data-dir ../shared/data/hm_lastweek \
         --index-dir artifacts/index --model-repository model_repository --out reports/hm_lastweek
 
 Default protocol: the last day of the data is the target, the 6 days before it the history; only
@@ -16,10 +16,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from evaluation.evaluate import evaluate
+from evaluation.report import write_reports
+from evaluation.split import temporal_split
 from twotower.data.hm import load_hm_dir
-from twotower.evaluation.evaluate import evaluate
-from twotower.evaluation.report import write_reports
-from twotower.evaluation.split import temporal_split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = load_hm_dir(args.data_dir)
     split = temporal_split(data, args.cutoff, args.history_days, args.target_days)
-    logging.getLogger("twotower.evaluation").info("%s", split.describe())
-    command = "python -m twotower.evaluation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    logging.getLogger("evaluation").info("%s", split.describe())
+    command = "python -m evaluation " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     result = evaluate(data, split, args.index_dir, args.model_repository, command)
     for path in write_reports(args.out, result):
         print(f"wrote {path}")

@@ -1,27 +1,28 @@
-"""Triton model repository writer: `<repo>/<model>/config.pbtxt` + `<repo>/<model>/<version>/model.pt`.
+"""The Triton model repository: `<repo>/<model>/config.pbtxt` + `<repo>/<model>/<version>/model.pt`.
 
-The configs use `platform: "pytorch_libtorch"`, so NVIDIA's Triton container serves them with
-its libtorch backend; locally `localtriton` serves the same files with a Python backend
-registered under the name `pytorch`. libtorch conventions: inputs are named like the
-forward() arguments (in order), outputs `<name>__<index>`.
+The contract between export (writer: `write_model`), Triton (NVIDIA's container, or `localtriton`
+here) and the towers' readers (serving.towers: names, shapes and `tower_file`). The configs use
+`platform: "pytorch_libtorch"`, so NVIDIA's Triton container serves them with its libtorch backend;
+locally `localtriton` serves the same files with a Python backend registered under the name
+`pytorch`. libtorch conventions: inputs are named like the forward() arguments (in order), outputs
+`<name>__<index>`. Both towers share version numbers; an index version names the one it was built
+with (twotower.artifacts.Manifest.model_version) and the checksum of each file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-
 from twotower import artifacts
+from twotower.config import ModelConfig
+from twotower.files import sha256_file, staged_directory, write_atomically
 
-
-MODEL_FILE = artifacts.TOWER_FILE
+MODEL_FILE = "model.pt"  # <repository>/<tower>/<model_version>/model.pt, as Triton's libtorch backend reads it
 CONFIG_FILE = "config.pbtxt"
+EMBEDDING_OUTPUT = "embedding__0"  # both towers' one output: an L2-normalised vector
+ITEM_INPUTS = ("input_ids",)  # token ids [context_length]
+USER_INPUTS = ("history", "history_mask", "history_age")  # [max_history, dim], [max_history], [max_history]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +75,6 @@ def render_config(spec: TritonModelSpec) -> str:
     )
 
 
-def serialise(module: torch.jit.ScriptModule) -> bytes:
-    """The exact bytes written as model.pt (so their checksum can be recorded before writing)."""
-    buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
-    return buffer.getvalue()
-
-
 def next_version(repository: Path, model_names: list[str]) -> int:
     """One more than the highest version any of the models has (towers share version numbers)."""
     existing = [
@@ -96,21 +90,43 @@ def next_version(repository: Path, model_names: list[str]) -> int:
 def write_model(repository: Path, spec: TritonModelSpec, version: int, model_bytes: bytes) -> Path:
     """Write one model version; the version directory appears whole or not at all."""
     model_dir = repository / spec.name
-    model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / str(version)
     if target.exists():
         raise FileExistsError(f"{target} exists: model versions are immutable, export a new version")
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
-    try:
+    with staged_directory(target) as staging:
         (staging / MODEL_FILE).write_bytes(model_bytes)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     config = model_dir / CONFIG_FILE
     text = render_config(spec)
     # Rewritten only when it changes: a polling Triton reloads every version of a model whose config changed.
     if not config.is_file() or config.read_text() != text:
-        tmp = config.with_name(CONFIG_FILE + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, config)
+        write_atomically(config, text)
     return target / MODEL_FILE
+
+
+def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int
+                ) -> tuple[TritonModelSpec, TritonModelSpec]:
+    """The item and user towers' inputs and output, as export writes them and the retriever calls them."""
+    output = (TensorSpec(EMBEDDING_OUTPUT, "FP32", (config.embed_dim,)),)
+    item = TritonModelSpec(artifacts.ITEM_MODEL, (TensorSpec(ITEM_INPUTS[0], "INT64", (context_length,)),), output,
+                           max_batch_size, queue_delay_us)
+    history, mask, age = USER_INPUTS
+    user = TritonModelSpec(
+        artifacts.USER_MODEL,
+        (TensorSpec(history, "FP32", (config.max_history, config.embed_dim)),
+         TensorSpec(mask, "FP32", (config.max_history,)),
+         TensorSpec(age, "FP32", (config.max_history,))),
+        output, max_batch_size, queue_delay_us,
+    )
+    return item, user
+
+
+def tower_file(repository: Path | str, manifest: artifacts.Manifest, model: str) -> Path:
+    """The TorchScript file of one tower at this index's model version, checked against the checksum
+    recorded when the index was built (so an index is never paired with other towers)."""
+    path = Path(repository) / model / str(manifest.model_version) / MODEL_FILE
+    if not path.is_file():
+        raise artifacts.ArtifactError(f"{path}: missing; the index names model version {manifest.model_version}")
+    expected = manifest.tower_checksums.get(model)
+    if expected and sha256_file(path) != expected:
+        raise artifacts.ArtifactError(f"{path}: checksum differs from the one the index was built with")
+    return path

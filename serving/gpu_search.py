@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-log = logging.getLogger("retriever.gpu_search")
+log = logging.getLogger("serving.gpu_search")
 
 MODES = ("auto", "on", "off")
 

@@ -1,6 +1,6 @@
 """Print a few customers' history captions beside their recommended captions, to judge by eye.
 
-    python -m twotower.evaluation.inspect_recs --data-dir ../shared/data/hm_lastweek \
+    python -m evaluation.inspect_recs --data-dir ../shared/data/hm_lastweek \
         --index-dir artifacts/index --model-repository model_repository --customers 5
 
 Uses the same split and the same served artifacts as the evaluation; items the customer then
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.catalog import Catalog
+from evaluation.split import temporal_split
+from evaluation.two_tower import TwoTower, case_users, load_user_tower
+from serving.catalog import Catalog
 from twotower.data.hm import build_captions, load_hm_dir
-from twotower.evaluation.split import temporal_split
-from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,15 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from retriever.catalog import Catalog
+from evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
+from evaluation.breakdown import target_breakdown
+from evaluation.split import TemporalSplit
+from evaluation.two_tower import TwoTower, case_users, load_user_tower
+from serving.catalog import Catalog
+from twotower import metrics
 from twotower.data.hm import HMData
-from twotower.evaluation import metrics
-from twotower.evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
-from twotower.evaluation.breakdown import target_breakdown
-from twotower.evaluation.split import TemporalSplit
-from twotower.evaluation.two_tower import TwoTower, case_users, load_user_tower
 
-log = logging.getLogger("twotower.evaluation")
+log = logging.getLogger("evaluation")
 
 K_SMALL, K_LARGE, SAMPLED_NEGATIVES, SAMPLED_K = 12, 100, 100, 10
 

@@ -6,19 +6,21 @@ process; and the REST call, spoken directly, is the cheapest in CPU (see TowerCl
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from retriever.http1 import KeepAliveClient, Response
-from twotower.artifacts import ArtifactError, Manifest, tower_file
+from serving.http1 import KeepAliveClient, Response
+from twotower.artifacts import ArtifactError, Manifest
+from twotower.triton_repository import EMBEDDING_OUTPUT, ITEM_INPUTS, USER_INPUTS, tower_file
 
-log = logging.getLogger("retriever.towers")
-
-EMBEDDING_OUTPUT = "embedding__0"
+log = logging.getLogger("serving.towers")
 
 
 class TritonUnavailable(RuntimeError):
@@ -38,7 +40,7 @@ class Towers(Protocol):
 class TowerClient:
     """Calls `item_tower` / `user_tower` on Triton at the model version named in the index manifest.
 
-    Speaks the KServe v2 REST protocol with Triton's binary tensor extension over retriever.http1:
+    Speaks the KServe v2 REST protocol with Triton's binary tensor extension over serving.http1:
     0.21-0.42 ms of CPU per user-tower call where tritonclient.http.aio (aiohttp) took 0.46-0.92 ms,
     at the same calls/s with 4 in flight (benchmarks/LEVERS.md).
     """
@@ -88,17 +90,17 @@ class TowerClient:
             raise TritonUnavailable(f"Triton answered {model} v{version} with a malformed response: {err}") from err
 
     async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray:
-        return await self._infer(self.manifest.user_model, {"history": history, "history_mask": mask, "history_age": age})
+        return await self._infer(self.manifest.user_model, dict(zip(USER_INPUTS, (history, mask, age))))
 
     async def query_vectors(self, input_ids: np.ndarray) -> np.ndarray:
-        return await self._infer(self.manifest.item_model, {"input_ids": input_ids})
+        return await self._infer(self.manifest.item_model, {ITEM_INPUTS[0]: input_ids})
 
     async def verify_models(self) -> None:
         """The served towers must be the version the index was built with, with matching shapes."""
         version = self.manifest.model_version
         expected = {
-            self.manifest.item_model: {"input_ids": [self.manifest.context_length]},
-            self.manifest.user_model: {"history": [self.manifest.max_history, self.manifest.dim]},
+            self.manifest.item_model: {ITEM_INPUTS[0]: [self.manifest.context_length]},
+            self.manifest.user_model: {USER_INPUTS[0]: [self.manifest.max_history, self.manifest.dim]},
         }
         for model, inputs in expected.items():
             base = f"/v2/models/{model}/versions/{version}"
@@ -117,8 +119,8 @@ class TowerClient:
                 raise ArtifactError(f"{model} v{version} output dims {out_dims}, index dimension is {self.manifest.dim}")
 
 
-_DATATYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
-_DTYPES = {name: dtype for dtype, name in _DATATYPES.items()}
+_DATATYPES: dict[np.dtype, str] = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+_DTYPES: dict[str, np.dtype] = {name: dtype for dtype, name in _DATATYPES.items()}
 
 
 def encode_infer_request(tensors: dict[str, np.ndarray], output: str) -> tuple[bytes, str]:
@@ -188,3 +190,43 @@ class LocalTowers:
 
     async def close(self) -> None:
         return None
+
+
+@dataclasses.dataclass
+class TowerSource:
+    """Where an index version's towers come from: Triton at `triton_url`, or, with `local_repository`,
+    the same TorchScript files in this process (the benchmark's in-process baseline: no network)."""
+
+    triton_url: str = ""
+    local_repository: Path | None = None
+    timeout_s: float = 2.0
+    retries: int = 1
+
+    def open(self, manifest: Manifest, wait_s: float = 0.0) -> Towers:
+        """Towers for this index's model version, proven to be served (ArtifactError otherwise). Blocking."""
+        if self.local_repository is not None:
+            return LocalTowers(self.local_repository, manifest)
+        loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
+        try:
+            loop.run_until_complete(self._wait_until_served(manifest, wait_s))
+        finally:
+            loop.close()
+        return TowerClient(self.triton_url, manifest, self.timeout_s, self.retries)
+
+    async def _wait_until_served(self, manifest: Manifest, wait_s: float) -> None:
+        client = TowerClient(self.triton_url, manifest, self.timeout_s, retries=0)
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                try:
+                    await client.verify_models()
+                    log.info("Triton at %s serves %s/%s version %d matching index %s", self.triton_url,
+                             manifest.item_model, manifest.user_model, manifest.model_version, manifest.index_version)
+                    return
+                except TritonUnavailable as err:
+                    if time.monotonic() > deadline:
+                        raise ArtifactError(f"giving up after {wait_s:.0f}s: {err}" if wait_s > 0 else str(err)) from err
+                    log.info("waiting for Triton: %s", err)
+                    await asyncio.sleep(1.0)
+        finally:
+            await client.close()

@@ -109,7 +109,7 @@ class KeepAliveClient:
         payload = f"{method} {path} HTTP/1.1\r\n{self.host_header}{headers}Content-Length: {len(body)}\r\n\r\n".encode()
         loop = asyncio.get_running_loop()
         async with self.slots:
-            connection = None
+            connection: _Connection | None = None
             while self.idle and connection is None:  # the peer may have closed an idle one (keep-alive timeout)
                 candidate = self.idle.pop()
                 if candidate.reusable and candidate.transport is not None and not candidate.transport.is_closing():
@@ -118,6 +118,7 @@ class KeepAliveClient:
                 _, connection = await asyncio.wait_for(
                     loop.create_connection(_Connection, self.host, self.port), self.timeout_s
                 )
+            assert connection is not None
             waiter = connection.send(payload + body if body else payload)
             timer = loop.call_later(self.timeout_s, connection.fail, TimeoutError(f"no answer in {self.timeout_s} s"))
             try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twotower.evaluation.split import TemporalSplit
+from evaluation.split import TemporalSplit
 from twotower.repeats import Products
 
 CATEGORIES = (

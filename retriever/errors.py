@@ -1,0 +1,46 @@
+"""The service's domain errors and the one table that maps every domain error to an HTTP status.
+
+The service and the serving library raise what went wrong in their own terms; the wiring
+(retriever/server.py) registers one handler that answers each with the status from `ERRORS`, and
+the KServe adapter counts each under the reason from the same table.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from serving.catalog import UnknownIds
+from serving.filters import FilterError
+from serving.towers import TritonUnavailable
+
+
+class RequestError(ValueError):
+    """The request is malformed or names something the index does not know; the message says where."""
+
+
+class NotReady(RuntimeError):
+    """No index is loaded yet."""
+
+
+# domain error -> (HTTP status, reason label of retriever_errors_total); the first match wins.
+ERRORS: tuple[tuple[type[Exception], HTTPStatus, str], ...] = (
+    (RequestError, HTTPStatus.BAD_REQUEST, "invalid_input"),
+    (UnknownIds, HTTPStatus.BAD_REQUEST, "invalid_input"),
+    (FilterError, HTTPStatus.BAD_REQUEST, "invalid_input"),
+    (TritonUnavailable, HTTPStatus.SERVICE_UNAVAILABLE, "triton_unavailable"),
+    (NotReady, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready"),
+)
+DOMAIN_ERRORS = tuple(error for error, _, _ in ERRORS)
+
+
+def classify(err: BaseException) -> tuple[HTTPStatus, str]:
+    """(status, reason) of an error; anything not in the table is an internal error (500)."""
+    for error, status, reason in ERRORS:
+        if isinstance(err, error):
+            return status, reason
+    return HTTPStatus.INTERNAL_SERVER_ERROR, "internal"
+
+
+def message(err: BaseException) -> str:
+    """What the client is told: the domain message (UnknownIds' without KeyError's quotes)."""
+    return err.message if isinstance(err, UnknownIds) else str(err)

@@ -1,0 +1,182 @@
+"""The served index version and the towers that match it, swapped whole: hot index reloads.
+
+A request reads `IndexSlot.serving` once and finishes on the pair it started with. `reload` loads the
+index root's CURRENT version and swaps it in only if it checks out (files, dimension, the towers'
+model version served by Triton); a watcher thread polls CURRENT and reloads when it changes.
+Plain Python: the KServe adapter and the tests use it alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from retriever import metrics
+from serving.catalog import Catalog
+from serving.gpu_search import GpuUnavailable
+from serving.towers import Towers
+from twotower import artifacts
+from twotower.artifacts import ArtifactError
+from twotower.config import RetrieverConfig
+
+log = logging.getLogger("retriever.index")
+
+REFUSED_RETRY_S = 5.0  # a refused index version is tried again this often while CURRENT names it
+
+
+class TowerOpener(Protocol):
+    """Opens the towers of an index's model version (serving.towers.TowerSource; stand-ins in tests)."""
+
+    def open(self, manifest: artifacts.Manifest, wait_s: float = 0.0) -> Towers: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """An index version and the towers serving its model version: swapped as one."""
+
+    catalog: Catalog
+    towers: Towers
+
+
+@dataclasses.dataclass
+class ReloadResult:
+    status: str  # swapped | unchanged | refused
+    index_version: str
+    message: str = ""
+
+
+class IndexSlot:
+    def __init__(self, config: RetrieverConfig, towers: TowerOpener):
+        self.config = config
+        self.towers = towers
+        self.serving: Serving | None = None
+        self._lock = threading.Lock()
+        self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
+
+    # KServe's --workers N pickles the loaded model into each worker process: locks and the watcher
+    # thread cannot travel, so each worker makes its own (and watches the index root itself).
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_lock", "_stop_watching", "_watcher"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._stop_watching = threading.Event()
+        self._watcher = None
+
+    def open_catalog(self, index_dir: Path | str) -> Catalog:
+        c = self.config
+        return Catalog(index_dir, c.hnsw_ef_search, c.ivf_nprobe, c.exact_search_limit, c.faiss_gpu, c.popularity_weight)
+
+    def load(self, triton_wait_s: float) -> Serving:
+        """Load and verify the configured index, then check the towers of its model version are served."""
+        catalog = self.open_catalog(self.config.index_dir)
+        self._install(Serving(catalog, self.towers.open(catalog.manifest, triton_wait_s)))
+        assert self.serving is not None
+        return self.serving
+
+    def _install(self, serving: Serving) -> None:
+        previous = self.serving
+        self.serving = serving  # one reference assignment: requests see the old pair or the new one
+        # The loaded index is ~0.5M long-lived Python objects (metadata columns, id maps): a full
+        # collection walking them stalls the event loop ~0.27 s, and near capacity such a stall takes
+        # seconds of queueing to drain. Frozen objects are skipped by the collector (a replaced
+        # version is still freed by reference counting).
+        gc.freeze()
+        self.publish_metrics(previous)
+
+    def publish_metrics(self, previous: Serving | None = None) -> None:
+        """The served version's gauges (per process: each KServe worker publishes its own)."""
+        assert self.serving is not None
+        catalog = self.serving.catalog
+        if previous is not None:  # one series each: the version being served
+            old = str(previous.catalog.manifest.model_version)
+            # Zeroed before dropped: with several workers the summed /metrics keeps a series' last value.
+            metrics.INDEX_VERSION.labels(previous.catalog.version, old).set(0)
+            metrics.INDEX_INFO.labels(old).set(0)
+            metrics.INDEX_VERSION.clear()
+            metrics.INDEX_INFO.clear()
+        metrics.INDEX_INFO.labels(str(catalog.manifest.model_version)).set(len(catalog.article_ids))
+        metrics.INDEX_VERSION.labels(catalog.version, str(catalog.manifest.model_version)).set(1)
+
+    def reload(self) -> ReloadResult:
+        """Load the index root's CURRENT version and swap it in if it checks out.
+
+        Blocking (run it in a thread). A version that is corrupt, or whose model version Triton does
+        not serve, or whose dimension/metric differ, is refused: the old one keeps serving.
+        """
+        with self._lock:
+            current = self.serving
+            assert current is not None, "load() first"
+            try:
+                target = artifacts.resolve_index_dir(self.config.index_dir)
+                if current.catalog.index_dir.resolve() == target.resolve():
+                    return ReloadResult("unchanged", current.catalog.version)
+                catalog = self.open_catalog(target)
+                check_compatible(current.catalog, catalog)
+                if catalog.manifest.model_version == current.catalog.manifest.model_version:
+                    towers = current.towers  # same towers: only the catalogue changed
+                else:
+                    towers = self.towers.open(catalog.manifest, wait_s=0.0)
+                    self._retired.append((time.monotonic(), current.towers))
+            except (ArtifactError, OSError, ValueError, GpuUnavailable) as err:
+                metrics.INDEX_RELOADS.labels("refused").inc()
+                log.error("index reload refused, still serving %s: %s", current.catalog.version, err)
+                return ReloadResult("refused", current.catalog.version, str(err))
+            self._install(Serving(catalog, towers))
+            metrics.INDEX_RELOADS.labels("swapped").inc()
+            log.info("index swapped: %s -> %s (%d items, model version %d)", current.catalog.version,
+                     catalog.version, len(catalog.article_ids), catalog.manifest.model_version)
+            return ReloadResult("swapped", catalog.version)
+
+    def start_watching(self) -> None:
+        """Follow the index root's CURRENT in a thread (when the configured index is a root)."""
+        if self.config.index_poll_s > 0 and (Path(self.config.index_dir) / artifacts.CURRENT_FILE).is_file():
+            self._watcher = threading.Thread(target=self._watch, name="index-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Poll CURRENT; swap when it names a new version. A refused version is retried every
+        REFUSED_RETRY_S (its towers may still be loading in Triton) until CURRENT changes again."""
+        pointer = Path(self.config.index_dir) / artifacts.CURRENT_FILE
+        seen, retry_at = None, 0.0
+        while not self._stop_watching.wait(self.config.index_poll_s):
+            try:
+                name = pointer.read_text().strip()
+            except OSError as err:
+                log.warning("index watch: cannot read %s: %s", pointer, err)
+                continue
+            if name == seen and time.monotonic() < retry_at:
+                continue
+            seen = name
+            result = self.reload()
+            retry_at = time.monotonic() + REFUSED_RETRY_S if result.status == "refused" else float("inf")
+
+    async def close_retired(self) -> None:
+        """Close replaced tower clients once requests that started on them have long finished."""
+        grace = 4 * self.config.triton_timeout_s * (self.config.triton_retries + 1)
+        while self._retired and time.monotonic() - self._retired[0][0] > grace:
+            _, towers = self._retired.pop(0)
+            await towers.close()
+
+    def stop(self) -> None:
+        self._stop_watching.set()
+
+
+def check_compatible(old: Catalog, new: Catalog) -> None:
+    """A hot swap keeps what the process was started with: dimension, metric, history length, tokenizer."""
+    a, b = old.manifest, new.manifest
+    for field in ("dim", "metric", "max_history", "context_length", "clip_model"):
+        if getattr(a, field) != getattr(b, field):
+            raise ArtifactError(f"{new.index_dir}: {field} {getattr(b, field)!r} differs from the served "
+                                f"index's {getattr(a, field)!r}; restart the retriever for such a change")

@@ -1,0 +1,40 @@
+"""What a recommendation request is, whatever transport it came by (v1, v2 or the shop API)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from serving.filters import Filters
+
+KINDS = ("customer_id", "history", "query", "similar_to")
+PERSONAL_KINDS = ("customer_id", "history")  # lists ranked with the popularity prior and the repeat boost
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryOptions:
+    filters: Filters = Filters()
+    exclude_purchased: bool = False  # customer_id/history: never return an article they bought
+    max_per_product_type: int | None = None  # diversity cap
+
+
+@dataclasses.dataclass
+class Query:
+    kind: str  # one of KINDS
+    value: Any  # str for customer_id/query/similar_to, list[str] for history (oldest first)
+    k: int
+    options: QueryOptions = QueryOptions()
+
+    @property
+    def searches_everything(self) -> bool:
+        """Ranked by a plain search of the whole index (similar_to always hides the article itself)."""
+        o = self.options
+        return o.filters.empty and not o.exclude_purchased and o.max_per_product_type is None and self.kind != "similar_to"
+
+
+@dataclasses.dataclass
+class Recommendation:
+    article_ids: list[str]
+    similarities: list[float]
+    scores: list[float]
+    metadata: list[dict[str, str]]

@@ -1,0 +1,341 @@
+"""The recommendation service: what the v1/v2 API and the shop API ask, answered in plain Python.
+
+A request's path, top to bottom: transport (retriever/protocol.py, retriever/shop_api.py) -> this
+service (a vector per query, from caches or the towers) -> twotower.ranking (what to show, in which
+order) -> serving.catalog (the index). No kserve or FastAPI here: the KServe adapter and the shop
+routes call it, and the tests call it in-process with stand-in towers. Errors are domain errors
+(retriever/errors.py), never HTTP ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from itertools import islice
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from retriever import metrics
+from retriever.cache import LRUCache
+from retriever.errors import NotReady, RequestError
+from retriever.index_slot import IndexSlot, ReloadResult, Serving
+from retriever.purchases import LivePurchases
+from retriever.queries import PERSONAL_KINDS, Query, Recommendation
+from serving.catalog import Catalog, UnknownIds
+from serving.filters import CATEGORY_FILTERS, FilterError
+from serving.towers import TritonUnavailable
+from twotower import ranking
+from twotower.config import RetrieverConfig
+from twotower.ranking import NOTHING_BOUGHT, Purchases, RankRequest
+from twotower.repeats import RepeatBoost
+
+log = logging.getLogger("retriever")
+
+Tokenizer = Callable[[list[str]], np.ndarray]  # texts -> int64 token ids [B, context_length]
+
+
+class ClipTokenizer:
+    """The index's open_clip tokenizer, as training and export tokenize (an object: KServe workers unpickle it)."""
+
+    def __init__(self, clip_model: str):
+        from twotower.model.clip_text import get_tokenizer  # imports torch: only once an index is loaded
+
+        self.tokenizer = get_tokenizer(clip_model)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.tokenizer(texts).numpy().astype(np.int64)
+
+
+class RecommendationService:
+    def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
+        self.config = config
+        self.slot = slot
+        self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
+        self.purchases = LivePurchases(config.max_live_customers, config.max_live_items)
+        self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
+        self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
+        self._towers_healthy = False
+        self._health_checked_at = float("-inf")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self, triton_wait_s: float = 60.0) -> None:
+        """Load the index and its towers (ArtifactError, OSError, ValueError, GpuUnavailable when they
+        do not check out), then follow the index root."""
+        faiss.omp_set_num_threads(self.config.faiss_threads)
+        serving = self.slot.load(triton_wait_s)
+        if self.tokenizer is None:
+            self.tokenizer = ClipTokenizer(serving.catalog.manifest.clip_model)
+        self.slot.start_watching()
+
+    def start_in_worker(self) -> None:
+        """What a KServe worker process does after unpickling the loaded service."""
+        faiss.omp_set_num_threads(self.config.faiss_threads)  # a fresh process: OpenMP would use every core
+        if self.slot.serving is not None:
+            self.slot.start_watching()
+            self.slot.publish_metrics()  # gauges are per process: the launcher's values are not this worker's
+            gc.freeze()  # as after an install: the unpickled index is new to this process's collector
+
+    def serving(self) -> Serving:
+        serving = self.slot.serving
+        if serving is None:
+            raise NotReady("the index is not loaded yet")
+        return serving
+
+    async def healthy(self) -> bool:
+        """True only while the towers really answer: a tiny user-tower inference, cached briefly.
+
+        Triton's own readiness stays green when a python stub has died (every inference then fails),
+        so only a real inference tells the truth.
+        """
+        serving = self.slot.serving
+        if serving is None:
+            return False
+        now = time.monotonic()
+        if now - self._health_checked_at < self.config.health_cache_s:
+            return self._towers_healthy
+        self._health_checked_at = now
+        await self.slot.close_retired()
+        probe = serving.catalog.history_tensors([(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))])
+        try:
+            await serving.towers.user_vectors(*probe)
+            healthy = True
+        except TritonUnavailable as err:
+            healthy = False
+            if self._towers_healthy:
+                log.error("not ready: the towers do not answer (%s)", err)
+        if healthy and not self._towers_healthy:
+            log.info("ready: the towers answer again")
+        self._towers_healthy = healthy
+        metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
+        return healthy
+
+    async def reload(self) -> ReloadResult:
+        self.serving()
+        return await asyncio.to_thread(self.slot.reload)
+
+    async def close(self) -> None:
+        self.slot.stop()
+        if self.slot.serving is not None:
+            await self.slot.serving.towers.close()
+
+    # -- recommendations -------------------------------------------------------------------
+    async def recommend(self, queries: list[Query], serving: Serving | None = None) -> list[Recommendation]:
+        """Vectors for the queries, then each one ranked with its options (twotower.ranking)."""
+        serving = serving or self.serving()
+        vectors, bought = await self.query_vectors(queries, serving)
+        with metrics.STAGE["search"].time():
+            # An unfiltered search takes ~0.3 ms: cheaper on the event loop than a thread handoff. Filtered
+            # ones (their masks included) may scan tens of thousands of rows and go to a worker thread.
+            if not self.config.search_in_thread and all(q.searches_everything for q in queries):
+                ranked = self._rank(serving.catalog, queries, vectors, bought)
+            else:
+                ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
+        return [self._recommendation(serving.catalog, *found) for found in ranked]
+
+    def _rank(self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
+              ) -> list[ranking.Ranked]:
+        requests = [self._rank_request(catalog, i, query, bought[i]) for i, query in enumerate(queries)]
+        return ranking.rank(catalog, vectors, requests)
+
+    def _rank_request(self, catalog: Catalog, slot: int, query: Query, bought: Purchases) -> RankRequest:
+        """Customers' and histories' lists rank with the popularity prior and their own purchases again
+        (unless excluded); text queries and similar items by cosine alone, similar items without the
+        article itself."""
+        options = query.options
+        allowed = None
+        if not options.filters.empty:
+            try:
+                allowed = catalog.filter_columns.mask(options.filters)
+            except FilterError as err:
+                raise RequestError(f"instances[{slot}]: {err}") from err
+        personal = query.kind in PERSONAL_KINDS
+        return RankRequest(
+            query.k,
+            prior=catalog.prior_weight if personal else 0.0,
+            boost=catalog.score_head.repeat if personal else RepeatBoost(),
+            bought=bought,
+            allowed=allowed,
+            exclude_bought=options.exclude_purchased or query.kind == "similar_to",
+            max_per_type=options.max_per_product_type,
+            fetch_limit=self.config.max_k,
+        )
+
+    async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[Purchases]]:
+        """One vector per query, plus what each query's customer has bought as (rows most recent first,
+        ages in days) (for similar_to: the article itself). Known vectors come from caches; the rest from the towers."""
+        catalog = serving.catalog
+        version = catalog.manifest.model_version
+        vectors = np.zeros((len(queries), catalog.manifest.dim), dtype=np.float32)
+        bought: list[Purchases] = []
+        histories, history_slots, history_keys, texts, text_slots = [], [], [], [], []
+        for slot, query in enumerate(queries):
+            metrics.REQUESTS.labels(query.kind).inc()
+            try:
+                if query.kind == "similar_to":
+                    row = int(catalog.rows_for([query.value])[0])
+                    vectors[slot] = catalog.vectors[row]
+                    bought.append((np.asarray([row]), np.zeros(1, dtype=np.float32)))
+                    continue
+                if query.kind == "query":
+                    bought.append(NOTHING_BOUGHT)
+                    cached = self.query_cache.get((version, query.value))
+                    if cached is not None:
+                        vectors[slot] = cached
+                    else:
+                        texts.append(query.value)
+                        text_slots.append(slot)
+                    continue
+                (rows, ages), posted = self._history(catalog, query)
+            except UnknownIds as err:
+                raise RequestError(f"instances[{slot}]: {err.message}") from err
+            bought.append((rows, ages))
+            if query.kind == "customer_id" and self.config.known_customer_vectors and not posted:
+                known = catalog.customer_vector(query.value)  # computed by export: no Triton call
+                metrics.CACHE_LOOKUPS.labels("known_customer", "miss" if known is None else "hit").inc()
+                if known is not None:
+                    vectors[slot] = known
+                    continue
+            length = catalog.manifest.max_history
+            key = (version, rows[:length].tobytes(), np.round(ages[:length], 1).tobytes())
+            cached = self.user_cache.get(key)
+            if cached is not None:
+                vectors[slot] = cached
+                continue
+            histories.append((rows, ages))
+            history_slots.append(slot)
+            history_keys.append(key)
+
+        if histories or texts:
+            with metrics.STAGE["triton"].time():
+                calls = []
+                if histories:
+                    calls.append(serving.towers.user_vectors(*catalog.history_tensors(histories)))
+                if texts:
+                    calls.append(self._text_vectors(serving, texts))
+                outputs = await asyncio.gather(*calls)
+            if histories:
+                found = outputs.pop(0)
+                vectors[history_slots] = found
+                for key, vector in zip(history_keys, found):
+                    self.user_cache.put(key, vector)
+            if texts:
+                found = outputs.pop(0)
+                vectors[text_slots] = found
+                for text, vector in zip(texts, found):
+                    self.query_cache.put((version, text), vector)
+        return vectors, bought
+
+    def _history(self, catalog: Catalog, query: Query) -> tuple[Purchases, bool]:
+        """(rows, ages in days) most recent first for a history or customer_id query, and whether
+        purchases posted to this service are part of it (the index's stored user vector then is stale)."""
+        if query.kind == "history":
+            rows = catalog.rows_for(query.value)[::-1]  # requests list oldest first
+            return (rows, np.zeros(len(rows), dtype=np.float32)), False
+        return self._customer_history(catalog, query.value)
+
+    def _customer_history(self, catalog: Catalog, customer_id: str) -> tuple[Purchases, bool]:
+        """Purchases posted to this service (most recent first), then the customer's history in the index."""
+        # An index swapped back to an older version may lack some posted articles: skip those.
+        live = [(catalog.row_of[a], age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
+        try:
+            rows, ages = catalog.customer_history(customer_id)
+        except UnknownIds:
+            if not live:
+                raise
+            rows, ages = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if live:
+            rows = np.concatenate([np.asarray([r for r, _ in live], dtype=np.int64), rows])
+            ages = np.concatenate([np.asarray([a for _, a in live], dtype=np.float32), ages])
+        return (rows, ages), bool(live)
+
+    async def _text_vectors(self, serving: Serving, texts: list[str]) -> np.ndarray:
+        tokenizer = self.tokenizer
+        assert tokenizer is not None, "load() first"
+        started = time.perf_counter()
+        input_ids = await asyncio.to_thread(tokenizer, texts)
+        metrics.STAGE["tokenize"].observe(time.perf_counter() - started)
+        return await serving.towers.query_vectors(input_ids)
+
+    def _recommendation(self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray) -> Recommendation:
+        row_list = rows.tolist()
+        return Recommendation(
+            article_ids=[catalog.article_ids[r] for r in row_list],
+            similarities=similarities.tolist(),
+            scores=catalog.score_head(similarities).tolist(),
+            metadata=[self.article_metadata(catalog, r) for r in row_list],
+        )
+
+    def article_metadata(self, catalog: Catalog, row: int) -> dict[str, str]:
+        """Metadata shown with a result (article_id is returned beside it), plus the image URL when configured."""
+        metadata = catalog.metadata(row)
+        if self.config.image_url_template:
+            article_id = catalog.article_ids[row]
+            metadata["image_url"] = self.config.image_url_template.format(article_id=article_id, prefix=article_id[:3])
+        return metadata
+
+    # -- what the shop pages read and write ------------------------------------------------
+    def _article_row(self, catalog: Catalog, article_id: str, field: str = "article_id") -> int:
+        try:
+            return int(catalog.rows_for([article_id])[0])
+        except UnknownIds as err:
+            raise RequestError(f"{field}: {err.message}") from err
+
+    def article(self, article_id: str) -> dict[str, Any]:
+        catalog = self.serving().catalog
+        row = self._article_row(catalog, article_id)
+        return {"article_id": article_id, "available": not bool(catalog.excluded[row]),
+                "index_version": catalog.version, **self.article_metadata(catalog, row)}
+
+    def article_vector(self, article_id: str) -> dict[str, Any]:
+        catalog = self.serving().catalog
+        row = self._article_row(catalog, article_id)
+        return {"article_id": article_id, "model_version": catalog.manifest.model_version,
+                "vector": catalog.vectors[row].tolist()}
+
+    def customers(self, limit: int) -> dict[str, Any]:
+        catalog = self.serving().catalog
+        return {"customer_ids": list(islice(catalog.customer_row, limit)), "count": len(catalog.customer_row)}
+
+    def customer_history(self, customer_id: str) -> dict[str, Any]:
+        """What the service knows a customer bought: posted purchases first, then the index's history."""
+        catalog = self.serving().catalog
+        try:
+            (rows, ages), _ = self._customer_history(catalog, customer_id)
+        except UnknownIds as err:
+            raise RequestError(f"customer_id: {err.message}") from err
+        items = [{"article_id": catalog.article_ids[r], "age_days": round(float(a), 2),
+                  **self.article_metadata(catalog, int(r))} for r, a in zip(rows, ages)]
+        return {"customer_id": customer_id, "items": items}
+
+    async def customer_vector(self, customer_id: str) -> dict[str, Any]:
+        serving = self.serving()
+        vectors, _ = await self.query_vectors([Query("customer_id", customer_id, 1)], serving)
+        return {"customer_id": customer_id, "model_version": serving.catalog.manifest.model_version,
+                "vector": vectors[0].tolist()}
+
+    def add_purchases(self, customer_id: str, article_ids: list[str]) -> dict[str, Any]:
+        """Record purchases (oldest first): they count from the customer's next request."""
+        catalog = self.serving().catalog
+        try:
+            catalog.rows_for(article_ids)  # unknown articles are refused, nothing is stored
+        except UnknownIds as err:
+            raise RequestError(f"article_ids: {err.message}") from err
+        count = self.purchases.add(customer_id, article_ids)
+        metrics.LIVE_CUSTOMERS.set(len(self.purchases))
+        return {"customer_id": customer_id, "recorded": len(article_ids), "live_purchases": count}
+
+    def filter_values(self) -> dict[str, list[str]]:
+        """The values each category filter accepts in the served index (for building a filter UI)."""
+        columns = self.serving().catalog.filter_columns
+        return {field: columns.values(column) for field, column in CATEGORY_FILTERS.items() if columns.has(column)}
+
+    def index_info(self) -> dict[str, Any]:
+        catalog = self.serving().catalog
+        manifest = catalog.manifest
+        return {"index_version": catalog.version, "path": str(catalog.index_dir), "model_version": manifest.model_version,
+                "items": len(catalog.article_ids), "excluded": catalog.n_excluded, "dim": manifest.dim,
+                "parent_version": manifest.parent_version}

@@ -1,0 +1,233 @@
+"""The recommendation service in-process, with stand-in towers: no Triton, no KServe, no HTTP server.
+
+The ranking rules (filters, exclude_purchased, the diversity cap, repeats, the popularity prior), hot
+index swaps, and the error table are checked here in seconds; tests/test_integration.py checks the
+same paths through the real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from evaluation.two_tower import CaseUsers, TwoTower
+from export.catalogue_index import build_faiss_index, write_index_dir
+from retriever.errors import RequestError
+from retriever.index_slot import IndexSlot
+from retriever.queries import Query, QueryOptions
+from retriever.server import install_routes
+from retriever.service import RecommendationService
+from serving.catalog import Catalog
+from serving.filters import Filters
+from twotower import artifacts, fitting, ranking
+from twotower.config import RetrieverConfig
+from twotower.popularity import PopularityPrior
+from twotower.repeats import RepeatBoost
+
+N, DIM, HISTORY = 120, 8, 4
+COLOURS, TYPES = ["Black", "White", "Red"], ["Dress", "Shirt", "Shoe", "Bag"]
+BOOST = RepeatBoost(bonus=1.0, slope=0.1, sibling_bonus=0.3, sibling_slope=0.0)
+PRIOR = 0.05
+
+
+def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    """An index version of N random articles (colour, product type, 2 colours per product), three known
+    customers, a repeat boost and a popularity prior. Returns the vectors."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((N, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    bias = np.log1p(rng.integers(0, 50, N)).astype(np.float32)
+    metadata = {"article_id": [f"{i:010d}" for i in range(N)], "product_code": [str(i // 2) for i in range(N)],
+                "colour_group_name": [COLOURS[i % 3] for i in range(N)],
+                "product_type_name": [TYPES[(i // 2) % 4] for i in range(N)],
+                "prod_name": [f"article {i}" for i in range(N)], "price": ["0.01"] * N}
+    rows = np.asarray([[10, 11, 40, -1], [3, -1, -1, -1], [70, 71, 72, 73]], dtype=np.int32)
+    histories = {"customer_ids": np.asarray(["alice", "bob", "carol"]), "rows": rows,
+                 "age_days": np.asarray([[0, 1, 5, 0], [2, 0, 0, 0], [0, 0, 1, 3]], dtype=np.float32),
+                 "last_day": np.full(3, 100, dtype=np.int64)}
+    fields = {"index_type": "flat", "model_version": 1, "customer_count": 3, "max_history": HISTORY,
+              "context_length": 8, "clip_model": "stand-in", "reference_day": 100, "data_source": "test",
+              "tower_checksums": {}}
+    head = artifacts.ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, BOOST, PopularityPrior(PRIOR))
+    write_index_dir(directory, build_faiss_index(vectors, "flat", bias), vectors, metadata, histories, head, fields,
+                    item_bias=bias)
+    return vectors
+
+
+class StandInTowers:
+    """User vector = the normalised mean of the history's vectors; a text's vector is looked up."""
+
+    def __init__(self, texts: dict[int, np.ndarray]):
+        self.texts = texts  # first token id -> vector
+        self.calls = 0
+
+    async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        summed = (history * mask[..., None]).sum(axis=1)
+        return (summed / np.linalg.norm(summed, axis=1, keepdims=True)).astype(np.float32)
+
+    async def query_vectors(self, input_ids: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return np.stack([self.texts[int(ids[0])] for ids in input_ids])
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclasses.dataclass
+class StandInSource:
+    towers: StandInTowers
+    refuse_model_versions: tuple[int, ...] = ()
+
+    def open(self, manifest: artifacts.Manifest, wait_s: float = 0.0) -> StandInTowers:
+        if manifest.model_version in self.refuse_model_versions:
+            raise artifacts.ArtifactError(f"model version {manifest.model_version} is not served")
+        return self.towers
+
+
+def tokenize(texts: list[str]) -> np.ndarray:
+    """Each text's length as its one token: the stand-in towers look vectors up by it."""
+    return np.asarray([[len(text)] + [0] * 7 for text in texts], dtype=np.int64)
+
+
+@pytest.fixture()
+def shop(tmp_path: Path) -> tuple[RecommendationService, np.ndarray, StandInSource]:
+    root = tmp_path / "index"
+    vectors = write_shop_index(root / "v0001")
+    artifacts.publish_version(root, "v0001")
+    source = StandInSource(StandInTowers({len("red dress"): vectors[33], len("white"): vectors[5]}))
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off")
+    service = RecommendationService(config, IndexSlot(config, source), tokenizer=tokenize)
+    service.load(triton_wait_s=0)
+    return service, vectors, source
+
+
+def recommend(service: RecommendationService, *queries: Query) -> list[list[str]]:
+    return [r.article_ids for r in asyncio.run(service.recommend(list(queries)))]
+
+
+def rows_of(ids: list[str]) -> list[int]:
+    return [int(a) for a in ids]
+
+
+def test_filters_keep_only_matching_articles_in_exact_order(shop) -> None:
+    service, vectors, _ = shop
+    filters = Filters.parse({"colour": ["Red"], "product_type": ["Dress", "Shoe"]})
+    found = rows_of(recommend(service, Query("query", "red dress", 10, QueryOptions(filters)))[0])
+    allowed = [i for i in range(N) if COLOURS[i % 3] == "Red" and TYPES[(i // 2) % 4] in ("Dress", "Shoe")]
+    expected = sorted(allowed, key=lambda i: -float(vectors[i] @ vectors[33]))[:10]
+    assert found == expected  # text queries rank by cosine alone, among the allowed rows
+
+
+def test_a_customers_own_purchases_come_back_boosted_unless_excluded(shop) -> None:
+    service, vectors, _ = shop
+    catalog = service.slot.serving.catalog
+    items = asyncio.run(service.recommend([Query("customer_id", "alice", 12)]))[0]
+    own = {"0000000010": 0.0, "0000000011": 1.0, "0000000040": 5.0}  # article -> age in days
+    user = np.mean(vectors[[10, 11, 40]], axis=0)
+    user /= np.linalg.norm(user)
+    for article, age in own.items():
+        assert article in items.article_ids
+        row = int(article)
+        expected = vectors[row] @ user + PRIOR * catalog.item_bias[row] + BOOST(np.asarray([age]))[0]
+        assert items.similarities[items.article_ids.index(article)] == pytest.approx(expected, abs=1e-5)
+    excluded = recommend(service, Query("customer_id", "alice", 12, QueryOptions(exclude_purchased=True)))[0]
+    assert not set(own) & set(excluded) and len(excluded) == 12
+
+
+def test_the_diversity_cap_limits_each_product_type(shop) -> None:
+    service, _, _ = shop
+    found = recommend(service, Query("history", ["0000000003", "0000000007"], 8, QueryOptions(max_per_product_type=2)))
+    types = [TYPES[(row // 2) % 4] for row in rows_of(found[0])]
+    assert len(types) == 8 and max(types.count(t) for t in TYPES) == 2
+
+
+def test_similar_items_never_return_the_article_itself(shop) -> None:
+    service, _, _ = shop
+    found = recommend(service, Query("similar_to", "0000000005", 5))[0]
+    assert "0000000005" not in found and len(found) == 5
+
+
+def test_vectors_are_cached_and_unknown_ids_are_request_errors(shop) -> None:
+    service, _, source = shop
+    recommend(service, Query("query", "white", 3), Query("history", ["0000000001"], 3))
+    calls = source.towers.calls
+    recommend(service, Query("query", "white", 3), Query("history", ["0000000001"], 3))
+    assert source.towers.calls == calls  # both vectors came from the caches
+    with pytest.raises(RequestError, match=r"instances\[1\]: unknown article_id: '9999999999'"):
+        recommend(service, Query("query", "white", 3), Query("history", ["9999999999"], 3))
+    with pytest.raises(RequestError, match="unknown customer_id"):
+        recommend(service, Query("customer_id", "nobody", 3))
+
+
+def test_posted_purchases_count_from_the_next_request(shop) -> None:
+    service, _, _ = shop
+    service.add_purchases("bob", ["0000000090"])
+    assert service.customer_history("bob")["items"][0]["article_id"] == "0000000090"
+    assert "0000000090" in recommend(service, Query("customer_id", "bob", 12))[0]  # boosted as bought today
+
+
+def test_a_refused_index_version_leaves_the_served_one_in_place(shop, tmp_path: Path) -> None:
+    service, _, source = shop
+    root = Path(service.config.index_dir)
+    write_shop_index(root / "v0002", seed=1, dim=DIM + 1)  # another dimension: needs a restart
+    artifacts.publish_version(root, "v0002")
+    result = service.slot.reload()
+    assert result.status == "refused" and "dim" in result.message and service.slot.serving.catalog.version == "v0001"
+    write_shop_index(root / "v0003", seed=2)
+    artifacts.publish_version(root, "v0003")
+    assert service.slot.reload().status == "swapped" and service.slot.serving.catalog.version == "v0003"
+    assert service.slot.reload().status == "unchanged"
+    recommend(service, Query("customer_id", "alice", 5))  # the new version serves
+
+
+def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
+    """One ranking function: the served lists, the evaluation's and the held-out fits' agree."""
+    service, vectors, source = shop
+    catalog: Catalog = service.slot.serving.catalog
+    rng = np.random.default_rng(3)
+    histories = [[f"{r:010d}" for r in rng.choice(N, int(rng.integers(1, 4)), replace=False)] for _ in range(12)]
+    served = recommend(service, *(Query("history", h, 15) for h in histories))
+    pairs = [(catalog.rows_for(h)[::-1], np.zeros(len(h), np.float32)) for h in histories]
+    users = asyncio.run(source.towers.user_vectors(*catalog.history_tensors(pairs)))
+    cases = CaseUsers(pairs, users)
+    evaluated = [TwoTower(cases, catalog).rank(i, 15) for i in range(len(pairs))]
+    exact = [TwoTower(cases, catalog, exact=True).rank(i, 15) for i in range(len(pairs))]
+    fitted = fitting.held_out_rankings(catalog, users, pairs, 15, BOOST, PRIOR)
+    space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)
+    fitted_exact = fitting.held_out_rankings(space, users, pairs, 15, BOOST, PRIOR)
+    for i, ids in enumerate(served):
+        assert rows_of(ids) == evaluated[i].tolist() == exact[i].tolist() == fitted[i].tolist() == fitted_exact[i].tolist()
+    # The boost's fit reranks one cached deep search per case with ranking.finish: the same lists again.
+    for i, (user, pair) in enumerate(zip(users, pairs)):
+        request = ranking.RankRequest(15, boost=BOOST, bought=pair)
+        deep = space.search(user[None], 60)
+        assert ranking.finish(space, user, request, deep[0][0], deep[1][0])[1].tolist() == \
+            fitting.held_out_rankings(space, users[i : i + 1], [pair], 15, BOOST)[0].tolist()
+
+
+def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
+    service, _, _ = shop
+    app = FastAPI()
+    install_routes(app, service)
+
+    async def calls() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
+            return [await client.get("/shop/api/articles/0000000001"),
+                    await client.get("/shop/api/articles/9999999999"),
+                    await client.get("/shop/api/search", params={"q": "red dress", "colour": "Red", "k": 3}),
+                    await client.get("/shop/api/search", params={"q": "red dress", "price_min": 2, "price_max": 1}),
+                    await client.post("/shop/api/customers/bob/purchases", json={"article_ids": ["nope"]})]
+
+    ok, unknown, search, bad_filter, bad_purchase = asyncio.run(calls())
+    assert ok.status_code == 200 and ok.json()["colour_group_name"] == COLOURS[1]
+    assert unknown.status_code == 400 and unknown.json() == {"error": "article_id: unknown article_id: '9999999999'"}
+    assert search.status_code == 200 and len(search.json()["items"]) == 3
+    assert bad_filter.status_code == 400 and "price_min" in bad_filter.json()["error"]
+    assert bad_purchase.status_code == 400 and "article_ids" in bad_purchase.json()["error"]

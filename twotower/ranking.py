@@ -1,0 +1,229 @@
+"""The one ranking function: what a customer, a history, a text query or an article is shown, in order.
+
+The retriever, the offline evaluation and training's fits of the repeat boost and the popularity prior
+all rank through `rank` (the fits of the boost call `finish` on a search they cache), so "what is
+recommended" has a single definition. A ranking is two steps:
+
+1. search: the top rows of an `ItemSpace` by cosine + prior * popularity bias (twotower.popularity),
+   among the rows the request allows (its filters, not excluded, not already bought when the request
+   excludes purchases);
+2. finish: the customer's own earlier purchases and the other colours of those products
+   (twotower.repeats) join at their cosine + prior * bias + repeat boost, a boosted row replacing its
+   search hit; rows the request hides stay out; then at most `max_per_type` articles of one product
+   type; cut to k.
+
+Numpy only: the retriever imports this without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+from twotower import repeats
+from twotower.repeats import Products, RepeatBoost
+
+Purchases = tuple[np.ndarray, np.ndarray]  # (catalogue rows most recent first, ages in days)
+NOTHING_BOUGHT: Purchases = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
+Ranked = tuple[np.ndarray, np.ndarray]  # (scores, rows) best first, no -1 rows
+CAP_OVERFETCH = 5  # a diversity cap drops results: fetch this many times k so k usually remain
+
+
+class ItemSpace(Protocol):
+    """What ranking searches: N catalogue rows scored by inner product with a query (+ prior * bias).
+
+    serving.catalog.Catalog (the FAISS index as served) and `ExactItems` (brute force over a vector
+    table) are the two implementations.
+    """
+
+    excluded: np.ndarray  # bool [N]: rows never returned (removed or replaced articles)
+    products: Products | None  # articles of one product, for the sibling boost
+    product_types: np.ndarray  # int [N]: product type code per row, for the diversity cap
+
+    def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) [B, k] over every row not excluded; rows are -1 past the last result."""
+        ...
+
+    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) [k] among the rows `allowed` (and not excluded) for one query."""
+        ...
+
+    def scores(self, query: np.ndarray, rows: np.ndarray, prior: float = 0.0) -> np.ndarray:
+        """What the search ranks `rows` by for one query: cosine + prior * popularity bias."""
+        ...
+
+
+def item_scores(vectors: np.ndarray, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice,
+                prior: float) -> np.ndarray:
+    """cosine + prior * bias of `rows` for a query [D] (or queries [B, D]): the score every search ranks by."""
+    scores = query @ vectors[rows].T
+    if prior and bias is not None:
+        scores = scores + prior * bias[rows]
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRequest:
+    """One list to rank. A customer's or a history's list carries `prior` (the index's popularity
+    weight), `boost` (its repeat boost) and `bought`; a text query none of them; an article's similar
+    items `bought` = the article itself with `exclude_bought`."""
+
+    k: int
+    prior: float = 0.0  # popularity prior weight; 0 ranks by cosine alone
+    boost: RepeatBoost = RepeatBoost()  # inactive: own purchases get no second chance
+    bought: Purchases = NOTHING_BOUGHT  # what the boost reads; hidden when exclude_bought
+    allowed: np.ndarray | None = None  # bool [N] the request's filters allow; None = every row
+    exclude_bought: bool = False  # never return a bought row (the boost is then off too)
+    max_per_type: int | None = None  # diversity cap
+    fetch_limit: int | None = None  # most rows a capped request may fetch
+
+    @property
+    def searches_everything(self) -> bool:
+        """Searched with the plain index, batched with other such requests."""
+        return self.allowed is None and not self.exclude_bought and self.max_per_type is None
+
+    @property
+    def fetch(self) -> int:
+        """Rows to search for before the cap thins them out."""
+        if self.max_per_type is None:
+            return self.k
+        return CAP_OVERFETCH * self.k if self.fetch_limit is None else min(self.fetch_limit, CAP_OVERFETCH * self.k)
+
+
+def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> list[Ranked]:
+    """Each query [B, D] ranked for its request. Requests that search everything share one search."""
+    results: list[Ranked | None] = [None] * len(requests)
+    boosted = [boosted_rows(space, request) for request in requests]
+    # A boosted row whose boost is negative may fall out of the top: fetch one more row for each.
+    extra = [int((boosts < 0).sum()) for _, boosts in boosted]
+    shared = [i for i, request in enumerate(requests) if request.searches_everything]
+    if shared:
+        fetch = max(requests[i].fetch + extra[i] for i in shared)
+        priors = np.asarray([requests[i].prior for i in shared], dtype=np.float32)
+        similarities, rows = space.search(queries[shared], fetch, priors)
+        for j, i in enumerate(shared):
+            n = requests[i].fetch + extra[i]
+            results[i] = _finish(space, queries[i], requests[i], similarities[j, :n], rows[j, :n], boosted[i])
+    for i, request in enumerate(requests):
+        if results[i] is None:
+            similarities, rows = space.search_masked(queries[i], request.fetch + extra[i], visible(space, request),
+                                                     request.prior)
+            results[i] = _finish(space, queries[i], request, similarities, rows, boosted[i])
+    return [r for r in results if r is not None]
+
+
+def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
+    """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that)."""
+    allowed = np.ones(len(space.excluded), dtype=bool) if request.allowed is None else request.allowed.copy()
+    if request.exclude_bought:
+        bought = request.bought[0]
+        allowed[bought[bought >= 0]] = False
+    return allowed & ~space.excluded
+
+
+def boosted_rows(space: ItemSpace, request: RankRequest) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the repeat boost adds for this request and each one's boost (none when it is off)."""
+    if request.exclude_bought or not request.boost.active or len(request.bought[0]) == 0:
+        return NOTHING_BOUGHT
+    rows, boosts = repeats.candidates(request.bought, request.boost, space.products)
+    shown = ~space.excluded[rows] if request.allowed is None else ~space.excluded[rows] & request.allowed[rows]
+    return rows[shown], boosts[shown]
+
+
+def finish(space: ItemSpace, query: np.ndarray, request: RankRequest, similarities: np.ndarray, rows: np.ndarray
+           ) -> Ranked:
+    """Step 2 over a search result (scores and rows best first, -1 ignored) that already honours the
+    request's filters: the repeat merge, the diversity cap, the cut to k. The search must have fetched
+    at least `request.fetch` rows plus one per negatively boosted row."""
+    return _finish(space, query, request, similarities, rows, boosted_rows(space, request))
+
+
+def _finish(space: ItemSpace, query: np.ndarray, request: RankRequest, similarities: np.ndarray, rows: np.ndarray,
+            boosted: tuple[np.ndarray, np.ndarray]) -> Ranked:
+    boosted_rows_, boosts = boosted
+    if len(boosted_rows_):
+        scores = space.scores(query, boosted_rows_, request.prior) + boosts
+        similarities, rows = repeats.merge(similarities, rows, boosted_rows_, scores, request.fetch)
+    else:
+        keep = rows >= 0
+        similarities, rows = similarities[keep], rows[keep]
+    if request.max_per_type is not None:
+        return cap_per_type(similarities, rows, space.product_types, request.max_per_type, request.k)
+    return similarities[: request.k], rows[: request.k]
+
+
+def cap_per_type(similarities: np.ndarray, rows: np.ndarray, product_types: np.ndarray, cap: int, k: int) -> Ranked:
+    """The best-first list with at most `cap` articles of any one product type, up to k of them."""
+    counts: dict[int, int] = {}
+    kept = []
+    for i, row in enumerate(rows.tolist()):
+        if row < 0:
+            break
+        kind = int(product_types[row])
+        if counts.get(kind, 0) < cap:
+            counts[kind] = counts.get(kind, 0) + 1
+            kept.append(i)
+            if len(kept) == k:
+                break
+    index = np.asarray(kept, dtype=np.int64)
+    return similarities[index], rows[index]
+
+
+def dense_scores(space: ItemSpace, query: np.ndarray, request: RankRequest) -> np.ndarray:
+    """float64 [N]: every row's score as `rank` orders them (boosted rows at their boosted score), for
+    protocols that score one article against sampled others."""
+    scores = space.scores(query, np.arange(len(space.excluded)), request.prior).astype(np.float64)
+    rows, boosts = boosted_rows(space, request)
+    scores[rows] += boosts
+    return scores
+
+
+class ExactItems:
+    """An `ItemSpace` searched by brute force over a vector table (the evaluation's exact rows, the fits
+    in training). With `searchable`, searches see only those rows, while `scores` scores any row (a
+    boosted row outside them still competes, as the fits in training need)."""
+
+    def __init__(self, vectors: np.ndarray, bias: np.ndarray | None = None, searchable: np.ndarray | None = None,
+                 products: Products | None = None, product_types: np.ndarray | None = None,
+                 excluded: np.ndarray | None = None):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.bias = bias
+        n = len(self.vectors)
+        self.searchable = np.arange(n) if searchable is None else np.asarray(searchable, dtype=np.int64)
+        self.products = products
+        self.product_types = np.zeros(n, dtype=np.int64) if product_types is None else product_types
+        self.excluded = np.zeros(n, dtype=bool) if excluded is None else excluded
+
+    def scores(self, query: np.ndarray, rows: np.ndarray | slice = slice(None), prior: float = 0.0) -> np.ndarray:
+        return item_scores(self.vectors, self.bias, query, rows, prior)
+
+    def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
+        candidates = self.searchable[~self.excluded[self.searchable]]
+        found = [self._top(q, k, candidates, float(w)) for q, w in zip(queries, priors)]
+        return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
+
+    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        candidates = self.searchable[allowed[self.searchable] & ~self.excluded[self.searchable]]
+        return self._top(query, k, candidates, prior)
+
+    def _top(self, query: np.ndarray, k: int, candidates: np.ndarray, prior: float) -> tuple[np.ndarray, np.ndarray]:
+        return top_k(self.scores(query, candidates, prior), candidates, k)
+
+
+def top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `rows` by `scores` (float32 [k], int64 [k], best first, ties by position; -1 past
+    the end)."""
+    out_scores = np.full(k, -np.inf, dtype=np.float32)
+    out_rows = np.full(k, -1, dtype=np.int64)
+    top = min(k, len(rows))
+    if top == 0:
+        return out_scores, out_rows
+    best = np.argpartition(-scores, top - 1)[:top]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    out_scores[:top], out_rows[:top] = scores[best], rows[best]
+    return out_scores, out_rows
