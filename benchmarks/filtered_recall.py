@@ -39,9 +39,13 @@ def measure(catalog: Catalog, users: np.ndarray, masks: list[np.ndarray], k: int
         kth = np.sort(catalog.vectors[candidates] @ user)[::-1][want - 1] if want else np.inf
         hits = int((catalog.vectors[rows] @ user >= kth - 1e-5).sum())
         recalls.append(min(hits, want) / max(1, want))
-    return {"candidates": int(masks[0].sum()), "recall_at_10": float(np.mean(recalls)),
-            "mean_ms": 1000 * float(np.mean(seconds)), "p99_ms": 1000 * float(np.percentile(seconds, 99)),
-            "path": catalog.search_plan(masks[0] & ~catalog.excluded)}
+    return {
+        "candidates": int(masks[0].sum()),
+        "recall_at_10": float(np.mean(recalls)),
+        "mean_ms": 1000 * float(np.mean(seconds)),
+        "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+        "path": catalog.search_plan(masks[0] & ~catalog.excluded),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,19 +73,35 @@ def main(argv: list[str] | None = None) -> int:
         mask[rows] = False
         cases["exclude_purchased"].append(mask)
     results = {name: measure(catalog, users, masks) for name, masks in cases.items()}
-    report = {"index": str(catalog.index_dir), "items": len(catalog.article_ids), "users": len(users),
-              "exact_search_limit": catalog.exact_search_limit, "index_type": catalog.manifest.index_type,
-              "ef_search": catalog.hnsw_ef_search, "nprobe": catalog.ivf_nprobe, "cases": results}
-    lines = ["# Filtered search: recall against exact filtered search", "",
-             f"`python -m benchmarks.filtered_recall` over {report['items']:,} articles ({report['index']}), "
-             f"{report['users']} real user vectors, top-10. Filters with at most {report['exact_search_limit']:,} "
-             f"candidates are searched exactly; broader ones search the {report['index_type']} index restricted by an id "
-             f"selector (HNSW: efSearch {report['ef_search']} / selectivity^2, at most 2048; IVF: nprobe {report['nprobe']} / "
-             "selectivity); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
-             "The candidates column shows the first user's count.", "",
-             "| filter | candidates | path | recall@10 | mean ms | p99 ms |", "|---|---|---|---|---|---|"]
+    report = {
+        "index": str(catalog.index_dir),
+        "items": len(catalog.article_ids),
+        "users": len(users),
+        "exact_search_limit": catalog.exact_search_limit,
+        "index_type": catalog.manifest.index_type,
+        "ef_search": catalog.hnsw_ef_search,
+        "nprobe": catalog.ivf_nprobe,
+        "cases": results,
+    }
+    lines = [
+        "# Filtered search: recall against exact filtered search",
+        "",
+        f"`python -m benchmarks.filtered_recall` over {report['items']:,} articles ({report['index']}), "
+        f"{report['users']} real user vectors, top-10. Filters with at most {report['exact_search_limit']:,} "
+        f"candidates are searched exactly; broader ones search the {report['index_type']} index restricted by an id "
+        f"selector (HNSW: efSearch {report['ef_search']} / selectivity^2, at most 2048; "
+        f"IVF: nprobe {report['nprobe']} / "
+        "selectivity); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
+        "The candidates column shows the first user's count.",
+        "",
+        "| filter | candidates | path | recall@10 | mean ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['candidates']:,} | {r['path']} | {r['recall_at_10']:.3f} | {r['mean_ms']:.2f} | {r['p99_ms']:.2f} |")
+        lines.append(
+            f"| {name} | {r['candidates']:,} | {r['path']} | {r['recall_at_10']:.3f} | {r['mean_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "filters.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "filters.md").write_text("\n".join(lines) + "\n")

@@ -63,8 +63,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     vectors = np.load(args.vectors)
-    report = {"torch": torch.__version__, "items": int(len(vectors)), "dim": int(vectors.shape[1]),
-              "threads": torch.get_num_threads()}
+    report = {
+        "torch": torch.__version__,
+        "items": int(len(vectors)),
+        "dim": int(vectors.shape[1]),
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name(0)
         report["cuda"] = measure("cuda", args.repository, args.version, vectors, args.repeats)

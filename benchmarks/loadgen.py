@@ -41,7 +41,9 @@ def summarise(latencies_s: list[float], errors: int, started: float, finished: f
     }
 
 
-async def open_loop(items: Sequence[T], rate: float, send: Callable[[T], Awaitable[bool]], warmup: int = 5) -> dict[str, Any]:
+async def open_loop(
+    items: Sequence[T], rate: float, send: Callable[[T], Awaitable[bool]], warmup: int = 5
+) -> dict[str, Any]:
     """Send item i at start + i/rate whatever happened before; latency counts from that scheduled time."""
     latencies: list[float] = []
     errors = 0

@@ -38,7 +38,9 @@ class BenchArtifacts:
 
 def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """User-tower vectors of the index's first n known customers, and the rows each has bought."""
-    user_tower = torch.jit.load(str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.user_model)))
+    user_tower = torch.jit.load(
+        str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.user_model))
+    )
     histories = [catalog.customer_history(c) for c in list(catalog.customer_row)[:n]]
     with torch.inference_mode():
         users = user_tower(*(torch.from_numpy(t) for t in catalog.history_tensors(histories))).numpy()
@@ -63,7 +65,9 @@ def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) 
         if setting:
             setattr(owner, setting, value)
         _, approximate = catalog.search(users, 10, catalog.prior_weight)
-        recalls[str(value)] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())]))
+        recalls[str(value)] = float(
+            np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate.tolist(), exact.tolist())])
+        )
     if setting:
         setattr(owner, setting, served)
     return {"index_type": index_type, "setting": setting, "served": served, "recall": recalls}
@@ -74,7 +78,9 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     captions = build_captions(load_hm_dir(data_dir).articles)
     sample = captions[: min(len(captions), 4096)]
     tokenizer = get_tokenizer(catalog.manifest.clip_model)
-    item_tower = torch.jit.load(str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.item_model)))
+    item_tower = torch.jit.load(
+        str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.item_model))
+    )
     embed_catalogue(item_tower, sample[:512], tokenizer)  # first calls optimise the TorchScript graph
     started = time.perf_counter()
     embed_catalogue(item_tower, sample, tokenizer)
@@ -108,9 +114,12 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     offline_file = work / "offline.json"
     # A retrained run at the same path must not reuse the old export: the weights' mtime is part of the key.
     source_run = f"{run_dir.resolve()} ({(run_dir / rundir.WEIGHTS).stat().st_mtime_ns})" if run_dir else ""
-    reuse = offline_file.is_file() and (index_dir / index_files.CURRENT_FILE).is_file() and \
-        index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir) and \
-        json.loads(offline_file.read_text()).get("run_dir", "") == source_run
+    reuse = (
+        offline_file.is_file()
+        and (index_dir / index_files.CURRENT_FILE).is_file()
+        and index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir)
+        and json.loads(offline_file.read_text()).get("run_dir", "") == source_run
+    )
     if not reuse:
         if run_dir is None:
             run_dir = work / "run"

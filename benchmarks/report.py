@@ -23,29 +23,43 @@ def _host_probe(report: dict[str, Any]) -> list[str]:
     probe = report.get("host_probe_ms")  # runs before the probe existed have none
     if not probe:
         return []
-    return [(f"Host speed probe (benchmarks/hostspeed.py, a fixed CPU workload; lower is faster, 24-25 ms on "
-             f"this host when idle, 2026-11-26): {probe['before']:.1f} ms before the run, {probe['after']:.1f} ms after. "
-             "Compare runs only at similar values: the same code needed a third more CPU per request on some evenings "
-             "than on others.")]
+    return [
+        (
+            f"Host speed probe (benchmarks/hostspeed.py, a fixed CPU workload; lower is faster, 24-25 ms on "
+            f"this host when idle, 2026-11-26): {probe['before']:.1f} ms before the run, "
+            f"{probe['after']:.1f} ms after. "
+            "Compare runs only at similar values: the same code needed a third more CPU per request on some evenings "
+            "than on others."
+        )
+    ]
 
 
 def _rounds_note(report: dict[str, Any]) -> list[str]:
     rounds = report.get("rounds", 1)  # runs before rounds existed ran each rate once
     if rounds <= 1:
         return []
-    return [(f"Each rate ran {rounds} rounds of the same length, interleaved (every rate, then every rate again), "
-             "with fresh requests each; a row is the round with the median p99, whole (its p50, stages and CPU too), "
-             "and the last column lists every round's p99 with the host probe taken just before it. Errors are "
-             "those of all rounds.")]
+    return [
+        (
+            f"Each rate ran {rounds} rounds of the same length, interleaved (every rate, then every rate again), "
+            "with fresh requests each; a row is the round with the median p99, whole (its p50, stages and CPU too), "
+            "and the last column lists every round's p99 with the host probe taken just before it. Errors are "
+            "those of all rounds."
+        )
+    ]
 
 
 def _query_mix_note(report: dict[str, Any]) -> list[str]:
     mix = report.get("text_queries")  # runs before it drew from ten fixed phrases
     if not mix:
         return []
-    return [(f"Text queries: a Zipf law (exponent {mix['zipf_exponent']:g}) over {mix['distinct']:,} phrases made from the "
-             "catalogue (colour + product type or name), so popular ones repeat and hit the query-vector cache while "
-             "the long tail reaches the item tower; the stage table shows the hit share per rate.")]
+    return [
+        (
+            f"Text queries: a Zipf law (exponent {mix['zipf_exponent']:g}) over {mix['distinct']:,} phrases "
+            "made from the "
+            "catalogue (colour + product type or name), so popular ones repeat and hit the query-vector cache while "
+            "the long tail reaches the item tower; the stage table shows the hit share per rate."
+        )
+    ]
 
 
 def _median_of(report: dict[str, Any]) -> str:
@@ -58,15 +72,22 @@ def _errors(run: dict[str, Any]) -> int:
 
 def _round_p99s(run: dict[str, Any]) -> str:
     rounds = run.get("rounds", [])
-    return ", ".join(f"{r['p99_ms']:.1f}" + (f" ({r['probe_ms']:.0f})" if "probe_ms" in r else "") for r in rounds) or "-"
+    return (
+        ", ".join(f"{r['p99_ms']:.1f}" + (f" ({r['probe_ms']:.0f})" if "probe_ms" in r else "") for r in rounds) or "-"
+    )
 
 
 def _inside_triton(model: dict[str, Any]) -> str:
-    stages = [(stage, model[f"{stage}_ms"]) for stage in ("queue", "compute_input", "compute_infer", "compute_output")
-              if f"{stage}_ms" in model]  # runs before these were recorded have none
+    stages = [
+        (stage, model[f"{stage}_ms"])
+        for stage in ("queue", "compute_input", "compute_infer", "compute_output")
+        if f"{stage}_ms" in model
+    ]  # runs before these were recorded have none
     if not stages:
         return ""
-    return ", ms per request inside Triton: " + ", ".join(f"{stage.replace('compute_', '')} {ms:.2f}" for stage, ms in stages)
+    return ", ms per request inside Triton: " + ", ".join(
+        f"{stage.replace('compute_', '')} {ms:.2f}" for stage, ms in stages
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -88,7 +109,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Served: HTTP -> KServe retriever -> Triton -> FAISS",
         "",
-        "| target QPS | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | p50 served/in-process | p99 served/in-process | p99 ms of each round (probe ms) |",
+        "| target QPS | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | p50 served/in-process "
+        "| p99 served/in-process | p99 ms of each round (probe ms) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rate, r in _by_rate(served):
@@ -118,16 +140,19 @@ def markdown(report: dict[str, Any]) -> str:
         "an export-time customer vector make no Triton call; the last column is the call itself. The served",
         "latency above minus `total` is HTTP, KServe's routing and JSON, and the load generator.",
         "",
-        "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total | requests calling Triton | ms per Triton call | text queries from the cache |",
+        "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total "
+        "| requests calling Triton | ms per Triton call | text queries from the cache |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for rate, r in _by_rate(served):
         s = r["stages_ms"]
         share = f"{s['triton_call_share']:.0%}" if "triton_call_share" in s else "-"
         per_call = f"{s['triton_per_call']:.2f}" if "triton_per_call" in s else "-"
-        lines.append(f"| {rate} | {s['parse']:.2f} | {s['triton']:.2f} ({s['tokenize']:.2f}) | {s['search']:.2f} | "
-                     f"{s['other']:.2f} | {s['total']:.2f} | {share} | {per_call} | "
-                     + (f"{s['query_cache_hit_share']:.0%} |" if "query_cache_hit_share" in s else "- |"))
+        lines.append(
+            f"| {rate} | {s['parse']:.2f} | {s['triton']:.2f} ({s['tokenize']:.2f}) | {s['search']:.2f} | "
+            f"{s['other']:.2f} | {s['total']:.2f} | {share} | {per_call} | "
+            + (f"{s['query_cache_hit_share']:.0%} |" if "query_cache_hit_share" in s else "- |")
+        )
     processes = list(next(iter(served.values()), {}).get("cpu_ms_per_request", {}))
     if processes:
         lines += [
@@ -140,35 +165,52 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for rate, r in _by_rate(served):
             cpu = r.get("cpu_ms_per_request", {})
-            lines.append(f"| {rate} | " + " | ".join(f"{cpu.get(p, float('nan')):.2f}" for p in processes)
-                         + f" | {sum(cpu.values()):.2f} |")
-    batches = "; ".join(f"{name}: {b['inferences']} inferences in {b['executions']} executions{_inside_triton(b)}"
-                        for name, b in report["triton_batches"].items())
+            lines.append(
+                f"| {rate} | "
+                + " | ".join(f"{cpu.get(p, float('nan')):.2f}" for p in processes)
+                + f" | {sum(cpu.values()):.2f} |"
+            )
+    batches = "; ".join(
+        f"{name}: {b['inferences']} inferences in {b['executions']} executions{_inside_triton(b)}"
+        for name, b in report["triton_batches"].items()
+    )
     off = report["offline"]
     lines += [
         "",
-        (f"Triton over the run (its own statistics; `infer` is the Python backend's round trip to its stub with "
-         f"the tower in it): {batches}."),
+        (
+            f"Triton over the run (its own statistics; `infer` is the Python backend's round trip to its stub with "
+            f"the tower in it): {batches}."
+        ),
         "",
         "## Offline costs",
         "",
-        f"- Catalogue embedding ({off['clip_model']}, tokenizing included): {off['embedding_items_per_s']:.0f} items/s, "
+        f"- Catalogue embedding ({off['clip_model']}, tokenizing included): "
+        f"{off['embedding_items_per_s']:.0f} items/s, "
         f"about {off['catalogue_embedding_s_estimate']:.0f} s for {off['items']:,} articles "
         f"(the tokenizer alone: {off['tokenizing_items_per_s']:.0f} items/s).",
-        "- Index build over the full catalogue: " + ", ".join(f"{k} {v:.1f} s" for k, v in off["index_build_s"].items()) + ".",
+        "- Index build over the full catalogue: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in off["index_build_s"].items())
+        + ".",
         f"- Training throughput: {off['training_examples_per_s']:.0f} examples/s.",
-        (f"- Index recall@10 vs exact search, 1000 real user vectors, by {ann['index_type']} {ann['setting']}: "
-         + ", ".join(f"{value}: {r:.4f}" for value, r in _by_rate(ann["recall"]))
-         + f" (served with {ann['setting']} {ann['served']})." if ann["setting"] else
-         f"- Index recall@10 vs exact search, 1000 real user vectors: {recall:.4f} ({ann['index_type']} index: exact)."),
+        (
+            f"- Index recall@10 vs exact search, 1000 real user vectors, by {ann['index_type']} {ann['setting']}: "
+            + ", ".join(f"{value}: {r:.4f}" for value, r in _by_rate(ann["recall"]))
+            + f" (served with {ann['setting']} {ann['served']})."
+            if ann["setting"]
+            else f"- Index recall@10 vs exact search, 1000 real user vectors: {recall:.4f} "
+            f"({ann['index_type']} index: exact)."
+        ),
         "",
         "## Targets (issue: p99 <= 10 ms and p50 <= 5 ms at 100 QPS, >= 400 QPS under p99 50 ms, recall@10 >= 0.95)",
         "",
-        f"- 100 QPS{_median_of(report)}: p50 {at_100.get('p50_ms', float('nan')):.2f} ms, p99 {at_100.get('p99_ms', float('nan')):.2f} ms, "
-        f"errors {_errors(at_100) if at_100 else '-'}: {'met' if at_100 and at_100['p99_ms'] <= 10 and at_100['p50_ms'] <= 5 and not _errors(at_100) else 'NOT met'}.",
+        f"- 100 QPS{_median_of(report)}: p50 {at_100.get('p50_ms', float('nan')):.2f} ms, "
+        f"p99 {at_100.get('p99_ms', float('nan')):.2f} ms, errors {_errors(at_100) if at_100 else '-'}: "
+        f"{'met' if at_100 and at_100['p99_ms'] <= 10 and at_100['p50_ms'] <= 5 and not _errors(at_100) else 'NOT met'}"
+        ".",
         f"- Highest rate under p99 50 ms: {report['max_qps_p99_under_50ms']:.0f} QPS: "
         f"{'met' if report['max_qps_p99_under_50ms'] >= 400 else 'NOT met'}.",
-        f"- Index recall@10 at the served {ann['setting'] or 'setting'}: {recall:.4f}: {'met' if recall >= 0.95 else 'NOT met'}.",
+        f"- Index recall@10 at the served {ann['setting'] or 'setting'}: {recall:.4f}: "
+        f"{'met' if recall >= 0.95 else 'NOT met'}.",
         "",
     ]
     if LEVERS_FILE.is_file():
@@ -186,7 +228,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for label, runs, style in (("served", report["served"], "-o"), ("in-process", report["in_process"], "--s")):
         ordered = _by_rate(runs)
         for quantile in ("p50_ms", "p99_ms"):
-            axis.plot([float(r) for r, _ in ordered], [v[quantile] for _, v in ordered], style, label=f"{label} {quantile[:3]}")
+            axis.plot(
+                [float(r) for r, _ in ordered],
+                [v[quantile] for _, v in ordered],
+                style,
+                label=f"{label} {quantile[:3]}",
+            )
     axis.axhline(10, color="grey", linewidth=0.8, linestyle=":")
     axis.axhline(50, color="grey", linewidth=0.8, linestyle=":")
     axis.set_xlabel("target QPS (open loop)")

@@ -47,9 +47,11 @@ QUERY_ZIPF_EXPONENT = 1.0
 def text_queries(items: dict[str, list[str]], seed: int = 0) -> list[str]:
     """Distinct shopper-like phrases from the catalogue ("black vest top", "black strap top"), in a
     seeded random order: their popularity rank for `request_bodies`."""
-    phrases = {f"{colour} {name}".lower()
-               for column in ("product_type_name", "prod_name")
-               for colour, name in zip(items["colour_group_name"], items[column])}
+    phrases = {
+        f"{colour} {name}".lower()
+        for column in ("product_type_name", "prod_name")
+        for colour, name in zip(items["colour_group_name"], items[column])
+    }
     ordered = sorted(phrases)
     np.random.default_rng(seed).shuffle(ordered)
     return ordered
@@ -82,7 +84,9 @@ def scrape(url: str) -> dict[str, float]:
     """retriever_stage_seconds sums and counts per stage, and the vector caches' lookups."""
     values: dict[str, float] = {}
     for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
-        if line.startswith(("retriever_stage_seconds_sum", "retriever_stage_seconds_count", "retriever_cache_lookups_total")):
+        if line.startswith(
+            ("retriever_stage_seconds_sum", "retriever_stage_seconds_count", "retriever_cache_lookups_total")
+        ):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
@@ -98,8 +102,10 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     requests = delta("count", "total")
-    means = {stage: 1000.0 * delta("sum", stage) / requests if requests else 0.0
-             for stage in ("parse", "tokenize", "triton", "search", "total")}
+    means = {
+        stage: 1000.0 * delta("sum", stage) / requests if requests else 0.0
+        for stage in ("parse", "tokenize", "triton", "search", "total")
+    }
     # tokenize runs inside the Triton stage (query tokens are made just before the item-tower call)
     means["other"] = max(means["total"] - means["triton"] - means["search"] - means["parse"], 0.0)
     calls = delta("count", "triton")
@@ -138,25 +144,44 @@ def wait_until_idle(pids: list[int], busy_cores: float = 0.1, timeout_s: float =
     return time.perf_counter() - started
 
 
-def run_served_rate(retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path,
-                    servers: dict[str, int]) -> dict:
+def run_served_rate(
+    retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path, servers: dict[str, int]
+) -> dict:
     """One open-loop run; also the CPU each server (`servers`: name -> pid) and the load generator spent
     per request, which says where a 2-core budget goes when a rate saturates it."""
     before = scrape(f"{retriever.url}/metrics")
     cpu_before = {name: process_tree_cpu_s(pid) for name, pid in servers.items()}
     loadgen_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = work / f"load-{int(rate)}.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--url", retriever.predict_url, "--bodies",
-                    str(bodies_file), "--rate", str(rate), "--requests", str(int(rate * seconds)), "--out", str(out)],
-                   check=True, timeout=seconds * 20 + 60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--url",
+            retriever.predict_url,
+            "--bodies",
+            str(bodies_file),
+            "--rate",
+            str(rate),
+            "--requests",
+            str(int(rate * seconds)),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        timeout=seconds * 20 + 60,
+    )
     loadgen_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator is the only child waited for
     result = json.loads(out.read_text())
     result["stages_ms"] = stage_means(before, scrape(f"{retriever.url}/metrics"))
     cpu = {name: process_tree_cpu_s(pid) - cpu_before[name] for name, pid in servers.items()}
-    cpu["load generator"] = (loadgen_after.ru_utime + loadgen_after.ru_stime
-                             - loadgen_before.ru_utime - loadgen_before.ru_stime)
-    result["cpu_ms_per_request"] = {name: 1000.0 * seconds_used / max(result["requests"], 1)
-                                    for name, seconds_used in cpu.items()}
+    cpu["load generator"] = (
+        loadgen_after.ru_utime + loadgen_after.ru_stime - loadgen_before.ru_utime - loadgen_before.ru_stime
+    )
+    result["cpu_ms_per_request"] = {
+        name: 1000.0 * seconds_used / max(result["requests"], 1) for name, seconds_used in cpu.items()
+    }
     return result
 
 
@@ -200,12 +225,12 @@ def passes(result: dict) -> bool:
     return result["p99_ms"] < P99_LIMIT_MS and not result["errors_all_rounds"]
 
 
-async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
+async def run_in_process_rate(recommender: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
     """The same open-loop schedule against the KServe adapter object itself."""
 
     async def send(body: dict) -> bool:
         try:
-            await model(body, {})
+            await recommender(body, {})
             return True
         except Exception:  # noqa: BLE001 - counted, like an HTTP error in the served run
             return False
@@ -213,21 +238,28 @@ async def run_in_process_rate(model: Any, bodies: list[dict], rate: float) -> di
     return await open_loop(bodies, rate, send)
 
 
-def in_process_baseline(index_dir: Path, repository: Path, bodies_by_rate: dict[float, list[dict]], rates: list[float],
-                        seconds: float) -> dict:
+def in_process_baseline(
+    index_dir: Path, repository: Path, bodies_by_rate: dict[float, list[dict]], rates: list[float], seconds: float
+) -> dict:
     """The same bodies per rate as the served run, against the KServe adapter in this process."""
-    from retriever.server import build_model
+    from retriever.server import build_recommender
 
     config = dataclasses.replace(config_from_env(RetrieverConfig), index_dir=str(index_dir))  # same env as the server
-    model = build_model(config, local_repository=repository)
-    model.load()
+    recommender = build_recommender(config, local_repository=repository)
+    recommender.load()
     results = {}
     for rate in rates:
         count = int(rate * seconds)
         bodies = bodies_by_rate[rate]
-        results[str(int(rate))] = asyncio.run(run_in_process_rate(model, [bodies[i % len(bodies)] for i in range(count)], rate))
-        log.info("in-process %4d qps: p50 %.2f ms p99 %.2f ms", rate, results[str(int(rate))]["p50_ms"],
-                 results[str(int(rate))]["p99_ms"])
+        results[str(int(rate))] = asyncio.run(
+            run_in_process_rate(recommender, [bodies[i % len(bodies)] for i in range(count)], rate)
+        )
+        log.info(
+            "in-process %4d qps: p50 %.2f ms p99 %.2f ms",
+            rate,
+            results[str(int(rate))]["p50_ms"],
+            results[str(int(rate))]["p99_ms"],
+        )
     return results
 
 
@@ -235,19 +267,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--run-dir", type=Path, default=None,
-                        help="trained run to serve (e.g. runs/hm-eval); default: a model trained for 60 steps")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="trained run to serve (e.g. runs/hm-eval); default: a model trained for 60 steps",
+    )
     parser.add_argument("--rates", default="50,100,200,400", help="comma-separated target QPS")
     parser.add_argument("--extra-rates", default="600,800,1200", help="tried after --rates while p99 stays under 50 ms")
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate and round")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="runs of each rate, interleaved (all rates, then all again); each rate reports its "
-                             "median-p99 round, every round listed beside it")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of each rate, interleaved (all rates, then all again); each rate reports its "
+        "median-p99 round, every round listed beside it",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs"))
     # Two KServe workers: at 400 QPS one Python process is 80-95% busy under the GIL (2.0-2.4 ms of CPU
     # per request, by host speed); two use both cores (benchmarks/LEVERS.md, KServe --workers rows).
-    parser.add_argument("--retriever-args", default="--workers 2",
-                        help="retriever flags, e.g. '--workers 1' (default: '--workers 2')")
+    parser.add_argument(
+        "--retriever-args", default="--workers 2", help="retriever flags, e.g. '--workers 1' (default: '--workers 2')"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = args.work_dir
@@ -267,16 +308,24 @@ def main(argv: list[str] | None = None) -> int:
     pool = request_bodies(catalog, sum(counts), queries=queries)
     query_mix = {"zipf_exponent": QUERY_ZIPF_EXPONENT, "distinct": len(queries)}
     del catalog  # the servers load their own copies
-    bodies_for = {run: pool[int(start) : int(start) + count]
-                  for run, start, count in zip(runs, np.cumsum([0] + counts[:-1]), counts)}
+    bodies_for = {
+        run: pool[int(start) : int(start) + count]
+        for run, start, count in zip(runs, np.cumsum([0] + counts[:-1]), counts)
+    }
     bodies_by_rate = {rate: bodies_for[(rate, 0)] for rate in rates}  # the in-process baseline's
 
     probe_before = hostspeed.probe_ms()
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with TritonServer(settings) as triton, RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
-                                                  log_path=work / "retriever.log",
-                                                  extra_args=args.retriever_args.split()) as retriever:
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            artifacts.index_dir,
+            f"127.0.0.1:{settings.http_port}",
+            log_path=work / "retriever.log",
+            extra_args=args.retriever_args.split(),
+        ) as retriever,
+    ):
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         log.info("servers idle after %.1f s", wait_until_idle(list(servers.values())))
 
@@ -285,9 +334,18 @@ def main(argv: list[str] | None = None) -> int:
             bodies_file.write_text("\n".join(json.dumps(b) for b in bodies_for[(rate, round_)]) + "\n")
             probe = hostspeed.probe_ms(repeats=3)
             result = {**run_served_rate(retriever, bodies_file, rate, args.seconds, work, servers), "probe_ms": probe}
-            log.info("served %4d qps, round %d: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d (probe %.1f ms); "
-                     "stages %s", rate, round_ + 1, result["achieved_qps"], result["p50_ms"], result["p99_ms"],
-                     result["errors"], probe, {k: round(v, 2) for k, v in result["stages_ms"].items()})
+            log.info(
+                "served %4d qps, round %d: achieved %.0f, p50 %.2f ms, p99 %.2f ms, errors %d (probe %.1f ms); "
+                "stages %s",
+                rate,
+                round_ + 1,
+                result["achieved_qps"],
+                result["p50_ms"],
+                result["p99_ms"],
+                result["errors"],
+                probe,
+                {k: round(v, 2) for k, v in result["stages_ms"].items()},
+            )
             return result
 
         # Interleaved rounds: a burst of a neighbour's load then hits one round of several rates, not
@@ -303,15 +361,21 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the extra rates only search upwards for the highest rate under the p99 limit
             last = served[str(int(rate))] = median_round([run_round(rate, r) for r in range(args.rounds)])
         for rate, result in served.items():  # ascending: the rates, then the extra ones
-            log.info("served %4s qps: median round p50 %.2f ms, p99 %.2f ms; p99 of the rounds %s", rate,
-                     result["p50_ms"], result["p99_ms"], [round(r["p99_ms"], 2) for r in result["rounds"]])
+            log.info(
+                "served %4s qps: median round p50 %.2f ms, p99 %.2f ms; p99 of the rounds %s",
+                rate,
+                result["p50_ms"],
+                result["p99_ms"],
+                [round(r["p99_ms"], 2) for r in result["rounds"]],
+            )
         triton_stats = json.loads(urllib.request.urlopen(f"{settings.http_url}/v2/models/stats", timeout=10).read())
     baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies_by_rate, rates, args.seconds)
     host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
     log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])
     passing = [r["target_qps"] for r in served.values() if passes(r)]
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores (shared by load generator and servers)",
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores "
+        "(shared by load generator and servers)",
         "host_probe_ms": host_probe_ms,
         "data": str(args.data_dir or "synthetic"),
         "catalogue": artifacts.item_count,

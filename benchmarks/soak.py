@@ -56,7 +56,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Soak run",
         "",
-        f"`python -m benchmarks.soak --minutes {report['minutes']:g} --rate {report['rate']:g}` on {report['machine']}; "
+        f"`python -m benchmarks.soak --minutes {report['minutes']:g} --rate {report['rate']:g}` "
+        f"on {report['machine']}; "
         f"catalogue {report['catalogue']:,} articles ({report['data']}).",
         "",
         f"Total: {report['requests']:,} requests, {report['errors']} errors. "
@@ -68,13 +69,18 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for i, window in enumerate(report["windows"]):
-        lines.append(f"| {i + 1} | {window['achieved_qps']:.1f} | {window['p50_ms']:.2f} | {window['p99_ms']:.2f} | "
-                     f"{window['max_ms']:.1f} | {window['errors']} | {window['rss_retriever_mb']:.0f} | "
-                     f"{window['rss_triton_mb']:.0f} |")
+        lines.append(
+            f"| {i + 1} | {window['achieved_qps']:.1f} | {window['p50_ms']:.2f} | {window['p99_ms']:.2f} | "
+            f"{window['max_ms']:.1f} | {window['errors']} | {window['rss_retriever_mb']:.0f} | "
+            f"{window['rss_triton_mb']:.0f} |"
+        )
     verdict = report["verdict"]
-    lines += ["", f"Verdict: zero errors {'held' if verdict['zero_errors'] else 'FAILED'}; memory growth "
-              f"{'within' if verdict['memory_bounded'] else 'OVER'} the bound; p99 of the last window / first window "
-              f"{verdict['p99_last_over_first']:.2f}."]
+    lines += [
+        "",
+        f"Verdict: zero errors {'held' if verdict['zero_errors'] else 'FAILED'}; memory growth "
+        f"{'within' if verdict['memory_bounded'] else 'OVER'} the bound; p99 of the last window / first window "
+        f"{verdict['p99_last_over_first']:.2f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -82,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--run-dir", type=Path, default=None,
-                        help="trained run to serve, as for benchmarks.serving (default: a model trained for 60 steps)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="trained run to serve, as for benchmarks.serving (default: a model trained for 60 steps)",
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--window-s", type=float, default=60.0, help="latency and RSS are reported per window")
@@ -100,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = TritonSettings.on_free_ports(artifacts.repository, args.work_dir / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     windows = []
-    with TritonServer(settings) as triton, RetrieverProcess(artifacts.index_dir, f"127.0.0.1:{settings.http_port}",
-                                                            log_path=args.work_dir / "soak-retriever.log") as retriever:
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            artifacts.index_dir, f"127.0.0.1:{settings.http_port}", log_path=args.work_dir / "soak-retriever.log"
+        ) as retriever,
+    ):
         assert triton.pid is not None and retriever.process is not None
         rss_start = {"retriever": rss_mb(retriever.process.pid), "triton": group_rss_mb(triton.pid)}
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}  # CPU per request, per window
@@ -113,17 +127,33 @@ def main(argv: list[str] | None = None) -> int:
             result["rss_retriever_mb"] = rss_mb(retriever.process.pid)
             result["rss_triton_mb"] = group_rss_mb(triton.pid)
             windows.append(result)
-            log.info("window %d/%d: %.0f qps, p50 %.2f ms, p99 %.2f ms, errors %d, RSS retriever %.0f MB, Triton %.0f MB",
-                     w + 1, windows_n, result["achieved_qps"], result["p50_ms"], result["p99_ms"], result["errors"],
-                     result["rss_retriever_mb"], result["rss_triton_mb"])
-    rss = {"retriever": [rss_start["retriever"]] + [w["rss_retriever_mb"] for w in windows],
-           "triton": [rss_start["triton"]] + [w["rss_triton_mb"] for w in windows]}
+            log.info(
+                "window %d/%d: %.0f qps, p50 %.2f ms, p99 %.2f ms, errors %d, RSS retriever %.0f MB, Triton %.0f MB",
+                w + 1,
+                windows_n,
+                result["achieved_qps"],
+                result["p50_ms"],
+                result["p99_ms"],
+                result["errors"],
+                result["rss_retriever_mb"],
+                result["rss_triton_mb"],
+            )
+    rss = {
+        "retriever": [rss_start["retriever"]] + [w["rss_retriever_mb"] for w in windows],
+        "triton": [rss_start["triton"]] + [w["rss_triton_mb"] for w in windows],
+    }
     errors = sum(w["errors"] for w in windows)
     report = {
-        "minutes": args.minutes, "rate": args.rate, "window_s": args.window_s,
+        "minutes": args.minutes,
+        "rate": args.rate,
+        "window_s": args.window_s,
         "machine": f"{os.cpu_count()} cores shared by load generator and servers",
-        "data": str(args.data_dir or "synthetic"), "catalogue": artifacts.item_count,
-        "requests": sum(w["requests"] for w in windows), "errors": errors, "windows": windows, "rss_mb": rss,
+        "data": str(args.data_dir or "synthetic"),
+        "catalogue": artifacts.item_count,
+        "requests": sum(w["requests"] for w in windows),
+        "errors": errors,
+        "windows": windows,
+        "rss_mb": rss,
         "rss_growth_bound_mb": args.rss_growth_bound_mb,
         "verdict": {
             "zero_errors": errors == 0,

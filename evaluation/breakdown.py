@@ -25,9 +25,15 @@ CATEGORIES = (
 )
 
 
-def target_breakdown(split: TemporalSplit, products: Products | None, bought: list[np.ndarray],
-                     co_purchase_ranked: list[np.ndarray], popularity_ranked: np.ndarray,
-                     ranked_by: dict[str, list[np.ndarray]], k: int = 100) -> dict[str, dict[str, float]]:
+def target_breakdown(
+    split: TemporalSplit,
+    products: Products | None,
+    bought: list[np.ndarray],
+    co_purchase_ranked: list[np.ndarray],
+    popularity_ranked: np.ndarray,
+    ranked_by: dict[str, list[np.ndarray]],
+    k: int = 100,
+) -> dict[str, dict[str, float]]:
     """{category: {"share": its part of all targets, ranker name: its part found in that ranker's top k}}.
 
     `bought[i]`: case i's rows bought before the cutoff (baselines.Repurchase.bought); `co_purchase_ranked[i]`:

@@ -47,29 +47,48 @@ def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[d
         "cold_recall@100": metrics.recall_at_k([r for r, _ in cold], [t for _, t in cold], K_LARGE) if cold else 0.0,
         "hr@10_sampled100": metrics.hit_rate_sampled(np.asarray(target_scores), np.asarray(negative_scores), SAMPLED_K),
     }
-    log.info("%-45s recall@12 %.4f  map@12 %.4f  recall@100 %.4f  cold recall@100 %.4f  (%.1fs)", ranker.name,
-             result["recall@12"], result["map@12"], result["recall@100"], result["cold_recall@100"],
-             time.perf_counter() - started)
+    log.info(
+        "%-45s recall@12 %.4f  map@12 %.4f  recall@100 %.4f  cold recall@100 %.4f  (%.1fs)",
+        ranker.name,
+        result["recall@12"],
+        result["map@12"],
+        result["recall@100"],
+        result["cold_recall@100"],
+        time.perf_counter() - started,
+    )
     return result, ranked
 
 
-def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_repository: Path, command: str) -> dict[str, Any]:
+def evaluate(
+    data: HMData, split: TemporalSplit, index_dir: Path, model_repository: Path, command: str
+) -> dict[str, Any]:
     catalog = Catalog(index_dir)
     if catalog.article_ids != data.article_ids:
-        raise ValueError(f"{index_dir} indexes a different catalogue than {data.source} "
-                         f"({len(catalog.article_ids)} vs {len(data.article_ids)} articles or a different order)")
+        raise ValueError(
+            f"{index_dir} indexes a different catalogue than {data.source} "
+            f"({len(catalog.article_ids)} vs {len(data.article_ids)} articles or a different order)"
+        )
     manifest = catalog.manifest
     if not manifest.trained_until or manifest.trained_until > str(split.cutoff.date()):
-        log.warning("the model was trained on purchases up to %s, past the cutoff %s: its numbers are not honest; "
-                    "train with --until %s", manifest.trained_until or "the end of the data", split.cutoff.date(),
-                    split.cutoff.date())
+        log.warning(
+            "the model was trained on purchases up to %s, past the cutoff %s: its numbers are not honest; "
+            "train with --until %s",
+            manifest.trained_until or "the end of the data",
+            split.cutoff.date(),
+            split.cutoff.date(),
+        )
     user_tower = load_user_tower(model_repository, manifest)
 
     popularity = Popularity(split, days=7)
     repurchase, co_purchase = Repurchase(split), CoPurchase(split)
     baselines: list[Ranker] = [
-        popularity, Popularity(split, days=1), repurchase, co_purchase,
-        Mix([repurchase, co_purchase, popularity]), Mix([repurchase, popularity]), Mix([co_purchase, popularity]),
+        popularity,
+        Popularity(split, days=1),
+        repurchase,
+        co_purchase,
+        Mix([repurchase, co_purchase, popularity]),
+        Mix([repurchase, popularity]),
+        Mix([co_purchase, popularity]),
     ]
     results: dict[str, dict[str, float]] = {}
     ranked_by: dict[str, list[np.ndarray]] = {}
@@ -87,12 +106,19 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         variants.append(TwoTower(cases, catalog, exact=True, repeat_boost=False, popularity_prior=False))
     for variant in variants:
         results[variant.name] = score_ranker(variant, split)[0]
-    ann_recall = float(np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1)
-                                for a, e in zip(ann_ranked, exact_ranked)]))
+    ann_recall = float(
+        np.mean([len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1) for a, e in zip(ann_ranked, exact_ranked)])
+    )
     best = max((r.name for r in baselines), key=lambda name: results[name]["recall@100"])
     bought = [repurchase.bought(case) for case in range(len(split.customers))]
-    breakdown = target_breakdown(split, catalog.products, bought, ranked_by[co_purchase.name], popularity.rank(0, 1000),
-                                 {served.name: ann_ranked, best: ranked_by[best]})
+    breakdown = target_breakdown(
+        split,
+        catalog.products,
+        bought,
+        ranked_by[co_purchase.name],
+        popularity.rank(0, 1000),
+        {served.name: ann_ranked, best: ranked_by[best]},
+    )
     ours, theirs, boost = results[served.name], results[best], catalog.score_head.repeat
     targets = {
         "recall@100 >= 1.2 x best baseline": ours["recall@100"] >= 1.2 * theirs["recall@100"],
@@ -108,11 +134,11 @@ def evaluate(data: HMData, split: TemporalSplit, index_dir: Path, model_reposito
         "cases": len(split.customers),
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
         "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
-                 f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
-                 f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
-                 f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "
-                 f"{catalog.prior_weight:g} * log1p(purchases in the {catalog.score_head.prior.window_days} days "
-                 f"before {manifest.trained_until or 'the end of data'})",
+        f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
+        f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
+        f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "
+        f"{catalog.prior_weight:g} * log1p(purchases in the {catalog.score_head.prior.window_days} days "
+        f"before {manifest.trained_until or 'the end of data'})",
         "rankers": results,
         "best_baseline": best,
         "served": served.name,

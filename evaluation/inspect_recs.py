@@ -41,23 +41,34 @@ def main(argv: list[str] | None = None) -> int:
     ranker = TwoTower(case_users(split, catalog, load_user_tower(args.model_repository, catalog.manifest)), catalog)
     captions = build_captions(data.articles)
     histories = split.histories(catalog.manifest.max_history)
-    picks = np.random.default_rng(args.seed).choice(len(split.customers), min(args.customers, len(split.customers)), replace=False)
+    picks = np.random.default_rng(args.seed).choice(
+        len(split.customers), min(args.customers, len(split.customers)), replace=False
+    )
     width = 60
     for case in picks:
         history = [r for r in histories.rows[case] if r >= 0]
         recommended = ranker.rank(int(case), args.k)
-        siblings = (set(catalog.products.siblings(np.asarray(history), np.zeros(len(history)))[0].tolist())
-                    if catalog.products is not None else set())
-        print(f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
-              f"{len(split.targets[case])} on the target day)")
-        print(f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before, "
-              "~ = another colour of a product bought before)")
+        siblings = (
+            set(catalog.products.siblings(np.asarray(history), np.zeros(len(history)))[0].tolist())
+            if catalog.products is not None
+            else set()
+        )
+        print(
+            f"\n=== customer {split.customers[case][:16]}...  ({len(history)} purchases before {split.cutoff.date()}, "
+            f"{len(split.targets[case])} on the target day)"
+        )
+        print(
+            f"{'history (most recent first)':<{width}} | recommended (* = bought on the target day, + = bought before, "
+            "~ = another colour of a product bought before)"
+        )
         for i in range(max(len(history[: args.k]), len(recommended))):
             left = textwrap.shorten(captions[history[i]], width) if i < len(history[: args.k]) else ""
             right = ""
             if i < len(recommended):
                 row = recommended[i]
-                mark = ("*" if row in split.targets[case] else " ") + ("+" if row in history else "~" if row in siblings else " ")
+                mark = ("*" if row in split.targets[case] else " ") + (
+                    "+" if row in history else "~" if row in siblings else " "
+                )
                 right = f"{mark} {textwrap.shorten(captions[recommended[i]], width)}"
             print(f"{left:<{width}} | {right}")
     return 0

@@ -27,9 +27,11 @@ class TemporalSplit:
     row_of: dict[str, int]
 
     def describe(self) -> str:
-        return (f"history {self.history_start.date()}..{(self.cutoff - pd.Timedelta(days=1)).date()}, "
-                f"target {self.cutoff.date()}..{(self.target_end - pd.Timedelta(days=1)).date()}, "
-                f"{len(self.customers)} customers")
+        return (
+            f"history {self.history_start.date()}..{(self.cutoff - pd.Timedelta(days=1)).date()}, "
+            f"target {self.cutoff.date()}..{(self.target_end - pd.Timedelta(days=1)).date()}, "
+            f"{len(self.customers)} customers"
+        )
 
     def histories(self, max_history: int) -> Histories:
         """Each case's last purchases before the cutoff, ages in days as of the cutoff day."""
@@ -51,9 +53,11 @@ def temporal_split(data: HMData, cutoff: str = "", history_days: int = 6, target
     history = before[before["t_dat"] >= start]
     target = transactions[(transactions["t_dat"] >= cut) & (transactions["t_dat"] < end)]
     if history.empty or target.empty:
-        raise ValueError(f"{data.source}: no purchases in the history window {start.date()}..{cut.date()} "
-                         f"or in the target window from {cut.date()} (data spans "
-                         f"{transactions['t_dat'].min().date()}..{last_day.date()})")
+        raise ValueError(
+            f"{data.source}: no purchases in the history window {start.date()}..{cut.date()} "
+            f"or in the target window from {cut.date()} (data spans "
+            f"{transactions['t_dat'].min().date()}..{last_day.date()})"
+        )
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
     customers = sorted(set(history["customer_id"]) & set(target["customer_id"]))
     target_rows = target.assign(row=target["article_id"].map(row_of)).groupby("customer_id")["row"].agg(set)

@@ -26,8 +26,9 @@ class CaseUsers:
     users: np.ndarray  # float32 [cases, dim]
 
 
-def case_users(split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.ScriptModule, batch_size: int = 256
-               ) -> CaseUsers:
+def case_users(
+    split: TemporalSplit, catalog: Catalog, user_tower: torch.jit.ScriptModule, batch_size: int = 256
+) -> CaseUsers:
     histories = split.histories(catalog.manifest.max_history)
     pairs = [(rows[rows >= 0], ages[rows >= 0]) for rows, ages in zip(histories.rows, histories.age_days)]
     chunks = []
@@ -47,17 +48,29 @@ class TwoTower(Ranker):
     them show what each adds. Variants share one `CaseUsers`: the user tower runs once per split.
     """
 
-    def __init__(self, cases: CaseUsers, catalog: Catalog, exact: bool = False, repeat_boost: bool = True,
-                 popularity_prior: bool = True):
+    def __init__(
+        self,
+        cases: CaseUsers,
+        catalog: Catalog,
+        exact: bool = False,
+        repeat_boost: bool = True,
+        popularity_prior: bool = True,
+    ):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
-        left_out = [part for part, kept in (("repeat boost", repeat_boost), ("popularity prior", popularity_prior))
-                    if not kept]
+        left_out = [
+            part for part, kept in (("repeat boost", repeat_boost), ("popularity prior", popularity_prior)) if not kept
+        ]
         if left_out:
             self.name = self.name.replace("two-tower", "two-tower without " + " or ".join(left_out))
         self.space: ranking.ItemSpace = catalog
         if exact:
-            self.space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products,
-                                            product_types=catalog.product_types, excluded=catalog.excluded)
+            self.space = ranking.ExactItems(
+                catalog.vectors,
+                catalog.item_bias,
+                products=catalog.products,
+                product_types=catalog.product_types,
+                excluded=catalog.excluded,
+            )
         self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
         self.prior = catalog.prior_weight if popularity_prior else 0.0
         self.pairs, self.users = cases.pairs, cases.users

@@ -45,8 +45,10 @@ def post(url: str, body: dict) -> tuple[dict, float]:
 def show(title: str, prediction: dict, latency_ms: float) -> None:
     print(f"\n=== {title}  ({latency_ms:.1f} ms)")
     for rank, item in enumerate(prediction["items"], 1):
-        print(f"  {rank:2d}. {item['article_id']}  {item['prod_name']:<28.28} {item['colour_group_name']:<12.12} "
-              f"{item['product_type_name']:<14.14} score {item['score']:.3f}  similarity {item['similarity']:.3f}")
+        print(
+            f"  {rank:2d}. {item['article_id']}  {item['prod_name']:<28.28} {item['colour_group_name']:<12.12} "
+            f"{item['product_type_name']:<14.14} score {item['score']:.3f}  similarity {item['similarity']:.3f}"
+        )
 
 
 def add_article_live(data, index_dir: Path, triton_url: str, retriever: RetrieverProcess) -> None:
@@ -59,8 +61,10 @@ def add_article_live(data, index_dir: Path, triton_url: str, retriever: Retrieve
         delta.to_csv(Path(tmp) / "new_articles.csv", index=False)
         summary = update_catalogue(index_dir, lambda m: triton_embedder(triton_url, m), Path(tmp) / "new_articles.csv")
     reload, _ = post(f"{retriever.url}/admin/index/reload", {})
-    print(f"\nadded 1 article as index {summary.index_version} (parent {summary.parent_version}); "
-          f"the retriever now serves {reload['index_version']}, without a restart")
+    print(
+        f"\nadded 1 article as index {summary.index_version} (parent {summary.parent_version}); "
+        f"the retriever now serves {reload['index_version']}, without a restart"
+    )
     # The tiny demo model never saw words like "sequin": search with the new article's own caption,
     # which the item tower maps to exactly its indexed vector (cosine 1).
     caption = build_captions(delta)[0]
@@ -71,7 +75,9 @@ def add_article_live(data, index_dir: Path, triton_url: str, retriever: Retrieve
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="", help="H&M-format directory; empty = generate the synthetic shop")
-    parser.add_argument("--work-dir", type=Path, default=Path("."), help="where data/, runs/, model_repository/ and artifacts/ go")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("."), help="where data/, runs/, model_repository/ and artifacts/ go"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=0, help="cap training steps (useful on the full H&M data)")
     args = parser.parse_args(argv)
@@ -81,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(args.data_dir) if args.data_dir else generate(work / "data" / "synthetic", seed=0)
     data = load_hm_dir(data_dir)
-    run_dir = train(data, ModelConfig(), TrainConfig(epochs=args.epochs, max_steps=args.max_steps), work / "runs" / "demo", force=True)
+    run_dir = train(
+        data,
+        ModelConfig(),
+        TrainConfig(epochs=args.epochs, max_steps=args.max_steps),
+        work / "runs" / "demo",
+        force=True,
+    )
     repository, index_dir = work / "model_repository", work / "artifacts" / "index"
     for stale in (repository, index_dir):  # the demo's own outputs from an earlier run
         shutil.rmtree(stale, ignore_errors=True)
@@ -89,16 +101,26 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = TritonSettings.on_free_ports(repository, work / ".localtriton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with TritonServer(settings) as triton, RetrieverProcess(index_dir, f"127.0.0.1:{settings.http_port}",
-                                                            log_path=settings.state_dir / "retriever-demo.log") as retriever:
-        print(f"\nTriton pid {triton.pid} at {settings.http_url}; retriever pid {retriever.process.pid} at {retriever.url}")
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            index_dir, f"127.0.0.1:{settings.http_port}", log_path=settings.state_dir / "retriever-demo.log"
+        ) as retriever,
+    ):
+        print(
+            f"\nTriton pid {triton.pid} at {settings.http_url}; "
+            f"retriever pid {retriever.process.pid} at {retriever.url}"
+        )
         customers = data.transactions["customer_id"].value_counts()
         known = str(customers.index[0])
         history = data.transactions.loc[data.transactions["customer_id"] == known, "article_id"].tolist()
         print(f"\nknown customer {known[:16]}... bought:")
         for article_id in history[-5:]:
             row = data.articles.loc[article_id]
-            print(f"      {article_id}  {row['prod_name']:<28.28} {row['colour_group_name']:<12.12} {row['product_type_name']}")
+            print(
+                f"      {article_id}  {row['prod_name']:<28.28} {row['colour_group_name']:<12.12} "
+                f"{row['product_type_name']}"
+            )
         new_history = data.articles.index[[3, 4]].tolist()
         requests = [
             ("known customer", {"customer_id": known, "k": 5}),
@@ -106,15 +128,23 @@ def main(argv: list[str] | None = None) -> int:
             ("text query 'black jersey dress'", {"query": "black jersey dress", "k": 5}),
         ]
         group = str(data.articles.loc[history[-1], "product_group_name"])
-        requests.append((f"more like {history[-1]}, only {group}",
-                         {"similar_to": history[-1], "k": 5, "filters": {"product_group": [group]}}))
+        requests.append(
+            (
+                f"more like {history[-1]}, only {group}",
+                {"similar_to": history[-1], "k": 5, "filters": {"product_group": [group]}},
+            )
+        )
         for title, instance in requests:
             payload, latency = post(retriever.predict_url, {"instances": [instance]})
             show(title, payload["predictions"][0], latency)
         add_article_live(data, index_dir, settings.http_url, retriever)
-        latencies = [post(retriever.predict_url, {"instances": [instance]})[1] for _ in range(20) for _, instance in requests]
-        print(f"\nlatency over {len(latencies)} sequential requests: p50 {statistics.median(latencies):.1f} ms, "
-              f"max {max(latencies):.1f} ms (HTTP client -> KServe -> Triton -> FAISS -> response)")
+        latencies = [
+            post(retriever.predict_url, {"instances": [instance]})[1] for _ in range(20) for _, instance in requests
+        ]
+        print(
+            f"\nlatency over {len(latencies)} sequential requests: p50 {statistics.median(latencies):.1f} ms, "
+            f"max {max(latencies):.1f} ms (HTTP client -> KServe -> Triton -> FAISS -> response)"
+        )
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; both servers stopped")
     return 0
 

@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="run directory from twotower.train")
     parser.add_argument("--data-dir", required=True, type=Path, help="H&M-format directory whose catalogue is indexed")
     parser.add_argument("--model-repository", default=Path("model_repository"), type=Path)
-    parser.add_argument("--index-dir", default=Path("artifacts/index"), type=Path,
-                        help="index root: the new version is written beside earlier ones and published via CURRENT")
+    parser.add_argument(
+        "--index-dir",
+        default=Path("artifacts/index"),
+        type=Path,
+        help="index root: the new version is written beside earlier ones and published via CURRENT",
+    )
     add_arguments(parser, ExportOptions)
     args = parser.parse_args(argv)
     if args.index_type not in INDEX_TYPES:

@@ -44,7 +44,11 @@ def embed_catalogue(
 
 
 def embed_customers(
-    user_tower: torch.jit.ScriptModule, item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray, batch_size: int = 1024
+    user_tower: torch.jit.ScriptModule,
+    item_vectors: np.ndarray,
+    rows: np.ndarray,
+    ages: np.ndarray,
+    batch_size: int = 1024,
 ) -> np.ndarray:
     """float32 [C, D] user vectors of known customers from their stored histories (rows -1 = padding).
 
@@ -151,5 +155,6 @@ def new_version_dir(index_root: Path) -> Path:
     """Where the next version of an index root goes (refuses a plain version directory as root)."""
     if (index_root / artifacts.MANIFEST_FILE).is_file():
         raise artifacts.ArtifactError(
-            f"{index_root} is a single index version, not an index root: pass its parent directory or a new path")
+            f"{index_root} is a single index version, not an index root: pass its parent directory or a new path"
+        )
     return index_root / artifacts.next_version_name(index_root)

@@ -61,7 +61,9 @@ def read_removals(path: Path) -> list[str]:
     return ids
 
 
-def triton_embedder(url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0) -> ItemEmbedder:
+def triton_embedder(
+    url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0
+) -> ItemEmbedder:
     """Captions -> vectors through the item tower Triton serves at the index's model version, with the
     retriever's own client (same model/version/shape checks, timeouts and retries)."""
     from serving.towers import TowerClient
@@ -73,8 +75,10 @@ def triton_embedder(url: str, manifest: artifacts.Manifest, batch_size: int = 64
         client = TowerClient(url, manifest, timeout_s)
         try:
             await client.verify_models()
-            return [await client.query_vectors(tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64))
-                    for start in range(0, len(captions), batch_size)]
+            return [
+                await client.query_vectors(tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64))
+                for start in range(0, len(captions), batch_size)
+            ]
         finally:
             await client.close()
 
@@ -155,24 +159,39 @@ def update_catalogue(
     excluded.update(current_row[a] for a in remove_ids)
 
     out = new_version_dir(index_root)
-    fields = {k: v for k, v in dataclasses.asdict(manifest).items()
-              if k not in ("dim", "metric", "item_count", "index_version", "files")}
+    fields = {
+        k: v
+        for k, v in dataclasses.asdict(manifest).items()
+        if k not in ("dim", "metric", "item_count", "index_version", "files")
+    }
     fields["parent_version"] = parent_name
-    new_manifest = write_index_dir(out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded),
-                                   item_bias)
+    new_manifest = write_index_dir(
+        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias
+    )
     artifacts.publish_version(index_root, out.name)
-    summary = UpdateSummary(parent_name, out.name, added, changed, len(remove_ids), new_manifest.item_count,
-                            time.perf_counter() - started)
-    log.info("published index %s (parent %s): %d added, %d changed, %d removed, %d rows in %.1fs",
-             out.name, parent_name, added, changed, len(remove_ids), new_manifest.item_count, summary.seconds)
+    summary = UpdateSummary(
+        parent_name, out.name, added, changed, len(remove_ids), new_manifest.item_count, time.perf_counter() - started
+    )
+    log.info(
+        "published index %s (parent %s): %d added, %d changed, %d removed, %d rows in %.1fs",
+        out.name,
+        parent_name,
+        added,
+        changed,
+        len(remove_ids),
+        new_manifest.item_count,
+        summary.seconds,
+    )
     return summary
 
 
 def _check_vectors(vectors: np.ndarray, n: int, dim: int, source: Path | None) -> None:
     if vectors.shape != (n, dim):
-        raise artifacts.ArtifactError(f"item tower returned shape {vectors.shape} for {n} articles, expected ({n}, {dim})")
+        raise artifacts.ArtifactError(
+            f"item tower returned shape {vectors.shape} for {n} articles, expected ({n}, {dim})"
+        )
     bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if len(bad):
-        raise artifacts.ArtifactError(f"{source}: the item tower returned non-finite vectors for data line(s) "
-                                      f"{[int(i) + 2 for i in bad[:5]]}")
-
+        raise artifacts.ArtifactError(
+            f"{source}: the item tower returned non-finite vectors for data line(s) {[int(i) + 2 for i in bad[:5]]}"
+        )

@@ -42,6 +42,7 @@ from twotower.triton_repository import next_version, tower_specs, write_model
 
 log = logging.getLogger("export")
 
+
 def load_run(run_dir: Path) -> tuple[TwoTowerModel, rundir.Run]:
     """The trained model of a run directory (eval mode) and what else the run wrote."""
     run = rundir.read_run(run_dir)
@@ -49,7 +50,9 @@ def load_run(run_dir: Path) -> tuple[TwoTowerModel, rundir.Run]:
     return build_model(run.model_config, run.state, n_items=n_items).eval(), run
 
 
-def with_id_vectors(model: TwoTowerModel, text_vectors: np.ndarray, article_ids: list[str], trained_ids: list[str]) -> np.ndarray:
+def with_id_vectors(
+    model: TwoTowerModel, text_vectors: np.ndarray, article_ids: list[str], trained_ids: list[str]
+) -> np.ndarray:
     """Hybrid vectors for the index: articles the model was trained with get their id vector added."""
     if model.item_ids is None:
         return text_vectors
@@ -58,8 +61,11 @@ def with_id_vectors(model: TwoTowerModel, text_vectors: np.ndarray, article_ids:
     with torch.no_grad():
         hybrid = model.hybrid(torch.from_numpy(text_vectors), rows).numpy()
     learned = (model.item_ids.weight.detach().abs().sum(dim=1) > 0)[rows.clamp(min=0)] & (rows >= 0)
-    log.info("%d of %d articles carry a learned id vector; the rest are indexed by text alone",
-             int(learned.sum()), len(article_ids))
+    log.info(
+        "%d of %d articles carry a learned id vector; the rest are indexed by text alone",
+        int(learned.sum()),
+        len(article_ids),
+    )
     return np.ascontiguousarray(hybrid, dtype=np.float32)
 
 
@@ -68,7 +74,9 @@ def user_examples(config: ModelConfig, seed: int = 0) -> list[tuple[torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     examples = []
     for batch in (4, 1, 9):
-        history = torch.nn.functional.normalize(torch.randn(batch, config.max_history, config.embed_dim, generator=generator), dim=-1)
+        history = torch.nn.functional.normalize(
+            torch.randn(batch, config.max_history, config.embed_dim, generator=generator), dim=-1
+        )
         lengths = torch.randint(1, config.max_history + 1, (batch,), generator=generator)
         mask = (torch.arange(config.max_history) < lengths[:, None]).float()
         age = torch.rand(batch, config.max_history, generator=generator) * 30 * mask
@@ -102,7 +110,9 @@ def export_run(
     item_ts, item_diff = trace_and_verify(
         artifacts.ITEM_MODEL, model.item_tower, [(sample_ids[:4],), (sample_ids[:1],), (sample_ids,)], options.tolerance
     )
-    user_ts, user_diff = trace_and_verify(artifacts.USER_MODEL, model.user_tower, user_examples(config), options.tolerance)
+    user_ts, user_diff = trace_and_verify(
+        artifacts.USER_MODEL, model.user_tower, user_examples(config), options.tolerance
+    )
     log.info("TorchScript vs eager max |diff|: item %.2e, user %.2e", item_diff, user_diff)
 
     started = time.perf_counter()
@@ -130,8 +140,13 @@ def export_run(
     until = run.trained_until
     prior_before = pd.Timestamp(until) if until else pd.Timestamp(reference_day + 1, unit="D")
     item_bias = popularity.item_bias(data.transactions, row_of, len(vectors), prior_before, prior.window_days)
-    log.info("popularity prior: weight %g on log1p(purchases in the %d days before %s); %d articles bought then",
-             prior.weight, prior.window_days, prior_before.date(), int((item_bias > 0).sum()))
+    log.info(
+        "popularity prior: weight %g on log1p(purchases in the %d days before %s); %d articles bought then",
+        prior.weight,
+        prior.window_days,
+        prior_before.date(),
+        int((item_bias > 0).sum()),
+    )
     index_root = Path(index_dir)
     out = new_version_dir(index_root)
     index_type = resolve_index_type(options.index_type, len(vectors))
@@ -143,11 +158,18 @@ def export_run(
         index,
         vectors,
         item_metadata(data.articles, data.transactions),
-        {"customer_ids": np.asarray(customers), "rows": histories.rows.astype(np.int32),
-         "age_days": histories.age_days, "last_day": last_day, "user_vectors": user_vectors},
+        {
+            "customer_ids": np.asarray(customers),
+            "rows": histories.rows.astype(np.int32),
+            "age_days": histories.age_days,
+            "last_day": last_day,
+            "user_vectors": user_vectors,
+        },
         artifacts.ScoreHeadWeights(
-            head[0].weight.detach().numpy()[:, 0], head[0].bias.detach().numpy(),
-            head[2].weight.detach().numpy()[0], float(head[2].bias.item()),
+            head[0].weight.detach().numpy()[:, 0],
+            head[0].bias.detach().numpy(),
+            head[2].weight.detach().numpy()[0],
+            float(head[2].bias.item()),
             run.repeat_boost,
             prior,
         ),
@@ -161,8 +183,10 @@ def export_run(
             "reference_day": reference_day,
             "data_source": str(data_dir),
             "trained_until": run.trained_until,
-            "tower_checksums": {item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
-                                user_spec.name: hashlib.sha256(user_bytes).hexdigest()},
+            "tower_checksums": {
+                item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
+                user_spec.name: hashlib.sha256(user_bytes).hexdigest(),
+            },
         },
         item_bias=item_bias,
     )
@@ -172,7 +196,14 @@ def export_run(
     user_path = write_model(Path(model_repository), user_spec, version, user_bytes)
     log.info("wrote %s and %s (version %d)", item_path, user_path, version)
     artifacts.publish_version(index_root, out.name)
-    log.info("published index %s: %d items, dim %d, %s index, %d customers, model version %d",
-             out, manifest.item_count, manifest.dim, manifest.index_type, manifest.customer_count, version)
+    log.info(
+        "published index %s: %d items, dim %d, %s index, %d customers, model version %d",
+        out,
+        manifest.item_count,
+        manifest.dim,
+        manifest.index_type,
+        manifest.customer_count,
+        version,
+    )
 
     return manifest

@@ -25,12 +25,16 @@ from twotower.data.hm import DataFormatError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index-dir", type=Path, default=Path("artifacts/index"), help="the index root (holds CURRENT)")
+    parser.add_argument(
+        "--index-dir", type=Path, default=Path("artifacts/index"), help="the index root (holds CURRENT)"
+    )
     parser.add_argument("--articles", type=Path, help="H&M-format articles file with only new/changed articles")
     parser.add_argument("--remove", type=Path, help="file with one article_id per line to exclude from results")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--triton", help="Triton HTTP host:port serving the item tower (batched requests)")
-    source.add_argument("--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower")
+    source.add_argument(
+        "--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="captions per Triton request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         removals = read_removals(args.remove) if args.remove else []
         summary = update_catalogue(
             args.index_dir,
-            (lambda m: triton_embedder(args.triton, m, args.batch_size)) if args.triton
+            (lambda m: triton_embedder(args.triton, m, args.batch_size))
+            if args.triton
             else (lambda m: local_embedder(args.model_repository, m)),
             args.articles,
             removals,
@@ -46,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, TritonUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "
-          f"{summary.changed} changed, {summary.removed} removed, {summary.items} rows, {summary.seconds:.1f}s")
+    print(
+        f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "
+        f"{summary.changed} changed, {summary.removed} removed, {summary.items} rows, {summary.seconds:.1f}s"
+    )
     return 0
 
 

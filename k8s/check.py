@@ -34,8 +34,9 @@ CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "ServiceMoni
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
-    output = subprocess.run(["kubectl", "kustomize", str(K8S_DIR / "overlays" / overlay)],
-                            capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        ["kubectl", "kustomize", str(K8S_DIR / "overlays" / overlay)], capture_output=True, text=True, check=True
+    ).stdout
     return [doc for doc in yaml.safe_load_all(output) if doc]
 
 
@@ -102,8 +103,14 @@ def core_problems(obj: dict[str, Any], where: str) -> list[str]:
 
 # -- custom resources ------------------------------------------------------------------------------
 KSERVE_MODELS = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
-OPENAPI_PRIMITIVES = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float), "datetime": (str,),
-                      "date": (str,)}
+OPENAPI_PRIMITIVES = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "float": (int, float),
+    "datetime": (str,),
+    "date": (str,),
+}
 
 
 def _openapi_model(name: str) -> Any:
@@ -132,7 +139,11 @@ def openapi_problems(value: Any, type_name: str, path: str) -> list[str]:
             accepted = (str, int, float)  # resource quantities: int-or-string in the API server
         if isinstance(value, bool) and bool not in accepted:
             return [f"{path}: expected {type_name}, got a boolean"]
-        return [] if isinstance(value, accepted) else [f"{path}: expected {type_name}, got {type(value).__name__} {value!r}"]
+        return (
+            []
+            if isinstance(value, accepted)
+            else [f"{path}: expected {type_name}, got {type(value).__name__} {value!r}"]
+        )
     model = _openapi_model(type_name)
     if not isinstance(value, dict):
         return [f"{path}: expected an object ({type_name}), got {type(value).__name__}"]
@@ -149,8 +160,15 @@ def openapi_problems(value: Any, type_name: str, path: str) -> list[str]:
 def _dropped_keys(given: Any, kept: Any, path: str) -> list[str]:
     """Keys present in the manifest but absent after a round trip through the model: unknown fields."""
     if isinstance(given, dict) and isinstance(kept, dict):
-        return [p for key, item in given.items()
-                for p in ([f"{path}: unknown field {key!r}"] if key not in kept else _dropped_keys(item, kept[key], f"{path}.{key}"))]
+        return [
+            p
+            for key, item in given.items()
+            for p in (
+                [f"{path}: unknown field {key!r}"]
+                if key not in kept
+                else _dropped_keys(item, kept[key], f"{path}.{key}")
+            )
+        ]
     if isinstance(given, list) and isinstance(kept, list):
         return [p for i, (a, b) in enumerate(zip(given, kept)) for p in _dropped_keys(a, b, f"{path}[{i}]")]
     return []

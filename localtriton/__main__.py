@@ -1,8 +1,8 @@
 """Local Triton: the real server binary from the nvidia-pytriton wheel, on loopback, CPU only.
 
-    python -m localtriton serve --model-repository model_repository     # foreground, Ctrl-C stops
-    python -m localtriton start --model-repository model_repository     # background, waits for ready
-    python -m localtriton stop                                          # SIGTERM by recorded PID
+python -m localtriton serve --model-repository model_repository     # foreground, Ctrl-C stops
+python -m localtriton start --model-repository model_repository     # background, waits for ready
+python -m localtriton stop                                          # SIGTERM by recorded PID
 """
 
 from __future__ import annotations
@@ -39,14 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--state-dir", type=Path, default=Path(".localtriton"))
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--repository-poll-s", type=int, default=5,
-                        help="load new model versions from the repository every N s without restart (0 = never)")
+    parser.add_argument(
+        "--repository-poll-s",
+        type=int,
+        default=5,
+        help="load new model versions from the repository every N s without restart (0 = never)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for /v2/health/ready")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = TritonSettings(
-        model_repository=args.model_repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, state_dir=args.state_dir, torch_threads=args.torch_threads,
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        state_dir=args.state_dir,
+        torch_threads=args.torch_threads,
         repository_poll_s=args.repository_poll_s,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -71,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.action == "start":
         write_state(state, server)
-        print(f"Triton ready at {settings.http_url} (pid {server.pid}, metrics {settings.metrics_url}); "
-              f"stop with: python -m localtriton stop --http-port {settings.http_port}")
+        print(
+            f"Triton ready at {settings.http_url} (pid {server.pid}, metrics {settings.metrics_url}); "
+            f"stop with: python -m localtriton stop --http-port {settings.http_port}"
+        )
         return 0
 
     stopping = threading.Event()

@@ -123,8 +123,11 @@ def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         f"--grpc-port={settings.grpc_port}",
         f"--metrics-port={settings.metrics_port}",
         f"--log-verbose={settings.log_verbose}",
-        *(["--model-control-mode=poll", f"--repository-poll-secs={settings.repository_poll_s}"]
-          if settings.repository_poll_s > 0 else []),
+        *(
+            ["--model-control-mode=poll", f"--repository-poll-secs={settings.repository_poll_s}"]
+            if settings.repository_poll_s > 0
+            else []
+        ),
     ]
 
 
@@ -149,8 +152,12 @@ class TritonServer:
         log.info("starting Triton on %s (log %s)", self.settings.http_url, self.log_path)
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                command, env=server_environment(self.settings), stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                command,
+                env=server_environment(self.settings),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.wait_ready(ready_timeout_s)
         return self
@@ -159,7 +166,9 @@ class TritonServer:
         """Poll /v2/health/ready until it answers 200, the process dies, or the deadline passes."""
         assert self.process is not None
         try:
-            wait_until_ready(self.process, f"{self.settings.http_url}/v2/health/ready", timeout_s, "Triton", self.log_path)
+            wait_until_ready(
+                self.process, f"{self.settings.http_url}/v2/health/ready", timeout_s, "Triton", self.log_path
+            )
         except ProcessStartError as err:
             self.stop()
             raise TritonStartError(str(err)) from err
@@ -233,4 +242,6 @@ def remove_shm_regions(prefix: str) -> None:
 
 
 def write_state(path: Path, server: TritonServer) -> None:
-    path.write_text(json.dumps({"pid": server.pid, **{k: str(v) for k, v in dataclasses.asdict(server.settings).items()}}))
+    path.write_text(
+        json.dumps({"pid": server.pid, **{k: str(v) for k, v in dataclasses.asdict(server.settings).items()}})
+    )

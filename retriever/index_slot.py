@@ -76,7 +76,9 @@ class IndexSlot:
 
     def open_catalog(self, index_dir: Path | str) -> Catalog:
         c = self.config
-        return Catalog(index_dir, c.hnsw_ef_search, c.ivf_nprobe, c.exact_search_limit, c.faiss_gpu, c.popularity_weight)
+        return Catalog(
+            index_dir, c.hnsw_ef_search, c.ivf_nprobe, c.exact_search_limit, c.faiss_gpu, c.popularity_weight
+        )
 
     def load(self, triton_wait_s: float) -> Serving:
         """Load and verify the configured index, then check the towers of its model version are served."""
@@ -135,8 +137,13 @@ class IndexSlot:
                 return ReloadResult("refused", current.catalog.version, str(err))
             self._install(Serving(catalog, towers))
             metrics.INDEX_RELOADS.labels("swapped").inc()
-            log.info("index swapped: %s -> %s (%d items, model version %d)", current.catalog.version,
-                     catalog.version, len(catalog.article_ids), catalog.manifest.model_version)
+            log.info(
+                "index swapped: %s -> %s (%d items, model version %d)",
+                current.catalog.version,
+                catalog.version,
+                len(catalog.article_ids),
+                catalog.manifest.model_version,
+            )
             return ReloadResult("swapped", catalog.version)
 
     def start_watching(self) -> None:
@@ -178,5 +185,7 @@ def check_compatible(old: Catalog, new: Catalog) -> None:
     a, b = old.manifest, new.manifest
     for field in ("dim", "metric", "max_history", "context_length", "clip_model"):
         if getattr(a, field) != getattr(b, field):
-            raise ArtifactError(f"{new.index_dir}: {field} {getattr(b, field)!r} differs from the served "
-                                f"index's {getattr(a, field)!r}; restart the retriever for such a change")
+            raise ArtifactError(
+                f"{new.index_dir}: {field} {getattr(b, field)!r} differs from the served "
+                f"index's {getattr(a, field)!r}; restart the retriever for such a change"
+            )

@@ -40,8 +40,12 @@ class Results:
 
 
 class KServeRecommender(Model):
-    def __init__(self, name: str, service: RecommendationService,
-                 on_worker_start: Callable[["KServeRecommender"], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        service: RecommendationService,
+        on_worker_start: Callable[["KServeRecommender"], None] | None = None,
+    ):
         """`on_worker_start` runs in each `--workers N` process after unpickling (the wiring passes the
         step that adds the shop routes to that process's app); a module-level function, so it pickles."""
         super().__init__(name)

@@ -46,11 +46,17 @@ class RetrieverProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "retriever",
-            "--index-dir", str(self.index_dir),
-            "--predictor_host", self.triton_http,
-            "--http_port", str(self.http_port),
-            "--model_name", self.model_name,
+            sys.executable,
+            "-m",
+            "retriever",
+            "--index-dir",
+            str(self.index_dir),
+            "--predictor_host",
+            self.triton_http,
+            "--http_port",
+            str(self.http_port),
+            "--model_name",
+            self.model_name,
             *self.extra_args,
         ]
 
@@ -58,11 +64,16 @@ class RetrieverProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(
-                self.command(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.command(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         try:
-            wait_until_ready(self.process, f"{self.url}/v1/models/{self.model_name}", ready_timeout_s, "retriever", self.log_path)
+            wait_until_ready(
+                self.process, f"{self.url}/v1/models/{self.model_name}", ready_timeout_s, "retriever", self.log_path
+            )
         except ProcessStartError:
             self.stop()
             raise

@@ -21,8 +21,9 @@ class BodySizeLimit:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -34,7 +35,9 @@ class BodySizeLimit:
                 await self._refuse(send, 400, "invalid Content-Length header")
                 return
             if too_large:
-                await self._refuse(send, 413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}")
+                await self._refuse(
+                    send, 413, f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes}"
+                )
                 return
             await self.app(scope, receive, send)  # the server holds a body to its declared length
             return
@@ -64,6 +67,11 @@ class BodySizeLimit:
     @staticmethod
     async def _refuse(send: Callable[[Message], Awaitable[None]], status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -9,7 +9,25 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 # Fine buckets at the low end: the latency targets are single-digit milliseconds.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 
 STAGE_SECONDS = Histogram(
     "retriever_stage_seconds",
@@ -21,13 +39,28 @@ STAGE_SECONDS = Histogram(
 STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in ("parse", "tokenize", "triton", "search", "total")}
 REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, by kind", ["kind"])
 ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
-INDEX_INFO = Gauge("retriever_index_items", "Items in the loaded index", ["model_version"], multiprocess_mode="mostrecent")
-TOWERS_HEALTHY = Gauge("retriever_towers_healthy", "1 while a real tower inference succeeds (readiness), else 0",
-                       multiprocess_mode="mostrecent")
-CACHE_LOOKUPS = Counter("retriever_cache_lookups_total", "Vector cache lookups, by cache and result", ["cache", "result"])
-INDEX_RELOADS = Counter("retriever_index_reloads_total",
-                        "Index version swaps attempted, by result (swapped, refused, failed)", ["result"])
-INDEX_VERSION = Gauge("retriever_index_version_info", "1 for the index version being served", ["index_version", "model_version"],
-                      multiprocess_mode="mostrecent")
-LIVE_CUSTOMERS = Gauge("retriever_live_customers", "Customers with purchases posted since start (kept in memory, per worker)",
-                       multiprocess_mode="livesum")
+INDEX_INFO = Gauge(
+    "retriever_index_items", "Items in the loaded index", ["model_version"], multiprocess_mode="mostrecent"
+)
+TOWERS_HEALTHY = Gauge(
+    "retriever_towers_healthy",
+    "1 while a real tower inference succeeds (readiness), else 0",
+    multiprocess_mode="mostrecent",
+)
+CACHE_LOOKUPS = Counter(
+    "retriever_cache_lookups_total", "Vector cache lookups, by cache and result", ["cache", "result"]
+)
+INDEX_RELOADS = Counter(
+    "retriever_index_reloads_total", "Index version swaps attempted, by result (swapped, refused, failed)", ["result"]
+)
+INDEX_VERSION = Gauge(
+    "retriever_index_version_info",
+    "1 for the index version being served",
+    ["index_version", "model_version"],
+    multiprocess_mode="mostrecent",
+)
+LIVE_CUSTOMERS = Gauge(
+    "retriever_live_customers",
+    "Customers with purchases posted since start (kept in memory, per worker)",
+    multiprocess_mode="livesum",
+)

@@ -96,8 +96,12 @@ def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     if not isinstance(instance, dict):
         raise RequestError(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
     kind = _choose_kind(set(instance), f"{where}: ", "field")
-    return Query(kind, _parse_value(kind, instance[kind], where, config), _parse_k(instance.get("k"), where, config),
-                 parse_options(instance, where))
+    return Query(
+        kind,
+        _parse_value(kind, instance[kind], where, config),
+        _parse_k(instance.get("k"), where, config),
+        parse_options(instance, where),
+    )
 
 
 def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:
@@ -134,7 +138,9 @@ def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
     if "k" in inputs:
         k_tensor = inputs["k"]
         if k_tensor.datatype not in ("INT32", "INT64") or list(k_tensor.shape) != [1]:
-            raise RequestError(f"input 'k' must be INT32 or INT64 with shape [1], got {k_tensor.datatype} {k_tensor.shape}")
+            raise RequestError(
+                f"input 'k' must be INT32 or INT64 with shape [1], got {k_tensor.datatype} {k_tensor.shape}"
+            )
         k = _parse_k(int(k_tensor.as_numpy().reshape(-1)[0]), "input 'k'", config)
     if kind == "history":
         parsed: list[Any] = [[a for a in ID_SEPARATORS.split(v.strip()) if a] for v in values]
@@ -163,12 +169,16 @@ def v2_response(model_name: str, request: InferRequest, results: list[Recommenda
     ids = np.array([padded(r.article_ids, "") for r in results], dtype=object).reshape(len(results), k)
     scores = np.array([padded(r.scores, 0.0) for r in results], dtype=np.float32).reshape(len(results), k)
     sims = np.array([padded(r.similarities, 0.0) for r in results], dtype=np.float32).reshape(len(results), k)
-    meta = np.array(
-        [padded([json.dumps(m) for m in r.metadata], "{}") for r in results], dtype=object
-    ).reshape(len(results), k)
+    meta = np.array([padded([json.dumps(m) for m in r.metadata], "{}") for r in results], dtype=object).reshape(
+        len(results), k
+    )
     outputs = []
-    for name, array, datatype in (("article_id", ids, "BYTES"), ("score", scores, "FP32"),
-                                  ("similarity", sims, "FP32"), ("metadata", meta, "BYTES")):
+    for name, array, datatype in (
+        ("article_id", ids, "BYTES"),
+        ("score", scores, "FP32"),
+        ("similarity", sims, "FP32"),
+        ("metadata", meta, "BYTES"),
+    ):
         output = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
         output.set_data_from_numpy(array, binary_data=False)
         outputs.append(output)

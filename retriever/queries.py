@@ -29,7 +29,9 @@ class Query:
     def searches_everything(self) -> bool:
         """Ranked by a plain search of the whole index (similar_to always hides the article itself)."""
         o = self.options
-        return o.filters.empty and not o.exclude_purchased and o.max_per_product_type is None and self.kind != "similar_to"
+        return (
+            o.filters.empty and not o.exclude_purchased and o.max_per_product_type is None and self.kind != "similar_to"
+        )
 
 
 @dataclasses.dataclass

@@ -5,8 +5,8 @@
 Beside KServe's v1/v2 API it serves the web-shop endpoints and page of retriever/shop_api.py.
 KServe's own flags (--http_port, --workers, --model_name, ...) are accepted unchanged;
 --predictor_host is Triton's HTTP address; --model_name defaults to "recommender" and gRPC is off
-unless --enable_grpc true (the v1/v2 REST endpoints are the supported API). Ours are listed under RetrieverConfig and can also
-be set as TWOTOWER_<FLAG> environment variables.
+unless --enable_grpc true (the v1/v2 REST endpoints are the supported API). Ours are listed under
+RetrieverConfig and can also be set as TWOTOWER_<FLAG> environment variables.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from twotower.config import RetrieverConfig, add_arguments, from_arguments
 log = logging.getLogger("retriever")
 
 
-def build_model(config: RetrieverConfig, name: str = DEFAULT_MODEL_NAME, triton_url: str = "",
-                local_repository: Path | None = None) -> KServeRecommender:
+def build_recommender(
+    config: RetrieverConfig, name: str = DEFAULT_MODEL_NAME, triton_url: str = "", local_repository: Path | None = None
+) -> KServeRecommender:
     """The adapter over a service over an index slot whose towers are Triton's at `triton_url` or,
     with `local_repository`, the same TorchScript files in this process (no network)."""
     towers = TowerSource(triton_url, local_repository, config.triton_timeout_s, config.triton_retries)
@@ -56,11 +57,11 @@ def install_routes(app: FastAPI, service: RecommendationService) -> None:
         app.add_exception_handler(error, domain_error)
 
 
-def prepare_app(model: KServeRecommender) -> None:
+def prepare_app(recommender: KServeRecommender) -> None:
     """Everything a serving process does to KServe's module-level app before KServe builds it: our
     routes and error handlers, the timing middleware off unless asked for, and summed worker metrics."""
-    install_routes(model_server.app, model.service)
-    if not model.service.config.kserve_timing:
+    install_routes(model_server.app, recommender.service)
+    if not recommender.service.config.kserve_timing:
         kserve_app.disable_kserve_timing()
     kserve_app.expose_worker_metrics()
 
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before KServe spawns the workers: they import prometheus_client afresh and inherit the directory.
     metrics_dir = kserve_app.prepare_worker_metrics(args.workers)
     logging.getLogger("retriever").setLevel(logging.INFO)  # index swaps and readiness changes are for operators
-    model = build_model(config, args.model_name, args.predictor_host)
+    recommender = build_recommender(config, args.model_name, args.predictor_host)
     try:
-        model.load(args.triton_wait_s)
+        recommender.load(args.triton_wait_s)
     except (ArtifactError, OSError, GpuUnavailable, ValueError) as err:
         log.error("refusing to start: %s", err)
         print(f"error: refusing to start: {err}", file=sys.stderr)
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if metrics_dir is not None:
         log.info("%d workers: /metrics sums their files in %s", args.workers, metrics_dir)
     # KServe serves its module-level FastAPI app: our routes and limits join its v1/v2 API
-    # (with --workers N each worker process adds them again when it unpickles the model).
-    prepare_app(model)
+    # (with --workers N each worker process adds them again when it unpickles the adapter).
+    prepare_app(recommender)
     if args.event_loop in ("auto", "uvloop"):
         # KServe's single-process server runs under asyncio.run(), which ignores --event-loop: install it here.
         import asyncio
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.set_event_loop(asyncio.new_event_loop())  # KServe asks for a current loop before asyncio.run()
-    kserve.ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
-                       enable_grpc=args.enable_grpc).start([model])
+    kserve.ModelServer(
+        http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc
+    ).start([recommender])
     return 0

@@ -136,8 +136,9 @@ class RecommendationService:
                 ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
         return [self._recommendation(serving.catalog, *found) for found in ranked]
 
-    def _rank(self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
-              ) -> list[ranking.Ranked]:
+    def _rank(
+        self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
+    ) -> list[ranking.Ranked]:
         requests = [self._rank_request(catalog, i, query, bought[i]) for i, query in enumerate(queries)]
         return ranking.rank(catalog, vectors, requests)
 
@@ -287,14 +288,21 @@ class RecommendationService:
     def article(self, article_id: str) -> dict[str, Any]:
         catalog = self.serving().catalog
         row = self._article_row(catalog, article_id)
-        return {"article_id": article_id, "available": not bool(catalog.excluded[row]),
-                "index_version": catalog.version, **self.article_metadata(catalog, row)}
+        return {
+            "article_id": article_id,
+            "available": not bool(catalog.excluded[row]),
+            "index_version": catalog.version,
+            **self.article_metadata(catalog, row),
+        }
 
     def article_vector(self, article_id: str) -> dict[str, Any]:
         catalog = self.serving().catalog
         row = self._article_row(catalog, article_id)
-        return {"article_id": article_id, "model_version": catalog.manifest.model_version,
-                "vector": catalog.vectors[row].tolist()}
+        return {
+            "article_id": article_id,
+            "model_version": catalog.manifest.model_version,
+            "vector": catalog.vectors[row].tolist(),
+        }
 
     def customers(self, limit: int) -> dict[str, Any]:
         catalog = self.serving().catalog
@@ -307,15 +315,24 @@ class RecommendationService:
             (rows, ages), _ = self._customer_history(catalog, customer_id)
         except UnknownIds as err:
             raise RequestError(f"customer_id: {err.message}") from err
-        items = [{"article_id": catalog.article_ids[r], "age_days": round(float(a), 2),
-                  **self.article_metadata(catalog, int(r))} for r, a in zip(rows, ages)]
+        items = [
+            {
+                "article_id": catalog.article_ids[r],
+                "age_days": round(float(a), 2),
+                **self.article_metadata(catalog, int(r)),
+            }
+            for r, a in zip(rows, ages)
+        ]
         return {"customer_id": customer_id, "items": items}
 
     async def customer_vector(self, customer_id: str) -> dict[str, Any]:
         serving = self.serving()
         vectors, _ = await self.query_vectors([Query("customer_id", customer_id, 1)], serving)
-        return {"customer_id": customer_id, "model_version": serving.catalog.manifest.model_version,
-                "vector": vectors[0].tolist()}
+        return {
+            "customer_id": customer_id,
+            "model_version": serving.catalog.manifest.model_version,
+            "vector": vectors[0].tolist(),
+        }
 
     def add_purchases(self, customer_id: str, article_ids: list[str]) -> dict[str, Any]:
         """Record purchases (oldest first): they count from the customer's next request."""
@@ -336,6 +353,12 @@ class RecommendationService:
     def index_info(self) -> dict[str, Any]:
         catalog = self.serving().catalog
         manifest = catalog.manifest
-        return {"index_version": catalog.version, "path": str(catalog.index_dir), "model_version": manifest.model_version,
-                "items": len(catalog.article_ids), "excluded": catalog.n_excluded, "dim": manifest.dim,
-                "parent_version": manifest.parent_version}
+        return {
+            "index_version": catalog.version,
+            "path": str(catalog.index_dir),
+            "model_version": manifest.model_version,
+            "items": len(catalog.article_ids),
+            "excluded": catalog.n_excluded,
+            "dim": manifest.dim,
+            "parent_version": manifest.parent_version,
+        }

@@ -1,7 +1,8 @@
 """HTTP endpoints a web shop needs, beside KServe's v1/v2 predict API on the same server.
 
 Transport only: each endpoint builds a `Query` (the same one the v1 API parses) or reads what it
-needs from the RecommendationService it is built with, so both APIs share one semantics. FastAPI documents them at /docs (/openapi.json).
+needs from the RecommendationService it is built with, so both APIs share one semantics. FastAPI
+documents them at /docs (/openapi.json).
 
     GET  /shop/                                        the demo page (static HTML + JS)
     GET  /shop/api/search?q=black+dress&k=12           text search through the CLIP text tower
@@ -51,12 +52,27 @@ K = Annotated[int | None, Param(ge=1, le=1000)]
 Cap = Annotated[int | None, Param(ge=1, description="at most this many articles of one product type")]
 
 
-def filter_params(product_group: FilterParam = None, product_type: FilterParam = None, index: FilterParam = None,
-                  colour: FilterParam = None, section: FilterParam = None, garment_group: FilterParam = None,
-                  price_min: float | None = None, price_max: float | None = None) -> Filters:
+def filter_params(
+    product_group: FilterParam = None,
+    product_type: FilterParam = None,
+    index: FilterParam = None,
+    colour: FilterParam = None,
+    section: FilterParam = None,
+    garment_group: FilterParam = None,
+    price_min: float | None = None,
+    price_max: float | None = None,
+) -> Filters:
     """Filters from query parameters (category ones repeatable: ?colour=Black&colour=White)."""
-    given = {"product_group": product_group, "product_type": product_type, "index": index, "colour": colour,
-             "section": section, "garment_group": garment_group, "price_min": price_min, "price_max": price_max}
+    given = {
+        "product_group": product_group,
+        "product_type": product_type,
+        "index": index,
+        "colour": colour,
+        "section": section,
+        "garment_group": garment_group,
+        "price_min": price_min,
+        "price_max": price_max,
+    }
     try:
         return Filters.parse({k: v for k, v in given.items() if v is not None}, "filters")
     except FilterError as err:
@@ -77,8 +93,9 @@ def build_router(service: RecommendationService) -> APIRouter:
             metrics.STAGE["total"].observe(time.perf_counter() - started)
         return v1_response([query], results)["predictions"][0]
 
-    def options(k: int | None, filters: Filters, exclude_purchased: bool = False, max_per_product_type: int | None = None
-                ) -> tuple[int, QueryOptions]:
+    def options(
+        k: int | None, filters: Filters, exclude_purchased: bool = False, max_per_product_type: int | None = None
+    ) -> tuple[int, QueryOptions]:
         return k or service.config.top_k, QueryOptions(filters, exclude_purchased, max_per_product_type)
 
     page_html = resources.files("retriever.static").joinpath(PAGE).read_text()  # static: read once
@@ -88,8 +105,12 @@ def build_router(service: RecommendationService) -> APIRouter:
         return page_html
 
     @router.get("/shop/api/search", tags=["shop"])
-    async def search(q: Annotated[str, Param(min_length=1, max_length=2000)], filters: FilterQuery, k: K = None,
-                     max_per_product_type: Cap = None) -> dict[str, Any]:
+    async def search(
+        q: Annotated[str, Param(min_length=1, max_length=2000)],
+        filters: FilterQuery,
+        k: K = None,
+        max_per_product_type: Cap = None,
+    ) -> dict[str, Any]:
         if not q.strip():
             raise RequestError("q: empty query text")
         top, opts = options(k, filters, max_per_product_type=max_per_product_type)
@@ -100,7 +121,9 @@ def build_router(service: RecommendationService) -> APIRouter:
         return service.article(article_id)
 
     @router.get("/shop/api/articles/{article_id}/similar", tags=["shop"])
-    async def similar(article_id: str, filters: FilterQuery, k: K = None, max_per_product_type: Cap = None) -> dict[str, Any]:
+    async def similar(
+        article_id: str, filters: FilterQuery, k: K = None, max_per_product_type: Cap = None
+    ) -> dict[str, Any]:
         top, opts = options(k, filters, max_per_product_type=max_per_product_type)
         return await run(Query("similar_to", article_id, top, opts))
 
@@ -113,8 +136,13 @@ def build_router(service: RecommendationService) -> APIRouter:
         return service.customers(limit)
 
     @router.get("/shop/api/customers/{customer_id}/recommendations", tags=["shop"])
-    async def recommendations(customer_id: str, filters: FilterQuery, k: K = None, exclude_purchased: bool = False,
-                              max_per_product_type: Cap = None) -> dict[str, Any]:
+    async def recommendations(
+        customer_id: str,
+        filters: FilterQuery,
+        k: K = None,
+        exclude_purchased: bool = False,
+        max_per_product_type: Cap = None,
+    ) -> dict[str, Any]:
         top, opts = options(k, filters, exclude_purchased, max_per_product_type)
         return await run(Query("customer_id", customer_id, top, opts))
 
@@ -150,8 +178,10 @@ def build_router(service: RecommendationService) -> APIRouter:
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 naming each bad field. FastAPI's default echoes the input back, which fails (500) when
     the input is not JSON-encodable, e.g. a bare `Infinity` body."""
-    problems = ["{}: {}".format(".".join(str(part) for part in error.get("loc", ())), error.get("msg", "invalid"))
-                for error in exc.errors()]
+    problems = [
+        "{}: {}".format(".".join(str(part) for part in error.get("loc", ())), error.get("msg", "invalid"))
+        for error in exc.errors()
+    ]
     return JSONResponse(status_code=422, content={"error": "; ".join(problems) or "invalid request"})
 
 

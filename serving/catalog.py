@@ -30,6 +30,7 @@ log = logging.getLogger("serving.catalog")
 EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
 
+
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     out_similarities = np.full((len(rows), k), -np.inf, dtype=np.float32)
     out_rows = np.full((len(rows), k), -1, dtype=np.int64)
@@ -49,9 +50,15 @@ class UnknownIds(KeyError):
 
 
 class Catalog:
-    def __init__(self, index_dir: Path | str, hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
-                 ivf_nprobe: int = RetrieverConfig.ivf_nprobe, exact_search_limit: int = RetrieverConfig.exact_search_limit,
-                 faiss_gpu: str = "off", popularity_weight: float = RetrieverConfig.popularity_weight):
+    def __init__(
+        self,
+        index_dir: Path | str,
+        hnsw_ef_search: int = RetrieverConfig.hnsw_ef_search,
+        ivf_nprobe: int = RetrieverConfig.ivf_nprobe,
+        exact_search_limit: int = RetrieverConfig.exact_search_limit,
+        faiss_gpu: str = "off",
+        popularity_weight: float = RetrieverConfig.popularity_weight,
+    ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
         Search settings default to the served ones, so offline evaluation measures what is served;
@@ -101,10 +108,19 @@ class Catalog:
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
         )
         self._check_consistency()
-        log.info("loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d, "
-                 "popularity prior weight %g (%.1fs)", self.index_dir, len(self.article_ids), self.n_excluded,
-                 self.manifest.dim, self.manifest.index_type, len(self.customer_row), self.manifest.model_version,
-                 self.prior_weight, time.perf_counter() - started)
+        log.info(
+            "loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d, "
+            "popularity prior weight %g (%.1fs)",
+            self.index_dir,
+            len(self.article_ids),
+            self.n_excluded,
+            self.manifest.dim,
+            self.manifest.index_type,
+            len(self.customer_row),
+            self.manifest.model_version,
+            self.prior_weight,
+            time.perf_counter() - started,
+        )
 
     @property
     def version(self) -> str:
@@ -120,13 +136,21 @@ class Catalog:
     def _check_consistency(self) -> None:
         m = self.manifest
         problems = []
-        if self.index.ntotal != m.item_count or len(self.vectors) != m.item_count or len(self.article_ids) != m.item_count:
-            problems.append(f"item counts differ: index {self.index.ntotal}, vectors {len(self.vectors)}, "
-                            f"metadata {len(self.article_ids)}, manifest {m.item_count}")
+        if (
+            self.index.ntotal != m.item_count
+            or len(self.vectors) != m.item_count
+            or len(self.article_ids) != m.item_count
+        ):
+            problems.append(
+                f"item counts differ: index {self.index.ntotal}, vectors {len(self.vectors)}, "
+                f"metadata {len(self.article_ids)}, manifest {m.item_count}"
+            )
         index_dim = m.dim + (self.item_bias is not None)  # + the prior's coordinate
         if self.index.d != index_dim or self.vectors.shape[1] != m.dim:
-            problems.append(f"dimension differs: index {self.index.d} (expected {index_dim}), vectors "
-                            f"{self.vectors.shape[1]}, manifest {m.dim}")
+            problems.append(
+                f"dimension differs: index {self.index.d} (expected {index_dim}), vectors "
+                f"{self.vectors.shape[1]}, manifest {m.dim}"
+            )
         if self.item_bias is not None and self.item_bias.shape != (m.item_count,):
             problems.append(f"item bias shape {self.item_bias.shape} != ({m.item_count},)")
         if self.customer_vectors is not None and self.customer_vectors.shape != (len(self.history_rows), m.dim):
@@ -208,8 +232,9 @@ class Catalog:
                 return "ivf+selector"
         return "exact"
 
-    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def search_masked(
+        self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector, by the
         same scores as `search`; rows are -1 past the last result. The selector paths widen the search as
         fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity (allowed rows

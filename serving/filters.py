@@ -87,8 +87,11 @@ class FilterColumns:
         prices = items.get("price", [""] * n)
         self.price = np.asarray([float(p) if p else np.nan for p in prices], dtype=np.float64)
         # product type code per row (the diversity cap groups by it)
-        self.product_type = self._columns["product_type_name"][1] if "product_type_name" in self._columns \
+        self.product_type = (
+            self._columns["product_type_name"][1]
+            if "product_type_name" in self._columns
             else np.zeros(n, dtype=np.int64)
+        )
 
     def has(self, column: str) -> bool:
         return column in self._columns

@@ -114,9 +114,13 @@ class TowerClient:
             out_dims = [int(d) for d in config["output"][0]["dims"]]
             for name, want in inputs.items():
                 if dims.get(name) != want:
-                    raise ArtifactError(f"{model} v{version} input {name} has dims {dims.get(name)}, index expects {want}")
+                    raise ArtifactError(
+                        f"{model} v{version} input {name} has dims {dims.get(name)}, index expects {want}"
+                    )
             if out_dims != [self.manifest.dim]:
-                raise ArtifactError(f"{model} v{version} output dims {out_dims}, index dimension is {self.manifest.dim}")
+                raise ArtifactError(
+                    f"{model} v{version} output dims {out_dims}, index dimension is {self.manifest.dim}"
+                )
 
 
 _DATATYPES: dict[np.dtype, str] = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
@@ -126,14 +130,20 @@ _DTYPES: dict[str, np.dtype] = {name: dtype for dtype, name in _DATATYPES.items(
 def encode_infer_request(tensors: dict[str, np.ndarray], output: str) -> tuple[bytes, str]:
     """Body and extra headers of a v2 infer request whose tensors travel as raw bytes after a JSON header."""
     arrays = [np.ascontiguousarray(array) for array in tensors.values()]
-    header = json.dumps({
-        "inputs": [
-            {"name": name, "shape": list(array.shape), "datatype": _DATATYPES[array.dtype],
-             "parameters": {"binary_data_size": array.nbytes}}
-            for name, array in zip(tensors, arrays)
-        ],
-        "outputs": [{"name": output, "parameters": {"binary_data": True}}],
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": _DATATYPES[array.dtype],
+                    "parameters": {"binary_data_size": array.nbytes},
+                }
+                for name, array in zip(tensors, arrays)
+            ],
+            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     headers = f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
     return b"".join([header, *(array.tobytes() for array in arrays)]), headers
 
@@ -157,7 +167,9 @@ def decode_infer_output(response: Response, output: str) -> np.ndarray:
                 return np.asarray(entry["data"], dtype=dtype).reshape(entry["shape"])
             if offset + size > len(response.body):
                 raise ValueError(f"output {output} needs {size} bytes at {offset}, body has {len(response.body)}")
-            return np.frombuffer(response.body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(entry["shape"])
+            return np.frombuffer(response.body, dtype=dtype, count=size // dtype.itemsize, offset=offset).reshape(
+                entry["shape"]
+            )
         offset += size or 0
     raise ValueError(f"no output named {output}")
 
@@ -220,12 +232,20 @@ class TowerSource:
             while True:
                 try:
                     await client.verify_models()
-                    log.info("Triton at %s serves %s/%s version %d matching index %s", self.triton_url,
-                             manifest.item_model, manifest.user_model, manifest.model_version, manifest.index_version)
+                    log.info(
+                        "Triton at %s serves %s/%s version %d matching index %s",
+                        self.triton_url,
+                        manifest.item_model,
+                        manifest.user_model,
+                        manifest.model_version,
+                        manifest.index_version,
+                    )
                     return
                 except TritonUnavailable as err:
                     if time.monotonic() > deadline:
-                        raise ArtifactError(f"giving up after {wait_s:.0f}s: {err}" if wait_s > 0 else str(err)) from err
+                        raise ArtifactError(
+                            f"giving up after {wait_s:.0f}s: {err}" if wait_s > 0 else str(err)
+                        ) from err
                     log.info("waiting for Triton: %s", err)
                     await asyncio.sleep(1.0)
         finally:

@@ -51,6 +51,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
 def triton(tiny_pipeline: TinyPipeline, tmp_path_factory: pytest.TempPathFactory):
     """The real Triton binary serving the tiny model repository on loopback ports."""
     from localtriton import TritonServer, TritonSettings
+
     settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path_factory.mktemp("triton"))
     with TritonServer(settings) as server:
         yield server
@@ -62,7 +63,9 @@ def retriever(tiny_pipeline: TinyPipeline, triton, tmp_path_factory: pytest.Temp
     from retriever.launch import RetrieverProcess
 
     log_path = tmp_path_factory.mktemp("retriever") / "retriever.log"
-    with RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=log_path) as process:
+    with RetrieverProcess(
+        tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=log_path
+    ) as process:
         yield process
 
 
@@ -72,8 +75,15 @@ def require_hm() -> Path:
     return HM_DIR
 
 
-def write_random_index(directory: Path, index_type: str, groups: list[str], dim: int = 16, seed: int = 0,
-                       item_bias=None, prior_weight: float = 0.0):
+def write_random_index(
+    directory: Path,
+    index_type: str,
+    groups: list[str],
+    dim: int = 16,
+    seed: int = 0,
+    item_bias=None,
+    prior_weight: float = 0.0,
+):
     """An index version of len(groups) random unit vectors (product_group_name = groups) and no customers:
     for search tests that need no trained model; `item_bias` + `prior_weight` add a popularity prior.
     Returns the vectors."""
@@ -86,14 +96,34 @@ def write_random_index(directory: Path, index_type: str, groups: list[str], dim:
     n = len(groups)
     vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    histories = {"customer_ids": np.asarray(["c"]), "rows": np.full((1, 4), -1, np.int32),
-                 "age_days": np.zeros((1, 4), np.float32), "last_day": np.zeros(1, np.int32)}
-    fields = {"index_type": index_type, "model_version": 1, "customer_count": 1, "max_history": 4, "context_length": 8,
-              "clip_model": "x", "reference_day": 0, "data_source": "random", "tower_checksums": {}}
+    histories = {
+        "customer_ids": np.asarray(["c"]),
+        "rows": np.full((1, 4), -1, np.int32),
+        "age_days": np.zeros((1, 4), np.float32),
+        "last_day": np.zeros(1, np.int32),
+    }
+    fields = {
+        "index_type": index_type,
+        "model_version": 1,
+        "customer_count": 1,
+        "max_history": 4,
+        "context_length": 8,
+        "clip_model": "x",
+        "reference_day": 0,
+        "data_source": "random",
+        "tower_checksums": {},
+    }
     head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0, prior=PopularityPrior(prior_weight))
-    write_index_dir(directory, build_faiss_index(vectors, index_type, item_bias), vectors,
-                    {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
-                    histories, head, fields, item_bias=item_bias)
+    write_index_dir(
+        directory,
+        build_faiss_index(vectors, index_type, item_bias),
+        vectors,
+        {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
+        histories,
+        head,
+        fields,
+        item_bias=item_bias,
+    )
     return vectors
 
 

@@ -16,8 +16,10 @@ def test_numpy_score_head_matches_torch() -> None:
     cosine = torch.linspace(-1, 1, 11)
     layers = head.layers
     weights = artifacts.ScoreHeadWeights(
-        layers[0].weight.detach().numpy()[:, 0], layers[0].bias.detach().numpy(),
-        layers[2].weight.detach().numpy()[0], float(layers[2].bias.item()),
+        layers[0].weight.detach().numpy()[:, 0],
+        layers[0].bias.detach().numpy(),
+        layers[2].weight.detach().numpy()[0],
+        float(layers[2].bias.item()),
     )
     restored = artifacts.ScoreHeadWeights.from_json(weights.to_json())
     np.testing.assert_allclose(restored(cosine.numpy()), head(cosine).detach().numpy(), atol=1e-6)

@@ -23,8 +23,12 @@ def test_summary_counts_errors_and_quantiles() -> None:
 
 def test_stage_means_from_histogram_deltas() -> None:
     def sample(total: float, triton: float, count: float) -> dict[str, float]:
-        return {'retriever_stage_seconds_sum{stage="total"}': total, 'retriever_stage_seconds_count{stage="total"}': count,
-                'retriever_stage_seconds_sum{stage="triton"}': triton, 'retriever_stage_seconds_count{stage="triton"}': count}
+        return {
+            'retriever_stage_seconds_sum{stage="total"}': total,
+            'retriever_stage_seconds_count{stage="total"}': count,
+            'retriever_stage_seconds_sum{stage="triton"}': triton,
+            'retriever_stage_seconds_count{stage="triton"}': count,
+        }
 
     means = stage_means(sample(1.0, 0.5, 10), sample(1.5, 0.7, 110))
     assert means["total"] == pytest.approx(5.0) and means["triton"] == pytest.approx(2.0)
@@ -55,18 +59,46 @@ def test_process_cpu_counts_this_process() -> None:
 
 def _report() -> dict:
     """A one-rate benchmark report as benchmarks.serving writes it (before rounds and Triton stages)."""
-    run = {"target_qps": 100, "achieved_qps": 100, "requests": 1000, "errors": 0, "p50_ms": 4.0, "p95_ms": 6.0,
-           "p99_ms": 9.0, "max_ms": 12.0, "mean_ms": 4.5,
-           "stages_ms": {"parse": 0.1, "tokenize": 0.0, "triton": 3.0, "search": 0.5, "other": 0.4, "total": 4.0},
-           "cpu_ms_per_request": {"retriever": 2.0, "Triton": 1.5, "load generator": 0.5}}
-    return {"machine": "x", "data": "d", "catalogue": 10, "index_type": "ivf", "model_run": "runs/hm-eval",
-            "retriever_args": "", "served": {"100": run}, "in_process": {"100": {**run, "p50_ms": 2.0, "p99_ms": 4.0}},
-            "max_qps_p99_under_50ms": 100, "triton_batches": {},
-            "offline": {"clip_model": "m", "embedding_items_per_s": 1.0, "catalogue_embedding_s_estimate": 1.0,
-                        "items": 10, "tokenizing_items_per_s": 1.0, "index_build_s": {"ivf": 1.0},
-                        "training_examples_per_s": 1.0,
-                        "index_recall_at_10": {"index_type": "ivf", "setting": "nprobe", "served": 128,
-                                               "recall": {"64": 0.94, "128": 0.97}}}}
+    run = {
+        "target_qps": 100,
+        "achieved_qps": 100,
+        "requests": 1000,
+        "errors": 0,
+        "p50_ms": 4.0,
+        "p95_ms": 6.0,
+        "p99_ms": 9.0,
+        "max_ms": 12.0,
+        "mean_ms": 4.5,
+        "stages_ms": {"parse": 0.1, "tokenize": 0.0, "triton": 3.0, "search": 0.5, "other": 0.4, "total": 4.0},
+        "cpu_ms_per_request": {"retriever": 2.0, "Triton": 1.5, "load generator": 0.5},
+    }
+    return {
+        "machine": "x",
+        "data": "d",
+        "catalogue": 10,
+        "index_type": "ivf",
+        "model_run": "runs/hm-eval",
+        "retriever_args": "",
+        "served": {"100": run},
+        "in_process": {"100": {**run, "p50_ms": 2.0, "p99_ms": 4.0}},
+        "max_qps_p99_under_50ms": 100,
+        "triton_batches": {},
+        "offline": {
+            "clip_model": "m",
+            "embedding_items_per_s": 1.0,
+            "catalogue_embedding_s_estimate": 1.0,
+            "items": 10,
+            "tokenizing_items_per_s": 1.0,
+            "index_build_s": {"ivf": 1.0},
+            "training_examples_per_s": 1.0,
+            "index_recall_at_10": {
+                "index_type": "ivf",
+                "setting": "nprobe",
+                "served": 128,
+                "recall": {"64": 0.94, "128": 0.97},
+            },
+        },
+    }
 
 
 def test_report_names_the_search_setting_and_cpu_split() -> None:
@@ -88,8 +120,11 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
     assert "Zipf law (exponent 1) over 28,123 phrases" in text and "| 62% |" in text
     assert "p99 ms of each round" in text and "| 0 | 2.0x | 2.2x | - |" in text  # a run from before rounds
     report["rounds"] = 3
-    report["served"]["100"] = {**run, "errors_all_rounds": 2,
-                               "rounds": [{"p99_ms": 9.0, "probe_ms": 24.2}, {"p99_ms": 12.04, "probe_ms": 30.6}]}
+    report["served"]["100"] = {
+        **run,
+        "errors_all_rounds": 2,
+        "rounds": [{"p99_ms": 9.0, "probe_ms": 24.2}, {"p99_ms": 12.04, "probe_ms": 30.6}],
+    }
     text = markdown(report)
     assert "| 2 | 2.0x | 2.2x | 9.0 (24), 12.0 (31) |" in text and "interleaved" in text
     assert "100 QPS (median round of 3): p50 4.00 ms, p99 9.00 ms, errors 2: NOT met" in text
@@ -115,9 +150,11 @@ def test_wait_until_idle_returns_once_the_processes_are_quiet() -> None:
 def test_median_round_is_one_whole_round_and_counts_every_error() -> None:
     from benchmarks.serving import median_round, passes
 
-    rounds = [{"p50_ms": 4.0, "p99_ms": 30.0, "errors": 0, "probe_ms": 31.0, "stages_ms": {"total": 3.0}},
-              {"p50_ms": 3.0, "p99_ms": 8.0, "errors": 1, "probe_ms": 24.0, "stages_ms": {"total": 2.0}},
-              {"p50_ms": 3.5, "p99_ms": 9.0, "errors": 0, "probe_ms": 25.0, "stages_ms": {"total": 2.5}}]
+    rounds = [
+        {"p50_ms": 4.0, "p99_ms": 30.0, "errors": 0, "probe_ms": 31.0, "stages_ms": {"total": 3.0}},
+        {"p50_ms": 3.0, "p99_ms": 8.0, "errors": 1, "probe_ms": 24.0, "stages_ms": {"total": 2.0}},
+        {"p50_ms": 3.5, "p99_ms": 9.0, "errors": 0, "probe_ms": 25.0, "stages_ms": {"total": 2.5}},
+    ]
     chosen = median_round(rounds)
     assert (chosen["p50_ms"], chosen["p99_ms"], chosen["stages_ms"]) == (3.5, 9.0, {"total": 2.5})
     assert [r["p99_ms"] for r in chosen["rounds"]] == [30.0, 8.0, 9.0] and "stages_ms" not in chosen["rounds"][0]
@@ -135,26 +172,43 @@ def test_triton_model_stats_per_request_stage_means() -> None:
     def stage(count: int, ms: float) -> dict:
         return {"count": count, "ns": int(count * ms * 1e6)}
 
-    raw = {"model_stats": [
-        {"name": "user_tower", "inference_count": "400", "execution_count": "380",
-         "inference_stats": {"success": stage(400, 1.8), "queue": stage(400, 0.3), "compute_input": stage(400, 0.04),
-                             "compute_infer": stage(400, 1.4), "compute_output": stage(400, 0.08), "fail": stage(0, 0)}},
-        {"name": "item_tower", "inference_count": "0", "execution_count": "0", "inference_stats": {}},
-    ]}
+    raw = {
+        "model_stats": [
+            {
+                "name": "user_tower",
+                "inference_count": "400",
+                "execution_count": "380",
+                "inference_stats": {
+                    "success": stage(400, 1.8),
+                    "queue": stage(400, 0.3),
+                    "compute_input": stage(400, 0.04),
+                    "compute_infer": stage(400, 1.4),
+                    "compute_output": stage(400, 0.08),
+                    "fail": stage(0, 0),
+                },
+            },
+            {"name": "item_tower", "inference_count": "0", "execution_count": "0", "inference_stats": {}},
+        ]
+    }
     stats = triton_model_stats(raw)
     assert stats["user_tower"]["inferences"] == 400 and stats["user_tower"]["executions"] == 380
     assert stats["user_tower"]["compute_infer_ms"] == pytest.approx(1.4) and "queue_ms" not in stats["item_tower"]
     report = _report()
     report["triton_batches"] = stats
-    assert ("user_tower: 400 inferences in 380 executions, ms per request inside Triton: queue 0.30, input 0.04, "
-            "infer 1.40, output 0.08; item_tower: 0 inferences in 0 executions.") in markdown(report)
+    assert (
+        "user_tower: 400 inferences in 380 executions, ms per request inside Triton: queue 0.30, input 0.04, "
+        "infer 1.40, output 0.08; item_tower: 0 inferences in 0 executions."
+    ) in markdown(report)
 
 
 def test_text_queries_are_distinct_catalogue_phrases_in_a_seeded_order() -> None:
     from benchmarks.serving import text_queries
 
-    items = {"colour_group_name": ["Black", "Black", "White"], "product_type_name": ["Vest top", "Vest top", "Dress"],
-             "prod_name": ["Strap top", "Strap top", "Maxi"]}
+    items = {
+        "colour_group_name": ["Black", "Black", "White"],
+        "product_type_name": ["Vest top", "Vest top", "Dress"],
+        "prod_name": ["Strap top", "Strap top", "Maxi"],
+    }
     queries = text_queries(items, seed=3)
     assert sorted(queries) == ["black strap top", "black vest top", "white dress", "white maxi"]
     assert text_queries(items, seed=3) == queries

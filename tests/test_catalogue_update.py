@@ -71,10 +71,15 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     assert rows[0, 0] == new_row
     old_changed_row = before.row_of[changed_id]
     assert after.excluded[old_changed_row] and after.excluded[after.row_of[removed_id]]
-    assert after.row_of[changed_id] != old_changed_row and after.metadata(after.row_of[changed_id])["prod_name"] == "Edited name"
+    assert (
+        after.row_of[changed_id] != old_changed_row
+        and after.metadata(after.row_of[changed_id])["prod_name"] == "Edited name"
+    )
     # The popularity prior: nobody has bought a new article yet; a changed one keeps its sales.
     assert after.item_bias is not None and after.index.d == after.manifest.dim + 1
-    assert after.item_bias[new_row] == 0.0 and np.array_equal(after.item_bias[: len(before.item_bias)], before.item_bias)
+    assert after.item_bias[new_row] == 0.0 and np.array_equal(
+        after.item_bias[: len(before.item_bias)], before.item_bias
+    )
     assert after.item_bias[after.row_of[changed_id]] == before.item_bias[old_changed_row]
     _, rows = after.search(after.vectors, 20)
     returned = set(rows[rows >= 0].tolist())
@@ -87,7 +92,9 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     customers = list(before.customer_row)
     assert all(after.customer_vector(customers[i]) is None for i in np.flatnonzero(touched))
     kept = np.flatnonzero(~touched)
-    assert len(kept) and all(np.array_equal(after.customer_vector(customers[i]), before.customer_vector(customers[i])) for i in kept)
+    assert len(kept) and all(
+        np.array_equal(after.customer_vector(customers[i]), before.customer_vector(customers[i])) for i in kept
+    )
 
 
 def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:
@@ -105,8 +112,12 @@ def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Pa
     removals.write_text("# sold out\n0108775015\nnot-an-id\n")
     with pytest.raises(ValueError, match="line 3"):
         read_removals(removals)
-    assert update_main(["--index-dir", str(root), "--articles", str(bad), "--model-repository",
-                        str(tiny_pipeline.repository)]) == 2
+    assert (
+        update_main(
+            ["--index-dir", str(root), "--articles", str(bad), "--model-repository", str(tiny_pipeline.repository)]
+        )
+        == 2
+    )
     assert artifacts.list_versions(root) == versions
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging directory left
 
@@ -126,12 +137,23 @@ def test_filtered_search_equals_exact_filtered_search(tiny_pipeline) -> None:
 
 def test_filters_parse_and_cap() -> None:
     filters = Filters.parse({"product_group": "Shoes", "colour": ["Black", "White"], "price_max": 0.05})
-    columns = FilterColumns({"article_id": ["a", "b", "c"], "product_group_name": ["Shoes", "Shoes", "Bags"],
-                             "colour_group_name": ["Black", "Red", "Black"], "price": ["0.01", "", "0.02"],
-                             "product_type_name": ["Boot", "Boot", "Bag"]})
+    columns = FilterColumns(
+        {
+            "article_id": ["a", "b", "c"],
+            "product_group_name": ["Shoes", "Shoes", "Bags"],
+            "colour_group_name": ["Black", "Red", "Black"],
+            "price": ["0.01", "", "0.02"],
+            "product_type_name": ["Boot", "Boot", "Bag"],
+        }
+    )
     assert columns.mask(filters).tolist() == [True, False, False]
-    for raw, message in (([], "expected an object"), ({"colour": []}, "colour"), ({"price_min": "1"}, "price_min"),
-                         ({"price_min": 2, "price_max": 1}, "price_min 2.0 > price_max"), ({"size": ["M"]}, "unknown")):
+    for raw, message in (
+        ([], "expected an object"),
+        ({"colour": []}, "colour"),
+        ({"price_min": "1"}, "price_min"),
+        ({"price_min": 2, "price_max": 1}, "price_min 2.0 > price_max"),
+        ({"size": ["M"]}, "unknown"),
+    ):
         with pytest.raises(FilterError, match=message):
             Filters.parse(raw)
     sims, rows = cap_per_type(np.array([0.9, 0.8, 0.7, 0.0]), np.array([0, 1, 2, -1]), columns.product_type, 1, 3)

@@ -18,12 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"twotower": 0, "serving": 1, "localtriton": 1, "export": 2, "evaluation": 3, "retriever": 3,
-          "benchmarks": 4, "examples": 4, "tools": 4}
+LAYERS = {
+    "twotower": 0,
+    "serving": 1,
+    "localtriton": 1,
+    "export": 2,
+    "evaluation": 3,
+    "retriever": 3,
+    "benchmarks": 4,
+    "examples": 4,
+    "tools": 4,
+}
 WEB_FRAMEWORKS = {"kserve", "fastapi", "starlette", "pydantic", "uvicorn"}
 # The request path's own modules in retriever/ (transport, the KServe adapter and the wiring may use the frameworks).
-PLAIN_RETRIEVER = {"retriever.service", "retriever.index_slot", "retriever.queries", "retriever.errors",
-                   "retriever.cache", "retriever.purchases", "retriever.metrics"}
+PLAIN_RETRIEVER = {
+    "retriever.service",
+    "retriever.index_slot",
+    "retriever.queries",
+    "retriever.errors",
+    "retriever.cache",
+    "retriever.purchases",
+    "retriever.metrics",
+}
 SKIP = {"localtriton/backends"}  # runs inside Triton's python stub, not in this project's processes
 
 
@@ -76,8 +92,10 @@ def test_imports_flow_from_the_library_up_to_the_wiring() -> None:
 def test_no_import_cycles() -> None:
     modules = graph()
     # A package's __init__ importing its own submodules is how packages re-export: not a cycle to forbid.
-    edges = {module: {name for name, _, _ in found if name in modules and not name.startswith(module + ".")}
-             for module, found in modules.items()}
+    edges = {
+        module: {name for name, _, _ in found if name in modules and not name.startswith(module + ".")}
+        for module, found in modules.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -85,7 +103,7 @@ def test_no_import_cycles() -> None:
         state[module] = 1
         for name in sorted(edges.get(module, ())):
             if state.get(name) == 1:
-                cycles.append(" -> ".join(path[path.index(name):] + [name]) if name in path else f"{module} -> {name}")
+                cycles.append(" -> ".join(path[path.index(name) :] + [name]) if name in path else f"{module} -> {name}")
             elif name not in state:
                 visit(name, path + [name])
         state[module] = 2
@@ -100,7 +118,9 @@ def test_the_library_and_the_service_use_no_web_framework() -> None:
     wrong = []
     for module, found in graph().items():
         if LAYERS[module.split(".")[0]] <= 2 or module in PLAIN_RETRIEVER or module.startswith("evaluation"):
-            wrong += [f"{module}:{line} imports {name}" for name, line, _ in found if name.split(".")[0] in WEB_FRAMEWORKS]
+            wrong += [
+                f"{module}:{line} imports {name}" for name, line, _ in found if name.split(".")[0] in WEB_FRAMEWORKS
+            ]
     assert not wrong, "\n".join(wrong)
 
 

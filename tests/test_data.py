@@ -59,7 +59,13 @@ def articles_csv(rows: list[str]) -> str:
 
 def article_row(article_id: str, desc: str = "Soft top.") -> str:
     values = {c: "x" for c in KAGGLE_ARTICLE_COLUMNS}
-    values.update(article_id=article_id, prod_name="Top", product_type_name="Vest top", colour_group_name="Black", detail_desc=desc)
+    values.update(
+        article_id=article_id,
+        prod_name="Top",
+        product_type_name="Vest top",
+        colour_group_name="Black",
+        detail_desc=desc,
+    )
     return ",".join(values[c] for c in KAGGLE_ARTICLE_COLUMNS)
 
 
@@ -71,7 +77,10 @@ def test_article_ids_are_zero_padded_like_kaggle(tmp_path: Path) -> None:
 def test_gzip_files_are_read(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "articles.csv.gz", "wt") as handle:
         handle.write(articles_csv([article_row("0108775015")]))
-    write(tmp_path / "transactions_train.csv", "t_dat,customer_id,article_id,price,sales_channel_id\n2020-09-16,c1,0108775015,0.05,2\n")
+    write(
+        tmp_path / "transactions_train.csv",
+        "t_dat,customer_id,article_id,price,sales_channel_id\n2020-09-16,c1,0108775015,0.05,2\n",
+    )
     data = load_hm_dir(tmp_path)
     assert data.transactions["t_dat"].iloc[0] == pd.Timestamp("2020-09-16")
 
@@ -109,7 +118,9 @@ def test_bad_articles_name_file_line_and_column(tmp_path: Path, text: str, line,
 def test_bad_transactions_name_file_line_and_column(tmp_path: Path, row: str, column: str, fragment: str) -> None:
     articles = load_articles(write(tmp_path / "articles.csv", articles_csv([article_row("0108775015")])))
     good = "2020-09-16,c0,0108775015,0.05,2"
-    path = write(tmp_path / "transactions_train.csv", f"t_dat,customer_id,article_id,price,sales_channel_id\n{good}\n{row}\n")
+    path = write(
+        tmp_path / "transactions_train.csv", f"t_dat,customer_id,article_id,price,sales_channel_id\n{good}\n{row}\n"
+    )
     with pytest.raises(DataFormatError) as caught:
         load_transactions(path, articles)
     assert caught.value.line == 3 and caught.value.column == column
@@ -117,9 +128,16 @@ def test_bad_transactions_name_file_line_and_column(tmp_path: Path, row: str, co
 
 
 def test_caption_puts_the_telling_fields_first() -> None:
-    row = {"prod_name": "Strap top", "colour_group_name": "Black", "product_type_name": "Vest top",
-           "graphical_appearance_name": "Solid", "index_name": "Ladieswear", "section_name": "Womens Everyday Basics",
-           "garment_group_name": "Jersey Basic", "detail_desc": "Jersey top with narrow shoulder straps."}
+    row = {
+        "prod_name": "Strap top",
+        "colour_group_name": "Black",
+        "product_type_name": "Vest top",
+        "graphical_appearance_name": "Solid",
+        "index_name": "Ladieswear",
+        "section_name": "Womens Everyday Basics",
+        "garment_group_name": "Jersey Basic",
+        "detail_desc": "Jersey top with narrow shoulder straps.",
+    }
     caption = build_caption(row)
     assert caption.startswith("Strap top: Black Vest top")
     assert caption.endswith("narrow shoulder straps.")
@@ -127,11 +145,13 @@ def test_caption_puts_the_telling_fields_first() -> None:
 
 
 def test_histories_are_most_recent_first_with_ages() -> None:
-    frame = pd.DataFrame({
-        "t_dat": pd.to_datetime(["2020-09-16", "2020-09-18", "2020-09-20", "2020-09-17"]),
-        "customer_id": ["a", "a", "a", "b"],
-        "article_id": ["x", "y", "z", "x"],
-    }).sort_values("t_dat", kind="stable")
+    frame = pd.DataFrame(
+        {
+            "t_dat": pd.to_datetime(["2020-09-16", "2020-09-18", "2020-09-20", "2020-09-17"]),
+            "customer_id": ["a", "a", "a", "b"],
+            "article_id": ["x", "y", "z", "x"],
+        }
+    ).sort_values("t_dat", kind="stable")
     row_of = {"x": 0, "y": 1, "z": 2}
     examples = training_examples(frame, row_of, max_history=2)
     assert len(examples) == 2  # a: y|x, z|y,x ; b has a single purchase
@@ -146,11 +166,13 @@ def test_histories_are_most_recent_first_with_ages() -> None:
 
 
 def test_earlier_days_only_histories_skip_the_same_basket() -> None:
-    frame = pd.DataFrame({
-        "t_dat": pd.to_datetime(["2020-09-16", "2020-09-18", "2020-09-18", "2020-09-20"]),
-        "customer_id": ["a", "a", "a", "a"],
-        "article_id": ["x", "y", "z", "w"],
-    })
+    frame = pd.DataFrame(
+        {
+            "t_dat": pd.to_datetime(["2020-09-16", "2020-09-18", "2020-09-18", "2020-09-20"]),
+            "customer_id": ["a", "a", "a", "a"],
+            "article_id": ["x", "y", "z", "w"],
+        }
+    )
     row_of = {"x": 0, "y": 1, "z": 2, "w": 3}
     plain = training_examples(frame, row_of, max_history=3)
     assert plain.histories.rows[plain.targets.tolist().index(2)].tolist() == [1, 0, PAD]  # z sees y, same day
@@ -180,6 +202,19 @@ def test_truncated_gzip_is_named_and_nothing_is_half_written(tmp_path: Path, cap
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "model.pt").write_bytes(b"")
-    assert export_main(["--run", str(tmp_path / "run"), "--data-dir", str(data), "--model-repository",
-                        str(tmp_path / "repo"), "--index-dir", str(tmp_path / "index")]) != 0
+    assert (
+        export_main(
+            [
+                "--run",
+                str(tmp_path / "run"),
+                "--data-dir",
+                str(data),
+                "--model-repository",
+                str(tmp_path / "repo"),
+                "--index-dir",
+                str(tmp_path / "index"),
+            ]
+        )
+        != 0
+    )
     assert not (tmp_path / "repo").exists() and not (tmp_path / "index").exists()

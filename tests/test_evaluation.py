@@ -32,10 +32,25 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
     from evaluation.__main__ import main
 
     out = tmp_path / "report"
-    assert main(["--data-dir", str(tiny_pipeline.data_dir), "--index-dir", str(tiny_pipeline.index_dir),
-                 "--model-repository", str(tiny_pipeline.repository), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--data-dir",
+                str(tiny_pipeline.data_dir),
+                "--index-dir",
+                str(tiny_pipeline.index_dir),
+                "--model-repository",
+                str(tiny_pipeline.repository),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "eval.json").read_text())
-    assert {"popularity (7d)", "repurchase", "co-purchase", "two-tower (flat)", "two-tower (exact)"} <= set(result["rankers"])
+    assert {"popularity (7d)", "repurchase", "co-purchase", "two-tower (flat)", "two-tower (exact)"} <= set(
+        result["rankers"]
+    )
     assert result["ann_recall_at_100"] == pytest.approx(1.0)  # a flat index is exact
     for values in result["rankers"].values():
         assert 0.0 <= values["recall@12"] <= values["recall@100"] <= 1.0
@@ -45,7 +60,9 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
     breakdown = result["target_breakdown"]
     assert sum(part["share"] for part in breakdown.values()) == pytest.approx(1.0)
     for ranker in ("two-tower (flat)", result["best_baseline"]):
-        assert sum(part[ranker] for part in breakdown.values()) == pytest.approx(result["rankers"][ranker]["recall@100"])
+        assert sum(part[ranker] for part in breakdown.values()) == pytest.approx(
+            result["rankers"][ranker]["recall@100"]
+        )
         assert all(0.0 <= part[ranker] <= part["share"] + 1e-9 for part in breakdown.values())
     assert "| own earlier purchase |" in (out / "eval.md").read_text()
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
@@ -59,11 +76,20 @@ def test_target_breakdown_puts_each_target_in_its_first_category() -> None:
     from twotower.repeats import Products
 
     # rows 0-1 one product; customer a bought 0 before; b bought 5
-    history = pd.DataFrame({"customer_id": ["a", "b"], "article_id": ["r0", "r5"],
-                            "t_dat": pd.to_datetime(["2020-09-20", "2020-09-21"])})
+    history = pd.DataFrame(
+        {"customer_id": ["a", "b"], "article_id": ["r0", "r5"], "t_dat": pd.to_datetime(["2020-09-20", "2020-09-21"])}
+    )
     row_of = {f"r{i}": i for i in range(1200)}
-    split = TemporalSplit(pd.Timestamp("2020-09-22"), pd.Timestamp("2020-09-16"), pd.Timestamp("2020-09-23"), history,
-                          ["a", "b"], [{0, 1, 2, 3}, {4, 1100}], cold_rows={1100}, row_of=row_of)
+    split = TemporalSplit(
+        pd.Timestamp("2020-09-22"),
+        pd.Timestamp("2020-09-16"),
+        pd.Timestamp("2020-09-23"),
+        history,
+        ["a", "b"],
+        [{0, 1, 2, 3}, {4, 1100}],
+        cold_rows={1100},
+        row_of=row_of,
+    )
     products = Products(["p0", "p0"] + [f"q{i}" for i in range(2, 1200)])
     co_purchase = [np.asarray([2]), np.asarray([], dtype=np.int64)]
     popularity = np.asarray([3] + list(range(5, 1004)))  # row 4 in neither popularity band

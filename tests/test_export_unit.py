@@ -45,8 +45,15 @@ SPEC = TritonModelSpec(
 
 def test_config_pbtxt_has_libtorch_platform_batching_and_kind_auto() -> None:
     text = render_config(SPEC)
-    for expected in ('platform: "pytorch_libtorch"', "max_batch_size: 32", "max_queue_delay_microseconds: 300",
-                     "kind: KIND_AUTO", 'name: "history_mask"', "dims: [ 20, 64 ]", 'name: "embedding__0"'):
+    for expected in (
+        'platform: "pytorch_libtorch"',
+        "max_batch_size: 32",
+        "max_queue_delay_microseconds: 300",
+        "kind: KIND_AUTO",
+        'name: "history_mask"',
+        "dims: [ 20, 64 ]",
+        'name: "embedding__0"',
+    ):
         assert expected in text
 
 
@@ -76,7 +83,14 @@ def test_failed_index_write_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "index"
     with pytest.raises(TypeError):
         vectors = np.ones((3, 4), np.float32)
-        write_index_dir(out, build_faiss_index(vectors, "flat"), vectors, {"article_id": ["a", "b", "c"]}, {},
-                        artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0), {"unexpected": 1})
+        write_index_dir(
+            out,
+            build_faiss_index(vectors, "flat"),
+            vectors,
+            {"article_id": ["a", "b", "c"]},
+            {},
+            artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0),
+            {"unexpected": 1},
+        )
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,9 @@ def private_servers(tiny_pipeline, tmp_path):
     """A Triton + retriever pair of this test's own, so breaking them disturbs no other test."""
     settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path)
     triton = TritonServer(settings).start()
-    retriever = RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{settings.http_port}", log_path=tmp_path / "r.log").start()
+    retriever = RetrieverProcess(
+        tiny_pipeline.index_dir, f"127.0.0.1:{settings.http_port}", log_path=tmp_path / "r.log"
+    ).start()
     try:
         yield triton, retriever
     finally:
@@ -69,8 +71,9 @@ def test_triton_gone_gives_503_and_not_ready_then_recovers(private_servers) -> N
 
 
 def stub_pids(triton_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "triton_python_backend_stub", "-g", str(triton_pid)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", "triton_python_backend_stub", "-g", str(triton_pid)], capture_output=True, text=True
+    ).stdout
     return [int(pid) for pid in out.split()]
 
 

@@ -16,26 +16,46 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.integration
 
-BUDGET = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+BUDGET = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 ids = st.sampled_from(["0108775015", "", " ", "0", "x" * 300, "0000000001", "١٢٣", "0108775015,0108775015"])
 texts = st.text(max_size=300) | st.sampled_from(["black jersey dress", "\x00", "🧥" * 700, "a" * 5000])
-scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | texts
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-                           max_leaves=12)
-field_names = st.sampled_from(["customer_id", "history", "query", "similar_to", "k", "filters", "exclude_purchased",
-                               "max_per_product_type", "unknown"])
-filters = st.dictionaries(st.sampled_from(["product_group", "colour", "price_min", "price_max", "size"]), json_values,
-                          max_size=3)
+scalars = st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=True) | texts
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=12
+)
+field_names = st.sampled_from(
+    [
+        "customer_id",
+        "history",
+        "query",
+        "similar_to",
+        "k",
+        "filters",
+        "exclude_purchased",
+        "max_per_product_type",
+        "unknown",
+    ]
+)
+filters = st.dictionaries(
+    st.sampled_from(["product_group", "colour", "price_min", "price_max", "size"]), json_values, max_size=3
+)
 instances = st.dictionaries(field_names, json_values | ids | filters | st.lists(ids, max_size=60), max_size=4)
 v1_bodies = st.fixed_dictionaries({"instances": st.lists(instances, max_size=4)}) | json_values
-v2_inputs = st.fixed_dictionaries({
-    "name": st.sampled_from(["customer_id", "history", "query", "k", "other"]),
-    "datatype": st.sampled_from(["BYTES", "INT32", "INT64", "FP32", "BOOL", "NOPE"]),
-    "shape": st.lists(st.integers(-2, 5), max_size=3),
-    "data": st.lists(json_values | ids, max_size=5),
-})
+v2_inputs = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["customer_id", "history", "query", "k", "other"]),
+        "datatype": st.sampled_from(["BYTES", "INT32", "INT64", "FP32", "BOOL", "NOPE"]),
+        "shape": st.lists(st.integers(-2, 5), max_size=3),
+        "data": st.lists(json_values | ids, max_size=5),
+    }
+)
 v2_bodies = st.fixed_dictionaries({"inputs": st.lists(v2_inputs, max_size=3)}) | json_values
 raw_bodies = st.binary(max_size=300) | st.sampled_from([b"{", b'{"instances": [', b"\xff\xfe", b"null", b"[]"])
 
@@ -66,27 +86,43 @@ def reference(client):
 @BUDGET
 @given(body=v1_bodies)
 def test_fuzz_v1(client, reference, body) -> None:
-    check(client.post("/v1/models/recommender:predict", content=json.dumps(body, allow_nan=True),
-                      headers={"content-type": "application/json"}))
+    check(
+        client.post(
+            "/v1/models/recommender:predict",
+            content=json.dumps(body, allow_nan=True),
+            headers={"content-type": "application/json"},
+        )
+    )
 
 
 @BUDGET
 @given(body=v2_bodies)
 def test_fuzz_v2(client, reference, body) -> None:
-    check(client.post("/v2/models/recommender/infer", content=json.dumps(body, allow_nan=True),
-                      headers={"content-type": "application/json"}))
+    check(
+        client.post(
+            "/v2/models/recommender/infer",
+            content=json.dumps(body, allow_nan=True),
+            headers={"content-type": "application/json"},
+        )
+    )
 
 
 @BUDGET
-@given(body=raw_bodies, content_type=st.sampled_from(["application/json", "text/plain", "", "application/octet-stream"]))
+@given(
+    body=raw_bodies, content_type=st.sampled_from(["application/json", "text/plain", "", "application/octet-stream"])
+)
 def test_fuzz_raw_bodies(client, reference, body, content_type) -> None:
     check(client.post("/v1/models/recommender:predict", content=body, headers={"content-type": content_type}))
     check(client.post("/v2/models/recommender/infer", content=body, headers={"content-type": content_type}))
 
 
 @BUDGET
-@given(article=ids | texts, q=texts, k=st.sampled_from(["", "0", "-1", "5", "1001", "x", "1e3"]),
-       price=st.sampled_from(["", "nan", "inf", "-1", "0.02", "abc"]))
+@given(
+    article=ids | texts,
+    q=texts,
+    k=st.sampled_from(["", "0", "-1", "5", "1001", "x", "1e3"]),
+    price=st.sampled_from(["", "nan", "inf", "-1", "0.02", "abc"]),
+)
 def test_fuzz_shop_endpoints(client, reference, article, q, k, price) -> None:
     params = {name: value for name, value in (("k", k), ("price_max", price)) if value}
     check(client.get("/shop/api/search", params={"q": q, **params}))

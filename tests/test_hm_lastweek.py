@@ -34,8 +34,12 @@ def hm_served(tmp_path_factory: pytest.TempPathFactory):
     run_dir = train(data, model, TrainConfig(epochs=1, max_steps=20), root / "run")
     manifest = export_run(run_dir, data_dir, root / "model_repository", root / "index")
     settings = TritonSettings.on_free_ports(root / "model_repository", root)
-    with TritonServer(settings), RetrieverProcess(root / "index", f"127.0.0.1:{settings.http_port}",
-                                                  log_path=root / "retriever.log") as retriever:
+    with (
+        TritonServer(settings),
+        RetrieverProcess(
+            root / "index", f"127.0.0.1:{settings.http_port}", log_path=root / "retriever.log"
+        ) as retriever,
+    ):
         yield data, manifest, retriever
 
 
@@ -53,9 +57,16 @@ def test_full_catalogue_is_indexed_and_served(hm_served) -> None:
     assert manifest.item_count == HM_ARTICLES and manifest.index_type == "ivf"
     customer = data.transactions["customer_id"].iloc[0]
     never_bought = sorted(set(data.articles.index) - set(data.transactions["article_id"]))[:2]
-    body = {"instances": [{"customer_id": customer}, {"history": never_bought, "k": 5},
-                          {"query": "black jersey dress", "k": 5}]}
-    request = urllib.request.Request(retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    body = {
+        "instances": [
+            {"customer_id": customer},
+            {"history": never_bought, "k": 5},
+            {"query": "black jersey dress", "k": 5},
+        ]
+    }
+    request = urllib.request.Request(
+        retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         predictions = json.loads(response.read())["predictions"]
     assert [len(p["items"]) for p in predictions] == [12, 5, 5]

@@ -77,8 +77,11 @@ def test_unreachable_peer_raises_os_error() -> None:
 
 def binary_response(header: dict, *arrays: np.ndarray) -> Response:
     head = json.dumps(header).encode()
-    return Response(200, b"http/1.1 200 ok\r\ninference-header-content-length: %d" % len(head),
-                    head + b"".join(a.tobytes() for a in arrays))
+    return Response(
+        200,
+        b"http/1.1 200 ok\r\ninference-header-content-length: %d" % len(head),
+        head + b"".join(a.tobytes() for a in arrays),
+    )
 
 
 def test_infer_request_puts_raw_tensors_after_a_json_header() -> None:
@@ -97,13 +100,20 @@ def test_infer_request_puts_raw_tensors_after_a_json_header() -> None:
 
 def test_infer_output_is_found_among_several_binary_and_json_outputs() -> None:
     first, wanted = np.ones((2, 2), dtype=np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
-    header = {"outputs": [
-        {"name": "other", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
-        {"name": "embedding__0", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": 24}},
-    ]}
+    header = {
+        "outputs": [
+            {"name": "other", "shape": [2, 2], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+            {"name": "embedding__0", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": 24}},
+        ]
+    }
     assert np.array_equal(decode_infer_output(binary_response(header, first, wanted), "embedding__0"), wanted)
-    as_json = Response(200, b"http/1.1 200 ok", json.dumps({"outputs": [
-        {"name": "embedding__0", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}]}).encode())
+    as_json = Response(
+        200,
+        b"http/1.1 200 ok",
+        json.dumps(
+            {"outputs": [{"name": "embedding__0", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}]}
+        ).encode(),
+    )
     assert decode_infer_output(as_json, "embedding__0").tolist() == [[0.5, 1.5]]
     with pytest.raises(ValueError, match="no output named"):
         decode_infer_output(binary_response(header, first, wanted), "missing")

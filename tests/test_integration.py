@@ -182,9 +182,12 @@ def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int, bought: li
         users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
     catalog = Catalog(pipeline.index_dir)
     space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)
-    requests = [ranking.RankRequest(k) if bought is None else
-                ranking.RankRequest(k, prior=catalog.prior_weight, boost=catalog.score_head.repeat, bought=bought[i])
-                for i in range(len(users))]
+    requests = [
+        ranking.RankRequest(k)
+        if bought is None
+        else ranking.RankRequest(k, prior=catalog.prior_weight, boost=catalog.score_head.repeat, bought=bought[i])
+        for i in range(len(users))
+    ]
     return [[catalog.article_ids[r] for r in rows] for _, rows in ranking.rank(space, users, requests)]
 
 
@@ -194,12 +197,16 @@ def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline,
     catalog = Catalog(tiny_pipeline.index_dir)
     history = [catalog.article_ids[5], catalog.article_ids[9], catalog.article_ids[20]]  # oldest first
     customer = next(iter(catalog.customer_row))
-    status, body = post(retriever.predict_url, {"instances": [{"history": history, "k": 10}, {"customer_id": customer, "k": 10}]})
+    status, body = post(
+        retriever.predict_url, {"instances": [{"history": history, "k": 10}, {"customer_id": customer, "k": 10}]}
+    )
     assert status == 200, body
     served = [[item["article_id"] for item in p["items"]] for p in body["predictions"]]
     bought = [(catalog.rows_for(history)[::-1], np.zeros(3, np.float32)), catalog.customer_history(customer)]
     vectors, mask, ages = catalog.history_tensors(bought)
-    expected = reference_top_k(tiny_pipeline, {"history": vectors, "history_mask": mask, "history_age": ages}, 10, bought)
+    expected = reference_top_k(
+        tiny_pipeline, {"history": vectors, "history_mask": mask, "history_age": ages}, 10, bought
+    )
     assert served == expected
     scores = [item["score"] for item in body["predictions"][0]["items"]]
     assert all(0.0 < s < 1.0 for s in scores)
@@ -213,7 +220,9 @@ def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipel
     customers = list(catalog.customer_row)[:20]
     vectors, mask, ages = catalog.history_tensors([catalog.customer_history(c) for c in customers])
     with torch.inference_mode():
-        expected = local_tower(tiny_pipeline, "user_tower")(*(torch.from_numpy(t) for t in (vectors, mask, ages))).numpy()
+        expected = local_tower(tiny_pipeline, "user_tower")(
+            *(torch.from_numpy(t) for t in (vectors, mask, ages))
+        ).numpy()
     stored = np.stack([catalog.customer_vector(c) for c in customers])
     np.testing.assert_allclose(stored, expected, atol=1e-5)
 
@@ -235,8 +244,12 @@ def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipel
 
 
 def test_v2_protocol(retriever) -> None:
-    body = {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [2], "data": ["black dress", "red sneakers"]},
-                       {"name": "k", "datatype": "INT32", "shape": [1], "data": [4]}]}
+    body = {
+        "inputs": [
+            {"name": "query", "datatype": "BYTES", "shape": [2], "data": ["black dress", "red sneakers"]},
+            {"name": "k", "datatype": "INT32", "shape": [1], "data": [4]},
+        ]
+    }
     status, response = post(f"{retriever.url}/v2/models/recommender/infer", body)
     assert status == 200, response
     outputs = {o["name"]: o for o in response["outputs"]}
@@ -272,17 +285,33 @@ def test_metrics_expose_stage_latencies_and_counters(retriever, triton) -> None:
     post(retriever.predict_url, {"instances": [{"query": "dress"}]})
     post(retriever.predict_url, {"instances": [{"query": ""}]})
     text = urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10).read().decode()
-    for needle in ('retriever_stage_seconds_bucket{le="0.005",stage="triton"}', 'stage="search"', 'stage="total"',
-                   'retriever_requests_total{kind="query"}', 'retriever_errors_total{reason="invalid_input"}',
-                   "request_predict_seconds"):
+    for needle in (
+        'retriever_stage_seconds_bucket{le="0.005",stage="triton"}',
+        'stage="search"',
+        'stage="total"',
+        'retriever_requests_total{kind="query"}',
+        'retriever_errors_total{reason="invalid_input"}',
+        "request_predict_seconds",
+    ):
         assert needle in text, needle
     triton_metrics = urllib.request.urlopen(triton.settings.metrics_url, timeout=10).read().decode()
     assert "nv_inference_exec_count" in triton_metrics
 
 
 def run_retriever(index_dir: Path, triton_port: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "retriever", "--index-dir", str(index_dir), "--predictor_host",
-               f"127.0.0.1:{triton_port}", "--http_port", "0", "--triton-wait-s", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "retriever",
+        "--index-dir",
+        str(index_dir),
+        "--predictor_host",
+        f"127.0.0.1:{triton_port}",
+        "--http_port",
+        "0",
+        "--triton-wait-s",
+        "3",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -317,14 +346,28 @@ def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tm
     from localtriton.server import pid_alive
 
     ports = [str(free_port()) for _ in range(3)]
-    common = ["--model-repository", str(tiny_pipeline.repository), "--state-dir", str(tmp_path),
-              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
-    started = subprocess.run([sys.executable, "-m", "localtriton", "start", *common], capture_output=True, text=True, timeout=180)
+    common = [
+        "--model-repository",
+        str(tiny_pipeline.repository),
+        "--state-dir",
+        str(tmp_path),
+        "--http-port",
+        ports[0],
+        "--grpc-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+    ]
+    started = subprocess.run(
+        [sys.executable, "-m", "localtriton", "start", *common], capture_output=True, text=True, timeout=180
+    )
     assert started.returncode == 0, started.stderr
     state = json.loads((tmp_path / f"triton-{ports[0]}.json").read_text())
     assert pid_alive(state["pid"])
     assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5).status == 200
-    stopped = subprocess.run([sys.executable, "-m", "localtriton", "stop", *common], capture_output=True, text=True, timeout=60)
+    stopped = subprocess.run(
+        [sys.executable, "-m", "localtriton", "stop", *common], capture_output=True, text=True, timeout=60
+    )
     assert stopped.returncode == 0 and "stopped Triton" in stopped.stdout
     assert not pid_alive(state["pid"])
     assert not (tmp_path / f"triton-{ports[0]}.json").exists()
@@ -336,12 +379,19 @@ def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: P
 
     from retriever.launch import RetrieverProcess
 
-    with RetrieverProcess(tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=tmp_path / "r.log",
-                          extra_args=["--workers", "2"]) as retriever:
+    with RetrieverProcess(
+        tiny_pipeline.index_dir,
+        f"127.0.0.1:{triton.settings.http_port}",
+        log_path=tmp_path / "r.log",
+        extra_args=["--workers", "2"],
+    ) as retriever:
         body = json.dumps({"instances": [{"query": "black dress", "k": 2}]}).encode()
         for _ in range(6):  # requests spread over both workers
-            for url, data in ((retriever.predict_url, body), (f"{retriever.url}/admin/index", None),
-                              (f"{retriever.url}/shop/api/customers?limit=1", None)):
+            for url, data in (
+                (retriever.predict_url, body),
+                (f"{retriever.url}/admin/index", None),
+                (f"{retriever.url}/shop/api/customers?limit=1", None),
+            ):
                 request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=10) as response:
                     assert response.status == 200, url

@@ -24,7 +24,9 @@ def test_pretrained_weights_load_from_a_local_checkpoint(tmp_path: Path) -> None
     torch.save(source.state_dict(), checkpoint)
     model = build_model(ModelConfig(pretrained=str(checkpoint)))
     assert torch.equal(model.item_tower.token_embedding.weight, source.token_embedding.weight)
-    assert torch.equal(model.item_tower.transformer.resblocks[1].mlp.c_fc.weight, source.transformer.resblocks[1].mlp.c_fc.weight)
+    assert torch.equal(
+        model.item_tower.transformer.resblocks[1].mlp.c_fc.weight, source.transformer.resblocks[1].mlp.c_fc.weight
+    )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_clip("hm-tiny-text", str(tmp_path / "missing" / "weights.pt"))
 

@@ -17,10 +17,14 @@ from twotower.repeats import RepeatBoost
 
 
 def test_item_bias_counts_only_the_window_before_the_day() -> None:
-    transactions = pd.DataFrame({
-        "t_dat": pd.to_datetime(["2020-09-01", "2020-09-15", "2020-09-20", "2020-09-21", "2020-09-21", "2020-09-22"]),
-        "article_id": ["a", "b", "b", "a", "zz", "b"],  # zz: not in the catalogue
-    })
+    transactions = pd.DataFrame(
+        {
+            "t_dat": pd.to_datetime(
+                ["2020-09-01", "2020-09-15", "2020-09-20", "2020-09-21", "2020-09-21", "2020-09-22"]
+            ),
+            "article_id": ["a", "b", "b", "a", "zz", "b"],  # zz: not in the catalogue
+        }
+    )
     bias = popularity.item_bias(transactions, {"a": 0, "b": 1, "c": 2}, 3, pd.Timestamp("2020-09-22"), window_days=7)
     # 09-15..09-21 count (7 days), 09-01 is too old and 09-22 is the day itself.
     np.testing.assert_allclose(bias, np.log1p([1, 2, 0]))
@@ -44,7 +48,9 @@ def test_fit_keeps_the_smallest_weight_that_finds_most() -> None:
 
 
 def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
-    head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.5, prior=popularity.PopularityPrior(0.03, 5))
+    head = artifacts.ScoreHeadWeights(
+        np.ones(2), np.ones(2), np.ones(2), 0.5, prior=popularity.PopularityPrior(0.03, 5)
+    )
     raw = json.loads(json.dumps(head.to_json()))
     assert artifacts.ScoreHeadWeights.from_json(raw).prior == popularity.PopularityPrior(0.03, 5)
     del raw["prior"]
@@ -64,8 +70,9 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
         expected = np.argsort(-(vectors @ query + prior * bias), kind="stable")[:10]
         _, rows = catalog.search(query[None], 10, prior)
         assert rows[0].tolist() == expected.tolist()
-        np.testing.assert_allclose(catalog.scores(query, rows[0], prior), (vectors @ query + prior * bias)[rows[0]],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            catalog.scores(query, rows[0], prior), (vectors @ query + prior * bias)[rows[0]], rtol=1e-5
+        )
         # The filtered paths rank the same way: exact over few rows, the index's selector over many.
         for allowed_rows in (np.arange(0, 60), np.arange(0, 2000)):
             allowed = np.zeros(n, dtype=bool)
@@ -88,8 +95,9 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
     merged_scores, merged_rows = ranking.rank(catalog, query[None], [request])[0]
     for row in (5, 200):
         assert row in merged_rows.tolist()
-        assert merged_scores[merged_rows.tolist().index(row)] == pytest.approx(vectors[row] @ query + 0.1 * bias[row] + 2.0,
-                                                                           rel=1e-5)
+        assert merged_scores[merged_rows.tolist().index(row)] == pytest.approx(
+            vectors[row] @ query + 0.1 * bias[row] + 2.0, rel=1e-5
+        )
 
 
 def test_operators_can_replace_the_fitted_weight(tmp_path: Path) -> None:
@@ -109,10 +117,17 @@ def test_indexes_without_a_prior_search_by_cosine(tmp_path: Path) -> None:
 
 def test_export_serves_the_fitted_weight_over_the_last_days_sales(tiny_pipeline) -> None:
     catalog = Catalog(tiny_pipeline.index_dir)
-    prior = popularity.PopularityPrior.from_json(json.loads((tiny_pipeline.run_dir / rundir.POPULARITY_PRIOR).read_text()))
+    prior = popularity.PopularityPrior.from_json(
+        json.loads((tiny_pipeline.run_dir / rundir.POPULARITY_PRIOR).read_text())
+    )
     assert catalog.score_head.prior == prior  # the weight training fitted is the one served
     data = load_hm_dir(tiny_pipeline.data_dir)  # trained on all of it: the window ends with the data's last day
-    expected = popularity.item_bias(data.transactions, catalog.row_of, len(catalog.row_of),
-                                    data.transactions["t_dat"].max() + pd.Timedelta(days=1), prior.window_days)
+    expected = popularity.item_bias(
+        data.transactions,
+        catalog.row_of,
+        len(catalog.row_of),
+        data.transactions["t_dat"].max() + pd.Timedelta(days=1),
+        prior.window_days,
+    )
     assert catalog.item_bias is not None and catalog.item_bias.max() > 0
     np.testing.assert_array_equal(catalog.item_bias, expected)

@@ -51,9 +51,15 @@ def prometheus(retriever, triton, tmp_path_factory: pytest.TempPathFactory):
     log_path = root / "prometheus.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            ["prometheus", f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "prometheus",
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}/-/ready", 60, "prometheus", log_path)
@@ -81,12 +87,18 @@ def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever) -> 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # a few seconds of steady load, several scrapes
         for body in bodies:
-            request = urllib.request.Request(retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             try:
                 urllib.request.urlopen(request, timeout=10).read()
             except urllib.error.HTTPError:
                 pass
-        if time.monotonic() > deadline - 12 and query(base, 'up{job="retriever"} == 1') and query(base, 'up{job="triton"} == 1'):
+        if (
+            time.monotonic() > deadline - 12
+            and query(base, 'up{job="retriever"} == 1')
+            and query(base, 'up{job="triton"} == 1')
+        ):
             break
         time.sleep(0.05)
     time.sleep(3)

@@ -15,9 +15,14 @@ CONFIG = RetrieverConfig(top_k=12, max_k=100, max_history_items=5, max_query_cha
 
 
 def test_v1_kinds_and_default_k() -> None:
-    queries = parse_v1({"instances": [{"customer_id": " c1 "}, {"history": ["a", "b"], "k": 3}, {"query": "red dress"}]}, CONFIG)
+    queries = parse_v1(
+        {"instances": [{"customer_id": " c1 "}, {"history": ["a", "b"], "k": 3}, {"query": "red dress"}]}, CONFIG
+    )
     assert [(q.kind, q.value, q.k) for q in queries] == [
-        ("customer_id", "c1", 12), ("history", ["a", "b"], 3), ("query", "red dress", 12)]
+        ("customer_id", "c1", 12),
+        ("history", ["a", "b"], 3),
+        ("query", "red dress", 12),
+    ]
     assert parse_v1(b'{"instances": [{"query": "x"}]}', CONFIG)[0].value == "x"
 
 
@@ -92,8 +97,10 @@ def test_v2_wrong_dtype_and_shape() -> None:
 
 def test_responses() -> None:
     queries = parse_v1({"instances": [{"query": "a", "k": 2}, {"query": "b", "k": 1}]}, CONFIG)
-    results = [Recommendation(["x", "y"], [0.9, 0.8], [0.7, 0.6], [{"prod_name": "X"}, {"prod_name": "Y"}]),
-               Recommendation(["z"], [0.5], [0.4], [{"prod_name": "Z"}])]
+    results = [
+        Recommendation(["x", "y"], [0.9, 0.8], [0.7, 0.6], [{"prod_name": "X"}, {"prod_name": "Y"}]),
+        Recommendation(["z"], [0.5], [0.4], [{"prod_name": "Z"}]),
+    ]
     body = v1_response(queries, results)
     assert body["predictions"][0]["items"][1] == {"article_id": "y", "score": 0.6, "similarity": 0.8, "prod_name": "Y"}
     response = v2_response("recommender", InferRequest("recommender", [bytes_input("query", ["a", "b"])]), results)

@@ -30,8 +30,9 @@ def test_boost_fades_with_age_and_round_trips_through_the_score_head_json() -> N
     assert not ScoreHeadWeights.from_json(legacy).repeat.active  # indexes written before boosts
 
 
-def random_space(rng: np.random.Generator, products: repeats.Products | None = None
-                 ) -> tuple[ranking.ExactItems, np.ndarray]:
+def random_space(
+    rng: np.random.Generator, products: repeats.Products | None = None
+) -> tuple[ranking.ExactItems, np.ndarray]:
     """200 random articles searched exactly, and 50 random users."""
     vectors = rng.normal(size=(200, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -75,4 +76,6 @@ def test_fit_finds_a_sibling_boost_when_customers_buy_other_colours() -> None:
     boost, value, unboosted = fitting.fit_repeat_boost(space, users, histories, other_colour)
     assert boost.sibling_bonus > 0 and value > unboosted + 0.3
     space.products = None
-    assert fitting.fit_repeat_boost(space, users, histories, other_colour)[0].sibling_bonus == 0  # no products: no siblings
+    assert (
+        fitting.fit_repeat_boost(space, users, histories, other_colour)[0].sibling_bonus == 0
+    )  # no products: no siblings

@@ -43,20 +43,36 @@ def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM) -> np.ndarr
     vectors = rng.standard_normal((N, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     bias = np.log1p(rng.integers(0, 50, N)).astype(np.float32)
-    metadata = {"article_id": [f"{i:010d}" for i in range(N)], "product_code": [str(i // 2) for i in range(N)],
-                "colour_group_name": [COLOURS[i % 3] for i in range(N)],
-                "product_type_name": [TYPES[(i // 2) % 4] for i in range(N)],
-                "prod_name": [f"article {i}" for i in range(N)], "price": ["0.01"] * N}
+    metadata = {
+        "article_id": [f"{i:010d}" for i in range(N)],
+        "product_code": [str(i // 2) for i in range(N)],
+        "colour_group_name": [COLOURS[i % 3] for i in range(N)],
+        "product_type_name": [TYPES[(i // 2) % 4] for i in range(N)],
+        "prod_name": [f"article {i}" for i in range(N)],
+        "price": ["0.01"] * N,
+    }
     rows = np.asarray([[10, 11, 40, -1], [3, -1, -1, -1], [70, 71, 72, 73]], dtype=np.int32)
-    histories = {"customer_ids": np.asarray(["alice", "bob", "carol"]), "rows": rows,
-                 "age_days": np.asarray([[0, 1, 5, 0], [2, 0, 0, 0], [0, 0, 1, 3]], dtype=np.float32),
-                 "last_day": np.full(3, 100, dtype=np.int64)}
-    fields = {"index_type": "flat", "model_version": 1, "customer_count": 3, "max_history": HISTORY,
-              "context_length": 8, "clip_model": "stand-in", "reference_day": 100, "data_source": "test",
-              "tower_checksums": {}}
+    histories = {
+        "customer_ids": np.asarray(["alice", "bob", "carol"]),
+        "rows": rows,
+        "age_days": np.asarray([[0, 1, 5, 0], [2, 0, 0, 0], [0, 0, 1, 3]], dtype=np.float32),
+        "last_day": np.full(3, 100, dtype=np.int64),
+    }
+    fields = {
+        "index_type": "flat",
+        "model_version": 1,
+        "customer_count": 3,
+        "max_history": HISTORY,
+        "context_length": 8,
+        "clip_model": "stand-in",
+        "reference_day": 100,
+        "data_source": "test",
+        "tower_checksums": {},
+    }
     head = artifacts.ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, BOOST, PopularityPrior(PRIOR))
-    write_index_dir(directory, build_faiss_index(vectors, "flat", bias), vectors, metadata, histories, head, fields,
-                    item_bias=bias)
+    write_index_dir(
+        directory, build_faiss_index(vectors, "flat", bias), vectors, metadata, histories, head, fields, item_bias=bias
+    )
     return vectors
 
 
@@ -203,13 +219,17 @@ def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
     space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)
     fitted_exact = fitting.held_out_rankings(space, users, pairs, 15, BOOST, PRIOR)
     for i, ids in enumerate(served):
-        assert rows_of(ids) == evaluated[i].tolist() == exact[i].tolist() == fitted[i].tolist() == fitted_exact[i].tolist()
+        assert (
+            rows_of(ids) == evaluated[i].tolist() == exact[i].tolist() == fitted[i].tolist() == fitted_exact[i].tolist()
+        )
     # The boost's fit reranks one cached deep search per case with ranking.finish: the same lists again.
     for i, (user, pair) in enumerate(zip(users, pairs)):
         request = ranking.RankRequest(15, boost=BOOST, bought=pair)
         deep = space.search(user[None], 60)
-        assert ranking.finish(space, user, request, deep[0][0], deep[1][0])[1].tolist() == \
-            fitting.held_out_rankings(space, users[i : i + 1], [pair], 15, BOOST)[0].tolist()
+        assert (
+            ranking.finish(space, user, request, deep[0][0], deep[1][0])[1].tolist()
+            == fitting.held_out_rankings(space, users[i : i + 1], [pair], 15, BOOST)[0].tolist()
+        )
 
 
 def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
@@ -219,11 +239,13 @@ def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
 
     async def calls() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
-            return [await client.get("/shop/api/articles/0000000001"),
-                    await client.get("/shop/api/articles/9999999999"),
-                    await client.get("/shop/api/search", params={"q": "red dress", "colour": "Red", "k": 3}),
-                    await client.get("/shop/api/search", params={"q": "red dress", "price_min": 2, "price_max": 1}),
-                    await client.post("/shop/api/customers/bob/purchases", json={"article_ids": ["nope"]})]
+            return [
+                await client.get("/shop/api/articles/0000000001"),
+                await client.get("/shop/api/articles/9999999999"),
+                await client.get("/shop/api/search", params={"q": "red dress", "colour": "Red", "k": 3}),
+                await client.get("/shop/api/search", params={"q": "red dress", "price_min": 2, "price_max": 1}),
+                await client.post("/shop/api/customers/bob/purchases", json={"article_ids": ["nope"]}),
+            ]
 
     ok, unknown, search, bad_filter, bad_purchase = asyncio.run(calls())
     assert ok.status_code == 200 and ok.json()["colour_group_name"] == COLOURS[1]

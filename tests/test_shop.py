@@ -51,11 +51,21 @@ def shop(tiny_pipeline, tmp_path_factory: pytest.TempPathFactory):
     shutil.copytree(tiny_pipeline.repository, repository)
     settings = dataclasses.replace(TritonSettings.on_free_ports(repository, work / "triton"), repository_poll_s=1)
     log_path = work / "retriever.log"
-    with TritonServer(settings) as triton, RetrieverProcess(
-        root, f"127.0.0.1:{settings.http_port}", log_path=log_path, extra_args=["--index-poll-s", "0.5"]
-    ) as retriever:
-        yield Shop(retriever.url, f"127.0.0.1:{triton.settings.http_port}", root, repository, log_path,
-                   tiny_pipeline.data_dir, tiny_pipeline.run_dir)
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            root, f"127.0.0.1:{settings.http_port}", log_path=log_path, extra_args=["--index-poll-s", "0.5"]
+        ) as retriever,
+    ):
+        yield Shop(
+            retriever.url,
+            f"127.0.0.1:{triton.settings.http_port}",
+            root,
+            repository,
+            log_path,
+            tiny_pipeline.data_dir,
+            tiny_pipeline.run_dir,
+        )
 
 
 def wait_for_version(shop: Shop, predicate, timeout_s: float = 30.0) -> dict:
@@ -84,11 +94,28 @@ def test_new_articles_are_served_without_restart(shop: Shop, tmp_path: Path) -> 
     delta = articles_frame(shop.data_dir).iloc[:3].copy()
     delta["article_id"] = NEW_IDS
     delta["prod_name"] = ["Aurora sequin raincoat", "Meadow linen tote", "Harbour wool beanie"]
-    delta["detail_desc"] = ["Shiny fluorescent raincoat with sequins", "Large tote in washed linen", "Warm rib-knit beanie"]
+    delta["detail_desc"] = [
+        "Shiny fluorescent raincoat with sequins",
+        "Large tote in washed linen",
+        "Warm rib-knit beanie",
+    ]
     delta.to_csv(tmp_path / "delta.csv", index=False)
-    result = subprocess.run([sys.executable, "-m", "export.update", "--index-dir", str(shop.root), "--articles",
-                             str(tmp_path / "delta.csv"), "--triton", shop.triton_url],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export.update",
+            "--index-dir",
+            str(shop.root),
+            "--articles",
+            str(tmp_path / "delta.csv"),
+            "--triton",
+            shop.triton_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     info = wait_for_version(shop, lambda i: i["index_version"] != before["index_version"])
     assert info["items"] == before["items"] + 3 and info["parent_version"] == before["index_version"]
@@ -100,14 +127,29 @@ def test_new_articles_are_served_without_restart(shop: Shop, tmp_path: Path) -> 
         assert items[0]["article_id"] == article_id and items[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
     article = httpx.get(f"{shop.url}/shop/api/articles/{NEW_IDS[0]}").json()
     assert article["prod_name"] == "Aurora sequin raincoat" and article["available"] is True
-    response = httpx.post(f"{shop.url}/v1/models/recommender:predict", json={"instances": [{"history": NEW_IDS[:2], "k": 5}]})
+    response = httpx.post(
+        f"{shop.url}/v1/models/recommender:predict", json={"instances": [{"history": NEW_IDS[:2], "k": 5}]}
+    )
     assert response.status_code == 200 and len(response.json()["predictions"][0]["items"]) == 5
 
     # Removing (sold out) hides an article from results without a rebuild.
     (tmp_path / "remove.txt").write_text(NEW_IDS[0] + "\n")
-    result = subprocess.run([sys.executable, "-m", "export.update", "--index-dir", str(shop.root), "--remove",
-                             str(tmp_path / "remove.txt"), "--triton", shop.triton_url], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export.update",
+            "--index-dir",
+            str(shop.root),
+            "--remove",
+            str(tmp_path / "remove.txt"),
+            "--triton",
+            shop.triton_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     wait_for_version(shop, lambda i: i["excluded"] >= 1 and i["items"] == info["items"])
     caption = build_captions(delta.set_index("article_id", drop=False))[0]
@@ -119,8 +161,11 @@ class Load:
     """Requests in a loop from a thread until stopped; every status code is recorded."""
 
     def __init__(self, shop: Shop, customer_id: str, history: list[str]):
-        self.bodies = [{"instances": [{"customer_id": customer_id}]}, {"instances": [{"history": history}]},
-                       {"instances": [{"query": "striped cotton shirt"}]}]
+        self.bodies = [
+            {"instances": [{"customer_id": customer_id}]},
+            {"instances": [{"history": history}]},
+            {"instances": [{"query": "striped cotton shirt"}]},
+        ]
         self.url = f"{shop.url}/v1/models/recommender:predict"
         self.statuses: list[int] = []
         self.errors: list[str] = []
@@ -214,7 +259,11 @@ def test_filters_and_shop_endpoints(shop: Shop) -> None:
     assert priced and all(i["price"] and float(i["price"]) <= cap for i in priced)
 
     # The same options through KServe's v1 API.
-    body = {"instances": [{"customer_id": customer, "k": 10, "exclude_purchased": True, "filters": {"product_group": [group]}}]}
+    body = {
+        "instances": [
+            {"customer_id": customer, "k": 10, "exclude_purchased": True, "filters": {"product_group": [group]}}
+        ]
+    }
     items = httpx.post(f"{shop.url}/v1/models/recommender:predict", json=body).json()["predictions"][0]["items"]
     assert all(i["product_group_name"] == group and i["article_id"] not in history for i in items)
 
@@ -229,7 +278,9 @@ def test_filters_and_shop_endpoints(shop: Shop) -> None:
     new_article = similar[0]["article_id"]
     response = httpx.post(f"{shop.url}/shop/api/customers/{customer}/purchases", json={"article_ids": [new_article]})
     assert response.status_code == 200 and response.json()["recorded"] == 1
-    assert httpx.get(f"{shop.url}/shop/api/customers/{customer}/history").json()["items"][0]["article_id"] == new_article
+    assert (
+        httpx.get(f"{shop.url}/shop/api/customers/{customer}/history").json()["items"][0]["article_id"] == new_article
+    )
     assert not np.allclose(httpx.get(f"{shop.url}/shop/api/customers/{customer}/vector").json()["vector"], user_vector)
     assert httpx.get(f"{shop.url}/shop/api/customers/brand-new-customer/recommendations").status_code == 400
     httpx.post(f"{shop.url}/shop/api/customers/brand-new-customer/purchases", json={"article_ids": history[:2]})
@@ -237,7 +288,12 @@ def test_filters_and_shop_endpoints(shop: Shop) -> None:
 
     # Bad input: 4xx naming the problem, nothing stored.
     for method, path, kwargs, needle in (
-        ("post", f"/shop/api/customers/{customer}/purchases", {"json": {"article_ids": ["0000000001"]}}, "unknown article_id"),
+        (
+            "post",
+            f"/shop/api/customers/{customer}/purchases",
+            {"json": {"article_ids": ["0000000001"]}},
+            "unknown article_id",
+        ),
         ("post", f"/shop/api/customers/{customer}/purchases", {"json": {"article_ids": []}}, "article_ids"),
         ("get", "/shop/api/articles/0000000001/similar", {}, "unknown article_id"),
         ("get", "/shop/api/search", {"params": {"q": "x", "price_min": 2, "price_max": 1}}, "price_min"),
@@ -245,7 +301,9 @@ def test_filters_and_shop_endpoints(shop: Shop) -> None:
     ):
         response = getattr(httpx, method)(f"{shop.url}{path}", **kwargs)
         assert 400 <= response.status_code < 500 and needle in response.text, (path, response.text)
-    assert httpx.get(f"{shop.url}/shop/api/customers/{customer}/history").json()["items"][0]["article_id"] == new_article
+    assert (
+        httpx.get(f"{shop.url}/shop/api/customers/{customer}/history").json()["items"][0]["article_id"] == new_article
+    )
 
     # Caches: the repeated customer request above hit the user-vector cache.
     metrics = httpx.get(f"{shop.url}/metrics").text

@@ -21,8 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="fail when the audit could not be performed")
     parser.add_argument("--out", type=Path, default=Path("reports/dependency-audit.json"))
     args = parser.parse_args(argv)
-    result = subprocess.run([sys.executable, "-m", "pip_audit", "--local", "--skip-editable", "--format", "json",
-                             "--progress-spinner", "off"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip_audit",
+            "--local",
+            "--skip-editable",
+            "--format",
+            "json",
+            "--progress-spinner",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError:
@@ -34,15 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if not audited:
-        print(f"dependency audit NOT performed: the vulnerability service was unreachable for all "
-              f"{len(dependencies)} packages (no internet access here); details in {args.out}")
+        print(
+            f"dependency audit NOT performed: the vulnerability service was unreachable for all "
+            f"{len(dependencies)} packages (no internet access here); details in {args.out}"
+        )
         return 1 if args.strict else 0
     for dependency in vulnerable:
         for vuln in dependency["vulns"]:
             fixes = ", ".join(vuln.get("fix_versions", [])) or "no fix yet"
             print(f"VULNERABLE {dependency['name']} {dependency['version']}: {vuln['id']} (fixed in {fixes})")
-    print(f"dependency audit: {len(audited)} of {len(dependencies)} packages audited, {len(vulnerable)} vulnerable; "
-          f"report in {args.out}")
+    print(
+        f"dependency audit: {len(audited)} of {len(dependencies)} packages audited, {len(vulnerable)} vulnerable; "
+        f"report in {args.out}"
+    )
     return 1 if vulnerable else 0
 
 

@@ -131,8 +131,14 @@ class ScoreHeadWeights:
         return 1.0 / (1.0 + np.exp(-(hidden @ self.w2 + self.b2)))
 
     def to_json(self) -> dict[str, Any]:
-        return {"w1": self.w1.tolist(), "b1": self.b1.tolist(), "w2": self.w2.tolist(), "b2": float(self.b2),
-                "repeat": self.repeat.to_json(), "prior": self.prior.to_json()}
+        return {
+            "w1": self.w1.tolist(),
+            "b1": self.b1.tolist(),
+            "w2": self.w2.tolist(),
+            "b2": float(self.b2),
+            "repeat": self.repeat.to_json(),
+            "prior": self.prior.to_json(),
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "ScoreHeadWeights":
@@ -155,8 +161,11 @@ def _version_numbers(root: Path) -> dict[str, int]:
     """Directory name -> number for every `v<digits>` directory, complete or not."""
     if not root.is_dir():
         return {}
-    return {p.name: int(p.name[len(VERSION_PREFIX):]) for p in root.iterdir()
-            if p.is_dir() and p.name.startswith(VERSION_PREFIX) and p.name[len(VERSION_PREFIX):].isdigit()}
+    return {
+        p.name: int(p.name[len(VERSION_PREFIX) :])
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(VERSION_PREFIX) and p.name[len(VERSION_PREFIX) :].isdigit()
+    }
 
 
 def list_versions(root: Path | str) -> list[str]:

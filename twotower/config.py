@@ -41,12 +41,16 @@ class TrainConfig:
     """Optimisation settings; a run is reproducible from (config, seed)."""
 
     epochs: int = 6
-    text_epochs: int = 1  # epochs that fine-tune the text tower; later ones train ids + user tower on its frozen vectors
+    text_epochs: int = (
+        1  # epochs that fine-tune the text tower; later ones train ids + user tower on its frozen vectors
+    )
     batch_size: int = 128
     lr: float = 3e-4
     weight_decay: float = 0.01
     temperature: float = 0.1
-    logq_correction: bool = True  # subtract log(target frequency) from in-batch logits: scores estimate P(item | user), not lift
+    logq_correction: bool = (
+        True  # subtract log(target frequency) from in-batch logits: scores estimate P(item | user), not lift
+    )
     earlier_days_only: bool = False  # histories stop at the day before the target (no same-basket context)
     repeat_targets: bool = False  # also train the towers on buying an article again (the repeat boost ranks those)
     item_id_lr: float = 3e-3  # id vectors start at zero and each row is updated only when its article is in a batch
@@ -124,18 +128,30 @@ class RetrieverConfig:
     triton_timeout_s: float = 2.0
     triton_retries: int = 1  # extra attempts on connection errors, never on 4xx
     health_cache_s: float = 1.0  # readiness runs a real tiny inference at most this often
-    kserve_timing: bool = False  # KServe's timing middleware (kserve.trace log only): 2 getrusage calls + a route match per request
-    search_in_thread: bool = False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
+    kserve_timing: bool = (
+        False  # KServe's timing middleware (kserve.trace log only): 2 getrusage calls + a route match per request
+    )
+    search_in_thread: bool = (
+        False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
+    )
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
-    faiss_gpu: str = "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (serving.gpu_search)
-    popularity_weight: float = -1.0  # popularity prior for customers' lists (twotower.popularity): -1 = the index's fitted weight, 0 = off
+    faiss_gpu: str = (
+        "auto"  # auto | on | off: unfiltered searches on GPU 0 when faiss-gpu sees one (serving.gpu_search)
+    )
+    popularity_weight: float = (
+        -1.0
+    )  # popularity prior for customers' lists (twotower.popularity): -1 = the index's fitted weight, 0 = off
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
     index_poll_s: float = 2.0  # how often to check an index root's CURRENT for a new version (0 = never)
-    known_customer_vectors: bool = True  # answer customer_id requests from the user vectors export stored (no Triton call)
+    known_customer_vectors: bool = (
+        True  # answer customer_id requests from the user vectors export stored (no Triton call)
+    )
     vector_cache_size: int = 10_000  # user vectors (by history) and text-query vectors kept per cache (0 = off)
     max_live_customers: int = 100_000  # customers whose posted purchases are kept in memory
     max_live_items: int = 100  # posted purchases kept per customer
-    image_url_template: str = ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
+    image_url_template: str = (
+        ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
+    )
     max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are parsed

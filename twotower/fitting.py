@@ -29,8 +29,14 @@ WEIGHT_GRID = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 NO_BOOST = RepeatBoost()
 
 
-def held_out_rankings(space: ItemSpace, users: np.ndarray, histories: Sequence[Purchases], k: int,
-                      boost: RepeatBoost = NO_BOOST, prior: float = 0.0) -> list[np.ndarray]:
+def held_out_rankings(
+    space: ItemSpace,
+    users: np.ndarray,
+    histories: Sequence[Purchases],
+    k: int,
+    boost: RepeatBoost = NO_BOOST,
+    prior: float = 0.0,
+) -> list[np.ndarray]:
     """Each case's top-k rows as a customer's list is served (twotower.ranking.rank)."""
     requests = [RankRequest(k, prior=prior, boost=boost, bought=history) for history in histories]
     return [rows for _, rows in ranking.rank(space, users, requests)]
@@ -61,8 +67,10 @@ def fit_repeat_boost(
         searches.append((similarities[0], found[0]))
 
     def score(boost: RepeatBoost) -> float:
-        ranked = [ranking.finish(space, users[case], RankRequest(k, boost=boost, bought=history), *searches[case])[1]
-                  for case, history in enumerate(histories)]
+        ranked = [
+            ranking.finish(space, users[case], RankRequest(k, boost=boost, bought=history), *searches[case])[1]
+            for case, history in enumerate(histories)
+        ]
         return map_at_k(ranked, list(targets), k)
 
     unboosted = score(RepeatBoost())
@@ -70,16 +78,26 @@ def fit_repeat_boost(
     rounds = [("own", grid)] + ([("sibling", sibling_grid), ("own", grid)] if products is not None else [])
     for part, pairs in rounds:
         for a, b in dict.fromkeys(pairs):
-            boost = (dataclasses.replace(best, bonus=a, slope=b) if part == "own"
-                     else dataclasses.replace(best, sibling_bonus=a, sibling_slope=b))
+            boost = (
+                dataclasses.replace(best, bonus=a, slope=b)
+                if part == "own"
+                else dataclasses.replace(best, sibling_bonus=a, sibling_slope=b)
+            )
             value = score(boost)
             if value > best_map + 1e-9:  # ties keep the simpler, earlier boost
                 best, best_map = boost, value
     return best, best_map, unboosted
 
 
-def fit_prior_weight(space: ItemSpace, users: np.ndarray, histories: Sequence[Purchases], targets: Sequence[set[int]],
-                     boost: RepeatBoost, k: int = 100, grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, float, float]:
+def fit_prior_weight(
+    space: ItemSpace,
+    users: np.ndarray,
+    histories: Sequence[Purchases],
+    targets: Sequence[set[int]],
+    boost: RepeatBoost,
+    k: int = 100,
+    grid: Sequence[float] = WEIGHT_GRID,
+) -> tuple[float, float, float]:
     """The popularity prior's weight with the best recall@k over the cases (ranked as served, after the
     boost), that recall, and the recall without a prior. Ties keep the smaller weight: a prior only
     earns its place by finding more."""

@@ -43,8 +43,13 @@ class PopularityPrior:
         return cls(float(raw["weight"]), int(raw.get("window_days", DEFAULT_WINDOW_DAYS)))
 
 
-def item_bias(transactions: pd.DataFrame, row_of: dict[str, int], n_items: int, before: pd.Timestamp,
-              window_days: int = DEFAULT_WINDOW_DAYS) -> np.ndarray:
+def item_bias(
+    transactions: pd.DataFrame,
+    row_of: dict[str, int],
+    n_items: int,
+    before: pd.Timestamp,
+    window_days: int = DEFAULT_WINDOW_DAYS,
+) -> np.ndarray:
     """float32 [n_items]: log1p(purchases of each article in the `window_days` days before `before`).
 
     `before` is exclusive, so a bias computed for an evaluation or held-out day never counts that day.

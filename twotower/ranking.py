@@ -46,8 +46,9 @@ class ItemSpace(Protocol):
         """(scores, rows) [B, k] over every row not excluded; rows are -1 past the last result."""
         ...
 
-    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def search_masked(
+        self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) [k] among the rows `allowed` (and not excluded) for one query."""
         ...
 
@@ -56,8 +57,9 @@ class ItemSpace(Protocol):
         ...
 
 
-def item_scores(vectors: np.ndarray, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice,
-                prior: float) -> np.ndarray:
+def item_scores(
+    vectors: np.ndarray, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice, prior: float
+) -> np.ndarray:
     """cosine + prior * bias of `rows` for a query [D] (or queries [B, D]): the score every search ranks by."""
     scores = query @ vectors[rows].T
     if prior and bias is not None:
@@ -109,8 +111,9 @@ def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> 
             results[i] = _finish(space, queries[i], requests[i], similarities[j, :n], rows[j, :n], boosted[i])
     for i, request in enumerate(requests):
         if results[i] is None:
-            similarities, rows = space.search_masked(queries[i], request.fetch + extra[i], visible(space, request),
-                                                     request.prior)
+            similarities, rows = space.search_masked(
+                queries[i], request.fetch + extra[i], visible(space, request), request.prior
+            )
             results[i] = _finish(space, queries[i], request, similarities, rows, boosted[i])
     return [r for r in results if r is not None]
 
@@ -133,16 +136,23 @@ def boosted_rows(space: ItemSpace, request: RankRequest) -> tuple[np.ndarray, np
     return rows[shown], boosts[shown]
 
 
-def finish(space: ItemSpace, query: np.ndarray, request: RankRequest, similarities: np.ndarray, rows: np.ndarray
-           ) -> Ranked:
+def finish(
+    space: ItemSpace, query: np.ndarray, request: RankRequest, similarities: np.ndarray, rows: np.ndarray
+) -> Ranked:
     """Step 2 over a search result (scores and rows best first, -1 ignored) that already honours the
     request's filters: the repeat merge, the diversity cap, the cut to k. The search must have fetched
     at least `request.fetch` rows plus one per negatively boosted row."""
     return _finish(space, query, request, similarities, rows, boosted_rows(space, request))
 
 
-def _finish(space: ItemSpace, query: np.ndarray, request: RankRequest, similarities: np.ndarray, rows: np.ndarray,
-            boosted: tuple[np.ndarray, np.ndarray]) -> Ranked:
+def _finish(
+    space: ItemSpace,
+    query: np.ndarray,
+    request: RankRequest,
+    similarities: np.ndarray,
+    rows: np.ndarray,
+    boosted: tuple[np.ndarray, np.ndarray],
+) -> Ranked:
     boosted_rows_, boosts = boosted
     if len(boosted_rows_):
         scores = space.scores(query, boosted_rows_, request.prior) + boosts
@@ -186,9 +196,15 @@ class ExactItems:
     in training). With `searchable`, searches see only those rows, while `scores` scores any row (a
     boosted row outside them still competes, as the fits in training need)."""
 
-    def __init__(self, vectors: np.ndarray, bias: np.ndarray | None = None, searchable: np.ndarray | None = None,
-                 products: Products | None = None, product_types: np.ndarray | None = None,
-                 excluded: np.ndarray | None = None):
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        bias: np.ndarray | None = None,
+        searchable: np.ndarray | None = None,
+        products: Products | None = None,
+        product_types: np.ndarray | None = None,
+        excluded: np.ndarray | None = None,
+    ):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.bias = bias
         n = len(self.vectors)
@@ -206,8 +222,9 @@ class ExactItems:
         found = [self._top(q, k, candidates, float(w)) for q, w in zip(queries, priors)]
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
 
-    def search_masked(self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def search_masked(
+        self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         candidates = self.searchable[allowed[self.searchable] & ~self.excluded[self.searchable]]
         return self._top(query, k, candidates, prior)
 

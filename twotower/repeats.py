@@ -55,8 +55,12 @@ class RepeatBoost:
         """Indexes written before sibling boosts have only bonus and slope."""
         if not raw:
             return cls()
-        return cls(float(raw["bonus"]), float(raw["slope"]), float(raw.get("sibling_bonus", 0.0)),
-                   float(raw.get("sibling_slope", 0.0)))
+        return cls(
+            float(raw["bonus"]),
+            float(raw["slope"]),
+            float(raw.get("sibling_bonus", 0.0)),
+            float(raw.get("sibling_slope", 0.0)),
+        )
 
 
 class Products:
@@ -84,8 +88,9 @@ class Products:
         return _as_arrays(youngest)
 
 
-def candidates(history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def candidates(
+    history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows to boost for a history (rows most recent first, ages) and each one's boost."""
     rows, ages = latest_purchases(*history)
     if products is None or not boost.siblings_active or len(rows) == 0:
@@ -104,12 +109,15 @@ def latest_purchases(rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _as_arrays(age_of_row: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.fromiter(age_of_row.keys(), dtype=np.int64, count=len(age_of_row)),
-            np.fromiter(age_of_row.values(), dtype=np.float32, count=len(age_of_row)))
+    return (
+        np.fromiter(age_of_row.keys(), dtype=np.int64, count=len(age_of_row)),
+        np.fromiter(age_of_row.values(), dtype=np.float32, count=len(age_of_row)),
+    )
 
 
-def merge(similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, repeat_scores: np.ndarray, k: int
-          ) -> tuple[np.ndarray, np.ndarray]:
+def merge(
+    similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, repeat_scores: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Top k of a search result (-1 rows ignored) and boosted own purchases; a boosted row wins over its search hit."""
     repeated = set(repeat_rows.tolist())
     keep = [i for i, row in enumerate(rows.tolist()) if row >= 0 and row not in repeated]

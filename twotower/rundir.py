@@ -52,8 +52,15 @@ class Run:
         return str(self.config["train"].get("until", ""))
 
 
-def write_run(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor], item_ids: list[str],
-              repeat_boost: RepeatBoost, popularity_prior: PopularityPrior, metrics: dict[str, Any]) -> None:
+def write_run(
+    out: Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    item_ids: list[str],
+    repeat_boost: RepeatBoost,
+    popularity_prior: PopularityPrior,
+    metrics: dict[str, Any],
+) -> None:
     """Write (or replace) the run directory `out` whole."""
     with staged_directory(out, replace=True) as staging:
         write_json(staging / CONFIG, config)
@@ -68,7 +75,9 @@ def read_run(run_dir: Path) -> Run:
     config_path, weights_path = run_dir / CONFIG, run_dir / WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; is {run_dir} a run directory written by `python -m twotower.train`?")
+            raise FileNotFoundError(
+                f"{path}: missing; is {run_dir} a run directory written by `python -m twotower.train`?"
+            )
     try:
         config = json.loads(config_path.read_text())
         model_config = from_dict(ModelConfig, config["model"])
@@ -83,5 +92,11 @@ def read_run(run_dir: Path) -> Run:
         path = run_dir / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    return Run(config, model_config, state, optional(ITEM_IDS) or [], RepeatBoost.from_json(optional(REPEAT_BOOST)),
-               PopularityPrior.from_json(optional(POPULARITY_PRIOR)))
+    return Run(
+        config,
+        model_config,
+        state,
+        optional(ITEM_IDS) or [],
+        RepeatBoost.from_json(optional(REPEAT_BOOST)),
+        PopularityPrior.from_json(optional(POPULARITY_PRIOR)),
+    )

@@ -1,6 +1,6 @@
 """Train both towers with an in-batch softmax; write a self-contained run directory (twotower.rundir).
 
-    python -m twotower.train --data-dir data/synthetic --out runs/demo
+python -m twotower.train --data-dir data/synthetic --out runs/demo
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from twotower.model.towers import TwoTowerModel, build_model
 
 log = logging.getLogger("twotower.train")
 
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -45,8 +46,9 @@ def embed_text(model: TwoTowerModel, tokens: torch.Tensor, rows: torch.Tensor, b
     return out
 
 
-def history_tensors(histories: Histories, item_vectors: Callable[[torch.Tensor], torch.Tensor], index: np.ndarray
-                    ) -> tuple[torch.Tensor, ...]:
+def history_tensors(
+    histories: Histories, item_vectors: Callable[[torch.Tensor], torch.Tensor], index: np.ndarray
+) -> tuple[torch.Tensor, ...]:
     """User-tower inputs for examples `index`; `item_vectors` maps catalogue rows to indexed item vectors."""
     rows = torch.from_numpy(histories.rows[index])
     mask = (rows >= 0).float()
@@ -54,8 +56,13 @@ def history_tensors(histories: Histories, item_vectors: Callable[[torch.Tensor],
     return vectors, mask, torch.from_numpy(histories.age_days[index])
 
 
-def contrastive_loss(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float,
-                     log_frequency: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_loss(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    log_frequency: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In-batch softmax; another row with the same target article is not a negative.
 
     In-batch negatives are drawn as often as articles are bought, so the plain softmax learns
@@ -81,7 +88,9 @@ def score_head_loss(model: TwoTowerModel, cosine: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(model.score_head.logits(cosine.detach()), labels, pos_weight=pos_weight)
 
 
-def recall_at_k(model: TwoTowerModel, examples: TrainingExamples, item_table: torch.Tensor, rows: np.ndarray, k: int = 10) -> float:
+def recall_at_k(
+    model: TwoTowerModel, examples: TrainingExamples, item_table: torch.Tensor, rows: np.ndarray, k: int = 10
+) -> float:
     """Held-out recall@k against all items the training data knows (`rows`); `item_table` holds indexed vectors."""
     if len(examples) == 0:
         return float("nan")
@@ -110,8 +119,9 @@ class Holdout:
     day: int  # the held-out day (days since the epoch)
 
 
-def split_examples(examples: TrainingExamples, max_customers: int = 2000, seed: int = 0
-                   ) -> tuple[TrainingExamples, Holdout]:
+def split_examples(
+    examples: TrainingExamples, max_customers: int = 2000, seed: int = 0
+) -> tuple[TrainingExamples, Holdout]:
     """Hold out the last day's purchases of up to `max_customers` customers who had bought before that day.
 
     Never a random split of purchases: a held-out customer's whole last day is unseen in training.
@@ -130,8 +140,10 @@ def split_examples(examples: TrainingExamples, max_customers: int = 2000, seed: 
     starts = np.flatnonzero(np.r_[True, holdout.customers[1:] != holdout.customers[:-1]])
     targets = [set(map(int, part)) for part in np.split(holdout.targets, starts[1:])]
     h = holdout.histories
-    return (examples.take(np.flatnonzero(~held)),
-            Holdout(holdout, Histories(h.rows[starts], h.age_days[starts]), targets, int(last_day)))
+    return (
+        examples.take(np.flatnonzero(~held)),
+        Holdout(holdout, Histories(h.rows[starts], h.age_days[starts]), targets, int(last_day)),
+    )
 
 
 def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tensor) -> torch.Tensor:
@@ -139,15 +151,21 @@ def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tens
     model.eval()
     n = len(holdout.targets)
     with torch.no_grad():
-        users = torch.cat([model.user_tower(*history_tensors(holdout.histories, item_table.__getitem__,
-                                                             np.arange(s, min(s + 512, n))))
-                           for s in range(0, n, 512)])
+        users = torch.cat(
+            [
+                model.user_tower(
+                    *history_tensors(holdout.histories, item_table.__getitem__, np.arange(s, min(s + 512, n)))
+                )
+                for s in range(0, n, 512)
+            ]
+        )
     model.train()
     return users
 
 
-def held_out_space(item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray,
-                   products: repeats.Products | None) -> ranking.ExactItems:
+def held_out_space(
+    item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray, products: repeats.Products | None
+) -> ranking.ExactItems:
     """The held-out days' search space: the articles training knows (`rows`) by their indexed vectors
     and popularity bias; a boosted article outside them has no vector here and scores its boost alone."""
     return ranking.ExactItems(item_table.numpy(), item_bias, searchable=rows, products=products)
@@ -166,21 +184,34 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     transactions = data.transactions
     if train_config.until:
         transactions = transactions[transactions["t_dat"] < pd.Timestamp(train_config.until)]
-        log.info("training on %d purchases before %s (of %d)", len(transactions), train_config.until, len(data.transactions))
+        log.info(
+            "training on %d purchases before %s (of %d)", len(transactions), train_config.until, len(data.transactions)
+        )
     examples = training_examples(transactions, row_of, model_config.max_history, train_config.earlier_days_only)
     if len(examples) < 2:
-        raise ValueError(f"{data.source}: need at least 2 customers with 2+ purchases to train, found {len(examples)} examples")
+        raise ValueError(
+            f"{data.source}: need at least 2 customers with 2+ purchases to train, found {len(examples)} examples"
+        )
     train_set, holdout = split_examples(examples, seed=train_config.seed)
     if not train_config.repeat_targets:
         again = (train_set.histories.rows == train_set.targets[:, None]).any(axis=1)
-        log.info("%d of %d training purchases are of an article the customer already had: left to the repeat boost",
-                 int(again.sum()), len(train_set))
+        log.info(
+            "%d of %d training purchases are of an article the customer already had: left to the repeat boost",
+            int(again.sum()),
+            len(train_set),
+        )
         train_set = train_set.take(np.flatnonzero(~again))
     if len(train_set) < 2:
         raise ValueError(f"{data.source}: only {len(train_set)} training examples left after holding out the last day")
     used_rows = np.unique(np.concatenate([examples.targets, examples.histories.rows[examples.histories.rows >= 0]]))
-    log.info("%d articles, %d purchases -> %d training / %d held-out examples over %d distinct articles",
-             len(row_of), len(transactions), len(train_set), len(holdout.examples), len(used_rows))
+    log.info(
+        "%d articles, %d purchases -> %d training / %d held-out examples over %d distinct articles",
+        len(row_of),
+        len(transactions),
+        len(train_set),
+        len(holdout.examples),
+        len(used_rows),
+    )
 
     captions = build_captions(data.articles.iloc[used_rows])
     tokenizer = get_tokenizer(model_config.clip_model)
@@ -260,36 +291,67 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "seconds": seconds,
         }
         epochs.append(record)
-        log.info("epoch %d: loss %.4f, in-batch acc %.3f, held-out recall@10 %.4f, %.0f examples/s",
-                 record["epoch"], record["loss"], record["in_batch_accuracy"], record["holdout_recall_at_10"],
-                 record["examples_per_second"])
+        log.info(
+            "epoch %d: loss %.4f, in-batch acc %.3f, held-out recall@10 %.4f, %.0f examples/s",
+            record["epoch"],
+            record["loss"],
+            record["in_batch_accuracy"],
+            record["holdout_recall_at_10"],
+            record["examples_per_second"],
+        )
         if train_config.max_steps and step >= train_config.max_steps:
             break
 
-    products = repeats.Products(data.articles["product_code"].astype(str).tolist()) \
-        if "product_code" in data.articles.columns else None
+    products = (
+        repeats.Products(data.articles["product_code"].astype(str).tolist())
+        if "product_code" in data.articles.columns
+        else None
+    )
     users = holdout_users(model, holdout, item_table).numpy()
     histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
     item_bias = popularity.item_bias(transactions, row_of, len(row_of), pd.Timestamp(holdout.day, unit="D"))
     space = held_out_space(item_table, used_rows, item_bias, products)
     boost, with_boost, without = fitting.fit_repeat_boost(space, users, histories, holdout.targets)
-    log.info("repeat boost: own articles %.2f - %.2f * log1p(days), other colours %.2f - %.2f * log1p(days) "
-             "(held-out MAP@12 %.4f, %.4f without)", boost.bonus, boost.slope, boost.sibling_bonus, boost.sibling_slope,
-             with_boost, without)
+    log.info(
+        "repeat boost: own articles %.2f - %.2f * log1p(days), other colours %.2f - %.2f * log1p(days) "
+        "(held-out MAP@12 %.4f, %.4f without)",
+        boost.bonus,
+        boost.slope,
+        boost.sibling_bonus,
+        boost.sibling_slope,
+        with_boost,
+        without,
+    )
     weight, with_prior, without_prior = fitting.fit_prior_weight(space, users, histories, holdout.targets, boost)
     prior = popularity.PopularityPrior(weight)
-    log.info("popularity prior: weight %g on log1p(purchases in the %d days before the held-out day) "
-             "(held-out recall@100 %.4f, %.4f without)", prior.weight, prior.window_days, with_prior, without_prior)
+    log.info(
+        "popularity prior: weight %g on log1p(purchases in the %d days before the held-out day) "
+        "(held-out recall@100 %.4f, %.4f without)",
+        prior.weight,
+        prior.window_days,
+        with_prior,
+        without_prior,
+    )
 
     rundir.write_run(
         out,
-        {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(train_config),
-         "data": {"source": data.source, "articles": len(row_of), "transactions": len(data.transactions)},
-         "context_length": context_length_of(model_config.clip_model)},
-        model.state_dict(), [data.article_ids[r] for r in used_rows], boost, prior,
-        {"epochs": epochs, "examples": len(train_set), "holdout": len(holdout.examples),
-         "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
-         "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior}},
+        {
+            "model": dataclasses.asdict(model_config),
+            "train": dataclasses.asdict(train_config),
+            "data": {"source": data.source, "articles": len(row_of), "transactions": len(data.transactions)},
+            "context_length": context_length_of(model_config.clip_model),
+        },
+        model.state_dict(),
+        [data.article_ids[r] for r in used_rows],
+        boost,
+        prior,
+        {
+            "epochs": epochs,
+            "examples": len(train_set),
+            "holdout": len(holdout.examples),
+            "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
+            "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior},
+        },
     )
     log.info("wrote run directory %s", out)
     return out
@@ -297,7 +359,9 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, help="H&M-format directory (articles.csv[.gz], transactions_train.csv[.gz])")
+    parser.add_argument(
+        "--data-dir", required=True, help="H&M-format directory (articles.csv[.gz], transactions_train.csv[.gz])"
+    )
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--force", action="store_true", help="replace an existing run directory")
     add_arguments(parser, ModelConfig)
@@ -306,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         data = load_hm_dir(args.data_dir)
-        train(data, from_arguments(ModelConfig, args), from_arguments(TrainConfig, args), Path(args.out), force=args.force)
+        train(
+            data, from_arguments(ModelConfig, args), from_arguments(TrainConfig, args), Path(args.out), force=args.force
+        )
     except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ class TritonModelSpec:
 
 def _tensor_block(specs: tuple[TensorSpec, ...]) -> str:
     entries = [
-        f'  {{\n    name: "{s.name}"\n    data_type: TYPE_{s.data_type}\n    dims: [ {", ".join(map(str, s.dims))} ]\n  }}'
+        f'  {{\n    name: "{s.name}"\n    data_type: TYPE_{s.data_type}\n'
+        f"    dims: [ {', '.join(map(str, s.dims))} ]\n  }}"
         for s in specs
     ]
     return "[\n" + ",\n".join(entries) + "\n]"
@@ -55,10 +56,12 @@ def _tensor_block(specs: tuple[TensorSpec, ...]) -> str:
 def _warmup_block(spec: TritonModelSpec) -> str:
     inputs = "".join(
         f'    inputs {{\n      key: "{s.name}"\n      value: {{\n        data_type: TYPE_{s.data_type}\n'
-        f'        dims: [ {", ".join(map(str, s.dims))} ]\n        zero_data: true\n      }}\n    }}\n'
+        f"        dims: [ {', '.join(map(str, s.dims))} ]\n        zero_data: true\n      }}\n    }}\n"
         for s in spec.inputs
     )
-    return f'model_warmup [\n  {{\n    name: "zeros"\n    batch_size: 1\n    count: {spec.warmup_runs}\n{inputs}  }}\n]\n'
+    return (
+        f'model_warmup [\n  {{\n    name: "zeros"\n    batch_size: 1\n    count: {spec.warmup_runs}\n{inputs}  }}\n]\n'
+    )
 
 
 def render_config(spec: TritonModelSpec) -> str:
@@ -103,19 +106,29 @@ def write_model(repository: Path, spec: TritonModelSpec, version: int, model_byt
     return target / MODEL_FILE
 
 
-def tower_specs(config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int
-                ) -> tuple[TritonModelSpec, TritonModelSpec]:
+def tower_specs(
+    config: ModelConfig, context_length: int, max_batch_size: int, queue_delay_us: int
+) -> tuple[TritonModelSpec, TritonModelSpec]:
     """The item and user towers' inputs and output, as export writes them and the retriever calls them."""
     output = (TensorSpec(EMBEDDING_OUTPUT, "FP32", (config.embed_dim,)),)
-    item = TritonModelSpec(artifacts.ITEM_MODEL, (TensorSpec(ITEM_INPUTS[0], "INT64", (context_length,)),), output,
-                           max_batch_size, queue_delay_us)
+    item = TritonModelSpec(
+        artifacts.ITEM_MODEL,
+        (TensorSpec(ITEM_INPUTS[0], "INT64", (context_length,)),),
+        output,
+        max_batch_size,
+        queue_delay_us,
+    )
     history, mask, age = USER_INPUTS
     user = TritonModelSpec(
         artifacts.USER_MODEL,
-        (TensorSpec(history, "FP32", (config.max_history, config.embed_dim)),
-         TensorSpec(mask, "FP32", (config.max_history,)),
-         TensorSpec(age, "FP32", (config.max_history,))),
-        output, max_batch_size, queue_delay_us,
+        (
+            TensorSpec(history, "FP32", (config.max_history, config.embed_dim)),
+            TensorSpec(mask, "FP32", (config.max_history,)),
+            TensorSpec(age, "FP32", (config.max_history,)),
+        ),
+        output,
+        max_batch_size,
+        queue_delay_us,
     )
     return item, user
 

@@ -49,12 +49,14 @@ class TrainingExamples:
 
     def take(self, index: np.ndarray) -> "TrainingExamples":
         h = self.histories
-        return TrainingExamples(Histories(h.rows[index], h.age_days[index]), self.targets[index], self.days[index],
-                                self.customers[index])
+        return TrainingExamples(
+            Histories(h.rows[index], h.age_days[index]), self.targets[index], self.days[index], self.customers[index]
+        )
 
 
-def user_tower_inputs(item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def user_tower_inputs(
+    item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The user tower's inputs (history [B, L, D], mask [B, L], age [B, L], float32) from padded
     histories: `rows` [B, L] catalogue rows (PAD where empty) into `item_vectors`, `ages` in days.
     The one way to build them: export (known customers), the evaluation and the retriever share it."""
@@ -65,10 +67,12 @@ def user_tower_inputs(item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarr
 
 def day_numbers(dates: pd.Series) -> np.ndarray:
     """Whole days since the epoch: ages are differences of these."""
-    return (dates.to_numpy(dtype="datetime64[D]").astype(np.int64))
+    return dates.to_numpy(dtype="datetime64[D]").astype(np.int64)
 
 
-def _customer_sequences(transactions: pd.DataFrame, row_of: dict[str, int]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+def _customer_sequences(
+    transactions: pd.DataFrame, row_of: dict[str, int]
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """Per customer, in purchase order: catalogue rows and day numbers."""
     rows = transactions["article_id"].map(row_of).to_numpy(dtype=np.int64)
     days = day_numbers(transactions["t_dat"])
@@ -87,8 +91,9 @@ def _fill(out_rows: np.ndarray, out_age: np.ndarray, i: int, rows: np.ndarray, d
     out_age[i, : len(recent_rows)] = today - recent_days
 
 
-def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_history: int,
-                      earlier_days_only: bool = False) -> TrainingExamples:
+def training_examples(
+    transactions: pd.DataFrame, row_of: dict[str, int], max_history: int, earlier_days_only: bool = False
+) -> TrainingExamples:
     """One example per purchase that has at least one earlier purchase by the same customer.
 
     With `earlier_days_only` a history stops at the day before the target's day: a customer coming
@@ -97,8 +102,9 @@ def training_examples(transactions: pd.DataFrame, row_of: dict[str, int], max_hi
     """
     _, row_groups, day_groups = _customer_sequences(transactions, row_of)
     # ends[p]: how many of the customer's purchases may form the history of purchase p
-    ends = [np.searchsorted(days, days, side="left") if earlier_days_only else np.arange(len(days))
-            for days in day_groups]
+    ends = [
+        np.searchsorted(days, days, side="left") if earlier_days_only else np.arange(len(days)) for days in day_groups
+    ]
     total = sum(int((e > 0).sum()) for e in ends)
     rows = np.full((total, max_history), PAD, dtype=np.int64)
     ages = np.zeros((total, max_history), dtype=np.float32)

@@ -120,7 +120,10 @@ def load_articles(path: Path | str) -> pd.DataFrame:
     duplicated = _first_bad(frame["article_id"].duplicated().to_numpy())
     if duplicated is not None:
         raise DataFormatError(
-            path, f"article_id {frame['article_id'].iloc[duplicated]} appears twice", line=duplicated + 2, column="article_id"
+            path,
+            f"article_id {frame['article_id'].iloc[duplicated]} appears twice",
+            line=duplicated + 2,
+            column="article_id",
         )
     for column in ARTICLE_TEXT_COLUMNS:
         frame[column] = frame[column].str.strip()
@@ -142,7 +145,9 @@ def load_transactions(path: Path | str, articles: pd.DataFrame | None = None) ->
     prices = pd.to_numeric(frame["price"], errors="coerce")
     bad = _first_bad((prices.isna() | ~np.isfinite(prices)).to_numpy())
     if bad is not None:
-        raise DataFormatError(path, f"price {frame['price'].iloc[bad]!r} is not a finite number", line=bad + 2, column="price")
+        raise DataFormatError(
+            path, f"price {frame['price'].iloc[bad]!r} is not a finite number", line=bad + 2, column="price"
+        )
     frame["price"] = prices.astype("float32")
     bad = _first_bad((frame["customer_id"].str.strip() == "").to_numpy())
     if bad is not None:
@@ -151,7 +156,10 @@ def load_transactions(path: Path | str, articles: pd.DataFrame | None = None) ->
         bad = _first_bad(~frame["article_id"].isin(articles.index).to_numpy())
         if bad is not None:
             raise DataFormatError(
-                path, f"article_id {frame['article_id'].iloc[bad]} is not in the catalogue", line=bad + 2, column="article_id"
+                path,
+                f"article_id {frame['article_id'].iloc[bad]} is not in the catalogue",
+                line=bad + 2,
+                column="article_id",
             )
     frame = frame.reset_index(drop=True)
     return frame.sort_values("t_dat", kind="stable").reset_index(drop=True)

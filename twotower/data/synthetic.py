@@ -55,18 +55,57 @@ INDEXES = [
     ("I", "Sport", 26, "Sport", ["Ladies H&M Sport", "Men H&M Sport"]),
 ]
 APPEARANCES = [(1010016, "Solid"), (1010017, "Stripe"), (1010001, "All over pattern"), (1010010, "Melange")]
-ADJECTIVES = ["Soft", "Slim", "Relaxed", "Classic", "Cosy", "Airy", "Chunky", "Fitted", "Wide", "Cropped", "Basic", "Luxe"]
+ADJECTIVES = [
+    "Soft",
+    "Slim",
+    "Relaxed",
+    "Classic",
+    "Cosy",
+    "Airy",
+    "Chunky",
+    "Fitted",
+    "Wide",
+    "Cropped",
+    "Basic",
+    "Luxe",
+]
 NAMES = ["Ava", "Leo", "Mia", "Noah", "Ella", "Max", "Isla", "Theo", "Luna", "Finn", "Nova", "Ivy", "Oscar", "Zoe"]
 MATERIALS = ["cotton jersey", "soft knit", "woven fabric", "denim", "recycled polyester", "wool blend", "linen"]
-DETAILS = ["a round neckline", "long sleeves", "an elasticated waist", "side pockets", "a zip at the front", "a relaxed fit"]
+DETAILS = [
+    "a round neckline",
+    "long sleeves",
+    "an elasticated waist",
+    "side pockets",
+    "a zip at the front",
+    "a relaxed fit",
+]
 
 ARTICLE_COLUMNS = [
-    "article_id", "product_code", "prod_name", "product_type_no", "product_type_name", "product_group_name",
-    "graphical_appearance_no", "graphical_appearance_name", "colour_group_code", "colour_group_name",
-    "perceived_colour_value_id", "perceived_colour_value_name", "perceived_colour_master_id",
-    "perceived_colour_master_name", "department_no", "department_name", "index_code", "index_name",
-    "index_group_no", "index_group_name", "section_no", "section_name", "garment_group_no",
-    "garment_group_name", "detail_desc",
+    "article_id",
+    "product_code",
+    "prod_name",
+    "product_type_no",
+    "product_type_name",
+    "product_group_name",
+    "graphical_appearance_no",
+    "graphical_appearance_name",
+    "colour_group_code",
+    "colour_group_name",
+    "perceived_colour_value_id",
+    "perceived_colour_value_name",
+    "perceived_colour_master_id",
+    "perceived_colour_master_name",
+    "department_no",
+    "department_name",
+    "index_code",
+    "index_name",
+    "index_group_no",
+    "index_group_name",
+    "section_no",
+    "section_name",
+    "garment_group_no",
+    "garment_group_name",
+    "detail_desc",
 ]
 START_DATE = pd.Timestamp("2020-09-16")
 DAYS = 7
@@ -82,40 +121,44 @@ def make_articles(rng: np.random.Generator, n_articles: int) -> pd.DataFrame:
         section_no = int(rng.integers(len(sections)))
         type_no, type_name, group, garment_no, garment = PRODUCT_TYPES[rng.integers(len(PRODUCT_TYPES))]
         appearance_no, appearance = APPEARANCES[rng.integers(len(APPEARANCES))]
-        name = f"{NAMES[rng.integers(len(NAMES))]} {ADJECTIVES[rng.integers(len(ADJECTIVES))].lower()} {type_name.lower()}"
+        name = (
+            f"{NAMES[rng.integers(len(NAMES))]} {ADJECTIVES[rng.integers(len(ADJECTIVES))].lower()} {type_name.lower()}"
+        )
         material = MATERIALS[rng.integers(len(MATERIALS))]
         detail = DETAILS[rng.integers(len(DETAILS))]
         description = f"{appearance} {type_name.lower()} in {material} with {detail}. Style {code}."
         colours = rng.choice(len(COLOURS), size=int(rng.integers(1, 4)), replace=False)
         for variant, colour_index in enumerate(colours):
             colour_code, colour, value_id, value, master_id, master = COLOURS[colour_index]
-            rows.append({
-                "article_id": f"{code * 1000 + variant + 1:010d}",
-                "product_code": f"{code:07d}",
-                "prod_name": name.capitalize(),
-                "product_type_no": type_no,
-                "product_type_name": type_name,
-                "product_group_name": group,
-                "graphical_appearance_no": appearance_no,
-                "graphical_appearance_name": appearance,
-                "colour_group_code": colour_code,
-                "colour_group_name": colour,
-                "perceived_colour_value_id": value_id,
-                "perceived_colour_value_name": value,
-                "perceived_colour_master_id": master_id,
-                "perceived_colour_master_name": master,
-                "department_no": 1000 + garment_no % 1000,
-                "department_name": f"{garment} {index_name}",
-                "index_code": index_code,
-                "index_name": index_name,
-                "index_group_no": group_no,
-                "index_group_name": group_name,
-                "section_no": 10 * group_no + section_no,
-                "section_name": sections[section_no],
-                "garment_group_no": garment_no,
-                "garment_group_name": garment,
-                "detail_desc": description,
-            })
+            rows.append(
+                {
+                    "article_id": f"{code * 1000 + variant + 1:010d}",
+                    "product_code": f"{code:07d}",
+                    "prod_name": name.capitalize(),
+                    "product_type_no": type_no,
+                    "product_type_name": type_name,
+                    "product_group_name": group,
+                    "graphical_appearance_no": appearance_no,
+                    "graphical_appearance_name": appearance,
+                    "colour_group_code": colour_code,
+                    "colour_group_name": colour,
+                    "perceived_colour_value_id": value_id,
+                    "perceived_colour_value_name": value,
+                    "perceived_colour_master_id": master_id,
+                    "perceived_colour_master_name": master,
+                    "department_no": 1000 + garment_no % 1000,
+                    "department_name": f"{garment} {index_name}",
+                    "index_code": index_code,
+                    "index_name": index_name,
+                    "index_group_no": group_no,
+                    "index_group_name": group_name,
+                    "section_no": 10 * group_no + section_no,
+                    "section_name": sections[section_no],
+                    "garment_group_no": garment_no,
+                    "garment_group_name": garment,
+                    "detail_desc": description,
+                }
+            )
     return pd.DataFrame(rows[:n_articles], columns=ARTICLE_COLUMNS)
 
 
@@ -151,8 +194,15 @@ def make_transactions(rng: np.random.Generator, articles: pd.DataFrame, n_custom
         channel = int(rng.integers(1, 3))
         for day, article in zip(days, bought):
             price = base_price[type_of[article]] * (0.8 + 0.4 * rng.random())
-            rows.append(((START_DATE + pd.Timedelta(days=int(day))).strftime("%Y-%m-%d"), customer_id,
-                         articles["article_id"].iat[article], round(float(price), 6), channel))
+            rows.append(
+                (
+                    (START_DATE + pd.Timedelta(days=int(day))).strftime("%Y-%m-%d"),
+                    customer_id,
+                    articles["article_id"].iat[article],
+                    round(float(price), 6),
+                    channel,
+                )
+            )
     frame = pd.DataFrame(rows, columns=["t_dat", "customer_id", "article_id", "price", "sales_channel_id"])
     return frame.sort_values("t_dat", kind="stable").reset_index(drop=True)
 

@@ -30,7 +30,12 @@ def register_local_configs() -> list[str]:
 
 def load_clip(model_name: str, pretrained: str = "") -> torch.nn.Module:
     register_local_configs()
-    if pretrained and not Path(pretrained).exists() and "/" in pretrained and not pretrained.startswith(("hf-hub:", "local-dir:")):
+    if (
+        pretrained
+        and not Path(pretrained).exists()
+        and "/" in pretrained
+        and not pretrained.startswith(("hf-hub:", "local-dir:"))
+    ):
         raise FileNotFoundError(f"pretrained checkpoint {pretrained!r} does not exist")
     return open_clip.create_model(model_name, pretrained=pretrained or None, device="cpu")
 

@@ -48,7 +48,9 @@ class ItemTower(nn.Module):
                 with torch.no_grad():
                     self.text_projection.weight.copy_(projection.T)
         self.attn_mask: torch.Tensor | None
-        self.register_buffer("attn_mask", text.attn_mask.clone() if text.attn_mask is not None else None, persistent=False)
+        self.register_buffer(
+            "attn_mask", text.attn_mask.clone() if text.attn_mask is not None else None, persistent=False
+        )
         self.projection = nn.Linear(self.text_projection.out_features, embed_dim)
 
     def freeze_except_top(self, n_blocks: int, token_embedding: bool) -> None:
@@ -56,7 +58,7 @@ class ItemTower(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad = False
         blocks = list(self.transformer.resblocks)
-        trainable: list[nn.Module] = blocks[len(blocks) - n_blocks:] if n_blocks > 0 else []
+        trainable: list[nn.Module] = blocks[len(blocks) - n_blocks :] if n_blocks > 0 else []
         trainable += [self.ln_final, self.text_projection, self.projection]
         for module in trainable:
             for parameter in module.parameters():

@@ -29,7 +29,9 @@ class TritonPythonModel:
         self.model = torch.jit.load(path, map_location="cpu").eval()
 
     def execute(self, requests):
-        per_input = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.input_names]
+        per_input = [
+            [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests] for name in self.input_names
+        ]
         sizes = [array.shape[0] for array in per_input[0]]
         batch = [torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays))) for arrays in per_input]
         with torch.inference_mode():
@@ -38,7 +40,9 @@ class TritonPythonModel:
         arrays = [results[index].numpy() for _, index in self.outputs]
         responses, start = [], 0
         for size in sizes:
-            tensors = [pb_utils.Tensor(name, array[start : start + size]) for (name, _), array in zip(self.outputs, arrays)]
+            tensors = [
+                pb_utils.Tensor(name, array[start : start + size]) for (name, _), array in zip(self.outputs, arrays)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
