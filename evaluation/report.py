@@ -34,8 +34,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     if "targets" in result:
-        lines += [f"Targets (served ranker **{result['served']}** against the best baseline):", ""]
-        lines += [f"- {name}: {'met' if met else 'NOT met'}" for name, met in result["targets"].items()]
+        lines += [
+            f"Targets (served ranker **{result['served']}** against the best baseline on the same cases; a paired",
+            "bootstrap 95% interval of the difference, 2,000 resamples of the cases: met only when the interval",
+            "excludes a loss, a tie when it holds zero; evaluation/intervals.py):",
+            "",
+        ]
+        lines += [f"- {name}: {target_line(target)}" for name, target in result["targets"].items()]
         lines.append("")
     if "target_breakdown" in result:
         served, best = result["served"], result["best_baseline"]
@@ -59,6 +64,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def target_line(target: Any) -> str:
+    """One target's verdict; reports written before intervals hold a bare true/false."""
+    if isinstance(target, bool):
+        return "met" if target else "NOT met"
+    line = f"{target['verdict']} ({target['difference']:+.4f}"
+    if "interval" in target:
+        low, high = target["interval"]
+        line += f", 95% interval {low:+.4f} .. {high:+.4f}"
+    return line + ")"
 
 
 def bar_chart(result: dict[str, Any], path: Path) -> None:

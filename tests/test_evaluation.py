@@ -56,6 +56,10 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
         assert 0.0 <= values["recall@12"] <= values["recall@100"] <= 1.0
     assert result["rankers"]["repurchase"]["cold_recall@100"] == 0.0
     assert "| two-tower (flat) |" in (out / "eval.md").read_text()
+    for target in result["targets"].values():  # each with its verdict, the paired ones with an interval
+        assert target["verdict"] in ("met", "tie", "NOT met")
+        assert "interval" not in target or target["interval"][0] <= target["difference"] <= target["interval"][1]
+    assert "95% interval" in (out / "eval.md").read_text()
     # the breakdown's shares cover every target once; what it finds is the served ranker's recall@100
     breakdown = result["target_breakdown"]
     assert sum(part["share"] for part in breakdown.values()) == pytest.approx(1.0)
@@ -104,3 +108,18 @@ def test_target_breakdown_puts_each_target_in_its_first_category() -> None:
     assert parts[CATEGORIES[3]] == {"share": 0.125, "found": 0.0}
     assert parts[CATEGORIES[5]] == {"share": 0.25, "found": 0.0}
     assert parts[CATEGORIES[6]] == {"share": 0.25, "found": 0.25}
+
+
+def test_paired_bootstrap_calls_a_lead_only_when_the_interval_excludes_a_loss() -> None:
+    from evaluation.intervals import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    theirs = rng.random(500)
+    assert paired_bootstrap(theirs, theirs).verdict == "tie"  # the same ranker: no lead
+    assert paired_bootstrap(theirs + 0.05, theirs).verdict == "met"
+    assert paired_bootstrap(theirs - 0.05, theirs).verdict == "NOT met"
+    noisy = theirs + rng.normal(0.0, 0.3, 500)  # +0 on average, with a wide spread: a tie either way
+    comparison = paired_bootstrap(noisy, theirs)
+    assert comparison.verdict == "tie" and comparison.low < comparison.difference < comparison.high
+    assert paired_bootstrap(1.1 * theirs, theirs, ratio=1.2).verdict == "NOT met"  # ahead, but not by 1.2x
+    assert metrics.recall_per_case([np.array([1, 2])], [{1, 3}], 2).tolist() == [0.5]

@@ -1,7 +1,8 @@
 """Ranking metrics over per-customer ranked lists of catalogue rows.
 
 All functions take `ranked` (list of int arrays, best first) and `targets` (list of sets) aligned
-by customer, and return the mean over customers.
+by customer, and return the mean over customers; the `*_per_case` ones return each customer's value
+(for paired intervals, evaluation/intervals.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def recall_per_case(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> np.ndarray:
+    """|top-k ∩ targets| / |targets| of each customer."""
+    return np.asarray([len(set(r[:k].tolist()) & t) / len(t) for r, t in zip(ranked, targets)], dtype=np.float64)
+
+
 def recall_at_k(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> float:
     """|top-k ∩ targets| / |targets|, averaged over customers."""
-    return float(np.mean([len(set(r[:k].tolist()) & t) / len(t) for r, t in zip(ranked, targets)]))
+    return float(np.mean(recall_per_case(ranked, targets, k)))
 
 
 def average_precision_at_k(ranked: np.ndarray, target: set[int], k: int) -> float:
@@ -25,8 +31,12 @@ def average_precision_at_k(ranked: np.ndarray, target: set[int], k: int) -> floa
     return total / min(len(target), k)
 
 
+def average_precision_per_case(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> np.ndarray:
+    return np.asarray([average_precision_at_k(r, t, k) for r, t in zip(ranked, targets)], dtype=np.float64)
+
+
 def map_at_k(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> float:
-    return float(np.mean([average_precision_at_k(r, t, k) for r, t in zip(ranked, targets)]))
+    return float(np.mean(average_precision_per_case(ranked, targets, k)))
 
 
 def ndcg_at_k(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> float:
