@@ -13,10 +13,12 @@ from evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
 from evaluation.breakdown import target_breakdown
 from evaluation.intervals import paired_bootstrap
 from evaluation.split import TemporalSplit
-from evaluation.two_tower import TwoTower, case_users, load_user_tower
+from evaluation.text_search import evaluate_text_search
+from evaluation.two_tower import TwoTower, case_users, load_tower
 from serving.catalog import Catalog
 from twotower import metrics
 from twotower.data.hm import HMData
+from twotower.model.clip_text import get_tokenizer
 
 log = logging.getLogger("evaluation")
 
@@ -95,7 +97,7 @@ def evaluate(
             split.cutoff.date(),
             split.cutoff.date(),
         )
-    user_tower = load_user_tower(model_repository, manifest)
+    user_tower = load_tower(model_repository, manifest, manifest.user_model)
 
     popularity = Popularity(split, days=7)
     repurchase, co_purchase = Repurchase(split), CoPurchase(split)
@@ -160,5 +162,11 @@ def evaluate(
         "targets": targets,
         "ann_recall_at_100": ann_recall,
         "target_breakdown": breakdown,
+        "text_search": evaluate_text_search(
+            data.articles,
+            catalog,
+            load_tower(model_repository, manifest, manifest.item_model),
+            get_tokenizer(manifest.clip_model),
+        ),
         "command": command,
     }

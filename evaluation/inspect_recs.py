@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.split import temporal_split
-from evaluation.two_tower import TwoTower, case_users, load_user_tower
+from evaluation.two_tower import TwoTower, case_users, load_tower
 from serving.catalog import Catalog
 from twotower.data.hm import build_captions, load_hm_dir
 
@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     data = load_hm_dir(args.data_dir)
     split = temporal_split(data, args.cutoff, args.history_days)
     catalog = Catalog(args.index_dir)
-    ranker = TwoTower(case_users(split, catalog, load_user_tower(args.model_repository, catalog.manifest)), catalog)
+    ranker = TwoTower(
+        case_users(split, catalog, load_tower(args.model_repository, catalog.manifest, catalog.manifest.user_model)),
+        catalog,
+    )
     captions = build_captions(data.articles)
     histories = split.histories(catalog.manifest.max_history)
     picks = np.random.default_rng(args.seed).choice(

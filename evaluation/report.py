@@ -55,6 +55,7 @@ def markdown(result: dict[str, Any]) -> str:
         for category, part in result["target_breakdown"].items():
             lines.append(f"| {category} | {part['share']:.4f} | {part[served]:.4f} | {part[best]:.4f} |")
         lines.append("")
+    lines += text_search_lines(result.get("text_search") or {})
     lines += [
         "`hr@10_sampled100` is the classic leave-one-out protocol (one held-out purchase ranked against 100",
         "random articles) reported so the numbers can be set beside published ones; it is a much easier",
@@ -64,6 +65,28 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def text_search_lines(text: dict[str, Any]) -> list[str]:
+    """The text-search section (evaluation/text_search.py); none for indexes without a BM25 index."""
+    if not text:
+        return []
+    lines = [
+        f"## Text search (top {text['k']}, through the exported item tower and the index's BM25 index)",
+        "",
+        "Queries made from the catalogue's own attributes; an article is relevant when it has them all.",
+        "",
+        "| queries | count | e.g. | lexical p@12 / ndcg@12 | dense p@12 / ndcg@12 | hybrid (served) p@12 / ndcg@12 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, part in text["kinds"].items():
+        cells = " | ".join(
+            f"{part[r]['precision@12']:.3f} / {part[r]['ndcg@12']:.3f}" for r in ("lexical", "dense", "hybrid")
+        )
+        lines.append(f"| {kind} | {part['queries']} | {', '.join(part['examples'][:2])} | {cells} |")
+    lines += ["", "Targets (colour + type queries, paired bootstrap over the queries):", ""]
+    lines += [f"- {name}: {target_line(target)}" for name, target in text["targets"].items()]
+    return lines + [""]
 
 
 def target_line(target: Any) -> str:

@@ -14,8 +14,9 @@ from serving.catalog import Catalog
 from twotower import artifacts, ranking, repeats, triton_repository
 
 
-def load_user_tower(model_repository: Path, manifest: artifacts.Manifest) -> torch.jit.ScriptModule:
-    return torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, manifest.user_model))).eval()
+def load_tower(model_repository: Path, manifest: artifacts.Manifest, model: str) -> torch.jit.ScriptModule:
+    """One exported tower (TorchScript) at the index's model version, checksum-checked."""
+    return torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, model))).eval()
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
@@ -122,6 +123,7 @@ def write_index_dir(
     manifest_fields: dict,
     excluded_rows: list[int] | None = None,
     item_bias: np.ndarray | None = None,
+    lexical: LexicalIndex | None = None,
 ) -> artifacts.Manifest:
     """Write one index version into a staging directory, checksum it, then rename it into place."""
     if out.exists():
@@ -139,6 +141,11 @@ def write_index_dir(
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)
+        if lexical is not None:
+            if len(lexical) != len(vectors):
+                raise ValueError(f"lexical index has {len(lexical)} rows, the index {len(vectors)}")
+            written = lexical.save(staging / artifacts.LEXICAL_DIR)
+            names += [f"{artifacts.LEXICAL_DIR}/{name}" for name in written]
         manifest = artifacts.Manifest(
             dim=int(vectors.shape[1]),
             metric=artifacts.METRIC_INNER_PRODUCT,

@@ -27,6 +27,7 @@ import numpy as np
 
 from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
 from serving.catalog import Catalog
+from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, triton_repository
 from twotower.data.hm import build_captions, load_articles
 
@@ -124,8 +125,12 @@ def update_catalogue(
         histories = {name: stored[name] for name in stored.files}
     n_parent = len(vectors)
     added = changed = 0
+    lexical = parent.lexical
     if delta is not None and not delta.empty:
-        new_vectors = embedder_for(manifest)(build_captions(delta))
+        captions = build_captions(delta)
+        new_vectors = embedder_for(manifest)(captions)
+        if lexical is not None:  # new rows join the keyword index too (a rebuild: BM25 weights depend on all rows)
+            lexical = LexicalIndex.build(lexical.captions + captions)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
         metadata = item_metadata(delta)
         for column in items:  # the delta may lack optional columns: keep the table rectangular
@@ -166,7 +171,7 @@ def update_catalogue(
     }
     fields["parent_version"] = parent_name
     new_manifest = write_index_dir(
-        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias
+        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias, lexical
     )
     artifacts.publish_version(index_root, out.name)
     summary = UpdateSummary(

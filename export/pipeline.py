@@ -32,6 +32,7 @@ from export.catalogue_index import (
     write_index_dir,
 )
 from export.torchscript import DEFAULT_TOLERANCE, serialise, trace_and_verify
+from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, rundir
 from twotower.config import ModelConfig
 from twotower.data.histories import day_numbers, latest_histories
@@ -189,6 +190,7 @@ def export_run(
             },
         },
         item_bias=item_bias,
+        lexical=LexicalIndex.build(captions),
     )
     # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
     # A retriever watching the root swaps only once Triton serves the version this index names.

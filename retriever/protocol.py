@@ -10,7 +10,8 @@ v1  POST /v1/models/<name>:predict
     `history` lists article_ids oldest first (the last one is the most recent purchase).
     Options: "k": 12, "filters": {"product_group": [...], "product_type": [...], "index": [...],
     "colour": [...], "section": [...], "garment_group": [...], "price_min": 0.01, "price_max": 0.05},
-    "exclude_purchased": true (customer_id/history: drop what they bought), "max_per_product_type": 3.
+    "exclude_purchased": true (customer_id/history: drop what they bought), "max_per_product_type": 3,
+    "debug": true (text queries: each item says which retriever found it, "dense", "lexical" or both).
 
 v2  POST /v2/models/<name>/infer with ONE of the BYTES inputs `customer_id` [N], `query` [N],
     `history` [N] (each element: article_ids separated by commas or spaces, oldest first),
@@ -32,7 +33,7 @@ from retriever.queries import KINDS, Query, QueryOptions, Recommendation
 from serving.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
-OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type")
+OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type", "debug")
 ID_SEPARATORS = re.compile(r"[,\s]+")
 
 
@@ -57,7 +58,10 @@ def parse_options(raw: dict[str, Any], where: str) -> QueryOptions:
     cap = raw.get("max_per_product_type")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise RequestError(f"{where}: 'max_per_product_type' must be a positive integer, got {cap!r}")
-    return QueryOptions(filters, exclude, cap)
+    debug = raw.get("debug", False)
+    if not isinstance(debug, bool):
+        raise RequestError(f"{where}: 'debug' must be true or false, got {debug!r}")
+    return QueryOptions(filters, exclude, cap, debug)
 
 
 def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> Any:
@@ -156,6 +160,9 @@ def v1_response(queries: list[Query], results: list[Recommendation]) -> dict[str
             {"article_id": a, "score": round(s, 6), "similarity": round(c, 6), **meta}
             for a, s, c, meta in zip(result.article_ids, result.scores, result.similarities, result.metadata)
         ]
+        if query.options.debug and result.sources is not None:  # which retriever found each item (hybrid search)
+            for item, source in zip(items, result.sources):
+                item["retrieved_by"] = source
         predictions.append({query.kind: query.value, "items": items})
     return {"predictions": predictions}
 

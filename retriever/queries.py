@@ -16,6 +16,7 @@ class QueryOptions:
     filters: Filters = Filters()
     exclude_purchased: bool = False  # customer_id/history: never return an article they bought
     max_per_product_type: int | None = None  # diversity cap
+    debug: bool = False  # answers say which retriever found each item
 
 
 @dataclasses.dataclass
@@ -40,3 +41,4 @@ class Recommendation:
     similarities: list[float]
     scores: list[float]
     metadata: list[dict[str, str]]
+    sources: list[str] | None = None  # hybrid text search: "dense", "lexical" or "dense+lexical" per item

@@ -130,17 +130,34 @@ class RecommendationService:
         with metrics.STAGE["search"].time():
             # An unfiltered search takes ~0.3 ms: cheaper on the event loop than a thread handoff. Filtered
             # ones (their masks included) may scan tens of thousands of rows and go to a worker thread.
-            if not self.config.search_in_thread and all(q.searches_everything for q in queries):
+            # Hybrid text queries score every article with BM25 as well: a thread too.
+            inline = all(q.searches_everything and not self._hybrid(serving.catalog, q) for q in queries)
+            if inline and not self.config.search_in_thread:
                 ranked = self._rank(serving.catalog, queries, vectors, bought)
             else:
                 ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
         return [self._recommendation(serving.catalog, *found) for found in ranked]
 
+    @staticmethod
+    def _hybrid(catalog: Catalog, query: Query) -> bool:
+        """Text queries fuse the index's keyword (BM25) results with the dense ones, when it has them."""
+        return query.kind == "query" and catalog.lexical is not None
+
     def _rank(
         self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
-    ) -> list[ranking.Ranked]:
+    ) -> list[tuple[np.ndarray, np.ndarray, list[str] | None]]:
         requests = [self._rank_request(catalog, i, query, bought[i]) for i, query in enumerate(queries)]
-        return ranking.rank(catalog, vectors, requests)
+        hybrid = [i for i, query in enumerate(queries) if self._hybrid(catalog, query)]
+        dense = [i for i in range(len(queries)) if i not in hybrid]
+        results: list[tuple[np.ndarray, np.ndarray, list[str] | None] | None] = [None] * len(queries)
+        for i, (scores, rows) in zip(dense, ranking.rank(catalog, vectors[dense], [requests[i] for i in dense])):
+            results[i] = (scores, rows, None)
+        for i in hybrid:
+            assert catalog.lexical is not None
+            depth = max(ranking.HYBRID_DEPTH, requests[i].fetch)
+            lexical = catalog.lexical.search(queries[i].value, depth, ranking.visible(catalog, requests[i]))
+            results[i] = ranking.hybrid(catalog, vectors[i], requests[i], lexical)
+        return [r for r in results if r is not None]
 
     def _rank_request(self, catalog: Catalog, slot: int, query: Query, bought: Purchases) -> RankRequest:
         """Customers' and histories' lists rank with the popularity prior and their own purchases again
@@ -261,13 +278,16 @@ class RecommendationService:
         metrics.STAGE["tokenize"].observe(time.perf_counter() - started)
         return await serving.towers.query_vectors(input_ids)
 
-    def _recommendation(self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray) -> Recommendation:
+    def _recommendation(
+        self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray, sources: list[str] | None = None
+    ) -> Recommendation:
         row_list = rows.tolist()
         return Recommendation(
             article_ids=[catalog.article_ids[r] for r in row_list],
             similarities=similarities.tolist(),
             scores=catalog.score_head(similarities).tolist(),
             metadata=[self.article_metadata(catalog, r) for r in row_list],
+            sources=sources,
         )
 
     def article_metadata(self, catalog: Catalog, row: int) -> dict[str, str]:

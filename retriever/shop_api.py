@@ -22,6 +22,7 @@ Filters are query parameters: product_group, product_type, index, colour, sectio
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from importlib import resources
 from typing import Annotated, Any
@@ -110,11 +111,13 @@ def build_router(service: RecommendationService) -> APIRouter:
         filters: FilterQuery,
         k: K = None,
         max_per_product_type: Cap = None,
+        debug: bool = False,
     ) -> dict[str, Any]:
+        """Hybrid text search (BM25 + the item tower, fused by reciprocal rank); `debug` says which found each item."""
         if not q.strip():
             raise RequestError("q: empty query text")
         top, opts = options(k, filters, max_per_product_type=max_per_product_type)
-        return await run(Query("query", q.strip(), top, opts))
+        return await run(Query("query", q.strip(), top, dataclasses.replace(opts, debug=debug)))
 
     @router.get("/shop/api/articles/{article_id}", tags=["shop"])
     async def article(article_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from serving.filters import FilterColumns
 from serving.gpu_search import gpu_copy
+from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
@@ -85,6 +86,10 @@ class Catalog:
         self.item_bias: np.ndarray | None = None
         if artifacts.ITEM_BIAS_FILE in self.manifest.files:
             self.item_bias = np.load(self.index_dir / artifacts.ITEM_BIAS_FILE)
+        # The BM25 index for hybrid text search; indexes written before it search text by vector alone.
+        self.lexical: LexicalIndex | None = None
+        if any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
+            self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR)
         self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
         self.article_ids: list[str] = self.items["article_id"]
         # A changed article is appended as a new row and its old row excluded: the last row wins.

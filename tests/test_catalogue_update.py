@@ -49,7 +49,7 @@ def embedder(tiny_pipeline):
 def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipeline, tmp_path: Path) -> None:
     root = copy_root(tiny_pipeline, tmp_path)
     parent = artifacts.current_version(root)
-    parent_files = {p.name: p.read_bytes() for p in (root / parent).iterdir()}
+    parent_files = {p: p.read_bytes() for p in (root / parent).rglob("*") if p.is_file()}
     before = Catalog(root)
     delta = delta_file(tiny_pipeline, tmp_path / "delta.csv", ["0999000001", "0999000002"], changed=1)
     changed_id = str(delta["article_id"].iloc[-1]).zfill(10)
@@ -58,7 +58,7 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     summary = update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", [removed_id])
     assert (summary.added, summary.changed, summary.removed) == (2, 1, 1)
     assert artifacts.current_version(root) == summary.index_version != parent
-    assert {p.name: p.read_bytes() for p in (root / parent).iterdir()} == parent_files  # immutable parent
+    assert {p: p.read_bytes() for p in (root / parent).rglob("*") if p.is_file()} == parent_files  # immutable parent
 
     after = Catalog(root)
     assert after.manifest.parent_version == parent and after.manifest.model_version == before.manifest.model_version
@@ -69,6 +69,10 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     # The new article's own vector finds it first; removed and replaced rows are never returned.
     _, rows = after.search(after.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row
+    # The keyword index knows the new rows too (rebuilt with them): their words find them first.
+    assert after.lexical is not None and len(after.lexical) == len(after.article_ids)
+    found = after.lexical.search("fluorescent raincoat sequins", 2, ~after.excluded)
+    assert set(found.tolist()) == {new_row, after.row_of["0999000002"]}
     old_changed_row = before.row_of[changed_id]
     assert after.excluded[old_changed_row] and after.excluded[after.row_of[removed_id]]
     assert (

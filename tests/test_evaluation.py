@@ -60,6 +60,10 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
         assert target["verdict"] in ("met", "tie", "NOT met")
         assert "interval" not in target or target["interval"][0] <= target["difference"] <= target["interval"][1]
     assert "95% interval" in (out / "eval.md").read_text()
+    text = result["text_search"]  # the tiny export carries a BM25 index: the three retrievers are compared
+    for part in text["kinds"].values():
+        assert all(0.0 <= part[r]["precision@12"] <= 1.0 for r in ("lexical", "dense", "hybrid"))
+    assert "colour + type" in text["kinds"] and "## Text search" in (out / "eval.md").read_text()
     # the breakdown's shares cover every target once; what it finds is the served ranker's recall@100
     breakdown = result["target_breakdown"]
     assert sum(part["share"] for part in breakdown.values()) == pytest.approx(1.0)
@@ -123,3 +127,21 @@ def test_paired_bootstrap_calls_a_lead_only_when_the_interval_excludes_a_loss() 
     assert comparison.verdict == "tie" and comparison.low < comparison.difference < comparison.high
     assert paired_bootstrap(1.1 * theirs, theirs, ratio=1.2).verdict == "NOT met"  # ahead, but not by 1.2x
     assert metrics.recall_per_case([np.array([1, 2])], [{1, 3}], 2).tolist() == [0.5]
+
+
+def test_attribute_queries_name_every_article_with_those_attributes() -> None:
+    import pandas as pd
+
+    from evaluation.text_search import attribute_queries
+
+    articles = pd.DataFrame(
+        {
+            "colour_group_name": ["Grey", "Grey", "Black", "Grey", "Unknown"],
+            "product_type_name": ["Dress", "Dress", "Dress", "Trousers", "Dress"],
+        }
+    )
+    queries = attribute_queries(articles, ("colour_group_name", "product_type_name"), min_articles=1)
+    assert sorted(queries) == [("black dress", {2}), ("grey dress", {0, 1}), ("grey trousers", {3})]  # no "unknown"
+    assert attribute_queries(articles, ("colour_group_name", "product_type_name"), min_articles=2) == [
+        ("grey dress", {0, 1})
+    ]

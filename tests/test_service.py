@@ -25,6 +25,7 @@ from retriever.server import install_routes
 from retriever.service import RecommendationService
 from serving.catalog import Catalog
 from serving.filters import Filters
+from serving.lexical import LexicalIndex
 from twotower import artifacts, fitting, ranking
 from twotower.config import RetrieverConfig
 from twotower.popularity import PopularityPrior
@@ -36,9 +37,10 @@ BOOST = RepeatBoost(bonus=1.0, slope=0.1, sibling_bonus=0.3, sibling_slope=0.0)
 PRIOR = 0.05
 
 
-def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM) -> np.ndarray:
+def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM, lexical: bool = False) -> np.ndarray:
     """An index version of N random articles (colour, product type, 2 colours per product), three known
-    customers, a repeat boost and a popularity prior. Returns the vectors."""
+    customers, a repeat boost and a popularity prior; with `lexical`, a BM25 index over "<colour> <type>"
+    captions. Returns the vectors."""
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((N, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -70,9 +72,12 @@ def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM) -> np.ndarr
         "tower_checksums": {},
     }
     head = artifacts.ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, BOOST, PopularityPrior(PRIOR))
-    write_index_dir(
-        directory, build_faiss_index(vectors, "flat", bias), vectors, metadata, histories, head, fields, item_bias=bias
-    )
+    captions = [
+        f"{colour} {kind}" for colour, kind in zip(metadata["colour_group_name"], metadata["product_type_name"])
+    ]
+    index = build_faiss_index(vectors, "flat", bias)
+    words = LexicalIndex.build(captions) if lexical else None
+    write_index_dir(directory, index, vectors, metadata, histories, head, fields, item_bias=bias, lexical=words)
     return vectors
 
 
@@ -253,3 +258,31 @@ def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
     assert search.status_code == 200 and len(search.json()["items"]) == 3
     assert bad_filter.status_code == 400 and "price_min" in bad_filter.json()["error"]
     assert bad_purchase.status_code == 400 and "article_ids" in bad_purchase.json()["error"]
+
+
+def test_text_queries_fuse_keyword_and_vector_results_under_the_same_filters(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    vectors = write_shop_index(root / "v0001", lexical=True)
+    artifacts.publish_version(root, "v0001")
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off")
+    towers = StandInTowers({len("red dress"): vectors[1]})  # a vector far from red dresses: BM25 must find them
+    service = RecommendationService(config, IndexSlot(config, StandInSource(towers)), tokenizer=tokenize)
+    service.load(triton_wait_s=0)
+    red_dresses = {i for i in range(N) if COLOURS[i % 3] == "Red" and TYPES[(i // 2) % 4] == "Dress"}
+    (found,) = asyncio.run(service.recommend([Query("query", "red dress", 5, QueryOptions(debug=True))]))
+    catalog = service.slot.serving.catalog
+    ((_, dense_rows),) = ranking.rank(catalog, vectors[1][None], [ranking.RankRequest(5)])
+    hybrid_hits = len(set(rows_of(found.article_ids)) & red_dresses)
+    assert hybrid_hits >= 2 and hybrid_hits > len(set(dense_rows.tolist()) & red_dresses)  # BM25 brings them in
+    assert found.sources is not None and {"dense", "lexical"} <= {part for s in found.sources for part in s.split("+")}
+    np.testing.assert_allclose(found.similarities, catalog.vectors[rows_of(found.article_ids)] @ vectors[1], atol=1e-6)
+    only_shirts = QueryOptions(Filters.parse({"product_type": ["Shirt"]}), debug=True)
+    (shirts,) = asyncio.run(service.recommend([Query("query", "red dress", 10, only_shirts)]))
+    assert all(TYPES[(row // 2) % 4] == "Shirt" for row in rows_of(shirts.article_ids))  # filters bind both halves
+    assert len(shirts.article_ids) == 10 and any("dense" in source for source in (shirts.sources or []))
+
+
+def test_reciprocal_rank_fusion_rewards_rows_both_lists_hold() -> None:
+    fused = ranking.reciprocal_rank_fusion([np.array([1, 2, 3]), np.array([3, 4])], constant=1)
+    # 3: 1/4 + 1/2; 1: 1/2; 4: 1/3; 2: 1/3 (ties: first seen first)
+    assert fused.tolist() == [3, 1, 2, 4]

@@ -15,6 +15,8 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
     item_bias.npy   optional: float32 [N] popularity prior per article (twotower.popularity); when present the
                     FAISS index holds [vector, bias] rows (dimension D + 1)
     excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
+    lexical/        optional: the BM25 keyword index over the rows' captions (serving.lexical), for hybrid
+                    text search; every file in it is checksummed as `lexical/<name>`
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
 
 Only numpy here: the retriever imports this without torch.
@@ -42,6 +44,7 @@ HISTORIES_FILE = "histories.npz"
 SCORE_HEAD_FILE = "score_head.json"
 EXCLUDED_FILE = "excluded.json"
 ITEM_BIAS_FILE = "item_bias.npy"
+LEXICAL_DIR = "lexical"
 ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)
 CURRENT_FILE = "CURRENT"
 VERSION_PREFIX = "v"

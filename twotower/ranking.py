@@ -4,6 +4,9 @@ The retriever, the offline evaluation and training's fits of the repeat boost an
 all rank through `rank` (the fits of the boost call `finish` on a search they cache), so "what is
 recommended" has a single definition. A ranking is two steps:
 
+Text queries may add a lexical (BM25, serving.lexical) list: `hybrid` fuses it with the dense one by
+reciprocal rank, both searched under the same filters.
+
 1. search: the top rows of an `ItemSpace` by cosine + prior * popularity bias (twotower.popularity),
    among the rows the request allows (its filters, not excluded, not already bought when the request
    excludes purchases);
@@ -29,6 +32,8 @@ Purchases = tuple[np.ndarray, np.ndarray]  # (catalogue rows most recent first, 
 NOTHING_BOUGHT: Purchases = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
 Ranked = tuple[np.ndarray, np.ndarray]  # (scores, rows) best first, no -1 rows
 CAP_OVERFETCH = 5  # a diversity cap drops results: fetch this many times k so k usually remain
+HYBRID_DEPTH = 100  # a text query fuses this many dense and this many lexical results
+RRF_CONSTANT = 60  # reciprocal rank fusion: 1 / (RRF_CONSTANT + rank), the usual constant
 
 
 class ItemSpace(Protocol):
@@ -153,10 +158,10 @@ def _finish(
     rows: np.ndarray,
     boosted: tuple[np.ndarray, np.ndarray],
 ) -> Ranked:
-    boosted_rows_, boosts = boosted
-    if len(boosted_rows_):
-        scores = space.scores(query, boosted_rows_, request.prior) + boosts
-        similarities, rows = repeats.merge(similarities, rows, boosted_rows_, scores, request.fetch)
+    own_rows, boosts = boosted
+    if len(own_rows):
+        scores = space.scores(query, own_rows, request.prior) + boosts
+        similarities, rows = repeats.merge(similarities, rows, own_rows, scores, request.fetch)
     else:
         keep = rows >= 0
         similarities, rows = similarities[keep], rows[keep]
@@ -180,6 +185,39 @@ def cap_per_type(similarities: np.ndarray, rows: np.ndarray, product_types: np.n
                 break
     index = np.asarray(kept, dtype=np.int64)
     return similarities[index], rows[index]
+
+
+def hybrid(
+    space: ItemSpace, query: np.ndarray, request: RankRequest, lexical_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A text query's list: the dense ranking and `lexical_rows` (best first, searched among
+    `visible(space, request)`) fused by reciprocal rank, then capped and cut to k. Scores are the
+    cosine (+ prior), as for any list; the third value says which retriever found each row."""
+    depth = max(HYBRID_DEPTH, request.fetch)
+    dense_request = dataclasses.replace(request, k=depth, max_per_type=None)
+    _, dense_rows = rank(space, query[None], [dense_request])[0]
+    rows = reciprocal_rank_fusion([dense_rows, lexical_rows[:depth]])
+    scores = space.scores(query, rows, request.prior).astype(np.float32)
+    if request.max_per_type is not None:
+        scores, rows = cap_per_type(scores, rows, space.product_types, request.max_per_type, request.k)
+    scores, rows = scores[: request.k], rows[: request.k]
+    dense, lexical = set(dense_rows.tolist()), set(lexical_rows[:depth].tolist())
+    sources = [
+        "+".join(name for name, found in (("dense", dense), ("lexical", lexical)) if row in found)
+        for row in rows.tolist()
+    ]
+    return scores, rows, sources
+
+
+def reciprocal_rank_fusion(lists: list[np.ndarray], constant: int = RRF_CONSTANT) -> np.ndarray:
+    """Rows of several best-first lists ordered by the sum of 1 / (constant + rank) over the lists that
+    hold them (ties: first seen first)."""
+    fused: dict[int, float] = {}
+    for rows in lists:
+        for position, row in enumerate(rows.tolist(), start=1):
+            fused[row] = fused.get(row, 0.0) + 1.0 / (constant + position)
+    order = sorted(fused, key=lambda row: -fused[row])
+    return np.asarray(order, dtype=np.int64)
 
 
 def dense_scores(space: ItemSpace, query: np.ndarray, request: RankRequest) -> np.ndarray:

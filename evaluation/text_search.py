@@ -1,0 +1,118 @@
+"""Text search relevance: do shopper-style queries find the articles they describe?
+
+Queries are drawn from the catalogue's own attributes, so relevance needs no labels: "<colour> <product
+type>" ("grey dress"; relevant = articles of that colour and type), "<pattern> <product type>"
+("striped t-shirt") and a product's name (relevant = the articles of that name). Each query runs
+through the served artifacts (the exported item tower, the index, its BM25 index) three ways:
+lexical only, dense only, and hybrid as served (twotower.ranking.hybrid). Reported: precision@12 and
+NDCG@12 per query kind and retriever, and paired bootstrap intervals for the issue's targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from evaluation.intervals import paired_bootstrap
+from serving.catalog import Catalog
+from twotower import metrics, ranking
+
+log = logging.getLogger("evaluation.text_search")
+
+K = 12
+QUERIES_PER_KIND = 150
+RETRIEVERS = ("lexical", "dense", "hybrid")
+# query kind -> the article columns whose lower-cased values, joined, make the query text
+KINDS = {
+    "colour + type": ("colour_group_name", "product_type_name"),
+    "pattern + type": ("graphical_appearance_name", "product_type_name"),
+    "product name": ("prod_name",),
+}
+UNINFORMATIVE = {"unknown", "undefined", "other", "solid"}  # values no shopper types
+
+
+def attribute_queries(
+    articles: pd.DataFrame, columns: tuple[str, ...], n: int = QUERIES_PER_KIND, seed: int = 0, min_articles: int = 2
+) -> list[tuple[str, set[int]]]:
+    """Up to n (query text, relevant rows) pairs: distinct value combinations with at least `min_articles`."""
+    if not set(columns) <= set(articles.columns):
+        return []
+    frame = articles[list(columns)].astype(str).apply(lambda column: column.str.strip().str.lower())
+    usable = (~frame.isin(UNINFORMATIVE).any(axis=1) & (frame != "").all(axis=1)).to_numpy()
+    positions = np.flatnonzero(usable)  # catalogue rows: articles are in catalogue order
+    groups = frame[usable].groupby(list(columns)).indices  # key -> positions within the usable rows
+    combos = sorted((key, rows) for key, rows in groups.items() if len(rows) >= min_articles)
+    picked = np.random.default_rng(seed).permutation(len(combos))[:n]
+    queries = []
+    for i in sorted(picked.tolist()):
+        key, rows = combos[i]
+        words = key if isinstance(key, tuple) else (key,)
+        queries.append((" ".join(words), {int(r) for r in positions[rows]}))
+    return queries
+
+
+def rankings(catalog: Catalog, vectors: np.ndarray, texts: list[str]) -> dict[str, list[np.ndarray]]:
+    """Each retriever's top K rows for each text (with its query vector)."""
+    assert catalog.lexical is not None
+    out: dict[str, list[np.ndarray]] = {name: [] for name in RETRIEVERS}
+    for text, vector in zip(texts, vectors):
+        request = ranking.RankRequest(K)
+        allowed = ranking.visible(catalog, request)
+        lexical = catalog.lexical.search(text, ranking.HYBRID_DEPTH, allowed)
+        out["lexical"].append(lexical[:K])
+        out["dense"].append(ranking.rank(catalog, vector[None], [request])[0][1])
+        out["hybrid"].append(ranking.hybrid(catalog, vector, request, lexical)[1])
+    return out
+
+
+def evaluate_text_search(
+    articles: pd.DataFrame,
+    catalog: Catalog,
+    item_tower: torch.jit.ScriptModule,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+) -> dict[str, Any]:
+    """precision@12 / NDCG@12 per query kind and retriever, and the targets (empty when the index has no
+    BM25 index: exported before hybrid search)."""
+    if catalog.lexical is None:
+        return {}
+    result: dict[str, Any] = {"k": K, "kinds": {}, "targets": {}}
+    for kind, columns in KINDS.items():
+        queries = attribute_queries(articles, columns)
+        if not queries:
+            continue
+        texts, relevant = [text for text, _ in queries], [rows for _, rows in queries]
+        with torch.inference_mode():
+            vectors = np.concatenate(
+                [item_tower(tokenizer(texts[s : s + 256])).numpy() for s in range(0, len(texts), 256)]
+            )
+        ranked = rankings(catalog, vectors, texts)
+        precision = {
+            name: np.asarray([len(set(r[:K].tolist()) & t) / K for r, t in zip(rows, relevant)])
+            for name, rows in ranked.items()
+        }
+        result["kinds"][kind] = {
+            "queries": len(queries),
+            "examples": texts[:3],
+            **{
+                name: {"precision@12": float(precision[name].mean()), "ndcg@12": metrics.ndcg_at_k(rows, relevant, K)}
+                for name, rows in ranked.items()
+            },
+        }
+        if kind == "colour + type":
+            result["targets"] = {
+                "hybrid precision@12 >= 1.1 x lexical": paired_bootstrap(
+                    precision["hybrid"], precision["lexical"], ratio=1.1
+                ).to_json(),
+                "dense precision@12 >= lexical": paired_bootstrap(precision["dense"], precision["lexical"]).to_json(),
+            }
+        log.info(
+            "text search, %s (%d queries): precision@12 lexical %.3f, dense %.3f, hybrid %.3f",
+            kind,
+            len(queries),
+            *(precision[name].mean() for name in RETRIEVERS),
+        )
+    return result
