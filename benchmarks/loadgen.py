@@ -25,10 +25,24 @@ T = TypeVar("T")
 JSON_HEADER = "Content-Type: application/json\r\n"
 
 
-def summarise(latencies_s: list[float], errors: int, started: float, finished: float, rate: float) -> dict[str, Any]:
+def summarise(
+    latencies_s: list[float], errors: int, started: float, finished: float, rate: float, kinds: list[str] | None = None
+) -> dict[str, Any]:
+    """Latency percentiles over the run; with `kinds` (one per latency) also per request kind."""
     values = np.asarray(latencies_s) * 1000.0
     ok = len(values)
+    by_kind = {}
+    if kinds is not None:
+        labels = np.asarray(kinds)
+        for kind in sorted(set(kinds)):
+            part = values[labels == kind]
+            by_kind[kind] = {
+                "requests": len(part),
+                "p50_ms": float(np.percentile(part, 50)),
+                "p99_ms": float(np.percentile(part, 99)),
+            }
     return {
+        **({"by_kind": by_kind} if kinds is not None else {}),
         "target_qps": rate,
         "achieved_qps": (ok + errors) / max(finished - started, 1e-9),
         "requests": ok + errors,
@@ -42,16 +56,23 @@ def summarise(latencies_s: list[float], errors: int, started: float, finished: f
 
 
 async def open_loop(
-    items: Sequence[T], rate: float, send: Callable[[T], Awaitable[bool]], warmup: int = 5
+    items: Sequence[T],
+    rate: float,
+    send: Callable[[T], Awaitable[bool]],
+    warmup: int = 5,
+    kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Send item i at start + i/rate whatever happened before; latency counts from that scheduled time."""
+    """Send item i at start + i/rate whatever happened before; latency counts from that scheduled time.
+    `kinds` (one per item) adds percentiles per request kind."""
     latencies: list[float] = []
+    answered: list[str] = []
     errors = 0
 
-    async def one(item: T, scheduled: float) -> None:
+    async def one(item: T, scheduled: float, kind: str) -> None:
         nonlocal errors
         if await send(item):
             latencies.append(time.perf_counter() - scheduled)
+            answered.append(kind)
         else:
             errors += 1
 
@@ -64,12 +85,14 @@ async def open_loop(
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(item, scheduled)))
+        tasks.append(asyncio.create_task(one(item, scheduled, kinds[i] if kinds is not None else "")))
     await asyncio.gather(*tasks)
-    return summarise(latencies, errors, started, time.perf_counter(), rate)
+    return summarise(latencies, errors, started, time.perf_counter(), rate, answered if kinds is not None else None)
 
 
-async def run_open_loop(url: str, bodies: list[bytes], rate: float, timeout_s: float = 10.0) -> dict[str, Any]:
+async def run_open_loop(
+    url: str, bodies: list[bytes], rate: float, timeout_s: float = 10.0, kinds: list[str] | None = None
+) -> dict[str, Any]:
     parsed = urlparse(url)
     host = parsed.hostname or ""
     if not (host.startswith("127.") or host in {"localhost", "::1"}):
@@ -86,9 +109,18 @@ async def run_open_loop(url: str, bodies: list[bytes], rate: float, timeout_s: f
             return False
 
     try:
-        return await open_loop(bodies, rate, post)
+        return await open_loop(bodies, rate, post, kinds=kinds)
     finally:
         client.close()
+
+
+def request_kind(body: Any) -> str:
+    """A v1 body's kind: its first instance's query field (customer_id, history, query, similar_to)."""
+    try:
+        instance = body["instances"][0]
+        return next(k for k in ("customer_id", "history", "query", "similar_to") if k in instance)
+    except (KeyError, IndexError, TypeError, StopIteration):
+        return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,15 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, required=True)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    pool = [line.encode() for line in args.bodies.read_text().splitlines() if line.strip()]
+    lines = [line for line in args.bodies.read_text().splitlines() if line.strip()]
+    pool = [line.encode() for line in lines]
     bodies = [pool[i % len(pool)] for i in range(args.requests)]
+    pool_kinds = [request_kind(json.loads(line)) for line in lines]  # read before the run, not during it
+    kinds = [pool_kinds[i % len(pool)] for i in range(args.requests)]
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run_open_loop(args.url, bodies, args.rate))
+    result = asyncio.run(run_open_loop(args.url, bodies, args.rate, kinds=kinds))
     args.out.write_text(json.dumps(result, indent=2))
     return 0
 

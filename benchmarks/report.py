@@ -19,6 +19,24 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b > 0 else "n/a"
 
 
+def _by_kind(served: dict[str, Any]) -> list[str]:
+    """p50 / p99 per request kind in each rate's reported round (reports before this have none)."""
+    rates = [(rate, r["by_kind"]) for rate, r in _by_rate(served) if r.get("by_kind")]
+    if not rates:
+        return []
+    kinds = sorted({kind for _, by_kind in rates for kind in by_kind})
+    lines = [
+        "Latency by request kind in the same rounds, p50 / p99 ms (text queries: hybrid BM25 + item tower):",
+        "",
+        "| target QPS | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for rate, by_kind in rates:
+        cells = [f"{by_kind[k]['p50_ms']:.2f} / {by_kind[k]['p99_ms']:.2f}" if k in by_kind else "-" for k in kinds]
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _host_probe(report: dict[str, Any]) -> list[str]:
     probe = report.get("host_probe_ms")  # runs before the probe existed have none
     if not probe:
@@ -124,6 +142,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Highest rate with p99 < 50 ms and no errors: **{report['max_qps_p99_under_50ms']:.0f} QPS**.",
         "",
+        *_by_kind(served),
         "## In-process baseline: the same KServe adapter, TorchScript towers and index in one process",
         "",
         "| target QPS | p50 ms | p95 ms | p99 ms | max ms |",

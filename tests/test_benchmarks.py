@@ -220,3 +220,13 @@ def test_stage_means_report_the_query_cache_hit_share() -> None:
     after = {key % "hit": 40.0, key % "miss": 15.0}
     assert stage_means(before, after)["query_cache_hit_share"] == pytest.approx(0.75)
     assert "query_cache_hit_share" not in stage_means(before, before)  # no text query in the run
+
+
+def test_load_summaries_split_latency_by_request_kind() -> None:
+    from benchmarks.loadgen import request_kind, summarise
+
+    result = summarise([0.001, 0.002, 0.010], 0, 0.0, 1.0, 3.0, ["query", "history", "query"])
+    assert result["by_kind"]["query"]["requests"] == 2 and result["by_kind"]["history"]["p50_ms"] == pytest.approx(2.0)
+    assert result["by_kind"]["query"]["p99_ms"] == pytest.approx(9.91)
+    assert request_kind({"instances": [{"query": "x", "k": 3}]}) == "query" and request_kind({}) == "other"
+    assert "by_kind" not in summarise([0.001], 0, 0.0, 1.0, 1.0)
