@@ -76,7 +76,8 @@ def text_search_lines(text: dict[str, Any]) -> list[str]:
         "",
         "Queries made from the catalogue's own attributes; an article is relevant when it has them all.",
         "",
-        "| queries | count | e.g. | lexical p@12 / ndcg@12 | dense p@12 / ndcg@12 | hybrid (served) p@12 / ndcg@12 |",
+        "| queries | count | e.g. | lexical p@12 / ndcg@12 | dense (served by default) p@12 / ndcg@12 "
+        "| hybrid (--text-search hybrid) p@12 / ndcg@12 |",
         "|---|---|---|---|---|---|",
     ]
     for kind, part in text["kinds"].items():

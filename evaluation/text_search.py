@@ -4,8 +4,9 @@ Queries are drawn from the catalogue's own attributes, so relevance needs no lab
 type>" ("grey dress"; relevant = articles of that colour and type), "<pattern> <product type>"
 ("striped t-shirt") and a product's name (relevant = the articles of that name). Each query runs
 through the served artifacts (the exported item tower, the index, its BM25 index) three ways:
-lexical only, dense only, and hybrid as served (twotower.ranking.hybrid). Reported: precision@12 and
-NDCG@12 per query kind and retriever, and paired bootstrap intervals for the issue's targets.
+lexical only, dense only (the retriever's default), and hybrid as `--text-search hybrid` serves
+it. Reported: precision@12 and NDCG@12 per query kind and retriever, and paired bootstrap intervals
+for the targets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from evaluation.intervals import paired_bootstrap
 from serving.catalog import Catalog
+from serving.lexical import hybrid_rank
 from twotower import metrics, ranking
 
 log = logging.getLogger("evaluation.text_search")
@@ -61,11 +63,9 @@ def rankings(catalog: Catalog, vectors: np.ndarray, texts: list[str]) -> dict[st
     out: dict[str, list[np.ndarray]] = {name: [] for name in RETRIEVERS}
     for text, vector in zip(texts, vectors):
         request = ranking.RankRequest(K)
-        allowed = ranking.visible(catalog, request)
-        lexical = catalog.lexical.search(text, ranking.HYBRID_DEPTH, allowed)
-        out["lexical"].append(lexical[:K])
+        out["lexical"].append(catalog.lexical.search(text, K, ranking.visible(catalog, request)))
         out["dense"].append(ranking.rank(catalog, vector[None], [request])[0][1])
-        out["hybrid"].append(ranking.hybrid(catalog, vector, request, lexical)[1])
+        out["hybrid"].append(hybrid_rank(catalog, catalog.lexical, vector, text, request)[1])
     return out
 
 

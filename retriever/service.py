@@ -27,6 +27,7 @@ from retriever.purchases import LivePurchases
 from retriever.queries import PERSONAL_KINDS, Query, Recommendation
 from serving.catalog import Catalog, UnknownIds
 from serving.filters import CATEGORY_FILTERS, FilterError
+from serving.lexical import hybrid_rank
 from serving.towers import TritonUnavailable
 from twotower import ranking
 from twotower.config import RetrieverConfig
@@ -50,8 +51,13 @@ class ClipTokenizer:
         return self.tokenizer(texts).numpy().astype(np.int64)
 
 
+TEXT_SEARCH_MODES = ("dense", "hybrid")
+
+
 class RecommendationService:
     def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
+        if config.text_search not in TEXT_SEARCH_MODES:
+            raise ValueError(f"text_search: {config.text_search!r} is not one of {', '.join(TEXT_SEARCH_MODES)}")
         self.config = config
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
@@ -138,10 +144,9 @@ class RecommendationService:
                 ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
         return [self._recommendation(serving.catalog, *found) for found in ranked]
 
-    @staticmethod
-    def _hybrid(catalog: Catalog, query: Query) -> bool:
-        """Text queries fuse the index's keyword (BM25) results with the dense ones, when it has them."""
-        return query.kind == "query" and catalog.lexical is not None
+    def _hybrid(self, catalog: Catalog, query: Query) -> bool:
+        """With --text-search hybrid, text queries fuse the index's keyword (BM25) results with the dense ones."""
+        return query.kind == "query" and self.config.text_search == "hybrid" and catalog.lexical is not None
 
     def _rank(
         self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
@@ -154,9 +159,7 @@ class RecommendationService:
             results[i] = (scores, rows, None)
         for i in hybrid:
             assert catalog.lexical is not None
-            depth = max(ranking.HYBRID_DEPTH, requests[i].fetch)
-            lexical = catalog.lexical.search(queries[i].value, depth, ranking.visible(catalog, requests[i]))
-            results[i] = ranking.hybrid(catalog, vectors[i], requests[i], lexical)
+            results[i] = hybrid_rank(catalog, catalog.lexical, vectors[i], queries[i].value, requests[i])
         return [r for r in results if r is not None]
 
     def _rank_request(self, catalog: Catalog, slot: int, query: Query, bought: Purchases) -> RankRequest:

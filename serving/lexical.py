@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
@@ -28,9 +29,23 @@ def tokenize(texts: list[str]) -> list[list[str]]:
 
 
 class LexicalIndex:
-    def __init__(self, bm25: bm25s.BM25, captions: list[str]):
+    def __init__(self, bm25: bm25s.BM25, captions: list[str], directory: Path | None = None):
         self.bm25 = bm25
         self.captions = captions  # row -> the text it was indexed by
+        self.directory = directory  # where it was loaded from (None: built in memory)
+
+    # KServe's --workers N pickles the loaded index into each worker. An unpickled BM25 object scored
+    # ~20x slower (2.0 vs 0.1 ms per query, 105k articles): each worker loads the immutable files again.
+    def __getstate__(self) -> dict[str, Any]:
+        if self.directory is None:
+            return self.__dict__.copy()
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "bm25" in state:
+            self.__dict__.update(state)
+        else:
+            self.__dict__.update(LexicalIndex.load(state["directory"]).__dict__)
 
     @classmethod
     def build(cls, captions: list[str]) -> LexicalIndex:
@@ -48,7 +63,7 @@ class LexicalIndex:
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
         bm25 = bm25s.BM25.load(str(directory), show_progress=False)
-        return cls(bm25, json.loads((directory / CAPTIONS_FILE).read_text()))
+        return cls(bm25, json.loads((directory / CAPTIONS_FILE).read_text()), Path(directory))
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -62,3 +77,12 @@ class LexicalIndex:
         candidates = np.flatnonzero(allowed & (scores > 0))
         _, rows = ranking.top_k(scores[candidates], candidates, k)
         return rows[rows >= 0]
+
+
+def hybrid_rank(
+    space: ranking.ItemSpace, lexical: LexicalIndex, query: np.ndarray, text: str, request: ranking.RankRequest
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A text query as served: BM25 over the rows the request may return, fused with the dense list
+    (twotower.ranking.hybrid)."""
+    depth = max(ranking.HYBRID_DEPTH, request.fetch)
+    return ranking.hybrid(space, query, request, lexical.search(text, depth, ranking.visible(space, request)))

@@ -264,7 +264,7 @@ def test_text_queries_fuse_keyword_and_vector_results_under_the_same_filters(tmp
     root = tmp_path / "index"
     vectors = write_shop_index(root / "v0001", lexical=True)
     artifacts.publish_version(root, "v0001")
-    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off")
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off", text_search="hybrid")
     towers = StandInTowers({len("red dress"): vectors[1]})  # a vector far from red dresses: BM25 must find them
     service = RecommendationService(config, IndexSlot(config, StandInSource(towers)), tokenizer=tokenize)
     service.load(triton_wait_s=0)
@@ -286,3 +286,20 @@ def test_reciprocal_rank_fusion_rewards_rows_both_lists_hold() -> None:
     fused = ranking.reciprocal_rank_fusion([np.array([1, 2, 3]), np.array([3, 4])], constant=1)
     # 3: 1/4 + 1/2; 1: 1/2; 4: 1/3; 2: 1/3 (ties: first seen first)
     assert fused.tolist() == [3, 1, 2, 4]
+
+
+def test_a_loaded_keyword_index_travels_to_kserve_workers_by_its_files(tmp_path: Path) -> None:
+    import pickle
+
+    captions = ["grey dress", "black trousers", "grey trousers", "red swimwear bottom"]
+    LexicalIndex.build(captions).save(tmp_path / "lexical")
+    loaded = LexicalIndex.load(tmp_path / "lexical")
+    state = loaded.__getstate__()
+    assert state == {"directory": tmp_path / "lexical"}  # files, not arrays: an unpickled BM25 scored ~20x slower
+    copy = pickle.loads(pickle.dumps(loaded))
+    everything = np.ones(len(captions), dtype=bool)
+    assert (
+        copy.search("grey trousers", 3, everything).tolist() == loaded.search("grey trousers", 3, everything).tolist()
+    )
+    assert copy.search("grey trousers", 3, everything)[0] == 2 and copy.captions == captions
+    assert copy.search("the and of", 3, everything).tolist() == []  # stop words only: no match
