@@ -68,6 +68,12 @@ def shop(tiny_pipeline, tmp_path_factory: pytest.TempPathFactory):
         )
 
 
+def update_catalogue(shop: Shop, *args: str) -> subprocess.CompletedProcess:
+    """`python -m export.update` against the shop's index root, embedding through its Triton."""
+    command = [sys.executable, "-m", "export.update", "--index-dir", str(shop.root), "--triton", shop.triton_url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def wait_for_version(shop: Shop, predicate, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -100,22 +106,7 @@ def test_new_articles_are_served_without_restart(shop: Shop, tmp_path: Path) -> 
         "Warm rib-knit beanie",
     ]
     delta.to_csv(tmp_path / "delta.csv", index=False)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export.update",
-            "--index-dir",
-            str(shop.root),
-            "--articles",
-            str(tmp_path / "delta.csv"),
-            "--triton",
-            shop.triton_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = update_catalogue(shop, "--articles", str(tmp_path / "delta.csv"))
     assert result.returncode == 0, result.stderr
     info = wait_for_version(shop, lambda i: i["index_version"] != before["index_version"])
     assert info["items"] == before["items"] + 3 and info["parent_version"] == before["index_version"]
@@ -134,22 +125,7 @@ def test_new_articles_are_served_without_restart(shop: Shop, tmp_path: Path) -> 
 
     # Removing (sold out) hides an article from results without a rebuild.
     (tmp_path / "remove.txt").write_text(NEW_IDS[0] + "\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export.update",
-            "--index-dir",
-            str(shop.root),
-            "--remove",
-            str(tmp_path / "remove.txt"),
-            "--triton",
-            shop.triton_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = update_catalogue(shop, "--remove", str(tmp_path / "remove.txt"))
     assert result.returncode == 0, result.stderr
     wait_for_version(shop, lambda i: i["excluded"] >= 1 and i["items"] == info["items"])
     caption = build_captions(delta.set_index("article_id", drop=False))[0]
