@@ -26,6 +26,7 @@ from export.catalogue_update import triton_embedder, update_catalogue
 from export.pipeline import export_run
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
+from twotower import artifacts
 from twotower.config import ModelConfig, TrainConfig
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.data.synthetic import generate
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     repository, index_dir = work / "model_repository", work / "artifacts" / "index"
-    for stale in (repository, index_dir):  # the demo's own outputs from an earlier run
+    # The demo's own outputs from an earlier run (model_repository/README.md is the project's: it stays).
+    for stale in (index_dir, repository / artifacts.ITEM_MODEL, repository / artifacts.USER_MODEL):
         shutil.rmtree(stale, ignore_errors=True)
     export_run(run_dir, data_dir, repository, index_dir)
 
