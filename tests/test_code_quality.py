@@ -143,3 +143,9 @@ def test_the_retriever_process_loads_no_torch_at_import() -> None:
             elif name.rsplit(".", 1)[0] in modules:  # `from package import name` where name is not a module
                 stack.append(name.rsplit(".", 1)[0])
     assert not wrong, "torch imported at module level on the retriever's path: " + ", ".join(wrong)
+
+
+def test_every_top_level_part_is_visible_in_a_clone() -> None:
+    """model_repository/ holds only generated versions once exported: its README keeps it in a fresh clone."""
+    assert (ROOT / "model_repository" / "README.md").is_file()
+    assert all((ROOT / package / "__init__.py").is_file() for package in LAYERS if package not in ("examples", "tools"))
