@@ -38,9 +38,7 @@ class BenchArtifacts:
 
 def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """User-tower vectors of the index's first n known customers, and the rows each has bought."""
-    user_tower = torch.jit.load(
-        str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.user_model))
-    )
+    user_tower = triton_repository.load_tower(repository, catalog.manifest, catalog.manifest.user_model)
     histories = [catalog.customer_history(c) for c in list(catalog.customer_row)[:n]]
     with torch.inference_mode():
         users = user_tower(*(torch.from_numpy(t) for t in catalog.history_tensors(histories))).numpy()
@@ -78,9 +76,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     captions = build_captions(load_hm_dir(data_dir).articles)
     sample = captions[: min(len(captions), 4096)]
     tokenizer = get_tokenizer(catalog.manifest.clip_model)
-    item_tower = torch.jit.load(
-        str(triton_repository.tower_file(repository, catalog.manifest, catalog.manifest.item_model))
-    )
+    item_tower = triton_repository.load_tower(repository, catalog.manifest, catalog.manifest.item_model)
     embed_catalogue(item_tower, sample[:512], tokenizer)  # first calls optimise the TorchScript graph
     started = time.perf_counter()
     embed_catalogue(item_tower, sample, tokenizer)

@@ -14,9 +14,9 @@ from evaluation.breakdown import target_breakdown
 from evaluation.intervals import paired_bootstrap
 from evaluation.split import TemporalSplit
 from evaluation.text_search import evaluate_text_search
-from evaluation.two_tower import TwoTower, case_users, load_tower
+from evaluation.two_tower import TwoTower, case_users
 from serving.catalog import Catalog
-from twotower import metrics
+from twotower import metrics, triton_repository
 from twotower.data.hm import HMData
 from twotower.model.clip_text import get_tokenizer
 
@@ -97,7 +97,7 @@ def evaluate(
             split.cutoff.date(),
             split.cutoff.date(),
         )
-    user_tower = load_tower(model_repository, manifest, manifest.user_model)
+    user_tower = triton_repository.load_tower(model_repository, manifest, manifest.user_model)
 
     popularity = Popularity(split, days=7)
     repurchase, co_purchase = Repurchase(split), CoPurchase(split)
@@ -165,7 +165,7 @@ def evaluate(
         "text_search": evaluate_text_search(
             data.articles,
             catalog,
-            load_tower(model_repository, manifest, manifest.item_model),
+            triton_repository.load_tower(model_repository, manifest, manifest.item_model),
             get_tokenizer(manifest.clip_model),
         ),
         "command": command,

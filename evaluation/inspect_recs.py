@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.split import temporal_split
-from evaluation.two_tower import TwoTower, case_users, load_tower
+from evaluation.two_tower import TwoTower, case_users
 from serving.catalog import Catalog
+from twotower import triton_repository
 from twotower.data.hm import build_captions, load_hm_dir
 
 
@@ -38,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_hm_dir(args.data_dir)
     split = temporal_split(data, args.cutoff, args.history_days)
     catalog = Catalog(args.index_dir)
-    ranker = TwoTower(
-        case_users(split, catalog, load_tower(args.model_repository, catalog.manifest, catalog.manifest.user_model)),
-        catalog,
-    )
+    user_tower = triton_repository.load_tower(args.model_repository, catalog.manifest, catalog.manifest.user_model)
+    ranker = TwoTower(case_users(split, catalog, user_tower), catalog)
     captions = build_captions(data.articles)
     histories = split.histories(catalog.manifest.max_history)
     picks = np.random.default_rng(args.seed).choice(

@@ -90,10 +90,7 @@ def evaluate_text_search(
                 [item_tower(tokenizer(texts[s : s + 256])).numpy() for s in range(0, len(texts), 256)]
             )
         ranked = rankings(catalog, vectors, texts)
-        precision = {
-            name: np.asarray([len(set(r[:K].tolist()) & t) / K for r, t in zip(rows, relevant)])
-            for name, rows in ranked.items()
-        }
+        precision = {name: metrics.precision_per_case(rows, relevant, K) for name, rows in ranked.items()}
         result["kinds"][kind] = {
             "queries": len(queries),
             "examples": texts[:3],

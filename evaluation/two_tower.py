@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,12 +10,7 @@ import torch
 from evaluation.baselines import Ranker
 from evaluation.split import TemporalSplit
 from serving.catalog import Catalog
-from twotower import artifacts, ranking, repeats, triton_repository
-
-
-def load_tower(model_repository: Path, manifest: artifacts.Manifest, model: str) -> torch.jit.ScriptModule:
-    """One exported tower (TorchScript) at the index's model version, checksum-checked."""
-    return torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, model))).eval()
+from twotower import ranking, repeats
 
 
 @dataclasses.dataclass

@@ -67,17 +67,16 @@ def triton_embedder(
 ) -> ItemEmbedder:
     """Captions -> vectors through the item tower Triton serves at the index's model version, with the
     retriever's own client (same model/version/shape checks, timeouts and retries)."""
-    from serving.towers import TowerClient
-    from twotower.model.clip_text import get_tokenizer
+    from serving.towers import TokenIds, TowerClient
 
-    tokenizer = get_tokenizer(manifest.clip_model)
+    tokenizer = TokenIds(manifest.clip_model)
 
     async def embed_batches(captions: list[str]) -> list[np.ndarray]:
         client = TowerClient(url, manifest, timeout_s)
         try:
             await client.verify_models()
             return [
-                await client.query_vectors(tokenizer(captions[start : start + batch_size]).numpy().astype(np.int64))
+                await client.query_vectors(tokenizer(captions[start : start + batch_size]))
                 for start in range(0, len(captions), batch_size)
             ]
         finally:
@@ -88,12 +87,11 @@ def triton_embedder(
 
 def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> ItemEmbedder:
     """The same TorchScript item tower Triton serves, run in this process (no Triton needed)."""
-    import torch
 
     from export.catalogue_index import embed_catalogue
     from twotower.model.clip_text import get_tokenizer
 
-    tower = torch.jit.load(str(triton_repository.tower_file(model_repository, manifest, manifest.item_model))).eval()
+    tower = triton_repository.load_tower(model_repository, manifest, manifest.item_model)
     tokenizer = get_tokenizer(manifest.clip_model)
     return lambda captions: embed_catalogue(tower, captions, tokenizer)
 

@@ -14,7 +14,7 @@ import gc
 import logging
 import time
 from itertools import islice
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -28,28 +28,13 @@ from retriever.queries import PERSONAL_KINDS, Query, Recommendation
 from serving.catalog import Catalog, UnknownIds
 from serving.filters import CATEGORY_FILTERS, FilterError
 from serving.lexical import hybrid_rank
-from serving.towers import TritonUnavailable
+from serving.towers import TokenIds, Tokenizer, TritonUnavailable
 from twotower import ranking
 from twotower.config import RetrieverConfig
 from twotower.ranking import NOTHING_BOUGHT, Purchases, RankRequest
 from twotower.repeats import RepeatBoost
 
 log = logging.getLogger("retriever")
-
-Tokenizer = Callable[[list[str]], np.ndarray]  # texts -> int64 token ids [B, context_length]
-
-
-class ClipTokenizer:
-    """The index's open_clip tokenizer, as training and export tokenize (an object: KServe workers unpickle it)."""
-
-    def __init__(self, clip_model: str):
-        from twotower.model.clip_text import get_tokenizer  # imports torch: only once an index is loaded
-
-        self.tokenizer = get_tokenizer(clip_model)
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.tokenizer(texts).numpy().astype(np.int64)
-
 
 TEXT_SEARCH_MODES = ("dense", "hybrid")
 
@@ -74,7 +59,7 @@ class RecommendationService:
         faiss.omp_set_num_threads(self.config.faiss_threads)
         serving = self.slot.load(triton_wait_s)
         if self.tokenizer is None:
-            self.tokenizer = ClipTokenizer(serving.catalog.manifest.clip_model)
+            self.tokenizer = TokenIds(serving.catalog.manifest.clip_model)
         self.slot.start_watching()
 
     def start_in_worker(self) -> None:

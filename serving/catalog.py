@@ -59,12 +59,14 @@ class Catalog:
         exact_search_limit: int = RetrieverConfig.exact_search_limit,
         faiss_gpu: str = "off",
         popularity_weight: float = RetrieverConfig.popularity_weight,
+        lexical: bool = True,
     ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
         Search settings default to the served ones, so offline evaluation measures what is served;
         `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
-        `popularity_weight` >= 0 replaces the prior weight the index was fitted with.
+        `popularity_weight` >= 0 replaces the prior weight the index was fitted with; `lexical` False
+        leaves the BM25 index on disk (a retriever serving text by vector alone never reads it).
         """
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
@@ -88,7 +90,7 @@ class Catalog:
             self.item_bias = np.load(self.index_dir / artifacts.ITEM_BIAS_FILE)
         # The BM25 index for hybrid text search; indexes written before it search text by vector alone.
         self.lexical: LexicalIndex | None = None
-        if any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
+        if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
             self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR)
         self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
         self.article_ids: list[str] = self.items["article_id"]

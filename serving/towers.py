@@ -12,15 +12,31 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from serving.http1 import KeepAliveClient, Response
 from twotower.artifacts import ArtifactError, Manifest
-from twotower.triton_repository import EMBEDDING_OUTPUT, ITEM_INPUTS, USER_INPUTS, tower_file
+from twotower.triton_repository import EMBEDDING_OUTPUT, ITEM_INPUTS, USER_INPUTS, load_tower
 
 log = logging.getLogger("serving.towers")
+
+
+Tokenizer = Callable[[list[str]], np.ndarray]  # texts -> int64 token ids [B, context_length]
+
+
+class TokenIds:
+    """Texts -> the item tower's int64 `input_ids`, tokenized exactly as training and export do (an object,
+    so KServe workers can unpickle it; torch is imported only when one is made)."""
+
+    def __init__(self, clip_model: str):
+        from twotower.model.clip_text import get_tokenizer
+
+        self.tokenizer = get_tokenizer(clip_model)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.tokenizer(texts).numpy().astype(np.int64)
 
 
 class TritonUnavailable(RuntimeError):
@@ -189,8 +205,8 @@ class LocalTowers:
         import torch
 
         self._torch = torch
-        self.user = torch.jit.load(str(tower_file(repository, manifest, manifest.user_model))).eval()
-        self.item = torch.jit.load(str(tower_file(repository, manifest, manifest.item_model))).eval()
+        self.user = load_tower(repository, manifest, manifest.user_model)
+        self.item = load_tower(repository, manifest, manifest.item_model)
 
     async def user_vectors(self, history: np.ndarray, mask: np.ndarray, age: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

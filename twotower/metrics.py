@@ -15,6 +15,11 @@ def recall_per_case(ranked: list[np.ndarray], targets: list[set[int]], k: int) -
     return np.asarray([len(set(r[:k].tolist()) & t) / len(t) for r, t in zip(ranked, targets)], dtype=np.float64)
 
 
+def precision_per_case(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> np.ndarray:
+    """|top-k ∩ targets| / k of each query (a list shorter than k counts its missing places as misses)."""
+    return np.asarray([len(set(r[:k].tolist()) & t) / k for r, t in zip(ranked, targets)], dtype=np.float64)
+
+
 def recall_at_k(ranked: list[np.ndarray], targets: list[set[int]], k: int) -> float:
     """|top-k ∩ targets| / |targets|, averaged over customers."""
     return float(np.mean(recall_per_case(ranked, targets, k)))

@@ -4,9 +4,6 @@ The retriever, the offline evaluation and training's fits of the repeat boost an
 all rank through `rank` (the fits of the boost call `finish` on a search they cache), so "what is
 recommended" has a single definition. A ranking is two steps:
 
-Text queries may add a lexical (BM25, serving.lexical) list: `hybrid` fuses it with the dense one by
-reciprocal rank, both searched under the same filters.
-
 1. search: the top rows of an `ItemSpace` by cosine + prior * popularity bias (twotower.popularity),
    among the rows the request allows (its filters, not excluded, not already bought when the request
    excludes purchases);
@@ -14,6 +11,9 @@ reciprocal rank, both searched under the same filters.
    (twotower.repeats) join at their cosine + prior * bias + repeat boost, a boosted row replacing its
    search hit; rows the request hides stay out; then at most `max_per_type` articles of one product
    type; cut to k.
+
+Text queries may add a lexical (BM25, serving.lexical) list: `hybrid` fuses it with the dense one by
+reciprocal rank, both searched under the same filters.
 
 Numpy only: the retriever imports this without torch.
 """

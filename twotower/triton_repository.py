@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from twotower import artifacts
 from twotower.config import ModelConfig
@@ -131,6 +132,13 @@ def tower_specs(
         queue_delay_us,
     )
     return item, user
+
+
+def load_tower(repository: Path | str, manifest: artifacts.Manifest, model: str) -> Any:
+    """One tower's TorchScript module at the index's model version (checksum-checked), in eval mode."""
+    import torch  # only readers that run the towers in-process need it
+
+    return torch.jit.load(str(tower_file(repository, manifest, model))).eval()
 
 
 def tower_file(repository: Path | str, manifest: artifacts.Manifest, model: str) -> Path:
