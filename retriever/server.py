@@ -31,6 +31,7 @@ from twotower.artifacts import ArtifactError
 from twotower.config import RetrieverConfig, add_arguments, from_arguments
 
 log = logging.getLogger("retriever")
+OPERATOR_LOGGERS = ("retriever", "serving")
 
 
 def build_recommender(
@@ -57,9 +58,24 @@ def install_routes(app: FastAPI, service: RecommendationService) -> None:
         app.add_exception_handler(error, domain_error)
 
 
+def configure_logging() -> None:
+    """Our loggers (index swaps, readiness, refused requests) at INFO on stderr, in every serving process.
+    KServe's logging config covers only its own and uvicorn's loggers; before, a root handler appeared only
+    as a side effect of open_clip logging through the root logger on import."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s"))
+    for name in OPERATOR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 def prepare_app(recommender: KServeRecommender) -> None:
     """Everything a serving process does to KServe's module-level app before KServe builds it: our
     routes and error handlers, the timing middleware off unless asked for, and summed worker metrics."""
+    configure_logging()
     install_routes(model_server.app, recommender.service)
     if not recommender.service.config.kserve_timing:
         kserve_app.disable_kserve_timing()
@@ -79,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     config = from_arguments(RetrieverConfig, args)
     # Before KServe spawns the workers: they import prometheus_client afresh and inherit the directory.
     metrics_dir = kserve_app.prepare_worker_metrics(args.workers)
-    logging.getLogger("retriever").setLevel(logging.INFO)  # index swaps and readiness changes are for operators
+    configure_logging()
     recommender = build_recommender(config, args.model_name, args.predictor_host)
     try:
         recommender.load(args.triton_wait_s)
