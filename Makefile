@@ -75,8 +75,11 @@ hm: setup
 # Quality on real H&M data, temporal split (target = the last day). The model must not see the
 # target day: train with --until. Writes reports/hm_lastweek/eval.{json,md,png}.
 CUTOFF ?= 2020-09-22
+# Customers left out of training (by a hash of their id): the evaluation's split by customer.
+UNSEEN ?= 0.1
 eval: setup
-	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm-eval --force --until $(CUTOFF) $(TRAIN_ARGS)
+	$(PY) -m twotower.train --data-dir $(HM) --out runs/hm-eval --force --until $(CUTOFF) \
+		--unseen-customer-share $(UNSEEN) $(TRAIN_ARGS)
 	$(PY) -m export --run runs/hm-eval --data-dir $(HM) --model-repository runs/hm-eval/model_repository \
 		--index-dir runs/hm-eval/index
 	$(PY) -m evaluation --data-dir $(HM) --cutoff $(CUTOFF) --index-dir runs/hm-eval/index \

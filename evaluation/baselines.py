@@ -119,3 +119,16 @@ class Mix(Ranker):
                 scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
                 out[finite] = (len(self.parts) - tier) * 10.0 + scaled
         return out
+
+
+class WithoutOwn(Ranker):
+    """Another ranker with the customer's own earlier purchases removed: the baseline for discovery."""
+
+    def __init__(self, ranker: Ranker, repurchase: Repurchase):
+        self.ranker, self.repurchase = ranker, repurchase
+        self.name = f"{ranker.name} (without own articles)"
+
+    def scores(self, case: int) -> np.ndarray:
+        out = self.ranker.scores(case).copy()
+        out[self.repurchase.bought(case)] = -np.inf
+        return out

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase
+from evaluation.baselines import CoPurchase, Mix, Popularity, Ranker, Repurchase, WithoutOwn
 from evaluation.breakdown import target_breakdown
 from evaluation.intervals import paired_bootstrap
 from evaluation.split import TemporalSplit
@@ -17,12 +17,14 @@ from evaluation.text_search import evaluate_text_search
 from evaluation.two_tower import TwoTower, case_users
 from serving.catalog import Catalog
 from twotower import metrics, triton_repository
+from twotower.data.customers import unseen_customers
 from twotower.data.hm import HMData
 from twotower.model.clip_text import get_tokenizer
 
 log = logging.getLogger("evaluation")
 
 K_SMALL, K_LARGE, SAMPLED_NEGATIVES, SAMPLED_K = 12, 100, 100, 10
+FROM_SCRATCH_COLD_RECALL = 0.0137  # the from-scratch text tower's served cold recall@100 (make eval, 2026-11-28)
 
 
 def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
@@ -62,21 +64,70 @@ def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[d
     return result, ranked
 
 
+Check = tuple[str, Callable[[list[np.ndarray], list[set[int]], int], np.ndarray], int, float]
+RECALL, PRECISION = metrics.recall_per_case, metrics.average_precision_per_case
+SERVED_CHECKS: tuple[Check, ...] = (
+    ("recall@100 >= 1.2 x best baseline", RECALL, K_LARGE, 1.2),
+    ("recall@12 >= best baseline", RECALL, K_SMALL, 1.0),
+    ("map@12 >= best baseline", PRECISION, K_SMALL, 1.0),
+)
+DISCOVERY_CHECKS: tuple[Check, ...] = (("discovery recall@100 >= 1.5 x baseline", RECALL, K_LARGE, 1.5),)
+
+
 def served_vs_baseline(
-    served: list[np.ndarray], baseline: list[np.ndarray], targets: list[set[int]]
+    served: list[np.ndarray],
+    baseline: list[np.ndarray],
+    targets: list[set[int]],
+    checks: tuple[Check, ...] = SERVED_CHECKS,
 ) -> dict[str, dict[str, object]]:
-    """The served ranker against the best baseline on the same cases, each target with its paired 95%
+    """The served ranker against a baseline on the same cases, each target with its paired 95%
     bootstrap interval (evaluation/intervals.py): met only when the interval excludes a loss."""
-    recall, precision = metrics.recall_per_case, metrics.average_precision_per_case
-    checks = (
-        ("recall@100 >= 1.2 x best baseline", recall, K_LARGE, 1.2),
-        ("recall@12 >= best baseline", recall, K_SMALL, 1.0),
-        ("map@12 >= best baseline", precision, K_SMALL, 1.0),
-    )
     return {
         name: paired_bootstrap(per_case(served, targets, k), per_case(baseline, targets, k), ratio).to_json()
         for name, per_case, k, ratio in checks
     }
+
+
+def customer_groups(split: TemporalSplit, unseen_share: float) -> dict[str, np.ndarray]:
+    """Case indices by split: the day split (customers training saw before the cutoff) and, when training
+    left a share of customers out, the customer split (customers it never saw)."""
+    unseen = unseen_customers(split.customers, unseen_share)
+    groups = {"day split": np.flatnonzero(~unseen)}
+    if unseen.any():
+        groups["customer split"] = np.flatnonzero(unseen)
+    return groups
+
+
+def group_targets(
+    groups: dict[str, np.ndarray],
+    targets: list[set[int]],
+    bought: list[np.ndarray],
+    served: list[np.ndarray],
+    baseline: list[np.ndarray],
+    discovery_served: list[np.ndarray],
+    discovery_baseline: list[np.ndarray],
+) -> dict[str, dict[str, object]]:
+    """Every target per split. Discovery scores only the articles a case had never bought, served with
+    exclude_purchased against a baseline without the customer's own articles, over the cases that have one."""
+    out: dict[str, dict[str, object]] = {}
+    for group, cases in groups.items():
+
+        def pick(lists: list[np.ndarray], among: np.ndarray = cases) -> list[np.ndarray]:
+            return [lists[i] for i in among]
+
+        for name, verdict in served_vs_baseline(pick(served), pick(baseline), pick(targets)).items():
+            out[f"{group}: {name}"] = {**verdict, "cases": len(cases)}
+        new_targets = [targets[i] - set(bought[i].tolist()) for i in cases]
+        found = np.asarray([i for i, t in zip(cases, new_targets) if t], dtype=np.int64)
+        discovery = served_vs_baseline(
+            pick(discovery_served, found),
+            pick(discovery_baseline, found),
+            [t for t in new_targets if t],
+            DISCOVERY_CHECKS,
+        )
+        for name, verdict in discovery.items():
+            out[f"{group}: {name}"] = {**verdict, "cases": len(found)}
+    return out
 
 
 def evaluate(
@@ -139,16 +190,35 @@ def evaluate(
         popularity.rank(0, 1000),
         {served.name: ann_ranked, best: ranked_by[best]},
     )
+    # Discovery: purchases of articles the customer had never bought.
+    discovery = TwoTower(cases, catalog, exclude_purchased=True)
+    discovery_baseline = WithoutOwn(Mix([co_purchase, popularity]), repurchase)
+    results[discovery.name], discovery_ranked = score_ranker(discovery, split)
+    results[discovery_baseline.name], discovery_baseline_ranked = score_ranker(discovery_baseline, split)
     boost = catalog.score_head.repeat
-    targets = served_vs_baseline(ann_ranked, ranked_by[best], split.targets)
+    groups = customer_groups(split, manifest.unseen_customer_share)
+    targets = group_targets(
+        groups,
+        split.targets,
+        bought,
+        ann_ranked,
+        ranked_by[best],
+        discovery_ranked,
+        discovery_baseline_ranked,
+    )
     cold = results[served.name]["cold_recall@100"]
-    targets["cold recall@100 > 0"] = {"verdict": "met" if cold > 0 else "NOT met", "difference": cold}
+    targets[f"cold recall@100 >= 3 x {FROM_SCRATCH_COLD_RECALL}"] = {
+        "verdict": "met" if cold >= 3 * FROM_SCRATCH_COLD_RECALL else "NOT met",
+        "difference": cold - 3 * FROM_SCRATCH_COLD_RECALL,
+    }
     return {
         "data": data.source,
         "split": split.describe(),
         "cutoff": str(split.cutoff.date()),
         "catalogue_size": len(split.row_of),
         "cases": len(split.customers),
+        "split_cases": {group: len(cases) for group, cases in groups.items()},
+        "unseen_customer_share": manifest.unseen_customer_share,
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
         "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
         f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "

@@ -50,8 +50,12 @@ class TwoTower(Ranker):
         exact: bool = False,
         repeat_boost: bool = True,
         popularity_prior: bool = True,
+        exclude_purchased: bool = False,
     ):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
+        self.exclude_purchased = exclude_purchased
+        if exclude_purchased:
+            self.name += " exclude_purchased"
         left_out = [
             part for part, kept in (("repeat boost", repeat_boost), ("popularity prior", popularity_prior)) if not kept
         ]
@@ -72,7 +76,9 @@ class TwoTower(Ranker):
 
     def request(self, case: int, k: int) -> ranking.RankRequest:
         """A customer's list, as the retriever asks for it."""
-        return ranking.RankRequest(k, prior=self.prior, boost=self.boost, bought=self.pairs[case])
+        return ranking.RankRequest(
+            k, prior=self.prior, boost=self.boost, bought=self.pairs[case], exclude_bought=self.exclude_purchased
+        )
 
     def scores(self, case: int) -> np.ndarray:
         return ranking.dense_scores(self.space, self.users[case], self.request(case, 0))

@@ -15,7 +15,6 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity
@@ -23,6 +22,7 @@ from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
 from twotower.files import sha256_file, staged_directory
+from twotower.model.towers import embed_texts
 
 log = logging.getLogger("export.index")
 
@@ -37,11 +37,8 @@ def embed_catalogue(
     batch_size: int = 512,
 ) -> np.ndarray:
     """float32 [N, D] item vectors, in catalogue order."""
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(captions), batch_size), desc="embedding catalogue", unit="batch", disable=None):
-            chunks.append(item_tower(tokenizer(captions[start : start + batch_size])).numpy())
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    vectors = embed_texts(item_tower, tokenizer, captions, batch_size, "embedding catalogue")
+    return np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
 
 
 def embed_customers(

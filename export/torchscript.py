@@ -20,6 +20,9 @@ def trace(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.Scr
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+        # transformers' shape checks on the attention mask: they hold for any length (ids and mask always
+        # have the same one), and trace_and_verify checks other batch sizes and lengths against eager.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return torch.jit.trace(module, example, check_trace=False)
 
 

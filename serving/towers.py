@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -31,12 +31,19 @@ class TokenIds:
     so KServe workers can unpickle it; torch is imported only when one is made)."""
 
     def __init__(self, clip_model: str):
-        from twotower.model.clip_text import get_tokenizer
+        from twotower.model.pretrained_text import WordPieceIds, is_pretrained_backbone
 
-        self.tokenizer = get_tokenizer(clip_model)
+        self.tokenizer: Callable[[list[str]], Any]
+        if is_pretrained_backbone(clip_model):  # the tokenizers library alone: no torch in the retriever
+            self.tokenizer = WordPieceIds(clip_model)
+        else:
+            from twotower.model.clip_text import get_tokenizer
+
+            self.tokenizer = get_tokenizer(clip_model)  # open_clip's: a torch tensor
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.tokenizer(texts).numpy().astype(np.int64)
+        ids = self.tokenizer(texts)
+        return np.asarray(ids if isinstance(ids, np.ndarray) else ids.numpy(), dtype=np.int64)
 
 
 class TritonUnavailable(RuntimeError):

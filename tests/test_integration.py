@@ -173,6 +173,35 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
         assert top["prod_name"] == articles["prod_name"].iloc[row]
 
 
+def test_a_colour_and_type_query_returns_that_colour_and_type_first(tiny_pipeline) -> None:
+    """What `make demo` shows: "<colour> <type>" finds articles of that colour and type first, with the
+    pretrained item tower fused with BM25 as the demo serves it (the towers in-process: the same
+    TorchScript files Triton serves). The tower alone is measured on H&M by `make eval`."""
+    import asyncio
+
+    from retriever.index_slot import IndexSlot
+    from retriever.queries import Query
+    from retriever.service import RecommendationService
+    from serving.towers import TowerSource
+    from twotower.config import RetrieverConfig
+
+    articles = load_hm_dir(tiny_pipeline.data_dir).articles
+    pairs = articles.groupby(["colour_group_name", "product_type_name"]).size()
+    asked = pairs[pairs >= 3].sort_values(ascending=False).index[:5]
+    assert len(asked) == 5, "the synthetic shop (seed 1) has colour/type pairs of 3+ articles"
+    config = RetrieverConfig(
+        index_dir=str(tiny_pipeline.index_dir), index_poll_s=0, faiss_gpu="off", text_search="hybrid"
+    )
+    service = RecommendationService(config, IndexSlot(config, TowerSource(local_repository=tiny_pipeline.repository)))
+    service.load(triton_wait_s=0)
+    queries = [Query("query", f"{colour} {kind}".lower(), 3) for colour, kind in asked]
+    for (colour, kind), result in zip(asked, asyncio.run(service.recommend(queries))):
+        found = articles.loc[result.article_ids, ["colour_group_name", "product_type_name"]]
+        assert (found["colour_group_name"] == colour).all() and (found["product_type_name"] == kind).all(), (
+            f"{colour} {kind}: {found.values.tolist()}"
+        )
+
+
 def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int, bought: list | None = None) -> list[list[str]]:
     """The same computation in-process: TorchScript user tower + exact search over the item vectors,
     ranked as a customer's list (given what each query's customer bought: with the index's prior and boost)."""

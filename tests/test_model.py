@@ -1,15 +1,17 @@
-"""Towers: pretrained loading from a local checkpoint, freezing, shapes, padding, seeded training."""
+"""Towers: the pretrained backbone (hash check, tokenizer, frozen features), CLIP checkpoints, freezing,
+shapes, padding, seeded training."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from twotower import rundir
-from twotower.config import ModelConfig, TrainConfig
+from twotower.config import ModelConfig, TrainConfig, from_scratch_model
 from twotower.data.hm import load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.model.clip_text import get_tokenizer, load_clip
@@ -22,7 +24,7 @@ def test_pretrained_weights_load_from_a_local_checkpoint(tmp_path: Path) -> None
     source = load_clip("hm-tiny-text")
     checkpoint = tmp_path / "tiny.pt"
     torch.save(source.state_dict(), checkpoint)
-    model = build_model(ModelConfig(pretrained=str(checkpoint)))
+    model = build_model(from_scratch_model(pretrained=str(checkpoint)))
     assert torch.equal(model.item_tower.token_embedding.weight, source.token_embedding.weight)
     assert torch.equal(
         model.item_tower.transformer.resblocks[1].mlp.c_fc.weight, source.transformer.resblocks[1].mlp.c_fc.weight
@@ -32,7 +34,7 @@ def test_pretrained_weights_load_from_a_local_checkpoint(tmp_path: Path) -> None
 
 
 def test_only_the_top_text_blocks_and_projections_train() -> None:
-    model = build_model(ModelConfig(unfreeze_text_blocks=1, unfreeze_token_embedding=False))
+    model = build_model(from_scratch_model(unfreeze_text_blocks=1, unfreeze_token_embedding=False))
     tower = model.item_tower
     assert not any(p.requires_grad for p in tower.transformer.resblocks[0].parameters())
     assert all(p.requires_grad for p in tower.transformer.resblocks[1].parameters())
@@ -60,6 +62,53 @@ def test_tower_outputs_are_unit_vectors_and_padding_is_ignored() -> None:
         assert torch.allclose(model.user_tower(noisy, mask, age), user, atol=1e-6)
         empty = model.user_tower(torch.zeros_like(history), torch.zeros_like(mask), age)
     assert torch.isfinite(empty).all()
+
+
+def test_the_pretrained_backbone_is_the_published_file_and_a_mismatch_is_refused(monkeypatch, tmp_path: Path) -> None:
+    from twotower.model import pretrained_text
+
+    name = ModelConfig().clip_model
+    assert pretrained_text.is_pretrained_backbone(name)
+    directory = pretrained_text.verified_model_dir(name)  # the installed package's weights: published sha256
+    fake = tmp_path / "model"
+    fake.mkdir()
+    (fake / pretrained_text.WEIGHTS_FILE).write_bytes(b"not the weights")
+    monkeypatch.setattr(pretrained_text, "model_dir", lambda _: fake)
+    with pytest.raises(pretrained_text.WeightsMismatchError, match="refusing to load"):
+        pretrained_text.load_encoder(name, load_weights=True)
+    assert (directory / pretrained_text.TOKENIZER_FILE).is_file()
+
+
+def test_retriever_and_training_tokenize_alike_and_as_hugging_face_does() -> None:
+    from transformers import AutoTokenizer
+
+    from serving.towers import TokenIds
+    from twotower.model import pretrained_text
+
+    name = ModelConfig().clip_model
+    texts = ["black jersey dress", "Grey  DRESS", "héllo wörld", "", "a " * 200]
+    served = TokenIds(name)(texts)
+    trained = get_tokenizer(name)(texts).numpy()
+    np.testing.assert_array_equal(served, trained)
+    reference = AutoTokenizer.from_pretrained(str(pretrained_text.model_dir(name)))
+    expected = reference(
+        texts, padding=True, truncation=True, max_length=pretrained_text.BACKBONES[name].context_length
+    )["input_ids"]
+    np.testing.assert_array_equal(served, np.asarray(expected))
+    assert served.shape[1] == pretrained_text.BACKBONES[name].context_length  # the long text is truncated
+    assert TokenIds(name)(["grey dress"]).shape == (1, 4)  # a short query costs its own tokens: [CLS] grey dress [SEP]
+
+
+def test_a_frozen_encoder_is_projected_from_cached_features_and_padding_changes_nothing() -> None:
+    model = build_model(ModelConfig()).eval()
+    tower = model.item_tower
+    assert tower.encoder_frozen and all(p.requires_grad for p in tower.projection.parameters())
+    tokenizer = get_tokenizer(model.config.clip_model)
+    with torch.no_grad():
+        alone = tower(tokenizer(["grey dress"]))
+        padded = tower(tokenizer(["grey dress", "a long caption about a black jersey dress with pockets"]))[:1]
+        torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(tower.project(tower.features(tokenizer(["grey dress"]))), alone)
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:

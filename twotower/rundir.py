@@ -6,6 +6,8 @@
     item_ids.json          article_id of each row of the id-embedding table
     repeat_boost.json      twotower.repeats.RepeatBoost fitted on the held-out purchases
     popularity_prior.json  twotower.popularity.PopularityPrior, fitted after the boost
+    text_features.npy      a frozen text encoder's pooled features of every catalogue caption (optional):
+                           export reuses them for the catalogue when config.json's captions_sha256 matches
 
 Written to a temporary sibling and renamed, so a run directory is never half-written.
 """
@@ -13,10 +15,12 @@ Written to a temporary sibling and renamed, so a run directory is never half-wri
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twotower.artifacts import ArtifactError
@@ -31,6 +35,7 @@ METRICS = "metrics.json"
 ITEM_IDS = "item_ids.json"
 REPEAT_BOOST = "repeat_boost.json"
 POPULARITY_PRIOR = "popularity_prior.json"
+TEXT_FEATURES = "text_features.npy"
 
 
 @dataclasses.dataclass
@@ -41,10 +46,23 @@ class Run:
     item_ids: list[str]  # [] when trained without id vectors
     repeat_boost: RepeatBoost
     popularity_prior: PopularityPrior
+    directory: Path
 
     @property
     def context_length(self) -> int:
         return int(self.config["context_length"])
+
+    def text_features(self, captions: list[str]) -> np.ndarray | None:
+        """The frozen encoder's features of `captions` if training computed them for exactly these texts."""
+        path = self.directory / TEXT_FEATURES
+        if not path.is_file() or self.config.get("captions_sha256") != texts_sha256(captions):
+            return None
+        return np.load(path, mmap_mode="r")
+
+    @property
+    def unseen_customer_share(self) -> float:
+        """The share of customers (twotower.data.customers) training never saw."""
+        return float(self.config["train"].get("unseen_customer_share", 0.0))
 
     @property
     def trained_until(self) -> str:
@@ -60,9 +78,12 @@ def write_run(
     repeat_boost: RepeatBoost,
     popularity_prior: PopularityPrior,
     metrics: dict[str, Any],
+    text_features: np.ndarray | None = None,
 ) -> None:
     """Write (or replace) the run directory `out` whole."""
     with staged_directory(out, replace=True) as staging:
+        if text_features is not None:
+            np.save(staging / TEXT_FEATURES, np.ascontiguousarray(text_features, dtype=np.float32))
         write_json(staging / CONFIG, config)
         torch.save(state, staging / WEIGHTS)
         write_json(staging / ITEM_IDS, item_ids)
@@ -99,4 +120,13 @@ def read_run(run_dir: Path) -> Run:
         optional(ITEM_IDS) or [],
         RepeatBoost.from_json(optional(REPEAT_BOOST)),
         PopularityPrior.from_json(optional(POPULARITY_PRIOR)),
+        run_dir,
     )
+
+
+def texts_sha256(texts: list[str]) -> str:
+    """Identifies a list of captions (order included): features are reused only for the same texts."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()

@@ -22,10 +22,12 @@ from tqdm import tqdm
 
 from twotower import fitting, popularity, ranking, repeats, rundir
 from twotower.config import ModelConfig, TrainConfig, add_arguments, from_arguments
+from twotower.data import pairs
+from twotower.data.customers import unseen_customers
 from twotower.data.histories import Histories, TrainingExamples, training_examples
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
-from twotower.model.towers import TwoTowerModel, build_model
+from twotower.model.towers import PretrainedItemTower, TwoTowerModel, build_model, embed_texts
 
 log = logging.getLogger("twotower.train")
 
@@ -36,14 +38,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def embed_text(model: TwoTowerModel, tokens: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Text-tower vectors of catalogue `rows`, without gradients."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = torch.cat([model.item_tower(tokens[rows[i : i + batch_size]]) for i in range(0, len(rows), batch_size)])
-    model.train(was_training)
-    return out
+class TextVectors:
+    """Text-tower vectors of a list of texts (catalogue captions or query phrases) while training.
+
+    A frozen encoder (the pretrained default) runs once per text: its pooled features are kept and only the
+    projection runs per step. A trainable one (the small from-scratch configs) runs on the token ids.
+    """
+
+    def __init__(self, model: TwoTowerModel, texts: list[str], batch_size: int, description: str):
+        self.tower = model.item_tower
+        self.batch_size = batch_size
+        tokenizer = get_tokenizer(model.config.clip_model)
+        self.features: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        if self.tower.encoder_frozen:
+            was_training = self.tower.training
+            self.tower.eval()
+            started = time.perf_counter()
+            self.features = embed_texts(self.tower.features, tokenizer, texts, batch_size, description)
+            self.tower.train(was_training)
+            seconds = time.perf_counter() - started
+            log.info("%s: %d texts through the frozen encoder in %.0fs", description, len(texts), seconds)
+        else:
+            self.tokens = tokenizer(texts)
+
+    def __len__(self) -> int:
+        source = self.features if self.features is not None else self.tokens
+        assert source is not None
+        return len(source)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vectors of `rows`, with gradients into what trains."""
+        if self.features is not None:
+            return self.tower.project(self.features[rows])
+        assert self.tokens is not None
+        return self.tower(self.tokens[rows])
+
+    def table(self) -> torch.Tensor:
+        """Vectors of every text, without gradients."""
+        was_training = self.tower.training
+        self.tower.eval()
+        with torch.no_grad():
+            out = torch.cat(
+                [
+                    self(torch.arange(i, min(i + self.batch_size, len(self))))
+                    for i in range(0, len(self), self.batch_size)
+                ]
+            )
+        self.tower.train(was_training)
+        return out
 
 
 def history_tensors(
@@ -78,6 +121,13 @@ def contrastive_loss(
     logits = logits.masked_fill(same_item, float("-inf"))
     labels = torch.arange(len(targets))
     return F.cross_entropy(logits, labels), cosine
+
+
+def pair_loss(left: torch.Tensor, right: torch.Tensor, same: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch softmax of left[i] -> right[i]; `same[i, j]` (j != i) marks a pair that is no negative."""
+    logits = (left @ right.T) / temperature
+    logits = logits.masked_fill(same & ~torch.eye(len(left), dtype=torch.bool), float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(left)))
 
 
 def score_head_loss(model: TwoTowerModel, cosine: torch.Tensor) -> torch.Tensor:
@@ -166,7 +216,7 @@ def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tens
 def held_out_space(
     item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray, products: repeats.Products | None
 ) -> ranking.ExactItems:
-    """The held-out days' search space: the articles training knows (`rows`) by their indexed vectors
+    """The held-out days' search space: the articles `rows` (all of the catalogue) by their indexed vectors
     and popularity bias; a boosted article outside them has no vector here and scores its boost alone."""
     return ranking.ExactItems(item_table.numpy(), item_bias, searchable=rows, products=products)
 
@@ -187,6 +237,14 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         log.info(
             "training on %d purchases before %s (of %d)", len(transactions), train_config.until, len(data.transactions)
         )
+    if train_config.unseen_customer_share > 0:
+        unseen = unseen_customers(transactions["customer_id"], train_config.unseen_customer_share)
+        log.info(
+            "leaving out %d customers (%d purchases): evaluated as customers the towers never saw",
+            transactions.loc[unseen, "customer_id"].nunique(),
+            int(unseen.sum()),
+        )
+        transactions = transactions[~unseen]
     examples = training_examples(transactions, row_of, model_config.max_history, train_config.earlier_days_only)
     if len(examples) < 2:
         raise ValueError(
@@ -213,17 +271,31 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         len(used_rows),
     )
 
-    captions = build_captions(data.articles.iloc[used_rows])
-    tokenizer = get_tokenizer(model_config.clip_model)
-    tokens_used = tokenizer(captions)
-    tokens = torch.zeros((len(row_of), tokens_used.shape[1]), dtype=torch.long)
-    tokens[torch.from_numpy(used_rows)] = tokens_used
-
     # Id vectors only for articles that appear in training: the others would never get a gradient, and
     # a smaller table keeps each optimiser step cheap. id_row maps catalogue rows to table rows (-1: none).
     model = build_model(model_config, n_items=len(used_rows))
     id_row = torch.full((len(row_of) + 1,), -1, dtype=torch.long)  # index -1 (padding) stays -1
     id_row[torch.from_numpy(used_rows)] = torch.arange(len(used_rows))
+    # The whole catalogue, not only bought articles: query phrases describe every article, and the
+    # diagnostics and fits rank all of them, as the service does.
+    captions = build_captions(data.articles)
+    item_text = TextVectors(model, captions, train_config.item_batch_size, "catalogue captions")
+    if isinstance(model.item_tower, PretrainedItemTower) and item_text.features is not None:
+        model.item_tower.initialise_projection(item_text.features)
+    queries = pairs.query_pairs(data.articles, train_config.query_phrases_per_article, train_config.seed)
+    phrase_texts, phrase_ids = np.unique(np.asarray(queries.phrases, dtype=object), return_inverse=True)
+    query_text = TextVectors(model, phrase_texts.tolist(), train_config.item_batch_size, "query phrases")
+    before_holdout = transactions[transactions["t_dat"] < pd.Timestamp(holdout.day, unit="D")]
+    co_purchases = pairs.co_purchase_pairs(before_holdout, row_of, train_config.co_purchase_window_days)
+    log.info(
+        "%d query phrases (%d distinct) over %d articles, %d co-purchase pairs (within %d days)",
+        len(queries),
+        len(phrase_texts),
+        len(row_of),
+        len(co_purchases),
+        train_config.co_purchase_window_days,
+    )
+
     model.train()
     head = list(model.score_head.parameters())
     ids = list(model.item_ids.parameters()) if model.item_ids is not None else []
@@ -239,18 +311,40 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         counts = np.bincount(train_set.targets, minlength=len(row_of)).astype(np.float64)
         log_frequency = torch.from_numpy(np.log(np.maximum(counts, 1.0) / counts.sum())).float()
     generator = np.random.default_rng(train_config.seed)
-    # Text vectors of the articles in histories: a per-epoch snapshot (cheap, stable targets). The id part
+    # Text vectors of all articles: a per-epoch snapshot (cheap, stable targets for histories). The id part
     # is added live, so histories see the id vectors as they learn, exactly as the index will hold them.
-    text_table = torch.zeros((len(row_of), model_config.embed_dim))
+    text_table = item_text.table()
 
     def history_item_vectors(rows: torch.Tensor) -> torch.Tensor:
         return model.hybrid(text_table[rows], id_row[rows])
 
-    used = torch.from_numpy(used_rows)
-    text_table[used] = embed_text(model, tokens, used, train_config.item_batch_size)
+    def side_losses() -> torch.Tensor:
+        """Query phrase -> its article, and article <-> an article bought with it (text vectors only)."""
+        total = torch.zeros(())
+        size = train_config.batch_size
+        if train_config.query_weight > 0 and len(queries) >= 2:
+            pick = torch.from_numpy(generator.choice(len(queries), min(size, len(queries)), replace=False))
+            rows = torch.from_numpy(queries.rows)[pick]
+            group = torch.from_numpy(queries.groups)[pick]
+            phrase = torch.from_numpy(phrase_ids[pick.numpy()].astype(np.int64))
+            same = (group[:, None] == group[None, :]) | (rows[:, None] == rows[None, :])
+            loss = pair_loss(query_text(phrase), item_text(rows), same, train_config.temperature)
+            total = total + train_config.query_weight * loss
+        if train_config.co_purchase_weight > 0 and len(co_purchases) >= 2:
+            pick = torch.from_numpy(generator.choice(len(co_purchases), min(size, len(co_purchases)), replace=False))
+            left, right = torch.from_numpy(co_purchases[pick.numpy()]).T
+            same = (right[:, None] == right[None, :]) | (left[:, None] == right[None, :])
+            loss = pair_loss(item_text(left), item_text(right), same, train_config.temperature)
+            total = total + train_config.co_purchase_weight * loss
+        return total
+
+    all_rows = np.arange(len(row_of))
     epochs: list[dict] = []
     step = 0
     for epoch in range(train_config.epochs):
+        # A trainable encoder learns for `text_epochs` (later steps use its snapshot: ~10x cheaper on CPU);
+        # a frozen one's projection learns throughout, at the cost of a linear layer.
+        text_learns = item_text.features is not None or epoch < train_config.text_epochs
         order = generator.permutation(len(train_set))
         batches = [order[i : i + train_config.batch_size] for i in range(0, len(order), train_config.batch_size)]
         batches = [b for b in batches if len(b) >= 2]
@@ -260,12 +354,10 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             targets = torch.from_numpy(train_set.targets[index])
             users = model.user_tower(*history_tensors(train_set.histories, history_item_vectors, index))
             keep = (torch.rand(len(targets)) >= model_config.item_id_dropout).float()
-            # After `text_epochs` the text tower is frozen: its snapshot vectors stand in, and a step
-            # costs the user tower and the id vectors only (~10x cheaper on CPU).
-            text = model.item_tower(tokens[targets]) if epoch < train_config.text_epochs else text_table[targets]
+            text = item_text(targets) if text_learns else text_table[targets]
             items = model.hybrid(text, id_row[targets], keep)
             loss, cosine = contrastive_loss(users, items, targets, train_config.temperature, log_frequency)
-            total = loss + score_head_loss(model, cosine)
+            total = loss + score_head_loss(model, cosine) + (side_losses() if text_learns else 0.0)
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             optimiser.step()
@@ -277,26 +369,26 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
                 break
         seconds = time.perf_counter() - started
         n_seen = sum(len(b) for b in batches[: len(losses)])
-        if epoch < train_config.text_epochs:  # the text tower moved: refresh its snapshot
-            text_table[used] = embed_text(model, tokens, used, train_config.item_batch_size)
+        if text_learns:  # the text tower moved: refresh its snapshot
+            text_table = item_text.table()
         with torch.no_grad():
-            item_table = torch.zeros_like(text_table)
-            item_table[used] = model.hybrid(text_table[used], id_row[used])
+            item_table = model.hybrid(text_table, id_row[: len(row_of)])
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)),
             "in_batch_accuracy": float(np.mean(accuracies)),
-            "holdout_recall_at_10": recall_at_k(model, holdout.examples, item_table, used_rows),
+            "holdout_recall_at_10": recall_at_k(model, holdout.examples, item_table, all_rows),
             "examples_per_second": n_seen / seconds if seconds > 0 else float("nan"),
             "seconds": seconds,
         }
         epochs.append(record)
         log.info(
-            "epoch %d: loss %.4f, in-batch acc %.3f, held-out recall@10 %.4f, %.0f examples/s",
+            "epoch %d: loss %.4f, in-batch acc %.3f, held-out recall@10 %.4f (all %d articles), %.0f examples/s",
             record["epoch"],
             record["loss"],
             record["in_batch_accuracy"],
             record["holdout_recall_at_10"],
+            len(row_of),
             record["examples_per_second"],
         )
         if train_config.max_steps and step >= train_config.max_steps:
@@ -310,7 +402,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     users = holdout_users(model, holdout, item_table).numpy()
     histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
     item_bias = popularity.item_bias(transactions, row_of, len(row_of), pd.Timestamp(holdout.day, unit="D"))
-    space = held_out_space(item_table, used_rows, item_bias, products)
+    space = held_out_space(item_table, all_rows, item_bias, products)
     boost, with_boost, without = fitting.fit_repeat_boost(space, users, histories, holdout.targets)
     log.info(
         "repeat boost: own articles %.2f - %.2f * log1p(days), other colours %.2f - %.2f * log1p(days) "
@@ -340,6 +432,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "train": dataclasses.asdict(train_config),
             "data": {"source": data.source, "articles": len(row_of), "transactions": len(data.transactions)},
             "context_length": context_length_of(model_config.clip_model),
+            "captions_sha256": rundir.texts_sha256(captions),
         },
         model.state_dict(),
         [data.article_ids[r] for r in used_rows],
@@ -352,6 +445,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
             "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior},
         },
+        text_features=None if item_text.features is None else item_text.features.numpy(),
     )
     log.info("wrote run directory %s", out)
     return out

@@ -22,7 +22,8 @@ from twotower.files import sha256_file, staged_directory, write_atomically
 MODEL_FILE = "model.pt"  # <repository>/<tower>/<model_version>/model.pt, as Triton's libtorch backend reads it
 CONFIG_FILE = "config.pbtxt"
 EMBEDDING_OUTPUT = "embedding__0"  # both towers' one output: an L2-normalised vector
-ITEM_INPUTS = ("input_ids",)  # token ids [context_length]
+ITEM_INPUTS = ("input_ids",)  # token ids [context_length]; -1 = variable (pretrained backbones)
+WARMUP_LENGTH = 16  # tokens of a variable-length input in warm-up requests: a typical text query
 USER_INPUTS = ("history", "history_mask", "history_age")  # [max_history, dim], [max_history], [max_history]
 
 
@@ -57,7 +58,8 @@ def _tensor_block(specs: tuple[TensorSpec, ...]) -> str:
 def _warmup_block(spec: TritonModelSpec) -> str:
     inputs = "".join(
         f'    inputs {{\n      key: "{s.name}"\n      value: {{\n        data_type: TYPE_{s.data_type}\n'
-        f"        dims: [ {', '.join(map(str, s.dims))} ]\n        zero_data: true\n      }}\n    }}\n"
+        f"        dims: [ {', '.join(str(WARMUP_LENGTH if d < 0 else d) for d in s.dims)} ]\n"
+        "        zero_data: true\n      }\n    }\n"
         for s in spec.inputs
     )
     return (
