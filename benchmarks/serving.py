@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     # Two KServe workers: at 400 QPS one Python process is 80-95% busy under the GIL (2.0-2.4 ms of CPU
     # per request, by host speed); two use both cores (benchmarks/LEVERS.md, KServe --workers rows).
     parser.add_argument(
-        "--retriever-args", default="--workers 2", help="retriever flags, e.g. '--workers 1' (default: '--workers 2')"
+        "--retriever-args",
+        default="--workers 2 --history-clock index",
+        help="retriever flags (default: '--workers 2 --history-clock index': the H&M week is replayed as of its "
+        "last day, so known customers are answered from the vectors export stored, as on the day after an export)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     with (
         TritonServer(settings) as triton,
         RetrieverProcess(
-            artifacts.index_dir, f"127.0.0.1:{settings.http_port}", log_path=args.work_dir / "soak-retriever.log"
+            artifacts.index_dir,
+            f"127.0.0.1:{settings.http_port}",
+            log_path=args.work_dir / "soak-retriever.log",
+            extra_args=["--history-clock", "index"],  # the H&M week replayed as of its last day, as make bench does
         ) as retriever,
     ):
         assert triton.pid is not None and retriever.process is not None

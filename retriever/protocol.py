@@ -7,7 +7,10 @@ v1  POST /v1/models/<name>:predict
     {"instances": [{"customer_id": "..."} | {"history": ["0108775015", ...]} | {"query": "black dress"}
                    | {"similar_to": "0108775015"}, ... each may add the options below]}
     -> {"predictions": [{"kind": ..., "items": [{"article_id", "score", "similarity", "prod_name", ...}]}]}
-    `history` lists article_ids oldest first (the last one is the most recent purchase).
+    `history` lists article_ids oldest first (the last one is the most recent purchase); an item may
+    be {"article_id": "...", "t_dat": "YYYY-MM-DD"} and the instance may add "as_of": "YYYY-MM-DD"
+    (default: today, UTC): ages in days (as_of - t_dat) feed the user tower and the repeat boost.
+    Undated items are aged 0 days (bought as of the request).
     Options: "k": 12, "filters": {"product_group": [...], "product_type": [...], "index": [...],
     "colour": [...], "section": [...], "garment_group": [...], "price_min": 0.01, "price_max": 0.05},
     "exclude_purchased": true (customer_id/history: drop what they bought), "max_per_product_type": 3,
@@ -21,6 +24,7 @@ v2  POST /v2/models/<name>/infer with ONE of the BYTES inputs `customer_id` [N],
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from typing import Any
@@ -33,7 +37,7 @@ from retriever.queries import KINDS, Query, QueryOptions, Recommendation
 from serving.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
-OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type", "debug")
+OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type", "debug", "as_of")
 ID_SEPARATORS = re.compile(r"[,\s]+")
 
 
@@ -75,13 +79,51 @@ def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> 
         if len(value) > config.max_query_chars:
             raise RequestError(f"{where}: 'query' is {len(value)} characters, the limit is {config.max_query_chars}")
         return value.strip()
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise RequestError(f"{where}: 'history' must be a list of article_id strings")
+    if not isinstance(value, list) or not all(isinstance(a, (str, dict)) for a in value):
+        raise RequestError(
+            f'{where}: \'history\' must be a list of article_id strings or {{"article_id", "t_dat"}} objects'
+        )
     if not value:
         raise RequestError(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
     if len(value) > config.max_history_items:
         raise RequestError(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
-    return [a.strip() for a in value]
+    return [
+        (a if isinstance(a, str) else _history_item(a, f"{where}: history[{i}]")[0]).strip()
+        for i, a in enumerate(value)
+    ]
+
+
+def _date(raw: Any, where: str) -> datetime.date:
+    if not isinstance(raw, str):
+        raise RequestError(f"{where}: expected a date YYYY-MM-DD, got {raw!r}")
+    try:
+        return datetime.date.fromisoformat(raw.strip())
+    except ValueError as err:
+        raise RequestError(f"{where}: {raw!r} is not a date YYYY-MM-DD") from err
+
+
+def _history_item(item: dict[str, Any], where: str) -> tuple[str, datetime.date | None]:
+    unknown = sorted(set(item) - {"article_id", "t_dat"})
+    if unknown or not isinstance(item.get("article_id"), str):
+        raise RequestError(f'{where}: expected {{"article_id": "...", "t_dat": "YYYY-MM-DD"}}, got {item!r}')
+    return item["article_id"], _date(item["t_dat"], f"{where}.t_dat") if "t_dat" in item else None
+
+
+def history_ages(instance: dict[str, Any], where: str, today: datetime.date) -> tuple[float, ...] | None:
+    """Days between each dated purchase and `as_of` (default: `today`), oldest first; None when no item
+    carries a date (the history is then aged 0 days: bought as of the request). An undated item in a
+    dated history is aged 0 days too."""
+    items = instance.get("history")
+    as_of = _date(instance["as_of"], f"{where}: as_of") if "as_of" in instance else today
+    if not isinstance(items, list) or not any(isinstance(item, dict) and "t_dat" in item for item in items):
+        return None
+    ages = []
+    for i, item in enumerate(items):
+        day = _history_item(item, f"{where}: history[{i}]")[1] if isinstance(item, dict) else None
+        if day is not None and day > as_of:
+            raise RequestError(f"{where}: history[{i}].t_dat {day} is after as_of {as_of}")
+        ages.append(float((as_of - day).days) if day is not None else 0.0)
+    return tuple(ages)
 
 
 def _choose_kind(names: set[str], where: str, noun: str, options: tuple[str, ...] = OPTIONS) -> str:
@@ -100,11 +142,14 @@ def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     if not isinstance(instance, dict):
         raise RequestError(f"{where}: expected an object with one of {list(KINDS)}, got {type(instance).__name__}")
     kind = _choose_kind(set(instance), f"{where}: ", "field")
+    if "as_of" in instance and kind != "history":
+        raise RequestError(f"{where}: 'as_of' dates a 'history'; {kind!r} requests take none")
     return Query(
         kind,
         _parse_value(kind, instance[kind], where, config),
         _parse_k(instance.get("k"), where, config),
         parse_options(instance, where),
+        history_ages(instance, where, datetime.datetime.now(datetime.timezone.utc).date()),
     )
 
 

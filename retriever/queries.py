@@ -25,6 +25,7 @@ class Query:
     value: Any  # str for customer_id/query/similar_to, list[str] for history (oldest first)
     k: int
     options: QueryOptions = QueryOptions()
+    ages: tuple[float, ...] | None = None  # history: days since each purchase, oldest first (None: 0 days)
 
     @property
     def searches_everything(self) -> bool:

@@ -37,12 +37,16 @@ from twotower.repeats import RepeatBoost
 log = logging.getLogger("retriever")
 
 TEXT_SEARCH_MODES = ("dense", "hybrid")
+HISTORY_CLOCKS = ("wall", "index")
+SECONDS_PER_DAY = 86_400
 
 
 class RecommendationService:
     def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
         if config.text_search not in TEXT_SEARCH_MODES:
             raise ValueError(f"text_search: {config.text_search!r} is not one of {', '.join(TEXT_SEARCH_MODES)}")
+        if config.history_clock not in HISTORY_CLOCKS:
+            raise ValueError(f"history_clock: {config.history_clock!r} is not one of {', '.join(HISTORY_CLOCKS)}")
         self.config = config
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
@@ -199,7 +203,12 @@ class RecommendationService:
             except UnknownIds as err:
                 raise RequestError(f"instances[{slot}]: {err.message}") from err
             bought.append((rows, ages))
-            if query.kind == "customer_id" and self.config.known_customer_vectors and not posted:
+            if (
+                query.kind == "customer_id"
+                and self.config.known_customer_vectors
+                and not posted
+                and self.days_since_index(catalog) <= self.config.stored_vector_max_days
+            ):
                 known = catalog.customer_vector(query.value)  # computed by export: no Triton call
                 metrics.CACHE_LOOKUPS.labels("known_customer", "miss" if known is None else "hit").inc()
                 if known is not None:
@@ -240,15 +249,25 @@ class RecommendationService:
         purchases posted to this service are part of it (the index's stored user vector then is stale)."""
         if query.kind == "history":
             rows = catalog.rows_for(query.value)[::-1]  # requests list oldest first
-            return (rows, np.zeros(len(rows), dtype=np.float32)), False
+            ages = np.zeros(len(rows)) if query.ages is None else np.asarray(query.ages)[::-1]
+            return (rows, ages.astype(np.float32)), False
         return self._customer_history(catalog, query.value)
 
+    def days_since_index(self, catalog: Catalog) -> int:
+        """Whole days the index's stored histories have aged since its reference day (the data's latest
+        purchase): by the wall clock (UTC), or 0 with history_clock "index" (replaying a past data set)."""
+        if self.config.history_clock == "index":
+            return 0
+        return max(0, int(time.time() // SECONDS_PER_DAY) - catalog.manifest.reference_day)
+
     def _customer_history(self, catalog: Catalog, customer_id: str) -> tuple[Purchases, bool]:
-        """Purchases posted to this service (most recent first), then the customer's history in the index."""
+        """Purchases posted to this service (most recent first), then the customer's history in the index,
+        its ages advanced to today."""
         # An index swapped back to an older version may lack some posted articles: skip those.
         live = [(catalog.row_of[a], age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
         try:
             rows, ages = catalog.customer_history(customer_id)
+            ages = ages + np.float32(self.days_since_index(catalog))
         except UnknownIds:
             if not live:
                 raise

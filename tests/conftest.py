@@ -64,7 +64,10 @@ def retriever(tiny_pipeline: TinyPipeline, triton, tmp_path_factory: pytest.Temp
 
     log_path = tmp_path_factory.mktemp("retriever") / "retriever.log"
     with RetrieverProcess(
-        tiny_pipeline.index_dir, f"127.0.0.1:{triton.settings.http_port}", log_path=log_path
+        tiny_pipeline.index_dir,
+        f"127.0.0.1:{triton.settings.http_port}",
+        log_path=log_path,
+        extra_args=["--history-clock", "index"],  # the synthetic shop's days are in 2020: replay them as of then
     ) as process:
         yield process
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from kserve import InferInput, InferRequest
@@ -24,6 +26,30 @@ def test_v1_kinds_and_default_k() -> None:
         ("query", "red dress", 12),
     ]
     assert parse_v1(b'{"instances": [{"query": "x"}]}', CONFIG)[0].value == "x"
+
+
+def test_dated_histories_carry_ages_as_of_a_day() -> None:
+    dated = {"history": [{"article_id": "a", "t_dat": "2020-09-01"}, "b", {"article_id": "c"}], "as_of": "2020-09-11"}
+    query = parse_v1({"instances": [dated]}, CONFIG)[0]
+    assert query.value == ["a", "b", "c"] and query.ages == (10.0, 0.0, 0.0)  # undated items: 0 days
+    assert parse_v1({"instances": [{"history": ["a", "b"]}]}, CONFIG)[0].ages is None
+    today = parse_v1({"instances": [{"history": [{"article_id": "a", "t_dat": "2020-09-01"}]}]}, CONFIG)[0]
+    assert today.ages is not None and today.ages[0] > 2000  # as of today's date (UTC)
+
+
+@pytest.mark.parametrize(
+    "instance, fragment",
+    [
+        ({"history": [{"article_id": "a", "t_dat": "yesterday"}]}, "history[0].t_dat: 'yesterday' is not a date"),
+        ({"history": [{"article_id": "a", "t_dat": "2020-09-12"}], "as_of": "2020-09-11"}, "is after as_of"),
+        ({"history": ["a"], "as_of": 20200911}, "as_of: expected a date"),
+        ({"history": [{"article": "a"}]}, "history[0]: expected"),
+        ({"query": "dress", "as_of": "2020-09-11"}, "'as_of' dates a 'history'"),
+    ],
+)
+def test_bad_dates_are_400s_naming_the_item(instance, fragment: str) -> None:
+    with pytest.raises(RequestError, match=re.escape(fragment)):
+        parse_v1({"instances": [instance]}, CONFIG)
 
 
 @pytest.mark.parametrize(

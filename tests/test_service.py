@@ -123,7 +123,7 @@ def shop(tmp_path: Path) -> tuple[RecommendationService, np.ndarray, StandInSour
     vectors = write_shop_index(root / "v0001")
     artifacts.publish_version(root, "v0001")
     source = StandInSource(StandInTowers({len("red dress"): vectors[33], len("white"): vectors[5]}))
-    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off")
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off", history_clock="index")
     service = RecommendationService(config, IndexSlot(config, source), tokenizer=tokenize)
     service.load(triton_wait_s=0)
     return service, vectors, source
@@ -160,6 +160,33 @@ def test_a_customers_own_purchases_come_back_boosted_unless_excluded(shop) -> No
         assert items.similarities[items.article_ids.index(article)] == pytest.approx(expected, abs=1e-5)
     excluded = recommend(service, Query("customer_id", "alice", 12, QueryOptions(exclude_purchased=True)))[0]
     assert not set(own) & set(excluded) and len(excluded) == 12
+
+
+def test_stored_and_dated_histories_age_with_the_clock(shop, monkeypatch) -> None:
+    service, vectors, source = shop
+    catalog = service.slot.serving.catalog
+    monkeypatch.setattr(service.config, "history_clock", "wall")
+    monkeypatch.setattr("retriever.service.time.time", lambda: (100 + 30) * 86_400 + 3600.0)  # day 130
+    assert service.days_since_index(catalog) == 30
+    calls = source.towers.calls
+    items = asyncio.run(service.recommend([Query("customer_id", "alice", 12)]))[0]
+    assert source.towers.calls == calls + 1  # the stored vector is 30 days old: recomputed from the aged history
+    user = np.mean(vectors[[10, 11, 40]], axis=0)
+    user /= np.linalg.norm(user)
+    row = 11  # bought 1 day before the index's day: 31 days ago now
+    expected = vectors[row] @ user + PRIOR * catalog.item_bias[row] + BOOST(np.asarray([31.0]))[0]
+    assert items.similarities[items.article_ids.index(f"{row:010d}")] == pytest.approx(expected, abs=1e-5)
+    # A posted history with dates: its ages, not 0 days, feed the boost.
+    dated = Query("history", ["0000000010", "0000000020"], 12, ages=(12.0, 2.0))
+    undated = Query("history", ["0000000010", "0000000020"], 12)
+    with_dates, without = asyncio.run(service.recommend([dated, undated]))
+    for result, age in ((with_dates, 2.0), (without, 0.0)):
+        similarity = result.similarities[result.article_ids.index("0000000020")]
+        user = np.mean(vectors[[10, 20]], axis=0)
+        user /= np.linalg.norm(user)
+        assert similarity == pytest.approx(
+            vectors[20] @ user + PRIOR * catalog.item_bias[20] + BOOST(np.asarray([age]))[0], abs=1e-5
+        )
 
 
 def test_the_diversity_cap_limits_each_product_type(shop) -> None:
