@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from twotower.config import ModelConfig
 from twotower.model.clip_text import load_clip
-from twotower.model.pretrained_text import BACKBONES, is_pretrained_backbone, load_encoder
+from twotower.model.pretrained_text import BACKBONES, PAD_ID, is_pretrained_backbone, load_encoder
 
 
 class ItemTower(nn.Module):
@@ -117,7 +117,12 @@ class PretrainedItemTower(nn.Module):
         return not any(p.requires_grad for p in self.encoder.parameters())
 
     def features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids)
+        mask = (input_ids != PAD_ID).long()
+        # A row of padding only (Triton's all-zeros warm-up) would attend to nothing: NaN, which an int8
+        # tower's activation quantization refuses. Real texts start with [CLS]: for them this changes nothing.
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+        out = self.encoder.transformer(input_ids=input_ids, attention_mask=mask)
+        return self.encoder.pooler(out, mask)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(features), dim=-1)
