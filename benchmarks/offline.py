@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from export.catalogue_index import build_faiss_index, embed_catalogue
-from export.pipeline import export_run
+from export.pipeline import ExportOptions, export_run
 from serving.catalog import Catalog
 from twotower import artifacts as index_files
 from twotower import rundir, triton_repository
-from twotower.config import ModelConfig, TrainConfig
+from twotower.config import ModelConfig, TrainConfig, config_from_env
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.files import write_json
@@ -109,7 +109,9 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     index_dir, repository = work / "index", work / "model_repository"
     offline_file = work / "offline.json"
     # A retrained run at the same path must not reuse the old export: the weights' mtime is part of the key.
+    options = config_from_env(ExportOptions)  # TWOTOWER_<OPTION>, e.g. TWOTOWER_ITEM_TOWER_INT8=1
     source_run = f"{run_dir.resolve()} ({(run_dir / rundir.WEIGHTS).stat().st_mtime_ns})" if run_dir else ""
+    source_run += f" {dataclasses.asdict(options)}"  # another export of the same run is another artifact
     reuse = (
         offline_file.is_file()
         and (index_dir / index_files.CURRENT_FILE).is_file()
@@ -124,7 +126,7 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
 
         for stale in (repository, index_dir):
             shutil.rmtree(stale, ignore_errors=True)
-        export_run(run_dir, data_dir, repository, index_dir)
+        export_run(run_dir, data_dir, repository, index_dir, options)
         write_json(offline_file, {**measure_offline(data_dir, index_dir, repository, run_dir), "run_dir": source_run})
     else:
         log.info("reusing %s and %s (delete %s to rebuild)", index_dir, repository, offline_file)

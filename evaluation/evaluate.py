@@ -220,7 +220,8 @@ def evaluate(
         "split_cases": {group: len(cases) for group, cases in groups.items()},
         "unseen_customer_share": manifest.unseen_customer_share,
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
-        "model": f"{manifest.clip_model}, dim {manifest.dim}, model version {manifest.model_version}, "
+        "model": f"{manifest.clip_model} ({manifest.item_tower_precision} item tower), dim {manifest.dim}, "
+        f"model version {manifest.model_version}, "
         f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
         f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
         f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from typing import Sequence
@@ -62,3 +63,15 @@ def serialise(module: torch.jit.ScriptModule) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     return buffer.getvalue()
+
+
+def int8_linear_layers(module: nn.Module) -> nn.Module:
+    """A copy with every Linear layer dynamically quantized to int8 (one scale per output channel).
+
+    The pretrained item tower is bound by reading its weights (90 MB fp32 per call): one short query on one
+    CPU thread 8.1 -> 2.4 ms, cosine to the fp32 vector 0.96-0.99 (2026-11-28; per-tensor scales: 0.90-0.97).
+    CPU serving only: GPU Triton's libtorch backend has no kernels for these quantized layers.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    return quantize_dynamic(copy.deepcopy(module).eval(), {nn.Linear: per_channel_dynamic_qconfig})

@@ -43,6 +43,25 @@ SPEC = TritonModelSpec(
 )
 
 
+def test_an_int8_item_tower_traces_exactly_and_stays_close_to_fp32() -> None:
+    from export.torchscript import int8_linear_layers
+    from twotower.config import ModelConfig
+    from twotower.model.clip_text import get_tokenizer
+    from twotower.model.towers import build_model
+
+    tower = build_model(ModelConfig()).item_tower.eval()
+    tokenizer = get_tokenizer(ModelConfig().clip_model)
+    ids = tokenizer(["grey dress", "a black jersey dress with long sleeves", "striped vest top"])
+    int8 = int8_linear_layers(tower)
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    assert not any("quantized" in type(m).__module__ for m in tower.modules())  # a copy: training's tower is fp32
+    _, difference = trace_and_verify("item_tower", int8, [(ids,), (ids[:1],), (tokenizer(["dress"]),)])
+    assert difference <= 1e-5
+    with torch.no_grad():
+        cosine = (int8(ids) * tower(ids)).sum(dim=1)
+    assert (cosine > 0.9).all(), cosine
+
+
 def test_config_pbtxt_has_libtorch_platform_batching_and_kind_auto() -> None:
     text = render_config(SPEC)
     for expected in (

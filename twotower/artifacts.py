@@ -75,6 +75,7 @@ class Manifest:
     tower_checksums: dict[str, str]  # Triton model name -> sha256 of its model.pt
     trained_until: str = ""  # YYYY-MM-DD: the towers saw no purchase on or after this day ("" = all data)
     unseen_customer_share: float = 0.0  # customers training never saw (twotower.data.customers)
+    item_tower_precision: str = "fp32"  # or int8: the exported item tower's Linear layers (CPU serving)
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
