@@ -68,11 +68,20 @@ class TowerClient:
     at the same calls/s with 4 in flight (benchmarks/LEVERS.md).
     """
 
-    def __init__(self, url: str, manifest: Manifest, timeout_s: float = 2.0, retries: int = 1):
+    def __init__(
+        self,
+        url: str,
+        manifest: Manifest,
+        timeout_s: float = 2.0,
+        retries: int = 1,
+        max_batch_sizes: dict[str, int] | None = None,
+    ):
         self.url = url.removeprefix("http://").rstrip("/")
         self.manifest = manifest
         self.timeout_s = timeout_s
         self.retries = retries
+        # Each model's max_batch_size as Triton's config says (verify_models reads it): more rows go in chunks.
+        self.max_batch_sizes = dict(max_batch_sizes or {})
         self._client: KeepAliveClient | None = None
 
     @property
@@ -102,6 +111,16 @@ class TowerClient:
         raise AssertionError("unreachable")
 
     async def _infer(self, model: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """One request, or concurrent chunks of at most the model's max_batch_size rows: Triton refuses a
+        larger batch, and a request carrying more instances is no fault of Triton's."""
+        rows = len(next(iter(tensors.values())))
+        limit = self.max_batch_sizes.get(model, 0)
+        if limit <= 0 or rows <= limit:
+            return await self._infer_batch(model, tensors)
+        chunks = [{name: t[start : start + limit] for name, t in tensors.items()} for start in range(0, rows, limit)]
+        return np.concatenate(await asyncio.gather(*(self._infer_batch(model, chunk) for chunk in chunks)))
+
+    async def _infer_batch(self, model: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
         version = self.manifest.model_version
         body, headers = encode_infer_request(tensors, EMBEDDING_OUTPUT)
         response = await self._call("POST", f"/v2/models/{model}/versions/{version}/infer", body, headers)
@@ -133,6 +152,7 @@ class TowerClient:
             if response.status != 200:
                 raise TritonUnavailable(f"Triton at {self.url}, model {model} v{version}: {error_message(response)}")
             config = json.loads(response.body)
+            self.max_batch_sizes[model] = int(config.get("max_batch_size", 0))
             dims = {entry["name"]: [int(d) for d in entry["dims"]] for entry in config["input"]}
             out_dims = [int(d) for d in config["output"][0]["dims"]]
             for name, want in inputs.items():
@@ -243,12 +263,13 @@ class TowerSource:
             return LocalTowers(self.local_repository, manifest)
         loop = asyncio.new_event_loop()  # not asyncio.run: that would unset the loop KServe starts on
         try:
-            loop.run_until_complete(self._wait_until_served(manifest, wait_s))
+            max_batch_sizes = loop.run_until_complete(self._wait_until_served(manifest, wait_s))
         finally:
             loop.close()
-        return TowerClient(self.triton_url, manifest, self.timeout_s, self.retries)
+        return TowerClient(self.triton_url, manifest, self.timeout_s, self.retries, max_batch_sizes)
 
-    async def _wait_until_served(self, manifest: Manifest, wait_s: float) -> None:
+    async def _wait_until_served(self, manifest: Manifest, wait_s: float) -> dict[str, int]:
+        """Each tower's max_batch_size, once Triton serves both at the index's model version."""
         client = TowerClient(self.triton_url, manifest, self.timeout_s, retries=0)
         deadline = time.monotonic() + wait_s
         try:
@@ -263,7 +284,7 @@ class TowerSource:
                         manifest.model_version,
                         manifest.index_version,
                     )
-                    return
+                    return client.max_batch_sizes
                 except TritonUnavailable as err:
                     if time.monotonic() > deadline:
                         raise ArtifactError(

@@ -241,6 +241,17 @@ def test_history_and_customer_requests_return_the_reference_items(tiny_pipeline,
     assert all(0.0 < s < 1.0 for s in scores)
 
 
+def test_more_instances_than_tritons_batch_limit_are_sent_in_chunks(tiny_pipeline, retriever) -> None:
+    """100 distinct histories and 100 distinct texts in one request: Triton takes at most 64 rows per call."""
+    ids = load_hm_dir(tiny_pipeline.data_dir).articles.index.tolist()
+    histories = [{"history": [ids[i], ids[i + 1]], "k": 2} for i in range(100)]
+    queries = [{"query": f"chunked query number {i}", "k": 2} for i in range(100)]
+    for instances in (histories, queries):
+        status, body = post(retriever.predict_url, {"instances": instances})
+        assert status == 200, body
+        assert len(body["predictions"]) == 100 and all(len(p["items"]) == 2 for p in body["predictions"])
+
+
 def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipeline, retriever) -> None:
     """Export stores each known customer's user vector; the retriever serves it without calling Triton."""
     from serving.catalog import Catalog
