@@ -22,6 +22,7 @@ from evaluation.intervals import paired_bootstrap
 from serving.catalog import Catalog
 from serving.lexical import hybrid_rank
 from twotower import metrics, ranking
+from twotower.data.pairs import UNINFORMATIVE
 
 log = logging.getLogger("evaluation.text_search")
 
@@ -34,7 +35,6 @@ KINDS = {
     "pattern + type": ("graphical_appearance_name", "product_type_name"),
     "product name": ("prod_name",),
 }
-UNINFORMATIVE = {"unknown", "undefined", "other", "solid"}  # values no shopper types
 
 
 def attribute_queries(
@@ -44,7 +44,7 @@ def attribute_queries(
     if not set(columns) <= set(articles.columns):
         return []
     frame = articles[list(columns)].astype(str).apply(lambda column: column.str.strip().str.lower())
-    usable = (~frame.isin(UNINFORMATIVE).any(axis=1) & (frame != "").all(axis=1)).to_numpy()
+    usable = (~frame.isin(UNINFORMATIVE).any(axis=1)).to_numpy()  # "" is one of them
     positions = np.flatnonzero(usable)  # catalogue rows: articles are in catalogue order
     groups = frame[usable].groupby(list(columns)).indices  # key -> positions within the usable rows
     combos = sorted((key, rows) for key, rows in groups.items() if len(rows) >= min_articles)

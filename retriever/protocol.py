@@ -79,18 +79,8 @@ def _parse_value(kind: str, value: Any, where: str, config: RetrieverConfig) -> 
         if len(value) > config.max_query_chars:
             raise RequestError(f"{where}: 'query' is {len(value)} characters, the limit is {config.max_query_chars}")
         return value.strip()
-    if not isinstance(value, list) or not all(isinstance(a, (str, dict)) for a in value):
-        raise RequestError(
-            f'{where}: \'history\' must be a list of article_id strings or {{"article_id", "t_dat"}} objects'
-        )
-    if not value:
-        raise RequestError(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
-    if len(value) > config.max_history_items:
-        raise RequestError(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
-    return [
-        (a if isinstance(a, str) else _history_item(a, f"{where}: history[{i}]")[0]).strip()
-        for i, a in enumerate(value)
-    ]
+    ids, _ = _parse_history(value, where, config)
+    return ids
 
 
 def _date(raw: Any, where: str) -> datetime.date:
@@ -109,21 +99,32 @@ def _history_item(item: dict[str, Any], where: str) -> tuple[str, datetime.date 
     return item["article_id"], _date(item["t_dat"], f"{where}.t_dat") if "t_dat" in item else None
 
 
-def history_ages(instance: dict[str, Any], where: str, today: datetime.date) -> tuple[float, ...] | None:
-    """Days between each dated purchase and `as_of` (default: `today`), oldest first; None when no item
-    carries a date (the history is then aged 0 days: bought as of the request). An undated item in a
-    dated history is aged 0 days too."""
-    items = instance.get("history")
-    as_of = _date(instance["as_of"], f"{where}: as_of") if "as_of" in instance else today
-    if not isinstance(items, list) or not any(isinstance(item, dict) and "t_dat" in item for item in items):
+def _parse_history(value: Any, where: str, config: RetrieverConfig) -> tuple[list[str], list[datetime.date | None]]:
+    """article_ids, oldest first, and each item's purchase day (None: undated), each item read once."""
+    if not isinstance(value, list) or not all(isinstance(a, (str, dict)) for a in value):
+        raise RequestError(
+            f'{where}: \'history\' must be a list of article_id strings or {{"article_id", "t_dat"}} objects'
+        )
+    if not value:
+        raise RequestError(f"{where}: 'history' is empty; give at least one article_id (or use 'query')")
+    if len(value) > config.max_history_items:
+        raise RequestError(f"{where}: 'history' has {len(value)} items, the limit is {config.max_history_items}")
+    items = [
+        (a, None) if isinstance(a, str) else _history_item(a, f"{where}: history[{i}]") for i, a in enumerate(value)
+    ]
+    return [a.strip() for a, _ in items], [day for _, day in items]
+
+
+def history_ages(days: list[datetime.date | None], as_of: datetime.date, where: str) -> tuple[float, ...] | None:
+    """Days between each dated purchase and `as_of`, oldest first; None when no item carries a date (the
+    history is then aged 0 days: bought as of the request). An undated item in a dated history is aged 0
+    days too."""
+    if all(day is None for day in days):
         return None
-    ages = []
-    for i, item in enumerate(items):
-        day = _history_item(item, f"{where}: history[{i}]")[1] if isinstance(item, dict) else None
+    for i, day in enumerate(days):
         if day is not None and day > as_of:
             raise RequestError(f"{where}: history[{i}].t_dat {day} is after as_of {as_of}")
-        ages.append(float((as_of - day).days) if day is not None else 0.0)
-    return tuple(ages)
+    return tuple(float((as_of - day).days) if day is not None else 0.0 for day in days)
 
 
 def _choose_kind(names: set[str], where: str, noun: str, options: tuple[str, ...] = OPTIONS) -> str:
@@ -144,13 +145,15 @@ def parse_instance(instance: Any, index: int, config: RetrieverConfig) -> Query:
     kind = _choose_kind(set(instance), f"{where}: ", "field")
     if "as_of" in instance and kind != "history":
         raise RequestError(f"{where}: 'as_of' dates a 'history'; {kind!r} requests take none")
-    return Query(
-        kind,
-        _parse_value(kind, instance[kind], where, config),
-        _parse_k(instance.get("k"), where, config),
-        parse_options(instance, where),
-        history_ages(instance, where, datetime.datetime.now(datetime.timezone.utc).date()),
-    )
+    ages = None
+    if kind == "history":
+        value, days = _parse_history(instance[kind], where, config)
+        today = datetime.datetime.now(datetime.timezone.utc).date()
+        as_of = _date(instance["as_of"], f"{where}: as_of") if "as_of" in instance else today
+        ages = history_ages(days, as_of, where)
+    else:
+        value = _parse_value(kind, instance[kind], where, config)
+    return Query(kind, value, _parse_k(instance.get("k"), where, config), parse_options(instance, where), ages)
 
 
 def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:

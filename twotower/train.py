@@ -6,13 +6,14 @@ python -m twotower.train --data-dir data/synthetic --out runs/demo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode (no dropout) for the block, then back to the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class TextVectors:
     """Text-tower vectors of a list of texts (catalogue captions or query phrases) while training.
 
@@ -52,11 +64,9 @@ class TextVectors:
         self.features: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
         if self.tower.encoder_frozen:
-            was_training = self.tower.training
-            self.tower.eval()
             started = time.perf_counter()
-            self.features = embed_texts(self.tower.features, tokenizer, texts, batch_size, description)
-            self.tower.train(was_training)
+            with evaluating(self.tower):
+                self.features = embed_texts(self.tower.features, tokenizer, texts, batch_size, description)
             seconds = time.perf_counter() - started
             log.info("%s: %d texts through the frozen encoder in %.0fs", description, len(texts), seconds)
         else:
@@ -76,17 +86,9 @@ class TextVectors:
 
     def table(self) -> torch.Tensor:
         """Vectors of every text, without gradients."""
-        was_training = self.tower.training
-        self.tower.eval()
-        with torch.no_grad():
-            out = torch.cat(
-                [
-                    self(torch.arange(i, min(i + self.batch_size, len(self))))
-                    for i in range(0, len(self), self.batch_size)
-                ]
-            )
-        self.tower.train(was_training)
-        return out
+        starts = range(0, len(self), self.batch_size)
+        with evaluating(self.tower), torch.no_grad():
+            return torch.cat([self(torch.arange(i, min(i + self.batch_size, len(self)))) for i in starts])
 
 
 def history_tensors(
@@ -113,21 +115,26 @@ def contrastive_loss(
     logit is lowered by log(its sampling frequency) during training only, and the cosine itself
     learns to rank by purchase likelihood, which is what full-catalogue retrieval needs.
     """
-    cosine = users @ items.T
-    same_item = (targets.unsqueeze(0) == targets.unsqueeze(1)) & ~torch.eye(len(targets), dtype=torch.bool)
+    same_item = targets.unsqueeze(0) == targets.unsqueeze(1)
+    column_bias = None if log_frequency is None else -log_frequency[targets]
+    return in_batch_softmax(users, items, same_item, temperature, column_bias)
+
+
+def in_batch_softmax(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    same: torch.Tensor,
+    temperature: float,
+    column_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, cosine) of the softmax left[i] -> right[i] over the batch's columns; `same[i, j]` (j != i)
+    marks a column that is no negative for row i; `column_bias` is added to each column's logit."""
+    cosine = left @ right.T
     logits = cosine / temperature
-    if log_frequency is not None:
-        logits = logits - log_frequency[targets].unsqueeze(0)
-    logits = logits.masked_fill(same_item, float("-inf"))
-    labels = torch.arange(len(targets))
-    return F.cross_entropy(logits, labels), cosine
-
-
-def pair_loss(left: torch.Tensor, right: torch.Tensor, same: torch.Tensor, temperature: float) -> torch.Tensor:
-    """In-batch softmax of left[i] -> right[i]; `same[i, j]` (j != i) marks a pair that is no negative."""
-    logits = (left @ right.T) / temperature
+    if column_bias is not None:
+        logits = logits + column_bias.unsqueeze(0)
     logits = logits.masked_fill(same & ~torch.eye(len(left), dtype=torch.bool), float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(left)))
+    return F.cross_entropy(logits, torch.arange(len(left))), cosine
 
 
 def score_head_loss(model: TwoTowerModel, cosine: torch.Tensor) -> torch.Tensor:
@@ -328,13 +335,13 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             group = torch.from_numpy(queries.groups)[pick]
             phrase = torch.from_numpy(phrase_ids[pick.numpy()].astype(np.int64))
             same = (group[:, None] == group[None, :]) | (rows[:, None] == rows[None, :])
-            loss = pair_loss(query_text(phrase), item_text(rows), same, train_config.temperature)
+            loss = in_batch_softmax(query_text(phrase), item_text(rows), same, train_config.temperature)[0]
             total = total + train_config.query_weight * loss
         if train_config.co_purchase_weight > 0 and len(co_purchases) >= 2:
             pick = torch.from_numpy(generator.choice(len(co_purchases), min(size, len(co_purchases)), replace=False))
             left, right = torch.from_numpy(co_purchases[pick.numpy()]).T
             same = (right[:, None] == right[None, :]) | (left[:, None] == right[None, :])
-            loss = pair_loss(item_text(left), item_text(right), same, train_config.temperature)
+            loss = in_batch_softmax(item_text(left), item_text(right), same, train_config.temperature)[0]
             total = total + train_config.co_purchase_weight * loss
         return total
 
