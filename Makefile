@@ -116,4 +116,4 @@ images:
 	docker build -f docker/retriever.Dockerfile --build-arg FAISS=faiss-gpu-cu12 -t ghcr.io/hm-two-tower/retriever:$(IMAGE_TAG)-gpu .
 
 clean:
-	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower
+	rm -rf data runs artifacts .localtriton model_repository/item_tower model_repository/user_tower model_repository/query_tower

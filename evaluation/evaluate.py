@@ -220,7 +220,8 @@ def evaluate(
         "split_cases": {group: len(cases) for group, cases in groups.items()},
         "unseen_customer_share": manifest.unseen_customer_share,
         "cold_cases": sum(1 for t in split.targets if t & split.cold_rows),
-        "model": f"{manifest.clip_model} ({manifest.item_tower_precision} item tower), dim {manifest.dim}, "
+        "model": f"{manifest.clip_model} ({manifest.item_tower_precision} item tower"
+        f"{', distilled query tower' if manifest.query_model else ''}), dim {manifest.dim}, "
         f"model version {manifest.model_version}, "
         f"trained until {manifest.trained_until or 'end of data'}, repeat boost for own earlier purchases "
         f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
@@ -236,8 +237,11 @@ def evaluate(
         "text_search": evaluate_text_search(
             data.articles,
             catalog,
-            triton_repository.load_tower(model_repository, manifest, manifest.item_model),
+            triton_repository.load_tower(model_repository, manifest, manifest.text_query_model),
             get_tokenizer(manifest.clip_model),
+            triton_repository.load_tower(model_repository, manifest, manifest.item_model)
+            if manifest.query_model
+            else None,
         ),
         "command": command,
     }

@@ -71,19 +71,22 @@ def text_search_lines(text: dict[str, Any]) -> list[str]:
     """The text-search section (evaluation/text_search.py); none for indexes without a BM25 index."""
     if not text:
         return []
+    first = next(iter(text["kinds"].values()), {})
+    retrievers = [name for name, value in first.items() if isinstance(value, dict)]
+    headings = {"dense": "dense (--text-search dense)", "hybrid": "hybrid (served by default)"}
     lines = [
-        f"## Text search (top {text['k']}, through the exported item tower and the index's BM25 index)",
+        f"## Text search (top {text['k']}, through the exported query tower and the index's BM25 index)",
         "",
-        "Queries made from the catalogue's own attributes; an article is relevant when it has them all.",
+        "Queries made from the catalogue's own attributes; an article is relevant when it has them all. "
+        "Columns marked 'item tower' run the item tower the served query tower was distilled from.",
         "",
-        "| queries | count | e.g. | lexical p@12 / ndcg@12 | dense (served by default) p@12 / ndcg@12 "
-        "| hybrid (--text-search hybrid) p@12 / ndcg@12 |",
-        "|---|---|---|---|---|---|",
+        "| queries | count | e.g. | "
+        + " | ".join(f"{headings.get(name, name)} p@12 / ndcg@12" for name in retrievers)
+        + " |",
+        "|---|---|---|" + "---|" * len(retrievers),
     ]
     for kind, part in text["kinds"].items():
-        cells = " | ".join(
-            f"{part[r]['precision@12']:.3f} / {part[r]['ndcg@12']:.3f}" for r in ("lexical", "dense", "hybrid")
-        )
+        cells = " | ".join(f"{part[r]['precision@12']:.3f} / {part[r]['ndcg@12']:.3f}" for r in retrievers)
         lines.append(f"| {kind} | {part['queries']} | {', '.join(part['examples'][:2])} | {cells} |")
     lines += ["", "Targets (colour + type queries, paired bootstrap over the queries):", ""]
     lines += [f"- {name}: {target_line(target)}" for name, target in text["targets"].items()]

@@ -3,10 +3,11 @@
 Queries are drawn from the catalogue's own attributes, so relevance needs no labels: "<colour> <product
 type>" ("grey dress"; relevant = articles of that colour and type), "<pattern> <product type>"
 ("striped t-shirt") and a product's name (relevant = the articles of that name). Each query runs
-through the served artifacts (the exported item tower, the index, its BM25 index) three ways:
-lexical only, dense only (the retriever's default), and hybrid as `--text-search hybrid` serves
-it. Reported: precision@12 and NDCG@12 per query kind and retriever, and paired bootstrap intervals
-for the targets.
+through the served artifacts (the exported query tower, the index, its BM25 index) three ways:
+lexical only, dense only (`--text-search dense`), and hybrid (the retriever's default). When the
+index serves a distilled query tower, dense and hybrid also run with the item tower it was distilled
+from, to show what the distillation costs. Reported: precision@12 and NDCG@12 per query kind and
+retriever, and paired bootstrap intervals for the targets.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger("evaluation.text_search")
 K = 12
 QUERIES_PER_KIND = 150
 RETRIEVERS = ("lexical", "dense", "hybrid")
+ITEM_TOWER_SUFFIX = ", item tower"  # dense and hybrid with the item tower instead of the query tower
 # query kind -> the article columns whose lower-cased values, joined, make the query text
 KINDS = {
     "colour + type": ("colour_group_name", "product_type_name"),
@@ -57,26 +59,34 @@ def attribute_queries(
     return queries
 
 
-def rankings(catalog: Catalog, vectors: np.ndarray, texts: list[str]) -> dict[str, list[np.ndarray]]:
-    """Each retriever's top K rows for each text (with its query vector)."""
+def rankings(catalog: Catalog, vectors: np.ndarray, texts: list[str], suffix: str = "") -> dict[str, list[np.ndarray]]:
+    """Each retriever's top K rows for each text (with its query vector); lexical only without a suffix."""
     assert catalog.lexical is not None
-    out: dict[str, list[np.ndarray]] = {name: [] for name in RETRIEVERS}
+    out: dict[str, list[np.ndarray]] = {name + suffix: [] for name in RETRIEVERS if name != "lexical" or not suffix}
     for text, vector in zip(texts, vectors):
         request = ranking.RankRequest(K)
-        out["lexical"].append(catalog.lexical.search(text, K, ranking.visible(catalog, request)))
-        out["dense"].append(ranking.rank(catalog, vector[None], [request])[0][1])
-        out["hybrid"].append(hybrid_rank(catalog, catalog.lexical, vector, text, request)[1])
+        if not suffix:
+            out["lexical"].append(catalog.lexical.search(text, K, ranking.visible(catalog, request)))
+        out["dense" + suffix].append(ranking.rank(catalog, vector[None], [request])[0][1])
+        out["hybrid" + suffix].append(hybrid_rank(catalog, catalog.lexical, vector, text, request)[1])
     return out
+
+
+def query_vectors(tower: torch.jit.ScriptModule, tokenizer: Callable[[list[str]], torch.Tensor], texts: list[str]):
+    with torch.inference_mode():
+        return np.concatenate([tower(tokenizer(texts[s : s + 256])).numpy() for s in range(0, len(texts), 256)])
 
 
 def evaluate_text_search(
     articles: pd.DataFrame,
     catalog: Catalog,
-    item_tower: torch.jit.ScriptModule,
+    query_tower: torch.jit.ScriptModule,
     tokenizer: Callable[[list[str]], torch.Tensor],
+    item_tower: torch.jit.ScriptModule | None = None,
 ) -> dict[str, Any]:
     """precision@12 / NDCG@12 per query kind and retriever, and the targets (empty when the index has no
-    BM25 index: exported before hybrid search)."""
+    BM25 index: exported before hybrid search). `query_tower` is what the service runs for text queries;
+    with `item_tower` (the one it was distilled from) dense and hybrid are also measured with that."""
     if catalog.lexical is None:
         return {}
     result: dict[str, Any] = {"k": K, "kinds": {}, "targets": {}}
@@ -85,11 +95,9 @@ def evaluate_text_search(
         if not queries:
             continue
         texts, relevant = [text for text, _ in queries], [rows for _, rows in queries]
-        with torch.inference_mode():
-            vectors = np.concatenate(
-                [item_tower(tokenizer(texts[s : s + 256])).numpy() for s in range(0, len(texts), 256)]
-            )
-        ranked = rankings(catalog, vectors, texts)
+        ranked = rankings(catalog, query_vectors(query_tower, tokenizer, texts), texts)
+        if item_tower is not None:
+            ranked |= rankings(catalog, query_vectors(item_tower, tokenizer, texts), texts, ITEM_TOWER_SUFFIX)
         precision = {name: metrics.precision_per_case(rows, relevant, K) for name, rows in ranked.items()}
         result["kinds"][kind] = {
             "queries": len(queries),
@@ -107,9 +115,9 @@ def evaluate_text_search(
                 "dense precision@12 >= lexical": paired_bootstrap(precision["dense"], precision["lexical"]).to_json(),
             }
         log.info(
-            "text search, %s (%d queries): precision@12 lexical %.3f, dense %.3f, hybrid %.3f",
+            "text search, %s (%d queries): precision@12 %s",
             kind,
             len(queries),
-            *(precision[name].mean() for name in RETRIEVERS),
+            ", ".join(f"{name} {values.mean():.3f}" for name, values in precision.items()),
         )
     return result

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     repository, index_dir = work / "model_repository", work / "artifacts" / "index"
     # The demo's own outputs from an earlier run (model_repository/README.md is the project's: it stays).
-    for stale in (index_dir, repository / artifacts.ITEM_MODEL, repository / artifacts.USER_MODEL):
+    models = (artifacts.ITEM_MODEL, artifacts.USER_MODEL, artifacts.QUERY_MODEL)
+    for stale in (index_dir, *(repository / model for model in models)):
         shutil.rmtree(stale, ignore_errors=True)
     export_run(run_dir, data_dir, repository, index_dir)
 

@@ -76,7 +76,7 @@ def triton_embedder(
         try:
             await client.verify_models()
             return [
-                await client.query_vectors(tokenizer(captions[start : start + batch_size]))
+                await client.item_vectors(tokenizer(captions[start : start + batch_size]))
                 for start in range(0, len(captions), batch_size)
             ]
         finally:

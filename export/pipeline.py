@@ -4,8 +4,9 @@
    eager execution by more than the tolerance (default 1e-5);
 2. embeds the whole catalogue through the serialised item tower, builds the FAISS index and
    writes the index directory with its manifest (checked by the retriever at load);
-3. writes both towers as the next version of `item_tower` and `user_tower` in the Triton
-   model repository, with config.pbtxt (pytorch_libtorch, dynamic batching, KIND_AUTO).
+3. writes the towers as the next version of `item_tower`, `user_tower` and, when the run distilled
+   one, `query_tower` in the Triton model repository, with config.pbtxt (pytorch_libtorch, dynamic
+   batching, KIND_AUTO).
 Each output appears whole or not at all; a failure before step 3 leaves the repository untouched.
 """
 
@@ -46,7 +47,7 @@ from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
-from twotower.triton_repository import next_version, tower_specs, write_model
+from twotower.triton_repository import next_version, query_spec, tower_specs, write_model
 
 log = logging.getLogger("export")
 
@@ -161,6 +162,13 @@ def export_run(
         artifacts.USER_MODEL, model.user_tower, user_examples(config), options.tolerance
     )
     log.info("TorchScript vs eager max |diff|: item %.2e, user %.2e", item_diff, user_diff)
+    query_bytes = b""
+    if model.query_tower is not None:  # the same inputs as the item tower: short queries and captions
+        query_ts, query_diff = trace_and_verify(
+            artifacts.QUERY_MODEL, model.query_tower, item_examples, options.tolerance
+        )
+        log.info("TorchScript vs eager max |diff|: query %.2e", query_diff)
+        query_bytes = serialise(query_ts)
 
     started = time.perf_counter()
     # Serialised once: these exact bytes are embedded with, checksummed and written for Triton.
@@ -172,7 +180,10 @@ def export_run(
     log.info("embedded %d articles in %.1fs (%.0f items/s)", len(vectors), seconds, len(vectors) / seconds)
 
     item_spec, user_spec = tower_specs(config, context_length, options.max_batch_size, options.queue_delay_us)
-    version = options.version or next_version(Path(model_repository), [item_spec.name, user_spec.name])
+    served = {item_spec: item_bytes, user_spec: user_bytes}
+    if query_bytes:
+        served[query_spec(item_spec)] = query_bytes
+    version = options.version or next_version(Path(model_repository), [spec.name for spec in served])
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
     customers, histories, last_day = latest_histories(data.transactions, row_of, config.max_history)
     # Known customers' vectors, computed once with the exported user tower: customer_id requests skip Triton.
@@ -232,19 +243,16 @@ def export_run(
             "data_source": str(data_dir),
             "trained_until": run.trained_until,
             "unseen_customer_share": run.unseen_customer_share,
-            "tower_checksums": {
-                item_spec.name: hashlib.sha256(item_bytes).hexdigest(),
-                user_spec.name: hashlib.sha256(user_bytes).hexdigest(),
-            },
+            "tower_checksums": {spec.name: hashlib.sha256(data).hexdigest() for spec, data in served.items()},
+            "query_model": artifacts.QUERY_MODEL if query_bytes else "",
         },
         item_bias=item_bias,
         lexical=LexicalIndex.build(captions),
     )
     # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
     # A retriever watching the root swaps only once Triton serves the version this index names.
-    item_path = write_model(Path(model_repository), item_spec, version, item_bytes)
-    user_path = write_model(Path(model_repository), user_spec, version, user_bytes)
-    log.info("wrote %s and %s (version %d)", item_path, user_path, version)
+    paths = [str(write_model(Path(model_repository), spec, version, data)) for spec, data in served.items()]
+    log.info("wrote %s (version %d)", ", ".join(paths), version)
     artifacts.publish_version(index_root, out.name)
     log.info(
         "published index %s: %d items, dim %d, %s index, %d customers, model version %d",

@@ -71,6 +71,13 @@ def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> N
     with torch.inference_mode():
         expected = local_tower(tiny_pipeline, "item_tower")(torch.from_numpy(ids)).numpy()
     assert np.abs(served - expected).max() <= 1e-5
+    # The distilled query tower is served beside them, with the item tower's inputs and output.
+    assert manifest.query_model == "query_tower"
+    query_ids = get_tokenizer(manifest.clip_model)(["red dress", "black cotton trousers"]).numpy().astype(np.int64)
+    query = infer(client, "query_tower", {"input_ids": query_ids})
+    with torch.inference_mode():
+        expected_query = local_tower(tiny_pipeline, "query_tower")(torch.from_numpy(query_ids)).numpy()
+    assert query.shape == (2, manifest.dim) and np.abs(query - expected_query).max() <= 1e-5
     # ... and the index holds exactly those vectors (plus each article's learned id vector) for those articles.
     from export.pipeline import load_run, with_id_vectors
 
@@ -91,14 +98,16 @@ def test_retrievers_triton_client_agrees_with_tritonclient_and_names_tritons_err
     tensors = user_inputs(manifest, batch=3, seed=1)
     reference = infer(triton_http.InferenceServerClient(url), "user_tower", tensors)
     ids = get_tokenizer(manifest.clip_model)(["red cotton dress"]).numpy().astype(np.int64)
-    reference_query = infer(triton_http.InferenceServerClient(url), "item_tower", {"input_ids": ids})
+    reference_query = infer(triton_http.InferenceServerClient(url), "query_tower", {"input_ids": ids})
+    reference_item = infer(triton_http.InferenceServerClient(url), "item_tower", {"input_ids": ids})
 
     async def run() -> tuple[np.ndarray, np.ndarray]:
         client = TowerClient(url, manifest)
         try:
             await client.verify_models()
             served = await client.user_vectors(*tensors.values())
-            query = await client.query_vectors(ids)
+            query = await client.query_vectors(ids)  # text queries: the distilled query tower
+            assert np.array_equal(await client.item_vectors(ids), reference_item)  # captions: the item tower
             with pytest.raises(TritonUnavailable, match="history_mask"):  # Triton's own message, passed on
                 await client._infer(manifest.user_model, {"history": tensors["history"]})
             assert np.array_equal(await client.user_vectors(*tensors.values()), served)  # connection still usable
@@ -161,7 +170,8 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
     data = load_hm_dir(tiny_pipeline.data_dir)
     articles = data.articles
     captions = build_captions(articles)
-    # Never-bought articles are indexed by their text vector alone: their own caption must find them.
+    # Never-bought articles are indexed by their text vector alone: their own caption must find them. The
+    # query tower (distilled from the item tower that embedded them) lands close to that vector, not on it.
     never_bought = [i for i, a in enumerate(articles.index) if a not in set(data.transactions["article_id"])]
     assert len(never_bought) >= 3, "the synthetic shop (seed 1) has cold articles"
     for row in never_bought[:3]:
@@ -169,7 +179,8 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
         assert status == 200, body
         top = body["predictions"][0]["items"][0]
         assert top["article_id"] == articles.index[row]
-        assert top["similarity"] == pytest.approx(1.0, abs=1e-4)
+        print(top["similarity"])
+        assert top["similarity"] > 0.9
         assert top["prod_name"] == articles["prod_name"].iloc[row]
 
 

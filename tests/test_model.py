@@ -169,3 +169,46 @@ def test_the_tower_trains_on_new_articles_and_the_repeat_boost_is_fitted(tmp_pat
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["holdout_map_at_12"]["with_repeat_boost"] >= metrics["holdout_map_at_12"]["without"]
     assert metrics["epochs"][1]["examples_per_second"] > 0
+    assert metrics["query_tower"]["texts"] > 0 and "query_tower.output.weight" in torch.load(run / rundir.WEIGHTS)
+    # A run written before query towers existed reads as one without (its text queries use the item tower).
+    config = json.loads((run / rundir.CONFIG).read_text())
+    del config["model"]["query_tower"]
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    state = {k: v for k, v in torch.load(run / rundir.WEIGHTS).items() if not k.startswith("query_tower.")}
+    torch.save(state, run / rundir.WEIGHTS)
+    old = rundir.read_run(run)
+    assert old.model_config.query_tower is False
+    assert build_model(old.model_config, old.state, n_items=len(old.item_ids)).query_tower is None
+
+
+def test_the_query_tower_learns_the_item_towers_vectors_and_ignores_padding(tmp_path: Path) -> None:
+    from export.torchscript import trace_and_verify
+    from twotower.data.pairs import query_pairs
+    from twotower.model.pretrained_text import PAD_ID
+    from twotower.model.query_tower import distil, trim_padding
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    assert model.query_tower is not None
+    tokenizer = get_tokenizer(model.config.clip_model)
+    articles = load_hm_dir(generate(tmp_path / "data", seed=4, n_articles=60, n_customers=10)).articles
+    texts = sorted(set(query_pairs(articles, 3, seed=0).phrases))
+    tokens = tokenizer(texts)
+    with torch.no_grad():
+        targets = model.item_tower(tokens)
+        before = (model.query_tower(tokens) * targets).sum(dim=-1).mean()
+    report = distil(model.query_tower, tokens, targets, PAD_ID, epochs=40, batch_size=64)
+    with torch.no_grad():
+        after = (model.query_tower(tokens) * targets).sum(dim=-1).mean()
+    assert after > max(0.9, before + 0.2), (before, after, report)
+    # Padding is not a word: the same query alone or beside a longer one gives the same vector.
+    query = model.query_tower
+    alone = query(tokenizer(["grey dress"]))
+    padded = query(tokenizer(["grey dress", "a long caption about a black jersey dress with pockets"]))[:1]
+    torch.testing.assert_close(padded, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        query(trim_padding(tokenizer(["grey dress", "dress"]), PAD_ID)[1:]), query(tokenizer(["dress"]))
+    )
+    # TorchScript keeps it exact at other batch sizes and lengths (what Triton serves).
+    _, difference = trace_and_verify("query_tower", query, [(tokens[:4],), (tokens[:1],), (tokenizer(["dress"]),)])
+    assert difference <= 1e-6

@@ -52,6 +52,7 @@ METRIC_INNER_PRODUCT = "inner_product"
 
 ITEM_MODEL = "item_tower"
 USER_MODEL = "user_tower"
+QUERY_MODEL = "query_tower"
 
 
 class ArtifactError(RuntimeError):
@@ -80,7 +81,12 @@ class Manifest:
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
+    query_model: str = ""  # the model text queries go through: "" = the item tower (no distilled query tower)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def text_query_model(self) -> str:
+        return self.query_model or self.item_model
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:

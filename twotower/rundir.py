@@ -2,7 +2,8 @@
 
     config.json            model/train settings, open_clip model name, tokenizer context length
     model.pt               state dict of TwoTowerModel (CLIP text weights included: export needs no hub)
-    metrics.json           per-epoch loss, in-batch accuracy, held-out recall@10, examples/s, the fits' numbers
+    metrics.json           per-epoch loss, in-batch accuracy, held-out recall@10, examples/s, the fits' numbers,
+                           the query tower's distillation (held-out cosine to the item tower)
     item_ids.json          article_id of each row of the id-embedding table
     repeat_boost.json      twotower.repeats.RepeatBoost fitted on the held-out purchases
     popularity_prior.json  twotower.popularity.PopularityPrior, fitted after the boost
@@ -101,7 +102,8 @@ def read_run(run_dir: Path) -> Run:
             )
     try:
         config = json.loads(config_path.read_text())
-        model_config = from_dict(ModelConfig, config["model"])
+        # Runs written before query towers were distilled have none (their text queries use the item tower).
+        model_config = from_dict(ModelConfig, {"query_tower": False, **config["model"]})
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ArtifactError(f"{config_path}: not a run configuration written by twotower.train ({err!r})") from err
     try:

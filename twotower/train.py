@@ -28,6 +28,8 @@ from twotower.data.customers import unseen_customers
 from twotower.data.histories import Histories, TrainingExamples, training_examples
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
+from twotower.model.pretrained_text import PAD_ID
+from twotower.model.query_tower import distil
 from twotower.model.towers import PretrainedItemTower, TwoTowerModel, build_model, embed_texts
 
 log = logging.getLogger("twotower.train")
@@ -59,6 +61,7 @@ class TextVectors:
 
     def __init__(self, model: TwoTowerModel, texts: list[str], batch_size: int, description: str):
         self.tower = model.item_tower
+        self.texts = texts
         self.batch_size = batch_size
         tokenizer = get_tokenizer(model.config.clip_model)
         self.features: torch.Tensor | None = None
@@ -89,6 +92,23 @@ class TextVectors:
         starts = range(0, len(self), self.batch_size)
         with evaluating(self.tower), torch.no_grad():
             return torch.cat([self(torch.arange(i, min(i + self.batch_size, len(self)))) for i in starts])
+
+
+def distil_query_tower(model: TwoTowerModel, sources: list[TextVectors], config: TrainConfig) -> dict[str, float]:
+    """Fit the query tower to the trained item tower's vectors of these texts (query phrases, captions)."""
+    assert model.query_tower is not None
+    texts = [text for source in sources for text in source.texts]
+    targets = torch.cat([source.table() for source in sources])
+    tokens = torch.as_tensor(get_tokenizer(model.config.clip_model)(texts))
+    report = distil(model.query_tower, tokens, targets, PAD_ID, config.query_tower_epochs, seed=config.seed)
+    log.info(
+        "query tower: %d texts in %.0fs, held-out cosine to the item tower %.3f (5th percentile %.3f)",
+        len(texts),
+        report["seconds"],
+        report.get("held_out_cosine", float("nan")),
+        report.get("held_out_cosine_p05", float("nan")),
+    )
+    return report
 
 
 def history_tensors(
@@ -432,6 +452,8 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         without_prior,
     )
 
+    distillation = distil_query_tower(model, [query_text, item_text], train_config) if model.query_tower else {}
+
     rundir.write_run(
         out,
         {
@@ -451,6 +473,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "holdout": len(holdout.examples),
             "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
             "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior},
+            "query_tower": distillation,
         },
         text_features=None if item_text.features is None else item_text.features.numpy(),
     )

@@ -6,7 +6,8 @@ here) and the towers' readers (serving.towers: names, shapes and `tower_file`). 
 locally `localtriton` serves the same files with a Python backend registered under the name
 `pytorch`. libtorch conventions: inputs are named like the forward() arguments (in order), outputs
 `<name>__<index>`. Both towers share version numbers; an index version names the one it was built
-with (twotower.artifacts.Manifest.model_version) and the checksum of each file.
+with (twotower.artifacts.Manifest.model_version) and the checksum of each file. A run with a distilled
+query tower adds a third model, `query_tower`, with the item tower's inputs and output.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def tower_specs(
         queue_delay_us,
     )
     return item, user
+
+
+def query_spec(item: TritonModelSpec) -> TritonModelSpec:
+    """The query tower: the item tower's inputs and output under its own name."""
+    return dataclasses.replace(item, name=artifacts.QUERY_MODEL)
 
 
 def load_tower(repository: Path | str, manifest: artifacts.Manifest, model: str) -> Any:

@@ -2,6 +2,8 @@
 
 ItemTower   input_ids int64 [B, T]             -> embedding float32 [B, D], L2-normalised
             (PretrainedItemTower: the same contract over a pretrained Hugging Face encoder, T variable)
+QueryTower  input_ids int64 [B, T]             -> the item tower's vector of a short query, distilled
+            (twotower.model.query_tower: what the service runs for text queries)
 UserTower   history   float32 [B, L, D]        -> embedding float32 [B, D], L2-normalised
             history_mask float32 [B, L] (1 = a purchase, 0 = padding; index 0 = most recent)
             history_age  float32 [B, L] (days between that purchase and the request)
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from twotower.config import ModelConfig
 from twotower.model.clip_text import load_clip
 from twotower.model.pretrained_text import BACKBONES, PAD_ID, is_pretrained_backbone, load_encoder
+from twotower.model.query_tower import QueryTower, query_tower_for
 
 
 class ItemTower(nn.Module):
@@ -74,6 +77,9 @@ class ItemTower(nn.Module):
     def encoder_frozen(self) -> bool:
         return False  # ln_final and text_projection always train: features must be computed live
 
+    def word_embeddings(self) -> nn.Embedding:
+        return self.token_embedding
+
     def features(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(input_ids) + self.positional_embedding
         x = self.transformer(x, attn_mask=self.attn_mask)
@@ -115,6 +121,9 @@ class PretrainedItemTower(nn.Module):
     @property
     def encoder_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters())
+
+    def word_embeddings(self) -> nn.Embedding:
+        return self.encoder.transformer.embeddings.word_embeddings
 
     def features(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = (input_ids != PAD_ID).long()
@@ -201,11 +210,12 @@ class ScoreHead(nn.Module):
 
 
 class TwoTowerModel(nn.Module):
-    """Both towers, the score head and, optionally, a learned vector per known article.
+    """Both towers, the score head, optionally a learned vector per known article and the query tower
+    (distilled from the item tower at the end of training).
 
-    With `item_id_embeddings`, an article seen in training is indexed as normalize(text vector + its id
-    vector): the id part learns what text cannot say (who buys it with what). Articles without one (new,
-    or never bought) keep the pure text vector; id dropout in training keeps those usable.
+        With `item_id_embeddings`, an article seen in training is indexed as normalize(text vector + its id
+        vector): the id part learns what text cannot say (who buys it with what). Articles without one (new,
+        or never bought) keep the pure text vector; id dropout in training keeps those usable.
     """
 
     def __init__(self, config: ModelConfig, n_items: int = 0, load_weights: bool = True):
@@ -216,6 +226,10 @@ class TwoTowerModel(nn.Module):
             config.embed_dim, config.max_history, config.user_layers, config.user_heads, config.max_age_days
         )
         self.score_head = ScoreHead(config.score_hidden)
+        # open_clip's tokenizer pads with 0 too, like the pretrained backbones'
+        self.query_tower: QueryTower | None = (
+            query_tower_for(self.item_tower, config.embed_dim, PAD_ID) if config.query_tower else None
+        )
         self.item_ids: nn.Embedding | None = None
         if config.item_id_embeddings and n_items > 0:
             self.item_ids = nn.Embedding(n_items, config.embed_dim)
