@@ -103,7 +103,12 @@ def distil(
                 optimiser.step()
         log.debug("query tower epoch %d/%d: 1 - cosine %.4f", epoch + 1, epochs, loss.item())
     tower.eval()
-    report = {"texts": float(len(train)), "epochs": float(epochs), "seconds": time.perf_counter() - started, "train_loss": float(loss.item())}
+    report = {
+        "texts": float(len(train)),
+        "epochs": float(epochs),
+        "seconds": time.perf_counter() - started,
+        "train_loss": float(loss.item()),
+    }
     if n_held:
         with torch.no_grad():
             cosine = (tower(trim_padding(tokens[held], pad_id)) * targets[held]).sum(dim=-1)
