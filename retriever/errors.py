@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from fastapi.exceptions import RequestValidationError
+from kserve.errors import InvalidInput
+
 from serving.catalog import UnknownIds
 from serving.filters import FilterError
 from serving.towers import TritonUnavailable
@@ -18,12 +21,17 @@ class RequestError(ValueError):
     """The request is malformed or names something the index does not know; the message says where."""
 
 
+class RequestTooLarge(RequestError):
+    """The request asks for more work than one request may (instances, items across them)."""
+
+
 class NotReady(RuntimeError):
     """No index is loaded yet."""
 
 
 # domain error -> (HTTP status, reason label of retriever_errors_total); the first match wins.
 ERRORS: tuple[tuple[type[Exception], HTTPStatus, str], ...] = (
+    (RequestTooLarge, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too_large"),
     (RequestError, HTTPStatus.BAD_REQUEST, "invalid_input"),
     (UnknownIds, HTTPStatus.BAD_REQUEST, "invalid_input"),
     (FilterError, HTTPStatus.BAD_REQUEST, "invalid_input"),
@@ -39,6 +47,13 @@ def classify(err: BaseException) -> tuple[HTTPStatus, str]:
         if isinstance(err, error):
             return status, reason
     return HTTPStatus.INTERNAL_SERVER_ERROR, "internal"
+
+
+def reason(err: BaseException) -> str:
+    """The retriever_errors_total reason of an error, the frameworks' own validation errors included."""
+    if isinstance(err, (InvalidInput, RequestValidationError)):
+        return "invalid_input"
+    return classify(err)[1]
 
 
 def message(err: BaseException) -> str:

@@ -26,7 +26,10 @@ from twotower.config import RetrieverConfig
 
 log = logging.getLogger("retriever.index")
 
-REFUSED_RETRY_S = 5.0  # a refused index version is tried again this often while CURRENT names it
+# A version whose towers Triton does not serve yet is tried again after 5 s, then 10, 20, ... at most 60 s
+# (they may still be loading); one whose files are bad is not read again until CURRENT changes.
+TOWERS_RETRY_S = 5.0
+TOWERS_RETRY_MAX_S = 60.0
 
 
 class TowerOpener(Protocol):
@@ -45,9 +48,10 @@ class Serving:
 
 @dataclasses.dataclass
 class ReloadResult:
-    status: str  # swapped | unchanged | refused
-    index_version: str
+    status: str  # swapped | unchanged | refused (the version is bad or incompatible) | failed (unexpected error)
+    index_version: str  # the version being served after the attempt
     message: str = ""
+    towers_pending: bool = False  # refused only because Triton does not serve its model version (yet)
 
 
 class IndexSlot:
@@ -121,6 +125,7 @@ class IndexSlot:
         with self._lock:
             current = self.serving
             assert current is not None, "load() first"
+            towers_pending = False
             try:
                 target = artifacts.resolve_index_dir(self.config.index_dir)
                 if current.catalog.index_dir.resolve() == target.resolve():
@@ -130,12 +135,17 @@ class IndexSlot:
                 if catalog.manifest.model_version == current.catalog.manifest.model_version:
                     towers = current.towers  # same towers: only the catalogue changed
                 else:
+                    towers_pending = True
                     towers = self.towers.open(catalog.manifest, wait_s=0.0)
                     self._retired.append((time.monotonic(), current.towers))
             except (ArtifactError, OSError, ValueError, GpuUnavailable) as err:
                 metrics.INDEX_RELOADS.labels("refused").inc()
                 log.error("index reload refused, still serving %s: %s", current.catalog.version, err)
-                return ReloadResult("refused", current.catalog.version, str(err))
+                return ReloadResult("refused", current.catalog.version, str(err), towers_pending)
+            except Exception as err:  # faiss's RuntimeError, a KeyError or BadZipFile from a damaged file, ...
+                metrics.INDEX_RELOADS.labels("failed").inc()
+                log.exception("index reload failed, still serving %s", current.catalog.version)
+                return ReloadResult("failed", current.catalog.version, f"{type(err).__name__}: {err}")
             self._install(Serving(catalog, towers))
             metrics.INDEX_RELOADS.labels("swapped").inc()
             log.info(
@@ -154,21 +164,29 @@ class IndexSlot:
             self._watcher.start()
 
     def _watch(self) -> None:
-        """Poll CURRENT; swap when it names a new version. A refused version is retried every
-        REFUSED_RETRY_S (its towers may still be loading in Triton) until CURRENT changes again."""
+        """Poll CURRENT; swap when it names a new version. A version refused because Triton does not serve
+        its towers yet is retried with backoff; any other refusal or failure waits for CURRENT to change.
+        Nothing ends the thread but stop(): a dead watcher would leave a pod serving an old index while
+        looking healthy."""
         pointer = Path(self.config.index_dir) / artifacts.CURRENT_FILE
-        seen, retry_at = None, 0.0
+        seen, retry_at, backoff = None, 0.0, TOWERS_RETRY_S
         while not self._stop_watching.wait(self.config.index_poll_s):
             try:
                 name = pointer.read_text().strip()
-            except OSError as err:
-                log.warning("index watch: cannot read %s: %s", pointer, err)
-                continue
-            if name == seen and time.monotonic() < retry_at:
-                continue
-            seen = name
-            result = self.reload()
-            retry_at = time.monotonic() + REFUSED_RETRY_S if result.status == "refused" else float("inf")
+                if name == seen and time.monotonic() < retry_at:
+                    continue
+                if name != seen:
+                    seen, backoff = name, TOWERS_RETRY_S
+                result = self.reload()
+                if result.status == "refused" and result.towers_pending:
+                    retry_at, backoff = time.monotonic() + backoff, min(2 * backoff, TOWERS_RETRY_MAX_S)
+                else:
+                    retry_at = float("inf")  # swapped, unchanged, or bad: read again when CURRENT changes
+            except Exception:  # reading CURRENT (OSError) or anything reload() did not expect
+                metrics.INDEX_RELOADS.labels("failed").inc()
+                log.exception("index watch: checking %s failed; trying again in %.0f s", pointer, backoff)
+                retry_at = time.monotonic() + backoff
+                backoff = min(2 * backoff, TOWERS_RETRY_MAX_S)
 
     async def close_retired(self) -> None:
         """Close replaced tower clients once requests that started on them have long finished."""

@@ -16,10 +16,8 @@ import time
 from typing import Any, Callable
 
 from kserve import InferRequest, Model
-from kserve.errors import InvalidInput
 
-from retriever import metrics
-from retriever.errors import classify
+from retriever import errors, metrics
 from retriever.protocol import parse_v1, parse_v2, v1_response, v2_response
 from retriever.queries import Query, Recommendation
 from retriever.service import RecommendationService
@@ -72,7 +70,7 @@ class KServeRecommender(Model):
         try:
             return await super().__call__(body, headers, *args, **kwargs)
         except Exception as err:  # counted by the reason its HTTP answer will give (KServe's own 400s too)
-            metrics.ERRORS.labels("invalid_input" if isinstance(err, InvalidInput) else classify(err)[1]).inc()
+            metrics.ERRORS.labels(errors.reason(err)).inc()
             raise
         finally:
             metrics.STAGE["total"].observe(time.perf_counter() - started)

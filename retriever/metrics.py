@@ -39,6 +39,9 @@ STAGE_SECONDS = Histogram(
 STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in ("parse", "tokenize", "triton", "search", "total")}
 REQUESTS = Counter("retriever_requests_total", "Recommendation queries served, by kind", ["kind"])
 ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reason"])
+# The error-rate alert's denominator: every request to an API path, refused ones included (the numerator
+# counts refusals: a stage histogram only sees the requests that got in).
+RECEIVED = Counter("retriever_api_requests_total", "Requests to the v1/v2 predict and shop API paths, admitted or not")
 INDEX_INFO = Gauge(
     "retriever_index_items", "Items in the loaded index", ["model_version"], multiprocess_mode="mostrecent"
 )

@@ -32,13 +32,30 @@ from typing import Any
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
 
-from retriever.errors import RequestError
+from retriever.errors import RequestError, RequestTooLarge
 from retriever.queries import KINDS, Query, QueryOptions, Recommendation
 from serving.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
 OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type", "debug", "as_of")
 ID_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def _check_instances(count: int, config: RetrieverConfig, noun: str) -> None:
+    if count > config.max_instances:
+        raise RequestTooLarge(
+            f"{noun} has {count} instances, the limit is {config.max_instances} per request (max_instances)"
+        )
+
+
+def _check_total_k(queries: list[Query], config: RetrieverConfig) -> list[Query]:
+    total = sum(query.k for query in queries)
+    if total > config.max_total_k:
+        raise RequestTooLarge(
+            f"the instances ask for {total} items in all (sum of 'k'), the limit is {config.max_total_k} "
+            "per request (max_total_k)"
+        )
+    return queries
 
 
 def _parse_k(raw: Any, where: str, config: RetrieverConfig) -> int:
@@ -167,7 +184,8 @@ def parse_v1(body: Any, config: RetrieverConfig) -> list[Query]:
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
         raise RequestError("'instances' must be a non-empty list")
-    return [parse_instance(instance, i, config) for i, instance in enumerate(instances)]
+    _check_instances(len(instances), config, "'instances'")
+    return _check_total_k([parse_instance(instance, i, config) for i, instance in enumerate(instances)], config)
 
 
 def _decode(value: Any) -> str:
@@ -182,6 +200,7 @@ def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
         raise RequestError(f"input '{kind}' must have datatype BYTES, got {tensor.datatype}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise RequestError(f"input '{kind}' must have shape [N] with N >= 1, got {tensor.shape}")
+    _check_instances(int(tensor.shape[0]), config, f"input '{kind}'")
     try:
         values = [_decode(v) for v in tensor.as_numpy().reshape(-1)]
     except (UnicodeDecodeError, ValueError) as err:
@@ -198,7 +217,9 @@ def parse_v2(request: InferRequest, config: RetrieverConfig) -> list[Query]:
         parsed: list[Any] = [[a for a in ID_SEPARATORS.split(v.strip()) if a] for v in values]
     else:
         parsed = values
-    return [Query(kind, _parse_value(kind, v, f"{kind}[{i}]", config), k) for i, v in enumerate(parsed)]
+    return _check_total_k(
+        [Query(kind, _parse_value(kind, v, f"{kind}[{i}]", config), k) for i, v in enumerate(parsed)], config
+    )
 
 
 def v1_response(queries: list[Query], results: list[Recommendation]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ RetrieverConfig and can also be set as TWOTOWER_<FLAG> environment variables.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -44,18 +45,21 @@ def build_recommender(
     return KServeRecommender(name, service, on_worker_start=prepare_app)
 
 
-async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+async def domain_error(request: Request, exc: Exception, retry_after_s: int = 1) -> JSONResponse:
     """Every domain error answered with its status from retriever/errors.py (KServe's own shape)."""
     status, reason = errors.classify(exc)
     log.warning("%s %s: %d %s: %s", request.method, request.url.path, status, reason, exc)
-    return JSONResponse(status_code=status, content={"error": errors.message(exc)})
+    # 503s pass (Triton down or shedding, no index yet): tell clients when to come back instead of now.
+    retry = {"Retry-After": str(retry_after_s)} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": errors.message(exc)}, headers=retry)
 
 
 def install_routes(app: FastAPI, service: RecommendationService) -> None:
     """The shop/admin routes and the domain-error handlers on an app (KServe's, or a test's)."""
     shop_api.install(app, service)
+    handler = functools.partial(domain_error, retry_after_s=service.config.retry_after_s)
     for error in errors.DOMAIN_ERRORS:
-        app.add_exception_handler(error, domain_error)
+        app.add_exception_handler(error, handler)
 
 
 def configure_logging() -> None:
@@ -89,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser, RetrieverConfig)
     parser.add_argument("--triton-wait-s", type=float, default=60.0, help="how long load() waits for Triton")
     parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_grpc=False)
-    args, _ = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)  # an unknown or misspelt flag exits 2 naming it, never silently ignored
     if not args.predictor_host:
         parser.error("--predictor_host (Triton's HTTP host:port) is required")
     config = from_arguments(RetrieverConfig, args)
     # Before KServe spawns the workers: they import prometheus_client afresh and inherit the directory.
     metrics_dir = kserve_app.prepare_worker_metrics(args.workers)
     configure_logging()
-    recommender = build_recommender(config, args.model_name, args.predictor_host)
     try:
+        recommender = build_recommender(config, args.model_name, args.predictor_host)
         recommender.load(args.triton_wait_s)
     except (ArtifactError, OSError, GpuUnavailable, ValueError) as err:
         log.error("refusing to start: %s", err)

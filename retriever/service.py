@@ -41,12 +41,34 @@ HISTORY_CLOCKS = ("wall", "index")
 SECONDS_PER_DAY = 86_400
 
 
+def image_url(template: str, article_id: str) -> str:
+    return template.format(article_id=article_id, prefix=article_id[:3])
+
+
+def check_settings(config: RetrieverConfig) -> None:
+    """Settings that would fail every request, refused at start instead (ValueError naming the flag)."""
+    if config.text_search not in TEXT_SEARCH_MODES:
+        raise ValueError(f"--text-search: {config.text_search!r} is not one of {', '.join(TEXT_SEARCH_MODES)}")
+    if config.history_clock not in HISTORY_CLOCKS:
+        raise ValueError(f"--history-clock: {config.history_clock!r} is not one of {', '.join(HISTORY_CLOCKS)}")
+    if config.image_url_template:
+        try:
+            image_url(config.image_url_template, "0108775015")
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"--image-url-template: {config.image_url_template!r} cannot be filled ({type(err).__name__}: "
+                f"{err}); it may use {{article_id}} and {{prefix}} (the id's first 3 digits)"
+            ) from err
+    if not 1 <= config.top_k <= config.max_k:
+        raise ValueError(f"--top-k: {config.top_k} must be between 1 and --max-k ({config.max_k})")
+    for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
+
+
 class RecommendationService:
     def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
-        if config.text_search not in TEXT_SEARCH_MODES:
-            raise ValueError(f"text_search: {config.text_search!r} is not one of {', '.join(TEXT_SEARCH_MODES)}")
-        if config.history_clock not in HISTORY_CLOCKS:
-            raise ValueError(f"history_clock: {config.history_clock!r} is not one of {', '.join(HISTORY_CLOCKS)}")
+        check_settings(config)
         self.config = config
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
@@ -302,7 +324,7 @@ class RecommendationService:
         metadata = catalog.metadata(row)
         if self.config.image_url_template:
             article_id = catalog.article_ids[row]
-            metadata["image_url"] = self.config.image_url_template.format(article_id=article_id, prefix=article_id[:3])
+            metadata["image_url"] = image_url(self.config.image_url_template, article_id)
         return metadata
 
     # -- what the shop pages read and write ------------------------------------------------

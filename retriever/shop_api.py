@@ -25,17 +25,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable, Coroutine
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi import Query as Param
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
-from retriever import metrics
+from retriever import errors, metrics
 from retriever.errors import RequestError
-from retriever.limits import BodySizeLimit
+from retriever.limits import AdmissionLimit, BodySizeLimit
 from retriever.protocol import v1_response
 from retriever.queries import Query, QueryOptions
 from retriever.service import RecommendationService
@@ -83,8 +84,25 @@ def filter_params(
 FilterQuery = Annotated[Filters, Depends(filter_params)]
 
 
+class CountedRoute(APIRoute):
+    """A route whose failures (validation, domain errors, bugs) are counted in retriever_errors_total by
+    reason, as the KServe adapter counts the predict API's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def counted(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as err:
+                metrics.ERRORS.labels(errors.reason(err)).inc()
+                raise
+
+        return counted
+
+
 def build_router(service: RecommendationService) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=CountedRoute)
 
     async def run(query: Query) -> dict[str, Any]:
         started = time.perf_counter()
@@ -189,10 +207,19 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 def install(app: FastAPI, service: RecommendationService) -> None:
-    """Add the shop/admin routes, the validation handler and the body size limit to an app, once."""
+    """Add the shop/admin routes, the validation handler, the body size and admission limits to an app, once."""
     if getattr(app.state, "shop_api_installed", False):
         return
     app.state.shop_api_installed = True
-    app.add_middleware(BodySizeLimit, max_bytes=service.config.max_body_bytes)
+    config = service.config
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, on_refuse=metrics.ERRORS.labels("too_large").inc)
+    # Added last, so outermost: an overloaded process refuses before reading the body.
+    app.add_middleware(
+        AdmissionLimit,
+        max_in_flight=config.max_in_flight,
+        retry_after_s=config.retry_after_s,
+        on_arrival=metrics.RECEIVED.inc,
+        on_refuse=metrics.ERRORS.labels("overloaded").inc,
+    )
     app.include_router(build_router(service))
     app.add_exception_handler(RequestValidationError, validation_error)

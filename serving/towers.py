@@ -46,6 +46,26 @@ class TokenIds:
         return np.asarray(ids if isinstance(ids, np.ndarray) else ids.numpy(), dtype=np.int64)
 
 
+class RetryBudget:
+    """Retries allowed as a share of calls: each call earns `ratio` of a retry, a retry spends one, at most
+    `burst` saved up. When Triton is down every call fails: retrying each would double the load on a
+    recovering server (and on the event loop) exactly when it is weakest."""
+
+    def __init__(self, ratio: float = 0.1, burst: float = 10.0):
+        self.ratio = ratio
+        self.burst = burst
+        self.tokens = burst
+
+    def earn(self) -> None:
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def spend(self) -> bool:
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 class TritonUnavailable(RuntimeError):
     """Triton could not be reached or could not run the model (the request may be retried later)."""
 
@@ -84,6 +104,7 @@ class TowerClient:
         self.retries = retries
         # Each model's max_batch_size as Triton's config says (verify_models reads it): more rows go in chunks.
         self.max_batch_sizes = dict(max_batch_sizes or {})
+        self.retry_budget = RetryBudget()
         self._client: KeepAliveClient | None = None
 
     @property
@@ -103,11 +124,17 @@ class TowerClient:
             self._client = None
 
     async def _call(self, method: str, path: str, body: bytes = b"", headers: str = "") -> Response:
+        """One request; again (at most `retries` times, within the retry budget) only when the connection
+        failed. Never after a timeout: Triton may still be running the call, and an overloaded server
+        answers late, so a retry would double its load when it can least take it."""
+        self.retry_budget.earn()
         for attempt in range(self.retries + 1):
             try:
                 return await self.client.request(method, path, body, headers)
-            except (OSError, ConnectionError, TimeoutError) as err:
-                if attempt == self.retries:
+            except TimeoutError as err:
+                raise TritonUnavailable(f"Triton at {self.url} did not answer {method} {path}: {err}") from err
+            except OSError as err:  # ConnectionError included: refused, reset, closed
+                if attempt == self.retries or not self.retry_budget.spend():
                     raise TritonUnavailable(f"Triton at {self.url} unreachable ({method} {path}): {err!r}") from err
                 log.warning("Triton call %s %s failed (%r), retrying", method, path, err)
         raise AssertionError("unreachable")

@@ -72,6 +72,8 @@ def test_config_pbtxt_has_libtorch_platform_batching_and_kind_auto() -> None:
         'name: "history_mask"',
         "dims: [ 20, 64 ]",
         'name: "embedding__0"',
+        "timeout_action: REJECT",
+        "max_queue_size: 128",
     ):
         assert expected in text
 

@@ -147,3 +147,41 @@ def test_tower_client_pickles_without_its_connections(http_server: str) -> None:
 
     copy = asyncio.run(use_then_pickle())
     assert copy._client is None and copy.url == http_server.removeprefix("http://")
+
+
+class FailingConnection:
+    """Stands in for the keep-alive client: every request fails with `error`; attempts are counted."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.attempts = 0
+
+    async def request(self, *args: object) -> Response:
+        self.attempts += 1
+        raise self.error
+
+    def close(self) -> None:
+        return None
+
+
+def test_triton_calls_are_retried_only_on_connection_errors_within_a_budget() -> None:
+    from serving.towers import TowerClient, TritonUnavailable
+    from twotower.artifacts import Manifest
+
+    def attempts(error: Exception, calls: int) -> list[int]:
+        client = TowerClient("127.0.0.1:1", Manifest.__new__(Manifest), retries=1)
+        connection = FailingConnection(error)
+        client._client = connection  # type: ignore[assignment]
+        counts = []
+        for _ in range(calls):
+            before = connection.attempts
+            with pytest.raises(TritonUnavailable):
+                asyncio.run(client._call("GET", "/v2/health/ready"))
+            counts.append(connection.attempts - before)
+        return counts
+
+    # A timeout is never retried: Triton may still be working on it, and late answers mean overload.
+    assert attempts(TimeoutError("no answer in 2.0 s"), 3) == [1, 1, 1]
+    # A refused or reset connection is, once, while the budget lasts (10 saved, a tenth of a retry per call).
+    refused = attempts(ConnectionRefusedError(111, "refused"), 30)
+    assert refused[:10] == [2] * 10 and refused.count(2) < 14 and refused[-1] == 1

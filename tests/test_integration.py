@@ -261,6 +261,12 @@ def test_more_instances_than_tritons_batch_limit_are_sent_in_chunks(tiny_pipelin
         status, body = post(retriever.predict_url, {"instances": instances})
         assert status == 200, body
         assert len(body["predictions"]) == 100 and all(len(p["items"]) == 2 for p in body["predictions"])
+    # Bounded work per request: more instances, or more items across them, are refused before any work.
+    customers = [{"customer_id": c, "k": 1000} for c in load_hm_dir(tiny_pipeline.data_dir).transactions["customer_id"]]
+    status, body = post(retriever.predict_url, {"instances": customers[:3000]})
+    assert status == 413 and "the limit is 256 per request (max_instances)" in body["error"], body
+    status, body = post(retriever.predict_url, {"instances": customers[:11]})
+    assert status == 413 and "11000 items in all" in body["error"], body
 
 
 def test_known_customers_are_answered_from_vectors_computed_at_export(tiny_pipeline, retriever) -> None:

@@ -81,6 +81,45 @@ def test_promtool_accepts_the_alert_rules(prometheus) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_error_alert_fires_on_server_errors_and_shedding_not_on_client_mistakes(tmp_path: Path) -> None:
+    """promtool's rule tests feed series through the real rule engine: 100 requests/s of which 2/s fail
+    (Triton down, or shed) fires after its 5 minutes; 50/s of 4xx (a client's mistake) never does."""
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": alert_groups()}))
+    (rule,) = [r for g in alert_groups() for r in g["rules"] if r["alert"] == "RecommenderErrorRateHigh"]
+    annotations = {"summary": rule["annotations"]["summary"], "description": "Server-side error ratio is 2%."}
+    fired = {"exp_alerts": [{"exp_labels": {"severity": "critical"}, "exp_annotations": annotations}]}
+
+    def case(reason: str, errors_per_minute: int, expected: dict) -> dict:
+        return {
+            "interval": "1m",
+            "input_series": [
+                {"series": "retriever_api_requests_total", "values": "0+6000x20"},
+                {"series": f'retriever_errors_total{{reason="{reason}"}}', "values": f"0+{errors_per_minute}x20"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "3m", "alertname": "RecommenderErrorRateHigh", "exp_alerts": []},  # not yet: for 5m
+                {"eval_time": "15m", "alertname": "RecommenderErrorRateHigh", **expected},
+            ],
+        }
+
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            case("triton_unavailable", 120, fired),
+            case("overloaded", 120, fired),
+            case("invalid_input", 3000, {"exp_alerts": []}),
+            case("too_large", 3000, {"exp_alerts": []}),
+            case("internal", 30, {"exp_alerts": []}),  # 0.5%: under the 1% threshold
+        ],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        ["promtool", "test", "rules", "tests.yaml"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever) -> None:
     base, _ = prometheus
     bodies = [{"instances": [{"query": "black dress"}]}, {"instances": [{"query": ""}]}]

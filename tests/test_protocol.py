@@ -121,6 +121,24 @@ def test_v2_wrong_dtype_and_shape() -> None:
         parse_v2(InferRequest("recommender", [bytes_input("query", ["a"]), k]), CONFIG)
 
 
+def test_requests_asking_for_too_much_work_are_413s_naming_the_limit() -> None:
+    from retriever.errors import RequestTooLarge, classify
+
+    config = RetrieverConfig(max_instances=3, max_total_k=10)
+    with pytest.raises(RequestTooLarge, match="4 instances, the limit is 3 per request \\(max_instances\\)") as caught:
+        parse_v1({"instances": [{"customer_id": "c"}] * 4}, config)
+    assert classify(caught.value)[0] == 413
+    with pytest.raises(RequestTooLarge, match="11 items in all .* the limit is 10 per request \\(max_total_k\\)"):
+        parse_v1({"instances": [{"customer_id": "c", "k": 6}, {"customer_id": "d", "k": 5}]}, config)
+    assert len(parse_v1({"instances": [{"customer_id": "c", "k": 5}] * 2}, config)) == 2  # at the limits: fine
+    with pytest.raises(RequestTooLarge, match="input 'customer_id' has 4 instances"):
+        parse_v2(InferRequest("recommender", [bytes_input("customer_id", list("abcd"))]), config)
+    k = InferInput("k", [1], "INT32")
+    k.set_data_from_numpy(np.array([4], dtype=np.int32), binary_data=False)
+    with pytest.raises(RequestTooLarge, match="12 items in all"):
+        parse_v2(InferRequest("recommender", [bytes_input("customer_id", list("abc")), k]), config)
+
+
 def test_responses() -> None:
     queries = parse_v1({"instances": [{"query": "a", "k": 2}, {"query": "b", "k": 1}]}, CONFIG)
     results = [

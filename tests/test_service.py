@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 
 import httpx
@@ -235,6 +236,67 @@ def test_a_refused_index_version_leaves_the_served_one_in_place(shop, tmp_path: 
     recommend(service, Query("customer_id", "alice", 5))  # the new version serves
 
 
+def damage_index_file(version_dir: Path) -> None:
+    """index.faiss replaced by garbage whose checksum the manifest records: only faiss finds out."""
+    from twotower.files import sha256_file
+
+    (version_dir / artifacts.INDEX_FILE).write_bytes(b"not a faiss index" * 10)
+    manifest_path = version_dir / artifacts.MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][artifacts.INDEX_FILE] = sha256_file(version_dir / artifacts.INDEX_FILE)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop, monkeypatch) -> None:
+    import time
+
+    from retriever import index_slot, metrics
+
+    service, _, source = shop
+    slot = service.slot
+    root = Path(service.config.index_dir)
+    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01)
+    monkeypatch.setattr(index_slot, "TOWERS_RETRY_S", 0.05)
+    opened: list[str] = []
+    open_catalog = slot.open_catalog
+    monkeypatch.setattr(slot, "open_catalog", lambda path: opened.append(Path(path).name) or open_catalog(path))
+    failed = metrics.INDEX_RELOADS.labels("failed")
+    failures_before = failed._value.get()
+
+    def wait_for(condition, seconds: float = 5.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    write_shop_index(root / "v0002", seed=1)
+    damage_index_file(root / "v0002")
+    # The admin endpoint's path: the reason, not a stack trace, and the old version keeps serving.
+    artifacts.publish_version(root, "v0002")
+    result = service.slot.reload()
+    assert result.status == "failed" and result.message.startswith("RuntimeError: ") and result.index_version == "v0001"
+    slot.start_watching()
+    try:
+        wait_for(lambda: len(opened) >= 2)
+        time.sleep(0.3)  # ~30 polls: the damaged version is not opened again while CURRENT names it
+        assert opened == ["v0002", "v0002"] and failed._value.get() == failures_before + 2
+        assert slot._watcher is not None and slot._watcher.is_alive()
+        assert slot.serving.catalog.version == "v0001"
+        # Towers Triton does not serve yet: tried again with backoff until they are.
+        write_shop_index(root / "v0003", seed=2)
+        manifest = json.loads((root / "v0003" / artifacts.MANIFEST_FILE).read_text())
+        manifest["model_version"] = 2
+        (root / "v0003" / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+        source.refuse_model_versions = (2,)
+        artifacts.publish_version(root, "v0003")
+        wait_for(lambda: opened.count("v0003") >= 3)
+        assert slot.serving.catalog.version == "v0001"
+        source.refuse_model_versions = ()
+        wait_for(lambda: slot.serving.catalog.version == "v0003")
+        assert slot.serving.catalog.version == "v0003"
+    finally:
+        slot.stop()
+
+
 def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
     """One ranking function: the served lists, the evaluation's and the held-out fits' agree."""
     service, vectors, source = shop
@@ -265,9 +327,13 @@ def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
 
 
 def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
+    from retriever import metrics
+
     service, _, _ = shop
     app = FastAPI()
     install_routes(app, service)
+    invalid, received = metrics.ERRORS.labels("invalid_input"), metrics.RECEIVED
+    invalid_before, received_before = invalid._value.get(), received._value.get()
 
     async def calls() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
@@ -277,14 +343,63 @@ def test_shop_routes_answer_domain_errors_from_the_one_table(shop) -> None:
                 await client.get("/shop/api/search", params={"q": "red dress", "colour": "Red", "k": 3}),
                 await client.get("/shop/api/search", params={"q": "red dress", "price_min": 2, "price_max": 1}),
                 await client.post("/shop/api/customers/bob/purchases", json={"article_ids": ["nope"]}),
+                await client.get("/shop/api/search", params={"q": "red dress", "k": 0}),
             ]
 
-    ok, unknown, search, bad_filter, bad_purchase = asyncio.run(calls())
+    ok, unknown, search, bad_filter, bad_purchase, bad_k = asyncio.run(calls())
+    # Every endpoint's failures are counted, FastAPI's own validation (422) included, as is every request.
+    assert bad_k.status_code == 422 and invalid._value.get() == invalid_before + 4
+    assert received._value.get() == received_before + 6
     assert ok.status_code == 200 and ok.json()["colour_group_name"] == COLOURS[1]
     assert unknown.status_code == 400 and unknown.json() == {"error": "article_id: unknown article_id: '9999999999'"}
     assert search.status_code == 200 and len(search.json()["items"]) == 3
     assert bad_filter.status_code == 400 and "price_min" in bad_filter.json()["error"]
     assert bad_purchase.status_code == 400 and "article_ids" in bad_purchase.json()["error"]
+
+
+class GatedTowers(StandInTowers):
+    """Text queries wait for `gate`: requests stay in progress until the test opens it."""
+
+    def __init__(self, texts: dict[int, np.ndarray]):
+        super().__init__(texts)
+        self.gate = asyncio.Event()
+
+    async def query_vectors(self, input_ids: np.ndarray) -> np.ndarray:
+        await self.gate.wait()
+        return await super().query_vectors(input_ids)
+
+
+def test_a_full_process_refuses_at_once_with_retry_after_and_recovers(tmp_path: Path) -> None:
+    from retriever import metrics
+
+    root = tmp_path / "index"
+    vectors = write_shop_index(root / "v0001")
+    artifacts.publish_version(root, "v0001")
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off", max_in_flight=2, retry_after_s=3)
+    towers = GatedTowers({len("red dress"): vectors[33]})
+    service = RecommendationService(config, IndexSlot(config, StandInSource(towers)), tokenizer=tokenize)
+    service.load(triton_wait_s=0)
+    app = FastAPI()
+    install_routes(app, service)
+    refused = metrics.ERRORS.labels("overloaded")
+    before = refused._value.get()
+
+    async def calls() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
+            search = {"q": "red dress", "k": 3}
+            waiting = [asyncio.create_task(client.get("/shop/api/search", params=search)) for _ in range(2)]
+            await asyncio.sleep(0.05)  # both are in progress, waiting for the tower
+            shed = await client.get("/shop/api/search", params=search)
+            admin = await client.get("/admin/index")  # never limited: operators and probes get through
+            towers.gate.set()
+            return await asyncio.gather(*waiting), shed, admin, [await client.get("/shop/api/search", params=search)]
+
+    admitted, shed, admin, after = asyncio.run(calls())
+    assert [r.status_code for r in admitted] == [200, 200]
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "3"
+    assert "max_in_flight 2" in shed.json()["error"]
+    assert admin.status_code == 200 and after[0].status_code == 200  # back to normal once the two finished
+    assert refused._value.get() == before + 1
 
 
 def test_text_queries_fuse_keyword_and_vector_results_under_the_same_filters(tmp_path: Path) -> None:
@@ -330,3 +445,31 @@ def test_a_loaded_keyword_index_travels_to_kserve_workers_by_its_files(tmp_path:
     )
     assert copy.search("grey trousers", 3, everything)[0] == 2 and copy.captions == captions
     assert copy.search("the and of", 3, everything).tolist() == []  # stop words only: no match
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (
+            ["--image-url-template", "https://cdn/{artcle_id}.jpg"],
+            "--image-url-template: 'https://cdn/{artcle_id}.jpg'",
+        ),
+        (["--image-url-template", "https://cdn/{0}.jpg"], "may use {article_id} and {prefix}"),
+        (["--text-search", "fuzzy"], "--text-search: 'fuzzy' is not one of dense, hybrid"),
+        (["--top-k", "2000"], "--top-k: 2000 must be between 1 and --max-k (1000)"),
+        (["--max-instances", "0"], "--max-instances: must be at least 1"),
+    ],
+)
+def test_settings_that_would_fail_every_request_stop_the_start_with_exit_2(flags, fragment, tmp_path, capsys) -> None:
+    from retriever.server import main
+
+    assert main(["--index-dir", str(tmp_path), "--predictor_host", "127.0.0.1:1", *flags]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_an_unknown_flag_is_refused_not_ignored(tmp_path, capsys) -> None:
+    from retriever.server import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--index-dir", str(tmp_path), "--predictor_host", "127.0.0.1:1", "--max-in-fligth", "4"])
+    assert exited.value.code == 2 and "unrecognized arguments: --max-in-fligth" in capsys.readouterr().err

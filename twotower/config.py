@@ -144,6 +144,10 @@ class RetrieverConfig:
     index_dir: str = "artifacts/index"
     top_k: int = 12  # default k when a request gives none
     max_k: int = 1000
+    # Bounded work per request: 3,000 customer_id instances at k 1000 (a 288 KB body) took 29 s and grew the
+    # process by 1.5 GB. More instances, or more items asked for across them, get a 413 naming the limit.
+    max_instances: int = 256
+    max_total_k: int = 10_000  # ~5 MB of JSON with metadata
     max_history_items: int = 1000  # longer request histories are refused, not truncated silently
     max_query_chars: int = 2000
     triton_timeout_s: float = 2.0
@@ -181,6 +185,9 @@ class RetrieverConfig:
         ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
     )
     max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are parsed
+    # requests in progress per process (predict, infer, shop API) before more get 503 + Retry-After; 0 = no limit
+    max_in_flight: int = 32
+    retry_after_s: int = 1  # Retry-After of a refused (overloaded) request or of Triton being unavailable
     # hybrid | dense: hybrid text queries also search the index's BM25 index and fuse both lists by reciprocal
     # rank: colour + type precision@12 0.548 vs 0.477 for the pretrained tower alone (BM25 alone 0.531) on H&M,
     # pattern + type 0.520 vs 0.321 (make eval, 2026-11-28); BM25 scores 105k captions in ~1 ms (serving/lexical.py)

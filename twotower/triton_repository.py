@@ -42,6 +42,10 @@ class TritonModelSpec:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int = 64
     max_queue_delay_us: int = 200
+    # A bounded queue: past it Triton rejects at once (the retriever answers 503 + Retry-After) instead of
+    # every caller waiting longer; a request queued longer than the timeout is rejected too (REJECT).
+    max_queue_size: int = 128
+    queue_timeout_us: int = 500_000
     instance_count: int = 1
     versions_kept: int = 2  # the previous version stays loaded while its index may still be served
     warmup_runs: int = 3  # TorchScript optimises on its first calls: pay that before serving
@@ -75,7 +79,14 @@ def render_config(spec: TritonModelSpec) -> str:
         f"max_batch_size: {spec.max_batch_size}\n"
         f"input {_tensor_block(spec.inputs)}\n"
         f"output {_tensor_block(spec.outputs)}\n"
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n}}\n"
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}\n"
+        "  default_queue_policy {\n"
+        "    timeout_action: REJECT\n"
+        f"    default_timeout_microseconds: {spec.queue_timeout_us}\n"
+        f"    max_queue_size: {spec.max_queue_size}\n"
+        "  }\n"
+        "}\n"
         f"instance_group [\n  {{\n    count: {spec.instance_count}\n    kind: KIND_AUTO\n  }}\n]\n"
         f"version_policy: {{ latest: {{ num_versions: {spec.versions_kept} }} }}\n"
         + (_warmup_block(spec) if spec.warmup_runs > 0 else "")
