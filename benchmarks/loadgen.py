@@ -23,6 +23,8 @@ from serving.http1 import KeepAliveClient
 
 T = TypeVar("T")
 JSON_HEADER = "Content-Type: application/json\r\n"
+OK = 200
+NO_ANSWER = 0  # a send's status when no HTTP answer came (timeout, connection error)
 
 
 def summarise(
@@ -55,23 +57,41 @@ def summarise(
     }
 
 
+def by_status(outcomes: dict[int, list[float]]) -> dict[str, dict[str, float]]:
+    """Count and latency percentiles of each HTTP status (NO_ANSWER: count and time to give up)."""
+    return {
+        str(status): {
+            "requests": len(seconds),
+            "p50_ms": float(np.percentile(seconds, 50)) * 1000.0,
+            "p99_ms": float(np.percentile(seconds, 99)) * 1000.0,
+        }
+        for status, seconds in sorted(outcomes.items())
+    }
+
+
 async def open_loop(
     items: Sequence[T],
     rate: float,
-    send: Callable[[T], Awaitable[bool]],
+    send: Callable[[T], Awaitable[int]],
     warmup: int = 5,
     kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Send item i at start + i/rate whatever happened before; latency counts from that scheduled time.
-    `kinds` (one per item) adds percentiles per request kind."""
+    `send` returns the HTTP status (NO_ANSWER when none came); latency percentiles are over the 200s, the
+    rest are errors, each status with its own count and latency under "statuses" (a shed request's
+    503 should come fast). `kinds` (one per item) adds percentiles per request kind."""
     latencies: list[float] = []
     answered: list[str] = []
+    outcomes: dict[int, list[float]] = {}
     errors = 0
 
     async def one(item: T, scheduled: float, kind: str) -> None:
         nonlocal errors
-        if await send(item):
-            latencies.append(time.perf_counter() - scheduled)
+        status = await send(item)
+        elapsed = time.perf_counter() - scheduled
+        outcomes.setdefault(status, []).append(elapsed)
+        if status == OK:
+            latencies.append(elapsed)
             answered.append(kind)
         else:
             errors += 1
@@ -87,7 +107,8 @@ async def open_loop(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(item, scheduled, kinds[i] if kinds is not None else "")))
     await asyncio.gather(*tasks)
-    return summarise(latencies, errors, started, time.perf_counter(), rate, answered if kinds is not None else None)
+    result = summarise(latencies, errors, started, time.perf_counter(), rate, answered if kinds is not None else None)
+    return {**result, "statuses": by_status(outcomes)}
 
 
 async def run_open_loop(
@@ -102,11 +123,11 @@ async def run_open_loop(
     # per request at 400 QPS (benchmarks/LEVERS.md), CPU the servers under test share on 2 cores.
     client = KeepAliveClient(url, limit=512, timeout_s=timeout_s)
 
-    async def post(body: bytes) -> bool:
+    async def post(body: bytes) -> int:
         try:
-            return (await client.request("POST", path, body, JSON_HEADER)).status == 200
+            return (await client.request("POST", path, body, JSON_HEADER)).status
         except (OSError, ConnectionError, TimeoutError):
-            return False
+            return NO_ANSWER
 
     try:
         return await open_loop(bodies, rate, post, kinds=kinds)
@@ -130,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--requests", type=int, required=True)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--timeout-s", type=float, default=10.0, help="a request unanswered this long is given up")
     args = parser.parse_args(argv)
     lines = [line for line in args.bodies.read_text().splitlines() if line.strip()]
     pool = [line.encode() for line in lines]
@@ -142,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run_open_loop(args.url, bodies, args.rate, kinds=kinds))
+    result = asyncio.run(run_open_loop(args.url, bodies, args.rate, args.timeout_s, kinds=kinds))
     args.out.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import psutil
 
 from benchmarks import hostspeed, offline
-from benchmarks.loadgen import open_loop
+from benchmarks.loadgen import OK, open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
 from serving.catalog import Catalog
@@ -145,7 +146,13 @@ def wait_until_idle(pids: list[int], busy_cores: float = 0.1, timeout_s: float =
 
 
 def run_served_rate(
-    retriever: RetrieverProcess, bodies_file: Path, rate: float, seconds: float, work: Path, servers: dict[str, int]
+    retriever: RetrieverProcess,
+    bodies_file: Path,
+    rate: float,
+    seconds: float,
+    work: Path,
+    servers: dict[str, int],
+    client_timeout_s: float = 10.0,
 ) -> dict:
     """One open-loop run; also the CPU each server (`servers`: name -> pid) and the load generator spent
     per request, which says where a 2-core budget goes when a rate saturates it."""
@@ -168,6 +175,8 @@ def run_served_rate(
             str(int(rate * seconds)),
             "--out",
             str(out),
+            "--timeout-s",
+            str(client_timeout_s),
         ],
         check=True,
         timeout=seconds * 20 + 60,
@@ -228,12 +237,12 @@ def passes(result: dict) -> bool:
 async def run_in_process_rate(recommender: Any, bodies: list[dict], rate: float) -> dict[str, Any]:
     """The same open-loop schedule against the KServe adapter object itself."""
 
-    async def send(body: dict) -> bool:
+    async def send(body: dict) -> int:
         try:
             await recommender(body, {})
-            return True
+            return OK
         except Exception:  # noqa: BLE001 - counted, like an HTTP error in the served run
-            return False
+            return HTTPStatus.INTERNAL_SERVER_ERROR
 
     return await open_loop(bodies, rate, send)
 

@@ -136,7 +136,7 @@ def test_open_loop_counts_answers_and_errors(http_server: str) -> None:
     result = asyncio.run(run_open_loop(http_server + "/ok/200", [b"{}"] * 50, rate=500.0))
     assert result["requests"] == 50 and result["errors"] == 0 and result["p99_ms"] > 0
     result = asyncio.run(run_open_loop(http_server + "/ok/503", [b"{}"] * 5, rate=500.0))
-    assert result["errors"] == 5
+    assert result["errors"] == 5 and result["statuses"]["503"]["requests"] == 5
 
 
 def test_wait_until_idle_returns_once_the_processes_are_quiet() -> None:

@@ -146,3 +146,48 @@ def test_frozen_triton_times_out_into_503_and_recovers(private_servers, tiny_pip
         os.killpg(triton.pid, signal.SIGCONT)
     assert wait_for(lambda: status_of(ready_url)[0] == 200, 30), "readiness did not come back after SIGCONT"
     assert status_of(retriever.predict_url, body)[0] == 200
+
+
+def test_a_burst_past_the_admission_limit_is_shed_with_retry_after_and_service_resumes(tiny_pipeline, tmp_path) -> None:
+    """60 distinct history requests at once against a retriever admitting 2: the rest are answered 503 with
+    Retry-After (never queued, never a 500 or a dropped connection), counted, and the next request is
+    served normally. The 2x-saturation run with latencies is benchmarks/overload.py (docs/reliability.md)."""
+    import asyncio
+
+    from serving.http1 import KeepAliveClient
+
+    articles = json.loads((tiny_pipeline.version_dir / "items.json").read_text())["article_id"]
+    bodies = [json.dumps({"instances": [{"history": [a, b], "k": 3}]}).encode() for a, b in zip(articles, articles[1:])]
+    settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path)
+    with (
+        TritonServer(settings),
+        RetrieverProcess(
+            tiny_pipeline.index_dir,
+            f"127.0.0.1:{settings.http_port}",
+            log_path=tmp_path / "r.log",
+            extra_args=["--max-in-flight", "2", "--history-clock", "index"],
+        ) as retriever,
+    ):
+        path = retriever.predict_url.removeprefix(retriever.url)
+
+        async def burst() -> list[tuple[int, str | None, str]]:
+            client = KeepAliveClient(retriever.url, limit=64, timeout_s=30.0)
+            try:
+                answers = await asyncio.gather(
+                    *(client.request("POST", path, body, "Content-Type: application/json\r\n") for body in bodies[:60])
+                )
+            finally:
+                client.close()
+            return [(a.status, a.header("retry-after"), a.body.decode()) for a in answers]
+
+        answers = asyncio.run(burst())
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) == {200, 503}, statuses
+        shed = [(retry, text) for status, retry, text in answers if status == 503]
+        assert all(retry == "1" and "max_in_flight 2" in text for retry, text in shed), shed[:3]
+        assert status_of(retriever.predict_url, json.loads(bodies[60]))[0] == 200
+        metrics = urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10).read().decode()
+        counted = [
+            line for line in metrics.splitlines() if line.startswith('retriever_errors_total{reason="overloaded"}')
+        ]
+        assert counted and float(counted[0].split()[-1]) == len(shed), counted

@@ -1,0 +1,178 @@
+"""Overload run: twice the saturating rate through the whole served path, with the retriever's admission
+limit and without it, then the normal rate again to see how fast the service recovers.
+
+    python -m benchmarks.overload                      # docs/reliability.{md,json} (the overload section)
+
+Per setting: 100 QPS for --calm-s (the reference), --overload-rate for --overload-s, then 100 QPS in
+--window-s windows for --recovery-s. Requests are the bench mix with fresh bodies (make bench's
+artifacts), each given up by the client after --client-timeout-s. Reported per phase: admitted (200)
+p50/p99, shed answers (503) and how fast they came, requests never answered, goodput, and the RSS
+of the retriever and of Triton with its stubs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import offline
+from benchmarks.serving import HM_DIR, request_bodies, run_served_rate, wait_until_idle
+from benchmarks.soak import group_rss_mb, rss_mb
+from localtriton import TritonServer, TritonSettings
+from retriever.launch import RetrieverProcess
+from serving.catalog import Catalog
+
+log = logging.getLogger("benchmarks.overload")
+CALM_RATE = 100.0
+SETTINGS = {"admission limit (default)": [], "no admission limit": ["--max-in-flight", "0"]}
+
+
+def phase(result: dict[str, Any]) -> dict[str, Any]:
+    statuses = result.get("statuses", {})
+
+    def part(status: str) -> dict[str, float]:
+        return statuses.get(status, {"requests": 0, "p50_ms": float("nan"), "p99_ms": float("nan")})
+
+    duration = result["requests"] / max(result["achieved_qps"], 1e-9)
+    return {
+        "sent": result["requests"],
+        "target_qps": result["target_qps"],
+        "admitted": part("200")["requests"],
+        "goodput_qps": part("200")["requests"] / max(duration, 1e-9),
+        "admitted_p50_ms": result["p50_ms"],
+        "admitted_p99_ms": result["p99_ms"],
+        "shed": part("503")["requests"],
+        "shed_p50_ms": part("503")["p50_ms"],
+        "shed_p99_ms": part("503")["p99_ms"],
+        "unanswered": part("0")["requests"],
+        "other_errors": sum(v["requests"] for k, v in statuses.items() if k not in ("200", "503", "0")),
+    }
+
+
+def run_setting(
+    artifacts: offline.BenchArtifacts, flags: list[str], bodies: list[dict], args: argparse.Namespace
+) -> dict[str, Any]:
+    settings = TritonSettings.on_free_ports(artifacts.repository, args.work_dir / "triton")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    bodies_file = args.work_dir / "overload-bodies.jsonl"
+    used = 0
+
+    def run(rate: float, seconds: float) -> dict[str, Any]:
+        nonlocal used
+        n = int(rate * seconds)
+        bodies_file.write_text("\n".join(json.dumps(b) for b in bodies[used : used + n]) + "\n")
+        used += n
+        result = run_served_rate(
+            retriever, bodies_file, rate, seconds, args.work_dir, servers, client_timeout_s=args.client_timeout_s
+        )
+        return {**phase(result), "rss_retriever_mb": rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
+
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            artifacts.index_dir,
+            f"127.0.0.1:{settings.http_port}",
+            log_path=args.work_dir / "overload-retriever.log",
+            extra_args=["--workers", "2", "--history-clock", "index", *flags],
+        ) as retriever,
+    ):
+        assert triton.pid is not None and retriever.process is not None
+        pid = retriever.process.pid
+        servers = {"retriever": pid, "Triton": triton.pid}
+        wait_until_idle(list(servers.values()))
+        rss_start = {"retriever": rss_mb(pid), "triton": group_rss_mb(triton.pid)}
+        calm = run(CALM_RATE, args.calm_s)
+        overload = run(args.overload_rate, args.overload_s)
+        recovery = [run(CALM_RATE, args.window_s) for _ in range(max(1, round(args.recovery_s / args.window_s)))]
+    return {"flags": flags, "rss_start": rss_start, "calm": calm, "overload": overload, "recovery": recovery}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "## Overload: twice the saturating rate",
+        "",
+        f"`python -m benchmarks.overload` ({report['finished']}) on {report['machine']}; catalogue "
+        f"{report['catalogue']:,} articles ({report['data']}); the bench mix with fresh bodies; retriever "
+        "`--workers 2`. Per setting: "
+        f"{CALM_RATE:g} QPS for {report['calm_s']:g} s, {report['overload_rate']:g} QPS for "
+        f"{report['overload_s']:g} s ({report['overload_rate'] / report['saturating_rate']:.1f}x the "
+        f"{report['saturating_rate']:g} QPS `make bench` could not sustain), then {CALM_RATE:g} QPS in "
+        f"{report['window_s']:g} s windows. Clients give up after {report['client_timeout_s']:g} s (unanswered).",
+        "",
+        "| setting | phase | sent | admitted (200) | goodput QPS | admitted p50 / p99 ms | shed (503) "
+        "| shed p50 / p99 ms | unanswered | other errors | RSS retriever / Triton MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, setting in report["settings"].items():
+        phases = [("calm", setting["calm"]), ("overload", setting["overload"])]
+        phases += [
+            (f"after, {i * report['window_s']:g}-{(i + 1) * report['window_s']:g} s", r)
+            for i, r in enumerate(setting["recovery"])
+        ]
+        for label, p in phases:
+            lines.append(
+                f"| {name} | {label} | {p['sent']} | {p['admitted']} | {p['goodput_qps']:.0f} | "
+                f"{p['admitted_p50_ms']:.1f} / {p['admitted_p99_ms']:.1f} | {p['shed']} | "
+                f"{p['shed_p50_ms']:.1f} / {p['shed_p99_ms']:.1f} | {p['unanswered']} | {p['other_errors']} | "
+                f"{p['rss_retriever_mb']:.0f} / {p['rss_triton_mb']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--run-dir", type=Path, default=None, help="trained run to serve, as for benchmarks.serving")
+    parser.add_argument(
+        "--saturating-rate",
+        type=float,
+        default=400.0,
+        help="the rate make bench could not sustain (docs/benchmarks.md)",
+    )
+    parser.add_argument("--overload-rate", type=float, default=0.0, help="default: twice --saturating-rate")
+    parser.add_argument("--overload-s", type=float, default=60.0)
+    parser.add_argument("--calm-s", type=float, default=20.0)
+    parser.add_argument("--recovery-s", type=float, default=20.0)
+    parser.add_argument("--window-s", type=float, default=5.0)
+    parser.add_argument("--client-timeout-s", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    args.overload_rate = args.overload_rate or 2 * args.saturating_rate
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = offline.prepare_artifacts(args.data_dir, args.work_dir, args.run_dir)
+    per_setting = int(CALM_RATE * (args.calm_s + args.recovery_s) + args.overload_rate * args.overload_s) + 1000
+    bodies = request_bodies(Catalog(artifacts.index_dir), per_setting, seed=7)
+    report: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} cores shared by load generator and servers",
+        "data": str(args.data_dir or "synthetic"),
+        "catalogue": artifacts.item_count,
+        "saturating_rate": args.saturating_rate,
+        "overload_rate": args.overload_rate,
+        "overload_s": args.overload_s,
+        "calm_s": args.calm_s,
+        "window_s": args.window_s,
+        "client_timeout_s": args.client_timeout_s,
+        "settings": {},
+    }
+    for name, flags in SETTINGS.items():
+        log.info("overload run: %s", name)
+        report["settings"][name] = run_setting(artifacts, flags, bodies, args)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (args.out / "overload.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
