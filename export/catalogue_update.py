@@ -102,7 +102,18 @@ def update_catalogue(
     articles_path: Path | None = None,
     remove_ids: list[str] | None = None,
 ) -> UpdateSummary:
-    """Write and publish the next index version; the parent is never modified."""
+    """Write and publish the next index version on top of CURRENT; the parent is never modified. One writer of
+    the root at a time: a concurrent update or export waits, then builds on what this one published."""
+    with artifacts.writer_lock(index_root):
+        return _update(Path(index_root), embedder_for, articles_path, remove_ids)
+
+
+def _update(
+    index_root: Path,
+    embedder_for: Callable[[artifacts.Manifest], ItemEmbedder],
+    articles_path: Path | None,
+    remove_ids: list[str] | None,
+) -> UpdateSummary:
     started = time.perf_counter()
     index_root = Path(index_root)
     parent_name = artifacts.current_version(index_root)

@@ -206,54 +206,57 @@ def export_run(
         int((item_bias > 0).sum()),
     )
     index_root = Path(index_dir)
-    out = new_version_dir(index_root)
-    index_type = resolve_index_type(options.index_type, len(vectors))
-    started = time.perf_counter()
-    index = build_faiss_index(vectors, index_type, item_bias)
-    log.info("built %s index over %d items in %.1fs", index_type, len(vectors), time.perf_counter() - started)
-    manifest = write_index_dir(
-        out,
-        index,
-        vectors,
-        item_metadata(data.articles, data.transactions),
-        {
-            "customer_ids": np.asarray(customers),
-            "rows": histories.rows.astype(np.int32),
-            "age_days": histories.age_days,
-            "last_day": last_day,
-            "user_vectors": user_vectors,
-        },
-        artifacts.ScoreHeadWeights(
-            head[0].weight.detach().numpy()[:, 0],
-            head[0].bias.detach().numpy(),
-            head[2].weight.detach().numpy()[0],
-            float(head[2].bias.item()),
-            run.repeat_boost,
-            prior,
-        ),
-        {
-            "index_type": index_type,
-            "model_version": version,
-            "customer_count": len(customers),
-            "max_history": config.max_history,
-            "context_length": context_length,
-            "clip_model": config.clip_model,
-            "item_tower_precision": "int8" if options.item_tower_int8 else "fp32",
-            "reference_day": reference_day,
-            "data_source": str(data_dir),
-            "trained_until": run.trained_until,
-            "unseen_customer_share": run.unseen_customer_share,
-            "tower_checksums": {spec.name: hashlib.sha256(data).hexdigest() for spec, data in served.items()},
-            "query_model": artifacts.QUERY_MODEL if query_bytes else "",
-        },
-        item_bias=item_bias,
-        lexical=LexicalIndex.build(captions),
-    )
-    # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
-    # A retriever watching the root swaps only once Triton serves the version this index names.
-    paths = [str(write_model(Path(model_repository), spec, version, data)) for spec, data in served.items()]
-    log.info("wrote %s (version %d)", ", ".join(paths), version)
-    artifacts.publish_version(index_root, out.name)
+    # One writer of the root at a time: a catalogue update running now would otherwise publish on top of
+    # the version this one replaces.
+    with artifacts.writer_lock(index_root):
+        out = new_version_dir(index_root)
+        index_type = resolve_index_type(options.index_type, len(vectors))
+        started = time.perf_counter()
+        index = build_faiss_index(vectors, index_type, item_bias)
+        log.info("built %s index over %d items in %.1fs", index_type, len(vectors), time.perf_counter() - started)
+        manifest = write_index_dir(
+            out,
+            index,
+            vectors,
+            item_metadata(data.articles, data.transactions),
+            {
+                "customer_ids": np.asarray(customers),
+                "rows": histories.rows.astype(np.int32),
+                "age_days": histories.age_days,
+                "last_day": last_day,
+                "user_vectors": user_vectors,
+            },
+            artifacts.ScoreHeadWeights(
+                head[0].weight.detach().numpy()[:, 0],
+                head[0].bias.detach().numpy(),
+                head[2].weight.detach().numpy()[0],
+                float(head[2].bias.item()),
+                run.repeat_boost,
+                prior,
+            ),
+            {
+                "index_type": index_type,
+                "model_version": version,
+                "customer_count": len(customers),
+                "max_history": config.max_history,
+                "context_length": context_length,
+                "clip_model": config.clip_model,
+                "item_tower_precision": "int8" if options.item_tower_int8 else "fp32",
+                "reference_day": reference_day,
+                "data_source": str(data_dir),
+                "trained_until": run.trained_until,
+                "unseen_customer_share": run.unseen_customer_share,
+                "tower_checksums": {spec.name: hashlib.sha256(data).hexdigest() for spec, data in served.items()},
+                "query_model": artifacts.QUERY_MODEL if query_bytes else "",
+            },
+            item_bias=item_bias,
+            lexical=LexicalIndex.build(captions),
+        )
+        # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
+        # A retriever watching the root swaps only once Triton serves the version this index names.
+        paths = [str(write_model(Path(model_repository), spec, version, data)) for spec, data in served.items()]
+        log.info("wrote %s (version %d)", ", ".join(paths), version)
+        artifacts.publish_version(index_root, out.name)
     log.info(
         "published index %s: %d items, dim %d, %s index, %d customers, model version %d",
         out,

@@ -20,6 +20,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Something accepts connections on host:port (a server already running there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -44,6 +51,8 @@ def wait_until_ready(process: subprocess.Popen, ready_url: str, timeout_s: float
                 f"{name} exited with code {process.returncode} during start-up; last log lines:\n{log_tail(log_path)}"
             )
         if http_ok(ready_url):
+            if process.poll() is not None:  # the answer came from another server, ours is gone
+                continue
             return
         time.sleep(0.2)
     raise ProcessStartError(f"{name} not ready after {timeout_s:.0f}s; last log lines:\n{log_tail(log_path)}")

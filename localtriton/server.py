@@ -23,7 +23,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from localtriton.process import ProcessStartError, free_port, wait_until_ready
+from localtriton.process import ProcessStartError, free_port, port_in_use, wait_until_ready
 
 log = logging.getLogger("localtriton")
 
@@ -147,6 +147,13 @@ class TritonServer:
         repository = Path(self.settings.model_repository)
         if not repository.is_dir():
             raise TritonStartError(f"model repository {repository} does not exist (run `python -m export` first)")
+        s = self.settings
+        taken = [port for port in (s.http_port, s.grpc_port, s.metrics_port) if port_in_use(s.host, port)]
+        if taken:  # another server's "ready" would be taken for ours, and ours would fail to bind
+            raise TritonStartError(
+                f"port(s) {', '.join(map(str, taken))} on {s.host} already accept connections (another Triton?); "
+                "stop it or choose other ports"
+            )
         backend_dir = prepare_backend_dir(self.settings.state_dir)
         command = server_command(self.settings, backend_dir)
         log.info("starting Triton on %s (log %s)", self.settings.http_url, self.log_path)

@@ -259,17 +259,20 @@ class Catalog:
             return ranking.top_k(scores, candidates, k)
         bitmap = np.packbits(allowed, bitorder="little")
         selectivity = len(candidates) / len(allowed)
+        # Given to the constructor and held in a local: some faiss releases keep a reference to constructor
+        # arguments only, so a selector assigned as `params.sel = ...` could be freed while the search reads it
+        # (1.15.1, installed here, protects both). `bitmap` is a local too: alive until the search returns.
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
         params: Any  # faiss' SWIG stubs lack the concrete parameter classes
         if plan == "hnsw+selector":
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
             # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
             # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
-            params.efSearch = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
+            ef = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
         else:
-            params = faiss.SearchParametersIVF()
             # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search.
-            params.nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe / selectivity)))
-        params.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+            nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe / selectivity)))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
         found_similarities, found_rows = self.index.search(index_query, k, params=params)
         return found_similarities[0], found_rows[0]
 

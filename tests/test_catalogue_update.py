@@ -101,6 +101,47 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     )
 
 
+def test_concurrent_updates_both_land(tiny_pipeline, tmp_path: Path) -> None:
+    """Two updates at once: the second waits for the first and builds on its version, so the published
+    catalogue holds both deltas (without the writer lock each built on the same parent: one was lost)."""
+    import threading
+    import time
+
+    root = copy_root(tiny_pipeline, tmp_path)
+    delta_file(tiny_pipeline, tmp_path / "a.csv", ["0999000001"])
+    delta_file(tiny_pipeline, tmp_path / "b.csv", ["0999000002"])
+    first_embedding = threading.Event()
+
+    def slow_embedder(manifest: artifacts.Manifest):
+        embed = local_embedder(tiny_pipeline.repository, manifest)
+
+        def embed_slowly(captions: list[str]) -> np.ndarray:
+            first_embedding.set()
+            time.sleep(0.5)  # the other update starts meanwhile
+            return embed(captions)
+
+        return embed_slowly
+
+    errors: list[BaseException] = []
+
+    def update(delta: Path) -> None:
+        try:
+            update_catalogue(root, slow_embedder, delta)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=update, args=(tmp_path / "a.csv",))]
+    threads[0].start()
+    first_embedding.wait(30)
+    threads.append(threading.Thread(target=update, args=(tmp_path / "b.csv",)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    final = Catalog(root)
+    assert {"0999000001", "0999000002"} <= set(final.row_of)
+
+
 def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:
     root = copy_root(tiny_pipeline, tmp_path)
     versions = artifacts.list_versions(root)

@@ -422,6 +422,14 @@ def test_localtriton_cli_starts_in_background_and_stops_by_pid(tiny_pipeline, tm
     state = json.loads((tmp_path / f"triton-{ports[0]}.json").read_text())
     assert pid_alive(state["pid"])
     assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=5).status == 200
+    # A second start on the same ports must not take the running server's "ready" for its own.
+    again = subprocess.run(
+        [sys.executable, "-m", "localtriton", "start", *common, "--state-dir", str(tmp_path / "second")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert again.returncode != 0 and "already accept connections" in again.stderr, again.stdout + again.stderr
     stopped = subprocess.run(
         [sys.executable, "-m", "localtriton", "stop", *common], capture_output=True, text=True, timeout=60
     )

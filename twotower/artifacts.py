@@ -24,10 +24,13 @@ Only numpy here: the retriever imports this without torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -198,6 +201,29 @@ def current_version(root: Path | str) -> str:
     if not name or "/" in name or name.startswith("."):
         raise ArtifactError(f"{pointer}: does not name a version directory ({name!r})")
     return name
+
+
+WRITER_LOCK_FILE = ".writer.lock"
+log = logging.getLogger("twotower.artifacts")
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path | str) -> Iterator[None]:
+    """One writer of an index root at a time (export, catalogue updates): an update reads CURRENT, builds on it
+    and publishes the result; two at once would each publish a version missing the other's changes. Blocks
+    until the other writer is done (an advisory flock on the root's .writer.lock, released if it dies)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / WRITER_LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another export or catalogue update is writing %s: waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def publish_version(root: Path | str, name: str) -> None:
