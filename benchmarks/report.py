@@ -121,7 +121,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Retriever flags: `{report['retriever_args'] or '(defaults)'}`.",
         *_host_probe(report),
         "Open-loop load (fixed arrival rate, latency from each request's scheduled send time), request mix:",
-        "40% known customers, 40% histories of 1..50 articles, 20% text queries, k=12. Command: `make bench`.",
+        "40% known customers, 40% histories of 1..50 articles, 20% text queries, k=12; a quarter of the customer "
+        "and history requests exclude purchased articles, a tenth of all requests filter by a product group. "
+        "Command: `make bench`.",
         *_query_mix_note(report),
         *_rounds_note(report),
         "",

@@ -43,6 +43,8 @@ P99_LIMIT_MS = 50.0
 # Text queries follow a Zipf law over the catalogue's own phrases, as search logs do: a head that
 # repeats (and hits the query-vector cache) and a long tail that reaches the item tower.
 QUERY_ZIPF_EXPONENT = 1.0
+EXCLUDE_PURCHASED_SHARE = 0.25  # of customer and history requests
+FILTERED_SHARE = 0.1  # of all requests: a product_group filter
 
 
 def text_queries(items: dict[str, list[str]], seed: int = 0) -> list[str]:
@@ -60,13 +62,16 @@ def text_queries(items: dict[str, list[str]], seed: int = 0) -> list[str]:
 
 def request_bodies(catalog: Catalog, n: int, seed: int = 0, queries: list[str] | None = None) -> list[dict[str, Any]]:
     """A realistic mix: 40% known customers, 40% histories of 1..50 articles, 20% text queries drawn
-    by a Zipf law (exponent QUERY_ZIPF_EXPONENT) over `queries` (default: the catalogue's `text_queries`)."""
+    by a Zipf law (exponent QUERY_ZIPF_EXPONENT) over `queries` (default: the catalogue's `text_queries`).
+    A quarter of the customer and history requests exclude what was bought, and a tenth of all requests
+    filter by the product group of a random article (a shop's category page: groups as common as they are)."""
     rng = np.random.default_rng(seed)
     queries = queries if queries is not None else text_queries(catalog.items, seed)
     popularity = 1.0 / np.arange(1, len(queries) + 1) ** QUERY_ZIPF_EXPONENT
     query_draws = iter(rng.choice(len(queries), size=n, p=popularity / popularity.sum()).tolist())
     customers = list(catalog.customer_row)
     bought = np.unique(catalog.history_rows[catalog.history_rows >= 0])
+    groups = list(catalog.items.get("product_group_name", []))  # one per article: drawn as often as they occur
     bodies = []
     for _ in range(n):
         draw = rng.random()
@@ -77,6 +82,10 @@ def request_bodies(catalog: Catalog, n: int, seed: int = 0, queries: list[str] |
             instance = {"history": [catalog.article_ids[r] for r in rows]}
         else:
             instance = {"query": queries[next(query_draws)]}
+        if "query" not in instance and rng.random() < EXCLUDE_PURCHASED_SHARE:
+            instance["exclude_purchased"] = True
+        if groups and rng.random() < FILTERED_SHARE:
+            instance["filters"] = {"product_group": [groups[rng.integers(len(groups))]]}
         bodies.append({"instances": [{**instance, "k": 12}]})
     return bodies
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kserve import InferRequest, Model
 
 from retriever import errors, metrics
-from retriever.protocol import parse_v1, parse_v2, v1_response, v2_response
+from retriever.protocol import V2_INPUTS, V2_OUTPUTS, parse_v1, parse_v2, v1_response, v2_response
 from retriever.queries import Query, Recommendation
 from retriever.service import RecommendationService
 
@@ -74,6 +74,13 @@ class KServeRecommender(Model):
             raise
         finally:
             metrics.STAGE["total"].observe(time.perf_counter() - started)
+
+    def get_input_types(self) -> list[dict]:
+        """GET /v2/models/<name>: the inputs a v2 request may carry (exactly one query kind, optional k)."""
+        return V2_INPUTS
+
+    def get_output_types(self) -> list[dict]:
+        return V2_OUTPUTS
 
     def validate(self, payload: Any) -> Any:
         return payload  # preprocess has already validated everything

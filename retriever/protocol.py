@@ -38,6 +38,17 @@ from serving.filters import FilterError, Filters
 from twotower.config import RetrieverConfig
 
 OPTIONS = ("k", "filters", "exclude_purchased", "max_per_product_type", "debug", "as_of")
+# The v2 model metadata (open inference protocol: name, datatype, shape; -1 = any size). A request gives
+# exactly one of the BYTES inputs, and `k` optionally.
+V2_INPUTS = [{"name": kind, "datatype": "BYTES", "shape": [-1]} for kind in KINDS] + [
+    {"name": "k", "datatype": "INT32", "shape": [1]}
+]
+V2_OUTPUTS = [
+    {"name": "article_id", "datatype": "BYTES", "shape": [-1, -1]},
+    {"name": "score", "datatype": "FP32", "shape": [-1, -1]},
+    {"name": "similarity", "datatype": "FP32", "shape": [-1, -1]},
+    {"name": "metadata", "datatype": "BYTES", "shape": [-1, -1]},
+]
 ID_SEPARATORS = re.compile(r"[,\s]+")
 
 
@@ -249,13 +260,8 @@ def v2_response(model_name: str, request: InferRequest, results: list[Recommenda
         len(results), k
     )
     outputs = []
-    for name, array, datatype in (
-        ("article_id", ids, "BYTES"),
-        ("score", scores, "FP32"),
-        ("similarity", sims, "FP32"),
-        ("metadata", meta, "BYTES"),
-    ):
-        output = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
+    for spec, array in zip(V2_OUTPUTS, (ids, scores, sims, meta)):
+        output = InferOutput(name=spec["name"], shape=list(array.shape), datatype=spec["datatype"])
         output.set_data_from_numpy(array, binary_data=False)
         outputs.append(output)
     return InferResponse(response_id=request.id or "", model_name=model_name, infer_outputs=outputs)

@@ -312,6 +312,18 @@ def test_v2_protocol(retriever) -> None:
     outputs = {o["name"]: o for o in response["outputs"]}
     assert outputs["article_id"]["shape"] == [2, 4]
     assert json.loads(outputs["metadata"]["data"][0])["prod_name"]
+    # The model metadata a v2 client reads describes every input and output (it listed none before).
+    metadata = triton_http.InferenceServerClient(retriever.url.removeprefix("http://")).get_model_metadata(
+        "recommender"
+    )
+    inputs = {i["name"]: (i["datatype"], i["shape"]) for i in metadata["inputs"]}
+    assert inputs == {
+        **{kind: ("BYTES", [-1]) for kind in ("customer_id", "history", "query", "similar_to")},
+        "k": ("INT32", [1]),
+    }
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
+        (o["name"], o["datatype"], [-1, -1]) for o in response["outputs"]
+    ]
 
 
 @pytest.mark.parametrize(
