@@ -25,6 +25,14 @@ class RequestTooLarge(RequestError):
     """The request asks for more work than one request may (instances, items across them)."""
 
 
+class Unauthorized(PermissionError):
+    """A protected endpoint was called without a bearer token."""
+
+
+class Forbidden(PermissionError):
+    """A protected endpoint was called with a wrong bearer token."""
+
+
 class NotReady(RuntimeError):
     """No index is loaded yet."""
 
@@ -35,6 +43,8 @@ ERRORS: tuple[tuple[type[Exception], HTTPStatus, str], ...] = (
     (RequestError, HTTPStatus.BAD_REQUEST, "invalid_input"),
     (UnknownIds, HTTPStatus.BAD_REQUEST, "invalid_input"),
     (FilterError, HTTPStatus.BAD_REQUEST, "invalid_input"),
+    (Unauthorized, HTTPStatus.UNAUTHORIZED, "unauthorized"),
+    (Forbidden, HTTPStatus.FORBIDDEN, "forbidden"),
     (TritonUnavailable, HTTPStatus.SERVICE_UNAVAILABLE, "triton_unavailable"),
     (NotReady, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready"),
 )

@@ -14,6 +14,7 @@ import gc
 import logging
 import time
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -45,6 +46,14 @@ def image_url(template: str, article_id: str) -> str:
     return template.format(article_id=article_id, prefix=article_id[:3])
 
 
+def read_admin_token(path: str) -> bytes:
+    """The bearer token protected endpoints require (surrounding whitespace dropped: Secrets often end in \\n)."""
+    try:
+        return Path(path).read_bytes().strip()
+    except OSError as err:
+        raise ValueError(f"--admin-token-file: cannot read {path} ({err.strerror})") from err
+
+
 def check_settings(config: RetrieverConfig) -> None:
     """Settings that would fail every request, refused at start instead (ValueError naming the flag)."""
     if config.text_search not in TEXT_SEARCH_MODES:
@@ -59,6 +68,8 @@ def check_settings(config: RetrieverConfig) -> None:
                 f"--image-url-template: {config.image_url_template!r} cannot be filled ({type(err).__name__}: "
                 f"{err}); it may use {{article_id}} and {{prefix}} (the id's first 3 digits)"
             ) from err
+    if config.admin_token_file and not read_admin_token(config.admin_token_file):
+        raise ValueError(f"--admin-token-file: {config.admin_token_file} is empty")
     if not 1 <= config.top_k <= config.max_k:
         raise ValueError(f"--top-k: {config.top_k} must be between 1 and --max-k ({config.max_k})")
     for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
@@ -70,6 +81,7 @@ class RecommendationService:
     def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
         check_settings(config)
         self.config = config
+        self.admin_token = read_admin_token(config.admin_token_file) if config.admin_token_file else b""
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
         self.purchases = LivePurchases(config.max_live_customers, config.max_live_items)
@@ -404,7 +416,6 @@ class RecommendationService:
         manifest = catalog.manifest
         return {
             "index_version": catalog.version,
-            "path": str(catalog.index_dir),
             "model_version": manifest.model_version,
             "items": len(catalog.article_ids),
             "excluded": catalog.n_excluded,

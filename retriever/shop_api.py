@@ -23,6 +23,7 @@ Filters are query parameters: product_group, product_type, index, colour, sectio
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import time
 from importlib import resources
 from typing import Annotated, Any, Callable, Coroutine
@@ -35,7 +36,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from retriever import errors, metrics
-from retriever.errors import RequestError
+from retriever.errors import Forbidden, RequestError, Unauthorized
 from retriever.limits import AdmissionLimit, BodySizeLimit
 from retriever.protocol import v1_response
 from retriever.queries import Query, QueryOptions
@@ -101,8 +102,25 @@ class CountedRoute(APIRoute):
         return counted
 
 
+def bearer_token_check(expected: bytes) -> Callable[[Request], None]:
+    """A dependency: the request carries `Authorization: Bearer <expected>` (401 without one, 403 with
+    another; compared in constant time). Nothing to check when `expected` is empty."""
+
+    def check(request: Request) -> None:
+        if not expected:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("this endpoint needs an 'Authorization: Bearer <token>' header")
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            raise Forbidden("the bearer token is not the one this endpoint accepts")
+
+    return check
+
+
 def build_router(service: RecommendationService) -> APIRouter:
     router = APIRouter(route_class=CountedRoute)
+    protected = Depends(bearer_token_check(service.admin_token))  # writes and admin: the shop backend, operators
 
     async def run(query: Query) -> dict[str, Any]:
         started = time.perf_counter()
@@ -171,7 +189,7 @@ def build_router(service: RecommendationService) -> APIRouter:
     async def history(customer_id: str) -> dict[str, Any]:
         return service.customer_history(customer_id)
 
-    @router.post("/shop/api/customers/{customer_id}/purchases", tags=["shop"])
+    @router.post("/shop/api/customers/{customer_id}/purchases", tags=["shop"], dependencies=[protected])
     async def purchases(customer_id: str, body: Purchases) -> dict[str, Any]:
         return service.add_purchases(customer_id, body.article_ids)
 
@@ -184,11 +202,11 @@ def build_router(service: RecommendationService) -> APIRouter:
         """The values each category filter accepts in the served index (for building a filter UI)."""
         return service.filter_values()
 
-    @router.get("/admin/index", tags=["admin"])
+    @router.get("/admin/index", tags=["admin"], dependencies=[protected])
     async def index_info() -> dict[str, Any]:
         return service.index_info()
 
-    @router.post("/admin/index/reload", tags=["admin"])
+    @router.post("/admin/index/reload", tags=["admin"], dependencies=[protected])
     async def reload() -> dict[str, Any]:
         result = await service.reload()
         return {"status": result.status, "index_version": result.index_version, "message": result.message}

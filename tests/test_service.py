@@ -473,3 +473,44 @@ def test_an_unknown_flag_is_refused_not_ignored(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--index-dir", str(tmp_path), "--predictor_host", "127.0.0.1:1", "--max-in-fligth", "4"])
     assert exited.value.code == 2 and "unrecognized arguments: --max-in-fligth" in capsys.readouterr().err
+
+
+def test_writes_and_admin_need_the_bearer_token_and_reads_do_not(tmp_path: Path) -> None:
+    root = tmp_path / "index"
+    write_shop_index(root / "v0001")
+    artifacts.publish_version(root, "v0001")
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")  # as a Secret mounts it, newline included
+    config = RetrieverConfig(index_dir=str(root), index_poll_s=0, faiss_gpu="off", admin_token_file=str(token_file))
+    service = RecommendationService(config, IndexSlot(config, StandInSource(StandInTowers({}))), tokenizer=tokenize)
+    service.load(triton_wait_s=0)
+    app = FastAPI()
+    install_routes(app, service)
+    purchase = {"article_ids": ["0000000003"]}
+
+    async def calls() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://shop") as client:
+            good, wrong = {"Authorization": "Bearer s3cret-token"}, {"Authorization": "Bearer s3cret-tokeN"}
+            return {
+                "purchase without": await client.post("/shop/api/customers/bob/purchases", json=purchase),
+                "purchase wrong": await client.post("/shop/api/customers/bob/purchases", json=purchase, headers=wrong),
+                "reload basic": await client.post("/admin/index/reload", headers={"Authorization": "Basic eDp5"}),
+                "info without": await client.get("/admin/index"),
+                "purchase good": await client.post("/shop/api/customers/bob/purchases", json=purchase, headers=good),
+                "info good": await client.get("/admin/index", headers=good),
+                "reload good": await client.post("/admin/index/reload", headers=good),
+                "article": await client.get("/shop/api/articles/0000000003"),
+                "history": await client.get("/shop/api/customers/bob/history"),
+            }
+
+    answers = asyncio.run(calls())
+    assert answers["purchase without"].status_code == 401 and "Bearer" in answers["purchase without"].json()["error"]
+    assert answers["purchase wrong"].status_code == 403 and answers["reload basic"].status_code == 401
+    assert answers["info without"].status_code == 401
+    assert all(answers[name].status_code == 200 for name in ("purchase good", "info good", "reload good"))
+    assert all(answers[name].status_code == 200 for name in ("article", "history"))  # public reads unaffected
+    assert answers["history"].json()["items"][-1]["article_id"] == "0000000003"  # only the good purchase counted
+    assert "path" not in answers["info good"].json()  # no filesystem paths in answers
+    assert str(tmp_path) not in answers["info good"].text + answers["reload good"].text
+    with pytest.raises(ValueError, match="--admin-token-file: cannot read"):
+        RecommendationService(dataclasses.replace(config, admin_token_file=str(tmp_path / "missing")), service.slot)

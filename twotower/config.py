@@ -185,6 +185,9 @@ class RetrieverConfig:
         ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
     )
     max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are parsed
+    # a file holding the bearer token that POST .../purchases and /admin/* require (mount a Kubernetes Secret);
+    # "" = those endpoints are open (make demo): route only /v1, /v2 and the shop's reads through a public ingress
+    admin_token_file: str = ""
     # requests in progress per process (predict, infer, shop API) before more get 503 + Retry-After; 0 = no limit
     max_in_flight: int = 32
     retry_after_s: int = 1  # Retry-After of a refused (overloaded) request or of Triton being unavailable
