@@ -10,7 +10,8 @@
 3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
    read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
    GPU overlays request a GPU and the cpu overlay does not; the Grafana dashboard is valid JSON
-   with a query in every panel; the alert rules pass `promtool check rules` where promtool exists.
+   with a query in every panel; the alert rules pass `promtool check rules` where promtool exists;
+4. the transformer -> predictor address as KServe's controller wires it (predictor_address_problems).
 
 Exit status 1 with one line per problem.
 """
@@ -221,6 +222,51 @@ def promtool_problems(obj: dict[str, Any], where: str) -> list[str]:
     return [] if result.returncode == 0 else [f"{where}: promtool: {result.stdout.strip()} {result.stderr.strip()}"]
 
 
+def _flag(args: list[str], name: str) -> str:
+    """The value of --name=value or --name value in a container's args ("" if absent)."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+    return ""
+
+
+def predictor_address_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """The retriever (transformer) must reach Triton's HTTP port at the address it is given.
+
+    In RawDeployment KServe's controller creates the predictor Service `<isvc>-predictor` with port 80
+    pointing at the FIRST port the runtime container declares (kserve/kserve,
+    pkg/controller/v1beta1/inferenceservice/reconcilers/service/service_reconciler.go, createDefaultSvc);
+    the retriever speaks HTTP/1.1 REST, so that port must be Triton's --http-port, not its gRPC port.
+    """
+    problems = []
+    runtimes = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServingRuntime"}
+    for isvc in (o for o in objects if o["kind"] == "InferenceService"):
+        name, where = isvc["metadata"]["name"], f"InferenceService/{isvc['metadata']['name']}"
+        runtime = runtimes.get(isvc["spec"]["predictor"].get("model", {}).get("runtime", ""))
+        transformer = (isvc["spec"].get("transformer", {}).get("containers") or [{}])[0]
+        host = _flag(transformer.get("args", []), "--predictor_host")
+        if runtime is None or not host:
+            continue
+        address, _, port = host.partition(":")
+        if address.split(".")[0] != f"{name}-predictor":
+            problems.append(f"{where}: transformer --predictor_host {host!r} is not the {name}-predictor Service")
+            continue
+        triton = runtime["spec"]["containers"][0]
+        ports = triton.get("ports") or []
+        http_port = _flag(triton.get("args", []), "--http-port") or "8000"
+        if port not in ("", "80"):
+            problems.append(f"{where}: --predictor_host {host!r}: the predictor Service listens on port 80 only")
+        elif not ports or str(ports[0]["containerPort"]) != http_port:
+            first = ports[0]["containerPort"] if ports else "none"
+            problems.append(
+                f"{where}: the predictor Service's port 80 reaches the runtime's first declared port ({first}), "
+                f"not Triton's HTTP port {http_port} that the retriever speaks REST to"
+            )
+    return problems
+
+
 def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
     objects = render(overlay)
     problems = []
@@ -241,6 +287,7 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
             problems += dashboard_problems(obj, where)
         if obj["kind"] == "PrometheusRule":
             problems += promtool_problems(obj, where)
+    problems += [f"{overlay}: {p}" for p in predictor_address_problems(objects)]
     if needs_gpu != requests_gpu(objects):
         problems.append(f"{overlay}: {'requests no GPU' if needs_gpu else 'requests a GPU'}")
     print(f"{overlay}: {len(objects)} objects, {len(problems)} problem(s)")

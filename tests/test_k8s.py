@@ -36,6 +36,23 @@ def test_the_rules_catch_what_they_claim_to() -> None:
     assert check.core_problems(bogus, "x"), "strict schema validation must reject unknown fields"
 
 
+def test_the_predictor_address_check_models_kserves_service_rule() -> None:
+    objects = check.render("kserve")
+    assert check.predictor_address_problems(objects) == []
+    runtime = next(o for o in objects if o["kind"] == "ServingRuntime")
+    # The manifest before: only Triton's gRPC port declared, so the Service's port 80 reached gRPC.
+    runtime["spec"]["containers"][0]["ports"] = [{"name": "h2c", "containerPort": 9000, "protocol": "TCP"}]
+    (problem,) = check.predictor_address_problems(objects)
+    assert "first declared port (9000), not Triton's HTTP port 8080" in problem
+    runtime["spec"]["containers"][0]["ports"] = [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    isvc = next(o for o in objects if o["kind"] == "InferenceService")
+    args = isvc["spec"]["transformer"]["containers"][0]["args"]
+    args[:] = [a for a in args if not a.startswith("--predictor_host")] + [
+        "--predictor_host=hm-recommender-predictor:8000"
+    ]
+    assert "port 80 only" in check.predictor_address_problems(objects)[0]
+
+
 def test_gpu_only_where_intended() -> None:
     assert check.requests_gpu(check.render("raw")) and check.requests_gpu(check.render("kserve"))
     assert not check.requests_gpu(check.render("cpu"))
