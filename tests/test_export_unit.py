@@ -74,6 +74,9 @@ def test_config_pbtxt_has_libtorch_platform_batching_and_kind_auto() -> None:
         'name: "embedding__0"',
         "timeout_action: REJECT",
         "max_queue_size: 128",
+        "batch_size: 1\n",
+        "batch_size: 4\n",
+        "batch_size: 16\n",  # warm-up at the batch sizes dynamic batching forms
     ):
         assert expected in text
 
