@@ -1,6 +1,6 @@
 """`make k8s-check`: render every overlay and check what comes out, without a cluster.
 
-1. `kubectl kustomize k8s/overlays/<name>` for each overlay;
+1. `kubectl kustomize k8s/overlays/<name>` for each overlay, and k8s/jobs;
 2. every core object validated (strict) against the Kubernetes OpenAPI schemas shipped in
    `kubernetes-validate`; every custom resource against its project's published schema, pinned by
    package version: InferenceService/ServingRuntime through the KServe SDK's models (generated from
@@ -9,7 +9,8 @@
    CRDs; unknown fields and wrong types are problems;
 3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
    read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
-   GPU overlays request a GPU and the cpu overlay does not; the Grafana dashboard is valid JSON
+   GPU overlays request a GPU and the cpu overlay and k8s/jobs do not; only Jobs mount the artifacts
+   volume writable; the Grafana dashboard is valid JSON
    with a query in every panel; the alert rules pass `promtool check rules` where promtool exists;
 4. the transformer -> predictor address as KServe's controller wires it (predictor_address_problems).
 
@@ -29,7 +30,8 @@ from typing import Any, Iterator
 import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
-OVERLAYS = {"kserve": True, "raw": True, "cpu": False}  # overlay -> must request a GPU
+# overlay -> must request a GPU (k8s/jobs: the artifacts volume's writers)
+OVERLAYS = {"kserve": True, "raw": True, "cpu": False, "../jobs": False, "../jobs/publish": False}
 KUBERNETES_VERSION = "1.32.0"
 CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
 
@@ -58,7 +60,10 @@ def containers(obj: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, 
                 yield container, part.get("securityContext", {})
 
 
-def container_problems(where: str, container: dict[str, Any], pod_security: dict[str, Any]) -> list[str]:
+def container_problems(
+    where: str, container: dict[str, Any], pod_security: dict[str, Any], serves: bool = True
+) -> list[str]:
+    """Our rules for one container; `serves` = false for a Job's (it runs to completion: no probes)."""
     problems = []
     name = f"{where} container {container.get('name')}"
     resources = container.get("resources", {})
@@ -66,7 +71,7 @@ def container_problems(where: str, container: dict[str, Any], pod_security: dict
         for resource in ("cpu", "memory"):
             if resource not in resources.get(part, {}):
                 problems.append(f"{name}: no {part}.{resource}")
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("readinessProbe", "livenessProbe") if serves else ():
         if probe not in container:
             problems.append(f"{name}: no {probe}")
     security = container.get("securityContext", {})
@@ -267,6 +272,25 @@ def predictor_address_problems(objects: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def artifacts_access_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """Only Jobs write the artifacts volume: every server mounts it read-only."""
+    problems = []
+    for obj in objects:
+        if obj["kind"] in ("Job", "PersistentVolumeClaim"):
+            continue
+        pod = obj.get("spec", {}).get("template", {}).get("spec") or obj.get("spec", {}).get("transformer") or {}
+        artifact_volumes = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == "hm-artifacts"
+        }
+        for container in pod.get("containers", []):
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in artifact_volumes and not mount.get("readOnly"):
+                    problems.append(f"{obj['kind']}/{obj['metadata']['name']}: mounts the artifacts volume writable")
+    return problems
+
+
 def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
     objects = render(overlay)
     problems = []
@@ -277,7 +301,7 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
         else:
             problems += custom_resource_problems(obj, where)
         for container, pod_security in containers(obj):
-            problems += container_problems(where, container, pod_security)
+            problems += container_problems(where, container, pod_security, serves=obj["kind"] != "Job")
         if obj["kind"] == "InferenceService":
             model = obj["spec"]["predictor"].get("model", {})
             for part in ("requests", "limits"):
@@ -288,6 +312,7 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
         if obj["kind"] == "PrometheusRule":
             problems += promtool_problems(obj, where)
     problems += [f"{overlay}: {p}" for p in predictor_address_problems(objects)]
+    problems += [f"{overlay}: {p}" for p in artifacts_access_problems(objects)]
     if needs_gpu != requests_gpu(objects):
         problems.append(f"{overlay}: {'requests no GPU' if needs_gpu else 'requests a GPU'}")
     print(f"{overlay}: {len(objects)} objects, {len(problems)} problem(s)")

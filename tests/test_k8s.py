@@ -53,6 +53,20 @@ def test_the_predictor_address_check_models_kserves_service_rule() -> None:
     assert "port 80 only" in check.predictor_address_problems(objects)[0]
 
 
+def test_only_jobs_write_the_artifacts_volume() -> None:
+    objects = check.render("raw")
+    assert check.artifacts_access_problems(objects) == []
+    jobs = check.render("../jobs") + check.render("../jobs/publish")
+    assert {o["metadata"]["name"] for o in jobs if o["kind"] == "Job"} == {"publish-artifacts", "catalogue-update"}
+    assert check.artifacts_access_problems(jobs) == []  # Jobs may write
+    triton = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
+    for mount in triton["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]:
+        mount.pop("readOnly", None)
+    assert check.artifacts_access_problems(objects) == ["Deployment/triton: mounts the artifacts volume writable"]
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes: the Jobs write, the servers read
+
+
 def test_gpu_only_where_intended() -> None:
     assert check.requests_gpu(check.render("raw")) and check.requests_gpu(check.render("kserve"))
     assert not check.requests_gpu(check.render("cpu"))
