@@ -35,14 +35,15 @@ lint: setup
 audit: setup
 	$(PY) tools/dependency_audit.py
 
-# Debian's prometheus (scrape test) and chromium (browser test); installed when running as root,
-# else those tests skip with the reason.
+# Debian's prometheus (scrape test), chromium (browser test) and redis-server (purchases shared by replicas);
+# installed when running as root, else those tests skip with the reason.
 tools:
 	@missing=""; command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-		|| echo "not installed:$$missing (tests/test_prometheus.py, tests/test_browser.py will skip)"; }
+		|| echo "not installed:$$missing (tests/test_prometheus.py, tests/test_browser.py, tests/test_redis.py will skip)"; }
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration and not hm"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from fastapi.exceptions import RequestValidationError
-from kserve.errors import InvalidInput
-
+from retriever.purchases import PurchaseStoreUnavailable
 from serving.catalog import UnknownIds
 from serving.filters import FilterError
 from serving.towers import TritonUnavailable
@@ -46,6 +44,7 @@ ERRORS: tuple[tuple[type[Exception], HTTPStatus, str], ...] = (
     (Unauthorized, HTTPStatus.UNAUTHORIZED, "unauthorized"),
     (Forbidden, HTTPStatus.FORBIDDEN, "forbidden"),
     (TritonUnavailable, HTTPStatus.SERVICE_UNAVAILABLE, "triton_unavailable"),
+    (PurchaseStoreUnavailable, HTTPStatus.SERVICE_UNAVAILABLE, "purchase_store_unavailable"),
     (NotReady, HTTPStatus.SERVICE_UNAVAILABLE, "not_ready"),
 )
 DOMAIN_ERRORS = tuple(error for error, _, _ in ERRORS)
@@ -59,11 +58,10 @@ def classify(err: BaseException) -> tuple[HTTPStatus, str]:
     return HTTPStatus.INTERNAL_SERVER_ERROR, "internal"
 
 
-def reason(err: BaseException) -> str:
-    """The retriever_errors_total reason of an error, the frameworks' own validation errors included."""
-    if isinstance(err, (InvalidInput, RequestValidationError)):
-        return "invalid_input"
-    return classify(err)[1]
+def reason(err: BaseException, malformed: tuple[type[BaseException], ...] = ()) -> str:
+    """The retriever_errors_total reason of an error; `malformed`: a web framework's own invalid-input errors
+    (KServe's InvalidInput, FastAPI's RequestValidationError), which its transport layer names."""
+    return "invalid_input" if isinstance(err, malformed) else classify(err)[1]
 
 
 def message(err: BaseException) -> str:

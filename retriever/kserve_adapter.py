@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from kserve import InferRequest, Model
+from kserve.errors import InvalidInput
 
 from retriever import errors, metrics
 from retriever.protocol import V2_INPUTS, V2_OUTPUTS, parse_v1, parse_v2, v1_response, v2_response
@@ -70,7 +71,7 @@ class KServeRecommender(Model):
         try:
             return await super().__call__(body, headers, *args, **kwargs)
         except Exception as err:  # counted by the reason its HTTP answer will give (KServe's own 400s too)
-            metrics.ERRORS.labels(errors.reason(err)).inc()
+            metrics.ERRORS.labels(errors.reason(err, (InvalidInput,))).inc()
             raise
         finally:
             metrics.STAGE["total"].observe(time.perf_counter() - started)

@@ -62,6 +62,11 @@ INDEX_VERSION = Gauge(
     ["index_version", "model_version"],
     multiprocess_mode="mostrecent",
 )
+PURCHASE_STORE_ERRORS = Counter(
+    "retriever_purchase_store_errors_total",
+    "Failed calls to the shared purchase store (Redis), by operation; reads fall back to the index's histories",
+    ["operation"],
+)
 LIVE_CUSTOMERS = Gauge(
     "retriever_live_customers",
     "Customers with purchases posted since start (kept in memory, per worker)",

@@ -24,7 +24,7 @@ from retriever import metrics
 from retriever.cache import LRUCache
 from retriever.errors import NotReady, RequestError
 from retriever.index_slot import IndexSlot, ReloadResult, Serving
-from retriever.purchases import LivePurchases
+from retriever.purchases import NOTHING_POSTED, Posted, purchase_store
 from retriever.queries import PERSONAL_KINDS, Query, Recommendation
 from serving.catalog import Catalog, UnknownIds
 from serving.filters import CATEGORY_FILTERS, FilterError
@@ -84,7 +84,14 @@ class RecommendationService:
         self.admin_token = read_admin_token(config.admin_token_file) if config.admin_token_file else b""
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
-        self.purchases = LivePurchases(config.max_live_customers, config.max_live_items)
+        self.purchases = purchase_store(
+            config.purchases_redis_url,
+            config.max_live_customers,
+            config.max_live_items,
+            config.live_purchase_ttl_days,
+            config.purchases_redis_timeout_s,
+            config.retry_after_s,
+        )
         self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
         self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
         self._towers_healthy = False
@@ -148,6 +155,7 @@ class RecommendationService:
 
     async def close(self) -> None:
         self.slot.stop()
+        await self.purchases.close()
         if self.slot.serving is not None:
             await self.slot.serving.towers.close()
 
@@ -216,6 +224,8 @@ class RecommendationService:
         vectors = np.zeros((len(queries), catalog.manifest.dim), dtype=np.float32)
         bought: list[Purchases] = []
         histories, history_slots, history_keys, texts, text_slots = [], [], [], [], []
+        # Posted purchases of every customer asked about, in one round trip (Redis: shared by the replicas).
+        posted = await self.purchases.recent([q.value for q in queries if q.kind == "customer_id"])
         for slot, query in enumerate(queries):
             metrics.REQUESTS.labels(query.kind).inc()
             try:
@@ -233,14 +243,14 @@ class RecommendationService:
                         texts.append(query.value)
                         text_slots.append(slot)
                     continue
-                (rows, ages), posted = self._history(catalog, query)
+                (rows, ages), with_posted = self._history(catalog, query, posted)
             except UnknownIds as err:
                 raise RequestError(f"instances[{slot}]: {err.message}") from err
             bought.append((rows, ages))
             if (
                 query.kind == "customer_id"
                 and self.config.known_customer_vectors
-                and not posted
+                and not with_posted
                 and self.days_since_index(catalog) <= self.config.stored_vector_max_days
             ):
                 known = catalog.customer_vector(query.value)  # computed by export: no Triton call
@@ -278,14 +288,14 @@ class RecommendationService:
                     self.query_cache.put((version, text), vector)
         return vectors, bought
 
-    def _history(self, catalog: Catalog, query: Query) -> tuple[Purchases, bool]:
+    def _history(self, catalog: Catalog, query: Query, posted: dict[str, Posted]) -> tuple[Purchases, bool]:
         """(rows, ages in days) most recent first for a history or customer_id query, and whether
         purchases posted to this service are part of it (the index's stored user vector then is stale)."""
         if query.kind == "history":
             rows = catalog.rows_for(query.value)[::-1]  # requests list oldest first
             ages = np.zeros(len(rows)) if query.ages is None else np.asarray(query.ages)[::-1]
             return (rows, ages.astype(np.float32)), False
-        return self._customer_history(catalog, query.value)
+        return self._customer_history(catalog, query.value, posted.get(query.value, NOTHING_POSTED))
 
     def days_since_index(self, catalog: Catalog) -> int:
         """Whole days the index's stored histories have aged since its reference day (the data's latest
@@ -294,11 +304,11 @@ class RecommendationService:
             return 0
         return max(0, int(time.time() // SECONDS_PER_DAY) - catalog.manifest.reference_day)
 
-    def _customer_history(self, catalog: Catalog, customer_id: str) -> tuple[Purchases, bool]:
+    def _customer_history(self, catalog: Catalog, customer_id: str, posted: Posted) -> tuple[Purchases, bool]:
         """Purchases posted to this service (most recent first), then the customer's history in the index,
         its ages advanced to today."""
         # An index swapped back to an older version may lack some posted articles: skip those.
-        live = [(catalog.row_of[a], age) for a, age in zip(*self.purchases.recent(customer_id)) if a in catalog.row_of]
+        live = [(catalog.row_of[a], age) for a, age in zip(*posted) if a in catalog.row_of]
         try:
             rows, ages = catalog.customer_history(customer_id)
             ages = ages + np.float32(self.days_since_index(catalog))
@@ -369,11 +379,12 @@ class RecommendationService:
         catalog = self.serving().catalog
         return {"customer_ids": list(islice(catalog.customer_row, limit)), "count": len(catalog.customer_row)}
 
-    def customer_history(self, customer_id: str) -> dict[str, Any]:
+    async def customer_history(self, customer_id: str) -> dict[str, Any]:
         """What the service knows a customer bought: posted purchases first, then the index's history."""
         catalog = self.serving().catalog
+        posted = (await self.purchases.recent([customer_id])).get(customer_id, NOTHING_POSTED)
         try:
-            (rows, ages), _ = self._customer_history(catalog, customer_id)
+            (rows, ages), _ = self._customer_history(catalog, customer_id, posted)
         except UnknownIds as err:
             raise RequestError(f"customer_id: {err.message}") from err
         items = [
@@ -395,15 +406,14 @@ class RecommendationService:
             "vector": vectors[0].tolist(),
         }
 
-    def add_purchases(self, customer_id: str, article_ids: list[str]) -> dict[str, Any]:
+    async def add_purchases(self, customer_id: str, article_ids: list[str]) -> dict[str, Any]:
         """Record purchases (oldest first): they count from the customer's next request."""
         catalog = self.serving().catalog
         try:
             catalog.rows_for(article_ids)  # unknown articles are refused, nothing is stored
         except UnknownIds as err:
             raise RequestError(f"article_ids: {err.message}") from err
-        count = self.purchases.add(customer_id, article_ids)
-        metrics.LIVE_CUSTOMERS.set(len(self.purchases))
+        count = await self.purchases.add(customer_id, article_ids)
         return {"customer_id": customer_id, "recorded": len(article_ids), "live_purchases": count}
 
     def filter_values(self) -> dict[str, list[str]]:

@@ -96,7 +96,7 @@ class CountedRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as err:
-                metrics.ERRORS.labels(errors.reason(err)).inc()
+                metrics.ERRORS.labels(errors.reason(err, (RequestValidationError,))).inc()
                 raise
 
         return counted
@@ -187,11 +187,11 @@ def build_router(service: RecommendationService) -> APIRouter:
 
     @router.get("/shop/api/customers/{customer_id}/history", tags=["shop"])
     async def history(customer_id: str) -> dict[str, Any]:
-        return service.customer_history(customer_id)
+        return await service.customer_history(customer_id)
 
     @router.post("/shop/api/customers/{customer_id}/purchases", tags=["shop"], dependencies=[protected])
     async def purchases(customer_id: str, body: Purchases) -> dict[str, Any]:
-        return service.add_purchases(customer_id, body.article_ids)
+        return await service.add_purchases(customer_id, body.article_ids)
 
     @router.get("/shop/api/customers/{customer_id}/vector", tags=["debug"])
     async def customer_vector(customer_id: str) -> dict[str, Any]:

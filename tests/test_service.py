@@ -217,8 +217,8 @@ def test_vectors_are_cached_and_unknown_ids_are_request_errors(shop) -> None:
 
 def test_posted_purchases_count_from_the_next_request(shop) -> None:
     service, _, _ = shop
-    service.add_purchases("bob", ["0000000090"])
-    assert service.customer_history("bob")["items"][0]["article_id"] == "0000000090"
+    asyncio.run(service.add_purchases("bob", ["0000000090"]))
+    assert asyncio.run(service.customer_history("bob"))["items"][0]["article_id"] == "0000000090"
     assert "0000000090" in recommend(service, Query("customer_id", "bob", 12))[0]  # boosted as bought today
 
 

@@ -181,6 +181,11 @@ class RetrieverConfig:
     vector_cache_size: int = 10_000  # user vectors (by history) and text-query vectors kept per cache (0 = off)
     max_live_customers: int = 100_000  # customers whose posted purchases are kept in memory
     max_live_items: int = 100  # posted purchases kept per customer
+    # redis://host:6379/0: posted purchases shared by every replica and worker (retriever/purchases.py);
+    # "" = each process keeps its own in memory (make demo)
+    purchases_redis_url: str = ""
+    purchases_redis_timeout_s: float = 0.05  # per Redis call: past it the index's history serves (counted)
+    live_purchase_ttl_days: float = 30.0  # Redis: a customer's posted purchases expire this long after the last
     image_url_template: str = (
         ""  # e.g. https://cdn.example.com/images/{prefix}/{article_id}.jpg ({prefix} = first 3 digits)
     )
