@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools audit lint soak filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit lint soak overload filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,10 @@ bench: setup
 # 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md).
 soak: setup
 	$(PY) -m benchmarks.soak $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
+
+# Twice the saturating rate for 60 s, with and without the admission limit, then recovery (docs/overload.md).
+overload: setup
+	$(PY) -m benchmarks.overload $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --saturating-rate $(or $(SATURATING_RATE),600)
 
 # Recall of filtered searches vs exact filtered search on the bench index (docs/filters.md).
 filtered-recall: setup

@@ -23,14 +23,21 @@ from typing import Any
 
 from benchmarks import offline
 from benchmarks.serving import HM_DIR, request_bodies, run_served_rate, wait_until_idle
-from benchmarks.soak import group_rss_mb, rss_mb
+from benchmarks.soak import group_rss_mb, tree_rss_mb
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import RetrieverProcess
 from serving.catalog import Catalog
+from twotower.config import RetrieverConfig
 
 log = logging.getLogger("benchmarks.overload")
 CALM_RATE = 100.0
-SETTINGS = {"admission limit (default)": [], "no admission limit": ["--max-in-flight", "0"]}
+DEFAULT_MAX_IN_FLIGHT = RetrieverConfig().max_in_flight
+
+
+def setting_name(max_in_flight: int) -> str:
+    if max_in_flight <= 0:
+        return "no admission limit"
+    return f"max_in_flight {max_in_flight}" + (" (default)" if max_in_flight == DEFAULT_MAX_IN_FLIGHT else "")
 
 
 def phase(result: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +78,7 @@ def run_setting(
         result = run_served_rate(
             retriever, bodies_file, rate, seconds, args.work_dir, servers, client_timeout_s=args.client_timeout_s
         )
-        return {**phase(result), "rss_retriever_mb": rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
+        return {**phase(result), "rss_retriever_mb": tree_rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
 
     with (
         TritonServer(settings) as triton,
@@ -86,7 +93,7 @@ def run_setting(
         pid = retriever.process.pid
         servers = {"retriever": pid, "Triton": triton.pid}
         wait_until_idle(list(servers.values()))
-        rss_start = {"retriever": rss_mb(pid), "triton": group_rss_mb(triton.pid)}
+        rss_start = {"retriever": tree_rss_mb(pid), "triton": group_rss_mb(triton.pid)}
         calm = run(CALM_RATE, args.calm_s)
         overload = run(args.overload_rate, args.overload_s)
         recovery = [run(CALM_RATE, args.window_s) for _ in range(max(1, round(args.recovery_s / args.window_s)))]
@@ -142,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-s", type=float, default=20.0)
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--client-timeout-s", type=float, default=5.0)
+    parser.add_argument(
+        "--max-in-flight",
+        default=f"{DEFAULT_MAX_IN_FLIGHT},0",
+        help="comma-separated admission limits to compare (0 = none)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     args.overload_rate = args.overload_rate or 2 * args.saturating_rate
@@ -162,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         "client_timeout_s": args.client_timeout_s,
         "settings": {},
     }
-    for name, flags in SETTINGS.items():
-        log.info("overload run: %s", name)
-        report["settings"][name] = run_setting(artifacts, flags, bodies, args)
+    for limit in (int(v) for v in args.max_in_flight.split(",")):
+        log.info("overload run: %s", setting_name(limit))
+        flags = ["--max-in-flight", str(limit)]
+        report["settings"][setting_name(limit)] = run_setting(artifacts, flags, bodies, args)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -26,7 +26,7 @@ def _by_kind(served: dict[str, Any]) -> list[str]:
         return []
     kinds = sorted({kind for _, by_kind in rates for kind in by_kind})
     lines = [
-        "Latency by request kind in the same rounds, p50 / p99 ms (text queries: hybrid BM25 + item tower):",
+        "Latency by request kind in the same rounds, p50 / p99 ms (text queries: hybrid BM25 + the query tower):",
         "",
         "| target QPS | " + " | ".join(kinds) + " |",
         "|---|" + "---|" * len(kinds),

@@ -37,6 +37,17 @@ def rss_mb(pid: int) -> float:
     return pages * PAGE_KB / 1024
 
 
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants (the retriever and its KServe workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
 def group_rss_mb(group: int) -> float:
     """RSS of every process in a process group (Triton and its python backend stubs)."""
     total = 0.0

@@ -193,8 +193,11 @@ class RetrieverConfig:
     # a file holding the bearer token that POST .../purchases and /admin/* require (mount a Kubernetes Secret);
     # "" = those endpoints are open (make demo): route only /v1, /v2 and the shop's reads through a public ingress
     admin_token_file: str = ""
-    # requests in progress per process (predict, infer, shop API) before more get 503 + Retry-After; 0 = no limit
-    max_in_flight: int = 32
+    # requests in progress per process (predict, infer, shop API) before more get 503 + Retry-After; 0 = no limit.
+    # At 2x the saturating rate on 2 cores (docs/overload.md), admitted p99 / shed p50 / goodput: 32: 756 ms /
+    # 75 ms / 395/s; 16: 239 / 27 / 539; 8: 140 / 14 / 475, but make bench saw 13 requests shed at 400 QPS;
+    # none: 73 s (clients queue) and 9% never answered
+    max_in_flight: int = 16
     retry_after_s: int = 1  # Retry-After of a refused (overloaded) request or of Triton being unavailable
     # hybrid | dense: hybrid text queries also search the index's BM25 index and fuse both lists by reciprocal
     # rank: colour + type precision@12 0.548 vs 0.477 for the pretrained tower alone (BM25 alone 0.531) on H&M,
