@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline
-from benchmarks.serving import HM_DIR, request_bodies, run_served_rate, wait_until_idle
+from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate, wait_until_idle
 from benchmarks.soak import group_rss_mb, tree_rss_mb
-from localtriton import TritonServer, TritonSettings
-from retriever.launch import RetrieverProcess
 from serving.catalog import Catalog
 from twotower.config import RetrieverConfig
 
@@ -65,8 +63,6 @@ def phase(result: dict[str, Any]) -> dict[str, Any]:
 def run_setting(
     artifacts: offline.BenchArtifacts, flags: list[str], bodies: list[dict], args: argparse.Namespace
 ) -> dict[str, Any]:
-    settings = TritonSettings.on_free_ports(artifacts.repository, args.work_dir / "triton")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     bodies_file = args.work_dir / "overload-bodies.jsonl"
     used = 0
 
@@ -80,15 +76,8 @@ def run_setting(
         )
         return {**phase(result), "rss_retriever_mb": tree_rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
 
-    with (
-        TritonServer(settings) as triton,
-        RetrieverProcess(
-            artifacts.index_dir,
-            f"127.0.0.1:{settings.http_port}",
-            log_path=args.work_dir / "overload-retriever.log",
-            extra_args=["--workers", "2", "--history-clock", "index", *flags],
-        ) as retriever,
-    ):
+    retriever_args = ["--workers", "2", "--history-clock", "index", *flags]
+    with bench_servers(artifacts, args.work_dir, "overload-retriever.log", retriever_args) as (triton, retriever):
         assert triton.pid is not None and retriever.process is not None
         pid = retriever.process.pid
         servers = {"retriever": pid, "Triton": triton.pid}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ import time
 import urllib.request
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import psutil
@@ -152,6 +153,23 @@ def wait_until_idle(pids: list[int], busy_cores: float = 0.1, timeout_s: float =
         if sum(process_tree_cpu_s(pid) for pid in pids) - before < busy_cores:
             break
     return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def bench_servers(
+    artifacts: offline.BenchArtifacts, work: Path, log_name: str, retriever_args: list[str]
+) -> Iterator[tuple[TritonServer, RetrieverProcess]]:
+    """Triton and the retriever over the bench artifacts, started and stopped (make bench, soak, overload)."""
+    settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        TritonServer(settings) as triton,
+        RetrieverProcess(
+            artifacts.index_dir, f"127.0.0.1:{settings.http_port}", log_path=work / log_name, extra_args=retriever_args
+        ) as retriever,
+    ):
+        assert triton.pid is not None and retriever.process is not None
+        yield triton, retriever
 
 
 def run_served_rate(
@@ -336,17 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies_by_rate = {rate: bodies_for[(rate, 0)] for rate in rates}  # the in-process baseline's
 
     probe_before = hostspeed.probe_ms()
-    settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        TritonServer(settings) as triton,
-        RetrieverProcess(
-            artifacts.index_dir,
-            f"127.0.0.1:{settings.http_port}",
-            log_path=work / "retriever.log",
-            extra_args=args.retriever_args.split(),
-        ) as retriever,
-    ):
+    with bench_servers(artifacts, work, "retriever.log", args.retriever_args.split()) as (triton, retriever):
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         log.info("servers idle after %.1f s", wait_until_idle(list(servers.values())))
 
@@ -389,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["p99_ms"],
                 [round(r["p99_ms"], 2) for r in result["rounds"]],
             )
-        triton_stats = json.loads(urllib.request.urlopen(f"{settings.http_url}/v2/models/stats", timeout=10).read())
+        triton_stats = json.loads(
+            urllib.request.urlopen(f"{triton.settings.http_url}/v2/models/stats", timeout=10).read()
+        )
     baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies_by_rate, rates, args.seconds)
     host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
     log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline
-from benchmarks.serving import HM_DIR, request_bodies, run_served_rate
-from localtriton import TritonServer, TritonSettings
-from retriever.launch import RetrieverProcess
+from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate
 from serving.catalog import Catalog
 
 log = logging.getLogger("benchmarks.soak")
@@ -118,17 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     per_window = int(args.rate * args.window_s)
     bodies = request_bodies(Catalog(artifacts.index_dir), per_window * windows_n, seed=1)
 
-    settings = TritonSettings.on_free_ports(artifacts.repository, args.work_dir / "triton")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
     windows = []
-    with (
-        TritonServer(settings) as triton,
-        RetrieverProcess(
-            artifacts.index_dir,
-            f"127.0.0.1:{settings.http_port}",
-            log_path=args.work_dir / "soak-retriever.log",
-            extra_args=["--history-clock", "index"],  # the H&M week replayed as of its last day, as make bench does
-        ) as retriever,
+    # the H&M week replayed as of its last day, as make bench does
+    with bench_servers(artifacts, args.work_dir, "soak-retriever.log", ["--history-clock", "index"]) as (
+        triton,
+        retriever,
     ):
         assert triton.pid is not None and retriever.process is not None
         rss_start = {"retriever": rss_mb(retriever.process.pid), "triton": group_rss_mb(triton.pid)}

@@ -230,3 +230,24 @@ def test_load_summaries_split_latency_by_request_kind() -> None:
     assert result["by_kind"]["query"]["p99_ms"] == pytest.approx(9.91)
     assert request_kind({"instances": [{"query": "x", "k": 3}]}) == "query" and request_kind({}) == "other"
     assert "by_kind" not in summarise([0.001], 0, 0.0, 1.0, 1.0)
+
+
+def test_overload_phases_split_admitted_shed_and_unanswered() -> None:
+    from benchmarks.overload import phase
+
+    result = {
+        "requests": 100,
+        "achieved_qps": 50.0,
+        "target_qps": 50.0,
+        "p50_ms": 4.0,
+        "p99_ms": 9.0,
+        "statuses": {
+            "200": {"requests": 60, "p50_ms": 4.0, "p99_ms": 9.0},
+            "503": {"requests": 30, "p50_ms": 1.0, "p99_ms": 2.0},
+            "0": {"requests": 8, "p50_ms": 5000.0, "p99_ms": 5000.0},
+            "500": {"requests": 2, "p50_ms": 3.0, "p99_ms": 3.0},
+        },
+    }
+    p = phase(result)
+    assert (p["admitted"], p["shed"], p["unanswered"], p["other_errors"]) == (60, 30, 8, 2)
+    assert p["goodput_qps"] == pytest.approx(30.0) and p["shed_p99_ms"] == 2.0
