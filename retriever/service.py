@@ -68,8 +68,6 @@ def check_settings(config: RetrieverConfig) -> None:
                 f"--image-url-template: {config.image_url_template!r} cannot be filled ({type(err).__name__}: "
                 f"{err}); it may use {{article_id}} and {{prefix}} (the id's first 3 digits)"
             ) from err
-    if config.admin_token_file and not read_admin_token(config.admin_token_file):
-        raise ValueError(f"--admin-token-file: {config.admin_token_file} is empty")
     if not 1 <= config.top_k <= config.max_k:
         raise ValueError(f"--top-k: {config.top_k} must be between 1 and --max-k ({config.max_k})")
     for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
@@ -82,6 +80,8 @@ class RecommendationService:
         check_settings(config)
         self.config = config
         self.admin_token = read_admin_token(config.admin_token_file) if config.admin_token_file else b""
+        if config.admin_token_file and not self.admin_token:  # read once: here, not again in check_settings
+            raise ValueError(f"--admin-token-file: {config.admin_token_file} is empty")
         self.slot = slot
         self.tokenizer = tokenizer  # None: the index's own (open_clip) tokenizer, made on load
         self.purchases = purchase_store(
