@@ -5,21 +5,26 @@
    `kubernetes-validate`; every custom resource against its project's published schema, pinned by
    package version: InferenceService/ServingRuntime through the KServe SDK's models (generated from
    KServe's OpenAPI spec; pod fields through the Kubernetes client's models), PodMonitor /
-   ServiceMonitor / PrometheusRule through cloudcoil's models generated from prometheus-operator's
-   CRDs; unknown fields and wrong types are problems;
+   ServiceMonitor / PrometheusRule / ScaledObject through cloudcoil's models generated from
+   prometheus-operator's and KEDA's CRDs; unknown fields and wrong types are problems;
 3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
    read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
    GPU overlays request a GPU and the cpu overlay and k8s/jobs do not; only Jobs mount the artifacts
    volume writable; the Grafana dashboard is valid JSON
    with a query in every panel; the alert rules pass `promtool check rules` where promtool exists;
-4. the transformer -> predictor address as KServe's controller wires it (predictor_address_problems).
+4. the transformer -> predictor address as KServe's controller wires it (predictor_address_problems);
+   autoscalers KEDA or KServe would refuse or ignore, or two on one workload (autoscaling_problems);
+   every retriever_* metric an alert, dashboard panel or autoscaler queries is one the retriever
+   exports (metric_name_problems).
 
 Exit status 1 with one line per problem.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +38,15 @@ K8S_DIR = Path(__file__).resolve().parent
 # overlay -> must request a GPU (k8s/jobs: the artifacts volume's writers)
 OVERLAYS = {"kserve": True, "raw": True, "cpu": False, "../jobs": False, "../jobs/publish": False}
 KUBERNETES_VERSION = "1.32.0"
-CUSTOM_KINDS = {"InferenceService", "ServingRuntime", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
+# kind -> (the cloudcoil module with its published CRD's models, the package to install); KServe's kinds
+# are checked through the KServe SDK's OpenAPI models instead (KSERVE_MODELS)
+CRD_MODELS = {
+    "PodMonitor": ("cloudcoil.models.prometheus_operator.v1", "cloudcoil-models-prometheus-operator"),
+    "ServiceMonitor": ("cloudcoil.models.prometheus_operator.v1", "cloudcoil-models-prometheus-operator"),
+    "PrometheusRule": ("cloudcoil.models.prometheus_operator.v1", "cloudcoil-models-prometheus-operator"),
+    "ScaledObject": ("cloudcoil.models.keda.v1alpha1", "cloudcoil-models-keda"),
+}
+CUSTOM_KINDS = {"InferenceService", "ServingRuntime", *CRD_MODELS}
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -116,6 +129,7 @@ OPENAPI_PRIMITIVES = {
     "float": (int, float),
     "datetime": (str,),
     "date": (str,),
+    "V1beta1MetricQuantity": (str, int, float),  # a resource.Quantity: int-or-string in the API server
 }
 
 
@@ -123,7 +137,10 @@ def _openapi_model(name: str) -> Any:
     import kserve.models as kserve_models
     import kubernetes.client.models as kubernetes_models
 
-    return getattr(kserve_models, name, None) or getattr(kubernetes_models, name)
+    # KServe's spec names core types by Go package ('K8sIoApiAutoscalingV2HorizontalPodAutoscalerBehavior'),
+    # the Kubernetes client by version and kind ('V2HorizontalPodAutoscalerBehavior').
+    core = re.fullmatch(r"K8sIoApi[A-Z][a-z]+(V\d+(?:(?:alpha|beta)\d+)?)(\w+)", name)
+    return getattr(kserve_models, name, None) or getattr(kubernetes_models, "".join(core.groups()) if core else name)
 
 
 def openapi_problems(value: Any, type_name: str, path: str) -> list[str]:
@@ -184,13 +201,14 @@ def custom_resource_problems(obj: dict[str, Any], where: str) -> list[str]:
     kind = obj["kind"]
     if kind in KSERVE_MODELS:
         return [f"{where}: {p}" for p in openapi_problems(obj, KSERVE_MODELS[kind], kind)]
+    module, package = CRD_MODELS[kind]
     try:
-        from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
+        models = importlib.import_module(module)
     except ImportError:
-        return [f"{where}: cloudcoil-models-prometheus-operator is not installed (pip install -e '.[test]')"]
+        return [f"{where}: {package} is not installed (pip install -e '.[test]')"]
     import pydantic
 
-    model = getattr(prometheus_operator, kind)
+    model = getattr(models, kind)
     try:
         parsed = model.model_validate(obj)
     except pydantic.ValidationError as err:
@@ -291,6 +309,90 @@ def artifacts_access_problems(objects: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _retriever_metric_families() -> set[str]:
+    """The metric families the retriever registers (retriever/metrics.py), as Prometheus names them."""
+    import prometheus_client
+
+    import retriever.metrics  # noqa: F401  (registers them)
+
+    return {family.name for family in prometheus_client.REGISTRY.collect() if family.name.startswith("retriever_")}
+
+
+def promql_queries(obj: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) for every query an object hands to Prometheus: alerts, dashboards, autoscalers."""
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    if kind == "PrometheusRule":
+        for group in obj["spec"]["groups"]:
+            for rule in group["rules"]:
+                yield f"{kind}/{name} {rule.get('alert') or rule.get('record')}", rule["expr"]
+    elif kind == "ConfigMap" and name.endswith("-dashboard"):
+        for file, text in obj.get("data", {}).items():
+            for panel in json.loads(text).get("panels", []):
+                for target in panel.get("targets", []):
+                    yield f"{kind}/{name} {file} panel {panel.get('title')!r}", target.get("expr", "")
+    elif kind == "ScaledObject":
+        for trigger in obj["spec"].get("triggers", []):
+            if trigger.get("type") == "prometheus":
+                yield f"{kind}/{name} trigger", trigger["metadata"].get("query", "")
+    elif kind == "InferenceService":
+        for component in ("predictor", "transformer"):
+            for metric in (obj["spec"].get(component) or {}).get("autoScaling", {}).get("metrics", []):
+                external = metric.get("external", {}).get("metric", {})
+                if external.get("backend") == "prometheus":
+                    yield f"{kind}/{name} {component} autoScaling", external.get("query", "")
+
+
+def metric_name_problems(objects: list[dict[str, Any]], known: set[str] | None = None) -> list[str]:
+    """A query over a retriever_* metric the retriever does not export is silently empty: an alert that
+    never fires, a flat panel, an autoscaler stuck at its minimum."""
+    known = _retriever_metric_families() if known is None else known
+    problems = []
+    for obj in objects:
+        for where, query in promql_queries(obj):
+            for series in sorted(set(re.findall(r"\bretriever_\w+", query))):
+                family = re.sub(r"_(total|bucket|sum|count|created)$", "", series)
+                if family not in known:
+                    problems.append(f"{where}: {series} is not a metric the retriever exports")
+    return problems
+
+
+def autoscaling_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """Autoscalers a cluster would refuse, or that would fight over one workload."""
+    problems = []
+    workloads = {(o["kind"], o["metadata"]["name"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+    scaled: dict[tuple[str, str], str] = {}
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("ScaledObject", "HorizontalPodAutoscaler"):
+            ref = obj["spec"]["scaleTargetRef"]
+            target = (ref.get("kind", "Deployment"), ref["name"])
+            if target not in workloads:
+                problems.append(f"{where}: scales {target[0]}/{target[1]}, which this overlay does not deploy")
+            elif target in scaled:
+                # KEDA's admission webhook refuses a ScaledObject for a workload an HPA already scales;
+                # two HPAs on one workload fight over its replica count.
+                problems.append(f"{where}: {target[0]}/{target[1]} is already scaled by {scaled[target]}")
+            scaled.setdefault(target, where)
+        if obj["kind"] == "ScaledObject" and obj["spec"].get("fallback"):
+            # KEDA's CheckFallbackValid (kedacore/keda, apis/keda/v1alpha1): fallback only for AverageValue
+            # triggers, never with the cpu/memory scalers.
+            for trigger in obj["spec"]["triggers"]:
+                if trigger["type"] in ("cpu", "memory") or trigger.get("metricType", "AverageValue") != "AverageValue":
+                    problems.append(f"{where}: fallback with a {trigger['type']} trigger: KEDA refuses it")
+        if obj["kind"] == "InferenceService":
+            for component in ("predictor", "transformer"):
+                spec = obj["spec"].get(component) or {}
+                kinds = {m.get("type") for m in spec.get("autoScaling", {}).get("metrics", [])}
+                annotations = {**obj["metadata"].get("annotations", {}), **spec.get("annotations", {})}
+                # KServe's HPA reconciler reads only resource metrics (reconcilers/hpa); External and
+                # PodMetric sources are written into a KEDA ScaledObject (reconcilers/keda) only.
+                if kinds & {"External", "PodMetric"} and annotations.get("serving.kserve.io/autoscalerClass") != "keda":
+                    problems.append(
+                        f"{where}: {component} autoScaling has external metrics but its autoscalerClass is not keda"
+                    )
+    return problems
+
+
 def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
     objects = render(overlay)
     problems = []
@@ -313,6 +415,8 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
             problems += promtool_problems(obj, where)
     problems += [f"{overlay}: {p}" for p in predictor_address_problems(objects)]
     problems += [f"{overlay}: {p}" for p in artifacts_access_problems(objects)]
+    problems += [f"{overlay}: {p}" for p in autoscaling_problems(objects)]
+    problems += [f"{overlay}: {p}" for p in metric_name_problems(objects)]
     if needs_gpu != requests_gpu(objects):
         problems.append(f"{overlay}: {'requests no GPU' if needs_gpu else 'requests a GPU'}")
     print(f"{overlay}: {len(objects)} objects, {len(problems)} problem(s)")

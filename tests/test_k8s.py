@@ -90,3 +90,54 @@ def test_custom_resources_are_checked_against_their_published_schemas() -> None:
     rule = copy.deepcopy(objects["PrometheusRule"])
     rule["spec"]["groups"][0]["rules"] = "not a list"
     assert check.custom_resource_problems(rule, "x")
+
+
+def test_the_retriever_scales_on_its_request_rate() -> None:
+    for overlay in ("raw", "cpu"):
+        objects = check.render(overlay)
+        (scaler,) = [o for o in objects if o["kind"] == "ScaledObject"]
+        assert scaler["spec"]["scaleTargetRef"]["name"] == "retriever"
+        assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]  # KEDA makes its own
+        assert "retriever_api_requests_total" in scaler["spec"]["triggers"][0]["metadata"]["query"]
+        assert check.custom_resource_problems(scaler, "x") == [] and check.autoscaling_problems(objects) == []
+    bogus = copy.deepcopy(scaler)
+    bogus["spec"]["triggers"][0]["metadataa"] = {}
+    assert "unknown field 'metadataa'" in "\n".join(check.custom_resource_problems(bogus, "x"))
+    isvc = next(o for o in check.render("kserve") if o["kind"] == "InferenceService")
+    metric = isvc["spec"]["transformer"]["autoScaling"]["metrics"][0]["external"]["metric"]
+    assert "retriever_api_requests_total" in metric["query"] and check.custom_resource_problems(isvc, "x") == []
+
+
+def test_the_autoscaling_checks_model_what_keda_and_kserve_refuse() -> None:
+    objects = check.render("raw")
+    scaler = next(o for o in objects if o["kind"] == "ScaledObject")
+    # an HPA left beside the ScaledObject (the manifest before): two autoscalers on one Deployment
+    hpa = {
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "retriever"},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "retriever"}},
+    }
+    (problem,) = check.autoscaling_problems([*objects, hpa])
+    assert "Deployment/retriever is already scaled by ScaledObject/retriever" in problem
+    scaler["spec"]["fallback"] = {"failureThreshold": 3, "replicas": 4}
+    assert "fallback with a cpu trigger" in "\n".join(check.autoscaling_problems(objects))
+    del scaler["spec"]["fallback"]
+    scaler["spec"]["scaleTargetRef"]["name"] = "retreiver"
+    assert "does not deploy" in "\n".join(check.autoscaling_problems(objects))
+    isvc = next(o for o in check.render("kserve") if o["kind"] == "InferenceService")
+    assert check.autoscaling_problems([isvc]) == []
+    del isvc["spec"]["transformer"]["annotations"]["serving.kserve.io/autoscalerClass"]
+    assert "autoscalerClass is not keda" in check.autoscaling_problems([isvc])[0]
+
+
+def test_every_query_names_a_metric_the_retriever_exports() -> None:
+    for overlay in ("kserve", "raw"):
+        assert check.metric_name_problems(check.render(overlay)) == []
+    objects = check.render("raw")
+    scaler = next(o for o in objects if o["kind"] == "ScaledObject")
+    scaler["spec"]["triggers"][0]["metadata"]["query"] = "sum(rate(retriever_http_requests_total[1m]))"
+    rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+    rule["spec"]["groups"][0]["rules"][0]["expr"] = "histogram_quantile(0.99, rate(retriever_latency_bucket[5m])) > 1"
+    problems = "\n".join(check.metric_name_problems(objects))
+    assert "ScaledObject/retriever trigger: retriever_http_requests_total is not" in problems
+    assert "retriever_latency_bucket is not" in problems
