@@ -26,8 +26,13 @@ from twotower.model.towers import embed_texts
 
 log = logging.getLogger("export.index")
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", *artifacts.COMPRESSED_INDEX_TYPES)
+# Compressed: the index holds 8-bit (sq8) or product-quantised (pq) codes, not the vectors; the retriever
+# re-ranks its top candidates exactly from the full vectors (memory-mapped), serving.catalog.
 AUTO_FLAT_LIMIT = 50_000  # above this, exact search costs more than a few ms per query
+# k-means on more rows than this many per list buys nothing measurable and costs minutes at 10M rows.
+TRAIN_ROWS_PER_LIST = 64
+TRAIN_ROWS_MIN = 200_000
 
 
 def embed_catalogue(
@@ -72,6 +77,21 @@ def resolve_index_type(index_type: str, n_items: int) -> str:
     return index_type
 
 
+def pq_subquantizers(dim: int) -> int:
+    """Sub-quantizers for IVF-PQ: a divisor of `dim` (faiss requires one) leaving ~4 dimensions each
+    (128 -> 32, 129 with the prior's coordinate -> 43): 8-bit codes of 32-43 bytes per article."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(dim / m - 4), -m))
+
+
+def _training_sample(rows: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    limit = max(TRAIN_ROWS_MIN, TRAIN_ROWS_PER_LIST * nlist)
+    if len(rows) <= limit:
+        return rows
+    picked = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+    return rows[picked]
+
+
 def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarray | None = None) -> faiss.Index:
     """Inner-product index whose ids are catalogue rows; with `item_bias`, over [vector, bias] rows
     (twotower.popularity), so that a query [user, weight] ranks by cosine + weight * bias."""
@@ -83,12 +103,28 @@ def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarra
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = 256
-    elif index_type == "ivf":
+    elif index_type in ("ivf", *artifacts.COMPRESSED_INDEX_TYPES):
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        quantizer = faiss.IndexFlatIP(dim)
+        if index_type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        elif index_type == "ivf-sq8":
+            qtype = faiss.ScalarQuantizer.QT_8bit
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, qtype, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
         # Lists by direction alone: centroids trained with a zero bias coordinate, so an article's list and
         # the lists a query probes do not depend on popularity (or it would pull best sellers into a few lists).
-        index.train(vectors if item_bias is None else popularity.with_bias(vectors, np.zeros(n, np.float32)))
+        directions = vectors if item_bias is None else popularity.with_bias(vectors, np.zeros(n, np.float32))
+        if index_type == "ivf":
+            index.train(_training_sample(directions, nlist))
+        else:
+            # The same lists as "ivf" (a flat IVF trains the shared quantizer); the codes (sq8 ranges, pq
+            # codebooks) then train on the real rows, bias included: IndexIVF.train keeps a full quantizer.
+            faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT).train(
+                _training_sample(directions, nlist)
+            )
+            index.train(_training_sample(rows, nlist, seed=1))
         index.nprobe = min(nlist, RetrieverConfig.ivf_nprobe)  # the retriever sets its own on load
     else:
         raise ValueError(f"unknown index type {index_type!r}")

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from serving.filters import FilterColumns
-from serving.gpu_search import gpu_copy
+from serving.gpu_search import GPU_MAX_K, gpu_copy
 from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
@@ -30,6 +30,9 @@ log = logging.getLogger("serving.catalog")
 
 EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
+# A compressed index (ivf-sq8, ivf-pq: codes, not vectors) is searched for k * this many candidates, which
+# are then scored exactly from the full vectors (docs/scale.md measures recall@10 against this factor).
+RERANK_FACTOR = 10
 
 
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,13 +63,15 @@ class Catalog:
         faiss_gpu: str = "off",
         popularity_weight: float = RetrieverConfig.popularity_weight,
         lexical: bool = True,
+        rerank_factor: int = RERANK_FACTOR,
     ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
         Search settings default to the served ones, so offline evaluation measures what is served;
         `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
         `popularity_weight` >= 0 replaces the prior weight the index was fitted with; `lexical` False
-        leaves the BM25 index on disk (a retriever serving text by vector alone never reads it).
+        leaves the BM25 index on disk (a retriever serving text by vector alone never reads it);
+        `rerank_factor`: candidates per result a compressed index's answer is re-scored from.
         """
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
@@ -76,13 +81,16 @@ class Catalog:
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
-        self.index: Any = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))  # HNSW, IVF or flat
+        self.index: Any = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))  # HNSW, IVF(-SQ8/-PQ) or flat
         if hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = hnsw_ef_search
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = ivf_nprobe
         self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
-        self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE)
+        self.rerank_factor = rerank_factor if self.manifest.index_type in artifacts.COMPRESSED_INDEX_TYPES else 0
+        # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
+        # inputs), shared by every process and by the old and new version during a hot swap.
+        self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")
         # The popularity prior per article (twotower.popularity); indexes written before it have none
         # and search by cosine alone. With it, the index's rows are [vector, bias].
         self.item_bias: np.ndarray | None = None
@@ -222,7 +230,28 @@ class Catalog:
 
     def _top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row: on the GPU copy when there is one."""
-        return (self.gpu or self.index).search(queries, k)
+        if not self.rerank_factor:
+            return (self.gpu or self.index).search(queries, k)
+        fetch = min(self.index.ntotal, k * self.rerank_factor)
+        if self.gpu is not None:
+            fetch = max(k, min(fetch, GPU_MAX_K))
+        _, candidates = (self.gpu or self.index).search(queries, fetch)
+        return self._rerank(queries, candidates, k)
+
+    def _rerank(self, index_queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best k of each query's candidate rows [B, C] by their exact score, from the full vectors:
+        [vector, bias] . [query, prior weight], the score the index approximates."""
+        dim = self.manifest.dim
+        found = candidates >= 0
+        rows = np.where(found, candidates, 0)
+        scores = np.einsum("bcd,bd->bc", self.vectors[rows], index_queries[:, :dim])
+        if self.item_bias is not None:
+            scores += self.item_bias[rows] * index_queries[:, dim:]
+        scores[~found] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.where(
+            np.take_along_axis(found, order, 1), np.take_along_axis(rows, order, 1), -1
+        )
 
     def search_plan(self, allowed: np.ndarray) -> str:
         """How `search_masked` will search for this mask (already combined with the excluded rows):
@@ -273,7 +302,11 @@ class Catalog:
             # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search.
             nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe / selectivity)))
             params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
-        found_similarities, found_rows = self.index.search(index_query, k, params=params)
+        if not self.rerank_factor:
+            found_similarities, found_rows = self.index.search(index_query, k, params=params)
+        else:
+            _, candidates = self.index.search(index_query, k * self.rerank_factor, params=params)
+            found_similarities, found_rows = self._rerank(index_query, candidates, k)
         return found_similarities[0], found_rows[0]
 
     def metadata(self, row: int) -> dict[str, str]:

@@ -18,6 +18,10 @@ import numpy as np
 log = logging.getLogger("serving.gpu_search")
 
 MODES = ("auto", "on", "off")
+GPU_MAX_K = 2048  # faiss' GPU k-selection returns at most this many results per query
+# Bytes per code faiss' GPU IVF-PQ implements (faiss wiki, "Faiss on the GPU"); export picks ~4 dimensions
+# per sub-quantizer, so a 129-dimension index (128 + the prior's coordinate) gets 43 and stays on the CPU.
+GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 
 
 class GpuUnavailable(RuntimeError):
@@ -46,6 +50,8 @@ def why_not_gpu(index: faiss.Index) -> str | None:
         return "no GPU is visible to this process"
     if hasattr(index, "hnsw"):
         return "faiss has no GPU HNSW index (export an IVF or flat index)"
+    if hasattr(index, "pq") and index.pq.M not in GPU_PQ_SUBQUANTIZERS:
+        return f"faiss' GPU IVF-PQ has no {index.pq.M}-byte codes (export ivf-sq8 or ivf for a GPU)"
     return None
 
 

@@ -97,3 +97,19 @@ def test_hnsw_stays_on_the_cpu(tmp_path: Path, fake_gpu) -> None:
     assert Catalog(tmp_path / "v0001", faiss_gpu="auto").gpu is None and not fake_gpu
     with pytest.raises(gpu_search.GpuUnavailable, match="no GPU HNSW"):
         Catalog(tmp_path / "v0001", faiss_gpu="on")
+
+
+def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_gpu, monkeypatch) -> None:
+    vectors = write_index(tmp_path / "v0001", "ivf-sq8")
+    catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76, faiss_gpu="auto")
+    asked: list[int] = []
+    (copy,) = fake_gpu
+    monkeypatch.setattr(copy, "search", lambda queries, k: asked.append(k) or copy.cpu.search(queries, k))
+    monkeypatch.setattr("serving.catalog.GPU_MAX_K", 50)
+    _, rows = catalog.search(vectors[:2], 10)
+    assert asked == [50]  # 10 * RERANK_FACTOR capped to what a GPU search returns
+    assert rows[:, 0].tolist() == [0, 1]  # the exact re-rank puts each query's own vector first
+    # 129 dimensions (128 + the prior's coordinate in a real export) -> 43 sub-quantizers: no GPU kernel for them
+    write_random_index(tmp_path / "v0002", "ivf-pq", ["A"] * 3000, dim=129)
+    with pytest.raises(gpu_search.GpuUnavailable, match="no 43-byte codes"):
+        Catalog(tmp_path / "v0002", faiss_gpu="on")

@@ -39,6 +39,8 @@ from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
 
 FORMAT_VERSION = 1
+# Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
+COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq")
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
@@ -72,7 +74,7 @@ class Manifest:
     max_history: int
     context_length: int
     clip_model: str
-    index_type: str
+    index_type: str  # flat | hnsw | ivf | ivf-sq8 | ivf-pq (COMPRESSED_INDEX_TYPES: codes, re-ranked exactly)
     reference_day: int  # day number (days since epoch) of the latest purchase in the data
     data_source: str
     files: dict[str, str]  # file name -> sha256
