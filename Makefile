@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools audit lint soak overload filtered-recall demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit lint soak overload filtered-recall bench-scale demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,12 @@ soak: setup
 # Twice the saturating rate for 60 s, with and without the admission limit, then recovery (docs/overload.md).
 overload: setup
 	$(PY) -m benchmarks.overload $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --saturating-rate $(or $(SATURATING_RATE),600)
+
+# Synthetic catalogues of 1M articles (10M: make bench-scale SCALE_SIZES=1000000,10000000), one index per
+# type: build time, memory, recall@10 vs exact, latency, filtered recall (docs/scale.md).
+SCALE_SIZES ?= 1000000
+bench-scale: setup
+	$(PY) -m benchmarks.scale --sizes $(SCALE_SIZES)
 
 # Recall of filtered searches vs exact filtered search on the bench index (docs/filters.md).
 filtered-recall: setup

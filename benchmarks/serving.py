@@ -25,7 +25,7 @@ import time
 import urllib.request
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import psutil
@@ -48,7 +48,7 @@ EXCLUDE_PURCHASED_SHARE = 0.25  # of customer and history requests
 FILTERED_SHARE = 0.1  # of all requests: a product_group filter
 
 
-def text_queries(items: dict[str, list[str]], seed: int = 0) -> list[str]:
+def text_queries(items: Mapping[str, Sequence[str]], seed: int = 0) -> list[str]:
     """Distinct shopper-like phrases from the catalogue ("black vest top", "black strap top"), in a
     seeded random order: their popularity rank for `request_bodies`."""
     phrases = {

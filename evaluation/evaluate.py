@@ -134,7 +134,7 @@ def evaluate(
     data: HMData, split: TemporalSplit, index_dir: Path, model_repository: Path, command: str
 ) -> dict[str, Any]:
     catalog = Catalog(index_dir)
-    if catalog.article_ids != data.article_ids:
+    if list(catalog.article_ids) != list(data.article_ids):
         raise ValueError(
             f"{index_dir} indexes a different catalogue than {data.source} "
             f"({len(catalog.article_ids)} vs {len(data.article_ids)} articles or a different order)"

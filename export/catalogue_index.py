@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from serving.lexical import LexicalIndex
-from twotower import artifacts, popularity
+from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
@@ -150,7 +150,7 @@ def write_index_dir(
     out: Path,
     index: faiss.Index,
     vectors: np.ndarray,
-    metadata: dict[str, list],
+    metadata: Mapping[str, Sequence[str]],
     histories: dict[str, np.ndarray],
     score_head: artifacts.ScoreHeadWeights,
     manifest_fields: dict,
@@ -164,10 +164,10 @@ def write_index_dir(
     with staged_directory(out) as staging:
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
         np.save(staging / artifacts.VECTORS_FILE, vectors)
-        (staging / artifacts.ITEMS_FILE).write_text(json.dumps(metadata))
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
         names = list(artifacts.ARTIFACT_FILES)
+        names += [f"{artifacts.ITEMS_DIR}/{name}" for name in item_table.write(staging / artifacts.ITEMS_DIR, metadata)]
         if item_bias is not None:
             np.save(staging / artifacts.ITEM_BIAS_FILE, np.asarray(item_bias, dtype=np.float32))
             names.append(artifacts.ITEM_BIAS_FILE)
@@ -189,6 +189,41 @@ def write_index_dir(
         )
         artifacts.write_manifest(staging, manifest)
     return manifest
+
+
+def write_catalogue_only(
+    out: Path,
+    index: faiss.Index,
+    vectors: np.ndarray,
+    metadata: Mapping[str, Sequence[str]],
+    data_source: str,
+    index_type: str,
+    item_bias: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+) -> artifacts.Manifest:
+    """An index version with no towers and no customers behind it (one empty history): the search side
+    alone, for benchmarks over synthetic catalogues and for tests."""
+    from twotower.popularity import PopularityPrior
+
+    histories = {
+        "customer_ids": np.asarray(["c"]),
+        "rows": np.full((1, 4), -1, np.int32),
+        "age_days": np.zeros((1, 4), np.float32),
+        "last_day": np.zeros(1, np.int32),
+    }
+    fields = {
+        "index_type": index_type,
+        "model_version": 1,
+        "customer_count": 1,
+        "max_history": 4,
+        "context_length": 8,
+        "clip_model": "none",
+        "reference_day": 0,
+        "data_source": data_source,
+        "tower_checksums": {},
+    }
+    head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0, prior=PopularityPrior(prior_weight))
+    return write_index_dir(out, index, vectors, metadata, histories, head, fields, item_bias=item_bias)
 
 
 def new_version_dir(index_root: Path) -> Path:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+import faiss
 import numpy as np
 
 from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
@@ -128,7 +129,8 @@ def _update(
         raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
 
     # The loaded parent's own objects are extended in memory; its files are never written.
-    items, vectors, index, item_bias = parent.items, parent.vectors, parent.index, parent.item_bias
+    items, vectors, item_bias = parent.items.to_lists(), parent.vectors, parent.item_bias
+    index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # writable (the Catalog's is mapped)
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}

@@ -81,7 +81,11 @@ class Catalog:
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
         artifacts.verify_files(self.index_dir, self.manifest)
-        self.index: Any = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))  # HNSW, IVF(-SQ8/-PQ) or flat
+        # HNSW, IVF(-SQ8/-PQ) or flat. An IVF index's lists are memory-mapped read-only, like the vectors
+        # (adding to such an index aborts the process: export.catalogue_update reads its own copy).
+        self.index: Any = faiss.read_index(
+            str(self.index_dir / artifacts.INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+        )
         if hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = hnsw_ef_search
         if hasattr(self.index, "nprobe"):
@@ -100,17 +104,20 @@ class Catalog:
         self.lexical: LexicalIndex | None = None
         if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
             self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR)
-        self.items: dict[str, list[str]] = json.loads((self.index_dir / artifacts.ITEMS_FILE).read_text())
-        self.article_ids: list[str] = self.items["article_id"]
+        self.items = artifacts.read_items(self.index_dir, self.manifest)  # memory-mapped columns
+        self.article_ids = self.items.article_ids
         # A changed article is appended as a new row and its old row excluded: the last row wins.
-        self.row_of = {article_id: row for row, article_id in enumerate(self.article_ids)}
+        self.row_of = self.items.row_of
         self.excluded = np.zeros(len(self.article_ids), dtype=bool)
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
         self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         self.filter_columns = FilterColumns(self.items)
         self.product_types = self.filter_columns.product_type  # the diversity cap groups by it
         # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
-        self.products = repeats.Products(self.items["product_code"]) if "product_code" in self.items else None
+        self.products = None
+        if "product_code" in self.items:
+            codes = self.items["product_code"]
+            self.products = repeats.Products.from_encoded(codes.codes, codes.distinct())
         with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
             customer_ids = histories["customer_ids"]
             self.history_rows = histories["rows"]
@@ -311,4 +318,4 @@ class Catalog:
 
     def metadata(self, row: int) -> dict[str, str]:
         """A row's metadata columns but article_id (answers carry it beside them): a new dict per call."""
-        return {column: values[row] for column, values in self.items.items() if column != "article_id"}
+        return self.items.row(row)

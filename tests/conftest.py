@@ -92,40 +92,20 @@ def write_random_index(
     Returns the vectors."""
     import numpy as np
 
-    from export.catalogue_index import build_faiss_index, write_index_dir
-    from twotower import artifacts
-    from twotower.popularity import PopularityPrior
+    from export.catalogue_index import build_faiss_index, write_catalogue_only
 
     n = len(groups)
     vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    histories = {
-        "customer_ids": np.asarray(["c"]),
-        "rows": np.full((1, 4), -1, np.int32),
-        "age_days": np.zeros((1, 4), np.float32),
-        "last_day": np.zeros(1, np.int32),
-    }
-    fields = {
-        "index_type": index_type,
-        "model_version": 1,
-        "customer_count": 1,
-        "max_history": 4,
-        "context_length": 8,
-        "clip_model": "x",
-        "reference_day": 0,
-        "data_source": "random",
-        "tower_checksums": {},
-    }
-    head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0, prior=PopularityPrior(prior_weight))
-    write_index_dir(
+    write_catalogue_only(
         directory,
         build_faiss_index(vectors, index_type, item_bias),
         vectors,
         {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
-        histories,
-        head,
-        fields,
+        "random",
+        index_type,
         item_bias=item_bias,
+        prior_weight=prior_weight,
     )
     return vectors
 

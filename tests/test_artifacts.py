@@ -35,7 +35,7 @@ def test_corrupt_or_missing_files_are_detected(tiny_pipeline, tmp_path: Path) ->
         handle.write(b"\x00\x00\x80\x7f")
     with pytest.raises(artifacts.ArtifactError, match="checksum"):
         artifacts.verify_files(copy, manifest)
-    (copy / artifacts.ITEMS_FILE).unlink()
+    (copy / artifacts.ITEMS_DIR / "article_id.values.npy").unlink()
     with pytest.raises(artifacts.ArtifactError, match="missing"):
         artifacts.verify_files(copy, manifest)
     (copy / artifacts.MANIFEST_FILE).write_text("{not json")

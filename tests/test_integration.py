@@ -82,7 +82,9 @@ def test_triton_output_equals_in_process_torchscript(tiny_pipeline, triton) -> N
     from export.pipeline import load_run, with_id_vectors
 
     model, run = load_run(tiny_pipeline.run_dir)
-    article_ids = json.loads((tiny_pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"][:3]
+    article_ids = artifacts.read_items(tiny_pipeline.version_dir, artifacts.read_manifest(tiny_pipeline.version_dir))[
+        "article_id"
+    ][:3]
     expected_index = with_id_vectors(model, served, article_ids, run.item_ids)
     assert np.abs(np.load(tiny_pipeline.version_dir / artifacts.VECTORS_FILE)[:3] - expected_index).max() <= 1e-5
 
@@ -395,7 +397,7 @@ def test_retriever_refuses_an_index_that_does_not_match_the_towers(tiny_pipeline
     assert "refusing to start" in result.stderr and "version 99" in result.stderr
 
     (mismatched / artifacts.MANIFEST_FILE).write_text((tiny_pipeline.version_dir / artifacts.MANIFEST_FILE).read_text())
-    (mismatched / artifacts.ITEMS_FILE).write_text("{}")
+    (mismatched / artifacts.ITEMS_DIR / "article_id.codes.npy").write_bytes(b"not the exported codes")
     result = run_retriever(mismatched, triton.settings.http_port)
     assert result.returncode == 2 and "checksum" in result.stderr
 
@@ -474,7 +476,7 @@ def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: P
                     assert response.status == 200, url
         # A scrape reaches one worker, yet each must report both workers' requests (and the index once).
         manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
-        items = len(json.loads((tiny_pipeline.version_dir / artifacts.ITEMS_FILE).read_text())["article_id"])
+        items = manifest.item_count
         for _ in range(6):
             with urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10) as response:
                 text = response.read().decode()

@@ -8,7 +8,9 @@ A path given to a reader may be the root or a version directory itself.
 One version's layout (written to a temporary sibling and renamed, so readers never see half of it):
     index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
-    items.json      column-oriented item metadata, row i = FAISS id i
+    items/          item metadata, row i = FAISS id i: memory-mapped dictionary-encoded columns
+                    (twotower.item_table; every file checksummed as `items/<name>`); versions written
+                    before it have items.json (the same columns as JSON lists), still read
     histories.npz   known customers' last L purchases (see twotower.data.histories) and their user vectors
     score_head.json weights of the 2-layer score head (cosine -> score), the repeat boost and the popularity
                     prior's weight, evaluated with numpy
@@ -35,6 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from twotower.files import sha256_file, write_atomically, write_json
+from twotower.item_table import ItemTable
 from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
 
@@ -44,13 +47,14 @@ COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq")
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
-ITEMS_FILE = "items.json"
+ITEMS_DIR = "items"
+ITEMS_FILE = "items.json"  # versions written before items/: read, never written
 HISTORIES_FILE = "histories.npz"
 SCORE_HEAD_FILE = "score_head.json"
 EXCLUDED_FILE = "excluded.json"
 ITEM_BIAS_FILE = "item_bias.npy"
 LEXICAL_DIR = "lexical"
-ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)
+ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)  # + items/ (or items.json)
 CURRENT_FILE = "CURRENT"
 VERSION_PREFIX = "v"
 METRIC_INNER_PRODUCT = "inner_product"
@@ -244,6 +248,21 @@ def resolve_index_dir(path: Path | str) -> Path:
     if (path / CURRENT_FILE).is_file():
         return path / current_version(path)
     raise ArtifactError(f"{path}: neither an index version (no {MANIFEST_FILE}) nor an index root (no {CURRENT_FILE})")
+
+
+def read_items(index_dir: Path | str, manifest: Manifest) -> ItemTable:
+    """The version's item metadata: memory-mapped columns (items/), or items.json from older versions."""
+    directory = Path(index_dir)
+    prefix = ITEMS_DIR + "/"
+    try:
+        names = [name[len(prefix) :] for name in manifest.files if name.startswith(prefix)]
+        if names:
+            return ItemTable.load(directory / ITEMS_DIR, names)
+        if ITEMS_FILE in manifest.files:
+            return ItemTable.from_columns(json.loads((directory / ITEMS_FILE).read_text()))
+    except (ValueError, OSError) as err:
+        raise ArtifactError(f"{directory}: unreadable item metadata ({err})") from err
+    raise ArtifactError(f"{directory / MANIFEST_FILE}: lists no item metadata ({ITEMS_DIR}/ or {ITEMS_FILE})")
 
 
 def read_excluded(index_dir: Path | str) -> list[int]:

@@ -17,7 +17,7 @@ halves twotower.ranking puts together, for training, the evaluation and the retr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -66,13 +66,28 @@ class RepeatBoost:
 class Products:
     """Which catalogue rows are articles of the same product (H&M `product_code`: one per colour)."""
 
-    def __init__(self, codes: list[str]):
-        _, product_of = np.unique(np.asarray(codes, dtype=str), return_inverse=True)
-        self.product_of = product_of.astype(np.int64)
-        self.product_of[np.asarray([not code for code in codes], dtype=bool)] = -1  # no code: no siblings
-        order = np.argsort(self.product_of, kind="stable")
-        bounds = np.flatnonzero(np.diff(self.product_of[order])) + 1
-        self._members = {int(self.product_of[group[0]]): group for group in np.split(order, bounds) if len(group)}
+    def __init__(self, codes: Sequence[str]):
+        distinct, product_of = np.unique(np.asarray(codes, dtype=str), return_inverse=True)
+        self._group(product_of.reshape(-1), distinct)
+
+    @classmethod
+    def from_encoded(cls, product_of: np.ndarray, distinct: Sequence[str]) -> "Products":
+        """From a dictionary-encoded column (twotower.item_table): a code per row into `distinct`."""
+        products = cls.__new__(cls)
+        products._group(product_of, distinct)
+        return products
+
+    def _group(self, product_of: np.ndarray, distinct: Sequence[str]) -> None:
+        self.product_of = np.asarray(product_of, dtype=np.int64)
+        empty = [code for code, value in enumerate(distinct) if not value]
+        if empty:
+            self.product_of[self.product_of == empty[0]] = -1  # no code: no siblings
+        # Members of product p: _order[_start[p]:_start[p + 1]] (arrays, not one object per product:
+        # a 10M-article catalogue has millions of products).
+        self._order = np.argsort(self.product_of, kind="stable")
+        counts = np.bincount(self.product_of[self.product_of >= 0], minlength=len(distinct))
+        skipped = int((self.product_of < 0).sum())  # the -1 rows sort first
+        self._start = np.concatenate([[0], np.cumsum(counts)]) + skipped
 
     def siblings(self, rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Other articles of the products of `rows` (distinct, each with the youngest age of its product)."""
@@ -82,7 +97,7 @@ class Products:
             product = int(self.product_of[row])
             if product < 0:
                 continue
-            for sibling in self._members[product].tolist():
+            for sibling in self._order[self._start[product] : self._start[product + 1]].tolist():
                 if sibling not in own and sibling not in youngest:
                     youngest[sibling] = age
         return _as_arrays(youngest)

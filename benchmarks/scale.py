@@ -1,0 +1,334 @@
+"""`make bench-scale`: catalogues of 1M (10M with --sizes) synthetic articles, one index per type.
+
+    python -m benchmarks.scale                          # 1M articles: ivf, ivf-sq8, ivf-pq
+    python -m benchmarks.scale --sizes 1000000,10000000 # 10M as well (about 6 GB of vectors on disk)
+
+The articles are drawn from a mixture fitted to a trained index (`--reference`, default the `make eval`
+or `make bench` export): its item vectors clustered into 512 directions, each article one of them plus
+noise of that cluster's measured spread, its popularity bias and metadata columns those of a random real
+article. Queries are the reference's own exported user vectors (real customers), scored with its
+popularity prior weight as served. Without a reference both are random mixtures and the page says so.
+
+For each size and index type, in a fresh process per index (so resident memory is its own): build time,
+index size on disk, resident memory after loading the retriever's Catalog (anonymous, i.e. the process's
+own, and file-backed, i.e. memory-mapped pages shared with the page cache), the same after loading the
+version a second time (what a hot swap holds), recall@10 of the served search against exact search with
+the same scores, single-query latency p50/p99 at the served nprobe, and recall@10 of filtered searches.
+Writes docs/scale.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from twotower import artifacts
+
+log = logging.getLogger("benchmarks.scale")
+
+INDEX_TYPES = ("ivf", "ivf-sq8", "ivf-pq")
+METADATA_COLUMNS = ("product_code", "prod_name", "product_type_name", "product_group_name", "colour_group_name")
+CLUSTERS = 512
+QUERIES = 500
+CHUNK = 200_000
+
+
+# -- the synthetic catalogue -----------------------------------------------------------------------
+class Reference:
+    """What the synthetic catalogue imitates: a trained index's vectors, biases, metadata, user vectors."""
+
+    def __init__(self, index_dir: Path | None, dim: int = 128, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.source = "random mixture (no trained index given)"
+        if index_dir is None:
+            vectors = _unit(rng.standard_normal((CLUSTERS, dim)).astype(np.float32))
+            self.centroids, self.spread, self.weights = vectors, np.full(CLUSTERS, 0.6, np.float32), None
+            self.bias = rng.gamma(0.3, 1.0, 100_000).astype(np.float32)
+            self.items = {"product_group_name": rng.choice(["A", "B", "C", "D"], 100_000, p=[0.5, 0.3, 0.15, 0.05])}
+            self.users, self.prior_weight = _unit(rng.standard_normal((QUERIES, dim)).astype(np.float32)), 0.0
+            return
+        from serving.catalog import Catalog
+
+        catalog = Catalog(index_dir, lexical=False)
+        self.source = f"{catalog.index_dir} ({catalog.manifest.data_source}, {catalog.manifest.item_count:,} articles)"
+        vectors = np.ascontiguousarray(catalog.vectors, dtype=np.float32)
+        kmeans = faiss.Kmeans(vectors.shape[1], CLUSTERS, niter=20, spherical=True, seed=seed)
+        kmeans.train(vectors)
+        _, assigned = kmeans.index.search(vectors, 1)
+        assigned = assigned[:, 0]
+        self.centroids = kmeans.centroids
+        residual = vectors - self.centroids[assigned]
+        # per-cluster spread: the root mean square residual per dimension
+        sq = np.bincount(assigned, (residual**2).sum(axis=1), CLUSTERS)
+        counts = np.bincount(assigned, minlength=CLUSTERS)
+        self.spread = np.sqrt(sq / np.maximum(counts, 1) / vectors.shape[1]).astype(np.float32)
+        self.weights = counts / counts.sum()
+        self.bias = catalog.item_bias if catalog.item_bias is not None else np.zeros(len(vectors), np.float32)
+        self.items = {c: np.asarray(catalog.items[c]) for c in METADATA_COLUMNS if c in catalog.items}
+        known = catalog.customer_vectors
+        finite = known[np.isfinite(known).all(axis=1)] if known is not None else np.zeros((0, vectors.shape[1]))
+        if len(finite) >= QUERIES:
+            self.users = finite[rng.choice(len(finite), QUERIES, replace=False)]
+        else:
+            self.users = _unit(vectors[rng.choice(len(vectors), QUERIES)] + 0.1)
+        self.prior_weight = catalog.prior_weight
+
+    def write_vectors(self, path: Path, n: int, seed: int = 1) -> tuple[np.memmap, np.ndarray, dict[str, list[str]]]:
+        """n article vectors straight into a .npy file (chunk by chunk: 10M never sit in memory twice),
+        their biases and metadata."""
+        rng = np.random.default_rng(seed)
+        dim = self.centroids.shape[1]
+        vectors = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+        for start in range(0, n, CHUNK):
+            size = min(CHUNK, n - start)
+            cluster = rng.choice(CLUSTERS, size, p=self.weights)
+            noise = rng.standard_normal((size, dim), dtype=np.float32) * self.spread[cluster, None]
+            vectors[start : start + size] = _unit(self.centroids[cluster] + noise)
+        vectors.flush()
+        source_rows = rng.integers(0, len(self.bias), n)
+        items = {"article_id": [f"{i:010d}" for i in range(n)]}
+        for column, values in self.items.items():
+            items[column] = values[source_rows % len(values)].tolist()
+        return vectors, self.bias[source_rows].astype(np.float32), items
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior: float, allowed=None) -> np.ndarray:
+    """Exact top-10 rows per user by cosine + prior * bias (chunked: the catalogue may not fit twice)."""
+    best_scores = np.full((len(users), 10), -np.inf, np.float32)
+    best_rows = np.zeros((len(users), 10), np.int64)
+    for start in range(0, len(vectors), CHUNK):
+        scores = users @ np.asarray(vectors[start : start + CHUNK]).T + prior * bias[start : start + CHUNK]
+        if allowed is not None:
+            scores[:, ~allowed[start : start + CHUNK]] = -np.inf
+        rows = np.argpartition(-scores, 10, axis=1)[:, :10]
+        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, rows, 1)], axis=1)
+        merged_rows = np.concatenate([best_rows, rows + start], axis=1)
+        order = np.argsort(-merged_scores, axis=1)[:, :10]
+        best_scores, best_rows = np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_rows, order, 1)
+    return best_rows
+
+
+def write_version(directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: dict) -> float:
+    """One index version as export writes it (no customers, no keyword index); returns the build seconds."""
+    from export.catalogue_index import build_faiss_index, write_catalogue_only
+
+    started = time.perf_counter()
+    index = build_faiss_index(vectors, index_type, bias)
+    seconds = time.perf_counter() - started
+    write_catalogue_only(directory, index, vectors, items, "benchmarks.scale", index_type, item_bias=bias)
+    return seconds
+
+
+# -- measured in a fresh process per index ---------------------------------------------------------
+def _memory() -> dict[str, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) / 1024  # kB -> MiB
+    return {"rss_mib": fields["VmRSS"], "anon_mib": fields["RssAnon"], "file_mib": fields["RssFile"]}
+
+
+def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict[str, np.ndarray]) -> dict[str, Any]:
+    """In a child process: load the Catalog as the retriever does, search as it does, report memory."""
+    faiss.omp_set_num_threads(1)  # one request's search, as the retriever runs it
+    from serving.catalog import Catalog
+    from serving.filters import Filters
+
+    before = _memory()
+    started = time.perf_counter()
+    catalog = Catalog(directory, lexical=False)
+    load_s = time.perf_counter() - started
+    loaded = _memory()
+    seconds, found = [], []
+    for user in users:
+        t0 = time.perf_counter()
+        _, rows = catalog.search(user[None], 10, prior)
+        seconds.append(time.perf_counter() - t0)
+        found.append(rows[0])
+    searched = _memory()
+    result: dict[str, Any] = {
+        "load_s": load_s,
+        "memory_before": before,
+        "memory_loaded": loaded,
+        "memory_searched": searched,
+        "recall_at_10": _recall(np.stack(found), exact["all"]),
+        "p50_ms": 1000 * float(np.percentile(seconds, 50)),
+        "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+        "filtered": {},
+    }
+    for group in [g for g in exact if g != "all"]:
+        mask = catalog.filter_columns.mask(Filters.parse({"product_group": [group]}))
+        t_filtered, rows_filtered = [], []
+        for user in users[:100]:
+            t0 = time.perf_counter()
+            _, rows = catalog.search_masked(user, 10, mask, prior)
+            t_filtered.append(time.perf_counter() - t0)
+            rows_filtered.append(rows)
+        result["filtered"][group] = {
+            "share": float(mask.mean()),
+            "path": catalog.search_plan(mask & ~catalog.excluded),
+            "recall_at_10": _recall(np.stack(rows_filtered), exact[group][:100]),
+            "p99_ms": 1000 * float(np.percentile(t_filtered, 99)),
+        }
+    # A hot swap: the next version loaded while this one still serves (here the same files again).
+    second = Catalog(directory, lexical=False)
+    second.search(users[:1], 10, prior)
+    result["memory_two_versions"] = _memory()
+    return result
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, exact)]))
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def default_reference() -> Path | None:
+    for candidate in (Path("runs/hm-eval/index"), Path("runs/bench/index")):
+        if (candidate / artifacts.CURRENT_FILE).is_file():
+            return candidate
+    return None
+
+
+def run(sizes: list[int], index_types: list[str], reference: Reference, work: Path) -> list[dict[str, Any]]:
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for n in sizes:
+        work_n = work / f"n{n}"
+        shutil.rmtree(work_n, ignore_errors=True)
+        work_n.mkdir(parents=True)
+        started = time.perf_counter()
+        vectors, bias, items = reference.write_vectors(work_n / "vectors.npy", n)
+        log.info("%d synthetic articles in %.0fs", n, time.perf_counter() - started)
+        groups = items.get("product_group_name", [])
+        names, counts = np.unique(np.asarray(groups), return_counts=True) if groups else ([], [])
+        # the largest product group and one near 5% of the catalogue: the two filtered-search regimes
+        picked = [names[np.argmax(counts)], names[np.argmin(np.abs(counts / n - 0.05))]] if len(names) else []
+        exact = {"all": exact_top10(vectors, bias, reference.users, reference.prior_weight)}
+        for group in picked:
+            allowed = np.asarray(groups) == group
+            exact[str(group)] = exact_top10(vectors, bias, reference.users[:100], reference.prior_weight, allowed)
+        for index_type in index_types:
+            directory = work_n / index_type
+            build_s = write_version(directory, index_type, vectors, bias, items)
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
+                measured = child.submit(
+                    measure_version, str(directory), reference.users, reference.prior_weight, exact
+                ).result()
+            row = {
+                "articles": n,
+                "index_type": index_type,
+                "build_s": build_s,
+                "index_mib": (directory / artifacts.INDEX_FILE).stat().st_size / 2**20,
+                "vectors_mib": (directory / artifacts.VECTORS_FILE).stat().st_size / 2**20,
+                "metadata_mib": sum(f.stat().st_size for f in (directory / artifacts.ITEMS_DIR).iterdir()) / 2**20,
+                **measured,
+            }
+            log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
+            rows.append(row)
+            shutil.rmtree(directory)
+        del vectors
+        shutil.rmtree(work_n, ignore_errors=True)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"reference": source, "rows": rows}, indent=1))
+    lines = [
+        "# Scale: synthetic catalogues of the H&M schema",
+        "",
+        f"Vectors drawn from a mixture fitted to {source}; queries are that index's exported user vectors",
+        "(real customers), scored with its popularity prior as served. One index per row, loaded in a fresh",
+        "process by the retriever's `Catalog`; searches on 1 thread, one query at a time, at the served",
+        f"settings (nprobe {_nprobe()}, compressed types re-rank k x 10 candidates exactly). Memory in MiB:",
+        "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
+        "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
+        "a hot swap. Generated by `make bench-scale`; nothing here went through Triton or HTTP.",
+        "",
+        "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
+        " recall@10 | p50 ms | p99 ms | filtered: share / path / recall@10 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["memory_before"]["anon_mib"]
+        filtered = "; ".join(
+            f"{f['share']:.0%} / {f['path']} / {f['recall_at_10']:.3f} / {f['p99_ms']:.1f}"
+            for f in r["filtered"].values()
+        )
+        lines.append(
+            f"| {r['articles']:,} | {r['index_type']} | {r['build_s']:.0f} | {r['index_mib']:.0f} | {r['load_s']:.1f} "
+            f"| {r['memory_searched']['anon_mib'] - base:.0f} | {r['memory_searched']['file_mib']:.0f} "
+            f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} | {filtered} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    (out / "scale.md").write_text("\n".join(lines))
+    _plot(rows, out / "scale.png")
+
+
+def _nprobe() -> int:
+    from twotower.config import RetrieverConfig
+
+    return RetrieverConfig.ivf_nprobe
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (memory, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for index_type in dict.fromkeys(r["index_type"] for r in rows):
+        mine = [r for r in rows if r["index_type"] == index_type]
+        sizes = [r["articles"] for r in mine]
+        anon = [r["memory_searched"]["anon_mib"] - r["memory_before"]["anon_mib"] for r in mine]
+        memory.plot(sizes, anon, marker="o", label=index_type)
+        latency.plot([r["recall_at_10"] for r in mine], [r["p99_ms"] for r in mine], marker="o", label=index_type)
+    memory.set(xscale="log", xlabel="articles", ylabel="retriever's own memory after load, MiB")
+    latency.set(xlabel="recall@10 vs exact", ylabel="p99 ms, one query, 1 thread")
+    memory.legend()
+    latency.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000000", help="comma-separated article counts")
+    parser.add_argument("--index-types", default=",".join(INDEX_TYPES))
+    parser.add_argument("--reference", type=Path, default=None, help="index root to imitate (default: make eval's)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    index_types = args.index_types.split(",")
+    unknown = [t for t in index_types if t not in ("flat", "hnsw", *INDEX_TYPES)]
+    if unknown:
+        parser.error(f"--index-types: unknown {unknown}")
+    reference = Reference(args.reference or default_reference())
+    rows = run(sizes, index_types, reference, args.work_dir)
+    report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
+    print((args.out / "scale.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Item metadata as memory-mapped dictionary-encoded columns (twotower.item_table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving.filters import FilterColumns, Filters
+from twotower import artifacts, item_table, repeats
+from twotower.item_table import ItemTable
+
+COLUMNS = {
+    "article_id": ["0108775015", "0108775044", "0110065001", "0108775015"],  # the first one changed: row 3 wins
+    "product_code": ["0108775", "0108775", "", "0108775"],
+    "colour_group_name": ["Black", "White", "Blå", "Black"],
+    "product_group_name": ["Garment Upper body", "Garment Upper body", "Underwear", "Garment Upper body"],
+    "price": ["0.008", "", "0.02", "0.01"],
+}
+
+
+def test_written_columns_read_back_memory_mapped(tmp_path: Path) -> None:
+    names = item_table.write(tmp_path / "items", COLUMNS)
+    table = ItemTable.load(tmp_path / "items", names)
+    assert isinstance(table["colour_group_name"].codes, np.memmap)
+    assert table.to_lists() == COLUMNS  # every value, non-ASCII and empty ones included, in row order
+    assert table.row(2) == {k: v[2] for k, v in COLUMNS.items() if k != "article_id"}
+    assert table.article_ids[1] == "0108775044" and len(table.article_ids) == 4
+    # ids: the last row of a repeated id; unknown, longer and shorter ids are simply absent
+    assert table.row_of["0108775015"] == 3 and table.row_of.get("0108775044") == 1
+    for missing in ("0108775", "01087750150", "9999999999", ""):
+        assert missing not in table.row_of and table.row_of.get(missing) is None
+    assert sorted(table.row_of) == sorted(set(COLUMNS["article_id"])) and len(table.row_of) == 3
+
+
+def test_filters_and_products_read_the_encoded_columns() -> None:
+    table = ItemTable.from_columns(COLUMNS)
+    columns = FilterColumns(table)
+    assert columns.mask(Filters.parse({"product_group": ["Underwear"]})).tolist() == [False, False, True, False]
+    assert columns.mask(Filters.parse({"price_max": 0.009})).tolist() == [True, False, False, False]  # "" never
+    assert FilterColumns(COLUMNS).mask(Filters.parse({"colour": ["Blå"]})).tolist() == [False, False, True, False]
+    encoded = repeats.Products.from_encoded(table["product_code"].codes, table["product_code"].distinct())
+    plain = repeats.Products(COLUMNS["product_code"])
+    for products in (encoded, plain):
+        assert products.product_of[2] == -1  # no code: no siblings
+        rows, _ = products.siblings(np.asarray([0]), np.asarray([1.0]))
+        assert rows.tolist() == [1, 3]
+
+
+def test_versions_with_items_json_still_load(tmp_path: Path) -> None:
+    (tmp_path / artifacts.ITEMS_FILE).write_text(json.dumps(COLUMNS))
+    manifest = artifacts.Manifest(
+        1, 4, "inner_product", 4, 0, 4, 8, "x", "flat", 0, "test", {artifacts.ITEMS_FILE: "-"}, {}
+    )
+    assert artifacts.read_items(tmp_path, manifest).to_lists() == COLUMNS
+    manifest.files = {}
+    with pytest.raises(artifacts.ArtifactError, match="lists no item metadata"):
+        artifacts.read_items(tmp_path, manifest)
+    with pytest.raises(ValueError, match="differ in length"):
+        ItemTable.from_columns({"article_id": ["a", "b"], "colour_group_name": ["Black"]})
