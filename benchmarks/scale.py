@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -51,6 +52,7 @@ class Reference:
     def __init__(self, index_dir: Path | None, dim: int = 128, seed: int = 0):
         rng = np.random.default_rng(seed)
         self.source = "random mixture (no trained index given)"
+        self.index_dir = None
         if index_dir is None:
             vectors = _unit(rng.standard_normal((CLUSTERS, dim)).astype(np.float32))
             self.centroids, self.spread, self.weights = vectors, np.full(CLUSTERS, 0.6, np.float32), None
@@ -61,6 +63,7 @@ class Reference:
         from serving.catalog import Catalog
 
         catalog = Catalog(index_dir, lexical=False)
+        self.index_dir: Path | None = catalog.index_dir
         self.source = f"{catalog.index_dir} ({catalog.manifest.data_source}, {catalog.manifest.item_count:,} articles)"
         vectors = np.ascontiguousarray(catalog.vectors, dtype=np.float32)
         kmeans = faiss.Kmeans(vectors.shape[1], CLUSTERS, niter=20, spherical=True, seed=seed)
@@ -123,14 +126,28 @@ def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior:
     return best_rows
 
 
-def write_version(directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: dict) -> float:
-    """One index version as export writes it (no customers, no keyword index); returns the build seconds."""
-    from export.catalogue_index import build_faiss_index, write_catalogue_only
+def write_version(
+    directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: dict, reference: Path | None
+) -> float:
+    """One index version as export writes it, without a keyword index; returns the build seconds. With a
+    reference version, its towers' manifest fields, score head and known customers (whose history rows
+    all fall inside the synthetic catalogue) come along, so its Triton model repository can serve it."""
+    from export.catalogue_index import build_faiss_index, write_catalogue_only, write_index_dir
 
     started = time.perf_counter()
     index = build_faiss_index(vectors, index_type, bias)
     seconds = time.perf_counter() - started
-    write_catalogue_only(directory, index, vectors, items, "benchmarks.scale", index_type, item_bias=bias)
+    if reference is None:
+        write_catalogue_only(directory, index, vectors, items, "benchmarks.scale", index_type, item_bias=bias)
+        return seconds
+    manifest = artifacts.read_manifest(reference)
+    own = {"dim", "metric", "item_count", "index_version", "files", "index_type", "data_source", "parent_version"}
+    fields = {k: v for k, v in dataclasses.asdict(manifest).items() if k not in own}
+    fields.update(index_type=index_type, data_source=f"benchmarks.scale, towers of {reference}")
+    with np.load(reference / artifacts.HISTORIES_FILE) as stored:
+        histories = {name: stored[name] for name in stored.files}
+    head = artifacts.ScoreHeadWeights.from_json(json.loads((reference / artifacts.SCORE_HEAD_FILE).read_text()))
+    write_index_dir(directory, index, vectors, items, histories, head, fields, item_bias=bias)
     return seconds
 
 
@@ -193,6 +210,39 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
     return result
 
 
+def served_latency(directory: Path, repository: Path, work: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """The bench's request mix at a fixed rate through Triton + one retriever process serving this
+    version (benchmarks.serving); the retriever's memory after the run."""
+    import psutil
+
+    from benchmarks import offline
+    from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
+    from serving.catalog import Catalog
+
+    catalog = Catalog(directory, lexical=False)
+    bodies = request_bodies(catalog, int(rate * seconds))
+    served = offline.BenchArtifacts(directory, repository, catalog.manifest.item_count, catalog.manifest.index_type, {})
+    del catalog
+    bodies_file = work / "bodies.jsonl"
+    bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
+    with bench_servers(served, work, "retriever.log", ["--history-clock", "index"]) as (triton, retriever):
+        assert retriever.process is not None and triton.pid is not None
+        servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
+        wait_until_idle(list(servers.values()))
+        result = run_served_rate(retriever, bodies_file, rate, seconds, work, servers)
+        memory = psutil.Process(retriever.process.pid).memory_full_info()
+    return {
+        "rate": rate,
+        "achieved_qps": result["achieved_qps"],
+        "p50_ms": result["p50_ms"],
+        "p99_ms": result["p99_ms"],
+        "errors": result["errors"],
+        "retriever_rss_mib": memory.rss / 2**20,
+        "retriever_uss_mib": memory.uss / 2**20,
+        "retriever_shared_mib": memory.shared / 2**20,
+    }
+
+
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, exact)]))
 
@@ -205,7 +255,15 @@ def default_reference() -> Path | None:
     return None
 
 
-def run(sizes: list[int], index_types: list[str], reference: Reference, work: Path) -> list[dict[str, Any]]:
+def run(
+    sizes: list[int],
+    index_types: list[str],
+    reference: Reference,
+    work: Path,
+    repository: Path | None,
+    rate: float,
+    seconds: float,
+) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
     for n in sizes:
@@ -225,7 +283,7 @@ def run(sizes: list[int], index_types: list[str], reference: Reference, work: Pa
             exact[str(group)] = exact_top10(vectors, bias, reference.users[:100], reference.prior_weight, allowed)
         for index_type in index_types:
             directory = work_n / index_type
-            build_s = write_version(directory, index_type, vectors, bias, items)
+            build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
                 measured = child.submit(
                     measure_version, str(directory), reference.users, reference.prior_weight, exact
@@ -239,7 +297,10 @@ def run(sizes: list[int], index_types: list[str], reference: Reference, work: Pa
                 "metadata_mib": sum(f.stat().st_size for f in (directory / artifacts.ITEMS_DIR).iterdir()) / 2**20,
                 **measured,
             }
+            if repository is not None and reference.index_dir is not None:
+                row["served"] = served_latency(directory, repository, work_n, rate, seconds)
             log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
+            log.info("served: %s", row.get("served"))
             rows.append(row)
             shutil.rmtree(directory)
         del vectors
@@ -259,11 +320,15 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         f"settings (nprobe {_nprobe()}, compressed types re-rank k x 10 candidates exactly). Memory in MiB:",
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
-        "a hot swap. Generated by `make bench-scale`; nothing here went through Triton or HTTP.",
+        "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
+        "queries, filters) at a fixed rate through the real Triton (the reference's towers) and one retriever",
+        "process (one KServe worker) over HTTP on these 2 cores; its resident memory after the run (RSS, and",
+        "USS: pages no other process shares).",
         "",
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
-        " recall@10 | p50 ms | p99 ms | filtered: share / path / recall@10 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " recall@10 | p50 ms | p99 ms | filtered: share / path / recall@10 / p99 ms | served: QPS, p50 / p99 ms,"
+        " errors | served: retriever RSS / USS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["memory_before"]["anon_mib"]
@@ -275,11 +340,20 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             f"| {r['articles']:,} | {r['index_type']} | {r['build_s']:.0f} | {r['index_mib']:.0f} | {r['load_s']:.1f} "
             f"| {r['memory_searched']['anon_mib'] - base:.0f} | {r['memory_searched']['file_mib']:.0f} "
             f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {filtered} |"
+            f"| {r['p99_ms']:.2f} | {filtered} | {_served(r.get('served'))} |"
         )
     lines += ["", f"Command: `{command}`", ""]
     (out / "scale.md").write_text("\n".join(lines))
     _plot(rows, out / "scale.png")
+
+
+def _served(served: dict[str, Any] | None) -> str:
+    if not served:
+        return "- | -"
+    return (
+        f"{served['achieved_qps']:.0f}, {served['p50_ms']:.2f} / {served['p99_ms']:.2f}, {served['errors']} "
+        f"| {served['retriever_rss_mib']:.0f} / {served['retriever_uss_mib']:.0f}"
+    )
 
 
 def _nprobe() -> int:
@@ -314,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000000", help="comma-separated article counts")
     parser.add_argument("--index-types", default=",".join(INDEX_TYPES))
     parser.add_argument("--reference", type=Path, default=None, help="index root to imitate (default: make eval's)")
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="the reference's Triton repository, for the served-path rows (default: beside the reference index root)",
+    )
+    parser.add_argument("--rate", type=float, default=100.0, help="QPS of the served-path run")
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of the served-path run")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -323,8 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in index_types if t not in ("flat", "hnsw", *INDEX_TYPES)]
     if unknown:
         parser.error(f"--index-types: unknown {unknown}")
-    reference = Reference(args.reference or default_reference())
-    rows = run(sizes, index_types, reference, args.work_dir)
+    reference_root = args.reference or default_reference()
+    reference = Reference(reference_root)
+    repository = args.model_repository or (reference_root.parent / "model_repository" if reference_root else None)
+    if repository is not None and not repository.is_dir():
+        log.warning("no model repository at %s: no served-path rows", repository)
+        repository = None
+    rows = run(sizes, index_types, reference, args.work_dir, repository, args.rate, args.seconds)
     report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
     print((args.out / "scale.md").read_text())
     return 0

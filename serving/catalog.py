@@ -23,6 +23,7 @@ from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
+from twotower.files import load_npz_mapped
 from twotower.ranking import Purchases
 
 log = logging.getLogger("serving.catalog")
@@ -118,13 +119,13 @@ class Catalog:
         if "product_code" in self.items:
             codes = self.items["product_code"]
             self.products = repeats.Products.from_encoded(codes.codes, codes.distinct())
-        with np.load(self.index_dir / artifacts.HISTORIES_FILE) as histories:
-            customer_ids = histories["customer_ids"]
-            self.history_rows = histories["rows"]
-            self.history_age = histories["age_days"]
-            self.history_last_day = histories["last_day"]
-            # Precomputed by export (NaN rows: recompute); indexes written before them have none.
-            self.customer_vectors = histories["user_vectors"] if "user_vectors" in histories.files else None
+        histories = load_npz_mapped(self.index_dir / artifacts.HISTORIES_FILE)  # memory-mapped, like the vectors
+        customer_ids = histories["customer_ids"]
+        self.history_rows = histories["rows"]
+        self.history_age = histories["age_days"]
+        self.history_last_day = histories["last_day"]
+        # Precomputed by export (NaN rows: recompute); indexes written before them have none.
+        self.customer_vectors = histories.get("user_vectors")
         self.customer_row = {str(c): i for i, c in enumerate(customer_ids)}
         self.score_head = artifacts.ScoreHeadWeights.from_json(
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())

@@ -41,3 +41,22 @@ def test_corrupt_or_missing_files_are_detected(tiny_pipeline, tmp_path: Path) ->
     (copy / artifacts.MANIFEST_FILE).write_text("{not json")
     with pytest.raises(artifacts.ArtifactError, match="unreadable manifest"):
         artifacts.read_manifest(copy)
+
+
+def test_histories_are_memory_mapped_from_the_npz(tmp_path: Path) -> None:
+    from twotower.files import load_npz_mapped
+
+    arrays = {
+        "customer_ids": np.asarray(["c1", "c22"]),
+        "rows": np.arange(8, dtype=np.int32).reshape(2, 4),
+        "user_vectors": np.asarray([[0.5, np.nan], [1.0, 2.0]], dtype=np.float32),
+        "none": np.zeros((0, 4), np.float32),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    }
+    np.savez(tmp_path / "h.npz", **arrays)
+    mapped = load_npz_mapped(tmp_path / "h.npz")
+    assert set(mapped) == set(arrays) and isinstance(mapped["user_vectors"], np.memmap)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(mapped[name], array)
+    np.savez_compressed(tmp_path / "c.npz", **arrays)  # compressed members cannot be mapped: read
+    np.testing.assert_array_equal(load_npz_mapped(tmp_path / "c.npz")["rows"], arrays["rows"])

@@ -13,8 +13,11 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 
 def write_atomically(path: Path | str, data: str | bytes) -> None:
@@ -57,3 +60,36 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_npz_mapped(path: Path | str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file written by `np.savez` (stored, not compressed), memory-mapped read-only
+    where a member is a plain numeric array (np.load cannot map an archive's members); the others read."""
+    mapped: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                mapped[name] = np.load(archive.open(info))
+                continue
+            raw.seek(info.header_offset)
+            local = raw.read(30)  # the local file header: its name and extra field lengths at bytes 26..29
+            raw.seek(
+                info.header_offset
+                + 30
+                + int.from_bytes(local[26:28], "little")
+                + int.from_bytes(local[28:30], "little")
+            )
+            version = np.lib.format.read_magic(raw)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in header:
+                mapped[name] = np.load(archive.open(info), allow_pickle=False)
+                continue
+            shape, fortran, dtype = header[version](raw)
+            if dtype.hasobject:
+                mapped[name] = np.load(archive.open(info), allow_pickle=False)
+                continue
+            mapped[name] = np.memmap(
+                path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order="F" if fortran else "C"
+            )
+    return mapped
