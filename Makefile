@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DATA   ?=
 HM     ?= ../shared/data/hm_lastweek
 
-.PHONY: setup tools audit lint soak overload filtered-recall bench-scale demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
+.PHONY: setup tools audit lint soak overload filtered-recall bench-scale gpu-check demo test test-unit train export serve-triton stop-triton serve hm eval inspect bench k8s-check images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,11 @@ overload: setup
 SCALE_SIZES ?= 1000000
 bench-scale: setup
 	$(PY) -m benchmarks.scale --sizes $(SCALE_SIZES)
+
+# On a GPU machine with PyTorch: the exported towers and the search on CUDA beside the CPU at batch
+# 1/16/64, one table, nothing from the network (runs as is without a GPU: CPU rows only).
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check
 
 # Recall of filtered searches vs exact filtered search on the bench index (docs/filters.md).
 filtered-recall: setup

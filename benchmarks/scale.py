@@ -152,9 +152,9 @@ def write_version(
 
 
 # -- measured in a fresh process per index ---------------------------------------------------------
-def _memory() -> dict[str, float]:
+def _memory(pid: int | str = "self") -> dict[str, float]:
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         if name in ("VmRSS", "RssAnon", "RssFile"):
             fields[name] = int(value.split()[0]) / 1024  # kB -> MiB
@@ -213,8 +213,6 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
 def served_latency(directory: Path, repository: Path, work: Path, rate: float, seconds: float) -> dict[str, Any]:
     """The bench's request mix at a fixed rate through Triton + one retriever process serving this
     version (benchmarks.serving); the retriever's memory after the run."""
-    import psutil
-
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
@@ -230,16 +228,14 @@ def served_latency(directory: Path, repository: Path, work: Path, rate: float, s
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         wait_until_idle(list(servers.values()))
         result = run_served_rate(retriever, bodies_file, rate, seconds, work, servers)
-        memory = psutil.Process(retriever.process.pid).memory_full_info()
+        memory = _memory(retriever.process.pid)
     return {
         "rate": rate,
         "achieved_qps": result["achieved_qps"],
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "errors": result["errors"],
-        "retriever_rss_mib": memory.rss / 2**20,
-        "retriever_uss_mib": memory.uss / 2**20,
-        "retriever_shared_mib": memory.shared / 2**20,
+        "retriever_memory": memory,
     }
 
 
@@ -322,12 +318,12 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
         "queries, filters) at a fixed rate through the real Triton (the reference's towers) and one retriever",
-        "process (one KServe worker) over HTTP on these 2 cores; its resident memory after the run (RSS, and",
-        "USS: pages no other process shares).",
+        "process (one KServe worker) over HTTP on these 2 cores; its resident memory after the run (anon and",
+        "file-backed, as above; a pod's 4 Gi limit is charged for both, the file pages being reclaimable).",
         "",
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
         " recall@10 | p50 ms | p99 ms | filtered: share / path / recall@10 / p99 ms | served: QPS, p50 / p99 ms,"
-        " errors | served: retriever RSS / USS MiB |",
+        " errors | served: retriever anon / file MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -352,7 +348,7 @@ def _served(served: dict[str, Any] | None) -> str:
         return "- | -"
     return (
         f"{served['achieved_qps']:.0f}, {served['p50_ms']:.2f} / {served['p99_ms']:.2f}, {served['errors']} "
-        f"| {served['retriever_rss_mib']:.0f} / {served['retriever_uss_mib']:.0f}"
+        f"| {served['retriever_memory']['anon_mib']:.0f} / {served['retriever_memory']['file_mib']:.0f}"
     )
 
 

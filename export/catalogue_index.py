@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from serving.gpu_search import GPU_PQ_SUBQUANTIZERS
 from serving.lexical import LexicalIndex
 from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
@@ -78,25 +79,33 @@ def resolve_index_type(index_type: str, n_items: int) -> str:
 
 
 def pq_subquantizers(dim: int) -> int:
-    """Sub-quantizers for IVF-PQ: a divisor of `dim` (faiss requires one) leaving ~4 dimensions each
-    (128 -> 32, 129 with the prior's coordinate -> 43): 8-bit codes of 32-43 bytes per article."""
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    return min(divisors, key=lambda m: (abs(dim / m - 4), -m))
+    """Sub-quantizers for IVF-PQ: a divisor of `dim` (faiss requires one) leaving ~4 dimensions each, one
+    faiss' GPU IVF-PQ implements where there is such (128 -> 32; 144, the padded 128 + prior -> 48):
+    8-bit codes of 32-48 bytes per article."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and 2 <= dim / m <= 8] or [dim]
+    return min(divisors, key=lambda m: (m not in GPU_PQ_SUBQUANTIZERS, abs(dim / m - 4), -m))
 
 
-def _training_sample(rows: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+def _training_rows(n: int, nlist: int, seed: int = 0) -> np.ndarray | slice:
+    """Which rows k-means and the codes train on: all of them up to max(TRAIN_ROWS_MIN, TRAIN_ROWS_PER_LIST
+    per list), else a seeded sample of that many."""
     limit = max(TRAIN_ROWS_MIN, TRAIN_ROWS_PER_LIST * nlist)
-    if len(rows) <= limit:
-        return rows
-    picked = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
-    return rows[picked]
+    return slice(None) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+ADD_CHUNK = 500_000  # rows encoded per index.add: [vector, bias] rows are never all copied at once
 
 
 def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarray | None = None) -> faiss.Index:
     """Inner-product index whose ids are catalogue rows; with `item_bias`, over [vector, bias] rows
     (twotower.popularity), so that a query [user, weight] ranks by cosine + weight * bias."""
-    rows = vectors if item_bias is None else popularity.with_bias(vectors, item_bias)
-    n, dim = rows.shape
+    n, dim = len(vectors), artifacts.index_dimension(vectors.shape[1], item_bias is not None, index_type)
+
+    def rows(selection: np.ndarray | slice, bias: np.ndarray | None = item_bias) -> np.ndarray:
+        chosen = np.ascontiguousarray(vectors[selection], dtype=np.float32)
+        chosen = chosen if bias is None else popularity.with_bias(chosen, bias[selection])
+        return chosen if chosen.shape[1] == dim else np.pad(chosen, ((0, 0), (0, dim - chosen.shape[1])))
+
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif index_type == "hnsw":
@@ -115,20 +124,21 @@ def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarra
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT)
         # Lists by direction alone: centroids trained with a zero bias coordinate, so an article's list and
         # the lists a query probes do not depend on popularity (or it would pull best sellers into a few lists).
-        directions = vectors if item_bias is None else popularity.with_bias(vectors, np.zeros(n, np.float32))
+        zero_bias = None if item_bias is None else np.zeros(n, np.float32)
+        directions = rows(_training_rows(n, nlist), zero_bias)
         if index_type == "ivf":
-            index.train(_training_sample(directions, nlist))
+            index.train(directions)
         else:
             # The same lists as "ivf" (a flat IVF trains the shared quantizer); the codes (sq8 ranges, pq
             # codebooks) then train on the real rows, bias included: IndexIVF.train keeps a full quantizer.
-            faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT).train(
-                _training_sample(directions, nlist)
-            )
-            index.train(_training_sample(rows, nlist, seed=1))
+            faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT).train(directions)
+            index.train(rows(_training_rows(n, nlist, seed=1)))
+        del directions
         index.nprobe = min(nlist, RetrieverConfig.ivf_nprobe)  # the retriever sets its own on load
     else:
         raise ValueError(f"unknown index type {index_type!r}")
-    index.add(rows)
+    for start in range(0, n, ADD_CHUNK):
+        index.add(rows(slice(start, start + ADD_CHUNK)))
     return index
 
 

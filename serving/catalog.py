@@ -168,7 +168,7 @@ class Catalog:
                 f"item counts differ: index {self.index.ntotal}, vectors {len(self.vectors)}, "
                 f"metadata {len(self.article_ids)}, manifest {m.item_count}"
             )
-        index_dim = m.dim + (self.item_bias is not None)  # + the prior's coordinate
+        index_dim = artifacts.index_dimension(m.dim, self.item_bias is not None, m.index_type)
         if self.index.d != index_dim or self.vectors.shape[1] != m.dim:
             problems.append(
                 f"dimension differs: index {self.index.d} (expected {index_dim}), vectors "
@@ -214,9 +214,12 @@ class Catalog:
         return ranking.item_scores(self.vectors, self.item_bias, query, rows, prior)
 
     def _index_queries(self, queries: np.ndarray, prior: float | np.ndarray) -> np.ndarray:
-        """Queries as the index holds items: [query, prior weight] when it carries the popularity bias."""
+        """Queries as the index holds items: [query, prior weight] when it carries the popularity bias, then
+        zeros where the index pads its rows (artifacts.index_dimension)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return queries if self.item_bias is None else popularity.with_weight(queries, prior)
+        queries = queries if self.item_bias is None else popularity.with_weight(queries, prior)
+        padding = self.index.d - queries.shape[1]
+        return queries if padding == 0 else np.pad(queries, ((0, 0), (0, padding)))
 
     def history_tensors(self, histories: list[Purchases]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The user tower's fixed [B, L, D] inputs for (rows most-recent-first, ages) pairs."""
@@ -254,7 +257,7 @@ class Catalog:
         rows = np.where(found, candidates, 0)
         scores = np.einsum("bcd,bd->bc", self.vectors[rows], index_queries[:, :dim])
         if self.item_bias is not None:
-            scores += self.item_bias[rows] * index_queries[:, dim:]
+            scores += self.item_bias[rows] * index_queries[:, dim : dim + 1]
         scores[~found] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.where(

@@ -19,8 +19,8 @@ log = logging.getLogger("serving.gpu_search")
 
 MODES = ("auto", "on", "off")
 GPU_MAX_K = 2048  # faiss' GPU k-selection returns at most this many results per query
-# Bytes per code faiss' GPU IVF-PQ implements (faiss wiki, "Faiss on the GPU"); export picks ~4 dimensions
-# per sub-quantizer, so a 129-dimension index (128 + the prior's coordinate) gets 43 and stays on the CPU.
+# Bytes per code faiss' GPU IVF-PQ implements (faiss wiki, "Faiss on the GPU"); export picks one of them
+# where the index's dimension allows (export.catalogue_index.pq_subquantizers).
 GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 
 

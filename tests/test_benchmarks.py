@@ -251,3 +251,16 @@ def test_overload_phases_split_admitted_shed_and_unanswered() -> None:
     p = phase(result)
     assert (p["admitted"], p["shed"], p["unanswered"], p["other_errors"]) == (60, 30, 8, 2)
     assert p["goodput_qps"] == pytest.approx(30.0) and p["shed_p99_ms"] == 2.0
+
+
+def test_gpu_check_runs_the_exported_towers_and_search_where_there_is_no_gpu(tiny_pipeline, capsys) -> None:
+    """`make gpu-check` as it runs on a machine without CUDA: every tower and the served search, a row per batch."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--index-dir", str(tiny_pipeline.index_dir), "--model-repository",
+                           str(tiny_pipeline.repository), "--repeats", "4"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "user tower" in printed and "item tower" in printed and "search top-100" in printed
+    assert [
+        line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "batch" not in line
+    ][:3] == ["1", "16", "64"]

@@ -109,7 +109,9 @@ def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_
     _, rows = catalog.search(vectors[:2], 10)
     assert asked == [50]  # 10 * RERANK_FACTOR capped to what a GPU search returns
     assert rows[:, 0].tolist() == [0, 1]  # the exact re-rank puts each query's own vector first
-    # 129 dimensions (128 + the prior's coordinate in a real export) -> 43 sub-quantizers: no GPU kernel for them
-    write_random_index(tmp_path / "v0002", "ivf-pq", ["A"] * 3000, dim=129)
-    with pytest.raises(gpu_search.GpuUnavailable, match="no 43-byte codes"):
-        Catalog(tmp_path / "v0002", faiss_gpu="on")
+    # 128 + the prior's coordinate, padded to 144 -> 48 sub-quantizers: a code size the GPU has; 43 is not
+    write_random_index(tmp_path / "v0002", "ivf-pq", ["A"] * 3000, dim=128, item_bias=np.ones(3000, np.float32))
+    catalog = Catalog(tmp_path / "v0002", faiss_gpu="on")
+    assert catalog.index.d == 144 and catalog.index.pq.M == 48 and catalog.gpu is not None
+    odd = faiss.IndexIVFPQ(faiss.IndexFlatIP(129), 129, 4, 43, 8, faiss.METRIC_INNER_PRODUCT)
+    assert "no 43-byte codes" in gpu_search.why_not_gpu(odd)

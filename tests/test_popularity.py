@@ -64,7 +64,8 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
     bias[:30] = np.log1p(np.arange(30, dtype=np.float32) * 10)  # a few best sellers, most articles unsold
     vectors = write_random_index(tmp_path / "v0001", index_type, ["A"] * n, item_bias=bias, prior_weight=0.1)
     catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76, exact_search_limit=100)  # all lists: exact for this check
-    assert catalog.prior_weight == 0.1 and catalog.index.d == vectors.shape[1] + 1
+    assert catalog.prior_weight == 0.1  # rows [vector, bias], compressed ones padded with zeros to 16 columns
+    assert catalog.index.d == (vectors.shape[1] + 1 if index_type in ("flat", "ivf") else 32)
     query = vectors[100]
     for prior in (0.0, 0.1):
         expected = np.argsort(-(vectors @ query + prior * bias), kind="stable")[:10]
