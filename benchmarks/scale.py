@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from twotower import artifacts
+from twotower.item_table import ID_COLUMN, Column, ItemTable
 
 log = logging.getLogger("benchmarks.scale")
 
@@ -57,7 +58,9 @@ class Reference:
             vectors = _unit(rng.standard_normal((CLUSTERS, dim)).astype(np.float32))
             self.centroids, self.spread, self.weights = vectors, np.full(CLUSTERS, 0.6, np.float32), None
             self.bias = rng.gamma(0.3, 1.0, 100_000).astype(np.float32)
-            self.items = {"product_group_name": rng.choice(["A", "B", "C", "D"], 100_000, p=[0.5, 0.3, 0.15, 0.05])}
+            groups = rng.choice(["A", "B", "C", "D"], 100_000, p=[0.5, 0.3, 0.15, 0.05]).tolist()
+            self.items = ItemTable.from_columns({"article_id": [str(i) for i in range(len(groups))],
+                                                 "product_group_name": groups})  # fmt: skip
             self.users, self.prior_weight = _unit(rng.standard_normal((QUERIES, dim)).astype(np.float32)), 0.0
             return
         from serving.catalog import Catalog
@@ -78,7 +81,7 @@ class Reference:
         self.spread = np.sqrt(sq / np.maximum(counts, 1) / vectors.shape[1]).astype(np.float32)
         self.weights = counts / counts.sum()
         self.bias = catalog.item_bias if catalog.item_bias is not None else np.zeros(len(vectors), np.float32)
-        self.items = {c: np.asarray(catalog.items[c]) for c in METADATA_COLUMNS if c in catalog.items}
+        self.items = catalog.items
         known = catalog.customer_vectors
         finite = known[np.isfinite(known).all(axis=1)] if known is not None else np.zeros((0, vectors.shape[1]))
         if len(finite) >= QUERIES:
@@ -87,9 +90,10 @@ class Reference:
             self.users = _unit(vectors[rng.choice(len(vectors), QUERIES)] + 0.1)
         self.prior_weight = catalog.prior_weight
 
-    def write_vectors(self, path: Path, n: int, seed: int = 1) -> tuple[np.memmap, np.ndarray, dict[str, list[str]]]:
+    def write_vectors(self, path: Path, n: int, seed: int = 1) -> tuple[np.memmap, np.ndarray, ItemTable]:
         """n article vectors straight into a .npy file (chunk by chunk: 10M never sit in memory twice),
-        their biases and metadata."""
+        their biases and metadata (the columns of a random real article each, kept encoded: no Python
+        string per synthetic article)."""
         rng = np.random.default_rng(seed)
         dim = self.centroids.shape[1]
         vectors = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
@@ -100,10 +104,13 @@ class Reference:
             vectors[start : start + size] = _unit(self.centroids[cluster] + noise)
         vectors.flush()
         source_rows = rng.integers(0, len(self.bias), n)
-        items = {"article_id": [f"{i:010d}" for i in range(n)]}
-        for column, values in self.items.items():
-            items[column] = values[source_rows % len(values)].tolist()
-        return vectors, self.bias[source_rows].astype(np.float32), items
+        ids = np.char.zfill(np.arange(n).astype("S10"), 10)  # sorted: the codes are the rows
+        columns = {ID_COLUMN: Column(ids, np.arange(n, dtype=np.int32))}
+        for name in METADATA_COLUMNS:
+            if name in self.items:
+                real = self.items[name]
+                columns[name] = Column(np.asarray(real.values), np.asarray(real.codes)[source_rows % len(real)])
+        return vectors, self.bias[source_rows % len(self.bias)].astype(np.float32), ItemTable(columns)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -127,7 +134,7 @@ def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior:
 
 
 def write_version(
-    directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: dict, reference: Path | None
+    directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: ItemTable, reference: Path | None
 ) -> float:
     """One index version as export writes it, without a keyword index; returns the build seconds. With a
     reference version, its towers' manifest fields, score head and known customers (whose history rows
@@ -269,14 +276,16 @@ def run(
         started = time.perf_counter()
         vectors, bias, items = reference.write_vectors(work_n / "vectors.npy", n)
         log.info("%d synthetic articles in %.0fs", n, time.perf_counter() - started)
-        groups = items.get("product_group_name", [])
-        names, counts = np.unique(np.asarray(groups), return_counts=True) if groups else ([], [])
-        # the largest product group and one near 5% of the catalogue: the two filtered-search regimes
-        picked = [names[np.argmax(counts)], names[np.argmin(np.abs(counts / n - 0.05))]] if len(names) else []
         exact = {"all": exact_top10(vectors, bias, reference.users, reference.prior_weight)}
-        for group in picked:
-            allowed = np.asarray(groups) == group
-            exact[str(group)] = exact_top10(vectors, bias, reference.users[:100], reference.prior_weight, allowed)
+        if "product_group_name" in items:
+            groups = items["product_group_name"]
+            counts = np.bincount(groups.codes, minlength=len(groups.values))
+            # the largest product group and one near 5% of the catalogue: the two filtered-search regimes
+            for code in dict.fromkeys([int(np.argmax(counts)), int(np.argmin(np.abs(counts / n - 0.05)))]):
+                allowed = np.asarray(groups.codes) == code
+                exact[groups.distinct()[code]] = exact_top10(
+                    vectors, bias, reference.users[:100], reference.prior_weight, allowed
+                )
         for index_type in index_types:
             directory = work_n / index_type
             build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir)

@@ -64,22 +64,27 @@ def read_removals(path: Path) -> list[str]:
 
 
 def triton_embedder(
-    url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0
+    url: str, manifest: artifacts.Manifest, batch_size: int = 64, timeout_s: float = 60.0, concurrency: int = 4
 ) -> ItemEmbedder:
     """Captions -> vectors through the item tower Triton serves at the index's model version, with the
-    retriever's own client (same model/version/shape checks, timeouts and retries)."""
+    retriever's own client (same model/version/shape checks, timeouts and retries). `concurrency` batches
+    are in flight at once, so Triton's dynamic batcher and every instance (or replica behind its Service)
+    has work; results keep the captions' order."""
     from serving.towers import TokenIds, TowerClient
 
     tokenizer = TokenIds(manifest.clip_model)
 
     async def embed_batches(captions: list[str]) -> list[np.ndarray]:
         client = TowerClient(url, manifest, timeout_s)
+        slots = asyncio.Semaphore(max(1, concurrency))
+
+        async def embed(start: int) -> np.ndarray:
+            async with slots:
+                return await client.item_vectors(tokenizer(captions[start : start + batch_size]))
+
         try:
             await client.verify_models()
-            return [
-                await client.item_vectors(tokenizer(captions[start : start + batch_size]))
-                for start in range(0, len(captions), batch_size)
-            ]
+            return list(await asyncio.gather(*(embed(start) for start in range(0, len(captions), batch_size))))
         finally:
             await client.close()
 

@@ -36,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         "--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="captions per Triton request")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="Triton requests in flight (keeps every instance/replica busy)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         removals = read_removals(args.remove) if args.remove else []
         summary = update_catalogue(
             args.index_dir,
-            (lambda m: triton_embedder(args.triton, m, args.batch_size))
+            (lambda m: triton_embedder(args.triton, m, args.batch_size, concurrency=args.concurrency))
             if args.triton
             else (lambda m: local_embedder(args.model_repository, m)),
             args.articles,
