@@ -36,6 +36,7 @@ from twotower.ranking import NOTHING_BOUGHT, Purchases, RankRequest
 from twotower.repeats import RepeatBoost
 
 log = logging.getLogger("retriever")
+INLINE_SEARCH_ROWS = 20_000  # unfiltered searches scoring at most this many rows run on the event loop
 
 TEXT_SEARCH_MODES = ("dense", "hybrid")
 HISTORY_CLOCKS = ("wall", "index")
@@ -165,10 +166,14 @@ class RecommendationService:
         serving = serving or self.serving()
         vectors, bought = await self.query_vectors(queries, serving)
         with metrics.STAGE["search"].time():
-            # An unfiltered search takes ~0.3 ms: cheaper on the event loop than a thread handoff. Filtered
-            # ones (their masks included) may scan tens of thousands of rows and go to a worker thread.
-            # Hybrid text queries score every article with BM25 as well: a thread too.
-            inline = all(q.searches_everything and not self._hybrid(serving.catalog, q) for q in queries)
+            # An unfiltered search of H&M's index (~10k rows scored) takes ~0.3 ms: cheaper on the event loop
+            # than a thread handoff. Filtered ones (their masks included) may scan tens of thousands of rows and
+            # go to a worker thread, as do unfiltered ones over big indexes (1M articles: ~3 ms, docs/scale.md),
+            # where the loop would otherwise stall every other request. Hybrid text queries score every
+            # article with BM25 as well: a thread too.
+            inline = serving.catalog.rows_per_search <= INLINE_SEARCH_ROWS and all(
+                q.searches_everything and not self._hybrid(serving.catalog, q) for q in queries
+            )
             if inline and not self.config.search_in_thread:
                 ranked = self._rank(serving.catalog, queries, vectors, bought)
             else:

@@ -146,6 +146,17 @@ class Catalog:
         )
 
     @property
+    def rows_per_search(self) -> int:
+        """About how many rows an unfiltered search scores: all of a flat index, the probed lists' share of
+        an IVF one (plus a compressed index's exact re-rank); HNSW visits about efSearch x its degree."""
+        if hasattr(self.index, "hnsw"):
+            return int(self.hnsw_ef_search * 32)
+        if hasattr(self.index, "nprobe"):
+            probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
+            return int(probed + 100 * self.rerank_factor)
+        return int(self.index.ntotal)
+
+    @property
     def version(self) -> str:
         return self.manifest.index_version or self.index_dir.name
 

@@ -23,6 +23,7 @@ from retriever.errors import RequestError
 from retriever.index_slot import IndexSlot
 from retriever.queries import Query, QueryOptions
 from retriever.server import install_routes
+from retriever import service as service_module
 from retriever.service import RecommendationService
 from serving.catalog import Catalog
 from serving.filters import Filters
@@ -514,3 +515,21 @@ def test_writes_and_admin_need_the_bearer_token_and_reads_do_not(tmp_path: Path)
     assert str(tmp_path) not in answers["info good"].text + answers["reload good"].text
     with pytest.raises(ValueError, match="--admin-token-file: cannot read"):
         RecommendationService(dataclasses.replace(config, admin_token_file=str(tmp_path / "missing")), service.slot)
+
+
+def test_unfiltered_searches_over_big_indexes_leave_the_event_loop(shop, monkeypatch) -> None:
+    service, vectors, _ = shop
+    handed_off: list[str] = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(function, *args, **kwargs):
+        handed_off.append(function.__name__)
+        return await real_to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    catalog = service.serving().catalog
+    assert catalog.rows_per_search == catalog.index.ntotal <= service_module.INLINE_SEARCH_ROWS  # small: inline
+    inline = recommend(service, Query("customer_id", "alice", 5))
+    assert "_rank" not in handed_off
+    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search - 1)  # as if 1M articles
+    assert recommend(service, Query("customer_id", "alice", 5)) == inline and "_rank" in handed_off
