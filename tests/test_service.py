@@ -19,11 +19,11 @@ from fastapi import FastAPI
 
 from evaluation.two_tower import CaseUsers, TwoTower
 from export.catalogue_index import build_faiss_index, write_index_dir
+from retriever import service as service_module
 from retriever.errors import RequestError
 from retriever.index_slot import IndexSlot
 from retriever.queries import Query, QueryOptions
 from retriever.server import install_routes
-from retriever import service as service_module
 from retriever.service import RecommendationService
 from serving.catalog import Catalog
 from serving.filters import Filters
