@@ -313,7 +313,7 @@ class RecommendationService:
         """Purchases posted to this service (most recent first), then the customer's history in the index,
         its ages advanced to today."""
         # An index swapped back to an older version may lack some posted articles: skip those.
-        live = [(catalog.row_of[a], age) for a, age in zip(*posted) if a in catalog.row_of]
+        live = [(int(row), age) for row, age in zip(catalog.row_of.rows(posted[0]), posted[1]) if row >= 0]
         try:
             rows, ages = catalog.customer_history(customer_id)
             ages = ages + np.float32(self.days_since_index(catalog))

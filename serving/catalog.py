@@ -196,10 +196,10 @@ class Catalog:
 
     def rows_for(self, article_ids: list[str]) -> np.ndarray:
         """Current rows of these articles (removed articles stay known: histories may name them)."""
-        unknown = [a for a in article_ids if a not in self.row_of]
-        if unknown:
-            raise UnknownIds("article_id", unknown)
-        return np.asarray([self.row_of[a] for a in article_ids], dtype=np.int64)
+        rows = self.row_of.rows(article_ids)
+        if (rows < 0).any():
+            raise UnknownIds("article_id", [a for a, row in zip(article_ids, rows) if row < 0])
+        return rows
 
     def customer_vector(self, customer_id: str) -> np.ndarray | None:
         """The user vector export computed for this known customer's stored history, if any."""

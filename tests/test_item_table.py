@@ -24,7 +24,7 @@ COLUMNS = {
 def test_written_columns_read_back_memory_mapped(tmp_path: Path) -> None:
     names = item_table.write(tmp_path / "items", COLUMNS)
     table = ItemTable.load(tmp_path / "items", names)
-    assert isinstance(table["colour_group_name"].codes, np.memmap)
+    assert isinstance(table["colour_group_name"].codes.base, np.memmap)  # a view of the mapped file, no copy
     assert table.to_lists() == COLUMNS  # every value, non-ASCII and empty ones included, in row order
     assert table.row(2) == {k: v[2] for k, v in COLUMNS.items() if k != "article_id"}
     assert table.article_ids[1] == "0108775044" and len(table.article_ids) == 4
@@ -33,6 +33,9 @@ def test_written_columns_read_back_memory_mapped(tmp_path: Path) -> None:
     for missing in ("0108775", "01087750150", "9999999999", ""):
         assert missing not in table.row_of and table.row_of.get(missing) is None
     assert sorted(table.row_of) == sorted(set(COLUMNS["article_id"])) and len(table.row_of) == 3
+    many = ["0110065001", "0108775", "01087750150", "0108775015", "", "0108775044"]
+    assert table.row_of.rows(many).tolist() == [2, -1, -1, 3, -1, 1]  # one search for a whole history
+    assert table.row_of.rows([]).tolist() == []
 
 
 def test_filters_and_products_read_the_encoded_columns() -> None:

@@ -20,6 +20,7 @@ from typing import Iterator, Mapping, Sequence, overload
 import numpy as np
 
 ID_COLUMN = "article_id"
+DECODED_LIMIT = 65_536  # distinct values a column keeps decoded in memory
 
 
 def _encode(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +36,12 @@ class Column(Sequence[str]):
     """One dictionary-encoded column, read as a sequence of str (row -> value)."""
 
     def __init__(self, values: np.ndarray, codes: np.ndarray):
-        self.values = values  # sorted distinct values (bytes)
-        self.codes = codes  # int32 [N]
+        # Plain ndarray views of the mapped files: indexing an np.memmap goes through Python (~1 us a call).
+        self.values = np.asarray(values)  # sorted distinct values (bytes)
+        self.codes = np.asarray(codes)  # int32 [N]
+        # Category-like columns (colours, types: a few hundred values) are decoded once; per-article ones
+        # (ids, names: up to one value per row) are decoded when read.
+        self._decoded = self.distinct() if len(values) <= DECODED_LIMIT else None
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -50,6 +55,8 @@ class Column(Sequence[str]):
     def __getitem__(self, row: int | slice) -> str | list[str]:
         if isinstance(row, slice):
             return [bytes(v).decode() for v in self.values[self.codes[row]]]
+        if self._decoded is not None:
+            return self._decoded[self.codes[row]]
         return bytes(self.values[self.codes[row]]).decode()
 
     def __iter__(self) -> Iterator[str]:
@@ -83,6 +90,18 @@ class ArticleRows(Mapping[str, int]):
             return -1
         code = int(np.searchsorted(values, key))
         return code if code < len(values) and values[code] == key else -1
+
+    def rows(self, article_ids: Sequence[str]) -> np.ndarray:
+        """int64 rows of many ids in one binary search (-1 where unknown): a 50-article history costs
+        ~10 us instead of 50 lookups."""
+        values = self._ids.values
+        keys = np.asarray([a.encode() for a in article_ids], dtype=bytes)
+        if not len(keys) or not len(values):
+            return np.full(len(keys), -1, dtype=np.int64)
+        codes = np.minimum(np.searchsorted(values, keys.astype(values.dtype)), len(values) - 1)
+        # a key longer than every id would be truncated by the astype above into a false match
+        found = (values[codes] == keys) & (np.char.str_len(keys) <= values.dtype.itemsize)
+        return np.where(found, self._last_row[codes], -1)
 
     def __getitem__(self, article_id: str) -> int:
         code = self._code(article_id) if isinstance(article_id, str) else -1
