@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from export.catalogue_update import local_embedder, triton_embedder
 from localtriton import TritonServer, TritonSettings
 from serving.catalog import Catalog
-from twotower import artifacts
+from twotower import artifacts, triton_repository
 
 log = logging.getLogger("benchmarks.embedding")
 
@@ -35,13 +37,18 @@ def captions_of(catalog: Catalog, n: int) -> list[str]:
 
 
 def repository_with_instances(source: Path, manifest: artifacts.Manifest, instances: int, out: Path) -> Path:
-    """A copy of the item tower's model directory whose config asks for `instances` instances."""
+    """A copy of the repository (the client checks every tower the index names) whose item tower asks for
+    `instances` instances."""
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(source / manifest.item_model, out / manifest.item_model)
+    shutil.copytree(source, out)
     config = out / manifest.item_model / "config.pbtxt"
     text, count = re.subn(r"(instance_group \[\s*\{\s*count: )\d+", rf"\g<1>{instances}", config.read_text())
     if count != 1:
         raise ValueError(f"{config}: no instance_group count to set")
+    # Repositories exported before the 2 s queue timeout (0.5 s) reject a second 64-caption batch queued
+    # behind one that takes ~0.4 s on one thread: the timeout export writes now.
+    timeout = triton_repository.TritonModelSpec.queue_timeout_us
+    text = re.sub(r"default_timeout_microseconds: \d+", f"default_timeout_microseconds: {timeout}", text)
     config.write_text(text)
     return out
 
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     captions = captions_of(catalog, args.captions)
     rows: list[dict[str, Any]] = []
 
+    torch.set_num_threads(1)  # as one Triton instance runs it
     started = time.perf_counter()
     local_embedder(args.model_repository, manifest)(captions[:512])
     rows.append({"where": "in-process TorchScript, 1 thread", "instances": 0, "concurrency": 1,
