@@ -29,6 +29,14 @@ class TinyPipeline:
 
         return resolve_index_dir(self.index_dir)
 
+    @property
+    def article_ids(self) -> list[str]:
+        """The published version's article ids, row order."""
+        from twotower import artifacts
+
+        version = self.version_dir
+        return list(artifacts.read_items(version, artifacts.read_manifest(version)).article_ids)
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:

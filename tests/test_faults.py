@@ -130,7 +130,7 @@ def test_frozen_triton_times_out_into_503_and_recovers(private_servers, tiny_pip
 
     triton, retriever = private_servers
     ready_url = f"{retriever.url}/v1/models/recommender"
-    article = json.loads((tiny_pipeline.version_dir / "items.json").read_text())["article_id"][7]
+    article = tiny_pipeline.article_ids[7]
     body = {"instances": [{"history": [article], "k": 3}]}  # not cached: needs the user tower
     config = RetrieverConfig()
     bound_s = 2 * config.triton_timeout_s * (config.triton_retries + 1) + 5  # health check + the request itself
@@ -156,7 +156,7 @@ def test_a_burst_past_the_admission_limit_is_shed_with_retry_after_and_service_r
 
     from serving.http1 import KeepAliveClient
 
-    articles = json.loads((tiny_pipeline.version_dir / "items.json").read_text())["article_id"]
+    articles = tiny_pipeline.article_ids
     bodies = [json.dumps({"instances": [{"history": [a, b], "k": 3}]}).encode() for a, b in zip(articles, articles[1:])]
     settings = TritonSettings.on_free_ports(tiny_pipeline.repository, tmp_path)
     with (

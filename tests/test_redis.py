@@ -67,7 +67,7 @@ def test_two_retrievers_share_posted_purchases_and_survive_redis_going_away(tiny
     redis = RedisServer(free_port(), tmp_path).start()
     flags = ["--purchases-redis-url", redis.url, "--history-clock", "index"]
     triton_http = f"127.0.0.1:{triton.settings.http_port}"
-    items = json.loads((tiny_pipeline.version_dir / "items.json").read_text())["article_id"]
+    items = tiny_pipeline.article_ids
     try:
         with (
             RetrieverProcess(tiny_pipeline.index_dir, triton_http, log_path=tmp_path / "a.log", extra_args=flags) as a,
