@@ -82,6 +82,17 @@ class Catalog:
         leaves the BM25 index on disk (a retriever serving text by vector alone never reads it);
         `rerank_factor`: candidates per result a compressed index's answer is re-scored from.
         """
+        # What a copy in another process is rebuilt from (__getstate__): the files, not the mapped memory.
+        self._arguments: dict[str, Any] = {
+            "index_dir": index_dir,
+            "hnsw_ef_search": hnsw_ef_search,
+            "ivf_nprobe": ivf_nprobe,
+            "exact_search_limit": exact_search_limit,
+            "faiss_gpu": faiss_gpu,
+            "popularity_weight": popularity_weight,
+            "lexical": lexical,
+            "rerank_factor": rerank_factor,
+        }
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
         self.hnsw_ef_search = hnsw_ef_search
@@ -155,6 +166,15 @@ class Catalog:
             self.prior_weight,
             time.perf_counter() - started,
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # KServe's --workers N pickles the model. A memory-mapped FAISS index cannot be pickled (its lists
+        # live in the file), and pickled memmaps would arrive as private copies: each worker maps the same
+        # files again instead (the version directory is immutable).
+        return {"_arguments": {**self._arguments, "index_dir": self.index_dir}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["_arguments"])  # type: ignore[misc]
 
     @property
     def rows_per_search(self) -> int:

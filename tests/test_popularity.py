@@ -132,3 +132,19 @@ def test_export_serves_the_fitted_weight_over_the_last_days_sales(tiny_pipeline)
     )
     assert catalog.item_bias is not None and catalog.item_bias.max() > 0
     np.testing.assert_array_equal(catalog.item_bias, expected)
+
+
+def test_a_catalog_travels_to_kserve_workers_by_its_files(tmp_path: Path) -> None:
+    """--workers N pickles the model: the memory-mapped IVF lists cannot be pickled, so a copy maps the files."""
+    import pickle
+
+    n = 3000
+    bias = np.linspace(0, 2, n, dtype=np.float32)
+    vectors = write_random_index(tmp_path / "v0001", "ivf-pq", ["A"] * n, item_bias=bias, prior_weight=0.1)
+    catalog = Catalog(tmp_path / "v0001", ivf_nprobe=30)
+    payload = pickle.dumps(catalog)
+    assert len(payload) < 2_000  # arguments, not arrays
+    copy = pickle.loads(payload)
+    assert isinstance(copy.vectors, np.memmap) and copy.ivf_nprobe == 30
+    for a, b in zip(catalog.search(vectors[:4], 10, 0.1), copy.search(vectors[:4], 10, 0.1)):
+        np.testing.assert_array_equal(a, b)
