@@ -135,7 +135,7 @@ def _update(
 
     # The loaded parent's own objects are extended in memory; its files are never written.
     items, vectors, item_bias = parent.items.to_lists(), parent.vectors, parent.item_bias
-    index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # writable (the Catalog's is mapped)
+    index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays as loaded
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}
