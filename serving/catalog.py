@@ -35,6 +35,7 @@ MAX_FILTERED_EF = 2048
 # A compressed index (ivf-sq8, ivf-pq: codes, not vectors) is searched for k * this many candidates, which
 # are then scored exactly from the full vectors (docs/scale.md measures recall@10 against this factor).
 RERANK_FACTOR = 10
+TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
 
 
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +74,7 @@ class Catalog:
         popularity_weight: float = RetrieverConfig.popularity_weight,
         lexical: bool = True,
         rerank_factor: int = RERANK_FACTOR,
+        verify: bool = True,
     ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
 
@@ -80,7 +82,8 @@ class Catalog:
         `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
         `popularity_weight` >= 0 replaces the prior weight the index was fitted with; `lexical` False
         leaves the BM25 index on disk (a retriever serving text by vector alone never reads it);
-        `rerank_factor`: candidates per result a compressed index's answer is re-scored from.
+        `rerank_factor`: candidates per result a compressed index's answer is re-scored from; `verify`
+        False skips the files' sha256 (only for a copy of a Catalog that checked them: __setstate__).
         """
         # What a copy in another process is rebuilt from (__getstate__): the files, not the mapped memory.
         self._arguments: dict[str, Any] = {
@@ -100,7 +103,8 @@ class Catalog:
         self.exact_search_limit = exact_search_limit
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
-        artifacts.verify_files(self.index_dir, self.manifest)
+        if verify:
+            artifacts.verify_files(self.index_dir, self.manifest)
         # HNSW, IVF(-SQ8/-PQ) or flat, read into memory. Not memory-mapped (IO_FLAG_MMAP): faiss then serves
         # the lists through OnDiskInvertedLists, 2.55 ms per H&M query on one thread instead of 0.87, and
         # make bench's search stage went from ~1 to 5-6 ms. Compressed types keep this memory small.
@@ -167,10 +171,11 @@ class Catalog:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # KServe's --workers N pickles the model. A memory-mapped FAISS index cannot be pickled (its lists
-        # live in the file), and pickled memmaps would arrive as private copies: each worker maps the same
-        # files again instead (the version directory is immutable).
-        return {"_arguments": {**self._arguments, "index_dir": self.index_dir}}
+        # KServe's --workers N pickles the model. Pickled memmaps would arrive as private copies (every
+        # worker a full copy of the vectors and columns): each worker maps the same files again instead.
+        # The version directory is immutable and this process checked its hashes: a worker does not
+        # hash it again (~20 s at 10M articles, per worker).
+        return {"_arguments": {**self._arguments, "index_dir": self.index_dir, "verify": False}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state["_arguments"])  # type: ignore[misc]
@@ -183,7 +188,7 @@ class Catalog:
             return int(self.hnsw_ef_search * 32)
         if hasattr(self.index, "nprobe"):
             probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
-            return int(probed + 100 * self.rerank_factor)
+            return int(probed + TYPICAL_K * self.rerank_factor)
         return int(self.index.ntotal)
 
     @property
