@@ -31,7 +31,11 @@ log = logging.getLogger("benchmarks.embedding")
 
 
 def captions_of(catalog: Catalog, n: int) -> list[str]:
-    """Caption-like texts from the catalogue's own columns (what the item tower embeds, in length and words)."""
+    """The first n captions the item tower embedded for this index (kept beside its BM25 index: the same
+    texts, lengths and words); an index exported before hybrid search has none, and gets caption-like
+    texts joined from its columns (shorter than real captions: a flattering items/s)."""
+    if catalog.lexical is not None:
+        return catalog.lexical.captions[:n]
     columns = [c for c in ("prod_name", "product_type_name", "colour_group_name", "section_name") if c in catalog.items]
     return [" ".join(catalog.items[c][row] for c in columns) for row in range(min(n, catalog.items.rows))]
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    catalog = Catalog(args.index_dir, lexical=False)
+    catalog = Catalog(args.index_dir)
     manifest = catalog.manifest
     captions = captions_of(catalog, args.captions)
     rows: list[dict[str, Any]] = []
