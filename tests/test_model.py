@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -212,3 +213,48 @@ def test_the_query_tower_learns_the_item_towers_vectors_and_ignores_padding(tmp_
     # TorchScript keeps it exact at other batch sizes and lengths (what Triton serves).
     _, difference = trace_and_verify("query_tower", query, [(tokens[:4],), (tokens[:1],), (tokenizer(["dress"]),)])
     assert difference <= 1e-6
+
+
+def test_query_phrases_describe_every_article_with_their_fields(tmp_path: Path) -> None:
+    from twotower.data.pairs import TEMPLATES, query_pairs
+
+    articles = load_hm_dir(generate(tmp_path / "data", seed=4, n_articles=60, n_customers=10)).articles
+    queries = query_pairs(articles, 3, seed=0)
+    everything = np.arange(len(articles))
+    colour_type = TEMPLATES.index(("colour", "type"))
+    i = int(np.flatnonzero(queries.templates == colour_type)[0])
+    own = articles.iloc[queries.rows[i]]
+    same = (articles["colour_group_name"] == own["colour_group_name"]) & (
+        articles["product_type_name"] == own["product_type_name"]
+    )
+    assert queries.described(np.array([i]), everything)[0].tolist() == same.tolist()
+    name = TEMPLATES.index(("name",))
+    j = int(np.flatnonzero(queries.templates == name)[0])
+    same_name = articles["prod_name"].str.lower() == articles.iloc[queries.rows[j]]["prod_name"].lower()
+    assert queries.described(np.array([j]), everything)[0].tolist() == same_name.tolist()  # every colour of it
+
+
+def test_the_query_tower_learns_to_find_the_articles_its_phrases_describe(tmp_path: Path) -> None:
+    from twotower.data.pairs import query_pairs
+    from twotower.model.pretrained_text import PAD_ID
+    from twotower.model.query_tower import PhraseArticles, learn_retrieval
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig()).eval()
+    assert model.query_tower is not None
+    articles = load_hm_dir(generate(tmp_path / "data", seed=4, n_articles=200, n_customers=10)).articles
+    queries = query_pairs(articles, 3, seed=0)
+    tokens = get_tokenizer(model.config.clip_model)(queries.phrases)
+    product_types = pd.factorize(articles["product_type_name"])[0].astype(np.int64)
+    phrases = PhraseArticles(tokens, queries.rows, queries.described, product_types)
+    with torch.no_grad():
+        item_vectors = torch.nn.functional.normalize(torch.randn(len(articles), model.config.embed_dim), dim=-1)
+
+    def found() -> float:  # share of phrases whose best article is one they describe
+        with torch.no_grad():
+            best = (model.query_tower(tokens) @ item_vectors.T).argmax(dim=1).numpy()
+        return float(np.mean([queries.described(np.array([i]), best[i : i + 1])[0, 0] for i in range(len(best))]))
+
+    before = found()
+    report = learn_retrieval(model.query_tower, phrases, item_vectors, PAD_ID, steps=200, random_negatives=64)
+    assert found() > before + 0.3, (before, found(), report)

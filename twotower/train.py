@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import sys
 import time
@@ -29,10 +30,12 @@ from twotower.data.histories import Histories, TrainingExamples, training_exampl
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
 from twotower.model.pretrained_text import PAD_ID
-from twotower.model.query_tower import distil
+from twotower.model.query_tower import PhraseArticles, distil, learn_retrieval
 from twotower.model.towers import PretrainedItemTower, TwoTowerModel, build_model, embed_texts
 
 log = logging.getLogger("twotower.train")
+
+RETRIEVAL_BATCH = 256  # query phrases per step of the query tower's retrieval training
 
 
 def seed_everything(seed: int) -> None:
@@ -94,13 +97,25 @@ class TextVectors:
             return torch.cat([self(torch.arange(i, min(i + self.batch_size, len(self)))) for i in starts])
 
 
-def distil_query_tower(model: TwoTowerModel, sources: list[TextVectors], config: TrainConfig) -> dict[str, float]:
-    """Fit the query tower to the trained item tower's vectors of these texts (query phrases, captions)."""
+def train_query_tower(
+    model: TwoTowerModel,
+    phrases: TextVectors,
+    captions: TextVectors,
+    queries: pairs.QueryPairs,
+    phrase_ids: np.ndarray,
+    item_table: torch.Tensor,
+    product_types: np.ndarray,
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """Fit the query tower to the trained item tower's vectors of the query phrases and captions, then
+    teach it to find each phrase's article among `item_table` (the indexed vectors)."""
     assert model.query_tower is not None
-    texts = [text for source in sources for text in source.texts]
-    targets = torch.cat([source.table() for source in sources])
+    texts = phrases.texts + captions.texts
+    targets = torch.cat([phrases.table(), captions.table()])
     tokens = torch.as_tensor(get_tokenizer(model.config.clip_model)(texts))
-    report = distil(model.query_tower, tokens, targets, PAD_ID, config.query_tower_epochs, seed=config.seed)
+    report: dict[str, Any] = distil(
+        model.query_tower, tokens, targets, PAD_ID, config.query_tower_epochs, seed=config.seed
+    )
     log.info(
         "query tower: %d texts in %.0fs, held-out cosine to the item tower %.3f (5th percentile %.3f)",
         len(texts),
@@ -108,6 +123,23 @@ def distil_query_tower(model: TwoTowerModel, sources: list[TextVectors], config:
         report.get("held_out_cosine", float("nan")),
         report.get("held_out_cosine_p05", float("nan")),
     )
+    steps = math.ceil(config.query_retrieval_epochs * len(queries) / RETRIEVAL_BATCH)
+    if steps > 0:
+        articles = PhraseArticles(
+            tokens[: len(phrases.texts)][torch.from_numpy(phrase_ids)], queries.rows, queries.described, product_types
+        )
+        normalised = torch.nn.functional.normalize(item_table, dim=-1)
+        retrieval = learn_retrieval(
+            model.query_tower, articles, normalised, PAD_ID, steps, batch_size=RETRIEVAL_BATCH, seed=config.seed
+        )
+        log.info(
+            "query tower: %d steps finding the phrases' articles in %.0fs, held-out phrases whose article "
+            "ranks first among the sampled candidates %.3f",
+            steps,
+            retrieval["seconds"],
+            retrieval.get("held_out_top1", float("nan")),
+        )
+        report["retrieval"] = retrieval
     return report
 
 
@@ -352,9 +384,8 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         if train_config.query_weight > 0 and len(queries) >= 2:
             pick = torch.from_numpy(generator.choice(len(queries), min(size, len(queries)), replace=False))
             rows = torch.from_numpy(queries.rows)[pick]
-            group = torch.from_numpy(queries.groups)[pick]
             phrase = torch.from_numpy(phrase_ids[pick.numpy()].astype(np.int64))
-            same = (group[:, None] == group[None, :]) | (rows[:, None] == rows[None, :])
+            same = torch.from_numpy(queries.described(pick.numpy(), rows.numpy()))
             loss = in_batch_softmax(query_text(phrase), item_text(rows), same, train_config.temperature)[0]
             total = total + train_config.query_weight * loss
         if train_config.co_purchase_weight > 0 and len(co_purchases) >= 2:
@@ -452,7 +483,12 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         without_prior,
     )
 
-    distillation = distil_query_tower(model, [query_text, item_text], train_config) if model.query_tower else {}
+    query_tower = {}
+    if model.query_tower is not None:
+        product_types = pd.factorize(data.articles["product_type_name"].astype(str))[0].astype(np.int64)
+        query_tower = train_query_tower(
+            model, query_text, item_text, queries, phrase_ids, item_table, product_types, train_config
+        )
 
     rundir.write_run(
         out,
@@ -473,7 +509,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "holdout": len(holdout.examples),
             "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
             "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior},
-            "query_tower": distillation,
+            "query_tower": query_tower,
         },
         text_features=None if item_text.features is None else item_text.features.numpy(),
     )

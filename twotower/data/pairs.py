@@ -41,15 +41,25 @@ FIELDS = {
 
 @dataclasses.dataclass
 class QueryPairs:
-    """phrases[i] describes catalogue row rows[i]; `groups[i]` is the row's (colour, type) key, so that
-    another article of the same colour and type is not used as a negative for that phrase."""
+    """phrases[i] describes catalogue row rows[i]. Other articles that the same phrase describes as well
+    (a "black dress" phrase made from one black dress describes every black dress; a product name, every
+    colour of that product) are no negatives for it: `described` says which."""
 
     phrases: list[str]
     rows: np.ndarray  # int64
-    groups: np.ndarray  # int64
+    templates: np.ndarray  # int64: the phrase's index in TEMPLATES
+    # int64 [len(TEMPLATES), catalogue rows]: articles with equal codes under a template agree on all its
+    # fields but description words (which a few sampled words cannot pin down)
+    codes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def described(self, pairs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """bool [len(pairs), len(rows)]: does phrase pairs[i] describe catalogue row rows[j] as well as its own?"""
+        templates = self.templates[pairs]
+        own = self.codes[templates, self.rows[pairs]]
+        return self.codes[templates[:, None], rows[None, :]] == own[:, None]
 
 
 def _clean(value: object) -> str:
@@ -64,11 +74,13 @@ def query_pairs(articles: pd.DataFrame, per_article: int = 2, seed: int = 0, dro
     descriptions = articles.get("detail_desc", pd.Series([""] * len(articles))).fillna("").astype(str).tolist()
     phrases: list[str] = []
     rows: list[int] = []
+    templates: list[int] = []
     for row in range(len(articles)):
         values = {field: column[row] for field, column in columns.items()}
         words = [w for w in DESCRIPTION_WORDS.findall(descriptions[row].lower()) if w not in STOP_WORDS]
         for _ in range(per_article):
-            template = TEMPLATES[rng.integers(len(TEMPLATES))]
+            index = int(rng.integers(len(TEMPLATES)))
+            template = TEMPLATES[index]
             parts: list[str] = []
             for field in template:
                 if field == "words":
@@ -82,10 +94,24 @@ def query_pairs(articles: pd.DataFrame, per_article: int = 2, seed: int = 0, dro
             if tokens:
                 phrases.append(" ".join(tokens))
                 rows.append(row)
-    keys = articles.reindex(columns=["colour_group_name", "product_type_name"]).astype(str).agg("|".join, axis=1)
-    group_of_row = pd.factorize(keys)[0]
-    row_array = np.asarray(rows, dtype=np.int64)
-    return QueryPairs(phrases, row_array, group_of_row[row_array].astype(np.int64))
+                templates.append(index)
+    return QueryPairs(
+        phrases, np.asarray(rows, dtype=np.int64), np.asarray(templates, dtype=np.int64), _template_codes(columns)
+    )
+
+
+def _template_codes(columns: dict[str, list[str]]) -> np.ndarray:
+    """int64 [len(TEMPLATES), rows]: per template, a code per article for the values of its fields."""
+    n = len(next(iter(columns.values()))) if columns else 0
+    codes = np.zeros((len(TEMPLATES), n), dtype=np.int64)
+    for t, template in enumerate(TEMPLATES):
+        fields = [field for field in template if field in columns]
+        if fields:
+            keys = pd.Series(["\x1f".join(values) for values in zip(*(columns[field] for field in fields))])
+            codes[t] = pd.factorize(keys)[0]
+        else:  # no field to agree on: a phrase describes its own article only
+            codes[t] = np.arange(n)
+    return codes
 
 
 def co_purchase_pairs(

@@ -8,15 +8,24 @@ matters ("black dress", "dress black"), so a mean of token embeddings (started f
 embeddings) and a residual MLP, trained to reproduce the item tower's vectors of the query phrases and
 captions training used, answers them for a few matrix-vector products. The item tower still embeds the
 catalogue; the query tower only maps queries into the same space.
+
+Distillation copies the item tower's mistakes: its "pink ballerinas" lies as near light pink ones as pink
+ones. The tower is then trained for what it is asked (`learn_retrieval`): each query phrase should find the
+article it was made from among the vectors the index holds, against sampled articles and articles of the
+same product type, never against another article the phrase describes as well. On the H&M catalogue this
+took colour + type precision@12 from 0.474 to 0.571 and pattern + type from 0.308 to 0.470 (exact search,
+the make eval model of 2026-11-28, 4,000 steps in ~4 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,4 +122,86 @@ def distil(
         with torch.no_grad():
             cosine = (tower(trim_padding(tokens[held], pad_id)) * targets[held]).sum(dim=-1)
         report |= {"held_out_cosine": float(cosine.mean()), "held_out_cosine_p05": float(torch.quantile(cosine, 0.05))}
+    return report
+
+
+@dataclasses.dataclass
+class PhraseArticles:
+    """Query phrases and the articles they were made from, for `learn_retrieval`."""
+
+    tokens: torch.Tensor  # int64 [P, T]: phrase i's token ids
+    rows: np.ndarray  # int64 [P]: the catalogue row phrase i was made from
+    # (phrases [B], rows [C]) -> bool [B, C]: phrase describes that row as well as its own (no negative)
+    described: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    product_types: np.ndarray  # int64 [N] per catalogue row: where the hard negatives come from
+
+
+def same_group_sampler(groups: np.ndarray) -> Callable[[np.ndarray, int, np.random.Generator], np.ndarray]:
+    """(rows [B], n, rng) -> rows [B * n]: n random rows of each row's group (itself possible)."""
+    order = np.argsort(groups, kind="stable")
+    starts = np.searchsorted(groups[order], groups, side="left")
+    counts = np.searchsorted(groups[order], groups, side="right") - starts
+
+    def sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        offsets = (rng.random((len(rows), n)) * counts[rows, None]).astype(np.int64)
+        return order[starts[rows, None] + offsets].reshape(-1)
+
+    return sample
+
+
+def learn_retrieval(
+    tower: QueryTower,
+    phrases: PhraseArticles,
+    item_vectors: torch.Tensor,
+    pad_id: int,
+    steps: int,
+    temperature: float = 0.05,
+    random_negatives: int = 4096,
+    hard_negatives: int = 4,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train `tower` so each phrase's vector finds its article among `item_vectors` (float32 [N, D], the
+    normalised vectors the index will hold): a softmax over the batch's own articles, `random_negatives`
+    articles sampled from the catalogue and `hard_negatives` per phrase of its article's product type
+    (where "pink" vs "light pink" is decided), the articles a phrase also describes left out.
+
+    Reports the final loss and, on 2% of the phrases it never trained on, how often the phrase's article
+    (or one it describes as well) ranks first among the same kind of candidates."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(phrases.rows))
+    n_held = min(2048, len(order) // 50) if len(order) >= 100 else 0
+    held, train = order[:n_held], order[n_held:]
+    same_type = same_group_sampler(phrases.product_types)
+    sparse = [tower.tokens.weight]
+    dense = [p for p in tower.parameters() if p is not tower.tokens.weight]
+    optimisers = [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.AdamW(dense, lr=lr, weight_decay=0.0)]
+
+    def loss_of(pick: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = phrases.rows[pick]
+        candidates = np.concatenate(
+            [rows, rng.integers(len(item_vectors), size=random_negatives), same_type(rows, hard_negatives, rng)]
+        )
+        logits = tower(trim_padding(phrases.tokens[pick], pad_id)) @ item_vectors[candidates].T / temperature
+        excluded = torch.from_numpy(phrases.described(pick, candidates))
+        excluded[torch.arange(len(pick)), torch.arange(len(pick))] = False  # its own article is the answer
+        logits = logits.masked_fill(excluded, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(pick))), logits.argmax(dim=1) == torch.arange(len(pick))
+
+    tower.train()
+    started = time.perf_counter()
+    loss = torch.zeros(())
+    for _ in range(steps if len(train) >= 2 else 0):
+        loss, _ = loss_of(rng.choice(train, min(batch_size, len(train)), replace=False))
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimiser in optimisers:
+            optimiser.step()
+    tower.eval()
+    report = {"steps": float(steps), "seconds": time.perf_counter() - started, "train_loss": float(loss.item())}
+    if n_held:
+        with torch.no_grad():
+            report["held_out_top1"] = float(loss_of(held)[1].float().mean())
     return report
