@@ -72,12 +72,17 @@ class LexicalIndex:
     def __len__(self) -> int:
         return int(self.bm25.scores["num_docs"])
 
-    def search(self, text: str, k: int, allowed: np.ndarray) -> np.ndarray:
-        """Rows of the k best-matching allowed articles (fewer when fewer match any word), best first."""
+    def scores(self, text: str) -> np.ndarray:
+        """float32 [N]: every row's BM25 score for `text` (0: no word matches; all 0 for stop words only)."""
         words = tokenize([text])[0]
-        if not words:  # stop words only: nothing to match
-            return np.empty(0, dtype=np.int64)
-        scores = self.bm25.get_scores(words)
+        if not words:
+            return np.zeros(len(self), dtype=np.float32)
+        return np.asarray(self.bm25.get_scores(words), dtype=np.float32)
+
+    def search(self, text: str, k: int, allowed: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """Rows of the k best-matching allowed articles (fewer when fewer match any word), best first;
+        `scores`: this text's `scores`, when the caller has them."""
+        scores = self.scores(text) if scores is None else scores
         candidates = np.flatnonzero(allowed & (scores > 0))
         _, rows = ranking.top_k(scores[candidates], candidates, k)
         return rows[rows >= 0]
@@ -89,4 +94,6 @@ def hybrid_rank(
     """A text query as served: BM25 over the rows the request may return, fused with the dense list
     (twotower.ranking.hybrid)."""
     depth = max(ranking.HYBRID_DEPTH, request.fetch)
-    return ranking.hybrid(space, query, request, lexical.search(text, depth, ranking.visible(space, request)))
+    scores = lexical.scores(text)
+    rows = lexical.search(text, depth, ranking.visible(space, request), scores)
+    return ranking.hybrid(space, query, request, rows, scores)

@@ -425,10 +425,14 @@ def test_text_queries_fuse_keyword_and_vector_results_under_the_same_filters(tmp
     assert len(shirts.article_ids) == 10 and any("dense" in source for source in (shirts.sources or []))
 
 
-def test_reciprocal_rank_fusion_rewards_rows_both_lists_hold() -> None:
-    fused = ranking.reciprocal_rank_fusion([np.array([1, 2, 3]), np.array([3, 4])], constant=1)
-    # 3: 1/4 + 1/2; 1: 1/2; 4: 1/3; 2: 1/3 (ties: first seen first)
-    assert fused.tolist() == [3, 1, 2, 4]
+def test_score_fusion_weighs_both_scores_scaled_over_the_candidates() -> None:
+    dense = np.array([0.9, 0.8, 0.5, 0.3], dtype=np.float32)  # scaled: 1, 0.833, 0.333, 0
+    lexical = np.array([0.0, 4.0, 8.0, 0.0], dtype=np.float32)  # scaled: 0, 0.5, 1, 0
+    np.testing.assert_allclose(ranking.fuse_scores(dense, lexical), [0.5, 0.6667, 0.6667, 0.0], atol=1e-4)
+    assert np.argsort(-ranking.fuse_scores(dense, lexical, 0.6), kind="stable").tolist() == [2, 1, 0, 3]
+    # a query no article matches by word ranks by dense alone; one candidate is not divided by zero
+    np.testing.assert_allclose(ranking.fuse_scores(dense, np.zeros(4, np.float32)), dense / 0.6 * 0.5 - 0.25, atol=1e-6)
+    assert ranking.fuse_scores(dense[:1], lexical[:1]).tolist() == [0.5]
 
 
 def test_a_loaded_keyword_index_travels_to_kserve_workers_by_its_files(tmp_path: Path) -> None:
