@@ -51,7 +51,8 @@ def test_evaluation_harness_writes_reports(tiny_pipeline, tmp_path: Path) -> Non
     assert {"popularity (7d)", "repurchase", "co-purchase", "two-tower (flat)", "two-tower (exact)"} <= set(
         result["rankers"]
     )
-    assert result["ann_recall_at_100"] == pytest.approx(1.0)  # a flat index is exact
+    # a flat index is exact, up to the order of equal scores at the 100th place (float32 sums in faiss vs numpy)
+    assert result["ann_recall_at_100"] == pytest.approx(1.0, abs=1e-3)
     for values in result["rankers"].values():
         assert 0.0 <= values["recall@12"] <= values["recall@100"] <= 1.0
     assert result["rankers"]["repurchase"]["cold_recall@100"] == 0.0

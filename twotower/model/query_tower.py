@@ -14,7 +14,7 @@ ones. The tower is then trained for what it is asked (`learn_retrieval`): each q
 article it was made from among the vectors the index holds, against sampled articles and articles of the
 same product type, never against another article the phrase describes as well. On the H&M catalogue this
 took colour + type precision@12 from 0.474 to 0.571 and pattern + type from 0.308 to 0.470 (exact search,
-the make eval model of 2026-11-28, 4,000 steps in ~4 minutes on 2 cores).
+the make eval model of 2026-11-28; make eval then: 4,123 steps in 165 s on 2 cores).
 """
 
 from __future__ import annotations
