@@ -485,3 +485,60 @@ def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: P
         metrics_dir = retriever.log_path.read_text().split("/metrics sums their files in ")[1].split()[0]
         assert Path(metrics_dir).is_dir()
     assert not Path(metrics_dir).exists()  # made for this run, removed with it
+
+
+def test_tritons_own_full_queue_refuses_calls_and_the_client_neither_retries_nor_hides_it(
+    tiny_pipeline, tmp_path
+) -> None:
+    """Triton's bounded queue (dynamic_batching's default_queue_policy), filled for real: a copy of the
+    repository whose user tower queues at most 1 request, 200 calls at once. The overflow is refused by
+    Triton with its reason (the retriever answers that 503 + Retry-After: retriever/errors.py), refused
+    calls are not sent again, and the tower serves normally afterwards."""
+    import asyncio
+    import re
+
+    from localtriton import TritonServer, TritonSettings
+    from serving.towers import TowerClient, TritonUnavailable
+
+    manifest = artifacts.read_manifest(tiny_pipeline.version_dir)
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_pipeline.repository, repository)
+    config = repository / manifest.user_model / "config.pbtxt"
+    text, count = re.subn(r"max_queue_size: \d+", "max_queue_size: 1", config.read_text())
+    assert count == 1, "the exported user tower has no queue bound"
+    config.write_text(text)
+    tensors = user_inputs(manifest, batch=1)
+    settings = TritonSettings.on_free_ports(repository, tmp_path / "triton")
+
+    async def burst(client: TowerClient) -> list[object]:
+        calls = [client.user_vectors(*tensors.values()) for _ in range(200)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    async def run() -> None:
+        client = TowerClient(settings.http_url, manifest)
+        try:
+            await client.verify_models()
+            sent = []
+            real_request = client.client.request
+
+            async def counted(method: str, path: str, body: bytes = b"", headers: str = ""):
+                sent.append(path)
+                return await real_request(method, path, body, headers)
+
+            client.client.request = counted  # type: ignore[method-assign]
+            results = await burst(client)
+            refused = [r for r in results if isinstance(r, TritonUnavailable)]
+            served = [r for r in results if isinstance(r, np.ndarray)]
+            assert len(refused) + len(served) == 200, [
+                r for r in results if not isinstance(r, (np.ndarray, TritonUnavailable))
+            ]
+            assert refused and served, (len(refused), len(served))
+            assert all(re.search("queue", str(err), re.IGNORECASE) for err in refused), refused[0]
+            assert len(sent) == 200  # a refusal is an answer, not a connection failure: never sent again
+            after = await client.user_vectors(*tensors.values())  # the queue drained: served again
+            np.testing.assert_allclose(after, served[0], atol=1e-5)
+        finally:
+            await client.close()
+
+    with TritonServer(settings):
+        asyncio.run(run())
