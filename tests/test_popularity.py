@@ -135,7 +135,7 @@ def test_export_serves_the_fitted_weight_over_the_last_days_sales(tiny_pipeline)
 
 
 def test_a_catalog_travels_to_kserve_workers_by_its_files(tmp_path: Path) -> None:
-    """--workers N pickles the model: the memory-mapped IVF lists cannot be pickled, so a copy maps the files."""
+    """--workers N pickles the model: pickled memmaps would arrive as private copies, so a copy maps the files."""
     import pickle
 
     n = 3000

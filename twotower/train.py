@@ -108,7 +108,7 @@ def train_query_tower(
     config: TrainConfig,
 ) -> dict[str, Any]:
     """Fit the query tower to the trained item tower's vectors of the query phrases and captions, then
-    teach it to find each phrase's article among `item_table` (the indexed vectors)."""
+    teach it to find each phrase's article among `item_table` (the indexed vectors, already normalised)."""
     assert model.query_tower is not None
     texts = phrases.texts + captions.texts
     targets = torch.cat([phrases.table(), captions.table()])
@@ -128,9 +128,8 @@ def train_query_tower(
         articles = PhraseArticles(
             tokens[: len(phrases.texts)][torch.from_numpy(phrase_ids)], queries.rows, queries.described, product_types
         )
-        normalised = torch.nn.functional.normalize(item_table, dim=-1)
         retrieval = learn_retrieval(
-            model.query_tower, articles, normalised, PAD_ID, steps, batch_size=RETRIEVAL_BATCH, seed=config.seed
+            model.query_tower, articles, item_table, PAD_ID, steps, batch_size=RETRIEVAL_BATCH, seed=config.seed
         )
         log.info(
             "query tower: %d steps finding the phrases' articles in %.0fs, held-out phrases whose article "
