@@ -16,6 +16,7 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
@@ -100,6 +101,28 @@ def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> Item
     tower = triton_repository.load_tower(model_repository, manifest, manifest.item_model)
     tokenizer = get_tokenizer(manifest.clip_model)
     return lambda captions: embed_catalogue(tower, captions, tokenizer)
+
+
+def add_embedder_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """--triton or --model-repository (one required) and the Triton batching flags; the group is returned
+    for a command that offers one more source."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--triton", help="Triton HTTP host:port serving the item tower (batched requests)")
+    source.add_argument(
+        "--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per Triton request")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="Triton requests in flight (keeps every instance/replica busy)"
+    )
+    return source
+
+
+def embedder_from_arguments(args: argparse.Namespace) -> Callable[[artifacts.Manifest], ItemEmbedder]:
+    """The embedder `add_embedder_arguments`' flags chose, for an index's manifest."""
+    if args.triton:
+        return lambda manifest: triton_embedder(args.triton, manifest, args.batch_size, concurrency=args.concurrency)
+    return lambda manifest: local_embedder(args.model_repository, manifest)
 
 
 def update_catalogue(

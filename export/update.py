@@ -2,10 +2,12 @@
 
     python -m export.update --index-dir artifacts/index --articles new_articles.csv --triton 127.0.0.1:8000
     python -m export.update --index-dir artifacts/index --remove sold_out.txt --model-repository model_repository
+    python -m export.update --index-dir artifacts/index --articles new_season.csv --vectors runs/embedding
 
 The articles file has the H&M articles.csv schema and holds only the delta (new or changed rows,
 optionally a `price` column). Captions are embedded by the item tower Triton serves (--triton) or,
-offline, by the same TorchScript file from the model repository (--model-repository). The new
+offline, by the same TorchScript file from the model repository (--model-repository), or were embedded
+beforehand in shards (--vectors: the directory `python -m export.embed` filled for this articles file). The new
 version is written beside the served one and published through CURRENT; a retriever watching the
 index root swaps to it without restart (or call POST /admin/index/reload).
 """
@@ -17,7 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from export.catalogue_update import local_embedder, read_removals, triton_embedder, update_catalogue
+from export.catalogue_update import add_embedder_arguments, embedder_from_arguments, read_removals, update_catalogue
+from export.embedding_shards import precomputed_embedder
 from serving.towers import TritonUnavailable
 from twotower.artifacts import ArtifactError
 from twotower.data.hm import DataFormatError
@@ -30,27 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--articles", type=Path, help="H&M-format articles file with only new/changed articles")
     parser.add_argument("--remove", type=Path, help="file with one article_id per line to exclude from results")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--triton", help="Triton HTTP host:port serving the item tower (batched requests)")
-    source.add_argument(
-        "--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower"
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per Triton request")
-    parser.add_argument(
-        "--concurrency", type=int, default=4, help="Triton requests in flight (keeps every instance/replica busy)"
+    add_embedder_arguments(parser).add_argument(
+        "--vectors", type=Path, help="the finished directory of python -m export.embed over this articles file"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         removals = read_removals(args.remove) if args.remove else []
-        summary = update_catalogue(
-            args.index_dir,
-            (lambda m: triton_embedder(args.triton, m, args.batch_size, concurrency=args.concurrency))
-            if args.triton
-            else (lambda m: local_embedder(args.model_repository, m)),
-            args.articles,
-            removals,
-        )
+        embedder_for = precomputed_embedder(args.vectors) if args.vectors else embedder_from_arguments(args)
+        summary = update_catalogue(args.index_dir, embedder_for, args.articles, removals)
     except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, TritonUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

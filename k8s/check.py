@@ -36,7 +36,15 @@ import yaml
 
 K8S_DIR = Path(__file__).resolve().parent
 # overlay -> must request a GPU (k8s/jobs: the artifacts volume's writers)
-OVERLAYS = {"kserve": True, "raw": True, "cpu": False, "../jobs": False, "../jobs/publish": False}
+OVERLAYS = {
+    "kserve": True,
+    "raw": True,
+    "cpu": False,
+    "../jobs": False,
+    "../jobs/publish": False,
+    "../jobs/embed": False,
+    "../jobs/embed/update": False,
+}
 KUBERNETES_VERSION = "1.32.0"
 # kind -> (the cloudcoil module with its published CRD's models, the package to install); KServe's kinds
 # are checked through the KServe SDK's OpenAPI models instead (KSERVE_MODELS)

@@ -12,13 +12,15 @@ import pandas as pd
 import pytest
 
 from export.catalogue_update import local_embedder, read_removals, update_catalogue
+from export.embed import main as embed_main
+from export.embedding_shards import EmbeddingPlan, embed_shard, precomputed_embedder, read_vectors
 from export.update import main as update_main
 from retriever.limits import BodySizeLimit
 from serving.catalog import Catalog
 from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
-from twotower.data.hm import DataFormatError, find_data_file
+from twotower.data.hm import DataFormatError, build_captions, find_data_file, load_articles
 from twotower.ranking import cap_per_type
 
 
@@ -140,6 +142,86 @@ def test_concurrent_updates_both_land(tiny_pipeline, tmp_path: Path) -> None:
     assert not errors, errors
     final = Catalog(root)
     assert {"0999000001", "0999000002"} <= set(final.row_of)
+
+
+def test_sharded_embedding_resumes_where_it_stopped_and_feeds_an_update(tiny_pipeline, tmp_path: Path) -> None:
+    """A delta embedded in 3 shards of 2-row chunks: a shard killed after its first chunk embeds only the rest
+    when run again, and `--vectors` publishes the same index rows as embedding during the update."""
+    root = copy_root(tiny_pipeline, tmp_path)
+    ids = [f"09990000{i:02d}" for i in range(11)]
+    delta = delta_file(tiny_pipeline, tmp_path / "delta.csv", ids)
+    manifest = Catalog(root).manifest
+    captions = build_captions(load_articles(tmp_path / "delta.csv"))
+    embed = local_embedder(tiny_pipeline.repository, manifest)
+    plan = EmbeddingPlan.for_captions(captions, manifest, shards=3, chunk_rows=2)
+    out = tmp_path / "embedding"
+    asked: list[int] = []
+
+    def dies_after_one_chunk(batch: list[str]) -> np.ndarray:
+        if asked:
+            raise RuntimeError("pod evicted")
+        asked.append(len(batch))
+        return embed(batch)
+
+    with pytest.raises(RuntimeError, match="evicted"):
+        embed_shard(out, plan, captions, 1, dies_after_one_chunk)
+    with pytest.raises(artifacts.ArtifactError, match=r"3 of 3 shards are not finished"):
+        read_vectors(out, captions, manifest)
+    summaries = [embed_shard(out, plan, captions, shard, embed) for shard in range(3)]
+    assert [(s.rows, s.embedded, s.resumed) for s in summaries] == [(3, 3, 0), (4, 2, 2), (4, 4, 0)]
+    assert embed_shard(out, plan, captions, 2, dies_after_one_chunk).embedded == 0  # done: nothing asked again
+    # Batches of 2 captions pad to another length than one batch of 11: equal up to float rounding.
+    np.testing.assert_allclose(read_vectors(out, captions, manifest), embed(captions), atol=1e-5)
+
+    update_catalogue(root, precomputed_embedder(out), tmp_path / "delta.csv")
+    direct = copy_root(tiny_pipeline, tmp_path / "direct")
+    update_catalogue(direct, embedder(tiny_pipeline), tmp_path / "delta.csv")
+    sharded, embedded_now = Catalog(root), Catalog(direct)
+    rows = [sharded.row_of[a] for a in delta["article_id"]]
+    np.testing.assert_allclose(sharded.vectors[rows], embedded_now.vectors[rows], atol=1e-5)
+
+
+def test_sharded_embedding_through_the_real_triton(tiny_pipeline, triton, tmp_path: Path) -> None:
+    """Two shards sent to Triton's item tower in batches of 3, 2 in flight: the vectors the in-process tower
+    computes for the same captions."""
+    delta_file(tiny_pipeline, tmp_path / "delta.csv", [f"09990000{i:02d}" for i in range(9)])
+    out = tmp_path / "embedding"
+    url = f"127.0.0.1:{triton.settings.http_port}"
+    common = ["--index-dir", str(tiny_pipeline.index_dir), "--articles", str(tmp_path / "delta.csv"), "--out", str(out)]
+    for shard in ("0", "1"):
+        args = [*common, "--shards", "2", "--shard", shard, "--triton", url, "--batch-size", "3", "--concurrency", "2"]
+        assert embed_main(args) == 0
+    manifest = Catalog(tiny_pipeline.index_dir).manifest
+    captions = build_captions(load_articles(tmp_path / "delta.csv"))
+    expected = local_embedder(tiny_pipeline.repository, manifest)(captions)
+    np.testing.assert_allclose(read_vectors(out, captions, manifest), expected, atol=1e-5)
+
+
+def test_sharded_embedding_refuses_other_work_in_its_directory(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    delta_file(tiny_pipeline, tmp_path / "a.csv", ["0999000001", "0999000002"])
+    delta_file(tiny_pipeline, tmp_path / "b.csv", ["0999000003"])
+    versions = artifacts.list_versions(root)
+    repository = ["--model-repository", str(tiny_pipeline.repository)]
+    out = tmp_path / "embedding"
+    cli = ["--index-dir", str(root), "--out", str(out)]
+    assert embed_main([*cli, "--articles", str(tmp_path / "a.csv"), "--shards", "2", *repository]) == 0
+    # Another articles file, or another cut, in the same directory: refused before anything is embedded.
+    with pytest.raises(artifacts.ArtifactError, match="captions_sha256"):
+        embed_shard(
+            out,
+            EmbeddingPlan.for_captions(["another caption"], Catalog(root).manifest, shards=2),
+            ["another caption"],
+            0,
+            lambda batch: pytest.fail("nothing may be embedded"),
+        )
+    assert embed_main([*cli, "--articles", str(tmp_path / "a.csv"), "--shards", "3", *repository]) == 2
+    assert embed_main([*cli, "--articles", str(tmp_path / "a.csv"), "--shards", "2", "--shard", "2", *repository]) == 2
+    # An update over other articles than the directory embedded is refused and publishes nothing.
+    assert update_main(["--index-dir", str(root), "--articles", str(tmp_path / "b.csv"), "--vectors", str(out)]) == 2
+    assert artifacts.list_versions(root) == versions
+    assert update_main(["--index-dir", str(root), "--articles", str(tmp_path / "a.csv"), "--vectors", str(out)]) == 0
+    assert {"0999000001", "0999000002"} <= set(Catalog(root).row_of)
 
 
 def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:

@@ -56,8 +56,13 @@ def test_the_predictor_address_check_models_kserves_service_rule() -> None:
 def test_only_jobs_write_the_artifacts_volume() -> None:
     objects = check.render("raw")
     assert check.artifacts_access_problems(objects) == []
-    jobs = check.render("../jobs") + check.render("../jobs/publish")
-    assert {o["metadata"]["name"] for o in jobs if o["kind"] == "Job"} == {"publish-artifacts", "catalogue-update"}
+    jobs = [o for d in ("../jobs", "../jobs/publish", "../jobs/embed", "../jobs/embed/update") for o in check.render(d)]
+    assert {o["metadata"]["name"] for o in jobs if o["kind"] == "Job"} == {
+        "publish-artifacts",
+        "catalogue-update",
+        "catalogue-embed",
+        "catalogue-update-from-shards",
+    }
     assert check.artifacts_access_problems(jobs) == []  # Jobs may write
     triton = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
     for mount in triton["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]:
