@@ -168,6 +168,16 @@ def _memory(pid: int | str = "self") -> dict[str, float]:
     return {"rss_mib": fields["VmRSS"], "anon_mib": fields["RssAnon"], "file_mib": fields["RssFile"]}
 
 
+def _process_tree_memory(pid: int) -> dict[str, float]:
+    """`_memory` summed over a process and its children (KServe's workers). File-backed pages shared by
+    the workers count once per process here; a pod's memory cgroup charges them once."""
+    import psutil
+
+    pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    per_process = [_memory(p) for p in pids]
+    return {name: sum(m[name] for m in per_process) for name in per_process[0]}
+
+
 def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict[str, np.ndarray]) -> dict[str, Any]:
     """In a child process: load the Catalog as the retriever does, search as it does, report memory."""
     faiss.omp_set_num_threads(1)  # one request's search, as the retriever runs it
@@ -217,9 +227,12 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
     return result
 
 
-def served_latency(directory: Path, repository: Path, work: Path, rate: float, seconds: float) -> dict[str, Any]:
-    """The bench's request mix at a fixed rate through Triton + one retriever process serving this
-    version (benchmarks.serving); the retriever's memory after the run."""
+def served_latency(
+    directory: Path, repository: Path, work: Path, rate: float, seconds: float, retriever_args: list[str]
+) -> dict[str, Any]:
+    """The bench's request mix at a fixed rate through Triton + the retriever (one process, or a KServe
+    worker per core with --workers 2) serving this version (benchmarks.serving); the retriever's memory
+    after the run, summed over its processes."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
@@ -230,12 +243,12 @@ def served_latency(directory: Path, repository: Path, work: Path, rate: float, s
     del catalog
     bodies_file = work / "bodies.jsonl"
     bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
-    with bench_servers(served, work, "retriever.log", ["--history-clock", "index"]) as (triton, retriever):
+    with bench_servers(served, work, "retriever.log", retriever_args) as (triton, retriever):
         assert retriever.process is not None and triton.pid is not None
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         wait_until_idle(list(servers.values()))
         result = run_served_rate(retriever, bodies_file, rate, seconds, work, servers)
-        memory = _memory(retriever.process.pid)
+        memory = _process_tree_memory(retriever.process.pid)
     return {
         "rate": rate,
         "achieved_qps": result["achieved_qps"],
@@ -243,6 +256,7 @@ def served_latency(directory: Path, repository: Path, work: Path, rate: float, s
         "p99_ms": result["p99_ms"],
         "errors": result["errors"],
         "retriever_memory": memory,
+        "retriever_args": retriever_args,
     }
 
 
@@ -266,6 +280,7 @@ def run(
     repository: Path | None,
     rate: float,
     seconds: float,
+    retriever_args: list[str],
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -303,7 +318,7 @@ def run(
                 **measured,
             }
             if repository is not None and reference.index_dir is not None:
-                row["served"] = served_latency(directory, repository, work_n, rate, seconds)
+                row["served"] = served_latency(directory, repository, work_n, rate, seconds, retriever_args)
             log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
             log.info("served: %s", row.get("served"))
             rows.append(row)
@@ -326,14 +341,15 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
-        "queries, filters) at a fixed rate through the real Triton (the reference's towers) and one retriever",
-        "process (one KServe worker) over HTTP on these 2 cores; its resident memory after the run (anon and",
-        "file-backed, as above; a pod's 4 Gi limit is charged for both, the file pages being reclaimable).",
+        "queries, filters) at a fixed rate through the real Triton (the reference's towers) and the retriever",
+        "(its flags in the column) over HTTP on these 2 cores; its resident memory after the run, summed over its",
+        "processes (anon and file-backed, as above; a pod's 4 Gi limit is charged for both, the file pages being",
+        "reclaimable and, shared between KServe workers, charged once).",
         "",
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
         " recall@10 | p50 ms | p99 ms | filtered: share / path / recall@10 / p99 ms | served: QPS, p50 / p99 ms,"
-        " errors | served: retriever anon / file MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " errors | served: retriever anon / file MiB | served: retriever flags |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["memory_before"]["anon_mib"]
@@ -354,10 +370,11 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
 
 def _served(served: dict[str, Any] | None) -> str:
     if not served:
-        return "- | -"
+        return "- | - | -"
     return (
         f"{served['achieved_qps']:.0f}, {served['p50_ms']:.2f} / {served['p99_ms']:.2f}, {served['errors']} "
-        f"| {served['retriever_memory']['anon_mib']:.0f} / {served['retriever_memory']['file_mib']:.0f}"
+        f"| {served['retriever_memory']['anon_mib']:.0f} / {served['retriever_memory']['file_mib']:.0f} "
+        f"| `{' '.join(served.get('retriever_args', []))}`"
     )
 
 
@@ -401,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rate", type=float, default=100.0, help="QPS of the served-path run")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the served-path run")
+    parser.add_argument(
+        "--retriever-args",
+        default="--history-clock index",
+        help="flags of the served-path run's retriever (e.g. add '--workers 2': a KServe worker per core)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -416,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     if repository is not None and not repository.is_dir():
         log.warning("no model repository at %s: no served-path rows", repository)
         repository = None
-    rows = run(sizes, index_types, reference, args.work_dir, repository, args.rate, args.seconds)
+    rows = run(
+        sizes, index_types, reference, args.work_dir, repository, args.rate, args.seconds, args.retriever_args.split()
+    )
     report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
     print((args.out / "scale.md").read_text())
     return 0
