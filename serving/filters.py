@@ -8,6 +8,8 @@ restricted to them). The per-product-type diversity cap is part of the ranking. 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +26,10 @@ CATEGORY_FILTERS = {
     "garment_group": "garment_group_name",
 }
 FILTER_FIELDS = (*CATEGORY_FILTERS, "price_min", "price_max")
+# Recent filters' masks kept per index version, read-only, up to this many bytes (one byte per article: 64 masks
+# at 1M articles, 6 at 10M). A shop's filters repeat (its menus); building one mask at 10M articles costs ~34 ms
+# (a code lookup over every row), a cached one nothing.
+MASK_CACHE_BYTES = 64 * 2**20
 
 
 class FilterError(ValueError):
@@ -76,10 +82,13 @@ class Filters:
 class FilterColumns:
     """The metadata columns filters look at, as arrays (built once per index version)."""
 
-    def __init__(self, items: Mapping[str, Sequence[str]]):
+    def __init__(self, items: Mapping[str, Sequence[str]], mask_cache_bytes: int = MASK_CACHE_BYTES):
         table = items if isinstance(items, ItemTable) else ItemTable.from_columns(items)
         n = table.rows
         self.n = n
+        self._masks: OrderedDict[Filters, np.ndarray] = OrderedDict()
+        self._masks_kept = max(0, mask_cache_bytes // max(1, n))
+        self._masks_lock = threading.Lock()  # searches may run in worker threads
         # Each category column as (sorted distinct values, integer code per row; the table's own encoding,
         # memory-mapped): a filter becomes a lookup table indexed by code, ~50x cheaper per request than
         # comparing strings row by row.
@@ -106,6 +115,21 @@ class FilterColumns:
         return [str(v) for v in self._columns[column][0]]
 
     def mask(self, filters: Filters) -> np.ndarray:
+        """bool [N], read-only: the rows `filters` let through (recent filters' masks are reused)."""
+        with self._masks_lock:
+            cached = self._masks.get(filters)
+            if cached is not None:
+                self._masks.move_to_end(filters)
+                return cached
+        keep = self._build_mask(filters)
+        keep.flags.writeable = False
+        with self._masks_lock:
+            self._masks[filters] = keep
+            while len(self._masks) > self._masks_kept:
+                self._masks.popitem(last=False)
+        return keep
+
+    def _build_mask(self, filters: Filters) -> np.ndarray:
         keep = np.ones(self.n, dtype=bool)
         for column, accepted in filters.categories:
             if column not in self._columns:

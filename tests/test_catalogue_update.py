@@ -275,6 +275,15 @@ def test_filters_parse_and_cap() -> None:
         }
     )
     assert columns.mask(filters).tolist() == [True, False, False]
+    # A repeated filter reuses its mask, which nobody may change; the cache keeps as many as its bytes allow.
+    same = Filters.parse({"colour": ["White", "Black"], "product_group": ["Shoes"], "price_max": 0.05})
+    assert columns.mask(same) is columns.mask(filters) and not columns.mask(filters).flags.writeable
+    small = FilterColumns({"article_id": ["a", "b", "c"], "colour_group_name": ["Black", "Red", "Black"]}, 6)
+    first = small.mask(Filters.parse({"colour": "Black"}))
+    small.mask(Filters.parse({"colour": "Red"}))
+    assert small.mask(Filters.parse({"colour": "Black"})) is first  # 2 masks of 3 bytes fit in 6
+    small.mask(Filters.parse({"colour": "White"}))  # evicts the least recently used: Red
+    assert small.mask(Filters.parse({"colour": "Black"})) is first
     for raw, message in (
         ([], "expected an object"),
         ({"colour": []}, "colour"),

@@ -131,8 +131,9 @@ def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> 
 
 def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
     """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that)."""
-    allowed = np.ones(len(space.excluded), dtype=bool) if request.allowed is None else request.allowed.copy()
+    allowed = np.ones(len(space.excluded), dtype=bool) if request.allowed is None else request.allowed
     if request.exclude_bought:
+        allowed = allowed.copy()  # the request's mask may be shared (serving.filters caches them)
         bought = request.bought[0]
         allowed[bought[bought >= 0]] = False
     return allowed & ~space.excluded
