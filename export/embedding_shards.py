@@ -109,10 +109,8 @@ def read_plan(root: Path) -> EmbeddingPlan | None:
         raise artifacts.ArtifactError(f"{path}: not an embedding plan ({err})") from err
 
 
-def _check_same(found: EmbeddingPlan, expected: EmbeddingPlan, root: Path, compare_cut: bool) -> None:
+def _check_same(found: EmbeddingPlan, expected: EmbeddingPlan, root: Path) -> None:
     fields = [f.name for f in dataclasses.fields(EmbeddingPlan)]
-    if not compare_cut:
-        fields = [name for name in fields if name not in ("shards", "chunk_rows")]
     differ = [
         f"{name} {getattr(found, name)!r} (expected {getattr(expected, name)!r})"
         for name in fields
@@ -138,11 +136,13 @@ def open_plan(root: Path, plan: EmbeddingPlan) -> None:
             os.link(staged, path)
         except FileExistsError:
             pass  # another shard was first: compare with its plan below
+        except OSError:  # a volume without hard links: the last of shards starting together wins, the rest compare
+            os.replace(staged, path)
         finally:
-            staged.unlink()
+            staged.unlink(missing_ok=True)
     found = read_plan(root)
     assert found is not None
-    _check_same(found, plan, root, compare_cut=True)
+    _check_same(found, plan, root)
 
 
 def _complete(path: Path, rows: int, dim: int) -> bool:
@@ -209,9 +209,7 @@ def read_vectors(root: Path, captions: list[str], manifest: artifacts.Manifest) 
     plan = read_plan(root)
     if plan is None:
         raise artifacts.ArtifactError(f"{root}: no {PLAN_FILE}; run python -m export.embed into it first")
-    _check_same(
-        plan, EmbeddingPlan.for_captions(captions, manifest, plan.shards, plan.chunk_rows), root, compare_cut=False
-    )
+    _check_same(plan, EmbeddingPlan.for_captions(captions, manifest, plan.shards, plan.chunk_rows), root)
     missing = [
         shard
         for shard in range(plan.shards)
