@@ -321,8 +321,10 @@ class Catalog:
         overfetch (few rows hidden: search the index for k + hidden and drop them), exact (few rows
         allowed: inner products over just them), or hnsw+selector / ivf+selector (the index restricted to
         allowed ids)."""
-        n_allowed = int(np.count_nonzero(allowed))  # 7x faster than allowed.sum() (10M rows: 0.9 vs 5.7 ms)
-        if len(allowed) - n_allowed <= EXCLUDED_OVERFETCH_LIMIT:
+        return self._plan(len(allowed), int(np.count_nonzero(allowed)))
+
+    def _plan(self, n: int, n_allowed: int) -> str:
+        if n - n_allowed <= EXCLUDED_OVERFETCH_LIMIT:
             return "overfetch"
         if n_allowed > self.exact_search_limit:
             if hasattr(self.index, "hnsw"):
@@ -340,15 +342,17 @@ class Catalog:
         (allowed rows are spread over the lists)."""
         if self.n_excluded:
             allowed = allowed & ~self.excluded
-        plan = self.search_plan(allowed)
+        # Counted, not listed, and once: at 10M rows count_nonzero takes 0.9 ms, allowed.sum() 5.7 ms and
+        # np.flatnonzero over a broad mask ~50 ms.
+        n_allowed = int(np.count_nonzero(allowed))
+        plan = self._plan(len(allowed), n_allowed)
         index_query = self._index_queries(np.reshape(query, (1, -1)), prior)
         if plan == "overfetch":
-            similarities, rows = self._top_k(index_query, k + int(len(allowed) - allowed.sum()))
+            similarities, rows = self._top_k(index_query, k + len(allowed) - n_allowed)
             found_similarities, found_rows = _drop_rows(similarities, rows, ~allowed, k)
             return found_similarities[0], found_rows[0]
-        n_allowed = int(np.count_nonzero(allowed))
         if plan == "exact" or n_allowed == 0:
-            candidates = np.flatnonzero(allowed)  # few rows here; over a broad mask of 10M rows this took ~50 ms
+            candidates = np.flatnonzero(allowed)  # few rows: at most exact_search_limit
             scores = self.scores(np.asarray(query, dtype=np.float32).reshape(-1), candidates, prior)
             return ranking.top_k(scores, candidates, k)
         bitmap = np.packbits(allowed, bitorder="little")
