@@ -145,13 +145,14 @@ def open_plan(root: Path, plan: EmbeddingPlan) -> None:
     _check_same(found, plan, root)
 
 
-def _complete(path: Path, rows: int, dim: int) -> bool:
-    """A chunk file is done when it holds exactly its rows (written by rename: never a part of one)."""
+def _finished_chunk(path: Path, rows: int, dim: int) -> np.ndarray | None:
+    """A chunk's vectors (memory-mapped) when its file holds exactly its rows, else None. Files appear by
+    rename, so a chunk is never half written; a wrong shape is a file of another plan."""
     try:
         stored = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
-        return False
-    return stored.shape == (rows, dim) and stored.dtype == np.float32
+        return None
+    return stored if stored.shape == (rows, dim) and stored.dtype == np.float32 else None
 
 
 @dataclasses.dataclass
@@ -164,23 +165,23 @@ class ShardSummary:
 
 
 def embed_shard(root: Path, plan: EmbeddingPlan, captions: list[str], shard: int, embed: ItemEmbedder) -> ShardSummary:
-    """Embed the chunks of `shard` not yet on disk, each written whole (temporary file, then rename)."""
-    if len(captions) != plan.rows or captions_digest(captions) != plan.captions_sha256:
-        raise ValueError(f"the captions are not the ones planned in {Path(root) / PLAN_FILE}")
+    """Embed the chunks of `shard` not yet on disk, each written whole (temporary file, then rename).
+    `plan` is `EmbeddingPlan.for_captions(captions, ...)`: the directory's plan is compared with it."""
+    if len(captions) != plan.rows:
+        raise ValueError(f"{len(captions)} captions, but the plan is for {plan.rows}")
     open_plan(root, plan)
     started = time.perf_counter()
     embedded = resumed = 0
     for number, rows in enumerate(plan.chunks(shard)):
         path = chunk_path(root, shard, number)
-        if _complete(path, len(rows), plan.dim):
+        if _finished_chunk(path, len(rows), plan.dim) is not None:
             resumed += len(rows)
             continue
         vectors = np.ascontiguousarray(embed(captions[rows.start : rows.stop]), dtype=np.float32)
         if vectors.shape != (len(rows), plan.dim) or not np.isfinite(vectors).all():
             raise artifacts.ArtifactError(
-                f"shard {shard}, rows {rows.start}..{rows.stop - 1}: the item tower returned "
-                f"{vectors.shape} {'with non-finite values' if vectors.size and not np.isfinite(vectors).all() else ''}"
-                f", expected ({len(rows)}, {plan.dim}) finite values"
+                f"shard {shard}, rows {rows.start}..{rows.stop - 1}: the item tower returned shape {vectors.shape}"
+                f" (all finite: {bool(np.isfinite(vectors).all())}), expected ({len(rows)}, {plan.dim}), finite"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}.npy")
@@ -189,13 +190,12 @@ def embed_shard(root: Path, plan: EmbeddingPlan, captions: list[str], shard: int
         embedded += len(rows)
         elapsed = time.perf_counter() - started
         log.info(
-            "shard %d/%d: rows %d..%d written (%d of %d this run, %.0f rows/s)",
+            "shard %d/%d: rows %d..%d written (%d rows this run, %.0f rows/s)",
             shard,
             plan.shards,
             rows.start,
             rows.stop - 1,
             embedded,
-            len(plan.shard_rows(shard)) - resumed,
             embedded / elapsed if elapsed > 0 else 0.0,
         )
     return ShardSummary(shard, len(plan.shard_rows(shard)), embedded, resumed, time.perf_counter() - started)
@@ -210,22 +210,20 @@ def read_vectors(root: Path, captions: list[str], manifest: artifacts.Manifest) 
     if plan is None:
         raise artifacts.ArtifactError(f"{root}: no {PLAN_FILE}; run python -m export.embed into it first")
     _check_same(plan, EmbeddingPlan.for_captions(captions, manifest, plan.shards, plan.chunk_rows), root)
-    missing = [
-        shard
-        for shard in range(plan.shards)
-        if not all(
-            _complete(chunk_path(root, shard, n), len(rows), plan.dim) for n, rows in enumerate(plan.chunks(shard))
-        )
-    ]
+    vectors = np.empty((plan.rows, plan.dim), dtype=np.float32)
+    missing: list[int] = []  # each chunk file is read once: checked and copied
+    for shard in range(plan.shards):
+        for number, rows in enumerate(plan.chunks(shard)):
+            chunk = _finished_chunk(chunk_path(root, shard, number), len(rows), plan.dim)
+            if chunk is None:
+                missing.append(shard)
+                break
+            vectors[rows.start : rows.stop] = chunk
     if missing:
         raise artifacts.ArtifactError(
             f"{root}: {len(missing)} of {plan.shards} shards are not finished (shards {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''}); run their embedding again: it resumes"
         )
-    vectors = np.empty((plan.rows, plan.dim), dtype=np.float32)
-    for shard in range(plan.shards):
-        for number, rows in enumerate(plan.chunks(shard)):
-            vectors[rows.start : rows.stop] = np.load(chunk_path(root, shard, number))
     return vectors
 
 
