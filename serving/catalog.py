@@ -30,7 +30,6 @@ from twotower.ranking import Purchases
 log = logging.getLogger("serving.catalog")
 
 
-EXCLUDED_OVERFETCH_LIMIT = 256  # up to this many hidden rows, over-fetch and drop instead of a filtered search
 MAX_FILTERED_EF = 2048
 # A filtered IVF search probes nprobe / selectivity lists, at most this many times nprobe. Measured at 1M
 # synthetic articles (ivf-pq, 4,000 lists, nprobe 128, 100 real user vectors, one thread): a 5% product group
@@ -283,7 +282,7 @@ class Catalog:
         cosine + `prior` (one weight, or one per query) * the article's popularity bias (`scores`)."""
         if self.n_excluded == 0:
             return self._top_k(self._index_queries(queries, prior), k)
-        if self.n_excluded <= EXCLUDED_OVERFETCH_LIMIT:
+        if self.n_excluded <= ranking.OVERFETCH_LIMIT:
             similarities, rows = self._top_k(self._index_queries(queries, prior), k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         everything = np.ones(len(self.excluded), dtype=bool)
@@ -324,7 +323,7 @@ class Catalog:
         return self._plan(len(allowed), int(np.count_nonzero(allowed)))
 
     def _plan(self, n: int, n_allowed: int) -> str:
-        if n - n_allowed <= EXCLUDED_OVERFETCH_LIMIT:
+        if n - n_allowed <= ranking.OVERFETCH_LIMIT:
             return "overfetch"
         if n_allowed > self.exact_search_limit:
             if hasattr(self.index, "hnsw"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from twotower import fitting, ranking, repeats
 from twotower.artifacts import ScoreHeadWeights
@@ -79,3 +80,18 @@ def test_fit_finds_a_sibling_boost_when_customers_buy_other_colours() -> None:
     assert (
         fitting.fit_repeat_boost(space, users, histories, other_colour)[0].sibling_bonus == 0
     )  # no products: no siblings
+
+
+@pytest.mark.parametrize("overfetch_limit", [256, 2])  # purchases dropped from a longer search; a masked search
+def test_a_request_excluding_its_purchases_gets_the_best_rows_it_did_not_buy(
+    overfetch_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ranking, "OVERFETCH_LIMIT", overfetch_limit)
+    rng = np.random.default_rng(2)
+    space, users = random_space(rng)
+    for user in users[:10]:
+        everything = np.argsort(-(space.vectors @ user), kind="stable")
+        bought = np.concatenate([everything[[0, 2, 5]], [-1]])  # -1: padding a history may carry
+        request = ranking.RankRequest(k=10, bought=(bought, np.zeros(4, np.float32)), exclude_bought=True)
+        _, rows = ranking.rank(space, user[None], [request])[0]
+        assert rows.tolist() == [r for r in everything.tolist() if r not in bought][:10]

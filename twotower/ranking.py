@@ -40,6 +40,10 @@ HYBRID_DEPTH = 100  # a text query fuses this many dense and this many lexical r
 # 0.4 0.607 / 0.599 / 0.311, 0.6 0.593 / 0.620 / 0.314; reciprocal rank fusion (k = 60, what this
 # replaced) 0.581 / 0.575 / 0.307. Scores keep how far apart two rows are; ranks do not.
 LEXICAL_WEIGHT = 0.5
+# Up to this many rows to hide from an otherwise unfiltered search (a request's own purchases, an index's
+# removed articles), search for that many more and drop them: no pass over every row. A bool mask built
+# per request (ones, copy, & ~excluded, count) cost 0.6 ms at 1M rows and 16 ms at 10M.
+OVERFETCH_LIMIT = 256
 
 
 class ItemSpace(Protocol):
@@ -122,11 +126,21 @@ def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> 
             results[i] = _finish(space, queries[i], requests[i], similarities[j, :n], rows[j, :n], boosted[i])
     for i, request in enumerate(requests):
         if results[i] is None:
-            similarities, rows = space.search_masked(
-                queries[i], request.fetch + extra[i], visible(space, request), request.prior
-            )
+            similarities, rows = _search_one(space, queries[i], request, request.fetch + extra[i])
             results[i] = _finish(space, queries[i], request, similarities, rows, boosted[i])
     return [r for r in results if r is not None]
+
+
+def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top n rows one request may see (rows -1 past the last result). Without filters, its few hidden
+    rows (its purchases when it excludes them) are dropped from a longer plain search; else a masked search."""
+    if request.allowed is None:
+        hidden = np.unique(request.bought[0][request.bought[0] >= 0]) if request.exclude_bought else NOTHING_BOUGHT[0]
+        if len(hidden) <= OVERFETCH_LIMIT:
+            similarities, rows = space.search(query[None], n + len(hidden), request.prior)
+            shown = ~np.isin(rows[0], hidden)
+            return similarities[0][shown][:n], rows[0][shown][:n]
+    return space.search_masked(query, n, visible(space, request), request.prior)
 
 
 def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
