@@ -187,6 +187,10 @@ class RecommendationService:
     def _rank(
         self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
     ) -> list[tuple[np.ndarray, np.ndarray, list[str] | None]]:
+        # OpenMP's thread count is per thread: a search in asyncio's worker threads would use every core (the
+        # count set at load holds for the main thread only). Batched searches there, at 1M ivf-pq-fastscan
+        # rows and 4 queries a batch, p99 7.8 ms on 2 threads against 2.8 on one.
+        faiss.omp_set_num_threads(self.config.faiss_threads)
         requests = [self._rank_request(catalog, i, query, bought[i]) for i, query in enumerate(queries)]
         hybrid = [i for i, query in enumerate(queries) if self._hybrid(catalog, query)]
         dense = [i for i in range(len(queries)) if i not in hybrid]

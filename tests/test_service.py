@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -537,3 +538,15 @@ def test_unfiltered_searches_over_big_indexes_leave_the_event_loop(shop, monkeyp
     assert "_rank" not in handed_off
     monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search - 1)  # as if 1M articles
     assert recommend(service, Query("customer_id", "alice", 5)) == inline and "_rank" in handed_off
+
+
+def test_searches_in_worker_threads_use_the_configured_faiss_threads(shop, monkeypatch) -> None:
+    service, _, _ = shop
+    catalog = service.serving().catalog
+    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search - 1)  # searched in a thread
+    seen: list[int] = []
+    real_top_k = catalog._top_k
+    monkeypatch.setattr(catalog, "_top_k", lambda *args: seen.append(faiss.omp_get_max_threads()) or real_top_k(*args))
+    for _ in range(3):  # fresh and reused pool threads alike
+        recommend(service, Query("customer_id", "alice", 5))
+    assert seen == [service.config.faiss_threads] * 3  # OpenMP's count is per thread: not every core
