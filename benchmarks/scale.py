@@ -1,6 +1,6 @@
 """`make bench-scale`: catalogues of 1M (10M with --sizes) synthetic articles, one index per type.
 
-    python -m benchmarks.scale                          # 1M articles: ivf, ivf-sq8, ivf-pq
+    python -m benchmarks.scale                          # 1M articles: ivf, ivf-sq8, ivf-pq, ivf-pq-fastscan
     python -m benchmarks.scale --sizes 1000000,10000000 # 10M as well (about 6 GB of vectors on disk)
 
 The articles are drawn from a mixture fitted to a trained index (`--reference`, default the `make eval`
@@ -39,7 +39,7 @@ from twotower.item_table import ID_COLUMN, Column, ItemTable
 
 log = logging.getLogger("benchmarks.scale")
 
-INDEX_TYPES = ("ivf", "ivf-sq8", "ivf-pq")
+INDEX_TYPES = ("ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
 METADATA_COLUMNS = ("product_code", "prod_name", "product_type_name", "product_group_name", "colour_group_name")
 CLUSTERS = 512
 QUERIES = 500

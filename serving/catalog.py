@@ -37,9 +37,11 @@ MAX_FILTERED_EF = 2048
 # a 1.8% group 9.4 / 12.1 ms -> 2.2 / 2.5 ms, recall 1.000 -> 0.969; a 41% group (316 lists) is not capped.
 # A cap of 4x fell to recall 0.881 on the 1.8% group. On H&M (1,299 lists) the cap is never reached.
 MAX_FILTERED_PROBE_FACTOR = 8
-# A compressed index (ivf-sq8, ivf-pq: codes, not vectors) is searched for k * this many candidates, which
-# are then scored exactly from the full vectors (docs/scale.md measures recall@10 against this factor).
-RERANK_FACTOR = 10
+# A compressed index (codes, not vectors) is searched for k * this many candidates, which are then scored
+# exactly from the full vectors (docs/scale.md measures recall@10). The 4-bit FastScan codes are coarser: at
+# 1M (nprobe 128, 300 real user vectors) k x 10 candidates gave recall@10 0.863, k x 25 0.930 (8-bit ivf-pq
+# with k x 10: 0.933), and k x 50 no more: the probed lists bound it.
+RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 25}
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
 
 
@@ -78,7 +80,7 @@ class Catalog:
         faiss_gpu: str = "off",
         popularity_weight: float = RetrieverConfig.popularity_weight,
         lexical: bool = True,
-        rerank_factor: int = RERANK_FACTOR,
+        rerank_factor: int | None = None,
         verify: bool = True,
     ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
@@ -87,8 +89,9 @@ class Catalog:
         `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
         `popularity_weight` >= 0 replaces the prior weight the index was fitted with; `lexical` False
         leaves the BM25 index on disk (a retriever serving text by vector alone never reads it);
-        `rerank_factor`: candidates per result a compressed index's answer is re-scored from; `verify`
-        False skips the files' sha256 (only for a copy of a Catalog that checked them: __setstate__).
+        `rerank_factor`: candidates per result a compressed index's answer is re-scored from (None: the
+        type's RERANK_FACTORS); `verify` False skips the files' sha256 (only for a copy of a Catalog that
+        checked them: __setstate__).
         """
         # What a copy in another process is rebuilt from (__getstate__): the files, not the mapped memory.
         self._arguments: dict[str, Any] = {
@@ -110,7 +113,7 @@ class Catalog:
         self.manifest = artifacts.read_manifest(self.index_dir)
         if verify:
             artifacts.verify_files(self.index_dir, self.manifest)
-        # HNSW, IVF(-SQ8/-PQ) or flat, read into memory. Not memory-mapped (IO_FLAG_MMAP): faiss then serves
+        # HNSW, IVF (any codes) or flat, read into memory. Not memory-mapped (IO_FLAG_MMAP): faiss then serves
         # the lists through OnDiskInvertedLists, 2.55 ms per H&M query on one thread instead of 0.87, and
         # make bench's search stage went from ~1 to 5-6 ms. Compressed types keep this memory small.
         self.index: Any = faiss.read_index(str(self.index_dir / artifacts.INDEX_FILE))
@@ -119,7 +122,8 @@ class Catalog:
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = ivf_nprobe
         self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
-        self.rerank_factor = rerank_factor if self.manifest.index_type in artifacts.COMPRESSED_INDEX_TYPES else 0
+        own_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)
+        self.rerank_factor = own_factor if rerank_factor is None or not own_factor else rerank_factor
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
         self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")

@@ -50,6 +50,8 @@ def why_not_gpu(index: faiss.Index) -> str | None:
         return "no GPU is visible to this process"
     if hasattr(index, "hnsw"):
         return "faiss has no GPU HNSW index (export an IVF or flat index)"
+    if hasattr(index, "bbs"):  # FastScan's block size
+        return "faiss has no GPU index for 4-bit FastScan codes (export ivf-pq or ivf-sq8 for a GPU)"
     if hasattr(index, "pq") and index.pq.M not in GPU_PQ_SUBQUANTIZERS:
         return f"faiss' GPU IVF-PQ has no {index.pq.M}-byte codes (export ivf-sq8 or ivf for a GPU)"
     return None

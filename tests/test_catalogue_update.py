@@ -323,7 +323,7 @@ async def test_body_size_limit() -> None:
         assert response.status_code == 413
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivf-sq8", "ivf-pq"])
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan"])
 def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> None:
     """The ANN + id-selector path (many candidates) against exact filtered search on random vectors."""
     rng = np.random.default_rng(0)

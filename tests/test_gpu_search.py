@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving import gpu_search
-from serving.catalog import Catalog
+from serving.catalog import RERANK_FACTORS, Catalog
 from serving.filters import Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
@@ -99,6 +99,16 @@ def test_hnsw_stays_on_the_cpu(tmp_path: Path, fake_gpu) -> None:
         Catalog(tmp_path / "v0001", faiss_gpu="on")
 
 
+def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path: Path, fake_gpu) -> None:
+    vectors = write_index(tmp_path / "v0001", "ivf-pq-fastscan")
+    catalog = Catalog(tmp_path / "v0001", faiss_gpu="auto")
+    assert catalog.gpu is None and not fake_gpu and catalog.rerank_factor == 25
+    assert set(RERANK_FACTORS) == set(artifacts.COMPRESSED_INDEX_TYPES)  # every compressed type re-ranks
+    assert catalog.search(vectors[:2], 10)[1][:, 0].tolist() == [0, 1]
+    with pytest.raises(gpu_search.GpuUnavailable, match="FastScan"):
+        Catalog(tmp_path / "v0001", faiss_gpu="on")
+
+
 def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_gpu, monkeypatch) -> None:
     vectors = write_index(tmp_path / "v0001", "ivf-sq8")
     catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76, faiss_gpu="auto")
@@ -107,7 +117,7 @@ def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_
     monkeypatch.setattr(copy, "search", lambda queries, k: asked.append(k) or copy.cpu.search(queries, k))
     monkeypatch.setattr("serving.catalog.GPU_MAX_K", 50)
     _, rows = catalog.search(vectors[:2], 10)
-    assert asked == [50]  # 10 * RERANK_FACTOR capped to what a GPU search returns
+    assert asked == [50]  # 10 * RERANK_FACTORS['ivf-sq8'] capped to what a GPU search returns
     assert rows[:, 0].tolist() == [0, 1]  # the exact re-rank puts each query's own vector first
     # 128 + the prior's coordinate, padded to 144 -> 48 sub-quantizers: a code size the GPU has; 43 is not
     write_random_index(tmp_path / "v0002", "ivf-pq", ["A"] * 3000, dim=128, item_bias=np.ones(3000, np.float32))

@@ -43,7 +43,7 @@ from twotower.repeats import RepeatBoost
 
 FORMAT_VERSION = 1
 # Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
-COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq")
+COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
 
 
 def index_dimension(dim: int, prior: bool, index_type: str) -> int:
@@ -89,7 +89,8 @@ class Manifest:
     max_history: int
     context_length: int
     clip_model: str
-    index_type: str  # flat | hnsw | ivf | ivf-sq8 | ivf-pq (COMPRESSED_INDEX_TYPES: codes, re-ranked exactly)
+    # flat | hnsw | ivf | ivf-sq8 | ivf-pq | ivf-pq-fastscan (COMPRESSED_INDEX_TYPES: codes, re-ranked exactly)
+    index_type: str
     reference_day: int  # day number (days since epoch) of the latest purchase in the data
     data_source: str
     files: dict[str, str]  # file name -> sha256
