@@ -57,6 +57,8 @@ def phase(result: dict[str, Any]) -> dict[str, Any]:
         "shed_p99_ms": part("503")["p99_ms"],
         "unanswered": part("0")["requests"],
         "other_errors": sum(v["requests"] for k, v in statuses.items() if k not in ("200", "503", "0")),
+        "send_lag_p50_ms": result.get("send_lag", {}).get("p50_ms", float("nan")),
+        "send_lag_p99_ms": result.get("send_lag", {}).get("p99_ms", float("nan")),
     }
 
 
@@ -102,8 +104,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['window_s']:g} s windows. Clients give up after {report['client_timeout_s']:g} s (unanswered).",
         "",
         "| setting | phase | sent | admitted (200) | goodput QPS | admitted p50 / p99 ms | shed (503) "
-        "| shed p50 / p99 ms | unanswered | other errors | RSS retriever / Triton MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shed p50 / p99 ms | unanswered | other errors | RSS retriever / Triton MB | load generator's send lag "
+        "p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, setting in report["settings"].items():
         phases = [("calm", setting["calm"]), ("overload", setting["overload"])]
@@ -116,7 +119,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {label} | {p['sent']} | {p['admitted']} | {p['goodput_qps']:.0f} | "
                 f"{p['admitted_p50_ms']:.1f} / {p['admitted_p99_ms']:.1f} | {p['shed']} | "
                 f"{p['shed_p50_ms']:.1f} / {p['shed_p99_ms']:.1f} | {p['unanswered']} | {p['other_errors']} | "
-                f"{p['rss_retriever_mb']:.0f} / {p['rss_triton_mb']:.0f} |"
+                f"{p['rss_retriever_mb']:.0f} / {p['rss_triton_mb']:.0f} | "
+                f"{p.get('send_lag_p50_ms', float('nan')):.1f} / {p.get('send_lag_p99_ms', float('nan')):.1f} |"
             )
     return "\n".join(lines) + "\n"
 

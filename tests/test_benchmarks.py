@@ -135,6 +135,7 @@ def test_report_names_the_search_setting_and_cpu_split() -> None:
 def test_open_loop_counts_answers_and_errors(http_server: str) -> None:
     result = asyncio.run(run_open_loop(http_server + "/ok/200", [b"{}"] * 50, rate=500.0))
     assert result["requests"] == 50 and result["errors"] == 0 and result["p99_ms"] > 0
+    assert 0 <= result["send_lag"]["p50_ms"] <= result["send_lag"]["p99_ms"] <= result["max_ms"]  # in every latency
     result = asyncio.run(run_open_loop(http_server + "/ok/503", [b"{}"] * 5, rate=500.0))
     assert result["errors"] == 5 and result["statuses"]["503"]["requests"] == 5
 
