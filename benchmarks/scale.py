@@ -337,7 +337,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         f"Vectors drawn from a mixture fitted to {source}; queries are that index's exported user vectors",
         "(real customers), scored with its popularity prior as served. One index per row, loaded in a fresh",
         "process by the retriever's `Catalog`; searches on 1 thread, one query at a time, at the served",
-        f"settings (nprobe {_nprobe()}, compressed types re-rank k x 10 candidates exactly). Memory in MiB:",
+        f"settings (nprobe {_nprobe()}, compressed types re-rank k x {_rerank_factors()} candidates exactly). "
+        "Memory in MiB:",
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
@@ -376,6 +377,12 @@ def _served(served: dict[str, Any] | None) -> str:
         f"| {served['retriever_memory']['anon_mib']:.0f} / {served['retriever_memory']['file_mib']:.0f} "
         f"| `{' '.join(served.get('retriever_args', []))}`"
     )
+
+
+def _rerank_factors() -> str:
+    from serving.catalog import RERANK_FACTORS
+
+    return ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
 
 
 def _nprobe() -> int:
