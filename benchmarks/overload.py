@@ -120,7 +120,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{p['admitted_p50_ms']:.1f} / {p['admitted_p99_ms']:.1f} | {p['shed']} | "
                 f"{p['shed_p50_ms']:.1f} / {p['shed_p99_ms']:.1f} | {p['unanswered']} | {p['other_errors']} | "
                 f"{p['rss_retriever_mb']:.0f} / {p['rss_triton_mb']:.0f} | "
-                f"{p.get('send_lag_p50_ms', float('nan')):.1f} / {p.get('send_lag_p99_ms', float('nan')):.1f} |"
+                f"{p['send_lag_p50_ms']:.1f} / {p['send_lag_p99_ms']:.1f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -80,7 +80,6 @@ class Catalog:
         faiss_gpu: str = "off",
         popularity_weight: float = RetrieverConfig.popularity_weight,
         lexical: bool = True,
-        rerank_factor: int | None = None,
         verify: bool = True,
     ):
         """`index_dir` is a version directory or an index root (its CURRENT version is loaded).
@@ -88,10 +87,8 @@ class Catalog:
         Search settings default to the served ones, so offline evaluation measures what is served;
         `faiss_gpu` (auto | on | off, serving.gpu_search) moves unfiltered searches to a GPU copy;
         `popularity_weight` >= 0 replaces the prior weight the index was fitted with; `lexical` False
-        leaves the BM25 index on disk (a retriever serving text by vector alone never reads it);
-        `rerank_factor`: candidates per result a compressed index's answer is re-scored from (None: the
-        type's RERANK_FACTORS); `verify` False skips the files' sha256 (only for a copy of a Catalog that
-        checked them: __setstate__).
+        leaves the BM25 index on disk (a retriever serving text by vector alone never reads it); `verify`
+        False skips the files' sha256 (only for a copy of a Catalog that checked them: __setstate__).
         """
         # What a copy in another process is rebuilt from (__getstate__): the files, not the mapped memory.
         self._arguments: dict[str, Any] = {
@@ -102,7 +99,6 @@ class Catalog:
             "faiss_gpu": faiss_gpu,
             "popularity_weight": popularity_weight,
             "lexical": lexical,
-            "rerank_factor": rerank_factor,
         }
         started = time.perf_counter()
         self.index_dir = artifacts.resolve_index_dir(index_dir)
@@ -122,8 +118,7 @@ class Catalog:
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = ivf_nprobe
         self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
-        own_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)
-        self.rerank_factor = own_factor if rerank_factor is None or not own_factor else rerank_factor
+        self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
         self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")
