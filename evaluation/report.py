@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evaluation.text_search import QUERIES_PER_KIND
 from twotower.reporting import write_bundle
 
 TABLE_METRICS = ("recall@12", "map@12", "ndcg@12", "recall@100", "coverage@12", "cold_recall@100", "hr@10_sampled100")
@@ -77,7 +78,8 @@ def text_search_lines(text: dict[str, Any]) -> list[str]:
     lines = [
         f"## Text search (top {text['k']}, through the exported query tower and the index's BM25 index)",
         "",
-        "Queries made from the catalogue's own attributes; an article is relevant when it has them all. "
+        "Queries made from the catalogue's own attributes: every combination that at least 2 articles share, "
+        f"a random {QUERIES_PER_KIND:,} where a kind has more; an article is relevant when it has them all. "
         "Columns marked 'item tower' run the item tower the served query tower was distilled from.",
         "",
         "| queries | count | e.g. | "
