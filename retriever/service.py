@@ -15,7 +15,7 @@ import logging
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -341,22 +341,24 @@ class RecommendationService:
     def _recommendation(
         self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray, sources: list[str] | None = None
     ) -> Recommendation:
-        row_list = rows.tolist()
+        article_ids = catalog.article_ids.take(rows)
         return Recommendation(
-            article_ids=[catalog.article_ids[r] for r in row_list],
+            article_ids=article_ids,
             similarities=similarities.tolist(),
             scores=catalog.score_head(similarities).tolist(),
-            metadata=[self.article_metadata(catalog, r) for r in row_list],
+            metadata=self.article_metadata(catalog, rows, article_ids),
             sources=sources,
         )
 
-    def article_metadata(self, catalog: Catalog, row: int) -> dict[str, str]:
-        """Metadata shown with a result (article_id is returned beside it), plus the image URL when configured."""
-        metadata = catalog.metadata(row)
+    def article_metadata(
+        self, catalog: Catalog, rows: Sequence[int] | np.ndarray, article_ids: list[str]
+    ) -> list[dict[str, str]]:
+        """Metadata shown with each result (article_id is returned beside it), plus the image URL when configured."""
+        records = catalog.metadata(rows)
         if self.config.image_url_template:
-            article_id = catalog.article_ids[row]
-            metadata["image_url"] = image_url(self.config.image_url_template, article_id)
-        return metadata
+            for metadata, article_id in zip(records, article_ids):
+                metadata["image_url"] = image_url(self.config.image_url_template, article_id)
+        return records
 
     # -- what the shop pages read and write ------------------------------------------------
     def _article_row(self, catalog: Catalog, article_id: str, field: str = "article_id") -> int:
@@ -372,7 +374,7 @@ class RecommendationService:
             "article_id": article_id,
             "available": not bool(catalog.excluded[row]),
             "index_version": catalog.version,
-            **self.article_metadata(catalog, row),
+            **self.article_metadata(catalog, [row], [article_id])[0],
         }
 
     def article_vector(self, article_id: str) -> dict[str, Any]:
@@ -396,13 +398,10 @@ class RecommendationService:
             (rows, ages), _ = self._customer_history(catalog, customer_id, posted)
         except UnknownIds as err:
             raise RequestError(f"customer_id: {err.message}") from err
+        article_ids = catalog.article_ids.take(rows)
         items = [
-            {
-                "article_id": catalog.article_ids[r],
-                "age_days": round(float(a), 2),
-                **self.article_metadata(catalog, int(r)),
-            }
-            for r, a in zip(rows, ages)
+            {"article_id": article_id, "age_days": round(float(a), 2), **metadata}
+            for article_id, a, metadata in zip(article_ids, ages, self.article_metadata(catalog, rows, article_ids))
         ]
         return {"customer_id": customer_id, "items": items}
 

@@ -13,7 +13,7 @@ import logging
 import mmap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -378,6 +378,6 @@ class Catalog:
             found_similarities, found_rows = self._rerank(index_query, candidates, k)
         return found_similarities[0], found_rows[0]
 
-    def metadata(self, row: int) -> dict[str, str]:
-        """A row's metadata columns but article_id (answers carry it beside them): a new dict per call."""
-        return self.items.row(row)
+    def metadata(self, rows: Sequence[int]) -> list[dict[str, str]]:
+        """Each row's metadata columns but article_id (answers carry it beside them): a new dict per row."""
+        return self.items.records(rows)

@@ -66,8 +66,9 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     assert after.manifest.parent_version == parent and after.manifest.model_version == before.manifest.model_version
     assert len(after.article_ids) == len(before.article_ids) + 3
     new_row = after.row_of["0999000001"]
-    assert after.metadata(new_row)["prod_name"] == "Brand new item 0"
-    assert "article_id" not in after.metadata(new_row)  # answers carry it beside the metadata
+    (metadata,) = after.metadata([new_row])
+    assert metadata["prod_name"] == "Brand new item 0"
+    assert "article_id" not in metadata  # answers carry it beside the metadata
     # The new article's own vector finds it first; removed and replaced rows are never returned.
     _, rows = after.search(after.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row
@@ -79,7 +80,7 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     assert after.excluded[old_changed_row] and after.excluded[after.row_of[removed_id]]
     assert (
         after.row_of[changed_id] != old_changed_row
-        and after.metadata(after.row_of[changed_id])["prod_name"] == "Edited name"
+        and after.metadata([after.row_of[changed_id]])[0]["prod_name"] == "Edited name"
     )
     # The popularity prior: nobody has bought a new article yet; a changed one keeps its sales.
     assert after.item_bias is not None and after.index.d == after.manifest.dim + 1
