@@ -200,6 +200,7 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
         "p50_ms": 1000 * float(np.percentile(seconds, 50)),
         "p99_ms": 1000 * float(np.percentile(seconds, 99)),
         "filtered": {},
+        "rerank_factor": catalog.rerank_factor,
         "rerank": {},
     }
     if catalog.rerank_factor:
@@ -355,8 +356,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         f"Vectors drawn from a mixture fitted to {source}; queries are that index's exported user vectors",
         "(real customers), scored with its popularity prior as served. One index per row, loaded in a fresh",
         "process by the retriever's `Catalog`; searches on 1 thread, one query at a time, at the served",
-        f"settings (nprobe {_nprobe()}, compressed types re-rank k x {_rerank_factors()} candidates exactly). "
-        "Memory in MiB:",
+        f"settings (nprobe {_nprobe()}; compressed types re-rank k x the factor beside them candidates exactly,"
+        f" served now: {_rerank_factors()}). Memory in MiB:",
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
@@ -378,7 +379,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             for f in r["filtered"].values()
         )
         lines.append(
-            f"| {r['articles']:,} | {r['index_type']} | {r['build_s']:.0f} | {r['index_mib']:.0f} | {r['load_s']:.1f} "
+            f"| {r['articles']:,} | {r['index_type']}{_factor(r)} | {r['build_s']:.0f} | {r['index_mib']:.0f} "
+            f"| {r['load_s']:.1f} "
             f"| {r['memory_searched']['anon_mib'] - base:.0f} | {r['memory_searched']['file_mib']:.0f} "
             f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {_reranked(r)} | {filtered} | {_served(r.get('served'))} |"
@@ -386,6 +388,11 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
     lines += ["", f"Command: `{command}`", ""]
     (out / "scale.md").write_text("\n".join(lines))
     _plot(rows, out / "scale.png")
+
+
+def _factor(row: dict[str, Any]) -> str:
+    factor = row.get("rerank_factor")
+    return f" (k x {factor})" if factor else ""
 
 
 def _reranked(row: dict[str, Any]) -> str:

@@ -40,8 +40,9 @@ MAX_FILTERED_PROBE_FACTOR = 8
 # A compressed index (codes, not vectors) is searched for k * this many candidates, which are then scored
 # exactly from the full vectors (docs/scale.md measures recall@10). The 4-bit FastScan codes are coarser: at
 # 1M (nprobe 128, 300 real user vectors) k x 10 candidates gave recall@10 0.863, k x 25 0.930 (8-bit ivf-pq
-# with k x 10: 0.933), and k x 50 no more: the probed lists bound it.
-RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 25}
+# with k x 10: 0.933), and k x 50 no more: the probed lists bound it. At 10M k x 25 fell to 0.822; k x 50
+# gave 0.918 and k x 100 0.943, one query p50 1.58 / 1.74 / 2.04 ms (docs/scale.md row 15).
+RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
 
 
