@@ -379,6 +379,6 @@ class Catalog:
             found_similarities, found_rows = self._rerank(index_query, candidates, k)
         return found_similarities[0], found_rows[0]
 
-    def metadata(self, rows: Sequence[int]) -> list[dict[str, str]]:
+    def metadata(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, str]]:
         """Each row's metadata columns but article_id (answers carry it beside them): a new dict per row."""
         return self.items.records(rows)

@@ -29,6 +29,7 @@ def test_written_columns_read_back_memory_mapped(tmp_path: Path, monkeypatch, de
     assert isinstance(table["colour_group_name"].codes.base, np.memmap)  # a view of the mapped file, no copy
     assert table.to_lists() == COLUMNS  # every value, non-ASCII and empty ones included, in row order
     assert table.records([2, 0]) == [{k: v[r] for k, v in COLUMNS.items() if k != "article_id"} for r in (2, 0)]
+    assert ItemTable.from_columns({"article_id": ["a", "b"]}).records([1, 0]) == [{}, {}]  # ids alone: a dict per row
     assert table.article_ids[1] == "0108775044" and len(table.article_ids) == 4
     # ids: the last row of a repeated id; unknown, longer and shorter ids are simply absent
     assert table.row_of["0108775015"] == 3 and table.row_of.get("0108775044") == 1

@@ -163,12 +163,16 @@ class ItemTable(Mapping[str, Column]):
     def rows(self) -> int:
         return len(self.article_ids)
 
-    def records(self, rows: Sequence[int], skip: str = ID_COLUMN) -> list[dict[str, str]]:
+    def records(self, rows: Sequence[int] | np.ndarray, skip: str = ID_COLUMN) -> list[dict[str, str]]:
         """Each row's values by column (but `skip`), a new dict per row, read a column at a time: a page of 12
         H&M rows (11 columns, ids included) took 0.17 ms row by row (numpy scalar indexing), 0.06 so."""
         index = np.asarray(rows, dtype=np.int64)
-        columns = {name: column.take(index) for name, column in self._columns.items() if name != skip}
-        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+        records: list[dict[str, str]] = [{} for _ in range(len(index))]  # one per row, even with no column
+        for name, column in self._columns.items():
+            if name != skip:
+                for record, value in zip(records, column.take(index)):
+                    record[name] = value
+        return records
 
     def to_lists(self) -> dict[str, list[str]]:
         return {name: list(column) for name, column in self._columns.items()}
