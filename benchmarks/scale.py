@@ -40,6 +40,7 @@ from twotower.item_table import ID_COLUMN, Column, ItemTable
 log = logging.getLogger("benchmarks.scale")
 
 INDEX_TYPES = ("ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
+PRODUCT_COLUMN = "product_code"
 METADATA_COLUMNS = ("product_code", "prod_name", "product_type_name", "product_group_name", "colour_group_name")
 CLUSTERS = 512
 QUERIES = 500
@@ -110,7 +111,25 @@ class Reference:
             if name in self.items:
                 real = self.items[name]
                 columns[name] = Column(np.asarray(real.values), np.asarray(real.codes)[source_rows % len(real)])
+        if PRODUCT_COLUMN in columns:
+            columns[PRODUCT_COLUMN] = _products_of_real_size(columns[PRODUCT_COLUMN], n, len(self.bias), rng)
         return vectors, self.bias[source_rows % len(self.bias)].astype(np.float32), ItemTable(columns)
+
+
+def _products_of_real_size(copied: Column, n: int, real_n: int, rng: np.random.Generator) -> Column:
+    """Product codes for n articles that copy real ones: each article joins a random one of n / real_n copies
+    of its real product, so products keep the real sizes (H&M: 2.2 articles). Copied as they are, 10M articles
+    fell into H&M's 47k products, ~212 each, and every history's sibling boost scored thousands of rows
+    (a fifth of the retriever's CPU in the 10M served profile, docs/scale.md row 16)."""
+    copies = -(-n // real_n)
+    if copies == 1:
+        return copied
+    width = len(str(copies - 1))
+    suffixes = np.char.zfill(np.arange(copies).astype(f"S{width}"), width)
+    values = np.char.add(np.repeat(np.asarray(copied.values), copies), np.tile(suffixes, len(copied.values)))
+    codes = np.asarray(copied.codes, dtype=np.int64) * copies + rng.integers(0, copies, n)
+    distinct, inverse = np.unique(values, return_inverse=True)  # sorted, as every column's values are
+    return Column(distinct, inverse.astype(np.int32)[codes])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,26 @@
+"""benchmarks.scale's synthetic catalogue keeps the real catalogue's product sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks.scale import _products_of_real_size
+from twotower.item_table import Column
+
+
+def test_synthetic_products_keep_the_real_sizes() -> None:
+    real = Column(np.asarray([b"0100", b"0200", b"0300"]), np.asarray([0, 0, 1, 2, 2, 2], dtype=np.int32))
+    n = 6_000  # 1,000 copies of the 6 real articles
+    rng = np.random.default_rng(0)
+    source_rows = rng.integers(0, 6, n)
+    copied = Column(real.values, real.codes[source_rows])
+    products = _products_of_real_size(copied, n, 6, rng)
+    sizes = np.bincount(products.codes)
+    assert abs(n / len(sizes) - 2.0) < 0.2  # 6 articles in 3 products, as in the real catalogue (not 2,000 each)
+    # every synthetic product is a copy of one real product, and its value says which
+    values = [bytes(v) for v in products.values]
+    assert list(values) == sorted(values) and len(set(values)) == len(values)
+    for code in np.unique(products.codes)[:50]:
+        assert len(set(copied.codes[products.codes == code].tolist())) == 1
+        assert values[code][:4] == bytes(real.values[copied.codes[products.codes == code][0]])
+    assert _products_of_real_size(real, 6, 6, rng) is real  # one copy: the real products themselves
