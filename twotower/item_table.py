@@ -54,12 +54,12 @@ class Column(Sequence[str]):
 
     def __getitem__(self, row: int | slice) -> str | list[str]:
         if isinstance(row, slice):
-            return [bytes(v).decode() for v in self.values[self.codes[row]]]
+            return self.take(row)
         if self._decoded is not None:
             return self._decoded[self.codes[row]]
         return bytes(self.values[self.codes[row]]).decode()
 
-    def take(self, rows: np.ndarray) -> list[str]:
+    def take(self, rows: np.ndarray | slice) -> list[str]:
         """The values of many rows, their codes gathered at once (one by one, each row costs ~1.3 us)."""
         codes = self.codes[rows]
         if self._decoded is not None:
