@@ -25,17 +25,33 @@ from benchmarks import offline
 from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate, wait_until_idle
 from benchmarks.soak import group_rss_mb, tree_rss_mb
 from serving.catalog import Catalog
-from twotower.config import RetrieverConfig
+from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.overload")
 CALM_RATE = 100.0
-DEFAULT_MAX_IN_FLIGHT = RetrieverConfig().max_in_flight
+DEFAULTS = RetrieverConfig()
+# The retriever reads TWOTOWER_<FIELD> overrides too, e.g. TWOTOWER_MIN_IN_FLIGHT=2: name what it will run.
+FLOOR = config_from_env(RetrieverConfig).min_in_flight
 
 
-def setting_name(max_in_flight: int) -> str:
+def setting_name(max_in_flight: int, target_ms: float) -> str:
     if max_in_flight <= 0:
         return "no admission limit"
-    return f"max_in_flight {max_in_flight}" + (" (default)" if max_in_flight == DEFAULT_MAX_IN_FLIGHT else "")
+    name = f"max_in_flight {max_in_flight}, " + (
+        f"adaptive (target {target_ms:g} ms, floor {FLOOR})" if target_ms > 0 else "fixed"
+    )
+    default = (max_in_flight, target_ms, FLOOR) == (
+        DEFAULTS.max_in_flight,
+        DEFAULTS.admission_target_ms,
+        DEFAULTS.min_in_flight,
+    )
+    return name + (" (default)" if default else "")
+
+
+def settings(limits: str, targets: str) -> list[tuple[int, float]]:
+    """Every limit with every target (a limit of 0 once: no limit, nothing to adapt)."""
+    pairs = [(int(v), float(t)) for v in limits.split(",") for t in targets.split(",")]
+    return list(dict.fromkeys((limit, target if limit > 0 else 0.0) for limit, target in pairs))
 
 
 def phase(result: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-timeout-s", type=float, default=5.0)
     parser.add_argument(
         "--max-in-flight",
-        default=f"{DEFAULT_MAX_IN_FLIGHT},0",
+        default=f"{DEFAULTS.max_in_flight},0",
         help="comma-separated admission limits to compare (0 = none)",
+    )
+    parser.add_argument(
+        "--admission-target-ms",
+        default=f"{DEFAULTS.admission_target_ms:g},0",
+        help="comma-separated service-time targets of the adaptive limit to compare with each limit (0 = fixed)",
     )
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -167,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         "client_timeout_s": args.client_timeout_s,
         "settings": {},
     }
-    for limit in (int(v) for v in args.max_in_flight.split(",")):
-        log.info("overload run: %s", setting_name(limit))
-        flags = ["--max-in-flight", str(limit)]
-        report["settings"][setting_name(limit)] = run_setting(artifacts, flags, bodies, args)
+    for limit, target_ms in settings(args.max_in_flight, args.admission_target_ms):
+        log.info("overload run: %s", setting_name(limit, target_ms))
+        flags = ["--max-in-flight", str(limit), "--admission-target-ms", str(target_ms)]
+        report["settings"][setting_name(limit, target_ms)] = run_setting(artifacts, flags, bodies, args)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -42,6 +42,11 @@ ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reaso
 # The error-rate alert's denominator: every request to an API path, refused ones included (the numerator
 # counts refusals: a stage histogram only sees the requests that got in).
 RECEIVED = Counter("retriever_api_requests_total", "Requests to the v1/v2 predict and shop API paths, admitted or not")
+ADMISSION_LIMIT = Gauge(
+    "retriever_admission_limit",
+    "Requests this process admits at once now (max_in_flight at normal load, lower while requests are slow)",
+    multiprocess_mode="livesum",
+)
 INDEX_INFO = Gauge(
     "retriever_index_items", "Items in the loaded index", ["model_version"], multiprocess_mode="mostrecent"
 )

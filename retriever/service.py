@@ -74,6 +74,11 @@ def check_settings(config: RetrieverConfig) -> None:
     for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
+    if config.min_in_flight < 1 or config.admission_target_ms < 0:
+        raise ValueError(
+            f"--min-in-flight {config.min_in_flight} must be at least 1 and --admission-target-ms "
+            f"{config.admission_target_ms} at least 0 (0: a fixed limit)"
+        )
 
 
 class RecommendationService:

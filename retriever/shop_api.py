@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from retriever import errors, metrics
 from retriever.errors import Forbidden, RequestError, Unauthorized
-from retriever.limits import AdmissionLimit, BodySizeLimit
+from retriever.limits import AdaptiveLimit, AdmissionLimit, BodySizeLimit
 from retriever.protocol import v1_response
 from retriever.queries import Query, QueryOptions
 from retriever.service import RecommendationService
@@ -234,10 +234,12 @@ def install(app: FastAPI, service: RecommendationService) -> None:
     # Added last, so outermost: an overloaded process refuses before reading the body.
     app.add_middleware(
         AdmissionLimit,
-        max_in_flight=config.max_in_flight,
+        limit=AdaptiveLimit(config.max_in_flight, config.min_in_flight, config.admission_target_ms / 1000),
         retry_after_s=config.retry_after_s,
         on_arrival=metrics.RECEIVED.inc,
         on_refuse=metrics.ERRORS.labels("overloaded").inc,
+        on_limit=metrics.ADMISSION_LIMIT.set,
     )
+    metrics.ADMISSION_LIMIT.set(config.max_in_flight)
     app.include_router(build_router(service))
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -404,6 +404,121 @@ def test_a_full_process_refuses_at_once_with_retry_after_and_recovers(tmp_path: 
     assert refused._value.get() == before + 1
 
 
+def test_the_admission_limit_falls_while_requests_are_slow_and_climbs_back_when_they_are_fast() -> None:
+    from retriever.limits import AdaptiveLimit
+
+    limit = AdaptiveLimit(ceiling=16, floor=4, target_s=0.025)
+    for _ in range(16):  # one window of slow completions: overload
+        limit.record(0.2)
+    assert limit.current == 4
+    completions = 0
+    while limit.current < 16:
+        limit.record(0.005)
+        completions += 1
+    assert 100 <= completions <= 150  # back to the ceiling in ~130 fast completions (~1 s per worker at 100 QPS)
+    for _ in range(1000):
+        limit.record(0.001)
+    assert limit.current == 16  # never past the ceiling
+    fixed = AdaptiveLimit(ceiling=16, floor=4, target_s=0)
+    fixed.record(10.0)
+    assert fixed.current == 16
+    assert AdaptiveLimit(ceiling=2, floor=4, target_s=0.025).floor == 2  # a ceiling under the floor wins
+
+
+def test_the_admission_limit_refuses_a_burst_at_its_lowered_limit_and_ignores_slow_uploads() -> None:
+    from retriever.limits import AdaptiveLimit, AdmissionLimit
+
+    release = asyncio.Event()
+    service_s = {"value": 0.0}
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 (an ASGI app)
+        while (await receive()).get("more_body", False):
+            pass
+        await asyncio.sleep(service_s["value"])
+        if scope["path"].endswith("wait"):
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    limits: list[int] = []
+    middleware = AdmissionLimit(app, AdaptiveLimit(16, 4, 0.025), retry_after_s=1, on_limit=limits.append)
+
+    async def call(path: str, upload_s: float = 0.0) -> int:
+        statuses: list[int] = []
+
+        async def receive() -> dict:
+            await asyncio.sleep(upload_s)  # a slow client: the body's last byte comes late
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        await middleware({"type": "http", "path": path}, receive, send)
+        return statuses[0]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        assert await asyncio.gather(*(call("/shop/api/search", upload_s=0.06) for _ in range(8))) == [200] * 8
+        assert middleware.limit.current == 16  # slow uploads, fast service: the limit holds
+        service_s["value"] = 0.06
+        await asyncio.gather(*(call("/shop/api/search") for _ in range(8)))  # slow service: overload
+        assert middleware.limit.current == 6
+        service_s["value"] = 0.0
+        burst = [asyncio.create_task(call("/shop/api/wait")) for _ in range(8)]
+        await asyncio.sleep(0.02)
+        release.set()
+        return await asyncio.gather(*burst), [await call("/shop/api/search") for _ in range(200)]
+
+    burst, after = asyncio.run(scenario())
+    assert sorted(burst) == [200] * 6 + [503] * 2  # a fixed limit of 16 admitted all 8
+    assert after == [200] * 200 and middleware.limit.current == 16 and limits[-1] == 16
+
+
+def test_refused_requests_write_a_summary_instead_of_an_access_log_line_each(caplog) -> None:
+    import logging
+
+    from retriever.limits import QUIET_SHEDDING, AdaptiveLimit, AdmissionLimit
+
+    access = logging.getLogger("uvicorn.access")
+    release = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001 (an ASGI app)
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = AdmissionLimit(app, AdaptiveLimit(2, 2, 0.025), retry_after_s=1)
+
+    async def call() -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:  # as uvicorn's: the access line when the response starts
+            if message["type"] == "http.response.start":
+                access.info('"POST /shop/api/search HTTP/1.1" %d', message["status"])
+
+        await middleware({"type": "http", "path": "/shop/api/search"}, receive, send)
+
+    async def scenario() -> None:
+        admitted = [asyncio.create_task(call()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        for _ in range(50):
+            await call()  # refused: the process is full
+        release.set()
+        await asyncio.gather(*admitted)
+
+    caplog.set_level(logging.INFO)
+    try:
+        asyncio.run(scenario())
+    finally:
+        access.removeFilter(QUIET_SHEDDING)
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert lines == ['"POST /shop/api/search HTTP/1.1" 200'] * 2  # none of the 50 refusals
+    warnings = [r.getMessage() for r in caplog.records if r.name == "retriever.limits"]
+    assert len(warnings) == 1 and "overloaded: refusing requests with 503 (2 in progress" in warnings[0]
+    assert middleware.shed_since_summary == 49  # counted for the next summary
+
+
 def test_text_queries_fuse_keyword_and_vector_results_under_the_same_filters(tmp_path: Path) -> None:
     root = tmp_path / "index"
     vectors = write_shop_index(root / "v0001", lexical=True)

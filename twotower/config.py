@@ -197,10 +197,15 @@ class RetrieverConfig:
     # "" = those endpoints are open (make demo): route only /v1, /v2 and the shop's reads through a public ingress
     admin_token_file: str = ""
     # requests in progress per process (predict, infer, shop API) before more get 503 + Retry-After; 0 = no limit.
-    # At 2x the saturating rate on 2 cores (docs/overload.md), admitted p99 / shed p50 / goodput: 32: 756 ms /
-    # 75 ms / 395/s; 16: 239 / 27 / 539; 8: 140 / 14 / 475, but make bench saw 13 requests shed at 400 QPS;
-    # none: 73 s (clients queue) and 9% never answered
+    # At 2x the saturating rate on 2 cores (docs/overload.md), fixed limits, admitted p99 / shed p50 / goodput:
+    # 32: 756 ms / 75 ms / 395/s; 16: 239 / 27 / 539; 8: 140 / 14 / 475, but make bench saw 13 requests shed
+    # at 400 QPS; 4: 59 / 4.7 / 524, but 4% shed at 100 QPS; none: 73 s (clients queue) and 9% never answered.
+    # So the limit adapts (retriever/limits.py AdaptiveLimit): max_in_flight while requests are served within
+    # admission_target_ms, down to min_in_flight while they are slower. Against a fixed 16, same host and hour
+    # (docs/reliability.md): admitted p99 204 vs 1,337 ms, shed p50 15 vs 71 ms, goodput 196 vs 205/s
     max_in_flight: int = 16
+    min_in_flight: int = 4
+    admission_target_ms: float = 25.0  # 0 = a fixed limit of max_in_flight
     retry_after_s: int = 1  # Retry-After of a refused (overloaded) request or of Triton being unavailable
     # hybrid | dense: hybrid text queries also search the index's BM25 index and fuse both lists' scores
     # (twotower.ranking.fuse_scores); make eval's text-search table has precision@12 for lexical, dense and
