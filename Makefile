@@ -110,6 +110,7 @@ overload: setup
 SCALE_SIZES ?= 1000000
 bench-scale: setup
 	$(PY) -m benchmarks.scale --sizes $(SCALE_SIZES)
+	$(PY) -m benchmarks.lexical_scale --sizes 105542,1000000
 
 # On a GPU machine with PyTorch: the exported towers and the search on CUDA beside the CPU at batch
 # 1/16/64, one table, nothing from the network (runs as is without a GPU: CPU rows only).

@@ -1,4 +1,4 @@
-"""benchmarks.scale's synthetic catalogue keeps the real catalogue's product sizes."""
+"""benchmarks.scale: the synthetic catalogue keeps the real product sizes; benchmarks.lexical_scale runs."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def test_synthetic_products_keep_the_real_sizes() -> None:
         assert len(set(copied.codes[products.codes == code].tolist())) == 1
         assert values[code][:4] == bytes(real.values[copied.codes[products.codes == code][0]])
     assert _products_of_real_size(real, 6, 6, rng) is real  # one copy: the real products themselves
+
+
+def test_the_keyword_index_scale_bench_reports_each_size(tmp_path) -> None:
+    from benchmarks.lexical_scale import report, run
+
+    captions = ["red dress in jersey", "black trousers", "red trousers with pockets", "blue sweater"]
+    rows = run([40, 80], captions, ["red dress", "black trousers", "green"], tmp_path / "work")
+    assert [r["articles"] for r in rows] == [40, 80]
+    assert all(r["p99_ms"] >= r["p50_ms"] > 0 and 0 < r["matched_share_p50"] <= 1 for r in rows)
+    assert "| 80 |" in report(rows, "four captions", tmp_path / "docs", "python -m benchmarks.lexical_scale")
+    assert (tmp_path / "docs" / "lexical-scale.json").is_file() and not (tmp_path / "work" / "n40").exists()

@@ -1,0 +1,144 @@
+"""Hybrid text search's keyword half at catalogue scale: the BM25 index (serving.lexical) over 105k to 10M
+captions, what each text query pays for it.
+
+    python -m benchmarks.lexical_scale                          # 105,542 and 1M captions -> docs/lexical-scale.*
+    python -m benchmarks.lexical_scale --sizes 10000000         # 10M (not run yet: tokenizing holds every row's words)
+
+The captions are a trained index's own (`--reference`, default the `make eval` or `make bench` export:
+H&M's article texts), drawn with replacement to each size, so the words and how many rows hold each one
+are the real catalogue's, scaled; the queries are its articles' "<colour> <product type>" phrases. Per size,
+with a fresh process for the serving side: build seconds (tokenize + index, as export does), files on disk,
+the retriever's memory after loading the index, and one query's time, 1 thread, for what hybrid text search
+adds to the dense search (serving.lexical.hybrid_rank: every row's BM25 score, then the 100 best rows among
+those the request may return): p50 / p99, and the rows that matched any word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.scale import _memory, default_reference
+from serving.lexical import LexicalIndex
+from twotower import ranking
+
+log = logging.getLogger("benchmarks.lexical_scale")
+QUERIES = 300
+
+
+def reference_texts(reference: Path, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The reference index's captions and QUERIES colour + type phrases of its articles."""
+    from serving.catalog import Catalog
+
+    catalog = Catalog(reference)
+    if catalog.lexical is None:
+        raise SystemExit(f"{reference}: the index has no keyword index (exported with --lexical false?)")
+    rows = np.random.default_rng(seed).choice(len(catalog.lexical.captions), QUERIES, replace=False)
+    colours, types = (catalog.items[name].take(rows) for name in ("colour_group_name", "product_type_name"))
+    return catalog.lexical.captions, [f"{colour} {kind}".lower() for colour, kind in zip(colours, types)]
+
+
+def measure_loaded(directory: str, queries: list[str]) -> dict[str, Any]:
+    """In a child process: load the index as the retriever does and time each query's keyword part."""
+    before = _memory()
+    started = time.perf_counter()
+    lexical = LexicalIndex.load(Path(directory))
+    load_s = time.perf_counter() - started
+    loaded = _memory()
+    allowed = np.ones(len(lexical), dtype=bool)
+    seconds, matched = [], []
+    for text in queries:
+        started = time.perf_counter()
+        scores = lexical.scores(text)
+        lexical.search(text, ranking.HYBRID_DEPTH, allowed, scores)
+        seconds.append(time.perf_counter() - started)
+        matched.append(int(np.count_nonzero(scores)))
+    return {
+        "load_s": load_s,
+        "anon_mib": loaded["anon_mib"] - before["anon_mib"],
+        "file_mib": loaded["file_mib"],
+        "p50_ms": 1000 * float(np.percentile(seconds, 50)),
+        "p99_ms": 1000 * float(np.percentile(seconds, 99)),
+        "matched_share_p50": float(np.median(matched)) / len(lexical),
+    }
+
+
+def run(sizes: list[int], captions: list[str], queries: list[str], work: Path) -> list[dict[str, Any]]:
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for n in sizes:
+        drawn = np.random.default_rng(n).integers(0, len(captions), n)
+        started = time.perf_counter()
+        lexical = LexicalIndex.build([captions[i] for i in drawn])
+        build_s = time.perf_counter() - started
+        directory = work / f"n{n}"
+        shutil.rmtree(directory, ignore_errors=True)
+        lexical.save(directory)
+        del lexical
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
+            measured = child.submit(measure_loaded, str(directory), queries).result()
+        disk_mib = sum(f.stat().st_size for f in directory.iterdir()) / 2**20
+        row = {"articles": n, "build_s": build_s, "disk_mib": disk_mib, **measured}
+        log.info("%s", json.dumps(row))
+        rows.append(row)
+        shutil.rmtree(directory)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lexical-scale.json").write_text(json.dumps({"reference": source, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Hybrid text search's keyword index at scale",
+        "",
+        f"Captions of {source}, drawn with replacement to each size; {QUERIES} of its articles' colour + type",
+        "phrases as queries; one query at a time on 1 thread: every row's BM25 score and the best",
+        f"{ranking.HYBRID_DEPTH} matching rows, the part of a hybrid text query the dense search does not pay.",
+        "Memory of the process that loaded the index: anon = its own, file = memory-mapped.",
+        "",
+        "| articles | build s | on disk MiB | load s | anon MiB | file MiB | rows matching a word (median share)"
+        " | keyword part p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['articles']:,} | {r['build_s']:.0f} | {r['disk_mib']:.0f} | {r['load_s']:.1f} | {r['anon_mib']:.0f} "
+            f"| {r['file_mib']:.0f} | {r['matched_share_p50']:.1%} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    text = "\n".join(lines)
+    (out / "lexical-scale.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="105542,1000000", help="comma-separated article counts")
+    parser.add_argument("--reference", type=Path, default=None, help="index root whose captions to draw from")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/lexical-scale"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reference = args.reference or default_reference()
+    if reference is None:
+        parser.error("no --reference and no make eval / make bench export to draw captions from")
+    captions, queries = reference_texts(reference)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    rows = run([int(s) for s in args.sizes.split(",")], captions, queries, args.work_dir)
+    command = "python -m benchmarks.lexical_scale " + " ".join(argv or sys.argv[1:])
+    print(report(rows, str(reference), args.out, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
