@@ -218,8 +218,9 @@ class AdmissionLimit:
                 self.on_limit(self.limit.current)
 
     def summarise_shedding(self) -> None:
-        """One warning per SHED_SUMMARY_S while refusing, in place of an access-log line per refusal (added to
-        uvicorn's access logger here, after the server configured logging: a dictConfig would drop it)."""
+        """One warning per SHED_SUMMARY_S while refusing, in place of an access-log line per refusal (the
+        filter on uvicorn's access logger is added with the first refusal: a process that never refuses keeps
+        its access log as uvicorn configured it)."""
         self.shed_since_summary += 1
         now = time.monotonic()
         if self.summary_at is not None and now - self.summary_at < SHED_SUMMARY_S:
