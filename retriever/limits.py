@@ -238,7 +238,8 @@ class AdmissionLimit:
                 self.limit.current,
                 self.limit.ceiling,
             )
-        else:
+            self.shed_since_summary = 0
+        else:  # the first refusal: announced now, counted in the next summary (which starts with it)
             log.warning(
                 "overloaded: refusing requests with 503 (%d in progress, admission limit now %d, max_in_flight %d); "
                 "a summary every %.0f s replaces their access-log lines",
@@ -247,5 +248,4 @@ class AdmissionLimit:
                 self.limit.ceiling,
                 SHED_SUMMARY_S,
             )
-        self.shed_since_summary = 0
         self.summary_at = now
