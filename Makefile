@@ -35,15 +35,16 @@ lint: setup
 audit: setup
 	$(PY) tools/dependency_audit.py
 
-# Debian's prometheus (scrape test), chromium (browser test) and redis-server (purchases shared by replicas);
-# installed when running as root, else those tests skip with the reason.
+# Debian's prometheus (scrape test), chromium (browser test), redis-server (purchases shared by replicas) and
+# haproxy (the admission sidecar); installed when running as root, else those tests skip with the reason.
 tools:
 	@missing=""; command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v haproxy >/dev/null 2>&1 || missing="$$missing haproxy"; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-		|| echo "not installed:$$missing (tests/test_prometheus.py, tests/test_browser.py, tests/test_redis.py will skip)"; }
+		|| echo "not installed:$$missing (tests/test_prometheus.py, test_browser.py, test_redis.py, test_admission_proxy.py will skip)"; }
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration and not hm"
@@ -102,7 +103,7 @@ soak: setup
 	$(PY) -m benchmarks.soak $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
 
 # Twice the saturating rate for 60 s, with and without the admission limit, then recovery (docs/overload.md).
-overload: setup
+overload: setup tools
 	$(PY) -m benchmarks.overload $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --saturating-rate $(or $(SATURATING_RATE),600)
 
 # Synthetic catalogues of 1M articles (10M: make bench-scale SCALE_SIZES=1000000,10000000), one index per

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.scale import _memory, default_reference
+from benchmarks.scale import default_reference, process_memory
 from serving.lexical import LexicalIndex
 from twotower import ranking
 
@@ -50,11 +50,11 @@ def reference_texts(reference: Path, seed: int = 0) -> tuple[list[str], list[str
 
 def measure_loaded(directory: str, queries: list[str]) -> dict[str, Any]:
     """In a child process: load the index as the retriever does and time each query's keyword part."""
-    before = _memory()
+    before = process_memory()
     started = time.perf_counter()
     lexical = LexicalIndex.load(Path(directory))
     load_s = time.perf_counter() - started
-    loaded = _memory()
+    loaded = process_memory()
     allowed = np.ones(len(lexical), dtype=bool)
     seconds, matched = [], []
     for text in queries:

@@ -1,7 +1,8 @@
 """Overload run: twice the saturating rate through the whole served path, with the retriever's admission
-limit and without it, then the normal rate again to see how fast the service recovers.
+limit, without it and through the HAProxy admission sidecar (Debian's haproxy; `make overload` installs it),
+then the normal rate again to see how fast the service recovers.
 
-    python -m benchmarks.overload                      # docs/reliability.{md,json} (the overload section)
+    python -m benchmarks.overload                      # docs/overload.{md,json}
 
 Per setting: 100 QPS for --calm-s (the reference), --overload-rate for --overload-s, then 100 QPS in
 --window-s windows for --recovery-s. Requests are the bench mix with fresh bodies (make bench's
@@ -13,6 +14,7 @@ of the retriever and of Triton with its stubs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,11 +26,13 @@ from typing import Any
 from benchmarks import offline
 from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate, wait_until_idle
 from benchmarks.soak import group_rss_mb, tree_rss_mb
+from retriever.launch import AdmissionProxy
 from serving.catalog import Catalog
 from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.overload")
 CALM_RATE = 100.0
+PROXY_BACKSTOP = 16  # the retriever's own fixed limit behind the sidecar: never reached while the sidecar admits fewer
 DEFAULTS = RetrieverConfig()
 # The retriever reads TWOTOWER_<FIELD> overrides too, e.g. TWOTOWER_MIN_IN_FLIGHT=2: name what it will run.
 FLOOR = config_from_env(RetrieverConfig).min_in_flight
@@ -50,7 +54,7 @@ def setting_name(max_in_flight: int, target_ms: float) -> str:
 
 def settings(limits: str, targets: str) -> list[tuple[int, float]]:
     """Every limit with every target (a limit of 0 once: no limit, nothing to adapt)."""
-    pairs = [(int(v), float(t)) for v in limits.split(",") for t in targets.split(",")]
+    pairs = [(int(v), float(t)) for v in filter(None, limits.split(",")) for t in targets.split(",")]
     return list(dict.fromkeys((limit, target if limit > 0 else 0.0) for limit, target in pairs))
 
 
@@ -79,8 +83,13 @@ def phase(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_setting(
-    artifacts: offline.BenchArtifacts, flags: list[str], bodies: list[dict], args: argparse.Namespace
+    artifacts: offline.BenchArtifacts,
+    flags: list[str],
+    bodies: list[dict],
+    args: argparse.Namespace,
+    proxy: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """One setting's phases; with `proxy` (AdmissionProxy's settings) the load goes through that sidecar."""
     bodies_file = args.work_dir / "overload-bodies.jsonl"
     used = 0
 
@@ -90,21 +99,44 @@ def run_setting(
         bodies_file.write_text("\n".join(json.dumps(b) for b in bodies[used : used + n]) + "\n")
         used += n
         result = run_served_rate(
-            retriever, bodies_file, rate, seconds, args.work_dir, servers, client_timeout_s=args.client_timeout_s
+            retriever,
+            bodies_file,
+            rate,
+            seconds,
+            args.work_dir,
+            servers,
+            client_timeout_s=args.client_timeout_s,
+            predict_url=target,
         )
         return {**phase(result), "rss_retriever_mb": tree_rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
 
     retriever_args = ["--workers", "2", "--history-clock", "index", *flags]
-    with bench_servers(artifacts, args.work_dir, "overload-retriever.log", retriever_args) as (triton, retriever):
+    with contextlib.ExitStack() as stack:
+        triton, retriever = stack.enter_context(
+            bench_servers(artifacts, args.work_dir, "overload-retriever.log", retriever_args)
+        )
         assert triton.pid is not None and retriever.process is not None
         pid = retriever.process.pid
         servers = {"retriever": pid, "Triton": triton.pid}
+        target = None
+        if proxy is not None:
+            sidecar = stack.enter_context(AdmissionProxy(retriever.url, args.work_dir / "overload-proxy.log", proxy))
+            assert sidecar.process is not None
+            servers["admission proxy"] = sidecar.process.pid
+            target = sidecar.url + retriever.predict_url.removeprefix(retriever.url)
         wait_until_idle(list(servers.values()))
         rss_start = {"retriever": tree_rss_mb(pid), "triton": group_rss_mb(triton.pid)}
         calm = run(CALM_RATE, args.calm_s)
         overload = run(args.overload_rate, args.overload_s)
         recovery = [run(CALM_RATE, args.window_s) for _ in range(max(1, round(args.recovery_s / args.window_s)))]
-    return {"flags": flags, "rss_start": rss_start, "calm": calm, "overload": overload, "recovery": recovery}
+    return {
+        "flags": flags,
+        "proxy": proxy,
+        "rss_start": rss_start,
+        "calm": calm,
+        "overload": overload,
+        "recovery": recovery,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -118,6 +150,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['overload_s']:g} s ({report['overload_rate'] / report['saturating_rate']:.1f}x the "
         f"{report['saturating_rate']:g} QPS `make bench` could not sustain), then {CALM_RATE:g} QPS in "
         f"{report['window_s']:g} s windows. Clients give up after {report['client_timeout_s']:g} s (unanswered).",
+        *(
+            [
+                "",
+                "'HAProxy sidecar' rows: the load goes through k8s/components/raw-serving/admission-proxy.cfg "
+                "(requests in flight to the retriever, queue length, queue timeout), and the retriever behind it "
+                f"keeps a fixed --max-in-flight {PROXY_BACKSTOP} as a backstop.",
+            ]
+            if any(setting.get("proxy") for setting in report["settings"].values())
+            else []
+        ),
         "",
         "| setting | phase | sent | admitted (200) | goodput QPS | admitted p50 / p99 ms | shed (503) "
         "| shed p50 / p99 ms | unanswered | other errors | RSS retriever / Triton MB | load generator's send lag "
@@ -161,13 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-in-flight",
         default=f"{DEFAULTS.max_in_flight},0",
-        help="comma-separated admission limits to compare (0 = none)",
+        help="comma-separated admission limits to compare (0 = none; empty: only the --proxy settings)",
     )
     parser.add_argument(
         "--admission-target-ms",
         default=f"{DEFAULTS.admission_target_ms:g},0",
         help="comma-separated service-time targets of the adaptive limit to compare with each limit (0 = fixed)",
     )
+    parser.add_argument(
+        "--proxy",
+        default="8",
+        help="comma-separated ADMISSION_MAX_IN_FLIGHT values: also run with the HAProxy sidecar "
+        "(k8s/components/raw-serving/admission-proxy.cfg) allowing that many requests into the retriever, which "
+        "then keeps a fixed --max-in-flight 16 as a backstop",
+    )
+    parser.add_argument("--proxy-queue", type=int, default=4, help="the sidecar's ADMISSION_MAX_QUEUE")
+    parser.add_argument("--proxy-queue-timeout-ms", type=int, default=100, help="its ADMISSION_QUEUE_TIMEOUT_MS")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     args.overload_rate = args.overload_rate or 2 * args.saturating_rate
@@ -192,6 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("overload run: %s", setting_name(limit, target_ms))
         flags = ["--max-in-flight", str(limit), "--admission-target-ms", str(target_ms)]
         report["settings"][setting_name(limit, target_ms)] = run_setting(artifacts, flags, bodies, args)
+    for in_flight in filter(None, args.proxy.split(",")):
+        proxy = {
+            "ADMISSION_MAX_IN_FLIGHT": in_flight,
+            "ADMISSION_MAX_QUEUE": str(args.proxy_queue),
+            "ADMISSION_QUEUE_TIMEOUT_MS": str(args.proxy_queue_timeout_ms),
+        }
+        name = f"HAProxy sidecar: {in_flight} in flight, queue {args.proxy_queue}, {args.proxy_queue_timeout_ms} ms"
+        log.info("overload run: %s", name)
+        flags = ["--max-in-flight", str(PROXY_BACKSTOP), "--admission-target-ms", "0"]
+        report["settings"][name] = run_setting(artifacts, flags, bodies, args, proxy)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")

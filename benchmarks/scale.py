@@ -178,7 +178,8 @@ def write_version(
 
 
 # -- measured in a fresh process per index ---------------------------------------------------------
-def _memory(pid: int | str = "self") -> dict[str, float]:
+def process_memory(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory of a process (this one by default) in MiB: all, anonymous and file-backed pages."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
@@ -188,12 +189,12 @@ def _memory(pid: int | str = "self") -> dict[str, float]:
 
 
 def _process_tree_memory(pid: int) -> dict[str, float]:
-    """`_memory` summed over a process and its children (KServe's workers). File-backed pages shared by
+    """`process_memory` summed over a process and its children (KServe's workers). File-backed pages shared by
     the workers count once per process here; a pod's memory cgroup charges them once."""
     import psutil
 
     pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    per_process = [_memory(p) for p in pids]
+    per_process = [process_memory(p) for p in pids]
     return {name: sum(m[name] for m in per_process) for name in per_process[0]}
 
 
@@ -203,13 +204,13 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
     from serving.catalog import Catalog
     from serving.filters import Filters
 
-    before = _memory()
+    before = process_memory()
     started = time.perf_counter()
     catalog = Catalog(directory, lexical=False)
     load_s = time.perf_counter() - started
-    loaded = _memory()
+    loaded = process_memory()
     seconds, found = _search_each(catalog, users, prior)
-    searched = _memory()
+    searched = process_memory()
     result: dict[str, Any] = {
         "load_s": load_s,
         "memory_before": before,
@@ -250,7 +251,7 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
     # A hot swap: the next version loaded while this one still serves (here the same files again).
     second = Catalog(directory, lexical=False)
     second.search(users[:1], 10, prior)
-    result["memory_two_versions"] = _memory()
+    result["memory_two_versions"] = process_memory()
     return result
 
 

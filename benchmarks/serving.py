@@ -180,9 +180,11 @@ def run_served_rate(
     work: Path,
     servers: dict[str, int],
     client_timeout_s: float = 10.0,
+    predict_url: str | None = None,
 ) -> dict:
-    """One open-loop run; also the CPU each server (`servers`: name -> pid) and the load generator spent
-    per request, which says where a 2-core budget goes when a rate saturates it."""
+    """One open-loop run (to `predict_url`, by default the retriever's own); also the CPU each server
+    (`servers`: name -> pid) and the load generator spent per request, which says where a 2-core budget
+    goes when a rate saturates it."""
     before = scrape(f"{retriever.url}/metrics")
     cpu_before = {name: process_tree_cpu_s(pid) for name, pid in servers.items()}
     loadgen_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -193,7 +195,7 @@ def run_served_rate(
             "-m",
             "benchmarks.loadgen",
             "--url",
-            retriever.predict_url,
+            predict_url or retriever.predict_url,
             "--bodies",
             str(bodies_file),
             "--rate",

@@ -1,24 +1,89 @@
-"""Start the retriever as a separate process and wait until KServe reports it ready.
+"""Start the retriever, and optionally HAProxy in front of it, as separate processes and wait until ready.
 
-Used by the demo and the integration tests, which must talk to a real server process.
+Used by the demo, the benchmarks and the integration tests, which must talk to real server processes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 from localtriton.process import ProcessStartError, free_port, wait_until_ready
 from retriever.kserve_adapter import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("retriever.launch")
+# The one HAProxy configuration: the raw overlay's sidecar reads it from a ConfigMap made of this file.
+ADMISSION_PROXY_CONFIG = Path(__file__).resolve().parent.parent / "k8s/components/raw-serving/admission-proxy.cfg"
 
 
-class RetrieverProcess:
+class ServerProcess:
+    """A server started as a child process, its output in `log_path`, ready when `ready_url` answers 200."""
+
+    name = "server"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def ready_url(self) -> str:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def start(self, ready_timeout_s: float = 90.0) -> Self:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+            )
+        try:
+            wait_until_ready(self.process, self.ready_url, ready_timeout_s, self.name, self.log_path)
+        except ProcessStartError:
+            self.stop()
+            raise
+        log.info("%s ready at %s (pid %d)", self.name, self.ready_url, self.process.pid)
+        return self
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM: killing it", self.name, self.process.pid)
+                self.process.kill()
+                self.process.wait(10)
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def __enter__(self) -> Self:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RetrieverProcess(ServerProcess):
+    name = "retriever"
+
     def __init__(
         self,
         index_dir: Path | str,
@@ -32,9 +97,8 @@ class RetrieverProcess:
         self.triton_http = triton_http
         self.http_port = http_port or free_port()
         self.model_name = model_name
-        self.log_path = Path(log_path) if log_path else Path(f".localtriton/retriever-{self.http_port}.log")
+        super().__init__(Path(log_path) if log_path else Path(f".localtriton/retriever-{self.http_port}.log"))
         self.extra_args = extra_args or []
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -43,6 +107,10 @@ class RetrieverProcess:
     @property
     def predict_url(self) -> str:
         return f"{self.url}/v1/models/{self.model_name}:predict"
+
+    @property
+    def ready_url(self) -> str:
+        return f"{self.url}/v1/models/{self.model_name}"
 
     def command(self) -> list[str]:
         return [
@@ -60,43 +128,39 @@ class RetrieverProcess:
             *self.extra_args,
         ]
 
-    def start(self, ready_timeout_s: float = 90.0) -> "RetrieverProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        try:
-            wait_until_ready(
-                self.process, f"{self.url}/v1/models/{self.model_name}", ready_timeout_s, "retriever", self.log_path
-            )
-        except ProcessStartError:
-            self.stop()
-            raise
-        log.info("retriever ready at %s (pid %d)", self.url, self.process.pid)
-        return self
 
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("retriever (pid %d) ignored SIGTERM: killing it", self.process.pid)
-                self.process.kill()
-                self.process.wait(10)
-        code = self.process.returncode
-        self.process = None
-        return code
+class AdmissionProxy(ServerProcess):
+    """HAProxy with ADMISSION_PROXY_CONFIG in front of a retriever at `retriever_url` (Debian's `haproxy`:
+    `make tools` installs it). `settings` are that file's environment variables, e.g. ADMISSION_MAX_IN_FLIGHT."""
 
-    def __enter__(self) -> "RetrieverProcess":
-        return self.start() if self.process is None else self
+    name = "admission proxy"
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def __init__(self, retriever_url: str, log_path: Path, settings: dict[str, str] | None = None) -> None:
+        super().__init__(log_path)
+        self.retriever_address = retriever_url.removeprefix("http://")
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.settings = settings or {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise ProcessStartError("haproxy is not installed (Debian's haproxy package; `make tools` installs it)")
+        return [binary, "-db", "-f", str(ADMISSION_PROXY_CONFIG)]  # -db: in the foreground, no daemon
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PROXY_BIND": f"127.0.0.1:{self.http_port}",
+            "PROXY_METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
+            "RETRIEVER_ADDRESS": self.retriever_address,
+            **self.settings,
+        }

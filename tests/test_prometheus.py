@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes the real retriever and Triton; every dashboard and alert query returns data."""
+"""A real Prometheus scrapes the real retriever, Triton and the HAProxy admission sidecar in front of the
+retriever (the raw overlays' pod); every dashboard and alert query returns data."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import yaml
 
 from localtriton.process import free_port, wait_until_ready
 from localtriton.server import stop_process
+from retriever.launch import AdmissionProxy
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus package is not installed"),
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="Debian's haproxy package is not installed"),
 ]
 MONITORING = Path(__file__).resolve().parents[1] / "k8s" / "components" / "monitoring"
 COMPARISON = re.compile(r"^(?P<query>.*?)\s*(>|<|>=|<=|==|!=)\s*[0-9.e+-]+\s*$", re.S)
@@ -35,7 +38,13 @@ def dashboard_queries() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(retriever, triton, tmp_path_factory: pytest.TempPathFactory):
+def sidecar(retriever, tmp_path_factory: pytest.TempPathFactory):
+    with AdmissionProxy(retriever.url, tmp_path_factory.mktemp("admission-proxy") / "haproxy.log") as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def prometheus(retriever, triton, sidecar, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("prometheus")
     (root / "rules.yaml").write_text(yaml.safe_dump({"groups": alert_groups()}))
     config = {
@@ -44,6 +53,7 @@ def prometheus(retriever, triton, tmp_path_factory: pytest.TempPathFactory):
         "scrape_configs": [
             {"job_name": "retriever", "static_configs": [{"targets": [f"127.0.0.1:{retriever.http_port}"]}]},
             {"job_name": "triton", "static_configs": [{"targets": [f"127.0.0.1:{triton.settings.metrics_port}"]}]},
+            {"job_name": "admission-proxy", "static_configs": [{"targets": [f"127.0.0.1:{sidecar.metrics_port}"]}]},
         ],
     }
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -113,21 +123,50 @@ def test_the_error_alert_fires_on_server_errors_and_shedding_not_on_client_mista
             case("internal", 30, {"exp_alerts": []}),  # 0.5%: under the 1% threshold
         ],
     }
-    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    promtool_test_rules(tmp_path, tests)
+
+
+def promtool_test_rules(directory: Path, tests: dict) -> None:
+    (directory / "tests.yaml").write_text(yaml.safe_dump(tests))
     result = subprocess.run(
-        ["promtool", "test", "rules", "tests.yaml"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        ["promtool", "test", "rules", "tests.yaml"], capture_output=True, text=True, cwd=directory, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever) -> None:
+def test_the_sidecar_alert_fires_on_shedding_at_the_proxy(tmp_path: Path) -> None:
+    """100 requests/s through the sidecar, 2/s of them refused there: fires after its 5 minutes."""
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": alert_groups()}))
+    (rule,) = [r for g in alert_groups() for r in g["rules"] if r["alert"] == "RecommenderSidecarErrorRateHigh"]
+    description = "Ratio 2%; the sidecar's panel says whether its queue was full."
+    fired = [
+        {"exp_labels": {"severity": "critical"}, "exp_annotations": {**rule["annotations"], "description": description}}
+    ]
+    series = [
+        {"series": 'haproxy_frontend_http_requests_total{proxy="retriever"}', "values": "0+6000x20"},
+        {"series": 'haproxy_frontend_http_responses_total{proxy="retriever",code="5xx"}', "values": "0+120x20"},
+    ]
+    alert = "RecommenderSidecarErrorRateHigh"
+    test = {
+        "interval": "1m",
+        "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": alert, "exp_alerts": []},
+            {"eval_time": "15m", "alertname": alert, "exp_alerts": fired},
+        ],
+    }
+    promtool_test_rules(tmp_path, {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [test]})
+
+
+def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever, sidecar) -> None:
     base, _ = prometheus
+    predict_url = sidecar.url + retriever.predict_url.removeprefix(retriever.url)  # as clients reach the pod
     bodies = [{"instances": [{"query": "black dress"}]}, {"instances": [{"query": ""}]}]
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # a few seconds of steady load, several scrapes
         for body in bodies:
             request = urllib.request.Request(
-                retriever.predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+                predict_url, json.dumps(body).encode(), {"Content-Type": "application/json"}
             )
             try:
                 urllib.request.urlopen(request, timeout=10).read()
@@ -137,6 +176,7 @@ def test_every_dashboard_and_alert_query_returns_data(prometheus, retriever) -> 
             time.monotonic() > deadline - 12
             and query(base, 'up{job="retriever"} == 1')
             and query(base, 'up{job="triton"} == 1')
+            and query(base, 'up{job="admission-proxy"} == 1')
         ):
             break
         time.sleep(0.05)
