@@ -123,7 +123,7 @@ def run_setting(
             sidecar = stack.enter_context(AdmissionProxy(retriever.url, args.work_dir / "overload-proxy.log", proxy))
             assert sidecar.process is not None
             servers["admission proxy"] = sidecar.process.pid
-            target = sidecar.url + retriever.predict_url.removeprefix(retriever.url)
+            target = sidecar.through(retriever.predict_url)
         wait_until_idle(list(servers.values()))
         rss_start = {"retriever": tree_rss_mb(pid), "triton": group_rss_mb(triton.pid)}
         calm = run(CALM_RATE, args.calm_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,9 +157,15 @@ class AdmissionProxy(ServerProcess):
             raise ProcessStartError("haproxy is not installed (Debian's haproxy package; `make tools` installs it)")
         return [binary, "-db", "-f", str(ADMISSION_PROXY_CONFIG)]  # -db: in the foreground, no daemon
 
+    def through(self, url: str) -> str:
+        """`url` (the retriever's) as reached through this proxy."""
+        return self.url + url.removeprefix("http://" + self.retriever_address)
+
     def environment(self) -> dict[str, str]:
+        # only `settings` and the addresses below: a stray ADMISSION_* in the caller's environment is not used
+        read = set(re.findall(r"\$\{(\w+)-", ADMISSION_PROXY_CONFIG.read_text()))
         return {
-            **os.environ,
+            **{name: value for name, value in os.environ.items() if name not in read},
             "PROXY_BIND": f"127.0.0.1:{self.http_port}",
             "PROXY_METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
             "RETRIEVER_ADDRESS": self.retriever_address,

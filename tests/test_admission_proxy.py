@@ -8,12 +8,13 @@ The same sidecar in front of the real retriever at 6x overload: benchmarks.overl
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -82,6 +83,17 @@ def retriever() -> Iterator[HeldRetriever]:
     server.shutdown()
 
 
+@contextlib.contextmanager
+def requests_in_parallel(retriever: HeldRetriever, n: int) -> Iterator[ThreadPoolExecutor]:
+    """A pool for `n` requests; the retriever lets go of what it holds before the pool waits for them
+    (also when an assertion failed)."""
+    with ThreadPoolExecutor(n) as pool:
+        try:
+            yield pool
+        finally:
+            retriever.release.set()
+
+
 def proxy(retriever: HeldRetriever, tmp_path: Path, **settings: int) -> AdmissionProxy:
     host, port = retriever.server_address[:2]
     env = {name.upper(): str(value) for name, value in settings.items()}
@@ -104,11 +116,16 @@ def send_many(pool: ThreadPoolExecutor, port: int, n: int) -> list[Future]:
 
 def first_done(futures: list[Future], n: int, timeout_s: float = 20.0) -> list[Future]:
     """The futures done once at least `n` are (all of them then: more than `n` is a failure to see)."""
-    deadline = time.monotonic() + timeout_s
-    while sum(future.done() for future in futures) < n and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: sum(future.done() for future in futures) >= n, timeout_s)
     time.sleep(0.2)  # room for a wrongly admitted request to show up as done too
     return [future for future in futures if future.done()]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not reached within the deadline"
+        time.sleep(0.01)
 
 
 def test_over_limit_and_queue_are_refused_while_the_retriever_still_holds_the_admitted(
@@ -118,7 +135,7 @@ def test_over_limit_and_queue_are_refused_while_the_retriever_still_holds_the_ad
         proxy(
             retriever, tmp_path, admission_max_in_flight=2, admission_max_queue=2, admission_queue_timeout_ms=30_000
         ) as sidecar,
-        ThreadPoolExecutor(10) as pool,
+        requests_in_parallel(retriever, 10) as pool,
     ):
         futures = send_many(pool, sidecar.http_port, 10)
         # 2 at the retriever, 2 queued: the other 6 are answered while nothing has been released
@@ -143,14 +160,33 @@ def test_a_request_queued_past_the_timeout_gets_503_with_retry_after(retriever: 
         proxy(
             retriever, tmp_path, admission_max_in_flight=1, admission_max_queue=5, admission_queue_timeout_ms=200
         ) as sidecar,
-        ThreadPoolExecutor(3) as pool,
+        requests_in_parallel(retriever, 3) as pool,
     ):
         held = pool.submit(call, sidecar.http_port, "POST", PREDICT)
-        while retriever.held < 1:
-            time.sleep(0.01)
+        wait_for(lambda: retriever.held == 1)
         status, headers, body = call(sidecar.http_port, "POST", PREDICT)  # waits 200 ms in the queue
         assert status == 503
         assert headers["retry-after"] == "1"
-        assert body["error"].startswith("overloaded: no capacity within the queue timeout")
+        assert body["error"].startswith("unavailable: overloaded (queued past the admission timeout)")
         retriever.release.set()
         assert held.result(timeout=20)[0] == 200
+
+
+def test_the_limit_covers_the_retrievers_api_paths_however_spelt_and_nothing_else(
+    retriever: HeldRetriever, tmp_path: Path
+) -> None:
+    """A queue of 0 refuses every request the limit covers at once, so each path shows which side it is on."""
+    retriever.release.set()
+    with proxy(retriever, tmp_path, admission_max_queue=0) as sidecar:
+        limited = [
+            PREDICT,
+            "/v1/models/recommender%3Apredict",  # the retriever decodes the path before matching it
+            "/v2/models/recommender/infer",
+            "/v2/models/recommender/versions/1/infer",
+            "/shop/api/search",
+        ]
+        for path in limited:
+            assert call(sidecar.http_port, "POST", path)[0] == 503, path
+        assert call(sidecar.http_port, "POST", "/admin/index/reload")[0] == 200
+        assert call(sidecar.http_port, "GET", "/v2/health/live")[0] == 200
+    assert retriever.seen == ["/admin/index/reload"]

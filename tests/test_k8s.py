@@ -103,7 +103,8 @@ def test_the_retriever_scales_on_its_request_rate() -> None:
         (scaler,) = [o for o in objects if o["kind"] == "ScaledObject"]
         assert scaler["spec"]["scaleTargetRef"]["name"] == "retriever"
         assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]  # KEDA makes its own
-        assert "retriever_api_requests_total" in scaler["spec"]["triggers"][0]["metadata"]["query"]
+        # counted by the admission sidecar, which sees the requests it refuses
+        assert "haproxy_frontend_http_requests_total" in scaler["spec"]["triggers"][0]["metadata"]["query"]
         assert check.custom_resource_problems(scaler, "x") == [] and check.autoscaling_problems(objects) == []
     bogus = copy.deepcopy(scaler)
     bogus["spec"]["triggers"][0]["metadataa"] = {}
