@@ -98,9 +98,10 @@ BENCH_RUN ?= $(wildcard runs/hm-eval/model.pt)
 bench: setup
 	$(PY) -m benchmarks.serving $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) $(BENCH_ARGS)
 
-# 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md).
+# 10 minutes at 100 QPS through the served path: errors, latency per minute, RSS (docs/soak.md);
+# SOAK_ARGS=--proxy: through the HAProxy admission sidecar, as the raw and cpu overlays serve.
 soak: setup
-	$(PY) -m benchmarks.soak $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100)
+	$(PY) -m benchmarks.soak $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --minutes $(or $(SOAK_MINUTES),10) --rate $(or $(SOAK_RATE),100) $(SOAK_ARGS)
 
 # Twice the saturating rate for 60 s, with and without the admission limit, then recovery (docs/overload.md).
 overload: setup tools

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline
-from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate, wait_until_idle
+from benchmarks.serving import (
+    HM_DIR,
+    SIDECAR_BACKSTOP_ARGS,
+    bench_servers,
+    request_bodies,
+    run_served_rate,
+    wait_until_idle,
+)
 from benchmarks.soak import group_rss_mb, tree_rss_mb
 from retriever.launch import AdmissionProxy
 from serving.catalog import Catalog
@@ -32,7 +39,6 @@ from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.overload")
 CALM_RATE = 100.0
-PROXY_BACKSTOP = 16  # the retriever's own fixed limit behind the sidecar: never reached while the sidecar admits fewer
 DEFAULTS = RetrieverConfig()
 # The retriever reads TWOTOWER_<FIELD> overrides too, e.g. TWOTOWER_MIN_IN_FLIGHT=2: name what it will run.
 FLOOR = config_from_env(RetrieverConfig).min_in_flight
@@ -155,7 +161,7 @@ def markdown(report: dict[str, Any]) -> str:
                 "",
                 "'HAProxy sidecar' rows: the load goes through k8s/components/raw-serving/admission-proxy.cfg "
                 "(requests in flight to the retriever, queue length, queue timeout), and the retriever behind it "
-                f"keeps a fixed --max-in-flight {PROXY_BACKSTOP} as a backstop.",
+                f"keeps `{' '.join(SIDECAR_BACKSTOP_ARGS)}` as a backstop.",
             ]
             if any(setting.get("proxy") for setting in report["settings"].values())
             else []
@@ -251,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         name = f"HAProxy sidecar: {in_flight} in flight, queue {args.proxy_queue}, {args.proxy_queue_timeout_ms} ms"
         log.info("overload run: %s", name)
-        flags = ["--max-in-flight", str(PROXY_BACKSTOP), "--admission-target-ms", "0"]
-        report["settings"][name] = run_setting(artifacts, flags, bodies, args, proxy)
+        report["settings"][name] = run_setting(artifacts, SIDECAR_BACKSTOP_ARGS, bodies, args, proxy)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overload.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -155,6 +155,11 @@ def wait_until_idle(pids: list[int], busy_cores: float = 0.1, timeout_s: float =
     return time.perf_counter() - started
 
 
+# The retriever's flags behind the admission sidecar, as k8s/components/raw-serving/retriever.yaml sets them: a
+# fixed limit the sidecar's 8 in flight never reach (an adaptive one would refuse behind it).
+SIDECAR_BACKSTOP_ARGS = ["--max-in-flight", "16", "--admission-target-ms", "0"]
+
+
 @contextlib.contextmanager
 def bench_servers(
     artifacts: offline.BenchArtifacts, work: Path, log_name: str, retriever_args: list[str]

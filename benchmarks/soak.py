@@ -11,6 +11,7 @@ the vector caches do not turn the run into a cache benchmark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline
-from benchmarks.serving import HM_DIR, bench_servers, request_bodies, run_served_rate
+from benchmarks.serving import HM_DIR, SIDECAR_BACKSTOP_ARGS, bench_servers, request_bodies, run_served_rate
+from retriever.launch import AdmissionProxy
 from serving.catalog import Catalog
 
 log = logging.getLogger("benchmarks.soak")
@@ -65,7 +67,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Soak run",
         "",
-        f"`python -m benchmarks.soak --minutes {report['minutes']:g} --rate {report['rate']:g}` "
+        f"`python -m benchmarks.soak --minutes {report['minutes']:g} --rate {report['rate']:g}"
+        f"{' --proxy' if report.get('proxy') else ''}` "
         f"on {report['machine']}; "
         f"catalogue {report['catalogue']:,} articles ({report['data']}).",
         "",
@@ -107,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--window-s", type=float, default=60.0, help="latency and RSS are reported per window")
     parser.add_argument("--rss-growth-bound-mb", type=float, default=100.0)
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="through the HAProxy admission sidecar with its shipped settings, as the raw overlays serve",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -118,18 +126,25 @@ def main(argv: list[str] | None = None) -> int:
 
     windows = []
     # the H&M week replayed as of its last day, as make bench does
-    with bench_servers(artifacts, args.work_dir, "soak-retriever.log", ["--history-clock", "index"]) as (
-        triton,
-        retriever,
-    ):
+    retriever_args = ["--history-clock", "index", *(SIDECAR_BACKSTOP_ARGS if args.proxy else [])]
+    with contextlib.ExitStack() as stack:
+        triton, retriever = stack.enter_context(
+            bench_servers(artifacts, args.work_dir, "soak-retriever.log", retriever_args)
+        )
         assert triton.pid is not None and retriever.process is not None
         rss_start = {"retriever": rss_mb(retriever.process.pid), "triton": group_rss_mb(triton.pid)}
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}  # CPU per request, per window
+        target = None
+        if args.proxy:
+            sidecar = stack.enter_context(AdmissionProxy(retriever.url, args.work_dir / "soak-proxy.log"))
+            target = sidecar.through(retriever.predict_url)
         for w in range(windows_n):
             bodies_file = args.work_dir / "soak-bodies.jsonl"
             chunk = bodies[w * per_window : (w + 1) * per_window]
             bodies_file.write_text("\n".join(json.dumps(b) for b in chunk) + "\n")
-            result = run_served_rate(retriever, bodies_file, args.rate, args.window_s, args.work_dir, servers)
+            result = run_served_rate(
+                retriever, bodies_file, args.rate, args.window_s, args.work_dir, servers, predict_url=target
+            )
             result["rss_retriever_mb"] = rss_mb(retriever.process.pid)
             result["rss_triton_mb"] = group_rss_mb(triton.pid)
             windows.append(result)
@@ -152,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "minutes": args.minutes,
         "rate": args.rate,
+        "proxy": args.proxy,
         "window_s": args.window_s,
         "machine": f"{os.cpu_count()} cores shared by load generator and servers",
         "data": str(args.data_dir or "synthetic"),
