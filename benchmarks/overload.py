@@ -14,7 +14,6 @@ of the retriever and of Triton with its stubs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from benchmarks.serving import (
     wait_until_idle,
 )
 from benchmarks.soak import group_rss_mb, tree_rss_mb
-from retriever.launch import AdmissionProxy
+from retriever.launch import admission_proxy_defaults
 from serving.catalog import Catalog
 from twotower.config import RetrieverConfig, config_from_env
 
@@ -112,24 +111,18 @@ def run_setting(
             args.work_dir,
             servers,
             client_timeout_s=args.client_timeout_s,
-            predict_url=target,
+            predict_url=bench.predict_url,
         )
         return {**phase(result), "rss_retriever_mb": tree_rss_mb(pid), "rss_triton_mb": group_rss_mb(triton.pid or 0)}
 
     retriever_args = ["--workers", "2", "--history-clock", "index", *flags]
-    with contextlib.ExitStack() as stack:
-        triton, retriever = stack.enter_context(
-            bench_servers(artifacts, args.work_dir, "overload-retriever.log", retriever_args)
-        )
+    with bench_servers(artifacts, args.work_dir, "overload-retriever.log", retriever_args, proxy) as bench:
+        triton, retriever = bench.triton, bench.retriever
         assert triton.pid is not None and retriever.process is not None
         pid = retriever.process.pid
         servers = {"retriever": pid, "Triton": triton.pid}
-        target = None
-        if proxy is not None:
-            sidecar = stack.enter_context(AdmissionProxy(retriever.url, args.work_dir / "overload-proxy.log", proxy))
-            assert sidecar.process is not None
-            servers["admission proxy"] = sidecar.process.pid
-            target = sidecar.through(retriever.predict_url)
+        if bench.sidecar is not None and bench.sidecar.process is not None:
+            servers["admission proxy"] = bench.sidecar.process.pid
         wait_until_idle(list(servers.values()))
         rss_start = {"retriever": tree_rss_mb(pid), "triton": group_rss_mb(triton.pid)}
         calm = run(CALM_RATE, args.calm_s)
@@ -216,15 +209,23 @@ def main(argv: list[str] | None = None) -> int:
         default=f"{DEFAULTS.admission_target_ms:g},0",
         help="comma-separated service-time targets of the adaptive limit to compare with each limit (0 = fixed)",
     )
+    proxy_defaults = admission_proxy_defaults()  # the sidecar's shipped settings
     parser.add_argument(
         "--proxy",
-        default="8",
+        default=proxy_defaults["ADMISSION_MAX_IN_FLIGHT"],
         help="comma-separated ADMISSION_MAX_IN_FLIGHT values: also run with the HAProxy sidecar "
         "(k8s/components/raw-serving/admission-proxy.cfg) allowing that many requests into the retriever, which "
-        "then keeps a fixed --max-in-flight 16 as a backstop",
+        f"then keeps `{' '.join(SIDECAR_BACKSTOP_ARGS)}` as a backstop; empty: none",
     )
-    parser.add_argument("--proxy-queue", type=int, default=4, help="the sidecar's ADMISSION_MAX_QUEUE")
-    parser.add_argument("--proxy-queue-timeout-ms", type=int, default=100, help="its ADMISSION_QUEUE_TIMEOUT_MS")
+    parser.add_argument(
+        "--proxy-queue", type=int, default=int(proxy_defaults["ADMISSION_MAX_QUEUE"]), help="its ADMISSION_MAX_QUEUE"
+    )
+    parser.add_argument(
+        "--proxy-queue-timeout-ms",
+        type=int,
+        default=int(proxy_defaults["ADMISSION_QUEUE_TIMEOUT_MS"]),
+        help="its ADMISSION_QUEUE_TIMEOUT_MS",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     args.overload_rate = args.overload_rate or 2 * args.saturating_rate

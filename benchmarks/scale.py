@@ -282,7 +282,7 @@ def served_latency(
     del catalog
     bodies_file = work / "bodies.jsonl"
     bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
-    with bench_servers(served, work, "retriever.log", retriever_args) as (triton, retriever):
+    with bench_servers(served, work, "retriever.log", retriever_args) as (triton, retriever, _):
         assert retriever.process is not None and triton.pid is not None
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         wait_until_idle(list(servers.values()))

@@ -25,7 +25,7 @@ import time
 import urllib.request
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import psutil
@@ -33,7 +33,7 @@ import psutil
 from benchmarks import hostspeed, offline
 from benchmarks.loadgen import OK, open_loop
 from localtriton import TritonServer, TritonSettings
-from retriever.launch import RetrieverProcess
+from retriever.launch import AdmissionProxy, RetrieverProcess
 from serving.catalog import Catalog
 from twotower.config import RetrieverConfig, config_from_env
 
@@ -160,21 +160,48 @@ def wait_until_idle(pids: list[int], busy_cores: float = 0.1, timeout_s: float =
 SIDECAR_BACKSTOP_ARGS = ["--max-in-flight", "16", "--admission-target-ms", "0"]
 
 
+class BenchServers(NamedTuple):
+    triton: TritonServer
+    retriever: RetrieverProcess
+    sidecar: AdmissionProxy | None  # the admission sidecar in front of the retriever, when asked for
+
+    @property
+    def predict_url(self) -> str:
+        """Where clients send predictions: through the sidecar when there is one."""
+        if self.sidecar is None:
+            return self.retriever.predict_url
+        return self.sidecar.through(self.retriever.predict_url)
+
+
 @contextlib.contextmanager
 def bench_servers(
-    artifacts: offline.BenchArtifacts, work: Path, log_name: str, retriever_args: list[str]
-) -> Iterator[tuple[TritonServer, RetrieverProcess]]:
-    """Triton and the retriever over the bench artifacts, started and stopped (make bench, soak, overload)."""
+    artifacts: offline.BenchArtifacts,
+    work: Path,
+    log_name: str,
+    retriever_args: list[str],
+    sidecar: dict[str, str] | None = None,
+) -> Iterator[BenchServers]:
+    """Triton and the retriever over the bench artifacts, started and stopped (make bench, soak, overload);
+    with `sidecar` (AdmissionProxy's settings, {} for its defaults) the admission sidecar in front of it."""
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with (
-        TritonServer(settings) as triton,
-        RetrieverProcess(
-            artifacts.index_dir, f"127.0.0.1:{settings.http_port}", log_path=work / log_name, extra_args=retriever_args
-        ) as retriever,
-    ):
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(TritonServer(settings))
+        retriever = stack.enter_context(
+            RetrieverProcess(
+                artifacts.index_dir,
+                f"127.0.0.1:{settings.http_port}",
+                log_path=work / log_name,
+                extra_args=retriever_args,
+            )
+        )
         assert triton.pid is not None and retriever.process is not None
-        yield triton, retriever
+        proxy = None
+        if sidecar is not None:
+            proxy = stack.enter_context(
+                AdmissionProxy(retriever.url, work / log_name.replace(".log", "-proxy.log"), sidecar)
+            )
+        yield BenchServers(triton, retriever, proxy)
 
 
 def run_served_rate(
@@ -361,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies_by_rate = {rate: bodies_for[(rate, 0)] for rate in rates}  # the in-process baseline's
 
     probe_before = hostspeed.probe_ms()
-    with bench_servers(artifacts, work, "retriever.log", args.retriever_args.split()) as (triton, retriever):
+    with bench_servers(artifacts, work, "retriever.log", args.retriever_args.split()) as (triton, retriever, _):
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
         log.info("servers idle after %.1f s", wait_until_idle(list(servers.values())))
 

@@ -11,7 +11,6 @@ the vector caches do not turn the run into a cache benchmark.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -22,7 +21,6 @@ from typing import Any
 
 from benchmarks import offline
 from benchmarks.serving import HM_DIR, SIDECAR_BACKSTOP_ARGS, bench_servers, request_bodies, run_served_rate
-from retriever.launch import AdmissionProxy
 from serving.catalog import Catalog
 
 log = logging.getLogger("benchmarks.soak")
@@ -127,23 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     windows = []
     # the H&M week replayed as of its last day, as make bench does
     retriever_args = ["--history-clock", "index", *(SIDECAR_BACKSTOP_ARGS if args.proxy else [])]
-    with contextlib.ExitStack() as stack:
-        triton, retriever = stack.enter_context(
-            bench_servers(artifacts, args.work_dir, "soak-retriever.log", retriever_args)
-        )
+    sidecar = {} if args.proxy else None  # the sidecar's shipped settings
+    with bench_servers(artifacts, args.work_dir, "soak-retriever.log", retriever_args, sidecar) as bench:
+        triton, retriever = bench.triton, bench.retriever
         assert triton.pid is not None and retriever.process is not None
         rss_start = {"retriever": rss_mb(retriever.process.pid), "triton": group_rss_mb(triton.pid)}
         servers = {"retriever": retriever.process.pid, "Triton": triton.pid}  # CPU per request, per window
-        target = None
-        if args.proxy:
-            sidecar = stack.enter_context(AdmissionProxy(retriever.url, args.work_dir / "soak-proxy.log"))
-            target = sidecar.through(retriever.predict_url)
         for w in range(windows_n):
             bodies_file = args.work_dir / "soak-bodies.jsonl"
             chunk = bodies[w * per_window : (w + 1) * per_window]
             bodies_file.write_text("\n".join(json.dumps(b) for b in chunk) + "\n")
             result = run_served_rate(
-                retriever, bodies_file, args.rate, args.window_s, args.work_dir, servers, predict_url=target
+                retriever, bodies_file, args.rate, args.window_s, args.work_dir, servers, predict_url=bench.predict_url
             )
             result["rss_retriever_mb"] = rss_mb(retriever.process.pid)
             result["rss_triton_mb"] = group_rss_mb(triton.pid)

@@ -5,6 +5,7 @@ Used by the demo, the benchmarks and the integration tests, which must talk to r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -23,14 +24,26 @@ log = logging.getLogger("retriever.launch")
 ADMISSION_PROXY_CONFIG = Path(__file__).resolve().parent.parent / "k8s/components/raw-serving/admission-proxy.cfg"
 
 
+@functools.cache
+def admission_proxy_defaults() -> dict[str, str]:
+    """The environment variables ADMISSION_PROXY_CONFIG reads ("${NAME-default}"), with its defaults."""
+    code = "\n".join(line.split("#", 1)[0] for line in ADMISSION_PROXY_CONFIG.read_text().splitlines())
+    return dict(re.findall(r"\$\{(\w+)-([^}]*)\}", code))
+
+
 class ServerProcess:
     """A server started as a child process, its output in `log_path`, ready when `ready_url` answers 200."""
 
     name = "server"
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, http_port: int) -> None:
         self.log_path = log_path
+        self.http_port = http_port
         self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def ready_url(self) -> str:
@@ -96,14 +109,10 @@ class RetrieverProcess(ServerProcess):
     ):
         self.index_dir = Path(index_dir)
         self.triton_http = triton_http
-        self.http_port = http_port or free_port()
         self.model_name = model_name
-        super().__init__(Path(log_path) if log_path else Path(f".localtriton/retriever-{self.http_port}.log"))
+        port = http_port or free_port()
+        super().__init__(Path(log_path) if log_path else Path(f".localtriton/retriever-{port}.log"), port)
         self.extra_args = extra_args or []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def predict_url(self) -> str:
@@ -137,15 +146,10 @@ class AdmissionProxy(ServerProcess):
     name = "admission proxy"
 
     def __init__(self, retriever_url: str, log_path: Path, settings: dict[str, str] | None = None) -> None:
-        super().__init__(log_path)
+        super().__init__(log_path, free_port())
         self.retriever_address = retriever_url.removeprefix("http://")
-        self.http_port = free_port()
         self.metrics_port = free_port()
         self.settings = settings or {}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def ready_url(self) -> str:
@@ -163,9 +167,8 @@ class AdmissionProxy(ServerProcess):
 
     def environment(self) -> dict[str, str]:
         # only `settings` and the addresses below: a stray ADMISSION_* in the caller's environment is not used
-        read = set(re.findall(r"\$\{(\w+)-", ADMISSION_PROXY_CONFIG.read_text()))
         return {
-            **{name: value for name, value in os.environ.items() if name not in read},
+            **{name: value for name, value in os.environ.items() if name not in admission_proxy_defaults()},
             "PROXY_BIND": f"127.0.0.1:{self.http_port}",
             "PROXY_METRICS_BIND": f"127.0.0.1:{self.metrics_port}",
             "RETRIEVER_ADDRESS": self.retriever_address,
