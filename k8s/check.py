@@ -9,6 +9,8 @@
    prometheus-operator's and KEDA's CRDs; unknown fields and wrong types are problems;
 3. our own rules on every container: requests and limits, readiness and liveness probes, non-root,
    read-only root filesystem, no privilege escalation, all capabilities dropped, pinned image tags;
+   every serving container (Deployment, ServingRuntime, InferenceService) waits in a preStop sleep shorter
+   than its grace period, so that SIGTERM comes after the Service has stopped sending it connections;
    GPU overlays request a GPU and the cpu overlay and k8s/jobs do not; only Jobs mount the artifacts
    volume writable; the Grafana dashboard is valid JSON
    with a query in every panel; the alert rules pass `promtool check rules` where promtool exists;
@@ -108,6 +110,32 @@ def container_problems(
     tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
     if not tag or tag == "latest":
         problems.append(f"{name}: image {image!r} is not pinned to a tag (and must not be :latest)")
+    return problems
+
+
+DEFAULT_GRACE_S = 30  # Kubernetes' terminationGracePeriodSeconds when a pod does not set it
+
+
+def termination_problems(obj: dict[str, Any], where: str) -> list[str]:
+    """A serving container closes its listener on SIGTERM, while kube-proxy and ingresses may still send it
+    new connections for a few seconds: they are reset. A preStop sleep delays SIGTERM past that."""
+    kind, spec = obj["kind"], obj.get("spec", {})
+    if kind == "Deployment":
+        grace = spec["template"]["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
+    elif kind == "InferenceService":
+        grace = (spec.get("transformer") or {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
+    elif kind == "ServingRuntime":
+        grace = DEFAULT_GRACE_S
+    else:
+        return []  # Jobs run to completion; the single-replica Redis StatefulSet has nowhere to send traffic
+    problems = []
+    for container, _ in containers(obj):
+        name = f"{where} container {container.get('name')}"
+        command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        if len(command) != 2 or command[0] != "sleep":
+            problems.append(f"{name}: no preStop sleep (SIGTERM would reset connections still being routed to it)")
+        elif not 0 < float(command[1]) < grace:
+            problems.append(f"{name}: preStop sleeps {command[1]} s, not inside the {grace} s grace period")
     return problems
 
 
@@ -412,6 +440,7 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
             problems += custom_resource_problems(obj, where)
         for container, pod_security in containers(obj):
             problems += container_problems(where, container, pod_security, serves=obj["kind"] != "Job")
+        problems += termination_problems(obj, where)
         if obj["kind"] == "InferenceService":
             model = obj["spec"]["predictor"].get("model", {})
             for part in ("requests", "limits"):

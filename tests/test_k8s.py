@@ -97,6 +97,19 @@ def test_custom_resources_are_checked_against_their_published_schemas() -> None:
     assert check.custom_resource_problems(rule, "x")
 
 
+def test_serving_containers_wait_for_the_endpoints_before_sigterm() -> None:
+    objects = check.render("raw")
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "retriever")
+    assert check.termination_problems(deployment, "x") == []
+    pod = deployment["spec"]["template"]["spec"]
+    pod["terminationGracePeriodSeconds"] = 5
+    assert "not inside the 5 s grace period" in check.termination_problems(deployment, "x")[0]
+    del pod["containers"][1]["lifecycle"]
+    assert "container admission-proxy: no preStop sleep" in "\n".join(check.termination_problems(deployment, "x"))
+    isvc = next(o for o in check.render("kserve") if o["kind"] == "InferenceService")
+    assert check.termination_problems(isvc, "x") == []
+
+
 def test_the_retriever_scales_on_its_request_rate() -> None:
     for overlay in ("raw", "cpu"):
         objects = check.render(overlay)
