@@ -82,7 +82,14 @@ class IndexSlot:
         c = self.config
         lexical = c.text_search == "hybrid"  # the BM25 index stays on disk unless text queries use it
         return Catalog(
-            index_dir, c.hnsw_ef_search, c.ivf_nprobe, c.exact_search_limit, c.faiss_gpu, c.popularity_weight, lexical
+            index_dir,
+            c.hnsw_ef_search,
+            c.ivf_nprobe,
+            c.exact_search_limit,
+            c.faiss_gpu,
+            c.popularity_weight,
+            lexical,
+            mapped=c.index_mmap,
         )
 
     def load(self, triton_wait_s: float) -> Serving:

@@ -63,6 +63,13 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     assert {p: p.read_bytes() for p in (root / parent).rglob("*") if p.is_file()} == parent_files  # immutable parent
 
     after = Catalog(root)
+    # Both versions loaded, as during a hot swap: each one's index and keyword matrix are mapped from its own
+    # files (shared, reclaimable pages), not copied into the process (serving/catalog.py INDEX_READ_FLAGS).
+    mapped = Path("/proc/self/maps").read_text()
+    for catalog in (before, after):
+        assert str(catalog.index_dir / artifacts.INDEX_FILE) in mapped
+        assert isinstance(catalog.lexical.bm25.scores["data"], np.memmap)
+    assert not isinstance(Catalog(root, mapped=False).lexical.bm25.scores["data"], np.memmap)  # --index-mmap false
     assert after.manifest.parent_version == parent and after.manifest.model_version == before.manifest.model_version
     assert len(after.article_ids) == len(before.article_ids) + 3
     new_row = after.row_of["0999000001"]

@@ -172,6 +172,9 @@ class RetrieverConfig:
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
+    # the FAISS index and the BM25 matrix mapped from the version's files (page cache shared by workers and by
+    # both versions in a hot swap); false: read into the process, e.g. where page-ins from the volume are slow
+    index_mmap: bool = True
     index_poll_s: float = 2.0  # how often to check an index root's CURRENT for a new version (0 = never)
     known_customer_vectors: bool = (
         True  # answer customer_id requests from the user vectors export stored (no Triton call)
