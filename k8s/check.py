@@ -132,8 +132,8 @@ def termination_problems(obj: dict[str, Any], where: str) -> list[str]:
     for container, _ in containers(obj):
         name = f"{where} container {container.get('name')}"
         command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-        if len(command) != 2 or command[0] != "sleep":
-            problems.append(f"{name}: no preStop sleep (SIGTERM would reset connections still being routed to it)")
+        if len(command) != 2 or command[0] != "sleep" or not re.fullmatch(r"\d+(\.\d+)?", str(command[1])):
+            problems.append(f"{name}: no preStop sleep of N seconds (SIGTERM would reset connections routed to it)")
         elif not 0 < float(command[1]) < grace:
             problems.append(f"{name}: preStop sleeps {command[1]} s, not inside the {grace} s grace period")
     return problems

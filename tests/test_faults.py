@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,9 +100,6 @@ class GatedRelay:
     backend finds the stubs unhealthy afterwards and fails the held requests.)"""
 
     def __init__(self, upstream_port: int) -> None:
-        import socket
-        import threading
-
         self.gate = threading.Event()
         self.gate.set()
         self._upstream = ("127.0.0.1", upstream_port)
@@ -108,9 +108,6 @@ class GatedRelay:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-        import threading
-
         while True:
             try:
                 downstream, _ = self._listener.accept()
@@ -138,9 +135,6 @@ def test_sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly(tiny_p
 
     A new connection arriving just as the listener closes is reset (by the kernel, or by uvicorn before it
     has read the request) on any server: keeping traffic away from a terminating pod is the preStop's job."""
-    import itertools
-    import threading
-
     # Distinct histories: a cached answer would not wait for Triton.
     pairs = [list(pair) for pair in itertools.permutations(tiny_pipeline.article_ids[:40], 2)]
     stop_sending = threading.Event()
