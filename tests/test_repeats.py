@@ -95,3 +95,16 @@ def test_a_request_excluding_its_purchases_gets_the_best_rows_it_did_not_buy(
         request = ranking.RankRequest(k=10, bought=(bought, np.zeros(4, np.float32)), exclude_bought=True)
         _, rows = ranking.rank(space, user[None], [request])[0]
         assert rows.tolist() == [r for r in everything.tolist() if r not in bought][:10]
+
+
+def test_a_request_excluding_its_purchases_still_boosts_their_other_colours() -> None:
+    rng = np.random.default_rng(3)
+    products = repeats.Products([f"p{row // 2}" for row in range(200)])  # articles 2n and 2n+1: one product
+    space, users = random_space(rng, products)
+    boost = repeats.RepeatBoost(bonus=5.0, sibling_bonus=5.0)  # large enough to lead any cosine
+    bought = (np.array([10, 21]), np.array([0.0, 2.0], np.float32))
+    for exclude, expected in ((False, {10, 11, 20, 21}), (True, {11, 20})):
+        request = ranking.RankRequest(k=len(expected), boost=boost, bought=bought, exclude_bought=exclude)
+        assert set(ranking.rank(space, users[:1], [request])[0][1].tolist()) == expected
+    rows, boosts = repeats.candidates(bought, boost, products, own=False)
+    assert dict(zip(rows.tolist(), boosts.tolist())) == {11: 5.0, 20: 5.0}

@@ -93,7 +93,7 @@ class RankRequest:
     boost: RepeatBoost = RepeatBoost()  # inactive: own purchases get no second chance
     bought: Purchases = NOTHING_BOUGHT  # what the boost reads; hidden when exclude_bought
     allowed: np.ndarray | None = None  # bool [N] the request's filters allow; None = every row
-    exclude_bought: bool = False  # never return a bought row (the boost is then off too)
+    exclude_bought: bool = False  # never return a bought row (other colours keep their boost)
     max_per_type: int | None = None  # diversity cap
     fetch_limit: int | None = None  # most rows a capped request may fetch
 
@@ -154,10 +154,12 @@ def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
 
 
 def boosted_rows(space: ItemSpace, request: RankRequest) -> tuple[np.ndarray, np.ndarray]:
-    """The rows the repeat boost adds for this request and each one's boost (none when it is off)."""
-    if request.exclude_bought or not request.boost.active or len(request.bought[0]) == 0:
+    """The rows the repeat boost adds for this request and each one's boost (none when it is off). A request
+    that excludes what was bought keeps the boost of those products' other colours: they are new to the
+    customer, and a tenth of the articles customers buy for the first time on H&M are such colours."""
+    if not request.boost.active or len(request.bought[0]) == 0:
         return NOTHING_BOUGHT
-    rows, boosts = repeats.candidates(request.bought, request.boost, space.products)
+    rows, boosts = repeats.candidates(request.bought, request.boost, space.products, own=not request.exclude_bought)
     shown = ~space.excluded[rows] if request.allowed is None else ~space.excluded[rows] & request.allowed[rows]
     return rows[shown], boosts[shown]
 

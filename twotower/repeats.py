@@ -104,14 +104,16 @@ class Products:
 
 
 def candidates(
-    history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None
+    history: tuple[np.ndarray, np.ndarray], boost: RepeatBoost, products: Products | None, own: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to boost for a history (rows most recent first, ages) and each one's boost."""
+    """Rows to boost for a history (rows most recent first, ages) and each one's boost. With `own` False,
+    only the other colours of its products: a list that hides what was bought still boosts those."""
     rows, ages = latest_purchases(*history)
+    own_rows, own_boosts = (rows, boost(ages)) if own else (rows[:0], np.zeros(0, np.float32))
     if products is None or not boost.siblings_active or len(rows) == 0:
-        return rows, boost(ages)
+        return own_rows, own_boosts
     sibling_rows, sibling_ages = products.siblings(rows, ages)
-    return np.concatenate([rows, sibling_rows]), np.concatenate([boost(ages), boost.sibling(sibling_ages)])
+    return np.concatenate([own_rows, sibling_rows]), np.concatenate([own_boosts, boost.sibling(sibling_ages)])
 
 
 def latest_purchases(rows: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
