@@ -3,6 +3,7 @@ shapes, padding, seeded training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -114,15 +115,20 @@ def test_a_frozen_encoder_is_projected_from_cached_features_and_padding_changes_
         assert torch.isfinite(tower(torch.zeros((2, 16), dtype=torch.long))).all()
 
 
-def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+def test_training_is_reproducible_for_a_seed_with_or_without_the_text_feature_cache(tmp_path: Path) -> None:
     data = load_hm_dir(generate(tmp_path / "data", seed=2, n_articles=80, n_customers=60))
     config = TrainConfig(epochs=1, batch_size=32)
+    cached = dataclasses.replace(config, text_feature_cache=str(tmp_path / "cache"))
     first = train(data, ModelConfig(), config, tmp_path / "a")
-    second = train(data, ModelConfig(), config, tmp_path / "b")
-    a, b = torch.load(first / rundir.WEIGHTS), torch.load(second / rundir.WEIGHTS)
-    assert all(torch.equal(a[name], b[name]) for name in a)
-    losses = [json.loads((run / "metrics.json").read_text())["epochs"][0]["loss"] for run in (first, second)]
-    assert losses[0] == losses[1]
+    second = train(data, ModelConfig(), cached, tmp_path / "b")  # encodes and fills the cache
+    shards = sorted((tmp_path / "cache").glob("*/*"))  # captions, query phrases
+    third = train(data, ModelConfig(), cached, tmp_path / "c")  # reads every text from it
+    assert len(shards) == 2 and sorted((tmp_path / "cache").glob("*/*")) == shards  # the third encoded nothing
+    runs = (first, second, third)
+    weights = [torch.load(run / rundir.WEIGHTS) for run in runs]
+    assert all(torch.equal(weights[0][name], other[name]) for other in weights[1:] for name in weights[0])
+    losses = [json.loads((run / "metrics.json").read_text())["epochs"][0]["loss"] for run in runs]
+    assert losses[0] == losses[1] == losses[2]
     with pytest.raises(FileExistsError):
         train(data, ModelConfig(), config, tmp_path / "a")
 

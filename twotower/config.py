@@ -84,6 +84,9 @@ class TrainConfig:
     query_retrieval_epochs: float = 5.0
     until: str = ""  # YYYY-MM-DD: train only on purchases before this day (keeps an evaluation target unseen)
     unseen_customer_share: float = 0.0  # customers left out of training altogether (twotower.data.customers)
+    # A directory keeping a frozen pretrained encoder's features between runs (twotower.text_feature_cache);
+    # "" = encode every text in every run. `make eval` and `make hm` use runs/text-features.
+    text_feature_cache: str = ""
 
 
 def field_env_name(field_name: str) -> str:

@@ -29,9 +29,10 @@ from twotower.data.customers import unseen_customers
 from twotower.data.histories import Histories, TrainingExamples, training_examples
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
-from twotower.model.pretrained_text import PAD_ID
+from twotower.model.pretrained_text import PAD_ID, features_id, is_pretrained_backbone
 from twotower.model.query_tower import PhraseArticles, distil, learn_retrieval
 from twotower.model.towers import PretrainedItemTower, TwoTowerModel, build_model, embed_texts
+from twotower.text_feature_cache import TextFeatureCache
 
 log = logging.getLogger("twotower.train")
 
@@ -58,11 +59,19 @@ def evaluating(module: torch.nn.Module) -> Iterator[None]:
 class TextVectors:
     """Text-tower vectors of a list of texts (catalogue captions or query phrases) while training.
 
-    A frozen encoder (the pretrained default) runs once per text: its pooled features are kept and only the
-    projection runs per step. A trainable one (the small from-scratch configs) runs on the token ids.
+    A frozen encoder (the pretrained default) runs once per text: its pooled features are kept (between runs
+    too, with a `cache`) and only the projection runs per step. A trainable one (the small from-scratch
+    configs) runs on the token ids.
     """
 
-    def __init__(self, model: TwoTowerModel, texts: list[str], batch_size: int, description: str):
+    def __init__(
+        self,
+        model: TwoTowerModel,
+        texts: list[str],
+        batch_size: int,
+        description: str,
+        cache: TextFeatureCache | None = None,
+    ):
         self.tower = model.item_tower
         self.texts = texts
         self.batch_size = batch_size
@@ -71,8 +80,12 @@ class TextVectors:
         self.tokens: torch.Tensor | None = None
         if self.tower.encoder_frozen:
             started = time.perf_counter()
-            with evaluating(self.tower):
-                self.features = embed_texts(self.tower.features, tokenizer, texts, batch_size, description)
+
+            def encode(batch: list[str]) -> np.ndarray:
+                with evaluating(self.tower):
+                    return embed_texts(self.tower.features, tokenizer, batch, batch_size, description).numpy()
+
+            self.features = torch.from_numpy(encode(texts) if cache is None else cache.features(texts, encode))
             seconds = time.perf_counter() - started
             log.info("%s: %d texts through the frozen encoder in %.0fs", description, len(texts), seconds)
         else:
@@ -271,6 +284,17 @@ def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tens
     return users
 
 
+def text_feature_cache(model_config: ModelConfig, directory: str) -> TextFeatureCache | None:
+    """The cache of a pretrained backbone's frozen features, when a directory is set (open_clip towers have no
+    published weights hash to key them by: they encode every run)."""
+    if not directory:
+        return None
+    if not is_pretrained_backbone(model_config.clip_model):
+        log.info("text feature cache: not used for %s (keyed by published weights only)", model_config.clip_model)
+        return None
+    return TextFeatureCache(directory, features_id(model_config.clip_model))
+
+
 def held_out_space(
     item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray, products: repeats.Products | None
 ) -> ranking.ExactItems:
@@ -337,12 +361,13 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     # The whole catalogue, not only bought articles: query phrases describe every article, and the
     # diagnostics and fits rank all of them, as the service does.
     captions = build_captions(data.articles)
-    item_text = TextVectors(model, captions, train_config.item_batch_size, "catalogue captions")
+    cache = text_feature_cache(model_config, train_config.text_feature_cache)
+    item_text = TextVectors(model, captions, train_config.item_batch_size, "catalogue captions", cache)
     if isinstance(model.item_tower, PretrainedItemTower) and item_text.features is not None:
         model.item_tower.initialise_projection(item_text.features)
     queries = pairs.query_pairs(data.articles, train_config.query_phrases_per_article, train_config.seed)
     phrase_texts, phrase_ids = np.unique(np.asarray(queries.phrases, dtype=object), return_inverse=True)
-    query_text = TextVectors(model, phrase_texts.tolist(), train_config.item_batch_size, "query phrases")
+    query_text = TextVectors(model, phrase_texts.tolist(), train_config.item_batch_size, "query phrases", cache)
     before_holdout = transactions[transactions["t_dat"] < pd.Timestamp(holdout.day, unit="D")]
     co_purchases = pairs.co_purchase_pairs(before_holdout, row_of, train_config.co_purchase_window_days)
     log.info(

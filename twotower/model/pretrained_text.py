@@ -41,6 +41,9 @@ BACKBONES = {
     ),
 }
 WEIGHTS_FILE = "model.safetensors"
+# Bump when PretrainedItemTower.features changes what it computes: cached features (twotower.text_feature_cache)
+# of the old code are then never read.
+FEATURES_REVISION = 1
 TOKENIZER_FILE = "tokenizer.json"
 PAD_ID = 0  # BERT's [PAD]; HFTextEncoder derives the attention mask from it
 
@@ -75,6 +78,18 @@ def verified_model_dir(name: str) -> Path:
             f"revision {BACKBONES[name].revision}; refusing to load it"
         )
     return directory
+
+
+def features_id(name: str) -> str:
+    """Names everything a text's frozen features depend on: the published weights, the context length, mean
+    pooling (FEATURES_REVISION) and the torch version."""
+    import torch
+
+    backbone = BACKBONES[name]
+    return (
+        f"{name}-{backbone.weights_sha256[:16]}-ctx{backbone.context_length}-mean{FEATURES_REVISION}"
+        f"-torch{torch.__version__.split('+')[0]}"
+    )
 
 
 @lru_cache(maxsize=4)
