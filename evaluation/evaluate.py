@@ -227,7 +227,8 @@ def evaluate(
         f"{boost.bonus:g} - {boost.slope:g} * log1p(days), for other colours of their products "
         f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "
         f"{catalog.prior_weight:g} * log1p(purchases in the {catalog.score_head.prior.window_days} days "
-        f"before {manifest.trained_until or 'the end of data'})",
+        f"before {manifest.trained_until or 'the end of data'}; "
+        f"{catalog.prior_weight_for(exclude_bought=True):g} in lists without the customer's own articles)",
         "rankers": results,
         "best_baseline": best,
         "served": served.name,

@@ -71,7 +71,7 @@ class TwoTower(Ranker):
                 excluded=catalog.excluded,
             )
         self.boost = catalog.score_head.repeat if repeat_boost else repeats.RepeatBoost()
-        self.prior = catalog.prior_weight if popularity_prior else 0.0
+        self.prior = catalog.prior_weight_for(exclude_purchased) if popularity_prior else 0.0
         self.pairs, self.users = cases.pairs, cases.users
 
     def request(self, case: int, k: int) -> ranking.RankRequest:

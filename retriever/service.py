@@ -219,13 +219,14 @@ class RecommendationService:
             except FilterError as err:
                 raise RequestError(f"instances[{slot}]: {err}") from err
         personal = query.kind in PERSONAL_KINDS
+        exclude_bought = options.exclude_purchased or query.kind == "similar_to"
         return RankRequest(
             query.k,
-            prior=catalog.prior_weight if personal else 0.0,
+            prior=catalog.prior_weight_for(exclude_bought) if personal else 0.0,
             boost=catalog.score_head.repeat if personal else RepeatBoost(),
             bought=bought,
             allowed=allowed,
-            exclude_bought=options.exclude_purchased or query.kind == "similar_to",
+            exclude_bought=exclude_bought,
             max_per_type=options.max_per_product_type,
             fetch_limit=self.config.max_k,
         )

@@ -215,10 +215,17 @@ class Catalog:
 
     @property
     def prior_weight(self) -> float:
-        """The popularity prior's weight for customers' queries (0 when this index has no prior)."""
+        """The popularity prior's weight for customers' lists (0 when this index has no prior)."""
+        return self.prior_weight_for(exclude_bought=False)
+
+    def prior_weight_for(self, exclude_bought: bool) -> float:
+        """The weight for a customer's list with or without their own articles: the operator's
+        --popularity-weight for both when set, else the fitted one."""
         if self.item_bias is None:
             return 0.0
-        return self.popularity_weight if self.popularity_weight >= 0 else self.score_head.prior.weight
+        if self.popularity_weight >= 0:
+            return self.popularity_weight
+        return self.score_head.prior.weight_for(exclude_bought)
 
     def _check_consistency(self) -> None:
         m = self.manifest

@@ -45,6 +45,13 @@ def test_fit_keeps_the_smallest_weight_that_finds_most() -> None:
     users, histories = np.asarray([[1.0, 0.0]], dtype=np.float32), [ranking.NOTHING_BOUGHT]
     assert fitting.fit_prior_weight(space, users, histories, [{1}], RepeatBoost(), k=1) == (0.05, 1.0, 0.0)
     assert fitting.fit_prior_weight(space, users, histories, [{0}], RepeatBoost(), k=1)[0] == 0.0  # no gain: no prior
+    # A discovery list keeps the full lists' weight on a tie, and may go down to none.
+    assert fitting.fit_prior_weight(space, users, histories, [{1}], RepeatBoost(), k=1, prefer=0.3)[0] == 0.3
+    assert fitting.fit_prior_weight(space, users, histories, [{0}], RepeatBoost(), k=1, prefer=0.3)[0] == 0.0
+    # Without the customer's own articles: row 0, bought, is hidden, so row 1 leads at any weight.
+    bought = [(np.asarray([0]), np.asarray([1.0], dtype=np.float32))]
+    fitted = fitting.fit_prior_weight(space, users, bought, [{1}], RepeatBoost(), k=1, exclude_bought=True, prefer=0.3)
+    assert fitted == (0.3, 1.0, 1.0)
 
 
 def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
@@ -53,6 +60,10 @@ def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
     )
     raw = json.loads(json.dumps(head.to_json()))
     assert artifacts.ScoreHeadWeights.from_json(raw).prior == popularity.PopularityPrior(0.03, 5)
+    assert popularity.PopularityPrior(0.03, 5).weight_for(exclude_bought=True) == 0.03  # files before it: one weight
+    with_discovery = popularity.PopularityPrior(0.1, 7, discovery_weight=0.05)
+    assert popularity.PopularityPrior.from_json(json.loads(json.dumps(with_discovery.to_json()))) == with_discovery
+    assert [with_discovery.weight_for(exclude_bought=b) for b in (False, True)] == [0.1, 0.05]
     del raw["prior"]
     assert artifacts.ScoreHeadWeights.from_json(raw).prior.weight == 0.0
 

@@ -38,6 +38,7 @@ N, DIM, HISTORY = 120, 8, 4
 COLOURS, TYPES = ["Black", "White", "Red"], ["Dress", "Shirt", "Shoe", "Bag"]
 BOOST = RepeatBoost(bonus=1.0, slope=0.1, sibling_bonus=0.3, sibling_slope=0.0)
 PRIOR = 0.05
+DISCOVERY_PRIOR = 0.2  # lists without the customer's own articles
 
 
 def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM, lexical: bool = False) -> np.ndarray:
@@ -74,7 +75,8 @@ def write_shop_index(directory: Path, seed: int = 0, dim: int = DIM, lexical: bo
         "data_source": "test",
         "tower_checksums": {},
     }
-    head = artifacts.ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, BOOST, PopularityPrior(PRIOR))
+    prior = PopularityPrior(PRIOR, discovery_weight=DISCOVERY_PRIOR)
+    head = artifacts.ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0, BOOST, prior)
     captions = [
         f"{colour} {kind}" for colour, kind in zip(metadata["colour_group_name"], metadata["product_type_name"])
     ]
@@ -321,6 +323,13 @@ def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
         assert (
             rows_of(ids) == evaluated[i].tolist() == exact[i].tolist() == fitted[i].tolist() == fitted_exact[i].tolist()
         )
+    # Lists without the customer's own articles rank with the discovery weight, on every path.
+    discovery = recommend(service, *(Query("history", h, 15, QueryOptions(exclude_purchased=True)) for h in histories))
+    evaluated = [TwoTower(cases, catalog, exclude_purchased=True).rank(i, 15) for i in range(len(pairs))]
+    fitted = fitting.held_out_rankings(catalog, users, pairs, 15, BOOST, DISCOVERY_PRIOR, exclude_bought=True)
+    at_full_weight = fitting.held_out_rankings(catalog, users, pairs, 15, BOOST, PRIOR, exclude_bought=True)
+    assert [rows_of(ids) for ids in discovery] == [r.tolist() for r in evaluated] == [r.tolist() for r in fitted]
+    assert [r.tolist() for r in fitted] != [r.tolist() for r in at_full_weight]
     # The boost's fit reranks one cached deep search per case with ranking.finish: the same lists again.
     for i, (user, pair) in enumerate(zip(users, pairs)):
         request = ranking.RankRequest(15, boost=BOOST, bought=pair)

@@ -36,9 +36,12 @@ def held_out_rankings(
     k: int,
     boost: RepeatBoost = NO_BOOST,
     prior: float = 0.0,
+    exclude_bought: bool = False,
 ) -> list[np.ndarray]:
     """Each case's top-k rows as a customer's list is served (twotower.ranking.rank)."""
-    requests = [RankRequest(k, prior=prior, boost=boost, bought=history) for history in histories]
+    requests = [
+        RankRequest(k, prior=prior, boost=boost, bought=history, exclude_bought=exclude_bought) for history in histories
+    ]
     return [rows for _, rows in ranking.rank(space, users, requests)]
 
 
@@ -97,18 +100,22 @@ def fit_prior_weight(
     boost: RepeatBoost,
     k: int = 100,
     grid: Sequence[float] = WEIGHT_GRID,
+    exclude_bought: bool = False,
+    prefer: float = 0.0,
 ) -> tuple[float, float, float]:
     """The popularity prior's weight with the best recall@k over the cases (ranked as served, after the
-    boost), that recall, and the recall without a prior. Ties keep the smaller weight: a prior only
-    earns its place by finding more."""
+    boost), that recall, and the recall without a prior. Ties keep `prefer`: no prior (it only earns its
+    place by finding more), or for lists without the customer's own articles (`exclude_bought`; targets
+    then hold only articles the case had not bought) the weight of full lists. Then the smaller weight."""
 
     def recall(weight: float) -> float:
-        return recall_at_k(held_out_rankings(space, users, histories, k, boost, weight), list(targets), k)
+        ranked = held_out_rankings(space, users, histories, k, boost, weight, exclude_bought)
+        return recall_at_k(ranked, list(targets), k)
 
     without = recall(0.0)
-    best, best_recall = 0.0, without
-    for weight in sorted(set(grid) - {0.0}):
-        value = recall(weight)
+    best, best_recall = prefer, without if prefer == 0.0 else recall(prefer)
+    for weight in sorted((set(grid) | {0.0}) - {prefer}):
+        value = without if weight == 0.0 else recall(weight)
         if value > best_recall + 1e-9:
             best, best_recall = weight, value
     return best, best_recall, without

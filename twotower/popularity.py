@@ -7,8 +7,10 @@ score for an article becomes
     cosine + weight * log1p(purchases of the article in the `window_days` before the data's last day)
 
 `weight` is fitted after training on held-out whole days (twotower.fitting; recall@100, the candidate-generation
-metric; the repeat boost is fitted for MAP@12) and ships in the index with the score head. Articles
-nobody bought lately (new ones included) get no prior, so they still compete by cosine alone.
+metric; the repeat boost is fitted for MAP@12) and ships in the index with the score head. Lists without the
+customer's own articles (`exclude_purchased`: discovery) get a weight of their own, fitted on the same days for
+the articles each customer had not bought: best sellers are more of such a list. Articles nobody bought lately
+(new ones included) get no prior, so they still compete by cosine alone.
 
 The per-article bias rides in the FAISS index as one extra coordinate: items are indexed as
 [vector, bias] and a query is [user vector, weight], so the nearest-neighbour search itself ranks by
@@ -31,16 +33,29 @@ DEFAULT_WINDOW_DAYS = 7
 class PopularityPrior:
     weight: float = 0.0
     window_days: int = DEFAULT_WINDOW_DAYS
+    discovery_weight: float | None = None  # lists without the customer's own articles; None: `weight`
 
-    def to_json(self) -> dict[str, float]:
+    def weight_for(self, exclude_bought: bool) -> float:
+        """The weight of a customer's list, with or without their own articles."""
+        if exclude_bought and self.discovery_weight is not None:
+            return self.discovery_weight
+        return self.weight
+
+    def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any] | None) -> "PopularityPrior":
-        """Runs and indexes written before the prior have none (weight 0)."""
+        """Runs and indexes written before the prior have none (weight 0); before its discovery weight, one
+        weight for every list."""
         if not raw:
             return cls()
-        return cls(float(raw["weight"]), int(raw.get("window_days", DEFAULT_WINDOW_DAYS)))
+        discovery = raw.get("discovery_weight")
+        return cls(
+            float(raw["weight"]),
+            int(raw.get("window_days", DEFAULT_WINDOW_DAYS)),
+            None if discovery is None else float(discovery),
+        )
 
 
 def item_bias(

@@ -497,14 +497,30 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         without,
     )
     weight, with_prior, without_prior = fitting.fit_prior_weight(space, users, histories, holdout.targets, boost)
-    prior = popularity.PopularityPrior(weight)
+    # Lists without the customer's own articles: recall of the articles each case had not bought.
+    new_targets = [targets - set(rows.tolist()) for targets, (rows, _) in zip(holdout.targets, histories)]
+    cases = [i for i, targets in enumerate(new_targets) if targets]
+    discovery_weight, with_discovery, discovery_without = fitting.fit_prior_weight(
+        space,
+        users[cases],
+        [histories[i] for i in cases],
+        [new_targets[i] for i in cases],
+        boost,
+        exclude_bought=True,
+        prefer=weight,
+    )
+    prior = popularity.PopularityPrior(weight, discovery_weight=discovery_weight)
     log.info(
         "popularity prior: weight %g on log1p(purchases in the %d days before the held-out day) "
-        "(held-out recall@100 %.4f, %.4f without)",
+        "(held-out recall@100 %.4f, %.4f without); %g without the customer's own articles "
+        "(held-out recall@100 of new articles %.4f, %.4f without)",
         prior.weight,
         prior.window_days,
         with_prior,
         without_prior,
+        discovery_weight,
+        with_discovery,
+        discovery_without,
     )
 
     query_tower = {}
@@ -533,6 +549,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "holdout": len(holdout.examples),
             "holdout_map_at_12": {"with_repeat_boost": with_boost, "without": without},
             "holdout_recall_at_100": {"with_popularity_prior": with_prior, "without": without_prior},
+            "holdout_discovery_recall_at_100": {"with_discovery_prior": with_discovery, "without": discovery_without},
             "query_tower": query_tower,
         },
         text_features=None if item_text.features is None else item_text.features.numpy(),
