@@ -30,7 +30,7 @@ def hm_served(tmp_path_factory: pytest.TempPathFactory):
     data_dir = require_hm()
     root = tmp_path_factory.mktemp("hm")
     data = load_hm_dir(data_dir)
-    # The micro from-scratch tower: the pretrained one would spend ~13 min embedding 105k captions here.
+    # The micro from-scratch tower: the pretrained one would spend ~30 min embedding 105k captions here.
     model = from_scratch_model(clip_model="hm-micro-text", embed_dim=32, unfreeze_text_blocks=1)
     run_dir = train(
         data, model, TrainConfig(epochs=1, max_steps=20, query_weight=0, co_purchase_weight=0), root / "run"

@@ -87,7 +87,7 @@ class TextVectors:
 
             self.features = torch.from_numpy(encode(texts) if cache is None else cache.features(texts, encode))
             seconds = time.perf_counter() - started
-            log.info("%s: %d texts through the frozen encoder in %.0fs", description, len(texts), seconds)
+            log.info("%s: frozen encoder features of %d texts in %.0fs", description, len(texts), seconds)
         else:
             self.tokens = tokenizer(texts)
 
