@@ -52,6 +52,7 @@ def test_fit_keeps_the_smallest_weight_that_finds_most() -> None:
     bought = [(np.asarray([0]), np.asarray([1.0], dtype=np.float32))]
     fitted = fitting.fit_prior_weight(space, users, bought, [{1}], RepeatBoost(), k=1, exclude_bought=True, prefer=0.3)
     assert fitted == (0.3, 1.0, 1.0)
+    assert fitting.fit_prior_weight(space, users[:0], [], [], RepeatBoost(), prefer=0.3) == (0.3, 0.0, 0.0)
 
 
 def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:

@@ -106,7 +106,10 @@ def fit_prior_weight(
     """The popularity prior's weight with the best recall@k over the cases (ranked as served, after the
     boost), that recall, and the recall without a prior. Ties keep `prefer`: no prior (it only earns its
     place by finding more), or for lists without the customer's own articles (`exclude_bought`; targets
-    then hold only articles the case had not bought) the weight of full lists. Then the smaller weight."""
+    then hold only articles the case had not bought) the weight of full lists. Then the smaller weight.
+    No cases (no held-out customer bought an article new to them): `prefer`, recalls 0."""
+    if not targets:
+        return prefer, 0.0, 0.0
 
     def recall(weight: float) -> float:
         ranked = held_out_rankings(space, users, histories, k, boost, weight, exclude_bought)
