@@ -23,7 +23,7 @@ demo: setup
 	$(PY) examples/demo.py $(if $(DATA),--data-dir $(DATA))
 
 test: setup tools audit lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # ruff (lint + format) over the tree, mypy over the library layer (twotower/, serving/): settings in pyproject.toml.
 lint: setup
