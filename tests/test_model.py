@@ -264,3 +264,11 @@ def test_the_query_tower_learns_to_find_the_articles_its_phrases_describe(tmp_pa
     before = found()
     report = learn_retrieval(model.query_tower, phrases, item_vectors, PAD_ID, steps=200, random_negatives=64)
     assert found() > before + 0.3, (before, found(), report)
+
+
+def test_a_pretrained_encoder_encodes_in_its_measured_batch_size() -> None:
+    from twotower.model.pretrained_text import BACKBONES, encode_batch_size
+
+    assert encode_batch_size("all-MiniLM-L6-v2", 256) == BACKBONES["all-MiniLM-L6-v2"].encode_batch_size == 32
+    assert encode_batch_size("all-MiniLM-L6-v2", 8) == 8
+    assert encode_batch_size("hm-tiny-text", 256) == 256

@@ -29,7 +29,7 @@ from twotower.data.customers import unseen_customers
 from twotower.data.histories import Histories, TrainingExamples, training_examples
 from twotower.data.hm import DataFormatError, HMData, build_captions, load_hm_dir
 from twotower.model.clip_text import context_length_of, get_tokenizer
-from twotower.model.pretrained_text import PAD_ID, features_id, is_pretrained_backbone
+from twotower.model.pretrained_text import PAD_ID, encode_batch_size, features_id, is_pretrained_backbone
 from twotower.model.query_tower import PhraseArticles, distil, learn_retrieval
 from twotower.model.towers import PretrainedItemTower, TwoTowerModel, build_model, embed_texts
 from twotower.text_feature_cache import TextFeatureCache
@@ -80,10 +80,11 @@ class TextVectors:
         self.tokens: torch.Tensor | None = None
         if self.tower.encoder_frozen:
             started = time.perf_counter()
+            encoder_batch = encode_batch_size(model.config.clip_model, batch_size)
 
             def encode(batch: list[str]) -> np.ndarray:
                 with evaluating(self.tower):
-                    return embed_texts(self.tower.features, tokenizer, batch, batch_size, description).numpy()
+                    return embed_texts(self.tower.features, tokenizer, batch, encoder_batch, description).numpy()
 
             self.features = torch.from_numpy(encode(texts) if cache is None else cache.features(texts, encode))
             seconds = time.perf_counter() - started

@@ -29,6 +29,10 @@ class Backbone:
     revision: str
     context_length: int  # tokens kept per text (H&M captions: median 53, 90th percentile 73 tokens)
     width: int  # hidden size: what mean pooling returns
+    # Texts per forward pass when training encodes the catalogue: on these 2 cores MiniLM ran 71 captions/s in
+    # batches of 32 against 56 in batches of 256 (H&M captions, 3 interleaved rounds of 2,048; the activations
+    # of a small batch stay in cache).
+    encode_batch_size: int
 
 
 BACKBONES = {
@@ -38,6 +42,7 @@ BACKBONES = {
         revision="1110a243fdf4706b3f48f1d95db1a4f5529b4d41",
         context_length=64,
         width=384,
+        encode_batch_size=32,
     ),
 }
 WEIGHTS_FILE = "model.safetensors"
@@ -54,6 +59,11 @@ class WeightsMismatchError(RuntimeError):
 
 def is_pretrained_backbone(name: str) -> bool:
     return name in BACKBONES
+
+
+def encode_batch_size(name: str, requested: int) -> int:
+    """The batch size for encoding many texts with `name`'s encoder: at most its measured best."""
+    return min(requested, BACKBONES[name].encode_batch_size) if is_pretrained_backbone(name) else requested
 
 
 def model_dir(name: str) -> Path:
