@@ -545,7 +545,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
             "captions_sha256": rundir.texts_sha256(captions),
         },
         model.state_dict(),
-        [data.article_ids[r] for r in used_rows],
+        np.asarray(data.article_ids, dtype=object)[used_rows].tolist(),  # the property lists all ids per call
         boost,
         prior,
         {
