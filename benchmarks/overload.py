@@ -152,7 +152,7 @@ def markdown(report: dict[str, Any]) -> str:
         *(
             [
                 "",
-                "'HAProxy sidecar' rows: the load goes through k8s/components/raw-serving/admission-proxy.cfg "
+                "'HAProxy sidecar' rows: the load goes through k8s/components/admission-proxy/admission-proxy.cfg "
                 "(requests in flight to the retriever, queue length, queue timeout), and the retriever behind it "
                 f"keeps `{' '.join(SIDECAR_BACKSTOP_ARGS)}` as a backstop.",
             ]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "--proxy",
         default=proxy_defaults["ADMISSION_MAX_IN_FLIGHT"],
         help="comma-separated ADMISSION_MAX_IN_FLIGHT values: also run with the HAProxy sidecar "
-        "(k8s/components/raw-serving/admission-proxy.cfg) allowing that many requests into the retriever, which "
+        "(k8s/components/admission-proxy/admission-proxy.cfg) allowing that many requests into the retriever, which "
         f"then keeps `{' '.join(SIDECAR_BACKSTOP_ARGS)}` as a backstop; empty: none",
     )
     parser.add_argument(

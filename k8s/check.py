@@ -291,6 +291,64 @@ def _flag(args: list[str], name: str) -> str:
     return ""
 
 
+def _retriever_container(containers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The container that runs the retriever: the one told where Triton is ({} if none)."""
+    return next((c for c in containers if _flag(c.get("args", []), "--predictor_host")), {})
+
+
+def _port_of(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def admission_proxy_problems(objects: list[dict[str, Any]]) -> list[str]:
+    """The HAProxy admission sidecar must sit in the request path and reach the retriever beside it.
+
+    Its addresses come from the environment with admission-proxy.cfg's defaults (bind :8088, retriever
+    127.0.0.1:8080). Under KServe (RawDeployment) the transformer Service targets the FIRST container's first
+    port (kserve/kserve reconcilers/service createDefaultSvc) and KServe appends --model_name, --predictor_host
+    and --http_port to that container's args (v1beta1 CustomTransformer.GetContainer): there the proxy must be
+    first, listen on that port, and run under a `command` that ignores those arguments.
+    """
+    problems = []
+    pods: list[tuple[str, list[dict[str, Any]], bool]] = []
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "Deployment":
+            pods.append((where, obj["spec"]["template"]["spec"]["containers"], False))
+        elif obj["kind"] == "InferenceService" and obj["spec"].get("transformer"):
+            pods.append((where, obj["spec"]["transformer"].get("containers") or [], True))
+    for where, pod_containers, kserve in pods:
+        proxies = [c for c in pod_containers if "haproxy" in c.get("image", "")]
+        retriever = _retriever_container(pod_containers)
+        if not proxies or not retriever:
+            continue
+        proxy = proxies[0]
+        env = {e["name"]: e.get("value", "") for e in proxy.get("env", [])}
+        bind = _port_of(env.get("PROXY_BIND", ":8088"))
+        target = _port_of(env.get("RETRIEVER_ADDRESS", "127.0.0.1:8080"))
+        if target != _flag(retriever.get("args", []), "--http_port"):
+            problems.append(
+                f"{where}: the admission proxy sends to port {target}, the retriever listens on "
+                f"{_flag(retriever.get('args', []), '--http_port') or 'its default'}"
+            )
+        if bind not in {str(p["containerPort"]) for p in proxy.get("ports", [])}:
+            problems.append(f"{where}: the admission proxy binds port {bind}, which its container does not declare")
+        if kserve:
+            first = pod_containers[0]
+            first_port = str((first.get("ports") or [{}])[0].get("containerPort", ""))
+            if first is not proxy or first_port != bind:
+                problems.append(
+                    f"{where}: KServe's transformer Service reaches the first container's first port "
+                    f"({first.get('name')}: {first_port or 'none'}), not the admission proxy's {bind}"
+                )
+            elif not proxy.get("command"):
+                problems.append(
+                    f"{where}: KServe appends --model_name/--predictor_host/--http_port to the first container's "
+                    "args: the proxy needs a `command` that ignores them"
+                )
+    return problems
+
+
 def predictor_address_problems(objects: list[dict[str, Any]]) -> list[str]:
     """The retriever (transformer) must reach Triton's HTTP port at the address it is given.
 
@@ -304,7 +362,7 @@ def predictor_address_problems(objects: list[dict[str, Any]]) -> list[str]:
     for isvc in (o for o in objects if o["kind"] == "InferenceService"):
         name, where = isvc["metadata"]["name"], f"InferenceService/{isvc['metadata']['name']}"
         runtime = runtimes.get(isvc["spec"]["predictor"].get("model", {}).get("runtime", ""))
-        transformer = (isvc["spec"].get("transformer", {}).get("containers") or [{}])[0]
+        transformer = _retriever_container(isvc["spec"].get("transformer", {}).get("containers") or [])
         host = _flag(transformer.get("args", []), "--predictor_host")
         if runtime is None or not host:
             continue
@@ -451,6 +509,7 @@ def check_overlay(overlay: str, needs_gpu: bool) -> list[str]:
         if obj["kind"] == "PrometheusRule":
             problems += promtool_problems(obj, where)
     problems += [f"{overlay}: {p}" for p in predictor_address_problems(objects)]
+    problems += [f"{overlay}: {p}" for p in admission_proxy_problems(objects)]
     problems += [f"{overlay}: {p}" for p in artifacts_access_problems(objects)]
     problems += [f"{overlay}: {p}" for p in autoscaling_problems(objects)]
     problems += [f"{overlay}: {p}" for p in metric_name_problems(objects)]

@@ -21,7 +21,7 @@ from retriever.kserve_adapter import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("retriever.launch")
 # The one HAProxy configuration: the raw overlay's sidecar reads it from a ConfigMap made of this file.
-ADMISSION_PROXY_CONFIG = Path(__file__).resolve().parent.parent / "k8s/components/raw-serving/admission-proxy.cfg"
+ADMISSION_PROXY_CONFIG = Path(__file__).resolve().parent.parent / "k8s/components/admission-proxy/admission-proxy.cfg"
 
 
 @functools.cache

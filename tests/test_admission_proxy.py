@@ -1,4 +1,4 @@
-"""The HAProxy admission sidecar (k8s/components/raw-serving/admission-proxy.cfg), started for real.
+"""The HAProxy admission sidecar (k8s/components/admission-proxy/admission-proxy.cfg), started for real.
 
 The thing under test is HAProxy with our configuration, so the retriever behind it is a stand-in: a stdlib
 HTTP server whose predict answers wait until the test releases them. That makes "refused while the

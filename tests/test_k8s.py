@@ -46,11 +46,30 @@ def test_the_predictor_address_check_models_kserves_service_rule() -> None:
     assert "first declared port (9000), not Triton's HTTP port 8080" in problem
     runtime["spec"]["containers"][0]["ports"] = [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
     isvc = next(o for o in objects if o["kind"] == "InferenceService")
-    args = isvc["spec"]["transformer"]["containers"][0]["args"]
+    args = next(c for c in isvc["spec"]["transformer"]["containers"] if c["name"] == "retriever")["args"]
     args[:] = [a for a in args if not a.startswith("--predictor_host")] + [
         "--predictor_host=hm-recommender-predictor:8000"
     ]
     assert "port 80 only" in check.predictor_address_problems(objects)[0]
+
+
+def test_the_admission_proxy_is_in_the_request_path_of_every_overlay() -> None:
+    for overlay in ("raw", "kserve"):
+        objects = check.render(overlay)
+        assert any("haproxy" in c.get("image", "") for o in objects for c, _ in check.containers(o)), overlay
+        assert check.admission_proxy_problems(objects) == [], overlay
+    objects = check.render("kserve")
+    transformer = next(o for o in objects if o["kind"] == "InferenceService")["spec"]["transformer"]
+    proxy, retriever = transformer["containers"]
+    # The manifest before: the retriever first, so KServe's Service bypassed any proxy beside it.
+    transformer["containers"] = [retriever, proxy]
+    assert "not the admission proxy's 8080" in check.admission_proxy_problems(objects)[0]
+    transformer["containers"] = [proxy, retriever]
+    del proxy["command"]  # KServe's appended flags would reach haproxy itself
+    assert "needs a `command`" in check.admission_proxy_problems(objects)[0]
+    proxy["command"] = ["/bin/sh"]
+    proxy["env"] = [{"name": "PROXY_BIND", "value": ":8080"}]  # the retriever address left at the default 8080
+    assert "sends to port 8080, the retriever listens on 8081" in check.admission_proxy_problems(objects)[0]
 
 
 def test_only_jobs_write_the_artifacts_volume() -> None:
@@ -124,7 +143,7 @@ def test_the_retriever_scales_on_its_request_rate() -> None:
     assert "unknown field 'metadataa'" in "\n".join(check.custom_resource_problems(bogus, "x"))
     isvc = next(o for o in check.render("kserve") if o["kind"] == "InferenceService")
     metric = isvc["spec"]["transformer"]["autoScaling"]["metrics"][0]["external"]["metric"]
-    assert "retriever_api_requests_total" in metric["query"] and check.custom_resource_problems(isvc, "x") == []
+    assert "haproxy_frontend_http_requests_total" in metric["query"] and check.custom_resource_problems(isvc, "x") == []
 
 
 def test_the_autoscaling_checks_model_what_keda_and_kserve_refuse() -> None:
