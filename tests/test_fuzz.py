@@ -130,6 +130,21 @@ def test_fuzz_shop_endpoints(client, reference, article, q, k, price) -> None:
     check(client.get("/shop/api/customers/nobody/recommendations", params=params))
 
 
+@BUDGET
+@given(
+    count=st.integers(0, 600),  # the default limit is 256 instances
+    k=st.integers(-(10**18), 10**18) | st.sampled_from([1e308, -0.0, 1.5]) | st.just(float("inf")),
+    depth=st.integers(1, 50_000),
+    text=texts,
+)
+def test_fuzz_reaches_the_request_limits(client, reference, count, k, depth, text) -> None:
+    """Many instances, huge or non-finite k, deeply nested values and any unicode, in one body each."""
+    nested = "[" * depth + "]" * depth
+    instances = json.dumps([{"query": text, "k": k}] * count, allow_nan=True)
+    body = f'{{"instances": {instances[:-1]}{", " if count else ""}{{"history": {nested}}}]}}'
+    check(client.post("/v1/models/recommender:predict", content=body, headers={"content-type": "application/json"}))
+
+
 def test_oversized_body_is_refused_with_413(client) -> None:
     body = {"instances": [{"query": "a" * 100}] * 20_000}  # ~2.4 MB > the 1 MB default limit
     response = client.post("/v1/models/recommender:predict", json=body)
