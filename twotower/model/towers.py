@@ -98,8 +98,8 @@ class PretrainedItemTower(nn.Module):
     """A pretrained Hugging Face text encoder (mean pooled, twotower.model.pretrained_text) + a projection.
 
     With `unfreeze_text_blocks` = 0 the encoder is frozen: training computes its pooled features once per
-    text (`features`) and learns the projection on them (`project`): 105k H&M captions once (~25 min on 2
-    cores, ~70 captions/s; twotower.text_feature_cache keeps them for later runs), not at every step.
+    text (`features`) and learns the projection on them (`project`): 105k H&M captions once (25.5 min on 2
+    cores, 65 captions/s; twotower.text_feature_cache keeps them for later runs), not at every step.
     """
 
     def __init__(self, encoder: nn.Module, width: int, embed_dim: int):
