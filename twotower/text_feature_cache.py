@@ -2,8 +2,8 @@
 
 A frozen pretrained encoder (the default item tower) gives a text the same pooled features in every run,
 and on 2 cores it is most of `make eval`: 105,542 H&M captions at 55 captions/s were 32 minutes
-(2026-11-29; 65/s and 25.5 minutes since, in batches of `Backbone.encode_batch_size`). Training looks texts up here first
-and encodes only the others, so a rerun, or a retrain after a catalogue update, pays for new texts only.
+(2026-11-29; 65/s and 25.5 minutes since, in batches of `Backbone.encode_batch_size`). Training looks texts up
+here first and encodes only the others, so a rerun, or a retrain after a catalogue update, pays for new texts only.
 
 Layout (this module is its only reader and writer):
 
