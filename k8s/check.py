@@ -326,10 +326,11 @@ def admission_proxy_problems(objects: list[dict[str, Any]]) -> list[str]:
         env = {e["name"]: e.get("value", "") for e in proxy.get("env", [])}
         bind = _port_of(env.get("PROXY_BIND", ":8088"))
         target = _port_of(env.get("RETRIEVER_ADDRESS", "127.0.0.1:8080"))
-        if target != _flag(retriever.get("args", []), "--http_port"):
+        listens = _flag(retriever.get("args", []), "--http_port")
+        if target != listens:
             problems.append(
                 f"{where}: the admission proxy sends to port {target}, the retriever listens on "
-                f"{_flag(retriever.get('args', []), '--http_port') or 'its default'}"
+                f"{listens or 'its default'}"
             )
         if bind not in {str(p["containerPort"]) for p in proxy.get("ports", [])}:
             problems.append(f"{where}: the admission proxy binds port {bind}, which its container does not declare")

@@ -20,7 +20,7 @@ from localtriton.process import ProcessStartError, free_port, wait_until_ready
 from retriever.kserve_adapter import DEFAULT_MODEL_NAME
 
 log = logging.getLogger("retriever.launch")
-# The one HAProxy configuration: the raw overlay's sidecar reads it from a ConfigMap made of this file.
+# The one HAProxy configuration: every overlay's sidecar reads it from a ConfigMap made of this file.
 ADMISSION_PROXY_CONFIG = Path(__file__).resolve().parent.parent / "k8s/components/admission-proxy/admission-proxy.cfg"
 
 

@@ -114,7 +114,7 @@ class TextVectors:
 def train_query_tower(
     model: TwoTowerModel,
     phrases: TextVectors,
-    captions: TextVectors,
+    caption_texts: list[str],
     caption_table: torch.Tensor,
     queries: pairs.QueryPairs,
     phrase_ids: np.ndarray,
@@ -125,10 +125,11 @@ def train_query_tower(
     """Fit the query tower to the trained item tower's vectors of the query phrases and captions, then
     teach it to find each phrase's article among `item_table` (the indexed vectors, already normalised).
 
-    `caption_table` is `captions.table()`, already computed by training's last epoch: a trainable text tower
-    would spend a pass over the whole catalogue recomputing it (~1 min for 105k H&M captions)."""
+    `caption_table` holds the item tower's vectors of `caption_texts`, as training's last epoch computed them:
+    a trainable text tower would spend a pass over the whole catalogue recomputing them (~1 min for 105k H&M
+    captions)."""
     assert model.query_tower is not None
-    texts = phrases.texts + captions.texts
+    texts = phrases.texts + caption_texts
     targets = torch.cat([phrases.table(), caption_table])
     tokens = torch.as_tensor(get_tokenizer(model.config.clip_model)(texts))
     report: dict[str, Any] = distil(
@@ -532,7 +533,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     if model.query_tower is not None:
         product_types = pd.factorize(data.articles["product_type_name"].astype(str))[0].astype(np.int64)
         query_tower = train_query_tower(
-            model, query_text, item_text, text_table, queries, phrase_ids, item_table, product_types, train_config
+            model, query_text, item_text.texts, text_table, queries, phrase_ids, item_table, product_types, train_config
         )
 
     rundir.write_run(
