@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving import filters
 from serving.filters import FilterColumns, Filters
 from twotower import artifacts, item_table, repeats
 from twotower.item_table import ItemTable
@@ -41,12 +42,26 @@ def test_written_columns_read_back_memory_mapped(tmp_path: Path, monkeypatch, de
     assert table.row_of.rows([]).tolist() == []
 
 
-def test_filters_and_products_read_the_encoded_columns() -> None:
+def test_filters_read_the_encoded_columns() -> None:
     table = ItemTable.from_columns(COLUMNS)
     columns = FilterColumns(table)
     assert columns.mask(Filters.parse({"product_group": ["Underwear"]})).tolist() == [False, False, True, False]
     assert columns.mask(Filters.parse({"price_max": 0.009})).tolist() == [True, False, False, False]  # "" never
     assert FilterColumns(COLUMNS).mask(Filters.parse({"colour": ["Blå"]})).tolist() == [False, False, True, False]
+    two = {"colour": ["Blå", "White"]}
+    assert columns.mask(Filters.parse(two)).tolist() == [False, True, True, False]
+    assert columns.mask(Filters.parse({"colour": ["Pink"]})).tolist() == [False] * 4  # no such value: nothing
+
+
+@pytest.mark.parametrize("n_wanted", [0, 1, 2, filters.MAX_CODE_COMPARISONS, filters.MAX_CODE_COMPARISONS + 1, 19])
+def test_rows_with_codes_compares_or_looks_up_alike(n_wanted: int) -> None:
+    codes = np.random.default_rng(n_wanted).integers(0, 19, 1000).astype(np.int32)
+    wanted = np.arange(19)[::-1][:n_wanted]
+    assert np.array_equal(filters.rows_with_codes(codes, wanted, 19), np.isin(codes, wanted))
+
+
+def test_products_read_the_encoded_columns() -> None:
+    table = ItemTable.from_columns(COLUMNS)
     encoded = repeats.Products.from_encoded(table["product_code"].codes, table["product_code"].distinct())
     plain = repeats.Products(COLUMNS["product_code"])
     for products in (encoded, plain):

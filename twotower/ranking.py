@@ -148,12 +148,13 @@ def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: in
 
 def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
     """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that)."""
-    allowed = np.ones(len(space.excluded), dtype=bool) if request.allowed is None else request.allowed
+    # A new array in one pass (the request's mask may be shared: serving.filters caches them). At 10M rows
+    # allowed > excluded (allowed and not excluded, for bools) takes 1.7 ms; copy, negate and & took 4.0.
+    allowed = ~space.excluded if request.allowed is None else np.greater(request.allowed, space.excluded)
     if request.exclude_bought:
-        allowed = allowed.copy()  # the request's mask may be shared (serving.filters caches them)
         bought = request.bought[0]
         allowed[bought[bought >= 0]] = False
-    return allowed & ~space.excluded
+    return allowed
 
 
 def boosted_rows(space: ItemSpace, request: RankRequest) -> tuple[np.ndarray, np.ndarray]:
