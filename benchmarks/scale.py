@@ -267,12 +267,24 @@ def _search_each(catalog: Any, users: np.ndarray, prior: float) -> tuple[list[fl
 
 
 def served_latency(
-    directory: Path, repository: Path, work: Path, rate: float, seconds: float, retriever_args: list[str]
+    directory: Path,
+    repository: Path,
+    work: Path,
+    rate: float,
+    seconds: float,
+    retriever_args: list[str],
+    memory_limit_mib: int = 0,
 ) -> dict[str, Any]:
     """The bench's request mix at a fixed rate through Triton + the retriever (one process, or a KServe
     worker per core with --workers 2) serving this version (benchmarks.serving); the retriever's memory
-    after the run, summed over its processes."""
+    after the run, summed over its processes.
+
+    With `memory_limit_mib` the retriever runs in a memory cgroup of that limit (benchmarks.memory_limit),
+    its version's files first dropped from the page cache: it faults them in, charged to its limit, as a
+    pod does. A first run of the same length then warms that cache ("cold": its own p50 / p99); the
+    measured run follows."""
     from benchmarks import offline
+    from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
 
@@ -282,12 +294,25 @@ def served_latency(
     del catalog
     bodies_file = work / "bodies.jsonl"
     bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
-    with bench_servers(served, work, "retriever.log", retriever_args) as (triton, retriever, _):
-        assert retriever.process is not None and triton.pid is not None
-        servers = {"retriever": retriever.process.pid, "Triton": triton.pid}
-        wait_until_idle(list(servers.values()))
-        result = run_served_rate(retriever, bodies_file, rate, seconds, work, servers)
-        memory = _process_tree_memory(retriever.process.pid)
+    cgroup = MemoryCgroup.create(memory_limit_mib * 2**20) if memory_limit_mib else None
+    if cgroup is not None:
+        evict_from_page_cache(directory)
+    cold = None
+    try:
+        launcher = cgroup.launcher() if cgroup is not None else []
+        with bench_servers(served, work, "retriever.log", retriever_args, retriever_launcher=launcher) as servers:
+            triton, retriever = servers.triton, servers.retriever
+            assert retriever.process is not None and triton.pid is not None
+            pids = {"retriever": retriever.process.pid, "Triton": triton.pid}
+            wait_until_idle(list(pids.values()))
+            if cgroup is not None:
+                cold = run_served_rate(retriever, bodies_file, rate, seconds, work, pids)
+            result = run_served_rate(retriever, bodies_file, rate, seconds, work, pids)
+            memory = _process_tree_memory(retriever.process.pid)
+        limit = cgroup.usage() if cgroup is not None else None
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
     return {
         "rate": rate,
         "achieved_qps": result["achieved_qps"],
@@ -296,6 +321,8 @@ def served_latency(
         "errors": result["errors"],
         "retriever_memory": memory,
         "retriever_args": retriever_args,
+        "memory_limit": limit,
+        "cold": None if cold is None else {k: cold[k] for k in ("p50_ms", "p99_ms", "errors")},
     }
 
 
@@ -320,6 +347,7 @@ def run(
     rate: float,
     seconds: float,
     retriever_args: list[str],
+    memory_limit_mib: int = 0,
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -357,7 +385,9 @@ def run(
                 **measured,
             }
             if repository is not None and reference.index_dir is not None:
-                row["served"] = served_latency(directory, repository, work_n, rate, seconds, retriever_args)
+                row["served"] = served_latency(
+                    directory, repository, work_n, rate, seconds, retriever_args, memory_limit_mib
+                )
             log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
             log.info("served: %s", row.get("served"))
             rows.append(row)
@@ -389,8 +419,9 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
         " recall@10 | p50 ms | p99 ms | more re-ranked: k x factor recall@10 / p50 ms"
         " | filtered: share / path / recall@10 / p99 ms | served: QPS, p50 / p99 ms,"
-        " errors | served: retriever anon / file MiB | served: retriever flags |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " errors | served: retriever anon / file MiB | served: retriever flags"
+        " | served under a memory limit: limit / peak MiB, OOM kills, major faults; cold first run p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["memory_before"]["anon_mib"]
@@ -423,11 +454,22 @@ def _reranked(row: dict[str, Any]) -> str:
 
 def _served(served: dict[str, Any] | None) -> str:
     if not served:
-        return "- | - | -"
+        return "- | - | - | -"
     return (
         f"{served['achieved_qps']:.0f}, {served['p50_ms']:.2f} / {served['p99_ms']:.2f}, {served['errors']} "
         f"| {served['retriever_memory']['anon_mib']:.0f} / {served['retriever_memory']['file_mib']:.0f} "
-        f"| `{' '.join(served.get('retriever_args', []))}`"
+        f"| `{' '.join(served.get('retriever_args', []))}` | {_limited(served)}"
+    )
+
+
+def _limited(served: dict[str, Any]) -> str:
+    """Rows measured without a cgroup (or before it existed): 'none'."""
+    limit, cold = served.get("memory_limit"), served.get("cold")
+    if not limit:
+        return "none"
+    return (
+        f"{limit['limit_mib']:.0f} / {limit['peak_mib']:.0f}, {limit['oom_kills']}, {limit['major_faults']}; "
+        f"cold {cold['p50_ms']:.2f} / {cold['p99_ms']:.2f}"
     )
 
 
@@ -484,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
         default="--history-clock index",
         help="flags of the served-path run's retriever (e.g. add '--workers 2': a KServe worker per core)",
     )
+    parser.add_argument(
+        "--memory-limit-mib",
+        type=int,
+        default=4096,
+        help="run the served-path retriever in a memory cgroup of this limit, as the pod's 4 Gi (0: none; "
+        "applied where the host allows creating one, benchmarks.memory_limit)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -500,7 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no model repository at %s: no served-path rows", repository)
         repository = None
     rows = run(
-        sizes, index_types, reference, args.work_dir, repository, args.rate, args.seconds, args.retriever_args.split()
+        sizes,
+        index_types,
+        reference,
+        args.work_dir,
+        repository,
+        args.rate,
+        args.seconds,
+        args.retriever_args.split(),
+        args.memory_limit_mib,
     )
     report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
     print((args.out / "scale.md").read_text())

@@ -180,9 +180,11 @@ def bench_servers(
     log_name: str,
     retriever_args: list[str],
     sidecar: dict[str, str] | None = None,
+    retriever_launcher: Sequence[str] = (),
 ) -> Iterator[BenchServers]:
     """Triton and the retriever over the bench artifacts, started and stopped (make bench, soak, overload);
-    with `sidecar` (AdmissionProxy's settings, {} for its defaults) the admission sidecar in front of it."""
+    with `sidecar` (AdmissionProxy's settings, {} for its defaults) the admission sidecar in front of it;
+    `retriever_launcher` prefixes the retriever's command (RetrieverProcess)."""
     settings = TritonSettings.on_free_ports(artifacts.repository, work / "triton")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -193,6 +195,7 @@ def bench_servers(
                 f"127.0.0.1:{settings.http_port}",
                 log_path=work / log_name,
                 extra_args=retriever_args,
+                launcher=retriever_launcher,
             )
         )
         assert triton.pid is not None and retriever.process is not None

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Self
+from typing import Self, Sequence
 
 from localtriton.process import ProcessStartError, free_port, wait_until_ready
 from retriever.kserve_adapter import DEFAULT_MODEL_NAME
@@ -106,7 +106,10 @@ class RetrieverProcess(ServerProcess):
         log_path: Path | str | None = None,
         extra_args: list[str] | None = None,
         model_name: str = DEFAULT_MODEL_NAME,
+        launcher: Sequence[str] = (),
     ):
+        """`launcher`: a prefix the command runs under (benchmarks.memory_limit: inside a memory cgroup)."""
+        self.launcher = list(launcher)
         self.index_dir = Path(index_dir)
         self.triton_http = triton_http
         self.model_name = model_name
@@ -124,6 +127,7 @@ class RetrieverProcess(ServerProcess):
 
     def command(self) -> list[str]:
         return [
+            *self.launcher,
             sys.executable,
             "-m",
             "retriever",

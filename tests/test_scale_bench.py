@@ -35,3 +35,26 @@ def test_the_keyword_index_scale_bench_reports_each_size(tmp_path) -> None:
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 and 0 < r["matched_share_p50"] <= 1 for r in rows)
     assert "| 80 |" in report(rows, "four captions", tmp_path / "docs", "python -m benchmarks.lexical_scale")
     assert (tmp_path / "docs" / "lexical-scale.json").is_file() and not (tmp_path / "work" / "n40").exists()
+
+
+def test_a_memory_cgroup_limits_what_its_launcher_starts() -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from benchmarks.memory_limit import MemoryCgroup
+
+    cgroup = MemoryCgroup.create(96 * 2**20, name="twotower-test-limit")
+    if cgroup is None:
+        pytest.skip("this host does not let a process create a memory cgroup")
+    try:
+        allocate = "import sys; b = bytearray(int(sys.argv[1]) * 2**20); b[::4096] = b'x' * len(b[::4096])"
+        small = subprocess.run([*cgroup.launcher(), sys.executable, "-c", allocate, "16"], check=False)
+        large = subprocess.run([*cgroup.launcher(), sys.executable, "-c", allocate, "256"], check=False)
+        usage = cgroup.usage()
+    finally:
+        cgroup.remove()
+    assert small.returncode == 0
+    assert large.returncode == -9 and usage["oom_kills"] >= 1  # killed by the kernel at the limit, as a pod is
+    assert usage["limit_mib"] == 96 and usage["peak_mib"] <= 96
