@@ -146,3 +146,24 @@ def test_attribute_queries_name_every_article_with_those_attributes() -> None:
     assert attribute_queries(articles, ("colour_group_name", "product_type_name"), min_articles=2) == [
         ("grey dress", {0, 1})
     ]
+
+
+def test_the_second_stage_probe_ranks_each_case_by_trees_fitted_on_the_other_half() -> None:
+    from evaluation.second_stage_probe import cross_fitted_lists
+
+    rng = np.random.default_rng(0)
+    cases, pool = 40, 30
+    case_of = np.repeat(np.arange(cases), pool)
+    rows = np.tile(np.arange(pool), cases) + 1000 * case_of  # each case's own candidate rows
+    bought = (rng.random(cases * pool) < 0.2).astype(np.int8)
+    features = np.stack([bought + 0.1 * rng.standard_normal(len(bought)), rng.standard_normal(len(bought))], 1)
+    small = {"max_iter": 30, "max_leaf_nodes": 4, "min_samples_leaf": 10}
+    lists = cross_fitted_lists(features, bought, case_of, rows, small)
+    assert len(lists) == cases and all(len(ranked) == pool for ranked in lists)
+    first, found = 0, 0
+    for case, ranked in enumerate(lists):
+        assert sorted(ranked.tolist()) == sorted(rows[case_of == case].tolist())  # only its own candidates, each once
+        positives = set(rows[(case_of == case) & (bought == 1)].tolist())
+        first += len(positives)
+        found += len(positives & set(ranked[: len(positives)].tolist()))
+    assert found / first > 0.95  # the trees learnt the signal from the other half and rank it first
