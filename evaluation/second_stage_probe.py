@@ -11,8 +11,9 @@ of one half of the target day's customers, they rank the other half, and the hal
 would be fitted on the training run's held-out day instead (as the repeat boost and the prior are), one
 day earlier: this probe tells whether that is worth building, and its settings were picked on this day.
 
-Prints recall@12, MAP@12 and recall@100 of the re-ranked lists against the served ranking, with paired
-bootstrap 95% intervals (evaluation/intervals.py).
+Prints recall@12, MAP@12 and recall@100 of the re-ranked lists against the served ranking, then, per split
+(`make eval`'s day and customer splits), the issue's targets against the best baseline (repurchase >
+co-purchase > popularity), each with its paired bootstrap 95% interval (evaluation/intervals.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation.baselines import CoPurchase
+from evaluation.baselines import CoPurchase, Mix, Popularity, Repurchase
+from evaluation.evaluate import customer_groups, served_vs_baseline
 from evaluation.intervals import paired_bootstrap
 from evaluation.split import TemporalSplit, temporal_split
 from evaluation.two_tower import CaseUsers, TwoTower, case_users
@@ -244,6 +246,20 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {theirs.mean():.4f} | {ours.mean():.4f} | {difference.difference:+.4f} "
             f"({difference.low:+.4f} .. {difference.high:+.4f}) |"
         )
+    baseline = Mix([Repurchase(split), co_purchase, Popularity(split, days=7)])
+    baseline_lists = [baseline.rank(case, 100) for case in range(n_cases)]
+    print("\n| split | target | cases | re-ranked - ratio x baseline, 95% interval | verdict |\n|---|---|---|---|---|")
+    for group, members in customer_groups(split, manifest.unseen_customer_share).items():
+        members = members[members < n_cases]
+        verdicts = served_vs_baseline(
+            [reranked[i] for i in members], [baseline_lists[i] for i in members], [targets[i] for i in members]
+        )
+        for name, verdict in verdicts.items():
+            low, high = verdict["interval"]  # type: ignore[misc]
+            print(
+                f"| {group} | {name} | {len(members)} | {verdict['difference']:+.4f} ({low:+.4f} .. {high:+.4f}) "
+                f"| {verdict['verdict']} |"
+            )
     log.info("done in %.0fs", time.perf_counter() - started)
     return 0
 
