@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def test_attribute_queries_name_every_article_with_those_attributes() -> None:
 
 
 def test_the_second_stage_probe_ranks_each_case_by_trees_fitted_on_the_other_half() -> None:
-    from evaluation.second_stage_probe import cross_fitted_lists
+    from evaluation.second_stage_probe import FEATURES, cross_fitted_lists, linear_inputs, make_model
 
     rng = np.random.default_rng(0)
     cases, pool = 40, 30
@@ -157,13 +158,20 @@ def test_the_second_stage_probe_ranks_each_case_by_trees_fitted_on_the_other_hal
     rows = np.tile(np.arange(pool), cases) + 1000 * case_of  # each case's own candidate rows
     bought = (rng.random(cases * pool) < 0.2).astype(np.int8)
     features = np.stack([bought + 0.1 * rng.standard_normal(len(bought)), rng.standard_normal(len(bought))], 1)
+    features = np.pad(features, ((0, 0), (0, len(FEATURES) - 2)))  # the probe's columns; the rest zero
     small = {"max_iter": 30, "max_leaf_nodes": 4, "min_samples_leaf": 10}
-    lists = cross_fitted_lists(features, bought, case_of, rows, small)
-    assert len(lists) == cases and all(len(ranked) == pool for ranked in lists)
-    first, found = 0, 0
-    for case, ranked in enumerate(lists):
-        assert sorted(ranked.tolist()) == sorted(rows[case_of == case].tolist())  # only its own candidates, each once
-        positives = set(rows[(case_of == case) & (bought == 1)].tolist())
-        first += len(positives)
-        found += len(positives & set(ranked[: len(positives)].tolist()))
-    assert found / first > 0.95  # the trees learnt the signal from the other half and rank it first
+    for kind in ("trees", "logistic"):
+        lists = cross_fitted_lists(features, bought, case_of, rows, functools.partial(make_model, kind, small))
+        assert len(lists) == cases and all(len(ranked) == pool for ranked in lists)
+        first, found = 0, 0
+        for case, ranked in enumerate(lists):
+            assert sorted(ranked.tolist()) == sorted(rows[case_of == case].tolist())  # its own candidates, each once
+            positives = set(rows[(case_of == case) & (bought == 1)].tolist())
+            first += len(positives)
+            found += len(positives & set(ranked[: len(positives)].tolist()))
+        assert found / first > 0.95, kind  # learnt from the other half, the signal ranks first
+    counts = np.zeros((1, len(FEATURES)))
+    counts[0, FEATURES.index("purchases 7 days")] = np.e - 1
+    counts[0, FEATURES.index("price / customer's mean price")] = np.nan  # an unsold article has no price
+    assert linear_inputs(counts)[0, FEATURES.index("purchases 7 days")] == pytest.approx(1.0)
+    assert np.isfinite(linear_inputs(counts)).all()
