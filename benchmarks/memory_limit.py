@@ -12,6 +12,7 @@ them as a pod reads its volume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))  # v1's memory hierarchy, v2's unified one
+_CREATED = itertools.count()
 
 
 class MemoryCgroup:
@@ -31,7 +33,9 @@ class MemoryCgroup:
         self.v1 = (path / "memory.limit_in_bytes").exists()
 
     @classmethod
-    def create(cls, limit_bytes: int, name: str = f"twotower-bench-{os.getpid()}") -> MemoryCgroup | None:
+    def create(cls, limit_bytes: int, name: str = "") -> MemoryCgroup | None:
+        """A new cgroup (by default named after this process and a count: a fresh peak and fault count each)."""
+        name = name or f"twotower-bench-{os.getpid()}-{next(_CREATED)}"
         for root in CGROUP_ROOTS:
             path = root / name
             try:
