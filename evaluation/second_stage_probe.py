@@ -9,9 +9,10 @@ baselines and the towers already have (below, `FEATURES`), and a classifier scor
 logistic regression (`--model logistic`, the default: one dot product per candidate when served) or
 gradient-boosted trees (`--model trees`, scikit-learn's HistGradientBoostingClassifier: 113 ms to score 500
 candidates with these 800 trees, too slow to serve). It is cross-fitted: trained on the cases of one half
-of the target day's customers, it ranks the other half, and the halves swap. A served stage
-would be fitted on the training run's held-out day instead (as the repeat boost and the prior are), one
-day earlier: this probe tells whether that is worth building, and its settings were picked on this day.
+of the target day's customers, it ranks the other half, and the halves swap. With `--fit-on-held-out RUN`
+it is fitted as a served stage would be (as the repeat boost and the prior are): on the day before, over
+the customers whose purchases that day training RUN held out (rebuilt from its config.json), then it ranks
+the evaluation day. Its settings were picked on the evaluation day.
 
 Prints recall@12, MAP@12 and recall@100 of the re-ranked lists against the served ranking, then, per split
 (`make eval`'s day and customer splits), the issue's targets against the best baseline (repurchase >
@@ -21,6 +22,7 @@ co-purchase > popularity), each with its paired bootstrap 95% interval (evaluati
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -36,8 +38,12 @@ from evaluation.intervals import paired_bootstrap
 from evaluation.split import TemporalSplit, temporal_split
 from evaluation.two_tower import CaseUsers, TwoTower, case_users
 from serving.catalog import Catalog
-from twotower import metrics, triton_repository
-from twotower.data.hm import load_hm_dir
+from twotower import metrics, ranking, triton_repository
+from twotower.data.customers import unseen_customers
+from twotower.data.histories import training_examples
+from twotower.data.hm import HMData, load_hm_dir
+from twotower.popularity import item_bias
+from twotower.train import split_examples
 
 log = logging.getLogger("evaluation.second_stage_probe")
 
@@ -224,11 +230,77 @@ def cross_fitted_lists(
         train = case_of % 2 != half
         fitted = model().fit(features[train], bought[train])
         predicted[~train] = fitted.predict_proba(features[~train])[:, 1]
+    return ranked_pools(rows, case_of, predicted)
+
+
+def ranked_pools(rows: np.ndarray, case_of: np.ndarray, scores: np.ndarray) -> list[np.ndarray]:
+    """Each case's candidate rows (consecutive in `rows`) ordered by `scores`, the top 100."""
     starts = np.flatnonzero(np.r_[True, case_of[1:] != case_of[:-1]])
     return [
         part_rows[np.argsort(-part_scores, kind="stable")][:100]
-        for part_rows, part_scores in zip(np.split(rows, starts[1:]), np.split(predicted, starts[1:]))
+        for part_rows, part_scores in zip(np.split(rows, starts[1:]), np.split(scores, starts[1:]))
     ]
+
+
+class DayCandidates:
+    """Every case's pool, features and served top 100 on one day (the cases of `customers` only, when given)."""
+
+    def __init__(
+        self, data: HMData, cutoff: str, catalog: Catalog, user_tower: Any, customers: set[str] | None = None
+    ) -> None:
+        self.split = split = temporal_split(data, cutoff)
+        cases = case_users(split, catalog, user_tower)
+        served = TwoTower(cases, catalog, exact=True)
+        # The prior as of this day (the index's counts the week before the evaluation day: on an earlier day
+        # they would count that day's own purchases).
+        bias = item_bias(data.transactions, split.row_of, len(split.row_of), split.cutoff)
+        served.space = ranking.ExactItems(
+            catalog.vectors,
+            bias,
+            products=catalog.products,
+            product_types=catalog.product_types,
+            excluded=catalog.excluded,
+        )
+        signals = ArticleSignals(split)
+        popular = np.argsort(-signals.purchases[7], kind="stable")[:POOL_POPULAR]
+        self.co_purchase = CoPurchase(split)
+        self.cases = [i for i, c in enumerate(split.customers) if customers is None or c in customers]
+        found = [
+            case_candidates(i, split, catalog, cases, served, self.co_purchase, signals, popular) for i in self.cases
+        ]
+        self.pools = [pool for pool, _, _ in found]
+        self.features = np.concatenate([features for _, features, _ in found])
+        self.served_lists = [top for _, _, top in found]
+        self.targets = [split.targets[i] for i in self.cases]
+        self.rows = np.concatenate(self.pools)
+        self.case_of = np.concatenate([np.full(len(pool), k) for k, pool in enumerate(self.pools)])
+        self.bought = np.concatenate([np.isin(p, list(t)) for p, t in zip(self.pools, self.targets)]).astype(np.int8)
+
+    def describe(self) -> str:
+        return (
+            f"{self.split.describe()}, {len(self.cases)} of them: {len(self.rows)} candidates "
+            f"({int(self.bought.sum())} bought); the pools hold recall "
+            f"{metrics.recall_at_k(self.pools, self.targets, len(self.split.row_of)):.4f} of the targets"
+        )
+
+
+def training_held_out(data: HMData, run_dir: Path) -> tuple[str, set[str]]:
+    """(the held-out day, its customers) of the training run in `run_dir`, rebuilt from its config.json as
+    twotower.train chose them: those customers' purchases on that day were never trained on."""
+    config = json.loads((run_dir / "config.json").read_text())
+    train, model = config["train"], config["model"]
+    transactions = data.transactions
+    if train["until"]:
+        transactions = transactions[transactions["t_dat"] < pd.Timestamp(train["until"])]
+    if train["unseen_customer_share"] > 0:
+        transactions = transactions[~unseen_customers(transactions["customer_id"], train["unseen_customer_share"])]
+    row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
+    examples = training_examples(transactions, row_of, model["max_history"], train["earlier_days_only"])
+    _, holdout = split_examples(examples, seed=train["seed"])
+    # training_examples numbers customers in order of first appearance (pandas factorize, unsorted)
+    ids = pd.unique(transactions["customer_id"])
+    day = (pd.Timestamp(0) + pd.Timedelta(days=holdout.day)).strftime("%Y-%m-%d")
+    return day, {str(ids[c]) for c in np.unique(holdout.examples.customers)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,64 +309,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-dir", required=True, type=Path)
     parser.add_argument("--model-repository", required=True, type=Path)
     parser.add_argument("--cutoff", default="")
-    parser.add_argument("--max-cases", type=int, default=0, help="the first N cases only (a quick look; 0: all)")
     parser.add_argument("--model", choices=("trees", "logistic"), default="logistic")
+    parser.add_argument(
+        "--fit-on-held-out",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="fit on the held-out day and customers of this training run (e.g. runs/hm-eval), not cross-fitted",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    split = temporal_split(load_hm_dir(args.data_dir), args.cutoff)
+    data = load_hm_dir(args.data_dir)
     catalog = Catalog(args.index_dir, lexical=False)
     manifest = catalog.manifest
     user_tower = triton_repository.load_tower(args.model_repository, manifest, manifest.user_model)
-    cases = case_users(split, catalog, user_tower)
-    served = TwoTower(cases, catalog, exact=True)
-    signals = ArticleSignals(split)
-    popular = np.argsort(-signals.purchases[7], kind="stable")[:POOL_POPULAR]
-    co_purchase = CoPurchase(split)
-    pools, features, served_lists = [], [], []
-    n_cases = min(args.max_cases or len(split.customers), len(split.customers))
-    targets = split.targets[:n_cases]
-    for case in range(n_cases):
-        pool, case_features, top = case_candidates(case, split, catalog, cases, served, co_purchase, signals, popular)
-        pools.append(pool)
-        features.append(case_features)
-        served_lists.append(top)
-    rows = np.concatenate(pools)
-    case_of = np.concatenate([np.full(len(pool), case) for case, pool in enumerate(pools)])
-    bought = np.concatenate([np.isin(pool, list(t)) for pool, t in zip(pools, targets)]).astype(np.int8)
-    log.info(
-        "%s, %d of them: %d candidates (%d bought) in %.0fs; the pools hold recall %.4f of the targets",
-        split.describe(),
-        n_cases,
-        len(rows),
-        int(bought.sum()),
-        time.perf_counter() - started,
-        metrics.recall_at_k(pools, targets, len(split.row_of)),
-    )
-    all_features = np.concatenate(features)
-    reranked = cross_fitted_lists(all_features, bought, case_of, rows, lambda: make_model(args.model))
+    day = DayCandidates(data, args.cutoff, catalog, user_tower)
+    log.info("evaluated: %s", day.describe())
+    if args.fit_on_held_out is None:
+        fitted_on = day
+        reranked = cross_fitted_lists(day.features, day.bought, day.case_of, day.rows, lambda: make_model(args.model))
+    else:
+        held_day, held_customers = training_held_out(data, args.fit_on_held_out)
+        fitted_on = DayCandidates(data, held_day, catalog, user_tower, held_customers)
+        log.info("fitted on: %s (held out by %s)", fitted_on.describe(), args.fit_on_held_out)
+        fitted = make_model(args.model).fit(fitted_on.features, fitted_on.bought)
+        reranked = ranked_pools(day.rows, day.case_of, fitted.predict_proba(day.features)[:, 1])
     if args.model == "logistic":
-        weights = make_model("logistic").fit(all_features, bought)[-1].coef_[0]
+        weights = make_model("logistic").fit(fitted_on.features, fitted_on.bought)[-1].coef_[0]
         print("| feature (standardised) | weight |\n|---|---|")
         for position in np.argsort(-np.abs(weights)):
             print(f"| {FEATURES[position]} | {weights[position]:+.3f} |")
+    targets = day.targets
     print("| metric | served (exact) | re-ranked | difference, 95% interval |\n|---|---|---|---|")
     for name, per_case in (
         ("recall@12", lambda lists: metrics.recall_per_case(lists, targets, 12)),
         ("map@12", lambda lists: metrics.average_precision_per_case(lists, targets, 12)),
         ("recall@100", lambda lists: metrics.recall_per_case(lists, targets, 100)),
     ):
-        ours, theirs = per_case(reranked), per_case(served_lists)
+        ours, theirs = per_case(reranked), per_case(day.served_lists)
         difference = paired_bootstrap(ours, theirs)
         print(
             f"| {name} | {theirs.mean():.4f} | {ours.mean():.4f} | {difference.difference:+.4f} "
             f"({difference.low:+.4f} .. {difference.high:+.4f}) |"
         )
-    baseline = Mix([Repurchase(split), co_purchase, Popularity(split, days=7)])
-    baseline_lists = [baseline.rank(case, 100) for case in range(n_cases)]
+    baseline = Mix([Repurchase(day.split), day.co_purchase, Popularity(day.split, days=7)])
+    baseline_lists = [baseline.rank(case, 100) for case in day.cases]
     print("\n| split | target | cases | re-ranked - ratio x baseline, 95% interval | verdict |\n|---|---|---|---|---|")
-    for group, members in customer_groups(split, manifest.unseen_customer_share).items():
-        members = members[members < n_cases]
+    for group, members in customer_groups(day.split, manifest.unseen_customer_share).items():
         verdicts = served_vs_baseline(
             [reranked[i] for i in members], [baseline_lists[i] for i in members], [targets[i] for i in members]
         )
