@@ -61,21 +61,24 @@ class Repurchase(Ranker):
         )
         self._size = len(split.row_of)
         grouped = frame.groupby(["customer_id", "row"]).agg(recency=("recency", "min"), count=("row", "size"))
-        self._items: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for customer, part in grouped.groupby(level=0):
-            rows = part.index.get_level_values(1).to_numpy()
-            # fewer days ago ranks first; more purchases break ties
-            self._items[customer] = (rows, 1000.0 - part["recency"].to_numpy() + part["count"].to_numpy() / 100.0)
+        self._items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+            customer: (part.index.get_level_values(1).to_numpy(), part["recency"].to_numpy(), part["count"].to_numpy())
+            for customer, part in grouped.groupby(level=0)
+        }
         self._customers = split.customers
 
     def bought(self, case: int) -> np.ndarray:
         """The catalogue rows the case's customer bought before the cutoff."""
         return self._items[self._customers[case]][0]
 
+    def owned(self, case: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, days since the latest purchase of each, purchases of each) of the case's own articles."""
+        return self._items[self._customers[case]]
+
     def scores(self, case: int) -> np.ndarray:
         out = np.full(self._size, -np.inf)
-        rows, values = self._items[self._customers[case]]
-        out[rows] = values
+        rows, recency, count = self.owned(case)
+        out[rows] = 1000.0 - recency + count / 100.0  # fewer days ago ranks first; more purchases break ties
         return out
 
 

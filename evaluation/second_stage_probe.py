@@ -42,7 +42,7 @@ from twotower import metrics, ranking, triton_repository
 from twotower.data.customers import unseen_customers
 from twotower.data.histories import training_examples
 from twotower.data.hm import HMData, load_hm_dir
-from twotower.popularity import item_bias
+from twotower.popularity import item_bias, purchase_counts
 from twotower.train import split_examples
 
 log = logging.getLogger("evaluation.second_stage_probe")
@@ -85,14 +85,8 @@ class ArticleSignals:
     def __init__(self, split: TemporalSplit) -> None:
         n = len(split.row_of)
         history = split.history.assign(row=split.history["article_id"].map(split.row_of))
-        self.history = history
         rows = history["row"].to_numpy()
-        self.purchases = {
-            days: np.bincount(
-                rows[(history["t_dat"] >= split.cutoff - pd.Timedelta(days=days)).to_numpy()], minlength=n
-            ).astype(np.float32)
-            for days in (1, 3, 7)
-        }
+        self.purchases = {days: purchase_counts(history, split.row_of, n, split.cutoff, days) for days in (1, 3, 7)}
         first = history.groupby("row")["t_dat"].min()
         self.days_since_first_sale = np.full(n, 99.0, np.float32)
         self.days_since_first_sale[first.index.to_numpy()] = (split.cutoff - first).dt.days.to_numpy()
@@ -106,12 +100,7 @@ class ArticleSignals:
         by_customer = history.assign(online=online).groupby("customer_id")
         self.customer_price = by_customer["price"].mean().to_dict()
         self.customer_online = by_customer["online"].mean().to_dict()
-        owned = history.assign(age=(split.cutoff.normalize() - history["t_dat"]).dt.days)
-        grouped = owned.groupby(["customer_id", "row"])["age"].agg(["min", "size"])
-        self.owned = {
-            customer: (part.index.get_level_values(1).to_numpy(), part["min"].to_numpy(), part["size"].to_numpy())
-            for customer, part in grouped.groupby(level=0)
-        }
+        self.repurchase = Repurchase(split)  # each customer's own articles: days since bought, times bought
 
 
 def _rank_of(order: np.ndarray, pool: np.ndarray, n: int) -> np.ndarray:
@@ -141,7 +130,7 @@ def case_candidates(
     co_top = co_order[:POOL_CO_PURCHASE][co[co_order[:POOL_CO_PURCHASE]] > 0]
     pool = np.unique(np.concatenate([order[:POOL_SERVED], co_top, popular]))
     customer = split.customers[case]
-    own_rows, own_age, own_count = signals.owned[customer]
+    own_rows, own_age, own_count = signals.repurchase.owned(case)
     age = np.full(n, 99.0, np.float32)
     age[own_rows] = own_age
     count = np.zeros(n, np.float32)
@@ -264,6 +253,7 @@ class DayCandidates:
         signals = ArticleSignals(split)
         popular = np.argsort(-signals.purchases[7], kind="stable")[:POOL_POPULAR]
         self.co_purchase = CoPurchase(split)
+        self.repurchase = signals.repurchase
         self.cases = [i for i, c in enumerate(split.customers) if customers is None or c in customers]
         found = [
             case_candidates(i, split, catalog, cases, served, self.co_purchase, signals, popular) for i in self.cases
@@ -327,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     day = DayCandidates(data, args.cutoff, catalog, user_tower)
     log.info("evaluated: %s", day.describe())
     if args.fit_on_held_out is None:
-        fitted_on = day
         reranked = cross_fitted_lists(day.features, day.bought, day.case_of, day.rows, lambda: make_model(args.model))
+        fitted = make_model(args.model).fit(day.features, day.bought) if args.model == "logistic" else None
     else:
         held_day, held_customers = training_held_out(data, args.fit_on_held_out)
         fitted_on = DayCandidates(data, held_day, catalog, user_tower, held_customers)
@@ -336,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         fitted = make_model(args.model).fit(fitted_on.features, fitted_on.bought)
         reranked = ranked_pools(day.rows, day.case_of, fitted.predict_proba(day.features)[:, 1])
     if args.model == "logistic":
-        weights = make_model("logistic").fit(fitted_on.features, fitted_on.bought)[-1].coef_[0]
+        weights = fitted[-1].coef_[0]
         print("| feature (standardised) | weight |\n|---|---|")
         for position in np.argsort(-np.abs(weights)):
             print(f"| {FEATURES[position]} | {weights[position]:+.3f} |")
@@ -353,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {theirs.mean():.4f} | {ours.mean():.4f} | {difference.difference:+.4f} "
             f"({difference.low:+.4f} .. {difference.high:+.4f}) |"
         )
-    baseline = Mix([Repurchase(day.split), day.co_purchase, Popularity(day.split, days=7)])
+    baseline = Mix([day.repurchase, day.co_purchase, Popularity(day.split, days=7)])
     baseline_lists = [baseline.rank(case, 100) for case in day.cases]
     print("\n| split | target | cases | re-ranked - ratio x baseline, 95% interval | verdict |\n|---|---|---|---|---|")
     for group, members in customer_groups(day.split, manifest.unseen_customer_share).items():

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import subprocess
+import sys
 
+import numpy as np
+import pytest
+
+from benchmarks.memory_limit import MemoryCgroup
 from benchmarks.scale import _products_of_real_size
 from twotower.item_table import Column
 
@@ -38,13 +43,6 @@ def test_the_keyword_index_scale_bench_reports_each_size(tmp_path) -> None:
 
 
 def test_a_memory_cgroup_limits_what_its_launcher_starts() -> None:
-    import subprocess
-    import sys
-
-    import pytest
-
-    from benchmarks.memory_limit import MemoryCgroup
-
     cgroup = MemoryCgroup.create(96 * 2**20, name="twotower-test-limit")
     if cgroup is None:
         pytest.skip("this host does not let a process create a memory cgroup")

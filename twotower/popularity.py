@@ -70,10 +70,17 @@ def item_bias(
     `before` is exclusive, so a bias computed for an evaluation or held-out day never counts that day.
     Purchases of articles outside `row_of` are ignored.
     """
+    return np.log1p(purchase_counts(transactions, row_of, n_items, before, window_days))
+
+
+def purchase_counts(
+    transactions: pd.DataFrame, row_of: dict[str, int], n_items: int, before: pd.Timestamp, window_days: int
+) -> np.ndarray:
+    """float32 [n_items]: purchases of each article in the `window_days` days before `before` (exclusive)."""
     days = pd.to_datetime(transactions["t_dat"])
     recent = transactions["article_id"][(days < before) & (days >= before - pd.Timedelta(days=window_days))]
     rows = recent.map(row_of).dropna().to_numpy(dtype=np.int64)
-    return np.log1p(np.bincount(rows, minlength=n_items).astype(np.float32))
+    return np.bincount(rows, minlength=n_items).astype(np.float32)
 
 
 def with_bias(vectors: np.ndarray, bias: np.ndarray) -> np.ndarray:
