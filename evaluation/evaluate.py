@@ -169,12 +169,16 @@ def evaluate(
     served, exact = TwoTower(cases, catalog), TwoTower(cases, catalog, exact=True)
     results[served.name], ann_ranked = score_ranker(served, split)
     results[exact.name], exact_ranked = score_ranker(exact, split)
-    # What the prior and then the boost add, for comparison: the last variant is the towers alone.
+    # What the second stage, the prior and then the boost add, for comparison: the last variant is the towers alone.
     variants = []
+    if catalog.second_stage is not None:
+        variants.append(TwoTower(cases, catalog, exact=True, second_stage=False))
     if catalog.prior_weight:
-        variants.append(TwoTower(cases, catalog, exact=True, popularity_prior=False))
+        variants.append(TwoTower(cases, catalog, exact=True, popularity_prior=False, second_stage=False))
     if catalog.score_head.repeat.active:
-        variants.append(TwoTower(cases, catalog, exact=True, repeat_boost=False, popularity_prior=False))
+        variants.append(
+            TwoTower(cases, catalog, exact=True, repeat_boost=False, popularity_prior=False, second_stage=False)
+        )
     for variant in variants:
         results[variant.name] = score_ranker(variant, split)[0]
     ann_recall = float(
@@ -228,7 +232,13 @@ def evaluate(
         f"{boost.sibling_bonus:g} - {boost.sibling_slope:g} * log1p(days), popularity prior "
         f"{catalog.prior_weight:g} * log1p(purchases in the {catalog.score_head.prior.window_days} days "
         f"before {manifest.trained_until or 'the end of data'}; "
-        f"{catalog.prior_weight_for(exclude_bought=True):g} in lists without the customer's own articles)",
+        f"{catalog.prior_weight_for(exclude_bought=True):g} in lists without the customer's own articles)"
+        + (
+            ""
+            if catalog.second_stage is None
+            else ", then a second stage (twotower.second_stage; largest weights "
+            f"{catalog.second_stage.weights.describe()})"
+        ),
         "rankers": results,
         "best_baseline": best,
         "served": served.name,

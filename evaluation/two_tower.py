@@ -51,14 +51,17 @@ class TwoTower(Ranker):
         repeat_boost: bool = True,
         popularity_prior: bool = True,
         exclude_purchased: bool = False,
+        second_stage: bool = True,
     ):
         self.name = "two-tower (exact)" if exact else f"two-tower ({catalog.manifest.index_type})"
         self.exclude_purchased = exclude_purchased
         if exclude_purchased:
             self.name += " exclude_purchased"
-        left_out = [
-            part for part, kept in (("repeat boost", repeat_boost), ("popularity prior", popularity_prior)) if not kept
-        ]
+        parts = (("repeat boost", repeat_boost), ("popularity prior", popularity_prior))
+        left_out = [part for part, kept in parts if not kept]
+        self.stage = catalog.second_stage if second_stage else None
+        if catalog.second_stage is not None and not second_stage:
+            self.name += " first stage"
         if left_out:
             self.name = self.name.replace("two-tower", "two-tower without " + " or ".join(left_out))
         self.space: ranking.ItemSpace = catalog
@@ -77,7 +80,12 @@ class TwoTower(Ranker):
     def request(self, case: int, k: int) -> ranking.RankRequest:
         """A customer's list, as the retriever asks for it."""
         return ranking.RankRequest(
-            k, prior=self.prior, boost=self.boost, bought=self.pairs[case], exclude_bought=self.exclude_purchased
+            k,
+            prior=self.prior,
+            boost=self.boost,
+            bought=self.pairs[case],
+            exclude_bought=self.exclude_purchased,
+            stage=self.stage,
         )
 
     def scores(self, case: int) -> np.ndarray:

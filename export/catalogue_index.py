@@ -24,6 +24,7 @@ from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
 from twotower.files import sha256_file, staged_directory
 from twotower.model.towers import embed_texts
+from twotower.second_stage import ArticleSignals
 
 log = logging.getLogger("export.index")
 
@@ -173,6 +174,7 @@ def write_index_dir(
     excluded_rows: list[int] | None = None,
     item_bias: np.ndarray | None = None,
     lexical: LexicalIndex | None = None,
+    signals: ArticleSignals | None = None,
 ) -> artifacts.Manifest:
     """Write one index version into a staging directory, checksum it, then rename it into place."""
     if out.exists():
@@ -187,6 +189,11 @@ def write_index_dir(
         if item_bias is not None:
             np.save(staging / artifacts.ITEM_BIAS_FILE, np.asarray(item_bias, dtype=np.float32))
             names.append(artifacts.ITEM_BIAS_FILE)
+        if signals is not None:
+            if signals.size != len(vectors):
+                raise ValueError(f"second stage signals have {signals.size} rows, the index {len(vectors)}")
+            signals.save(staging / artifacts.SECOND_STAGE_FILE)
+            names.append(artifacts.SECOND_STAGE_FILE)
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)

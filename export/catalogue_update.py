@@ -165,6 +165,7 @@ def _update(
     n_parent = len(vectors)
     added = changed = 0
     lexical = parent.lexical
+    signals = None if parent.second_stage is None else parent.second_stage.signals
     if delta is not None and not delta.empty:
         captions = build_captions(delta)
         new_vectors = embedder_for(manifest)(captions)
@@ -176,10 +177,12 @@ def _update(
             items[column].extend(metadata.get(column, [""] * len(delta)))
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
         new_bias = np.zeros(len(delta), dtype=np.float32)
+        replaced = np.full(len(delta), -1, dtype=np.int64)
         for offset, article_id in enumerate(delta["article_id"]):
             old = parent.row_of.get(article_id)
             if old is not None:
                 changed += 1
+                replaced[offset] = old
                 excluded.add(old)
                 remap[old] = n_parent + offset
                 if item_bias is not None:
@@ -191,6 +194,8 @@ def _update(
         else:
             index.add(popularity.with_bias(new_vectors, new_bias))
             item_bias = np.concatenate([item_bias, new_bias])
+        if signals is not None:
+            signals = signals.extended(replaced)
         vectors = np.ascontiguousarray(np.concatenate([vectors, new_vectors]), dtype=np.float32)
         rows = histories["rows"]
         histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
@@ -210,7 +215,7 @@ def _update(
     }
     fields["parent_version"] = parent_name
     new_manifest = write_index_dir(
-        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias, lexical
+        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias, lexical, signals
     )
     artifacts.publish_version(index_root, out.name)
     summary = UpdateSummary(

@@ -47,6 +47,7 @@ from twotower.data.histories import day_numbers, latest_histories
 from twotower.data.hm import build_captions, load_hm_dir
 from twotower.model.clip_text import get_tokenizer
 from twotower.model.towers import TwoTowerModel, build_model
+from twotower.second_stage import ArticleSignals
 from twotower.triton_repository import next_version, query_spec, tower_specs, write_model
 
 log = logging.getLogger("export")
@@ -205,6 +206,10 @@ def export_run(
         prior_before.date(),
         int((item_bias > 0).sum()),
     )
+    signals = None
+    if run.second_stage is not None:  # counted as the prior is: the target day of an evaluation stays unseen
+        signals = ArticleSignals.count(data.transactions, row_of, len(vectors), prior_before)
+        log.info("second stage: %d co-purchase pairs before %s", len(signals.co_counts), prior_before.date())
     index_root = Path(index_dir)
     # One writer of the root at a time: a catalogue update running now would otherwise publish on top of
     # the version this one replaces.
@@ -233,6 +238,7 @@ def export_run(
                 float(head[2].bias.item()),
                 run.repeat_boost,
                 prior,
+                run.second_stage,
             ),
             {
                 "index_type": index_type,
@@ -251,6 +257,7 @@ def export_run(
             },
             item_bias=item_bias,
             lexical=LexicalIndex.build(captions),
+            signals=signals,
         )
         # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
         # A retriever watching the root swaps only once Triton serves the version this index names.

@@ -191,7 +191,8 @@ class RecommendationService:
 
     def _rank(
         self, catalog: Catalog, queries: list[Query], vectors: np.ndarray, bought: list[Purchases]
-    ) -> list[tuple[np.ndarray, np.ndarray, list[str] | None]]:
+    ) -> list[tuple[np.ndarray, np.ndarray, list[str] | None, np.ndarray | None]]:
+        """Each query's (similarities, rows, which retriever found each row, the second stage's scores)."""
         # OpenMP's thread count is per thread: a search in asyncio's worker threads would use every core (the
         # count set at load holds for the main thread only). Batched searches there, at 1M ivf-pq-fastscan
         # rows and 4 queries a batch, p99 7.8 ms on 2 threads against 2.8 on one.
@@ -199,18 +200,21 @@ class RecommendationService:
         requests = [self._rank_request(catalog, i, query, bought[i]) for i, query in enumerate(queries)]
         hybrid = [i for i, query in enumerate(queries) if self._hybrid(catalog, query)]
         dense = [i for i in range(len(queries)) if i not in hybrid]
-        results: list[tuple[np.ndarray, np.ndarray, list[str] | None] | None] = [None] * len(queries)
+        results: list[tuple[np.ndarray, np.ndarray, list[str] | None, np.ndarray | None] | None] = [None] * len(queries)
         for i, (scores, rows) in zip(dense, ranking.rank(catalog, vectors[dense], [requests[i] for i in dense])):
-            results[i] = (scores, rows, None)
+            if requests[i].stage is None:
+                results[i] = (scores, rows, None, None)
+            else:  # ordered by the stage's purchase probability; the similarity is still the first stage's
+                results[i] = (ranking.first_stage_scores(catalog, vectors[i], requests[i], rows), rows, None, scores)
         for i in hybrid:
             assert catalog.lexical is not None
-            results[i] = hybrid_rank(catalog, catalog.lexical, vectors[i], queries[i].value, requests[i])
+            results[i] = (*hybrid_rank(catalog, catalog.lexical, vectors[i], queries[i].value, requests[i]), None)
         return [r for r in results if r is not None]
 
     def _rank_request(self, catalog: Catalog, slot: int, query: Query, bought: Purchases) -> RankRequest:
         """Customers' and histories' lists rank with the popularity prior and their own purchases again
-        (unless excluded); text queries and similar items by cosine alone, similar items without the
-        article itself."""
+        (unless excluded), then the index's second stage when it has one; text queries and similar items by
+        cosine alone, similar items without the article itself."""
         options = query.options
         allowed = None
         if not options.filters.empty:
@@ -229,6 +233,7 @@ class RecommendationService:
             exclude_bought=exclude_bought,
             max_per_type=options.max_per_product_type,
             fetch_limit=self.config.max_k,
+            stage=catalog.second_stage if personal and self.config.second_stage else None,
         )
 
     async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[Purchases]]:
@@ -345,13 +350,19 @@ class RecommendationService:
         return await serving.towers.query_vectors(input_ids)
 
     def _recommendation(
-        self, catalog: Catalog, similarities: np.ndarray, rows: np.ndarray, sources: list[str] | None = None
+        self,
+        catalog: Catalog,
+        similarities: np.ndarray,
+        rows: np.ndarray,
+        sources: list[str] | None = None,
+        scores: np.ndarray | None = None,
     ) -> Recommendation:
+        """`scores`: the second stage's, for a list it re-ordered; else the score head's of the similarities."""
         article_ids = catalog.article_ids.take(rows)
         return Recommendation(
             article_ids=article_ids,
             similarities=similarities.tolist(),
-            scores=catalog.score_head(similarities).tolist(),
+            scores=(catalog.score_head(similarities) if scores is None else scores).tolist(),
             metadata=self.article_metadata(catalog, rows, article_ids),
             sources=sources,
         )

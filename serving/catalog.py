@@ -26,6 +26,7 @@ from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
 from twotower.files import load_npz_mapped
 from twotower.ranking import Purchases
+from twotower.second_stage import ArticleSignals, SecondStage
 
 log = logging.getLogger("serving.catalog")
 
@@ -135,10 +136,13 @@ class Catalog:
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
-        self.vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")
+        mapped_vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")
         # Rows are read at random (re-ranking, histories): without this hint every fault reads ahead ~128 KiB
         # of neighbours, and 700 searches over 10M articles mapped 5.4 GB of a 5 GB file (docs/scale.md).
-        random_access(self.vectors)
+        random_access(mapped_vectors)
+        # A plain ndarray view of the same pages: indexing an np.memmap goes through Python, 0.1 ms for each of
+        # the second stage's five gathers per request on H&M (cProfile, 2026-11-30).
+        self.vectors = np.asarray(mapped_vectors)
         # The popularity prior per article (twotower.popularity); indexes written before it have none
         # and search by cosine alone. With it, the index's rows are [vector, bias].
         self.item_bias: np.ndarray | None = None
@@ -173,10 +177,16 @@ class Catalog:
         self.score_head = artifacts.ScoreHeadWeights.from_json(
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
         )
+        # Customers' and histories' lists are re-ordered by the second stage when export shipped its signals and
+        # training its weights (twotower.second_stage); older indexes rank by the first stage alone.
+        self.second_stage: SecondStage | None = None
+        if self.score_head.stage is not None and artifacts.SECOND_STAGE_FILE in self.manifest.files:
+            signals = ArticleSignals.load(self.index_dir / artifacts.SECOND_STAGE_FILE)
+            self.second_stage = SecondStage(signals, self.score_head.stage)
         self._check_consistency()
         log.info(
             "loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d, "
-            "popularity prior weight %g (%.1fs)",
+            "popularity prior weight %g, second stage %s (%.1fs)",
             self.index_dir,
             len(self.article_ids),
             self.n_excluded,
@@ -185,6 +195,7 @@ class Catalog:
             len(self.customer_row),
             self.manifest.model_version,
             self.prior_weight,
+            "on" if self.second_stage is not None else "off",
             time.perf_counter() - started,
         )
 
@@ -247,6 +258,8 @@ class Catalog:
             )
         if self.item_bias is not None and self.item_bias.shape != (m.item_count,):
             problems.append(f"item bias shape {self.item_bias.shape} != ({m.item_count},)")
+        if self.second_stage is not None and self.second_stage.signals.size != m.item_count:
+            problems.append(f"second stage signals have {self.second_stage.signals.size} rows, not {m.item_count}")
         if self.customer_vectors is not None and self.customer_vectors.shape != (len(self.history_rows), m.dim):
             problems.append(f"customer vectors {self.customer_vectors.shape} != ({len(self.history_rows)}, {m.dim})")
         if self.history_rows.shape[1] != m.max_history:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -147,31 +146,3 @@ def test_attribute_queries_name_every_article_with_those_attributes() -> None:
     assert attribute_queries(articles, ("colour_group_name", "product_type_name"), min_articles=2) == [
         ("grey dress", {0, 1})
     ]
-
-
-def test_the_second_stage_probe_ranks_each_case_by_trees_fitted_on_the_other_half() -> None:
-    from evaluation.second_stage_probe import FEATURES, cross_fitted_lists, linear_inputs, make_model
-
-    rng = np.random.default_rng(0)
-    cases, pool = 40, 30
-    case_of = np.repeat(np.arange(cases), pool)
-    rows = np.tile(np.arange(pool), cases) + 1000 * case_of  # each case's own candidate rows
-    bought = (rng.random(cases * pool) < 0.2).astype(np.int8)
-    features = np.stack([bought + 0.1 * rng.standard_normal(len(bought)), rng.standard_normal(len(bought))], 1)
-    features = np.pad(features, ((0, 0), (0, len(FEATURES) - 2)))  # the probe's columns; the rest zero
-    small = {"max_iter": 30, "max_leaf_nodes": 4, "min_samples_leaf": 10}
-    for kind in ("trees", "logistic"):
-        lists = cross_fitted_lists(features, bought, case_of, rows, functools.partial(make_model, kind, small))
-        assert len(lists) == cases and all(len(ranked) == pool for ranked in lists)
-        first, found = 0, 0
-        for case, ranked in enumerate(lists):
-            assert sorted(ranked.tolist()) == sorted(rows[case_of == case].tolist())  # its own candidates, each once
-            positives = set(rows[(case_of == case) & (bought == 1)].tolist())
-            first += len(positives)
-            found += len(positives & set(ranked[: len(positives)].tolist()))
-        assert found / first > 0.95, kind  # learnt from the other half, the signal ranks first
-    counts = np.zeros((1, len(FEATURES)))
-    counts[0, FEATURES.index("purchases 7 days")] = np.e - 1
-    counts[0, FEATURES.index("price / customer's mean price")] = np.nan  # an unsold article has no price
-    assert linear_inputs(counts)[0, FEATURES.index("purchases 7 days")] == pytest.approx(1.0)
-    assert np.isfinite(linear_inputs(counts)).all()

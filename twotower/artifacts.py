@@ -17,6 +17,8 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
     item_bias.npy   optional: float32 [N] popularity prior per article (twotower.popularity); when present the
                     FAISS index holds [vector, bias] rows (dimension D + 1)
     excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
+    second_stage.npz optional: per-article sales and co-purchases the second stage reads (twotower.second_stage,
+                    which owns its arrays); its weights are in score_head.json
     lexical/        optional: the BM25 keyword index over the rows' captions (serving.lexical), for hybrid
                     text search; every file in it is checksummed as `lexical/<name>`
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
@@ -40,6 +42,7 @@ from twotower.files import sha256_file, write_atomically, write_json
 from twotower.item_table import ItemTable
 from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
+from twotower.second_stage import StageWeights
 
 FORMAT_VERSION = 1
 # Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
@@ -64,6 +67,7 @@ HISTORIES_FILE = "histories.npz"
 SCORE_HEAD_FILE = "score_head.json"
 EXCLUDED_FILE = "excluded.json"
 ITEM_BIAS_FILE = "item_bias.npy"
+SECOND_STAGE_FILE = "second_stage.npz"
 LEXICAL_DIR = "lexical"
 ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)  # + items/ (or items.json)
 CURRENT_FILE = "CURRENT"
@@ -149,7 +153,8 @@ def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
 class ScoreHeadWeights:
     """The trained score head, cosine -> sigmoid(w2 . relu(w1 * cosine + b1) + b2), the boost an
     article the customer bought before gets on its cosine (twotower.repeats) and the weight of the
-    popularity prior (twotower.popularity)."""
+    popularity prior (twotower.popularity), and the second stage's weights (twotower.second_stage) when
+    training fitted one."""
 
     w1: np.ndarray  # [H]
     b1: np.ndarray  # [H]
@@ -157,6 +162,7 @@ class ScoreHeadWeights:
     b2: float
     repeat: RepeatBoost = RepeatBoost()
     prior: PopularityPrior = PopularityPrior()
+    stage: StageWeights | None = None
 
     def __call__(self, cosine: np.ndarray) -> np.ndarray:
         hidden = np.maximum(cosine[..., None] * self.w1 + self.b1, 0.0)
@@ -170,6 +176,7 @@ class ScoreHeadWeights:
             "b2": float(self.b2),
             "repeat": self.repeat.to_json(),
             "prior": self.prior.to_json(),
+            "second_stage": None if self.stage is None else self.stage.to_json(),
         }
 
     @classmethod
@@ -181,6 +188,7 @@ class ScoreHeadWeights:
             float(raw["b2"]),
             RepeatBoost.from_json(raw.get("repeat")),  # indexes written before repeats: no boost
             PopularityPrior.from_json(raw.get("prior")),  # nor before the prior
+            StageWeights.from_json(raw.get("second_stage")),  # nor before the second stage
         )
 
 

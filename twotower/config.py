@@ -172,6 +172,9 @@ class RetrieverConfig:
     popularity_weight: float = (
         -1.0
     )  # popularity prior for customers' lists (twotower.popularity): -1 = the index's fitted weight, 0 = off
+    # re-order customers' and histories' lists by the index's second stage when it has one (twotower.second_stage):
+    # on H&M recall@100 0.3910 -> 0.4094, for ~1.7 ms more per list on one core (reports/hm_lastweek/eval.md)
+    second_stage: bool = True
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly

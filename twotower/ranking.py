@@ -12,6 +12,11 @@ recommended" has a single definition. A ranking is two steps:
    search hit; rows the request hides stay out; then at most `max_per_type` articles of one product
    type; cut to k.
 
+A customer's or a history's list may carry a learned second stage (twotower.second_stage): between the two
+steps its candidates (the first stage's top POOL_SERVED, co-purchases and best sellers the request may see) are
+re-ordered by the stage's purchase probability, which the list then carries as its scores (`first_stage_scores`
+gives a row's cosine + prior + boost).
+
 Text queries may add a lexical (BM25, serving.lexical) list: `hybrid` fuses it with the dense one by a
 convex combination of both scores, each scaled to [0, 1] over the two lists' rows, both searched under the
 same filters.
@@ -26,8 +31,10 @@ from typing import Protocol
 
 import numpy as np
 
-from twotower import repeats
+from twotower import repeats, second_stage
 from twotower.repeats import Products, RepeatBoost
+from twotower.rowsets import find_sorted, member_of
+from twotower.second_stage import SecondStage
 
 Purchases = tuple[np.ndarray, np.ndarray]  # (catalogue rows most recent first, ages in days)
 NOTHING_BOUGHT: Purchases = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
@@ -56,6 +63,8 @@ class ItemSpace(Protocol):
     """
 
     excluded: np.ndarray  # bool [N]: rows never returned (removed or replaced articles)
+    vectors: np.ndarray  # float32 [N, D]: the item vectors (the second stage compares candidates with a history)
+    item_bias: np.ndarray | None  # float32 [N]: the popularity prior's bias per row (twotower.popularity), if any
     products: Products | None  # articles of one product, for the sibling boost
     product_types: np.ndarray  # int [N]: product type code per row, for the diversity cap
 
@@ -99,6 +108,7 @@ class RankRequest:
     exclude_bought: bool = False  # never return a bought row (other colours keep their boost)
     max_per_type: int | None = None  # diversity cap
     fetch_limit: int | None = None  # most rows a capped request may fetch
+    stage: SecondStage | None = None  # re-orders the list's candidates (customers' and histories' lists)
 
     @property
     def searches_everything(self) -> bool:
@@ -109,8 +119,12 @@ class RankRequest:
     def fetch(self) -> int:
         """Rows to search for before the cap thins them out."""
         if self.max_per_type is None:
-            return self.k
-        return CAP_OVERFETCH * self.k if self.fetch_limit is None else min(self.fetch_limit, CAP_OVERFETCH * self.k)
+            rows = self.k
+        elif self.fetch_limit is None:
+            rows = CAP_OVERFETCH * self.k
+        else:
+            rows = min(self.fetch_limit, CAP_OVERFETCH * self.k)
+        return rows if self.stage is None else max(rows, second_stage.POOL_SERVED)
 
 
 def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> list[Ranked]:
@@ -141,7 +155,7 @@ def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: in
         hidden = np.unique(request.bought[0][request.bought[0] >= 0]) if request.exclude_bought else NOTHING_BOUGHT[0]
         if len(hidden) <= OVERFETCH_LIMIT:
             similarities, rows = space.search(query[None], n + len(hidden), request.prior)
-            shown = ~np.isin(rows[0], hidden)
+            shown = ~member_of(rows[0], hidden)
             return similarities[0][shown][:n], rows[0][shown][:n]
     return space.search_masked(query, n, visible(space, request), request.prior)
 
@@ -192,9 +206,72 @@ def _finish(
     else:
         keep = rows >= 0
         similarities, rows = similarities[keep], rows[keep]
+    if request.stage is not None:
+        rows, features = stage_candidates(space, query, request, request.stage.signals, similarities, rows, boosted)
+        scores = request.stage.weights(features)
+        order = np.argsort(-scores, kind="stable")
+        similarities, rows = 1.0 / (1.0 + np.exp(-scores[order])), rows[order]
     if request.max_per_type is not None:
         return cap_per_type(similarities, rows, space.product_types, request.max_per_type, request.k)
     return similarities[: request.k], rows[: request.k]
+
+
+def first_stage_scores(
+    space: ItemSpace,
+    query: np.ndarray,
+    request: RankRequest,
+    rows: np.ndarray,
+    boosted: tuple[np.ndarray, np.ndarray] | None = None,
+    cosine: np.ndarray | None = None,
+) -> np.ndarray:
+    """float32: what the first stage ranks `rows` by for this request: cosine (given, or computed) + prior * bias
+    + repeat boost."""
+    own_rows, boosts = boosted_rows(space, request) if boosted is None else boosted
+    if cosine is None:
+        scores = space.scores(query, rows, request.prior).astype(np.float32)
+    else:
+        scores = np.array(cosine, dtype=np.float32)
+        if request.prior and space.item_bias is not None:
+            scores += request.prior * space.item_bias[rows]
+    if len(own_rows):
+        by_row = np.argsort(own_rows)
+        at, found = find_sorted(own_rows[by_row], rows)
+        scores[found] += boosts[by_row[at[found]]]
+    return scores
+
+
+def stage_candidates(
+    space: ItemSpace,
+    query: np.ndarray,
+    request: RankRequest,
+    signals: second_stage.ArticleSignals,
+    similarities: np.ndarray,
+    rows: np.ndarray,
+    boosted: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate rows, features) of the second stage over a first-stage list (scores and rows best first, boosts
+    merged, no -1 rows: `rank` of the request with k = POOL_SERVED and no stage gives one). Training's fit calls
+    this before there are weights."""
+    boosted = boosted_rows(space, request) if boosted is None else boosted
+
+    def shown(candidates: np.ndarray) -> np.ndarray:
+        keep = ~space.excluded[candidates]
+        if request.allowed is not None:
+            keep &= request.allowed[candidates]
+        if request.exclude_bought:
+            keep &= ~member_of(candidates, request.bought[0])
+        return keep
+
+    return second_stage.candidates(
+        signals,
+        second_stage.Candidates(similarities, rows, *request.bought),
+        shown,
+        lambda candidates, cosine: first_stage_scores(space, query, request, candidates, boosted, cosine),
+        query,
+        space.vectors,
+        space.product_types,
+        space.products,
+    )
 
 
 def cap_per_type(similarities: np.ndarray, rows: np.ndarray, product_types: np.ndarray, cap: int, k: int) -> Ranked:
@@ -275,6 +352,7 @@ class ExactItems:
     ):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.bias = bias
+        self.item_bias = bias
         n = len(self.vectors)
         self.searchable = np.arange(n) if searchable is None else np.asarray(searchable, dtype=np.int64)
         self.products = products

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from twotower.rowsets import member_of
+
 
 def _fade(bonus: float, slope: float, age_days: np.ndarray) -> np.ndarray:
     return (bonus - slope * np.log1p(np.maximum(age_days, 0.0))).astype(np.float32)
@@ -136,8 +138,7 @@ def merge(
     similarities: np.ndarray, rows: np.ndarray, repeat_rows: np.ndarray, repeat_scores: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top k of a search result (-1 rows ignored) and boosted own purchases; a boosted row wins over its search hit."""
-    repeated = set(repeat_rows.tolist())
-    keep = [i for i, row in enumerate(rows.tolist()) if row >= 0 and row not in repeated]
+    keep = (rows >= 0) & ~member_of(rows, repeat_rows)
     all_scores = np.concatenate([similarities[keep], repeat_scores]).astype(np.float32)
     all_rows = np.concatenate([rows[keep], repeat_rows]).astype(np.int64)
     order = np.argsort(-all_scores, kind="stable")[:k]

@@ -7,6 +7,7 @@
     item_ids.json          article_id of each row of the id-embedding table
     repeat_boost.json      twotower.repeats.RepeatBoost fitted on the held-out purchases
     popularity_prior.json  twotower.popularity.PopularityPrior, fitted after the boost
+    second_stage.json      twotower.second_stage.StageWeights, fitted after the prior (absent: no stage)
     text_features.npy      a frozen text encoder's pooled features of every catalogue caption (optional):
                            export reuses them for the catalogue when config.json's captions_sha256 matches
 
@@ -29,6 +30,7 @@ from twotower.config import ModelConfig, from_dict
 from twotower.files import staged_directory, write_json
 from twotower.popularity import PopularityPrior
 from twotower.repeats import RepeatBoost
+from twotower.second_stage import StageWeights
 
 CONFIG = "config.json"
 WEIGHTS = "model.pt"
@@ -36,6 +38,7 @@ METRICS = "metrics.json"
 ITEM_IDS = "item_ids.json"
 REPEAT_BOOST = "repeat_boost.json"
 POPULARITY_PRIOR = "popularity_prior.json"
+SECOND_STAGE = "second_stage.json"
 TEXT_FEATURES = "text_features.npy"
 
 
@@ -48,6 +51,7 @@ class Run:
     repeat_boost: RepeatBoost
     popularity_prior: PopularityPrior
     directory: Path
+    second_stage: StageWeights | None = None
 
     @property
     def context_length(self) -> int:
@@ -80,6 +84,7 @@ def write_run(
     popularity_prior: PopularityPrior,
     metrics: dict[str, Any],
     text_features: np.ndarray | None = None,
+    second_stage: StageWeights | None = None,
 ) -> None:
     """Write (or replace) the run directory `out` whole."""
     with staged_directory(out, replace=True) as staging:
@@ -91,6 +96,8 @@ def write_run(
         write_json(staging / REPEAT_BOOST, repeat_boost.to_json())
         write_json(staging / POPULARITY_PRIOR, popularity_prior.to_json())
         write_json(staging / METRICS, metrics)
+        if second_stage is not None:
+            write_json(staging / SECOND_STAGE, second_stage.to_json())
 
 
 def read_run(run_dir: Path) -> Run:
@@ -123,6 +130,7 @@ def read_run(run_dir: Path) -> Run:
         RepeatBoost.from_json(optional(REPEAT_BOOST)),
         PopularityPrior.from_json(optional(POPULARITY_PRIOR)),
         run_dir,
+        StageWeights.from_json(optional(SECOND_STAGE)),
     )
 
 

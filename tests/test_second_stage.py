@@ -1,0 +1,170 @@
+"""The learned second stage (twotower.second_stage): its signals, its fit, and lists re-ordered by it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.catalog import Catalog
+from twotower import fitting, ranking, repeats, rowsets, second_stage
+from twotower.artifacts import ScoreHeadWeights
+from twotower.second_stage import FEATURES, NEVER, ArticleSignals, SecondStage, StageWeights
+
+ROW_OF = {"a": 0, "b": 1, "c": 2, "d": 3}
+
+
+def purchases() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "t_dat": pd.to_datetime(
+                ["2020-09-10", "2020-09-18", "2020-09-19", "2020-09-19", "2020-09-19", "2020-09-20"]
+            ),
+            "customer_id": ["x", "x", "x", "y", "y", "z"],
+            "article_id": ["a", "b", "b", "a", "b", "c"],
+        }
+    )
+
+
+def test_membership_by_sorted_search_matches_isin() -> None:
+    rng = np.random.default_rng(3)
+    values, members = rng.integers(0, 50, 300), rng.integers(0, 50, 9)
+    np.testing.assert_array_equal(rowsets.member_of(values, members), np.isin(values, members))
+    assert not rowsets.member_of(values, members[:0]).any()
+
+
+def test_signals_count_sales_first_sales_and_customers_who_bought_both() -> None:
+    signals = ArticleSignals.count(purchases(), ROW_OF, 4, pd.Timestamp("2020-09-20"))  # the 20th is not counted
+    np.testing.assert_array_equal(signals.purchases.T, [[1, 2, 0, 0], [1, 3, 0, 0], [1, 3, 0, 0]])  # 1, 3, 7 days
+    np.testing.assert_array_equal(signals.days_since_first_sale, [10, 2, NEVER, NEVER])
+    assert signals.popular.tolist() == [1, 0]  # most bought first; unsold articles are no best sellers
+    # x and y bought both a and b: 2 customers, however often each bought them
+    rows, counts = signals.co_purchases(np.array([0, 0, -1]))
+    assert rows.tolist() == [1] and counts.tolist() == [2.0]
+    rows, counts = signals.co_purchases(np.array([0, 1]))
+    assert dict(zip(rows.tolist(), counts.tolist())) == {0: 2.0, 1: 2.0}
+    assert signals.co_purchases(np.array([3]))[0].tolist() == []
+
+
+def test_signals_survive_a_save_and_a_catalogue_update(tmp_path: Path) -> None:
+    signals = ArticleSignals.count(purchases(), ROW_OF, 4, pd.Timestamp("2020-09-21"))
+    signals.save(tmp_path / "s.npz")
+    loaded = ArticleSignals.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(loaded.co_counts, signals.co_counts)
+    extended = loaded.extended(np.array([-1, 2]))  # a new article, and a changed c in a new row
+    assert extended.size == 6
+    assert extended.purchases[4].tolist() == [0, 0, 0] and extended.days_since_first_sale[4] == NEVER
+    assert extended.purchases[5].tolist() == signals.purchases[2].tolist()
+    assert extended.co_purchases(np.array([4, 5]))[0].tolist() == []
+    assert extended.co_purchases(np.array([0]))[0].tolist() == [1]
+
+
+def test_the_fit_reaches_the_penalised_log_loss_minimum() -> None:
+    rng = np.random.default_rng(0)
+    features = np.abs(rng.normal(size=(3000, len(FEATURES)))).astype(np.float32)
+    logit = 2.0 * features[:, 2] - 1.5 * np.log1p(features[:, 1]) - 1.0
+    bought = rng.random(3000) < 1 / (1 + np.exp(-logit))
+    weights = StageWeights.fit(features, bought)
+    # the optimum: gradient of the loss + 0.5 * |coef|^2 (intercept unpenalised) is zero
+    x = second_stage.standardise(features, weights.mean, weights.scale)
+    p = 1 / (1 + np.exp(-(x @ weights.coef + weights.intercept)))
+    np.testing.assert_allclose(x.T @ (p - bought) + weights.coef, 0, atol=1e-6)
+    assert abs((p - bought).sum()) < 1e-6
+    assert weights.coef[2] > 0 > weights.coef[1]
+    restored = StageWeights.from_json(weights.to_json())
+    assert restored is not None
+    np.testing.assert_allclose(restored(features), weights(features), rtol=1e-6)
+
+
+def test_weights_over_other_features_are_refused_and_old_score_heads_have_none() -> None:
+    raw = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.zeros(len(FEATURES)), 0.0).to_json()
+    with pytest.raises(ValueError, match="features"):
+        StageWeights.from_json({**raw, "features": list(FEATURES[:-1])})
+    head = ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0)
+    assert ScoreHeadWeights.from_json(head.to_json()).stage is None
+    assert ScoreHeadWeights.from_json({k: v for k, v in head.to_json().items() if k != "second_stage"}).stage is None
+
+
+def staged_space(
+    rng: np.random.Generator, excluded: np.ndarray | None = None
+) -> tuple[ranking.ExactItems, ArticleSignals, np.ndarray]:
+    """300 random articles in 100 products and 20 types, random purchases before the day, 20 users."""
+    n = 300
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    products = repeats.Products([str(i // 3) for i in range(n)])
+    space = ranking.ExactItems(vectors, products=products, product_types=np.arange(n) % 20, excluded=excluded)
+    frame = pd.DataFrame(
+        {
+            "t_dat": pd.Timestamp("2020-09-20") - pd.to_timedelta(rng.integers(1, 9, 2000), unit="D"),
+            "customer_id": rng.integers(0, 200, 2000).astype(str),
+            "article_id": rng.integers(0, n, 2000).astype(str),
+        }
+    )
+    signals = ArticleSignals.count(frame, {str(i): i for i in range(n)}, n, pd.Timestamp("2020-09-20"))
+    return space, signals, rng.normal(size=(20, 8)).astype(np.float32)
+
+
+def test_a_staged_list_honours_filters_exclusions_and_the_type_cap() -> None:
+    rng = np.random.default_rng(1)
+    space, signals, users = staged_space(rng, excluded=np.arange(300) % 7 == 0)
+    weights = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), rng.normal(size=len(FEATURES)), 0.0)
+    stage = SecondStage(signals, weights)
+    bought = (np.array([5, 9, 5, 40]), np.array([1.0, 2.0, 3.0, 5.0], np.float32))
+    allowed = np.arange(300) % 2 == 1
+    requests = [
+        ranking.RankRequest(12, bought=bought, stage=stage),
+        ranking.RankRequest(12, bought=bought, stage=stage, exclude_bought=True),
+        ranking.RankRequest(12, bought=bought, stage=stage, allowed=allowed),
+        ranking.RankRequest(12, bought=bought, stage=stage, max_per_type=1),
+    ]
+    lists = ranking.rank(space, users[:4], requests)
+    for scores, rows in lists:
+        assert len(rows) == 12 and len(set(rows.tolist())) == 12
+        assert not space.excluded[rows].any()
+        assert (np.diff(scores) <= 0).all()  # best first by the stage's score
+    assert not np.isin(lists[1][1], bought[0]).any()
+    assert allowed[lists[2][1]].all()
+    assert len(set((np.arange(300) % 20)[lists[3][1]].tolist())) == 12
+    # the stage's score is what the list carries, recomputed from the candidates' features
+    pool, features = ranking.stage_candidates(
+        space,
+        users[0],
+        requests[0],
+        signals,
+        *ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=bought)])[0],
+    )
+    best = pool[np.argsort(-weights(features), kind="stable")][:12]
+    assert lists[0][1].tolist() == best.tolist()
+
+
+def test_the_stage_fitted_on_purchases_it_can_see_finds_them() -> None:
+    rng = np.random.default_rng(2)
+    space, signals, users = staged_space(rng)
+    histories = [(rng.integers(0, 300, 5), np.arange(5, dtype=np.float32)) for _ in users]
+    best_sellers = signals.popular[:40].tolist()
+    targets = [set(rng.choice(best_sellers, 3, replace=False).tolist()) for _ in users]  # they buy best sellers
+    fit = fitting.fit_second_stage(space, users, histories, targets, repeats.RepeatBoost(), 0.0, signals)
+    assert fit is not None and fit.bought > 0
+    assert fit.map_at_12[0] > fit.map_at_12[1]
+    assert fit.weights.coef[FEATURES.index("purchases 7 days")] > 0
+    nobody = [set() for _ in users]
+    assert fitting.fit_second_stage(space, users, histories, nobody, repeats.RepeatBoost(), 0.0, signals) is None
+
+
+def test_export_ships_the_stage_training_fitted_and_serves_it(tiny_pipeline) -> None:
+    catalog = Catalog(tiny_pipeline.index_dir)
+    assert catalog.second_stage is not None
+    assert catalog.second_stage.signals.size == catalog.manifest.item_count
+    customer = next(iter(catalog.customer_row))
+    rows, ages = catalog.customer_history(customer)
+    vector = catalog.customer_vector(customer)
+    assert vector is not None
+    request = ranking.RankRequest(
+        12, prior=catalog.prior_weight, boost=catalog.score_head.repeat, bought=(rows[rows >= 0], ages[rows >= 0])
+    )
+    staged = ranking.rank(catalog, vector[None], [dataclasses.replace(request, stage=catalog.second_stage)])
+    assert len(staged[0][1]) == 12
