@@ -60,7 +60,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "`hr@10_sampled100` is the classic leave-one-out protocol (one held-out purchase ranked against 100",
         "random articles) reported so the numbers can be set beside published ones; it is a much easier",
-        "protocol than full-catalogue ranking and flatters every model.",
+        "protocol than full-catalogue ranking and flatters every model. The two-tower rows score it by the first",
+        "stage (cosine + prior + boost): the second stage re-orders a list's candidates, not sampled pairs.",
         "",
         f"Command: `{result['command']}`",
         "",

@@ -89,6 +89,7 @@ class TwoTower(Ranker):
         )
 
     def scores(self, case: int) -> np.ndarray:
+        """Every row's first-stage score (the sampled protocol): the second stage only re-orders a list."""
         return ranking.dense_scores(self.space, self.users[case], self.request(case, 0))
 
     def rank(self, case: int, k: int) -> np.ndarray:

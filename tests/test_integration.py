@@ -217,17 +217,26 @@ def test_a_colour_and_type_query_returns_that_colour_and_type_first(tiny_pipelin
 
 def reference_top_k(pipeline, tensors: dict[str, np.ndarray], k: int, bought: list | None = None) -> list[list[str]]:
     """The same computation in-process: TorchScript user tower + exact search over the item vectors,
-    ranked as a customer's list (given what each query's customer bought: with the index's prior and boost)."""
+    ranked as a customer's list (given what each query's customer bought: with the index's prior, boost and
+    second stage)."""
     from serving.catalog import Catalog
 
     with torch.inference_mode():
         users = local_tower(pipeline, "user_tower")(*(torch.from_numpy(t) for t in tensors.values())).numpy()
     catalog = Catalog(pipeline.index_dir)
-    space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)
+    space = ranking.ExactItems(
+        catalog.vectors, catalog.item_bias, products=catalog.products, product_types=catalog.product_types
+    )
     requests = [
         ranking.RankRequest(k)
         if bought is None
-        else ranking.RankRequest(k, prior=catalog.prior_weight, boost=catalog.score_head.repeat, bought=bought[i])
+        else ranking.RankRequest(
+            k,
+            prior=catalog.prior_weight,
+            boost=catalog.score_head.repeat,
+            bought=bought[i],
+            stage=catalog.second_stage,
+        )
         for i in range(len(users))
     ]
     return [[catalog.article_ids[r] for r in rows] for _, rows in ranking.rank(space, users, requests)]

@@ -54,12 +54,16 @@ def test_signals_survive_a_save_and_a_catalogue_update(tmp_path: Path) -> None:
     signals.save(tmp_path / "s.npz")
     loaded = ArticleSignals.load(tmp_path / "s.npz")
     np.testing.assert_array_equal(loaded.co_counts, signals.co_counts)
-    extended = loaded.extended(np.array([-1, 2]))  # a new article, and a changed c in a new row
+    extended = loaded.extended(np.array([-1, 1]))  # a new article, and a changed b in a new row (5)
     assert extended.size == 6
     assert extended.purchases[4].tolist() == [0, 0, 0] and extended.days_since_first_sale[4] == NEVER
-    assert extended.purchases[5].tolist() == signals.purchases[2].tolist()
-    assert extended.co_purchases(np.array([4, 5]))[0].tolist() == []
-    assert extended.co_purchases(np.array([0]))[0].tolist() == [1]
+    assert extended.purchases[5].tolist() == signals.purchases[1].tolist()
+    assert extended.popular.tolist() == [5, 0, 2]  # b, the best seller, now in its new row
+    # the new row has b's co-purchases, and a's co-purchase partner is the new row
+    assert extended.co_purchases(np.array([5]))[0].tolist() == [0]
+    assert extended.co_purchases(np.array([0]))[0].tolist() == [5]
+    assert extended.co_purchases(np.array([4]))[0].tolist() == []
+    assert (np.diff(extended.co_indptr) >= 0).all() and extended.co_indptr[-1] == len(extended.co_indices)
 
 
 def test_the_fit_reaches_the_penalised_log_loss_minimum() -> None:
@@ -79,20 +83,21 @@ def test_the_fit_reaches_the_penalised_log_loss_minimum() -> None:
     np.testing.assert_allclose(restored(features), weights(features), rtol=1e-6)
 
 
-def test_weights_over_other_features_are_refused_and_old_score_heads_have_none() -> None:
+def test_weights_over_other_features_turn_the_stage_off_and_old_score_heads_have_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     raw = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.zeros(len(FEATURES)), 0.0).to_json()
-    with pytest.raises(ValueError, match="features"):
-        StageWeights.from_json({**raw, "features": list(FEATURES[:-1])})
+    assert StageWeights.from_json({**raw, "features": list(FEATURES[:-1])}) is None
+    assert "second stage off" in caplog.text
     head = ScoreHeadWeights(np.ones(2), np.zeros(2), np.ones(2), 0.0)
     assert ScoreHeadWeights.from_json(head.to_json()).stage is None
     assert ScoreHeadWeights.from_json({k: v for k, v in head.to_json().items() if k != "second_stage"}).stage is None
 
 
 def staged_space(
-    rng: np.random.Generator, excluded: np.ndarray | None = None
+    rng: np.random.Generator, excluded: np.ndarray | None = None, n: int = 300
 ) -> tuple[ranking.ExactItems, ArticleSignals, np.ndarray]:
-    """300 random articles in 100 products and 20 types, random purchases before the day, 20 users."""
-    n = 300
+    """n random articles in products of 3 and 20 types, random purchases before the day, 20 users."""
     vectors = rng.normal(size=(n, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     products = repeats.Products([str(i // 3) for i in range(n)])
@@ -130,13 +135,8 @@ def test_a_staged_list_honours_filters_exclusions_and_the_type_cap() -> None:
     assert allowed[lists[2][1]].all()
     assert len(set((np.arange(300) % 20)[lists[3][1]].tolist())) == 12
     # the stage's score is what the list carries, recomputed from the candidates' features
-    pool, features = ranking.stage_candidates(
-        space,
-        users[0],
-        requests[0],
-        signals,
-        *ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=bought)])[0],
-    )
+    _, first = ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=bought)])[0]
+    pool, features = ranking.stage_candidates(space, users[0], requests[0], signals, first)
     best = pool[np.argsort(-weights(features), kind="stable")][:12]
     assert lists[0][1].tolist() == best.tolist()
 
@@ -168,3 +168,24 @@ def test_export_ships_the_stage_training_fitted_and_serves_it(tiny_pipeline) -> 
     )
     staged = ranking.rank(catalog, vector[None], [dataclasses.replace(request, stage=catalog.second_stage)])
     assert len(staged[0][1]) == 12
+
+
+def test_a_long_list_keeps_every_first_stage_row_and_old_purchases_count_as_bought() -> None:
+    rng = np.random.default_rng(5)
+    space, signals, users = staged_space(rng, n=1000)
+    weights = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), rng.normal(size=len(FEATURES)), 0.0)
+    stage = SecondStage(signals, weights)
+    (_, rows), (_, capped) = ranking.rank(
+        space,
+        users[:2],
+        [
+            ranking.RankRequest(700, stage=stage),  # past the 300 + 150 + 150 a short list's pool holds
+            ranking.RankRequest(200, stage=stage, max_per_type=10),  # 20 types x 10
+        ],
+    )
+    assert len(rows) == 700 and len(capped) == 200
+    ancient = (np.array([7]), np.array([5000.0], np.float32))  # bought long ago (a dated history)
+    request = ranking.RankRequest(12, bought=ancient, stage=stage)
+    first = ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=ancient)])[0][1]
+    pool, features = ranking.stage_candidates(space, users[0], request, signals, first)
+    assert features[pool == 7, FEATURES.index("days since own purchase")] == NEVER

@@ -152,8 +152,8 @@ def fit_second_stage(
     requests = [RankRequest(depth, prior=prior, boost=boost, bought=history) for history in histories]
     first = ranking.rank(space, users, requests)
     pools, features = [], []
-    for case, (request, (scores, rows)) in enumerate(zip(requests, first)):
-        pool, case_features = ranking.stage_candidates(space, users[case], request, signals, scores, rows)
+    for case, (request, (_, rows)) in enumerate(zip(requests, first)):
+        pool, case_features = ranking.stage_candidates(space, users[case], request, signals, rows)
         pools.append(pool)
         features.append(case_features)
     bought = np.concatenate([np.isin(pool, list(case_targets)) for pool, case_targets in zip(pools, targets)])

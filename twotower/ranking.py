@@ -207,7 +207,7 @@ def _finish(
         keep = rows >= 0
         similarities, rows = similarities[keep], rows[keep]
     if request.stage is not None:
-        rows, features = stage_candidates(space, query, request, request.stage.signals, similarities, rows, boosted)
+        rows, features = stage_candidates(space, query, request, request.stage.signals, rows, boosted)
         scores = request.stage.weights(features)
         order = np.argsort(-scores, kind="stable")
         similarities, rows = 1.0 / (1.0 + np.exp(-scores[order])), rows[order]
@@ -245,13 +245,12 @@ def stage_candidates(
     query: np.ndarray,
     request: RankRequest,
     signals: second_stage.ArticleSignals,
-    similarities: np.ndarray,
     rows: np.ndarray,
     boosted: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(candidate rows, features) of the second stage over a first-stage list (scores and rows best first, boosts
-    merged, no -1 rows: `rank` of the request with k = POOL_SERVED and no stage gives one). Training's fit calls
-    this before there are weights."""
+    """(candidate rows, features) of the second stage over a first-stage list (its rows best first, boosts merged,
+    no -1 rows: `rank` of the request with k = POOL_SERVED and no stage gives one). Training's fit calls this
+    before there are weights."""
     boosted = boosted_rows(space, request) if boosted is None else boosted
 
     def shown(candidates: np.ndarray) -> np.ndarray:
@@ -264,7 +263,7 @@ def stage_candidates(
 
     return second_stage.candidates(
         signals,
-        second_stage.Candidates(similarities, rows, *request.bought),
+        second_stage.Candidates(rows, *request.bought),
         shown,
         lambda candidates, cosine: first_stage_scores(space, query, request, candidates, boosted, cosine),
         query,

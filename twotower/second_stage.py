@@ -9,7 +9,8 @@ candidate) orders them. The weights are fitted in training on the held-out day, 
 (twotower.fitting.fit_second_stage); the per-article signals are counted at export up to the day training stopped
 and ship in the index version (twotower.artifacts.SECOND_STAGE_FILE).
 
-Measured first as a probe (evaluation/second_stage_probe.py, the make eval model of 2026-11-29): fitted on the
+Measured first as a probe (`git show 926f522:evaluation/second_stage_probe.py`, the make eval model of 2026-11-29;
+removed once this served it): fitted on the
 held-out day it lifted recall@100 on 2020-09-22 from 0.3897 to 0.4077 (+0.0180, 95% +0.0113 .. +0.0247). The
 probe's price and online-share features need each customer's receipts, which a posted history does not carry:
 without them and the article-id rank (these `FEATURES`) the lift was the same: recall@100 0.4094 (+0.0198, 95%
@@ -22,20 +23,27 @@ export uses scipy.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
+from twotower.files import load_npz_mapped
 from twotower.popularity import purchase_counts
 from twotower.repeats import Products
 from twotower.rowsets import find_sorted, member_of
 
-POOL_SERVED, POOL_CO_PURCHASE, POOL_POPULAR = 300, 150, 150
+log = logging.getLogger(__name__)
+
+POOL_SERVED, POOL_CO_PURCHASE, POOL_POPULAR = 300, 150, 150  # a list asking for more keeps all its first-stage rows
 POPULAR_KEPT = 4 * POOL_POPULAR  # best sellers stored: a filtered request takes the first POOL_POPULAR it may see
 RANK_CAP = 2000  # a candidate's rank in the co-purchase list, capped
-NEVER = 99.0  # days since an event that never happened (an unsold article, an article never bought by the customer)
+# Days since an event that never happened (an unsold article, an article never bought by the customer); older events
+# are clipped to it (a one-week data set never reaches it; a stored history aged by the clock, or a dated posted one,
+# may), so an old purchase never looks less bought than none.
+NEVER = 99.0
 SALE_WINDOWS = (1, 3, 7)  # days of purchases counted per article
 FEATURES = (
     "served score",
@@ -54,8 +62,8 @@ FEATURES = (
     "product bought before",
     "max cosine to a history article",
     "mean cosine to the history",
-    "co-purchase count / sqrt(7-day purchases)",
-    "1-day / 7-day purchases",
+    "co-purchase count / sqrt(7-day purchases)",  # computed as count / (sqrt(purchases) + 1), as the next one
+    "1-day / 7-day purchases",  # 1-day / (7-day + 1): the names are part of the weights' JSON
     "days since first sale",
 )
 # Counts and ranks enter the model as log1p: their effect flattens (the 50th co-purchase adds less than the first).
@@ -102,7 +110,8 @@ class ArticleSignals:
         earlier, rows = earlier[rows.notna()], rows[rows.notna()].to_numpy(np.int64)
         first = pd.Series(pd.to_datetime(earlier["t_dat"]).to_numpy()).groupby(rows).min()
         days_since_first_sale = np.full(n_items, NEVER, np.float32)
-        days_since_first_sale[first.index.to_numpy()] = (before.normalize() - first).dt.days.to_numpy()
+        days = (before.normalize() - first).dt.days.to_numpy()
+        days_since_first_sale[first.index.to_numpy()] = np.minimum(days, NEVER)
         customers = pd.factorize(earlier["customer_id"])[0]
         bought = sp.csr_matrix(
             (np.ones(len(rows), np.float32), (customers, rows)), shape=(int(customers.max(initial=-1)) + 1, n_items)
@@ -141,19 +150,37 @@ class ArticleSignals:
 
     def extended(self, sources: np.ndarray) -> "ArticleSignals":
         """The signals with rows appended by a catalogue update, `sources` [new rows]: the row each new row
-        replaces (a changed article keeps its sales) or -1 (a new article: unsold). Co-purchases stay with the
-        old rows: a changed article's new row has none until the next export."""
+        replaces or -1. A changed article's new row takes over its old row's sales, co-purchases (both ways) and
+        best-seller place; a new article is unsold, as an article nobody bought is at export."""
         sources = np.asarray(sources, dtype=np.int64)
         old = sources >= 0
+        n_new = self.size + len(sources)
+        current = np.arange(self.size)  # each old row's current row
+        current[sources[old]] = self.size + np.flatnonzero(old)
         purchases = np.zeros((len(sources), len(SALE_WINDOWS)), np.float32)
         purchases[old] = self.purchases[sources[old]]
         first_sale = np.full(len(sources), NEVER, np.float32)
         first_sale[old] = self.days_since_first_sale[sources[old]]
+        # CSR rows of the new rows: copies of their sources' rows (empty for new articles); then every partner
+        # moved to its current row and each row's partners sorted again
+        lengths = np.zeros(len(sources), np.int64)
+        lengths[old] = self.co_indptr[sources[old] + 1] - self.co_indptr[sources[old]]
+        copied = np.concatenate(
+            [np.arange(self.co_indptr[s], self.co_indptr[s + 1]) for s in sources[old].tolist()] or [np.empty(0, int)]
+        ).astype(np.int64)
+        indptr = np.concatenate([self.co_indptr, self.co_indptr[-1] + np.cumsum(lengths)])
+        indices = current[np.concatenate([self.co_indices, self.co_indices[copied]])]
+        counts = np.concatenate([self.co_counts, self.co_counts[copied]])
+        row_of_entry = np.repeat(np.arange(n_new), np.diff(indptr))
+        order = np.lexsort((indices, row_of_entry))
         return dataclasses.replace(
             self,
             purchases=np.concatenate([self.purchases, purchases]),
             days_since_first_sale=np.concatenate([self.days_since_first_sale, first_sale]),
-            co_indptr=np.pad(self.co_indptr, (0, len(sources)), mode="edge"),
+            popular=current[self.popular],
+            co_indptr=indptr,
+            co_indices=indices[order].astype(np.int32),
+            co_counts=counts[order],
         )
 
     def save(self, path: Path) -> None:
@@ -162,8 +189,10 @@ class ArticleSignals:
 
     @classmethod
     def load(cls, path: Path) -> "ArticleSignals":
-        with np.load(path) as arrays:
-            return cls(**{field.name: arrays[field.name] for field in dataclasses.fields(cls)})
+        """Memory-mapped, as the vectors are: worker processes and both versions of a hot swap share the pages
+        (plain ndarray views: indexing an np.memmap goes through Python)."""
+        arrays = load_npz_mapped(path)
+        return cls(**{field.name: np.asarray(arrays[field.name]) for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +249,15 @@ class StageWeights:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any] | None) -> "StageWeights | None":
-        """None for runs and indexes written before the stage; a ValueError for weights over other features."""
+        """None for runs and indexes written before the stage, and (with a warning: lists then rank by the first
+        stage alone) for weights over other features than this code computes."""
         if not raw:
             return None
         if list(raw["features"]) != list(FEATURES) or list(raw["log_features"]) != list(LOG_FEATURES):
-            raise ValueError(f"second stage weights over features {raw['features']}, this code computes {FEATURES}")
+            log.warning(
+                "second stage off: its weights are over features %s, this code computes %s", raw["features"], FEATURES
+            )
+            return None
         return cls(
             np.asarray(raw["mean"], np.float64),
             np.asarray(raw["scale"], np.float64),
@@ -260,8 +293,7 @@ class SecondStage:
 class Candidates:
     """One list's candidates, what `candidates` needs to know of the request and the space."""
 
-    served_scores: np.ndarray  # the first stage's list, best first (cosine + prior + boost)
-    served_rows: np.ndarray
+    served_rows: np.ndarray  # the first stage's list, best first
     history: np.ndarray  # the request's bought rows, most recent first
     ages: np.ndarray  # days since each
 
@@ -289,7 +321,7 @@ def candidates(
     """(candidate rows, features [rows, FEATURES]) of one list. `shown(rows)` says which rows the request may
     see, `first_stage_scores(rows, cosine)` scores rows as the first stage does (prior and boosts added to their
     cosine with the `query`)."""
-    served = found.served_rows[:POOL_SERVED]
+    served = found.served_rows
     history = found.history[found.history >= 0].astype(np.int64)
     ages = found.ages[found.history >= 0].astype(np.float32)
     by_row, by_count = signals.co_purchases(history)  # rows ascending, and their counts
@@ -300,7 +332,7 @@ def candidates(
     n_pool = len(pool)
 
     served_rank = np.full(n_pool, float(POOL_SERVED), np.float32)
-    served_rank[np.searchsorted(pool, served)] = np.arange(len(served))
+    served_rank[np.searchsorted(pool, served)] = np.minimum(np.arange(len(served)), POOL_SERVED)
     co = np.zeros(n_pool, np.float32)
     co_rank = np.full(n_pool, float(min(len(by_row), RANK_CAP)), np.float32)  # unscored: after every scored row
     if len(by_row):
@@ -315,7 +347,7 @@ def candidates(
     count = np.zeros(n_pool, np.float32)
     mine = np.zeros(n_pool, bool)
     if len(own):
-        own_age = np.minimum.reduceat(ages[history_order], starts)
+        own_age = np.minimum(np.minimum.reduceat(ages[history_order], starts), NEVER)
         at, mine = find_sorted(own, pool)
         age[mine], count[mine] = own_age[at[mine]], own_count[at[mine]]
     in_own_product = mine.astype(np.float32)

@@ -302,11 +302,18 @@ def text_feature_cache(model_config: ModelConfig, directory: str) -> TextFeature
 
 
 def held_out_space(
-    item_table: torch.Tensor, rows: np.ndarray, item_bias: np.ndarray, products: repeats.Products | None
+    item_table: torch.Tensor,
+    rows: np.ndarray,
+    item_bias: np.ndarray,
+    products: repeats.Products | None,
+    product_types: np.ndarray | None = None,
 ) -> ranking.ExactItems:
-    """The held-out days' search space: the articles `rows` (all of the catalogue) by their indexed vectors
-    and popularity bias; a boosted article outside them has no vector here and scores its boost alone."""
-    return ranking.ExactItems(item_table.numpy(), item_bias, searchable=rows, products=products)
+    """The held-out days' search space: the articles `rows` (all of the catalogue) by their indexed vectors,
+    popularity bias and product types (the second stage reads them); a boosted article outside them has no
+    vector here and scores its boost alone."""
+    return ranking.ExactItems(
+        item_table.numpy(), item_bias, searchable=rows, products=products, product_types=product_types
+    )
 
 
 def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, out: Path, force: bool = False) -> Path:
@@ -490,7 +497,9 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
     users = holdout_users(model, holdout, item_table).numpy()
     histories = list(zip(holdout.histories.rows, holdout.histories.age_days))
     item_bias = popularity.item_bias(transactions, row_of, len(row_of), pd.Timestamp(holdout.day, unit="D"))
-    space = held_out_space(item_table, all_rows, item_bias, products)
+    # grouped by name, as the retriever's product-type filter column groups them (a required column)
+    product_types = pd.factorize(data.articles["product_type_name"].astype(str))[0].astype(np.int64)
+    space = held_out_space(item_table, all_rows, item_bias, products, product_types)
     boost, with_boost, without = fitting.fit_repeat_boost(space, users, histories, holdout.targets)
     log.info(
         "repeat boost: own articles %.2f - %.2f * log1p(days), other colours %.2f - %.2f * log1p(days) "
@@ -555,7 +564,6 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
 
     query_tower = {}
     if model.query_tower is not None:
-        product_types = pd.factorize(data.articles["product_type_name"].astype(str))[0].astype(np.int64)
         query_tower = train_query_tower(
             model, query_text, item_text.texts, text_table, queries, phrase_ids, item_table, product_types, train_config
         )
