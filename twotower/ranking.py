@@ -227,12 +227,9 @@ def first_stage_scores(
     """float32: what the first stage ranks `rows` by for this request: cosine (given, or computed) + prior * bias
     + repeat boost."""
     own_rows, boosts = boosted_rows(space, request) if boosted is None else boosted
-    if cosine is None:
-        scores = space.scores(query, rows, request.prior).astype(np.float32)
-    else:
-        scores = np.array(cosine, dtype=np.float32)
-        if request.prior and space.item_bias is not None:
-            scores += request.prior * space.item_bias[rows]
+    scores = np.array(space.vectors[rows] @ query if cosine is None else cosine, dtype=np.float32)
+    if request.prior and space.item_bias is not None:
+        scores += request.prior * space.item_bias[rows]
     if len(own_rows):
         by_row = np.argsort(own_rows)
         at, found = find_sorted(own_rows[by_row], rows)
@@ -350,7 +347,6 @@ class ExactItems:
         excluded: np.ndarray | None = None,
     ):
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.bias = bias
         self.item_bias = bias
         n = len(self.vectors)
         self.searchable = np.arange(n) if searchable is None else np.asarray(searchable, dtype=np.int64)
@@ -364,7 +360,7 @@ class ExactItems:
         self._candidate_bias = None if bias is None else np.asarray(bias)[self._candidates]
 
     def scores(self, query: np.ndarray, rows: np.ndarray | slice = slice(None), prior: float = 0.0) -> np.ndarray:
-        return item_scores(self.vectors, self.bias, query, rows, prior)
+        return item_scores(self.vectors, self.item_bias, query, rows, prior)
 
     def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
