@@ -134,7 +134,9 @@ class ArticleSignals:
     def co_purchases(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, counts) bought by the customers who bought the distinct `history` rows, summed over them:
         the co-purchase baseline's scores (evaluation.baselines.CoPurchase), only the rows it scores."""
-        history = np.unique(history[(history >= 0) & (history < self.size)])
+        history = history[(history >= 0) & (history < self.size)]
+        if len(history) > 1 and not (history[1:] > history[:-1]).all():  # a list's candidates pass them distinct
+            history = np.unique(history)
         if len(history) == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         if len(history) == 1:  # one CSR row: already distinct and ascending
@@ -204,16 +206,23 @@ class StageWeights:
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
-    _folded: tuple[np.ndarray, float] = dataclasses.field(init=False, repr=False, compare=False)
+    _folded: tuple[np.ndarray, np.ndarray, np.float32] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # (x - mean) / scale . coef + intercept, folded once: one product per candidate
+        # (x - mean) / scale . coef + intercept, folded once into float32 weights of the raw columns and of the
+        # log1p of LOG_FEATURES: two small products per list, no float64 copy of its features (0.13 -> 0.04 ms)
         folded = self.coef / self.scale
-        object.__setattr__(self, "_folded", (folded, self.intercept - float(folded @ self.mean)))
+        raw = folded.copy()
+        raw[_LOG_COLUMNS] = 0.0
+        intercept = np.float32(self.intercept - float(folded @ self.mean))
+        object.__setattr__(
+            self, "_folded", (raw.astype(np.float32), folded[_LOG_COLUMNS].astype(np.float32), intercept)
+        )
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        weights, intercept = self._folded
-        return (model_inputs(features) @ weights + intercept).astype(np.float32)
+        raw, logged, intercept = self._folded
+        features = np.asarray(features, dtype=np.float32)
+        return features @ raw + np.log1p(features[:, _LOG_COLUMNS]) @ logged + intercept
 
     @classmethod
     def fit(cls, features: np.ndarray, bought: np.ndarray, l2: float = 1.0, iterations: int = 25) -> "StageWeights":
@@ -324,7 +333,12 @@ def candidates(
     served = found.served_rows
     history = found.history[found.history >= 0].astype(np.int64)
     ages = found.ages[found.history >= 0].astype(np.float32)
-    by_row, by_count = signals.co_purchases(history)  # rows ascending, and their counts
+    # the history's distinct rows (ascending), each one's first position in history order and its count
+    history_order = np.argsort(history, kind="stable")
+    in_order = history[history_order]
+    starts = np.flatnonzero(np.r_[True, in_order[1:] != in_order[:-1]]) if len(history) else np.empty(0, np.int64)
+    own, own_count = in_order[starts], np.diff(np.r_[starts, len(history)])
+    by_row, by_count = signals.co_purchases(own)  # rows ascending, and their counts
     co_order = np.argsort(-by_count, kind="stable")
     co_best = _first_shown(by_row[co_order], shown, POOL_CO_PURCHASE)
     popular = _first_shown(signals.popular, shown, POOL_POPULAR)
@@ -341,8 +355,6 @@ def candidates(
         at, scored = find_sorted(by_row, pool)
         co[scored], co_rank[scored] = by_count[at[scored]], rank_by_row[at[scored]]
 
-    history_order = np.argsort(history, kind="stable")
-    own, starts, own_count = np.unique(history[history_order], return_index=True, return_counts=True)
     age = np.full(n_pool, NEVER, np.float32)
     count = np.zeros(n_pool, np.float32)
     mine = np.zeros(n_pool, bool)
