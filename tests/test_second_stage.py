@@ -78,6 +78,8 @@ def test_the_fit_reaches_the_penalised_log_loss_minimum() -> None:
     np.testing.assert_allclose(x.T @ (p - bought) + weights.coef, 0, atol=1e-6)
     assert abs((p - bought).sum()) < 1e-6
     assert weights.coef[2] > 0 > weights.coef[1]
+    # served: the folded float32 weights give the standardised model's logit
+    np.testing.assert_allclose(weights(features), x @ weights.coef + weights.intercept, rtol=1e-4, atol=1e-4)
     restored = StageWeights.from_json(weights.to_json())
     assert restored is not None
     np.testing.assert_allclose(restored(features), weights(features), rtol=1e-6)
