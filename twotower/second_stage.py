@@ -210,7 +210,7 @@ class StageWeights:
 
     def __post_init__(self) -> None:
         # (x - mean) / scale . coef + intercept, folded once into float32 weights of the raw columns and of the
-        # log1p of LOG_FEATURES: two small products per list, no float64 copy of its features (0.13 -> 0.04 ms)
+        # log1p of LOG_FEATURES: two small products per list, no float64 copy of its features
         folded = self.coef / self.scale
         raw = folded.copy()
         raw[_LOG_COLUMNS] = 0.0
@@ -222,7 +222,9 @@ class StageWeights:
     def __call__(self, features: np.ndarray) -> np.ndarray:
         raw, logged, intercept = self._folded
         features = np.asarray(features, dtype=np.float32)
-        return features @ raw + np.log1p(features[:, _LOG_COLUMNS]) @ logged + intercept
+        # log(1 + x), not np.log1p: numpy's float32 log is vectorised (8 vs 40-60 us over a 400-candidate list),
+        # and the counts and ranks here are never small enough for log1p's precision to matter (1.8e-7 apart)
+        return features @ raw + np.log(features[:, _LOG_COLUMNS] + 1.0) @ logged + intercept
 
     @classmethod
     def fit(cls, features: np.ndarray, bought: np.ndarray, l2: float = 1.0, iterations: int = 25) -> "StageWeights":
@@ -371,7 +373,10 @@ def candidates(
     type_share = type_counts[types[pool]] / len(history) if type_counts is not None else np.zeros(n_pool, np.float32)
     pool_vectors = vectors[pool]  # gathered once: the cosine, the first stage's score and the history's
     cosine = pool_vectors @ query
-    similar = pool_vectors @ vectors[history].T if len(history) else np.zeros((n_pool, 1), np.float32)
+    # [history, pool], reduced over its first axis: along contiguous rows (over the short axis of [pool, history]
+    # the max and the mean took 25 and 15 us, now 4 and 5)
+    history_vectors = vectors[history] if len(history) else np.zeros((1, vectors.shape[1]), np.float32)
+    similar = history_vectors @ pool_vectors.T
     p1, p3, p7 = signals.purchases[pool].T
     features = np.stack(
         [
@@ -389,8 +394,8 @@ def candidates(
             type_share,
             np.full(n_pool, len(history)),
             in_own_product,
-            similar.max(axis=1),
-            similar.sum(axis=1) / similar.shape[1],
+            similar.max(axis=0),
+            similar.sum(axis=0) / similar.shape[0],
             co / (np.sqrt(p7) + 1),
             p1 / (p7 + 1),
             signals.days_since_first_sale[pool],
