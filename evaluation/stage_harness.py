@@ -23,16 +23,15 @@ import numpy as np
 import pandas as pd
 
 from evaluation.baselines import CoPurchase, Mix, Popularity, Repurchase, WithoutOwn
-from evaluation.evaluate import DISCOVERY_CHECKS, customer_groups, served_vs_baseline
+from evaluation.evaluate import customer_groups, group_targets
 from evaluation.split import TemporalSplit, temporal_split
 from evaluation.two_tower import CaseUsers, case_users
 from serving.catalog import Catalog
 from twotower import fitting, metrics, ranking, second_stage, triton_repository
-from twotower.data.customers import unseen_customers
 from twotower.data.histories import training_examples
 from twotower.data.hm import HMData, load_hm_dir
 from twotower.popularity import item_bias
-from twotower.train import split_examples
+from twotower.train import split_examples, training_purchases
 
 log = logging.getLogger("evaluation.stage_harness")
 
@@ -41,11 +40,7 @@ def held_out(data: HMData, run: Path) -> tuple[str, set[str]]:
     """(the held-out day, its customers) of a training run, chosen again as twotower.train chose them."""
     config = json.loads((run / "config.json").read_text())
     train, model = config["train"], config["model"]
-    transactions = data.transactions
-    if train["until"]:
-        transactions = transactions[transactions["t_dat"] < pd.Timestamp(train["until"])]
-    if train["unseen_customer_share"] > 0:
-        transactions = transactions[~unseen_customers(transactions["customer_id"], train["unseen_customer_share"])]
+    transactions = training_purchases(data.transactions, train["until"], train["unseen_customer_share"])
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
     examples = training_examples(transactions, row_of, model["max_history"], train["earlier_days_only"])
     _, holdout = split_examples(examples, seed=train["seed"])
@@ -87,18 +82,8 @@ class Day:
 
     def pools(self, catalog: Catalog) -> list[np.ndarray]:
         """Each case's candidates (what the stage orders)."""
-        first = self.lists(catalog, None, second_stage.POOL_SERVED)
         prior, boost = catalog.prior_weight_for(False), catalog.score_head.repeat
-        return [
-            ranking.stage_candidates(
-                self.space,
-                self.cases.users[case],
-                ranking.RankRequest(second_stage.POOL_SERVED, prior=prior, boost=boost, bought=pair),
-                self.signals,
-                first[case],
-            )[0]
-            for case, pair in enumerate(self.cases.pairs)
-        ]
+        return fitting.stage_pools(self.space, self.cases.users, self.cases.pairs, boost, prior, self.signals)[1]
 
 
 def cold_ranks(day: Day, catalog: Catalog) -> None:
@@ -163,20 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     repurchase, co_purchase, popularity = Repurchase(day.split), CoPurchase(day.split), Popularity(day.split, days=7)
     baseline = Mix([repurchase, co_purchase, popularity])
     discovery_baseline = WithoutOwn(Mix([co_purchase, popularity]), repurchase)
-    baseline_lists = [baseline.rank(i, 100) for i in range(len(targets))]
-    discovery_lists = [discovery_baseline.rank(i, 100) for i in range(len(targets))]
-    for group, members in customer_groups(day.split, manifest.unseen_customer_share).items():
-        verdicts = served_vs_baseline(
-            [staged[i] for i in members], [baseline_lists[i] for i in members], [targets[i] for i in members]
-        )
-        new = [(i, targets[i] - set(day.cases.pairs[i][0].tolist())) for i in members]
-        new = [(i, t) for i, t in new if t]
-        verdicts |= served_vs_baseline(
-            [discovery[i] for i, _ in new], [discovery_lists[i] for i, _ in new], [t for _, t in new], DISCOVERY_CHECKS
-        )
-        for name, verdict in verdicts.items():
-            low, high = verdict["interval"]  # type: ignore[misc]
-            print(f"{group}: {name}: {verdict['difference']:+.4f} ({low:+.4f} .. {high:+.4f}) {verdict['verdict']}")
+    cases = range(len(targets))
+    verdicts = group_targets(
+        customer_groups(day.split, manifest.unseen_customer_share),
+        targets,
+        [repurchase.bought(i) for i in cases],
+        staged,
+        [baseline.rank(i, 100) for i in cases],
+        discovery,
+        [discovery_baseline.rank(i, 100) for i in cases],
+    )
+    for name, verdict in verdicts.items():
+        low, high = verdict["interval"]  # type: ignore[misc]
+        print(f"{name}: {verdict['difference']:+.4f} ({low:+.4f} .. {high:+.4f}) {verdict['verdict']}")
     if args.cold:
         cold_ranks(day, catalog)
     return 0

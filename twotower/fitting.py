@@ -137,6 +137,27 @@ class StageFit:
     map_at_12: tuple[float, float]
 
 
+def stage_pools(
+    space: ItemSpace,
+    users: np.ndarray,
+    histories: Sequence[Purchases],
+    boost: RepeatBoost,
+    prior: float,
+    signals: ArticleSignals,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Each case's first-stage list as served (boost and prior, POOL_SERVED deep), and the second stage's
+    candidates and features over it."""
+    depth = second_stage.POOL_SERVED
+    requests = [RankRequest(depth, prior=prior, boost=boost, bought=history) for history in histories]
+    first = [rows for _, rows in ranking.rank(space, users, requests)]
+    pools, features = [], []
+    for case, (request, rows) in enumerate(zip(requests, first)):
+        pool, case_features = ranking.stage_candidates(space, users[case], request, signals, rows)
+        pools.append(pool)
+        features.append(case_features)
+    return first, pools, features
+
+
 def fit_second_stage(
     space: ItemSpace,
     users: np.ndarray,
@@ -148,20 +169,12 @@ def fit_second_stage(
 ) -> StageFit | None:
     """Logistic weights over the candidates of the cases' lists, ranked as served (boost and prior), labelled by
     what each case bought. None when the candidates hold no purchase, or nothing else (nothing to learn from)."""
-    depth = second_stage.POOL_SERVED
-    requests = [RankRequest(depth, prior=prior, boost=boost, bought=history) for history in histories]
-    first = ranking.rank(space, users, requests)
-    pools, features = [], []
-    for case, (request, (_, rows)) in enumerate(zip(requests, first)):
-        pool, case_features = ranking.stage_candidates(space, users[case], request, signals, rows)
-        pools.append(pool)
-        features.append(case_features)
+    plain, pools, features = stage_pools(space, users, histories, boost, prior, signals)
     bought = np.concatenate([np.isin(pool, list(case_targets)) for pool, case_targets in zip(pools, targets)])
     if not bought.any() or bought.all():
         return None
     weights = StageWeights.fit(np.concatenate(features), bought)
     staged = [pool[np.argsort(-weights(case_features), kind="stable")] for pool, case_features in zip(pools, features)]
-    plain = [rows for _, rows in first]
     return StageFit(
         weights,
         len(bought),

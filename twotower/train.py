@@ -316,6 +316,23 @@ def held_out_space(
     )
 
 
+def training_purchases(transactions: pd.DataFrame, until: str, unseen_customer_share: float) -> pd.DataFrame:
+    """The purchases a run trains on: those before `until` (when set), without the customers it leaves out."""
+    if until:
+        kept = transactions[transactions["t_dat"] < pd.Timestamp(until)]
+        log.info("training on %d purchases before %s (of %d)", len(kept), until, len(transactions))
+        transactions = kept
+    if unseen_customer_share > 0:
+        unseen = unseen_customers(transactions["customer_id"], unseen_customer_share)
+        log.info(
+            "leaving out %d customers (%d purchases): evaluated as customers the towers never saw",
+            transactions.loc[unseen, "customer_id"].nunique(),
+            int(unseen.sum()),
+        )
+        transactions = transactions[~unseen]
+    return transactions
+
+
 def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, out: Path, force: bool = False) -> Path:
     """Train and write the run directory `out`; returns it."""
     out = Path(out)
@@ -326,20 +343,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         torch.set_num_threads(train_config.threads)
 
     row_of = {article_id: i for i, article_id in enumerate(data.article_ids)}
-    transactions = data.transactions
-    if train_config.until:
-        transactions = transactions[transactions["t_dat"] < pd.Timestamp(train_config.until)]
-        log.info(
-            "training on %d purchases before %s (of %d)", len(transactions), train_config.until, len(data.transactions)
-        )
-    if train_config.unseen_customer_share > 0:
-        unseen = unseen_customers(transactions["customer_id"], train_config.unseen_customer_share)
-        log.info(
-            "leaving out %d customers (%d purchases): evaluated as customers the towers never saw",
-            transactions.loc[unseen, "customer_id"].nunique(),
-            int(unseen.sum()),
-        )
-        transactions = transactions[~unseen]
+    transactions = training_purchases(data.transactions, train_config.until, train_config.unseen_customer_share)
     examples = training_examples(transactions, row_of, model_config.max_history, train_config.earlier_days_only)
     if len(examples) < 2:
         raise ValueError(
