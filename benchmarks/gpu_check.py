@@ -66,7 +66,7 @@ def searcher(catalog: Catalog, device: str, k: int = 100) -> tuple[str, Callable
         return f"faiss {kind} (served settings)", lambda q: catalog.search(q.numpy(), k)
     if catalog.gpu is not None:
         return f"faiss-gpu {kind}", lambda q: catalog.search(q.cpu().numpy(), k)
-    items = torch.from_numpy(np.ascontiguousarray(catalog.vectors)).to(device)
+    items = torch.from_numpy(np.ascontiguousarray(catalog.vectors, dtype=np.float32)).to(device)
     return f"exact, torch matmul + topk ({why_not_gpu(catalog.index)})", lambda q: torch.topk(q @ items.T, k, dim=1)
 
 

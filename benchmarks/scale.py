@@ -153,7 +153,13 @@ def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior:
 
 
 def write_version(
-    directory: Path, index_type: str, vectors: np.ndarray, bias: np.ndarray, items: ItemTable, reference: Path | None
+    directory: Path,
+    index_type: str,
+    vectors: np.ndarray,
+    bias: np.ndarray,
+    items: ItemTable,
+    reference: Path | None,
+    vector_dtype: str = "float32",
 ) -> float:
     """One index version as export writes it, without a keyword index; returns the build seconds. With a
     reference version, its towers' manifest fields, score head and known customers (whose history rows
@@ -164,12 +170,16 @@ def write_version(
     index = build_faiss_index(vectors, index_type, bias)
     seconds = time.perf_counter() - started
     if reference is None:
-        write_catalogue_only(directory, index, vectors, items, "benchmarks.scale", index_type, item_bias=bias)
+        write_catalogue_only(
+            directory, index, vectors, items, "benchmarks.scale", index_type, item_bias=bias, vector_dtype=vector_dtype
+        )
         return seconds
     manifest = artifacts.read_manifest(reference)
     own = {"dim", "metric", "item_count", "index_version", "files", "index_type", "data_source", "parent_version"}
     fields = {k: v for k, v in dataclasses.asdict(manifest).items() if k not in own}
-    fields.update(index_type=index_type, data_source=f"benchmarks.scale, towers of {reference}")
+    fields.update(
+        index_type=index_type, data_source=f"benchmarks.scale, towers of {reference}", vector_dtype=vector_dtype
+    )
     with np.load(reference / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}
     head = artifacts.ScoreHeadWeights.from_json(json.loads((reference / artifacts.SCORE_HEAD_FILE).read_text()))
@@ -348,6 +358,7 @@ def run(
     seconds: float,
     retriever_args: list[str],
     memory_limit_mib: int = 0,
+    vector_dtype: str = "float32",
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -370,7 +381,7 @@ def run(
                 )
         for index_type in index_types:
             directory = work_n / index_type
-            build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir)
+            build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir, vector_dtype)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
                 measured = child.submit(
                     measure_version, str(directory), reference.users, reference.prior_weight, exact
@@ -378,6 +389,7 @@ def run(
             row = {
                 "articles": n,
                 "index_type": index_type,
+                "vector_dtype": vector_dtype,
                 "build_s": build_s,
                 "index_mib": (directory / artifacts.INDEX_FILE).stat().st_size / 2**20,
                 "vectors_mib": (directory / artifacts.VECTORS_FILE).stat().st_size / 2**20,
@@ -442,8 +454,11 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
 
 
 def _factor(row: dict[str, Any]) -> str:
-    factor = row.get("rerank_factor")
-    return f" (k x {factor})" if factor else ""
+    """The re-rank factor, and the vectors' dtype where not float32 (rows before the option were float32)."""
+    notes = [f"k x {row['rerank_factor']}"] if row.get("rerank_factor") else []
+    if row.get("vector_dtype", "float32") != "float32":
+        notes.append(f"{row['vector_dtype']} vectors")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _reranked(row: dict[str, Any]) -> str:
@@ -533,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the served-path retriever in a memory cgroup of this limit, as the pod's 4 Gi (0: none; "
         "applied where the host allows creating one, benchmarks.memory_limit)",
     )
+    parser.add_argument(
+        "--vector-dtype",
+        default="float32",
+        choices=artifacts.VECTOR_DTYPES,
+        help="how each version stores its item vectors (export --vector-dtype)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -558,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds,
         args.retriever_args.split(),
         args.memory_limit_mib,
+        args.vector_dtype,
     )
     report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
     print((args.out / "scale.md").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 from export.catalogue_index import INDEX_TYPES
 from export.pipeline import ExportOptions, export_run
 from export.torchscript import ExportMismatchError
-from twotower.artifacts import ArtifactError
+from twotower.artifacts import VECTOR_DTYPES, ArtifactError
 from twotower.config import add_arguments, from_arguments
 from twotower.data.hm import DataFormatError
 
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index_type not in INDEX_TYPES:
         parser.error(f"--index-type must be one of {INDEX_TYPES}")
+    if args.vector_dtype not in VECTOR_DTYPES:
+        parser.error(f"--vector-dtype must be one of {VECTOR_DTYPES}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         export_run(args.run, args.data_dir, args.model_repository, args.index_dir, from_arguments(ExportOptions, args))

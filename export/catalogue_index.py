@@ -179,9 +179,12 @@ def write_index_dir(
     """Write one index version into a staging directory, checksum it, then rename it into place."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
+    vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
+    if vector_dtype not in artifacts.VECTOR_DTYPES:
+        raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {artifacts.VECTOR_DTYPES}")
     with staged_directory(out) as staging:
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
-        np.save(staging / artifacts.VECTORS_FILE, vectors)
+        np.save(staging / artifacts.VECTORS_FILE, np.asarray(vectors, dtype=vector_dtype))
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
         names = list(artifacts.ARTIFACT_FILES)
@@ -223,6 +226,7 @@ def write_catalogue_only(
     index_type: str,
     item_bias: np.ndarray | None = None,
     prior_weight: float = 0.0,
+    vector_dtype: str = artifacts.Manifest.vector_dtype,
 ) -> artifacts.Manifest:
     """An index version with no towers and no customers behind it (one empty history): the search side
     alone, for benchmarks over synthetic catalogues and for tests."""
@@ -244,6 +248,7 @@ def write_catalogue_only(
         "reference_day": 0,
         "data_source": data_source,
         "tower_checksums": {},
+        "vector_dtype": vector_dtype,
     }
     head = artifacts.ScoreHeadWeights(np.ones(2), np.ones(2), np.ones(2), 0.0, prior=PopularityPrior(prior_weight))
     return write_index_dir(out, index, vectors, metadata, histories, head, fields, item_bias=item_bias)

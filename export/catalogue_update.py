@@ -196,7 +196,7 @@ def _update(
             item_bias = np.concatenate([item_bias, new_bias])
         if signals is not None:
             signals = signals.extended(replaced)
-        vectors = np.ascontiguousarray(np.concatenate([vectors, new_vectors]), dtype=np.float32)
+        vectors = np.concatenate([vectors, new_vectors.astype(vectors.dtype)])  # written in the parent's dtype
         rows = histories["rows"]
         histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
         if "user_vectors" in histories:  # a customer whose history now names a changed article: ask Triton again

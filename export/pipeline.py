@@ -140,6 +140,9 @@ class ExportOptions:
     # int8 Linear layers in the exported item tower, for CPU serving (export.torchscript.int8_linear_layers):
     # queries ~3.4x cheaper; the catalogue is then embedded through the int8 tower too, so both sides match
     item_tower_int8: bool = False
+    # How vectors.npy stores the catalogue (artifacts.VECTOR_DTYPES): float16 halves what every read of the
+    # vectors pages in, for catalogues whose float32 vectors would not stay in the pod's page cache (docs/scale.md)
+    vector_dtype: str = "float32"
 
 
 def export_run(
@@ -248,6 +251,7 @@ def export_run(
                 "context_length": context_length,
                 "clip_model": config.clip_model,
                 "item_tower_precision": "int8" if options.item_tower_int8 else "fp32",
+                "vector_dtype": options.vector_dtype,
                 "reference_day": reference_day,
                 "data_source": str(data_dir),
                 "trained_until": run.trained_until,

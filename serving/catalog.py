@@ -256,6 +256,8 @@ class Catalog:
                 f"dimension differs: index {self.index.d} (expected {index_dim}), vectors "
                 f"{self.vectors.shape[1]}, manifest {m.dim}"
             )
+        if self.vectors.dtype != np.dtype(m.vector_dtype):
+            problems.append(f"vectors are {self.vectors.dtype}, the manifest says {m.vector_dtype}")
         if self.item_bias is not None and self.item_bias.shape != (m.item_count,):
             problems.append(f"item bias shape {self.item_bias.shape} != ({m.item_count},)")
         if self.second_stage is not None and self.second_stage.signals.size != m.item_count:

@@ -94,10 +94,11 @@ def write_random_index(
     seed: int = 0,
     item_bias=None,
     prior_weight: float = 0.0,
+    vector_dtype: str = "float32",
 ):
     """An index version of len(groups) random unit vectors (product_group_name = groups) and no customers:
     for search tests that need no trained model; `item_bias` + `prior_weight` add a popularity prior.
-    Returns the vectors."""
+    Returns the vectors (float32, whatever `vector_dtype` stores)."""
     import numpy as np
 
     from export.catalogue_index import build_faiss_index, write_catalogue_only
@@ -114,6 +115,7 @@ def write_random_index(
         index_type,
         item_bias=item_bias,
         prior_weight=prior_weight,
+        vector_dtype=vector_dtype,
     )
     return vectors
 

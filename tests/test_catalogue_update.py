@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
 from twotower.data.hm import DataFormatError, build_captions, find_data_file, load_articles
+from twotower.files import sha256_file
 from twotower.ranking import cap_per_type
 
 
@@ -349,3 +351,20 @@ def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> No
         hits += len(set(rows.tolist()) & set(exact.tolist()))
         total += 10
     assert hits / total >= 0.95
+
+
+def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    parent = root / artifacts.current_version(root)
+    # The parent as `export --vector-dtype float16` writes it: half-size vectors, the manifest naming their dtype.
+    np.save(parent / artifacts.VECTORS_FILE, np.load(parent / artifacts.VECTORS_FILE).astype(np.float16))
+    manifest = artifacts.read_manifest(parent)
+    files = {**manifest.files, artifacts.VECTORS_FILE: sha256_file(parent / artifacts.VECTORS_FILE)}
+    artifacts.write_manifest(parent, dataclasses.replace(manifest, vector_dtype="float16", files=files))
+    delta_file(tiny_pipeline, tmp_path / "delta.csv", ["0999000001"])
+    update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", [])
+    after = Catalog(root)
+    assert after.manifest.vector_dtype == "float16" and after.vectors.dtype == np.float16
+    new_row = after.row_of["0999000001"]
+    _, rows = after.search(np.asarray(after.vectors[[new_row]], np.float32), 5)
+    assert rows[0, 0] == new_row

@@ -160,3 +160,37 @@ def test_a_catalog_travels_to_kserve_workers_by_its_files(tmp_path: Path) -> Non
     assert isinstance(copy.vectors.base, np.memmap) and copy.ivf_nprobe == 30  # a view of the mapped file
     for a, b in zip(catalog.search(vectors[:4], 10, 0.1), copy.search(vectors[:4], 10, 0.1)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf-pq"])
+def test_a_float16_catalogue_is_searched_and_scored_in_float32(tmp_path: Path, index_type: str) -> None:
+    """export --vector-dtype float16: one half-size vectors file that every read gathers rows from."""
+    n = 3000
+    bias = np.zeros(n, dtype=np.float32)
+    bias[:30] = np.log1p(np.arange(30, dtype=np.float32) * 10)
+    vectors = write_random_index(
+        tmp_path / "v0001", index_type, ["A"] * n, item_bias=bias, prior_weight=0.1, vector_dtype="float16"
+    )
+    catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76)
+    assert catalog.vectors.dtype == np.float16 and catalog.manifest.vector_dtype == "float16"
+    assert (tmp_path / "v0001" / artifacts.VECTORS_FILE).stat().st_size < n * vectors.shape[1] * 2 + 200
+    query = vectors[100]
+    expected_scores = vectors @ query + 0.1 * bias
+    scores, rows = catalog.search(query[None], 10, 0.1)  # ivf-pq: candidates re-ranked from the float16 rows
+    assert rows[0].tolist() == np.argsort(-expected_scores, kind="stable")[:10].tolist()
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores[0], expected_scores[rows[0]], atol=2e-3)
+    bought = (np.asarray([5, 200]), np.zeros(2, np.float32))  # boosted rows are scored from the same file
+    request = ranking.RankRequest(10, prior=0.1, boost=RepeatBoost(bonus=2.0), bought=bought)
+    merged_scores, merged_rows = ranking.rank(catalog, query[None], [request])[0]
+    assert merged_scores.dtype == np.float32
+    assert merged_scores[merged_rows.tolist().index(200)] == pytest.approx(expected_scores[200] + 2.0, abs=2e-3)
+
+
+def test_a_vectors_file_other_than_the_manifest_says_is_refused(tmp_path: Path) -> None:
+    vectors = write_random_index(tmp_path / "v0001", "flat", ["A"] * 50)
+    np.save(tmp_path / "v0001" / artifacts.VECTORS_FILE, vectors.astype(np.float16))
+    with pytest.raises(artifacts.ArtifactError, match="vectors are float16, the manifest says float32"):
+        Catalog(tmp_path / "v0001", verify=False)  # (verified, its checksum would refuse it first)
+    with pytest.raises(ValueError, match="vector_dtype 'int8'"):
+        write_random_index(tmp_path / "v0002", "flat", ["A"] * 50, vector_dtype="int8")

@@ -191,3 +191,16 @@ def test_a_long_list_keeps_every_first_stage_row_and_old_purchases_count_as_boug
     first = ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=ancient)])[0][1]
     pool, features = ranking.stage_candidates(space, users[0], request, signals, first)
     assert features[pool == 7, FEATURES.index("days since own purchase")] == NEVER
+
+
+def test_a_float16_catalogue_gives_the_stage_the_features_of_float32() -> None:
+    rng = np.random.default_rng(4)
+    space, signals, users = staged_space(rng)
+    bought = (np.array([5, 9, 40]), np.array([1.0, 2.0, 5.0], np.float32))
+    request = ranking.RankRequest(12, bought=bought)
+    first = ranking.rank(space, users[:1], [ranking.RankRequest(300, bought=bought)])[0][1]
+    pool, features = ranking.stage_candidates(space, users[0], request, signals, first)
+    space.vectors = space.vectors.astype(np.float16)  # as a catalogue exported with --vector-dtype float16
+    half_pool, half_features = ranking.stage_candidates(space, users[0], request, signals, first)
+    assert half_pool.tolist() == pool.tolist() and half_features.dtype == features.dtype
+    np.testing.assert_allclose(half_features, features, atol=2e-3)

@@ -47,6 +47,12 @@ from twotower.second_stage import StageWeights
 FORMAT_VERSION = 1
 # Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
 COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
+# How vectors.npy stores the item vectors. Every read of them (a compressed index's exact re-rank, the user
+# tower's history inputs, boosted rows, the second stage) gathers a few hundred random rows, and at 10M articles
+# float32's 4.9 GB of them did not fit the page cache beside the retriever under a 4 Gi pod limit: 254,325 pages
+# read back from disk in a 60 s run (docs/scale.md). float16 halves the file, one copy read by every path
+# (a float16 copy beside float32 for the re-rank alone added a file instead); gathered rows are scored in float32.
+VECTOR_DTYPES = ("float32", "float16")
 
 
 def index_dimension(dim: int, prior: bool, index_type: str) -> int:
@@ -102,6 +108,7 @@ class Manifest:
     trained_until: str = ""  # YYYY-MM-DD: the towers saw no purchase on or after this day ("" = all data)
     unseen_customer_share: float = 0.0  # customers training never saw (twotower.data.customers)
     item_tower_precision: str = "fp32"  # or int8: the exported item tower's Linear layers (CPU serving)
+    vector_dtype: str = "float32"  # of vectors.npy: one of VECTOR_DTYPES
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
@@ -131,6 +138,8 @@ def read_manifest(index_dir: Path | str) -> Manifest:
         raise ArtifactError(f"{path}: format_version {manifest.format_version}, this code reads {FORMAT_VERSION}")
     if manifest.metric != METRIC_INNER_PRODUCT:
         raise ArtifactError(f"{path}: metric {manifest.metric!r} is not supported (expected {METRIC_INNER_PRODUCT!r})")
+    if manifest.vector_dtype not in VECTOR_DTYPES:
+        raise ArtifactError(f"{path}: vector_dtype {manifest.vector_dtype!r} is not one of {VECTOR_DTYPES}")
     return manifest
 
 
