@@ -111,7 +111,8 @@ overload: setup tools
 	$(PY) -m benchmarks.overload $(if $(BENCH_RUN),--run-dir $(dir $(BENCH_RUN))) --saturating-rate $(or $(SATURATING_RATE),600)
 
 # Synthetic catalogues of 1M articles (10M: make bench-scale SCALE_SIZES=1000000,10000000), one index per
-# type: build time, memory, recall@10 vs exact, latency, filtered recall (docs/scale.md).
+# type, vectors stored in float16 (export --vector-dtype float16): build time, memory, recall@10 vs exact,
+# latency, filtered recall, the served path under a 4 Gi memory cgroup (docs/scale.md).
 SCALE_SIZES ?= 1000000
 bench-scale: setup
 	$(PY) -m benchmarks.scale --sizes $(SCALE_SIZES)

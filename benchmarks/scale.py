@@ -550,9 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--vector-dtype",
-        default="float32",
+        default="float16",
         choices=artifacts.VECTOR_DTYPES,
-        help="how each version stores its item vectors (export --vector-dtype)",
+        help="how each version stores its item vectors (export --vector-dtype; float16, what a catalogue of "
+        "millions needs under a 4 Gi pod: docs/scale.md rows 24-27)",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
