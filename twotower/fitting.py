@@ -40,10 +40,16 @@ def held_out_rankings(
     exclude_bought: bool = False,
 ) -> list[np.ndarray]:
     """Each case's top-k rows as a customer's list is served (twotower.ranking.rank)."""
-    requests = [
+    return [rows for _, rows in ranking.rank(space, users, served_requests(histories, k, boost, prior, exclude_bought))]
+
+
+def served_requests(
+    histories: Sequence[Purchases], k: int, boost: RepeatBoost, prior: float, exclude_bought: bool = False
+) -> list[RankRequest]:
+    """Each case's request as a customer's list of k is served: its history boosted, the prior weighed."""
+    return [
         RankRequest(k, prior=prior, boost=boost, bought=history, exclude_bought=exclude_bought) for history in histories
     ]
-    return [rows for _, rows in ranking.rank(space, users, requests)]
 
 
 def fit_repeat_boost(
@@ -147,8 +153,7 @@ def stage_pools(
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Each case's first-stage list as served (boost and prior, POOL_SERVED deep), and the second stage's
     candidates and features over it."""
-    depth = second_stage.POOL_SERVED
-    requests = [RankRequest(depth, prior=prior, boost=boost, bought=history) for history in histories]
+    requests = served_requests(histories, second_stage.POOL_SERVED, boost, prior)
     first = [rows for _, rows in ranking.rank(space, users, requests)]
     pools, features = [], []
     for case, (request, rows) in enumerate(zip(requests, first)):

@@ -85,7 +85,7 @@ class Products:
         self.product_of = np.asarray(product_of, dtype=np.int32)
         empty = [code for code, value in enumerate(distinct) if not value]
         if empty:
-            self.product_of = np.where(self.product_of == empty[0], -1, self.product_of).astype(np.int32)  # no siblings
+            self.product_of = np.where(self.product_of == empty[0], np.int32(-1), self.product_of)  # no siblings
         # Members of product p: _order[_start[p]:_start[p + 1]] (arrays, not one object per product:
         # a 10M-article catalogue has millions of products).
         self._order = np.argsort(self.product_of, kind="stable").astype(np.int32)
