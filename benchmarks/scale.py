@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,7 @@ def served_latency(
     seconds: float,
     retriever_args: list[str],
     memory_limit_mib: int = 0,
+    hot_swap: bool = False,
 ) -> dict[str, Any]:
     """The bench's request mix at a fixed rate through Triton + the retriever (one process, or a KServe
     worker per core with --workers 2) serving this version (benchmarks.serving); the retriever's memory
@@ -292,7 +294,12 @@ def served_latency(
     With `memory_limit_mib` the retriever runs in a memory cgroup of that limit (benchmarks.memory_limit),
     its version's files first dropped from the page cache: it faults them in, charged to its limit, as a
     pod does. A first run of the same length then warms that cache ("cold": its own p50 / p99); the
-    measured run follows."""
+    measured run follows.
+
+    With `hot_swap` the retriever serves an index root whose CURRENT names this version, and two more runs
+    of the same length follow the measured one: "during", which starts by pointing CURRENT at a second
+    version (a copy of this one: every file new to the page cache, as a new export's are) that the
+    retriever's watcher loads and swaps in under load, and "after", on the new version alone."""
     from benchmarks import offline
     from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
@@ -300,14 +307,16 @@ def served_latency(
 
     catalog = Catalog(directory, lexical=False)
     bodies = request_bodies(catalog, int(rate * seconds))
-    served = offline.BenchArtifacts(directory, repository, catalog.manifest.item_count, catalog.manifest.index_type, {})
+    served_dir = _swap_root(directory, work / "swap-root") if hot_swap else directory
+    manifest = catalog.manifest
+    served = offline.BenchArtifacts(served_dir, repository, manifest.item_count, manifest.index_type, {})
     del catalog
     bodies_file = work / "bodies.jsonl"
     bodies_file.write_text("\n".join(json.dumps(b) for b in bodies) + "\n")
     cgroup = MemoryCgroup.create(memory_limit_mib * 2**20) if memory_limit_mib else None
     if cgroup is not None:
-        evict_from_page_cache(directory)
-    cold = None
+        evict_from_page_cache(served_dir)
+    cold, swap, limit = None, None, None
     try:
         launcher = cgroup.launcher() if cgroup is not None else []
         with bench_servers(served, work, "retriever.log", retriever_args, retriever_launcher=launcher) as servers:
@@ -315,14 +324,22 @@ def served_latency(
             assert retriever.process is not None and triton.pid is not None
             pids = {"retriever": retriever.process.pid, "Triton": triton.pid}
             wait_until_idle(list(pids.values()))
+
+            def measured_run() -> dict[str, Any]:
+                return run_served_rate(retriever, bodies_file, rate, seconds, work, pids)
+
             if cgroup is not None:
-                cold = run_served_rate(retriever, bodies_file, rate, seconds, work, pids)
-            result = run_served_rate(retriever, bodies_file, rate, seconds, work, pids)
+                cold = measured_run()
+            result = measured_run()
             memory = _process_tree_memory(retriever.process.pid)
-        limit = cgroup.usage() if cgroup is not None else None
+            limit = cgroup.usage() if cgroup is not None else None
+            if hot_swap:
+                swap = _hot_swap_runs(served_dir, measured_run, retriever.process.pid, cgroup, work / "retriever.log")
     finally:
         if cgroup is not None:
             cgroup.remove()
+        if hot_swap:
+            shutil.rmtree(served_dir, ignore_errors=True)
     return {
         "rate": rate,
         "achieved_qps": result["achieved_qps"],
@@ -332,8 +349,57 @@ def served_latency(
         "retriever_memory": memory,
         "retriever_args": retriever_args,
         "memory_limit": limit,
-        "cold": None if cold is None else {k: cold[k] for k in ("p50_ms", "p99_ms", "errors")},
+        "cold": None if cold is None else _latency(cold),
+        "hot_swap": swap,
     }
+
+
+SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
+
+
+def _swap_root(directory: Path, root: Path) -> Path:
+    """An index root serving `directory` (linked as its first version) with a copy of it as the second
+    version, not yet published: the copy's files are new files, as a new export's would be."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    first, second = (root / name for name in SWAP_VERSIONS)
+    first.symlink_to(directory.resolve(), target_is_directory=True)
+    shutil.copytree(directory, second)
+    manifest = artifacts.read_manifest(second)
+    artifacts.write_manifest(second, dataclasses.replace(manifest, index_version=second.name))
+    artifacts.publish_version(root, first.name)
+    return root
+
+
+def _hot_swap_runs(
+    root: Path, measured_run: Any, retriever_pid: int, cgroup: Any, retriever_log: Path
+) -> dict[str, Any]:
+    """Runs during and after the swap to the root's second version: latency, errors, the pages read back
+    from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped."""
+    from benchmarks.memory_limit import evict_from_page_cache
+
+    evict_from_page_cache(root / SWAP_VERSIONS[1])  # copied by this process: cached and charged to it
+    phases: dict[str, Any] = {}
+    faults = cgroup.usage()["major_faults"] if cgroup is not None else 0
+    for phase in ("during", "after"):
+        if phase == "during":
+            threading.Timer(1.0, artifacts.publish_version, (root, SWAP_VERSIONS[1])).start()
+        result = measured_run()
+        usage = cgroup.usage() if cgroup is not None else None
+        phases[phase] = {
+            **_latency(result),
+            "retriever_memory": _process_tree_memory(retriever_pid),
+            "major_faults": None if usage is None else usage["major_faults"] - faults,
+            "peak_mib": None if usage is None else usage["peak_mib"],
+        }
+        faults = usage["major_faults"] if usage is not None else 0
+    log_text = retriever_log.read_text(errors="replace")
+    phases["swapped"] = f"-> {SWAP_VERSIONS[1]}" in log_text and "index swapped" in log_text
+    return phases
+
+
+def _latency(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("p50_ms", "p99_ms", "errors")}
 
 
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -359,6 +425,7 @@ def run(
     retriever_args: list[str],
     memory_limit_mib: int = 0,
     vector_dtype: str = "float32",
+    hot_swap: bool = False,
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -398,7 +465,7 @@ def run(
             }
             if repository is not None and reference.index_dir is not None:
                 row["served"] = served_latency(
-                    directory, repository, work_n, rate, seconds, retriever_args, memory_limit_mib
+                    directory, repository, work_n, rate, seconds, retriever_args, memory_limit_mib, hot_swap
                 )
             log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
             log.info("served: %s", row.get("served"))
@@ -448,9 +515,53 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {_reranked(r)} | {filtered} | {_served(r.get('served'))} |"
         )
+    lines += _hot_swap_table(rows)
     lines += ["", f"Command: `{command}`", ""]
     (out / "scale.md").write_text("\n".join(lines))
     _plot(rows, out / "scale.png")
+
+
+def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows served with --hot-swap: the measured run (before), the run that swapped a second version in
+    under load (during) and the run after it, each with the pages read back from disk under the limit."""
+    swapped = [(i + 1, r) for i, r in enumerate(rows) if (r.get("served") or {}).get("hot_swap")]
+    if not swapped:
+        return []
+    lines = [
+        "",
+        "Hot swaps under load (`--hot-swap`): after the measured run, CURRENT is pointed at a second version",
+        "(a copy: its files new to the page cache) at the start of the next run, which the retriever's",
+        "watcher loads and swaps in while serving; a third run follows on the new version alone. Per run:",
+        "p50 / p99 ms, errors, major faults under the limit; the retriever's own (anon) memory after it;",
+        "the cgroup's peak since the start.",
+        "",
+        "| row | articles | index | before | during the swap | after | retriever anon MiB before / during / after"
+        " | peak MiB | swapped |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for number, r in swapped:
+        served, swap = r["served"], r["served"]["hot_swap"]
+        limit = served.get("memory_limit") or {}
+        before = {**served, "major_faults": limit.get("major_faults")}
+        anon = " / ".join(
+            f"{m['anon_mib']:.0f}"
+            for m in (served["retriever_memory"], swap["during"]["retriever_memory"], swap["after"]["retriever_memory"])
+        )
+        lines.append(
+            f"| {number} | {r['articles']:,} | {r['index_type']}{_factor(r)} | {_swap_run(before)} "
+            f"| {_swap_run(swap['during'])} | {_swap_run(swap['after'])} | {anon} "
+            f"| {_mib(swap['after']['peak_mib'])} | {'yes' if swap['swapped'] else 'NO'} |"
+        )
+    return lines
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _swap_run(run: dict[str, Any]) -> str:
+    faults = run.get("major_faults")
+    return f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}, {run['errors']}, {'-' if faults is None else faults}"
 
 
 def _factor(row: dict[str, Any]) -> str:
@@ -555,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
         help="how each version stores its item vectors (export --vector-dtype; float16, what a catalogue of "
         "millions needs under a 4 Gi pod: docs/scale.md rows 24-27)",
     )
+    parser.add_argument(
+        "--hot-swap",
+        action="store_true",
+        help="after the served run, two more: one that swaps in a second version under load, one after it",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
@@ -581,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         args.retriever_args.split(),
         args.memory_limit_mib,
         args.vector_dtype,
+        args.hot_swap,
     )
     report(rows, reference.source, args.out, "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]))
     print((args.out / "scale.md").read_text())
