@@ -56,3 +56,56 @@ def test_a_memory_cgroup_limits_what_its_launcher_starts() -> None:
     assert small.returncode == 0
     assert large.returncode == -9 and usage["oom_kills"] >= 1  # killed by the kernel at the limit, as a pod is
     assert usage["limit_mib"] == 96 and usage["peak_mib"] <= 96
+
+
+def test_the_hot_swap_root_serves_the_version_and_holds_a_copy_to_swap_in(tmp_path) -> None:
+    from benchmarks.scale import SWAP_VERSIONS, _swap_root
+    from serving.catalog import Catalog
+    from tests.conftest import write_random_index
+    from twotower import artifacts
+
+    version = tmp_path / "ivf-pq"
+    write_random_index(version, "flat", ["Garment Upper body"] * 40)
+    root = _swap_root(version, tmp_path / "swap-root")
+    first, second = (root / name for name in SWAP_VERSIONS)
+    assert artifacts.resolve_index_dir(root) == first and first.resolve() == version.resolve()
+    assert (
+        not second.is_symlink()
+        and (second / artifacts.VECTORS_FILE).stat().st_ino != (version / artifacts.VECTORS_FILE).stat().st_ino
+    )  # new files, as a new export's: not links to the served version's pages
+    artifacts.publish_version(root, second.name)
+    swapped = Catalog(root, lexical=False)  # its files check out against its manifest
+    assert swapped.version == second.name and len(swapped.article_ids) == 40
+
+
+def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> None:
+    from benchmarks.scale import _hot_swap_table
+
+    def run(p99: float, anon: float, faults: int | None) -> dict:
+        return {
+            "p50_ms": 5.0,
+            "p99_ms": p99,
+            "errors": 0,
+            "major_faults": faults,
+            "retriever_memory": {"anon_mib": anon},
+        }
+
+    served = {
+        **run(20.0, 1000.0, None),
+        "memory_limit": {"major_faults": 7},
+        "hot_swap": {
+            "during": {**run(900.0, 1900.0, 50), "peak_mib": 4096.0},
+            "after": {**run(21.0, 1010.0, 3), "peak_mib": 4096.0},
+            "swapped": True,
+        },
+    }
+    rows = [
+        {"articles": 10, "index_type": "flat", "served": None},
+        {"articles": 20, "index_type": "ivf-pq", "served": served},
+    ]
+    table = _hot_swap_table(rows)
+    assert table[-1] == (
+        "| 2 | 20 | ivf-pq | 5.00 / 20.00, 0, 7 | 5.00 / 900.00, 0, 50 | 5.00 / 21.00, 0, 3 | 1000 / 1900 / 1010 "
+        "| 4,096 | yes |"
+    )
+    assert _hot_swap_table(rows[:1]) == []
