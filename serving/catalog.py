@@ -165,7 +165,7 @@ class Catalog:
         self.products = None
         if "product_code" in self.items:
             codes = self.items["product_code"]
-            self.products = repeats.Products.from_encoded(codes.codes, codes.distinct())
+            self.products = repeats.Products.from_encoded(codes.codes, codes.values)
         histories = load_npz_mapped(self.index_dir / artifacts.HISTORIES_FILE)  # memory-mapped, like the vectors
         customer_ids = histories["customer_ids"]
         self.history_rows = histories["rows"]

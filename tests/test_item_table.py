@@ -62,7 +62,7 @@ def test_rows_with_codes_compares_or_looks_up_alike(n_wanted: int) -> None:
 
 def test_products_read_the_encoded_columns() -> None:
     table = ItemTable.from_columns(COLUMNS)
-    encoded = repeats.Products.from_encoded(table["product_code"].codes, table["product_code"].distinct())
+    encoded = repeats.Products.from_encoded(table["product_code"].codes, table["product_code"].values)  # bytes
     plain = repeats.Products(COLUMNS["product_code"])
     for products in (encoded, plain):
         assert products.product_of[2] == -1  # no code: no siblings
