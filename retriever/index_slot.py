@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from retriever import metrics
+from retriever import heap, metrics
 from serving.catalog import Catalog
 from serving.gpu_search import GpuUnavailable
 from serving.towers import Towers
@@ -111,6 +111,8 @@ class IndexSlot:
         # version is still freed by reference counting).
         gc.freeze()
         self.publish_metrics(previous)
+        if previous is not None:  # freed when the last request that started on it ends
+            heap.release_when_freed(previous.catalog, f"index version {previous.catalog.version}", self._grace_s)
 
     def publish_metrics(self, previous: Serving | None = None) -> None:
         """The served version's gauges (per process: each KServe worker publishes its own)."""
@@ -205,10 +207,14 @@ class IndexSlot:
                 retry_at = time.monotonic() + backoff
                 backoff = min(2 * backoff, TOWERS_RETRY_MAX_S)
 
+    @property
+    def _grace_s(self) -> float:
+        """Long enough for every request that started on a replaced version to have finished."""
+        return 4 * self.config.triton_timeout_s * (self.config.triton_retries + 1)
+
     async def close_retired(self) -> None:
         """Close replaced tower clients once requests that started on them have long finished."""
-        grace = 4 * self.config.triton_timeout_s * (self.config.triton_retries + 1)
-        while self._retired and time.monotonic() - self._retired[0][0] > grace:
+        while self._retired and time.monotonic() - self._retired[0][0] > self._grace_s:
             _, towers = self._retired.pop(0)
             await towers.close()
 

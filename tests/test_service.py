@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from evaluation.two_tower import CaseUsers, TwoTower
 from export.catalogue_index import build_faiss_index, write_index_dir
+from retriever import heap
 from retriever import service as service_module
 from retriever.errors import RequestError
 from retriever.index_slot import IndexSlot
@@ -677,3 +678,34 @@ def test_searches_in_worker_threads_use_the_configured_faiss_threads(shop, monke
     for _ in range(3):  # fresh and reused pool threads alike
         recommend(service, Query("customer_id", "alice", 5))
     assert seen == [service.config.faiss_threads] * 3  # OpenMP's count is per thread: not every core
+
+
+def test_a_replaced_version_is_freed_and_its_heap_handed_back(shop, caplog) -> None:
+    import logging
+    import time
+    import weakref
+
+    service, _, _ = shop
+    root = Path(service.config.index_dir)
+    replaced = weakref.ref(service.slot.serving.catalog)
+    write_shop_index(root / "v0002", seed=1)
+    artifacts.publish_version(root, "v0002")
+    with caplog.at_level(logging.INFO, logger="retriever.heap"):
+        assert service.slot.reload().status == "swapped"
+        deadline = time.monotonic() + 10
+        while "index version v0001 freed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert replaced() is None  # nothing kept the old version alive: its memory can go back to the OS
+    assert "index version v0001 freed: own memory" in caplog.text or not heap.release_freed_heap()
+
+
+def test_a_replaced_version_still_referenced_is_reported_not_waited_for_forever(caplog) -> None:
+    import logging
+
+    class Version:  # weakly referenceable, like a Catalog
+        pass
+
+    kept = Version()
+    with caplog.at_level(logging.WARNING, logger="retriever.heap"):
+        heap.release_when_freed(kept, "index version v0007", timeout_s=0.2).join(timeout=5)
+    assert "index version v0007 still referenced 0.2 s after it was replaced" in caplog.text
