@@ -561,7 +561,7 @@ def _mib(value: float | None) -> str:
 
 def _swap_run(run: dict[str, Any]) -> str:
     faults = run.get("major_faults")
-    return f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}, {run['errors']}, {'-' if faults is None else faults}"
+    return f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}, {run['errors']}, {'-' if faults is None else f'{faults:,}'}"
 
 
 def _factor(row: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 glibc keeps freed heap memory for reuse instead of returning it: at 10M articles a hot swap under a 4 Gi pod
 limit left the retriever's own memory at 1,574 MiB after the old version was freed (1,085 before the swap),
 and the page cache the vectors need shrank by that much (206,379 pages read back from disk in the next 30 s,
-536 of 3,000 requests failed; docs/scale.md). `malloc_trim(0)` hands the free pages back (a 10M version:
+536 of 3,000 requests refused; docs/scale.md). `malloc_trim(0)` hands the free pages back (a 10M version:
 1,252 -> 775 MiB). Elsewhere than glibc this does nothing.
 """
 
