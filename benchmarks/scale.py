@@ -30,11 +30,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
 
+from benchmarks.memory_limit import MemoryCgroup
 from twotower import artifacts
 from twotower.item_table import ID_COLUMN, Column, ItemTable
 
@@ -372,7 +373,11 @@ def _swap_root(directory: Path, root: Path) -> Path:
 
 
 def _hot_swap_runs(
-    root: Path, measured_run: Any, retriever_pid: int, cgroup: Any, retriever_log: Path
+    root: Path,
+    measured_run: Callable[[], dict[str, Any]],
+    retriever_pid: int,
+    cgroup: MemoryCgroup | None,
+    retriever_log: Path,
 ) -> dict[str, Any]:
     """Runs during and after the swap to the root's second version: latency, errors, the pages read back
     from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped."""
@@ -532,8 +537,8 @@ def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
         "Hot swaps under load (`--hot-swap`): after the measured run, CURRENT is pointed at a second version",
         "(a copy: its files new to the page cache) at the start of the next run, which the retriever's",
         "watcher loads and swaps in while serving; a third run follows on the new version alone. Per run:",
-        "p50 / p99 ms, errors, major faults under the limit; the retriever's own (anon) memory after it;",
-        "the cgroup's peak since the start.",
+        "p50 / p99 ms, errors, major faults under the limit ('before': with the cold run's, as in the table",
+        "above); the retriever's own (anon) memory after it; the cgroup's peak since the start.",
         "",
         "| row | articles | index | before | during the swap | after | retriever anon MiB before / during / after"
         " | peak MiB | swapped |",

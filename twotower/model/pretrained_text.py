@@ -32,6 +32,8 @@ class Backbone:
     # Texts per forward pass when training encodes the catalogue: on these 2 cores MiniLM ran 71 captions/s in
     # batches of 32 against 56 in batches of 256 (H&M captions, 3 interleaved rounds of 2,048; the activations
     # of a small batch stay in cache).
+    # Not faster enough to adopt (1,024 H&M captions, 2026-11-30): two processes of one thread 74 captions/s
+    # together against 58-67 for one of two threads, torch.compile 70.5: inside this host's own spread.
     encode_batch_size: int
 
 
