@@ -297,10 +297,11 @@ def served_latency(
     pod does. A first run of the same length then warms that cache ("cold": its own p50 / p99); the
     measured run follows.
 
-    With `hot_swap` the retriever serves an index root whose CURRENT names this version, and two more runs
+    With `hot_swap` the retriever serves an index root whose CURRENT names this version, and three more runs
     of the same length follow the measured one: "during", which starts by pointing CURRENT at a second
     version (a copy of this one: every file new to the page cache, as a new export's are) that the
-    retriever's watcher loads and swaps in under load, and "after", on the new version alone."""
+    retriever's watcher loads and swaps in under load, then "after" and "later" (SWAP_PHASES): a 10M version
+    takes 15-30 s to load under a 4 Gi limit, so the swap may end with the first run."""
     from benchmarks import offline
     from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
@@ -356,6 +357,7 @@ def served_latency(
 
 
 SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
+SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=True)` after the measured one
 
 
 def _swap_root(directory: Path, root: Path) -> Path:
@@ -379,14 +381,14 @@ def _hot_swap_runs(
     cgroup: MemoryCgroup | None,
     retriever_log: Path,
 ) -> dict[str, Any]:
-    """Runs during and after the swap to the root's second version: latency, errors, the pages read back
+    """Runs during and after the swap to the root's second version (SWAP_PHASES): latency, errors, the pages read back
     from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped."""
     from benchmarks.memory_limit import evict_from_page_cache
 
     evict_from_page_cache(root / SWAP_VERSIONS[1])  # copied by this process: cached and charged to it
     phases: dict[str, Any] = {}
     faults = cgroup.usage()["major_faults"] if cgroup is not None else 0
-    for phase in ("during", "after"):
+    for phase in SWAP_PHASES:
         if phase == "during":
             threading.Timer(1.0, artifacts.publish_version, (root, SWAP_VERSIONS[1])).start()
         result = measured_run()
@@ -528,7 +530,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
 
 def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
     """Rows served with --hot-swap: the measured run (before), the run that swapped a second version in
-    under load (during) and the run after it, each with the pages read back from disk under the limit."""
+    under load (during) and the runs after it, each with the pages read back from disk under the limit
+    (rows measured before the 'later' run have '-' there)."""
     swapped = [(i + 1, r) for i, r in enumerate(rows) if (r.get("served") or {}).get("hot_swap")]
     if not swapped:
         return []
@@ -536,26 +539,25 @@ def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Hot swaps under load (`--hot-swap`): after the measured run, CURRENT is pointed at a second version",
         "(a copy: its files new to the page cache) at the start of the next run, which the retriever's",
-        "watcher loads and swaps in while serving; a third run follows on the new version alone. Per run:",
+        "watcher loads and swaps in while serving; two more runs follow ('after', 'later'). Per run:",
         "p50 / p99 ms, errors, major faults under the limit ('before': with the cold run's, as in the table",
         "above); the retriever's own (anon) memory after it; the cgroup's peak since the start.",
         "",
-        "| row | articles | index | before | during the swap | after | retriever anon MiB before / during / after"
-        " | peak MiB | swapped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | articles | index | before | during the swap | after | later | retriever anon MiB before / during /"
+        " after / later | peak MiB | swapped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for number, r in swapped:
         served, swap = r["served"], r["served"]["hot_swap"]
         limit = served.get("memory_limit") or {}
         before = {**served, "major_faults": limit.get("major_faults")}
-        anon = " / ".join(
-            f"{m['anon_mib']:.0f}"
-            for m in (served["retriever_memory"], swap["during"]["retriever_memory"], swap["after"]["retriever_memory"])
-        )
+        runs = [before, *(swap.get(phase) for phase in SWAP_PHASES)]
+        anon = " / ".join("-" if run is None else f"{run['retriever_memory']['anon_mib']:.0f}" for run in runs)
+        shown = " | ".join("-" if run is None else _swap_run(run) for run in runs)
+        last = [run for run in runs if run is not None][-1]
         lines.append(
-            f"| {number} | {r['articles']:,} | {r['index_type']}{_factor(r)} | {_swap_run(before)} "
-            f"| {_swap_run(swap['during'])} | {_swap_run(swap['after'])} | {anon} "
-            f"| {_mib(swap['after']['peak_mib'])} | {'yes' if swap['swapped'] else 'NO'} |"
+            f"| {number} | {r['articles']:,} | {r['index_type']}{_factor(r)} | {shown} | {anon} "
+            f"| {_mib(last.get('peak_mib'))} | {'yes' if swap['swapped'] else 'NO'} |"
         )
     return lines
 

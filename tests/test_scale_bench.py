@@ -105,7 +105,7 @@ def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> Non
     ]
     table = _hot_swap_table(rows)
     assert table[-1] == (
-        "| 2 | 20 | ivf-pq | 5.00 / 20.00, 0, 7 | 5.00 / 900.00, 0, 50 | 5.00 / 21.00, 0, 3 | 1000 / 1900 / 1010 "
-        "| 4,096 | yes |"
+        "| 2 | 20 | ivf-pq | 5.00 / 20.00, 0, 7 | 5.00 / 900.00, 0, 50 | 5.00 / 21.00, 0, 3 | - "
+        "| 1000 / 1900 / 1010 / - | 4,096 | yes |"
     )
     assert _hot_swap_table(rows[:1]) == []
