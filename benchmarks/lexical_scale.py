@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.scale import default_reference, process_memory
+from benchmarks.scale import default_reference
+from retriever.heap import process_memory
 from serving.lexical import LexicalIndex
 from twotower import ranking
 

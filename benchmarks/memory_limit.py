@@ -84,9 +84,12 @@ class MemoryCgroup:
 
 
 def evict_from_page_cache(directory: Path) -> None:
-    """Write back and drop the cached pages of every file under `directory` (they stay on disk)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
+    """Write back and drop the cached pages of every file under `directory`, through linked directories too
+    (an index root's versions may be links; they stay on disk)."""
+    for folder, _, names in os.walk(directory, followlinks=True):
+        for path in (Path(folder) / name for name in names):
+            if not path.is_file():
+                continue
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)

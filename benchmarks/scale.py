@@ -35,7 +35,8 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from benchmarks.memory_limit import MemoryCgroup
+from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
+from retriever.heap import process_memory
 from twotower import artifacts
 from twotower.item_table import ID_COLUMN, Column, ItemTable
 
@@ -190,16 +191,6 @@ def write_version(
 
 
 # -- measured in a fresh process per index ---------------------------------------------------------
-def process_memory(pid: int | str = "self") -> dict[str, float]:
-    """Resident memory of a process (this one by default) in MiB: all, anonymous and file-backed pages."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile"):
-            fields[name] = int(value.split()[0]) / 1024  # kB -> MiB
-    return {"rss_mib": fields["VmRSS"], "anon_mib": fields["RssAnon"], "file_mib": fields["RssFile"]}
-
-
 def _process_tree_memory(pid: int) -> dict[str, float]:
     """`process_memory` summed over a process and its children (KServe's workers). File-backed pages shared by
     the workers count once per process here; a pod's memory cgroup charges them once."""
@@ -303,7 +294,6 @@ def served_latency(
     retriever's watcher loads and swaps in under load, then "after" and "later" (SWAP_PHASES): a 10M version
     takes 15-30 s to load under a 4 Gi limit, so the swap may end with the first run."""
     from benchmarks import offline
-    from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
 
@@ -383,9 +373,6 @@ def _hot_swap_runs(
 ) -> dict[str, Any]:
     """Runs during and after the swap to the root's second version (SWAP_PHASES): latency, errors, the pages read back
     from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped."""
-    from benchmarks.memory_limit import evict_from_page_cache
-
-    evict_from_page_cache(root / SWAP_VERSIONS[1])  # copied by this process: cached and charged to it
     phases: dict[str, Any] = {}
     faults = cgroup.usage()["major_faults"] if cgroup is not None else 0
     for phase in SWAP_PHASES:

@@ -25,12 +25,15 @@ _MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
 POLL_S = 0.5
 
 
-def own_memory_mib() -> float:
-    """This process's anonymous resident memory (what the heap holds), MiB; 0 where /proc has no such line."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def process_memory(pid: int | str = "self") -> dict[str, float]:
+    """Resident memory of a process (this one by default) in MiB: all, anonymous (its own: what the heap
+    holds) and file-backed pages."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) / 1024  # kB -> MiB
+    return {"rss_mib": fields["VmRSS"], "anon_mib": fields["RssAnon"], "file_mib": fields["RssFile"]}
 
 
 def release_freed_heap() -> bool:
@@ -53,14 +56,14 @@ def release_when_freed(obj: object, name: str, timeout_s: float) -> threading.Th
                 log.warning("%s still referenced %g s after it was replaced: its memory stays", name, timeout_s)
                 return
             time.sleep(POLL_S)
-        before = own_memory_mib()
+        before = process_memory()["anon_mib"]
         started = time.perf_counter()
         if release_freed_heap():
             log.info(
                 "%s freed: own memory %.0f -> %.0f MiB (returned to the OS in %.0f ms)",
                 name,
                 before,
-                own_memory_mib(),
+                process_memory()["anon_mib"],
                 1000 * (time.perf_counter() - started),
             )
 

@@ -109,3 +109,50 @@ def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> Non
         "| 1000 / 1900 / 1010 / - | 4,096 | yes |"
     )
     assert _hot_swap_table(rows[:1]) == []
+
+
+def resident_pages(path) -> int:
+    """Pages of `path` in the page cache: mincore over a read-only mapping (libc's own calls: Python's mmap
+    gives no address of a read-only mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle.fileno(), 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        pytest.skip("mmap failed")
+    try:
+        pages = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+        if libc.mincore(address, size, pages) != 0:
+            pytest.skip("mincore is not available here")
+        return sum(page & 1 for page in pages)
+    finally:
+        libc.munmap(address, size)
+
+
+def test_eviction_reaches_versions_an_index_root_links_to(tmp_path) -> None:
+    import os
+
+    from benchmarks.memory_limit import evict_from_page_cache
+
+    served = tmp_path / "kept" / "vectors.npy"
+    served.parent.mkdir()
+    served.write_bytes(os.urandom(1 << 20))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "v0001").symlink_to(served.parent, target_is_directory=True)
+    served.read_bytes()
+    evict_from_page_cache(served.parent)
+    if resident_pages(served) > 0:
+        pytest.skip("this filesystem keeps its files in memory (tmpfs): nothing to evict")
+    served.read_bytes()
+    if resident_pages(served) == 0:
+        pytest.skip("no page cache to observe here")
+    evict_from_page_cache(root)
+    assert resident_pages(served) == 0  # the served version of a hot-swap root starts cold, as a pod's does
