@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,13 +31,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import faiss
 import numpy as np
 
 from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
 from retriever.heap import process_memory
+from retriever.launch import RedisServer
+from retriever.swap_turns import RedisSwapTurns
 from twotower import artifacts
 from twotower.item_table import ID_COLUMN, Column, ItemTable
 
@@ -277,7 +280,7 @@ def served_latency(
     seconds: float,
     retriever_args: list[str],
     memory_limit_mib: int = 0,
-    hot_swap: bool = False,
+    hot_swap: str = "",
 ) -> dict[str, Any]:
     """The bench's request mix at a fixed rate through Triton + the retriever (one process, or a KServe
     worker per core with --workers 2) serving this version (benchmarks.serving); the retriever's memory
@@ -292,7 +295,10 @@ def served_latency(
     of the same length follow the measured one: "during", which starts by pointing CURRENT at a second
     version (a copy of this one: every file new to the page cache, as a new export's are) that the
     retriever's watcher loads and swaps in under load, then "after" and "later" (SWAP_PHASES): a 10M version
-    takes 15-30 s to load under a 4 Gi limit, so the swap may end with the first run."""
+    takes 15-30 s to load under a 4 Gi limit, so the swap may end with the first run. `hot_swap` "turn": the
+    swap is taken as a replica's turn while another replica serves (retriever/swap_turns.py, a real Redis and
+    a stand-in replica's heartbeats): the retriever leaves rotation, loads, rejoins; no requests are sent while
+    its /ready answers 503 (Kubernetes sends them to the other replica), and "during" is how long that was."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
@@ -311,7 +317,15 @@ def served_latency(
     cold, swap, limit = None, None, None
     try:
         launcher = cgroup.launcher() if cgroup is not None else []
-        with bench_servers(served, work, "retriever.log", retriever_args, retriever_launcher=launcher) as servers:
+        with contextlib.ExitStack() as stack:
+            arguments = retriever_args
+            if hot_swap == "turn":
+                redis = stack.enter_context(RedisServer(work / "redis.log"))
+                arguments = [*retriever_args, "--swap-turns-redis-url", redis.url, "--swap-drain-s", "2"]
+                stack.enter_context(_another_replica_serving(redis.url, str(served_dir)))
+            servers = stack.enter_context(
+                bench_servers(served, work, "retriever.log", arguments, retriever_launcher=launcher)
+            )
             triton, retriever = servers.triton, servers.retriever
             assert retriever.process is not None and triton.pid is not None
             pids = {"retriever": retriever.process.pid, "Triton": triton.pid}
@@ -326,7 +340,11 @@ def served_latency(
             memory = _process_tree_memory(retriever.process.pid)
             limit = cgroup.usage() if cgroup is not None else None
             if hot_swap:
-                swap = _hot_swap_runs(served_dir, measured_run, retriever.process.pid, cgroup, work / "retriever.log")
+                out_of_rotation = (lambda: _out_of_rotation(retriever.url)) if hot_swap == "turn" else None
+                swap = _hot_swap_runs(
+                    served_dir, measured_run, retriever.process.pid, cgroup, work / "retriever.log", out_of_rotation
+                )
+                swap["mode"] = hot_swap
     finally:
         if cgroup is not None:
             cgroup.remove()
@@ -346,6 +364,7 @@ def served_latency(
     }
 
 
+HOT_SWAP_MODES = ("in-place", "turn")  # --hot-swap: swapped while serving; or out of rotation (retriever/swap_turns.py)
 SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
 SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=True)` after the measured one
 
@@ -370,18 +389,24 @@ def _hot_swap_runs(
     retriever_pid: int,
     cgroup: MemoryCgroup | None,
     retriever_log: Path,
+    out_of_rotation: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Runs during and after the swap to the root's second version (SWAP_PHASES): latency, errors, the pages read back
-    from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped."""
+    from disk in each (under a memory limit), the retriever's memory after each, and whether it swapped. With
+    `out_of_rotation` (it waits for the retriever to leave rotation and rejoin, and returns the seconds it was out)
+    "during" sends nothing and records that time instead."""
     phases: dict[str, Any] = {}
     faults = cgroup.usage()["major_faults"] if cgroup is not None else 0
     for phase in SWAP_PHASES:
         if phase == "during":
             threading.Timer(1.0, artifacts.publish_version, (root, SWAP_VERSIONS[1])).start()
-        result = measured_run()
+        if phase == "during" and out_of_rotation is not None:
+            result: dict[str, Any] = {"out_of_rotation_s": out_of_rotation()}
+        else:
+            result = _latency(measured_run())
         usage = cgroup.usage() if cgroup is not None else None
         phases[phase] = {
-            **_latency(result),
+            **result,
             "retriever_memory": _process_tree_memory(retriever_pid),
             "major_faults": None if usage is None else usage["major_faults"] - faults,
             "peak_mib": None if usage is None else usage["peak_mib"],
@@ -390,6 +415,42 @@ def _hot_swap_runs(
     log_text = retriever_log.read_text(errors="replace")
     phases["swapped"] = f"-> {SWAP_VERSIONS[1]}" in log_text and "index swapped" in log_text
     return phases
+
+
+@contextlib.contextmanager
+def _another_replica_serving(redis_url: str, index_root: str) -> Iterator[None]:
+    """A stand-in second replica's heartbeats (every second), so that a swap is taken out of rotation."""
+    peer = RedisSwapTurns(redis_url, index_root, lease_s=30.0, stale_s=10.0, timeout_s=1.0, replica="bench-peer:0")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(1.0):
+            peer.heartbeat()
+
+    peer.heartbeat()
+    thread = threading.Thread(target=beat, name="bench-peer", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _out_of_rotation(retriever_url: str, timeout_s: float = 600.0) -> float:
+    """Seconds between the retriever leaving rotation (/ready 503) and rejoining it (200)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    left = None
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{retriever_url}/ready", timeout=10).status_code
+        if status != 200 and left is None:
+            left = time.monotonic()
+        elif status == 200 and left is not None:
+            return time.monotonic() - left
+        time.sleep(0.1)
+    raise TimeoutError(f"the retriever at {retriever_url} did not leave rotation and rejoin within {timeout_s:.0f} s")
 
 
 def _latency(result: dict[str, Any]) -> dict[str, Any]:
@@ -419,7 +480,7 @@ def run(
     retriever_args: list[str],
     memory_limit_mib: int = 0,
     vector_dtype: str = "float32",
-    hot_swap: bool = False,
+    hot_swap: str = "",
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -528,7 +589,9 @@ def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
         "(a copy: its files new to the page cache) at the start of the next run, which the retriever's",
         "watcher loads and swaps in while serving; two more runs follow ('after', 'later'). Per run:",
         "p50 / p99 ms, errors, major faults under the limit ('before': with the cold run's, as in the table",
-        "above); the retriever's own (anon) memory after it; the cgroup's peak since the start.",
+        "above); the retriever's own (anon) memory after it; the cgroup's peak since the start. `--hot-swap turn`:",
+        "the swap taken as a replica's turn while another serves (retriever/swap_turns.py): out of rotation while",
+        "it loads, no requests sent meanwhile (Kubernetes routes them to the other replica); 'during' says how long.",
         "",
         "| row | articles | index | before | during the swap | after | later | retriever anon MiB before / during /"
         " after / later | peak MiB | swapped |",
@@ -555,7 +618,10 @@ def _mib(value: float | None) -> str:
 
 def _swap_run(run: dict[str, Any]) -> str:
     faults = run.get("major_faults")
-    return f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}, {run['errors']}, {'-' if faults is None else f'{faults:,}'}"
+    pages = "-" if faults is None else f"{faults:,}"
+    if "out_of_rotation_s" in run:  # --hot-swap turn: no requests while it loaded
+        return f"out of rotation {run['out_of_rotation_s']:.1f} s, -, {pages}"
+    return f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f}, {run['errors']}, {pages}"
 
 
 def _factor(row: dict[str, Any]) -> str:
@@ -662,8 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--hot-swap",
-        action="store_true",
-        help="after the served run, two more: one that swaps in a second version under load, one after it",
+        nargs="?",
+        const="in-place",
+        default="",
+        choices=HOT_SWAP_MODES,
+        help="after the served run, three more: one that swaps in a second version under load, two after it; "
+        "'turn': the swap taken out of rotation, as a replica's turn while another serves (no requests meanwhile)",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))

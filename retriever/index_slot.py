@@ -2,8 +2,9 @@
 
 A request reads `IndexSlot.serving` once and finishes on the pair it started with. `reload` loads the
 index root's CURRENT version and swaps it in only if it checks out (files, dimension, the towers'
-model version served by Triton); a watcher thread polls CURRENT and reloads when it changes.
-Plain Python: the KServe adapter and the tests use it alike.
+model version served by Triton); a watcher thread polls CURRENT and reloads when it changes, taking
+its turn among the replicas first (retriever/swap_turns.py: out of rotation while it loads, where
+another replica serves). Plain Python: the KServe adapter and the tests use it alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from retriever import heap, metrics
+from retriever.swap_turns import SwapTurns, swap_turns
 from serving.catalog import Catalog
 from serving.gpu_search import GpuUnavailable
 from serving.towers import Towers
@@ -57,10 +59,14 @@ class ReloadResult:
 
 
 class IndexSlot:
-    def __init__(self, config: RetrieverConfig, towers: TowerOpener):
+    def __init__(self, config: RetrieverConfig, towers: TowerOpener, turns: SwapTurns | None = None):
         self.config = config
         self.towers = towers
+        self.turns = turns or swap_turns(
+            config.swap_turns_redis_url, str(config.index_dir), config.swap_lease_s, config.index_poll_s
+        )
         self.serving: Serving | None = None
+        self.out_of_rotation = ""  # why this replica asks not to be sent requests now ("": it is in rotation)
         self._lock = threading.Lock()
         self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
         self._pending: Catalog | None = None  # a checked version waiting for Triton to serve its towers
@@ -191,13 +197,17 @@ class IndexSlot:
         seen, retry_at, backoff = None, 0.0, TOWERS_RETRY_S
         while not self._stop_watching.wait(self.config.index_poll_s):
             try:
+                if not self.out_of_rotation:
+                    self.turns.heartbeat()
                 name = pointer.read_text().strip()
                 if name == seen and time.monotonic() < retry_at:
                     continue
                 if name != seen:
                     seen, backoff = name, TOWERS_RETRY_S
-                result = self.reload()
-                if result.status == "refused" and result.towers_pending:
+                result = self._reload_in_turn()
+                if result is None:  # another replica is swapping: ask again at the next poll
+                    retry_at = 0.0
+                elif result.status == "refused" and result.towers_pending:
                     retry_at, backoff = time.monotonic() + backoff, min(2 * backoff, TOWERS_RETRY_MAX_S)
                 else:
                     retry_at = float("inf")  # swapped, unchanged, or bad: read again when CURRENT changes
@@ -206,6 +216,41 @@ class IndexSlot:
                 log.exception("index watch: checking %s failed; trying again in %.0f s", pointer, backoff)
                 retry_at = time.monotonic() + backoff
                 backoff = min(2 * backoff, TOWERS_RETRY_MAX_S)
+
+    def _reload_in_turn(self) -> ReloadResult | None:
+        """reload(), once this replica has its turn if CURRENT names a version it has not loaded; None while
+        another replica holds the turn."""
+        if not self._needs_loading():
+            return self.reload()
+        turn = self.turns.take()
+        if turn is None:
+            return None
+        with turn:
+            if turn.drain:
+                self.out_of_rotation = "loading a new index version (another replica serves meanwhile)"
+                self.turns.leave()
+                log.info("out of rotation for %.0f s before loading the new index version", self.config.swap_drain_s)
+                if self._stop_watching.wait(self.config.swap_drain_s):
+                    return None  # stopping: nothing to load for
+            try:
+                return self.reload()
+            finally:
+                if self.out_of_rotation:
+                    self.out_of_rotation = ""
+                    self.turns.heartbeat()
+                    log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
+
+    def _needs_loading(self) -> bool:
+        """CURRENT names a version neither served nor loaded already (waiting for its towers). False where
+        it cannot be read: reload() then reports why, and nothing is loaded."""
+        try:
+            target = artifacts.resolve_index_dir(self.config.index_dir).resolve()
+        except (ArtifactError, OSError):
+            return False
+        loaded = [self.serving.catalog.index_dir] if self.serving else []
+        if self._pending is not None:
+            loaded.append(self._pending.index_dir)
+        return all(path.resolve() != target for path in loaded)
 
     @property
     def _grace_s(self) -> float:
@@ -220,6 +265,7 @@ class IndexSlot:
 
     def stop(self) -> None:
         self._stop_watching.set()
+        self.turns.leave()
 
 
 def check_compatible(old: Catalog, new: Catalog) -> None:

@@ -1,4 +1,5 @@
-"""Start the retriever, and optionally HAProxy in front of it, as separate processes and wait until ready.
+"""Start the retriever, and optionally HAProxy in front of it or a Redis beside it, as separate processes and
+wait until ready.
 
 Used by the demo, the benchmarks and the integration tests, which must talk to real server processes.
 """
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Self, Sequence
 
@@ -66,12 +68,16 @@ class ServerProcess:
                 env=self.environment(),
             )
         try:
-            wait_until_ready(self.process, self.ready_url, ready_timeout_s, self.name, self.log_path)
+            self.wait_until_ready(ready_timeout_s)
         except ProcessStartError:
             self.stop()
             raise
         log.info("%s ready at %s (pid %d)", self.name, self.ready_url, self.process.pid)
         return self
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        assert self.process is not None
+        wait_until_ready(self.process, self.ready_url, timeout_s, self.name, self.log_path)
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         if self.process is None:
@@ -178,3 +184,47 @@ class AdmissionProxy(ServerProcess):
             "RETRIEVER_ADDRESS": self.retriever_address,
             **self.settings,
         }
+
+
+class RedisServer(ServerProcess):
+    """Debian's redis-server on a loopback port, nothing persisted (`make tools` installs it)."""
+
+    name = "redis"
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__(log_path, free_port())
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.http_port}/0"
+
+    @property
+    def ready_url(self) -> str:
+        return self.url
+
+    def command(self) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ProcessStartError("redis-server is not installed (Debian's redis-server; `make tools` installs it)")
+        return [binary, "--port", str(self.http_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+    def wait_until_ready(self, timeout_s: float) -> None:
+        import redis
+
+        assert self.process is not None
+        client = redis.Redis(port=self.http_port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise ProcessStartError(f"redis-server did not answer on port {self.http_port} (log: {self.log_path})")
+
+    def kill(self) -> None:
+        """Gone at once, as a crashed Redis is (start() brings it back, empty, on the same port)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None

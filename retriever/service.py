@@ -74,6 +74,11 @@ def check_settings(config: RetrieverConfig) -> None:
     for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
+    if config.swap_drain_s < 0 or config.swap_lease_s <= 0:
+        raise ValueError(
+            f"--swap-drain-s {config.swap_drain_s} must be at least 0 and --swap-lease-s {config.swap_lease_s} "
+            "more than 0"
+        )
     if config.min_in_flight < 1 or config.admission_target_ms < 0:
         raise ValueError(
             f"--min-in-flight {config.min_in_flight} must be at least 1 and --admission-target-ms "
@@ -126,6 +131,15 @@ class RecommendationService:
         if serving is None:
             raise NotReady("the index is not loaded yet")
         return serving
+
+    async def in_rotation(self) -> dict[str, Any]:
+        """The readiness probe's answer: the towers answer and this replica is not out of rotation for an
+        index swap (retriever/swap_turns.py); else NotReady saying why."""
+        if not await self.healthy():
+            raise NotReady("the index is not loaded or its towers do not answer")
+        if self.slot.out_of_rotation:
+            raise NotReady(f"out of rotation: {self.slot.out_of_rotation}")
+        return {"ready": True, "index_version": self.serving().catalog.version}
 
     async def healthy(self) -> bool:
         """True only while the towers really answer: a tiny user-tower inference, cached briefly.

@@ -14,6 +14,7 @@ documents them at /docs (/openapi.json).
     GET  /shop/api/customers/{id}/history              what the service knows they bought
     POST /shop/api/customers/{id}/purchases            {"article_ids": [...]}: counts from the next request
     GET  /shop/api/customers/{id}/vector               the user-tower vector
+    GET  /ready                                        the readiness probe: 503 while not ready or out of rotation
     GET  /admin/index                                  the index version being served
     POST /admin/index/reload                           swap to the index root's CURRENT version now
 Filters are query parameters: product_group, product_type, index, colour, section, garment_group
@@ -201,6 +202,12 @@ def build_router(service: RecommendationService) -> APIRouter:
     async def filter_values() -> dict[str, Any]:
         """The values each category filter accepts in the served index (for building a filter UI)."""
         return service.filter_values()
+
+    @router.get("/ready", tags=["health"])
+    async def ready() -> dict[str, Any]:
+        """200 while this replica should get requests; 503 while it is not ready, or out of rotation because
+        it takes its turn at an index swap (requests that still arrive are served)."""
+        return await service.in_rotation()
 
     @router.get("/admin/index", tags=["admin"], dependencies=[protected])
     async def index_info() -> dict[str, Any]:

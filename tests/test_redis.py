@@ -5,52 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from localtriton.process import free_port
-from retriever.launch import RetrieverProcess
+from retriever.launch import RedisServer, RetrieverProcess
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="Debian's redis-server is not installed"),
 ]
-
-
-class RedisServer:
-    """redis-server on a loopback port, nothing persisted."""
-
-    def __init__(self, port: int, directory: Path):
-        self.port, self.directory = port, directory
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(
-            command, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            ping = subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True)
-            if ping.stdout.strip() == "PONG":
-                return self
-            time.sleep(0.1)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
 
 
 def call(url: str, body: dict | None = None) -> tuple[int, dict, dict]:
@@ -64,7 +31,7 @@ def call(url: str, body: dict | None = None) -> tuple[int, dict, dict]:
 
 
 def test_two_retrievers_share_posted_purchases_and_survive_redis_going_away(tiny_pipeline, triton, tmp_path) -> None:
-    redis = RedisServer(free_port(), tmp_path).start()
+    redis = RedisServer(tmp_path / "redis.log").start()
     flags = ["--purchases-redis-url", redis.url, "--history-clock", "index"]
     triton_http = f"127.0.0.1:{triton.settings.http_port}"
     items = tiny_pipeline.article_ids
@@ -100,5 +67,80 @@ def test_two_retrievers_share_posted_purchases_and_survive_redis_going_away(tiny
             status, body, _ = call(f"{a.url}/shop/api/customers/{customer}/purchases", {"article_ids": [bought]})
             assert status == 200, body
             assert call(history_b)[1]["items"][0]["article_id"] == bought
+    finally:
+        redis.kill()
+
+
+def test_swap_turns_one_replica_at_a_time_with_a_lease_that_lapses_when_its_holder_dies(tmp_path, caplog) -> None:
+    import redis as redis_client
+
+    from retriever.swap_turns import RedisSwapTurns
+
+    redis = RedisServer(tmp_path / "redis.log").start()
+    a, b = (RedisSwapTurns(redis.url, "root", 0.6, 10.0, 1.0, replica=name) for name in ("a", "b"))
+    try:
+        with b.take() as turn:
+            assert not turn.drain  # nobody else serves: b swaps in place
+        b.heartbeat()
+        with a.take() as turn:
+            assert turn.drain  # b serves: a leaves rotation while it loads
+            time.sleep(1.5)  # past the lease's 0.6 s: renewed while held
+            assert b.take() is None
+        b.leave()
+        with b.take() as turn:  # handed on; a sent no heartbeat, so b swaps in place
+            assert not turn.drain
+        # A replica that took the lease and died: nobody renews it, it lapses, the next replica swaps.
+        redis_client.Redis.from_url(redis.url).set(a.lease_key, "dead-pod:7", px=500)
+        assert a.take() is None
+        time.sleep(0.7)
+        with a.take() as turn:
+            assert not turn.drain
+        redis.kill()
+        with caplog.at_level("WARNING", logger="retriever.index"):
+            turn = a.take()  # Redis gone: swap in place rather than wait
+        assert turn is not None and not turn.drain and "swapping in place" in caplog.text
+    finally:
+        redis.kill()
+
+
+def test_two_retrievers_take_turns_at_a_hot_swap_each_out_of_rotation_while_it_loads(
+    tiny_pipeline, triton, tmp_path
+) -> None:
+    import dataclasses
+
+    from twotower import artifacts
+
+    redis = RedisServer(tmp_path / "redis.log").start()
+    root = tmp_path / "index"
+    shutil.copytree(tiny_pipeline.index_dir, root)
+    served = artifacts.current_version(root)
+    flags = ["--swap-turns-redis-url", redis.url, "--swap-drain-s", "1.5", "--index-poll-s", "0.2"]
+    triton_http = f"127.0.0.1:{triton.settings.http_port}"
+    try:
+        with (
+            RetrieverProcess(root, triton_http, log_path=tmp_path / "a.log", extra_args=flags) as a,
+            RetrieverProcess(root, triton_http, log_path=tmp_path / "b.log", extra_args=flags) as b,
+        ):
+            assert call(f"{a.url}/ready") == (200, {"ready": True, "index_version": served}, mock.ANY)
+            new = root / artifacts.next_version_name(root)
+            shutil.copytree(root / served, new)
+            manifest = artifacts.read_manifest(new)
+            artifacts.write_manifest(new, dataclasses.replace(manifest, index_version=new.name))
+            time.sleep(0.5)  # both have said they serve
+            artifacts.publish_version(root, new.name)
+            samples: list[tuple[str, str]] = []
+            deadline = time.monotonic() + 60
+            while samples[-1:] != [(new.name, new.name)] and time.monotonic() < deadline:
+                states = [call(f"{replica.url}/ready")[1] for replica in (a, b)]
+                samples.append(tuple(state.get("index_version", "out") for state in states))
+                time.sleep(0.05)
+            assert samples[-1] == (new.name, new.name), samples[-5:]
+            # One at a time: each left rotation while it loaded, never both at once.
+            assert ("out", served) in samples or ("out", new.name) in samples
+            assert (served, "out") in samples or (new.name, "out") in samples
+            assert ("out", "out") not in samples
+            logs = [(tmp_path / name).read_text() for name in ("a.log", "b.log")]
+            assert all("index swap turn taken; 1 other replica(s) serving" in log for log in logs)
+            assert all(f"index swapped: {served} -> {new.name}" in log for log in logs)
     finally:
         redis.kill()

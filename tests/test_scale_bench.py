@@ -103,12 +103,45 @@ def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> Non
         {"articles": 10, "index_type": "flat", "served": None},
         {"articles": 20, "index_type": "ivf-pq", "served": served},
     ]
+    turn = {**served, "hot_swap": {**served["hot_swap"], "during": {**served["hot_swap"]["during"]}, "mode": "turn"}}
+    for key in ("p50_ms", "p99_ms", "errors"):
+        del turn["hot_swap"]["during"][key]
+    turn["hot_swap"]["during"]["out_of_rotation_s"] = 31.25
+    rows.append({"articles": 20, "index_type": "ivf-pq", "served": turn})
     table = _hot_swap_table(rows)
-    assert table[-1] == (
+    assert table[-2:] == [
         "| 2 | 20 | ivf-pq | 5.00 / 20.00, 0, 7 | 5.00 / 900.00, 0, 50 | 5.00 / 21.00, 0, 3 | - "
-        "| 1000 / 1900 / 1010 / - | 4,096 | yes |"
-    )
+        "| 1000 / 1900 / 1010 / - | 4,096 | yes |",
+        "| 3 | 20 | ivf-pq | 5.00 / 20.00, 0, 7 | out of rotation 31.2 s, -, 50 | 5.00 / 21.00, 0, 3 | - "
+        "| 1000 / 1900 / 1010 / - | 4,096 | yes |",
+    ]
     assert _hot_swap_table(rows[:1]) == []
+
+
+def test_a_swap_taken_out_of_rotation_sends_no_requests_until_the_retriever_rejoins(tmp_path) -> None:
+    import os
+    import time
+
+    from benchmarks.scale import SWAP_VERSIONS, _hot_swap_runs, _swap_root
+    from tests.conftest import write_random_index
+    from twotower import artifacts
+
+    version = tmp_path / "ivf-pq"
+    write_random_index(version, "flat", ["Garment Upper body"] * 40)
+    root = _swap_root(version, tmp_path / "swap-root")
+    log = tmp_path / "retriever.log"
+    log.write_text(f"index swapped: v0001 -> {SWAP_VERSIONS[1]} (40 items, model version 1)\n")
+    runs: list[float] = []
+
+    def measured_run() -> dict:
+        runs.append(time.monotonic())
+        return {"p50_ms": 4.0, "p99_ms": 9.0, "errors": 0, "achieved_qps": 100.0}
+
+    phases = _hot_swap_runs(root, measured_run, os.getpid(), None, log, out_of_rotation=lambda: 12.5)
+    assert phases["during"]["out_of_rotation_s"] == 12.5 and "p99_ms" not in phases["during"]
+    assert len(runs) == 2 and phases["after"]["p99_ms"] == 9.0 and phases["swapped"]
+    time.sleep(1.2)  # the swap is published 1 s into 'during'
+    assert artifacts.current_version(root) == SWAP_VERSIONS[1]
 
 
 def resident_pages(path) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import faiss
@@ -301,6 +302,71 @@ def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop,
         source.refuse_model_versions = ()
         wait_for(lambda: slot.serving.catalog.version == "v0003")
         assert slot.serving.catalog.version == "v0003"
+    finally:
+        slot.stop()
+
+
+class ScriptedTurns:
+    """Swap turns as a test scripts them: `holder` set = another replica swaps; `drain` = others serve."""
+
+    def __init__(self, drain: bool):
+        self.drain, self.holder, self.taken, self.beats, self.left = drain, "", 0, 0, 0
+
+    def take(self):
+        from retriever.swap_turns import Turn
+
+        if self.holder:
+            return None
+        self.taken += 1
+        return Turn(drain=self.drain)
+
+    def heartbeat(self) -> None:
+        self.beats += 1
+
+    def leave(self) -> None:
+        self.left += 1
+
+
+@pytest.mark.parametrize("others_serve", [True, False])
+def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replica_serves(shop, others_serve) -> None:
+    from retriever.errors import NotReady
+
+    service, _, _ = shop
+    slot = service.slot
+    root = Path(service.config.index_dir)
+    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01, swap_drain_s=0.5)
+    slot.turns = turns = ScriptedTurns(drain=others_serve)
+    opened: list[str] = []
+    open_catalog = slot.open_catalog
+    slot.open_catalog = lambda path: opened.append(Path(path).name) or open_catalog(path)
+    readiness: list[str] = []
+
+    def watch(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                readiness.append(asyncio.run(service.in_rotation())["index_version"])
+            except NotReady as err:
+                readiness.append(str(err))
+            time.sleep(0.02)
+
+    turns.holder = "another-pod:1"
+    write_shop_index(root / "v0002", seed=1)
+    artifacts.publish_version(root, "v0002")
+    slot.start_watching()
+    try:
+        watch(0.3)  # ~30 polls: the version is not read while another replica holds the turn
+        assert opened == [] and turns.taken == 0 and set(readiness) == {"v0001"} and turns.beats > 10
+        turns.holder = ""
+        watch(1.5)
+        assert opened == ["v0002"] and turns.taken == 1 and readiness[-1] == "v0002"
+        out = [state for state in readiness if state.startswith("out of rotation")]
+        if others_serve:  # out of rotation through the drain (~0.5 s of 20 ms samples), then in with v0002
+            assert len(out) >= 15 and turns.left == 1
+            first_out, last_out = readiness.index(out[0]), len(readiness) - 1 - readiness[::-1].index(out[-1])
+            assert set(readiness[:first_out]) == {"v0001"} and set(readiness[last_out + 1 :]) == {"v0002"}
+        else:  # the only replica serving: it swaps in place
+            assert out == [] and turns.left == 0
     finally:
         slot.stop()
 

@@ -182,6 +182,13 @@ class RetrieverConfig:
     # both versions in a hot swap); false: read into the process, e.g. where page-ins from the volume are slow
     index_mmap: bool = True
     index_poll_s: float = 2.0  # how often to check an index root's CURRENT for a new version (0 = never)
+    # redis://host:6379/0: the replicas of an index root take turns at hot swaps, each out of rotation (/ready
+    # 503) while it loads if another serves (retriever/swap_turns.py); "" = every replica swaps at once, in place
+    swap_turns_redis_url: str = ""
+    # out of rotation this long before loading: the readiness probe's period x failureThreshold (the manifests:
+    # 2 s x 3) and the endpoints' propagation to kube-proxy and ingresses
+    swap_drain_s: float = 10.0
+    swap_lease_s: float = 30.0  # the swap lease lapses this long after its holder stops renewing it (it died)
     known_customer_vectors: bool = (
         True  # answer customer_id requests from the user vectors export stored (no Triton call)
     )
