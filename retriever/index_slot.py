@@ -70,6 +70,7 @@ class IndexSlot:
         self._lock = threading.Lock()
         self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
         self._pending: Catalog | None = None  # a checked version waiting for Triton to serve its towers
+        self._released: threading.Thread | None = None  # releases the last replaced version's heap
         self._watcher: threading.Thread | None = None
         self._stop_watching = threading.Event()
 
@@ -77,7 +78,7 @@ class IndexSlot:
     # thread cannot travel, so each worker makes its own (and watches the index root itself).
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_stop_watching", "_watcher"):
+        for name in ("_lock", "_stop_watching", "_watcher", "_released"):
             state.pop(name, None)
         return state
 
@@ -86,6 +87,7 @@ class IndexSlot:
         self._lock = threading.Lock()
         self._stop_watching = threading.Event()
         self._watcher = None
+        self._released = None
 
     def open_catalog(self, index_dir: Path | str) -> Catalog:
         c = self.config
@@ -108,7 +110,8 @@ class IndexSlot:
         assert self.serving is not None
         return self.serving
 
-    def _install(self, serving: Serving) -> None:
+    def _install(self, serving: Serving) -> threading.Thread | None:
+        """Swap `serving` in; returns the thread that releases the replaced version's heap once it is freed."""
         previous = self.serving
         self.serving = serving  # one reference assignment: requests see the old pair or the new one
         # The loaded index is ~0.5M long-lived Python objects (metadata columns, id maps): a full
@@ -117,8 +120,10 @@ class IndexSlot:
         # version is still freed by reference counting).
         gc.freeze()
         self.publish_metrics(previous)
-        if previous is not None:  # freed when the last request that started on it ends
-            heap.release_when_freed(previous.catalog, f"index version {previous.catalog.version}", self._grace_s)
+        if previous is None:
+            return None
+        # freed when the last request that started on it ends
+        return heap.release_when_freed(previous.catalog, f"index version {previous.catalog.version}", self._grace_s)
 
     def publish_metrics(self, previous: Serving | None = None) -> None:
         """The served version's gauges (per process: each KServe worker publishes its own)."""
@@ -171,7 +176,7 @@ class IndexSlot:
                 metrics.INDEX_RELOADS.labels("failed").inc()
                 log.exception("index reload failed, still serving %s", current.catalog.version)
                 return ReloadResult("failed", current.catalog.version, f"{type(err).__name__}: {err}")
-            self._install(Serving(catalog, towers))
+            self._released = self._install(Serving(catalog, towers))
             metrics.INDEX_RELOADS.labels("swapped").inc()
             log.info(
                 "index swapped: %s -> %s (%d items, model version %d)",
@@ -233,12 +238,25 @@ class IndexSlot:
                 if self._stop_watching.wait(self.config.swap_drain_s):
                     return None  # stopping: nothing to load for
             try:
-                return self.reload()
+                result = self.reload()
+                if self.out_of_rotation and result.status == "swapped":
+                    self._warm_up()
+                return result
             finally:
                 if self.out_of_rotation:
                     self.out_of_rotation = ""
                     self.turns.heartbeat()
                     log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
+
+    def _warm_up(self) -> None:
+        """Out of rotation after a swap: let the replaced version's heap go back to the OS, then read the new
+        version's memory-mapped files into the page cache, so that the replica rejoins without faulting them in."""
+        started = time.perf_counter()
+        if self._released is not None:
+            self._released.join(self._grace_s)
+        assert self.serving is not None
+        read = self.serving.catalog.prefetch() / 2**20
+        log.info("read %.0f MiB of the index version before rejoining in %.1f s", read, time.perf_counter() - started)
 
     def _needs_loading(self) -> bool:
         """CURRENT names a version neither served nor loaded already (waiting for its towers). False where

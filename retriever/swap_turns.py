@@ -10,7 +10,9 @@ replicas share), a replica that sees a new version:
 2. if another replica is serving (a heartbeat in Redis at most `stale_s` old), leaves rotation: `/ready`
    answers 503, so Kubernetes takes the pod out of the Service's endpoints, and it waits `drain_s` for
    that before it loads. Requests that still reach it are served as before;
-3. loads and swaps, rejoins rotation, and hands the lease on.
+3. loads and swaps; out of rotation, it also reads the new version's memory-mapped files into the page cache
+   (retriever/index_slot.py, `Catalog.prefetch`), then rejoins rotation and hands the lease on. At 10M
+   under 4 Gi (docs/scale.md, `--hot-swap turn`): out 18 s, then 0 of 3,000 refused in its first 30 s back.
 
 With no other replica serving it swaps in place, while serving, as a single pod must. Redis unreachable:
 the swap goes ahead in place (a swap never waits on Redis), and the log says so.

@@ -306,6 +306,18 @@ def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop,
         slot.stop()
 
 
+def test_prefetch_reads_the_versions_memory_mapped_files(shop) -> None:
+    service, _, _ = shop
+    catalog = service.slot.serving.catalog
+    mapped = [
+        name
+        for name in catalog.manifest.files
+        if name.startswith(artifacts.ITEMS_DIR + "/") or name in (artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE)
+    ]
+    assert artifacts.VECTORS_FILE in mapped and len(mapped) > 2
+    assert catalog.prefetch(chunk_bytes=4096) == sum((catalog.index_dir / name).stat().st_size for name in mapped)
+
+
 class ScriptedTurns:
     """Swap turns as a test scripts them: `holder` set = another replica swaps; `drain` = others serve."""
 
@@ -328,8 +340,12 @@ class ScriptedTurns:
 
 
 @pytest.mark.parametrize("others_serve", [True, False])
-def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replica_serves(shop, others_serve) -> None:
+def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replica_serves(
+    shop, others_serve, caplog
+) -> None:
     from retriever.errors import NotReady
+
+    caplog.set_level("INFO", logger="retriever.index")
 
     service, _, _ = shop
     slot = service.slot
@@ -363,10 +379,11 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
         out = [state for state in readiness if state.startswith("out of rotation")]
         if others_serve:  # out of rotation through the drain (~0.5 s of 20 ms samples), then in with v0002
             assert len(out) >= 15 and turns.left == 1
+            assert "of the index version before rejoining" in caplog.text  # its mapped files read first
             first_out, last_out = readiness.index(out[0]), len(readiness) - 1 - readiness[::-1].index(out[-1])
             assert set(readiness[:first_out]) == {"v0001"} and set(readiness[last_out + 1 :]) == {"v0002"}
         else:  # the only replica serving: it swaps in place
-            assert out == [] and turns.left == 0
+            assert out == [] and turns.left == 0 and "before rejoining" not in caplog.text
     finally:
         slot.stop()
 
