@@ -202,7 +202,7 @@ class IndexSlot:
         seen, retry_at, backoff = None, 0.0, TOWERS_RETRY_S
         while not self._stop_watching.wait(self.config.index_poll_s):
             try:
-                if not self.out_of_rotation:
+                if not self.out_of_rotation and not self._stop_watching.is_set():
                     self.turns.heartbeat()
                 name = pointer.read_text().strip()
                 if name == seen and time.monotonic() < retry_at:
@@ -255,7 +255,11 @@ class IndexSlot:
         if self._released is not None:
             self._released.join(self._grace_s)
         assert self.serving is not None
-        read = self.serving.catalog.prefetch() / 2**20
+        try:
+            read = self.serving.catalog.prefetch() / 2**20
+        except OSError as err:  # swapped all the same: it rejoins and faults the pages in under load
+            log.warning("reading %s before rejoining failed (%s): rejoining cold", self.serving.catalog.version, err)
+            return
         log.info("read %.0f MiB of the index version before rejoining in %.1f s", read, time.perf_counter() - started)
 
     def _needs_loading(self) -> bool:

@@ -16,8 +16,12 @@ replicas share), a replica that sees a new version:
 
 With no other replica serving it swaps in place, while serving, as a single pod must. Redis unreachable:
 the swap goes ahead in place (a swap never waits on Redis), and the log says so.
-One turn per process: with KServe's `--workers N` each worker takes its own, and a probe reaches any of
-them, so run one worker per pod (the manifests do) where turns matter.
+One turn per process (its id is the host name and its pid): with KServe's `--workers N` each worker takes its
+own, and a probe reaches any of them, so run one worker per pod (the manifests do) where turns matter.
+Not covered yet: a version refused only because Triton does not serve its towers yet is loaded in a turn, but
+installed later without one (every replica at once, in place, when Triton has them).
+A heartbeat says "in rotation with a served version", not "answering": a replica whose towers fail still
+sends them (its /ready is 503), so the manifests' Triton readiness is what keeps that case rare.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class RedisSwapTurns:
         self.lease_ms = max(1, int(lease_s * 1000))
         self.stale_s = stale_s
         self.timeout_s = timeout_s
-        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+        self._replica = replica  # "": this process's own id, made where it runs (KServe workers unpickle this)
         self._client: Any = None  # redis.Redis, made on first use (a KServe worker unpickles this first)
         self._waiting_for = ""  # the holder last logged as swapping, so a wait is logged once
         self._failing = False  # Redis failures are logged once per outage
@@ -104,12 +108,22 @@ class RedisSwapTurns:
         state["_client"] = None
         return state
 
+    @property
+    def replica(self) -> str:
+        return self._replica or f"{socket.gethostname()}:{os.getpid()}"
+
     def _redis(self) -> Any:
         if self._client is None:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
+            # no retries (redis-py retries a failed call by default): a dead Redis costs one timeout per call
             self._client = redis.Redis.from_url(
-                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+                self.url,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=self.timeout_s,
+                retry=Retry(NoBackoff(), 0),
             )
         return self._client
 
@@ -125,9 +139,11 @@ class RedisSwapTurns:
     def take(self) -> Turn | None:
         import redis
 
+        taken = False
         try:
             client = self._redis()
-            if not client.set(self.lease_key, self.replica, nx=True, px=self.lease_ms):
+            taken = bool(client.set(self.lease_key, self.replica, nx=True, px=self.lease_ms))
+            if not taken:
                 holder = (client.get(self.lease_key) or b"").decode()
                 if holder != self.replica:
                     if holder and holder != self._waiting_for:
@@ -144,26 +160,36 @@ class RedisSwapTurns:
             self._failing = False
         except (redis.RedisError, OSError) as err:
             self._failed("taking the swap turn; swapping in place", err)
+            if taken:  # not held past this call: nothing renews it
+                self._release_quietly()
             return Turn()
         renewer = threading.Event()
         threading.Thread(target=self._renew, args=(renewer,), name="swap-lease", daemon=True).start()
 
         def release() -> None:
             renewer.set()
-            try:
-                self._redis().eval(RELEASE_IF_HELD, 1, self.lease_key, self.replica)
-            except (redis.RedisError, OSError) as err:  # it lapses after lease_s
-                self._failed("handing the swap lease on", err)
+            self._release_quietly()
 
         log.info("index swap turn taken; %d other replica(s) serving", len(others))
         return Turn(drain=bool(others), release=release)
+
+    def _release_quietly(self) -> None:
+        import redis
+
+        try:
+            self._redis().eval(RELEASE_IF_HELD, 1, self.lease_key, self.replica)
+        except (redis.RedisError, OSError) as err:  # it lapses after lease_s
+            self._failed("handing the swap lease on", err)
 
     def _renew(self, done: threading.Event) -> None:
         import redis
 
         while not done.wait(self.lease_ms / 3000):
             try:
-                self._redis().eval(RENEW_IF_HELD, 1, self.lease_key, self.replica, self.lease_ms)
+                if not self._redis().eval(RENEW_IF_HELD, 1, self.lease_key, self.replica, self.lease_ms):
+                    # lapsed (a Redis restart, or an outage longer than the lease): another replica may swap now
+                    log.warning("swap lease lost while swapping: another replica may swap at the same time")
+                    return
             except (redis.RedisError, OSError) as err:
                 self._failed("renewing the swap lease", err)
 

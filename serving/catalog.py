@@ -225,7 +225,9 @@ class Catalog:
         item vectors, which requests read at random: a 4 KiB page per row, `random_access`), so that their
         pages are in the page cache before requests need them. Returns the bytes read. For a replica out of
         rotation after a swap (retriever/index_slot.py): at 10M under 4 Gi, one that rejoined without it read
-        ~236,000 pages back from disk and refused 103 of 3,000 requests in its first 30 s (docs/scale.md)."""
+        ~236,000 pages back from disk and refused 103 of 3,000 requests in its first 30 s (docs/scale.md).
+        The FAISS index file is left out: read into memory for ivf-pq-fastscan (the type measured), and a mapped
+        IVF index reads only the lists a search probes."""
         names = [name for name in self.manifest.files if name.startswith(artifacts.ITEMS_DIR + "/")]
         names += [name for name in (artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE) if name in self.manifest.files]
         done = 0

@@ -357,9 +357,9 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
     slot.open_catalog = lambda path: opened.append(Path(path).name) or open_catalog(path)
     readiness: list[str] = []
 
-    def watch(seconds: float) -> None:
+    def watch(seconds: float, until: str = "") -> None:
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (until and readiness[-1:] == [until]):
             try:
                 readiness.append(asyncio.run(service.in_rotation())["index_version"])
             except NotReady as err:
@@ -372,9 +372,9 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
     slot.start_watching()
     try:
         watch(0.3)  # ~30 polls: the version is not read while another replica holds the turn
-        assert opened == [] and turns.taken == 0 and set(readiness) == {"v0001"} and turns.beats > 10
+        assert opened == [] and turns.taken == 0 and set(readiness) == {"v0001"} and turns.beats > 3
         turns.holder = ""
-        watch(1.5)
+        watch(20.0, until="v0002")  # a loaded CI machine may take seconds
         assert opened == ["v0002"] and turns.taken == 1 and readiness[-1] == "v0002"
         out = [state for state in readiness if state.startswith("out of rotation")]
         if others_serve:  # out of rotation through the drain (~0.5 s of 20 ms samples), then in with v0002
