@@ -344,7 +344,6 @@ def served_latency(
                 swap = _hot_swap_runs(
                     served_dir, measured_run, retriever.process.pid, cgroup, work / "retriever.log", out_of_rotation
                 )
-                swap["mode"] = hot_swap
     finally:
         if cgroup is not None:
             cgroup.remove()
@@ -366,7 +365,7 @@ def served_latency(
 
 HOT_SWAP_MODES = ("in-place", "turn")  # --hot-swap: swapped while serving; or out of rotation (retriever/swap_turns.py)
 SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
-SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=True)` after the measured one
+SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=...)` after the measured one
 
 
 def _swap_root(directory: Path, root: Path) -> Path:

@@ -153,9 +153,9 @@ class IndexSlot:
             try:
                 pending, self._pending = self._pending, None
                 target = artifacts.resolve_index_dir(self.config.index_dir)
-                if current.catalog.index_dir.resolve() == target.resolve():
+                if _same(current.catalog, target):
                     return ReloadResult("unchanged", current.catalog.version)
-                if pending is not None and pending.index_dir.resolve() == target.resolve():
+                if pending is not None and _same(pending, target):
                     catalog = pending  # read and checked already: only its towers were missing
                 else:
                     catalog = self.open_catalog(target)
@@ -266,13 +266,13 @@ class IndexSlot:
         """CURRENT names a version neither served nor loaded already (waiting for its towers). False where
         it cannot be read: reload() then reports why, and nothing is loaded."""
         try:
-            target = artifacts.resolve_index_dir(self.config.index_dir).resolve()
+            target = artifacts.resolve_index_dir(self.config.index_dir)
         except (ArtifactError, OSError):
             return False
-        loaded = [self.serving.catalog.index_dir] if self.serving else []
+        loaded = [self.serving.catalog] if self.serving else []
         if self._pending is not None:
-            loaded.append(self._pending.index_dir)
-        return all(path.resolve() != target for path in loaded)
+            loaded.append(self._pending)
+        return not any(_same(catalog, target) for catalog in loaded)
 
     @property
     def _grace_s(self) -> float:
@@ -288,6 +288,10 @@ class IndexSlot:
     def stop(self) -> None:
         self._stop_watching.set()
         self.turns.leave()
+
+
+def _same(catalog: Catalog, index_dir: Path) -> bool:
+    return catalog.index_dir.resolve() == index_dir.resolve()
 
 
 def check_compatible(old: Catalog, new: Catalog) -> None:

@@ -103,7 +103,7 @@ def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> Non
         {"articles": 10, "index_type": "flat", "served": None},
         {"articles": 20, "index_type": "ivf-pq", "served": served},
     ]
-    turn = {**served, "hot_swap": {**served["hot_swap"], "during": {**served["hot_swap"]["during"]}, "mode": "turn"}}
+    turn = {**served, "hot_swap": {**served["hot_swap"], "during": {**served["hot_swap"]["during"]}}}
     for key in ("p50_ms", "p99_ms", "errors"):
         del turn["hot_swap"]["during"][key]
     turn["hot_swap"]["during"]["out_of_rotation_s"] = 31.25
