@@ -26,6 +26,14 @@ class Ranker:
         top = top[np.argsort(-scores[top], kind="stable")]
         return top[np.isfinite(scores[top])]
 
+    def rank_all(self, cases: int, k: int) -> list[np.ndarray]:
+        """`rank` of cases 0 .. cases - 1 (a ranker that searches a batch at once overrides it)."""
+        return [self.rank(i, k) for i in range(cases)]
+
+    def sampled_scores(self, case: int, rows: np.ndarray) -> np.ndarray:
+        """`scores(case)[rows]` (a ranker that can score a few rows alone overrides it)."""
+        return self.scores(case)[rows]
+
 
 def _matrix(split: TemporalSplit, frame: pd.DataFrame, customers: list[str]) -> sp.csr_matrix:
     position = {c: i for i, c in enumerate(customers)}

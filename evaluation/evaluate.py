@@ -29,7 +29,7 @@ FROM_SCRATCH_COLD_RECALL = 0.0137  # the from-scratch text tower's served cold r
 
 def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[dict[str, float], list[np.ndarray]]:
     started = time.perf_counter()
-    ranked = [ranker.rank(i, K_LARGE) for i in range(len(split.customers))]
+    ranked = ranker.rank_all(len(split.customers), K_LARGE)
     targets = split.targets
     cold = [(r, t & split.cold_rows) for r, t in zip(ranked, targets) if t & split.cold_rows]
     # Leave-one-out with sampled negatives: one target per case, 100 random articles it did not buy.
@@ -40,9 +40,9 @@ def score_ranker(ranker: Ranker, split: TemporalSplit, seed: int = 0) -> tuple[d
         held_out = sorted(t)[rng.integers(len(t))]
         negatives = rng.choice(size, SAMPLED_NEGATIVES + len(t), replace=False)
         negatives = np.asarray([n for n in negatives if n not in t][:SAMPLED_NEGATIVES])
-        scores = ranker.scores(i)
-        target_scores.append(scores[held_out])
-        negative_scores.append(scores[negatives])
+        scores = ranker.sampled_scores(i, np.concatenate([[held_out], negatives]))
+        target_scores.append(scores[0])
+        negative_scores.append(scores[1:])
     result = {
         "recall@12": metrics.recall_at_k(ranked, targets, K_SMALL),
         "map@12": metrics.map_at_k(ranked, targets, K_SMALL),

@@ -92,5 +92,16 @@ class TwoTower(Ranker):
         """Every row's first-stage score (the sampled protocol): the second stage only re-orders a list."""
         return ranking.dense_scores(self.space, self.users[case], self.request(case, 0))
 
+    def sampled_scores(self, case: int, rows: np.ndarray) -> np.ndarray:
+        return ranking.dense_scores(self.space, self.users[case], self.request(case, 0), rows)
+
     def rank(self, case: int, k: int) -> np.ndarray:
-        return ranking.rank(self.space, self.users[case : case + 1], [self.request(case, k)])[0][1]
+        return self.rank_all_of(np.asarray([case]), k)[0]
+
+    def rank_all(self, cases: int, k: int) -> list[np.ndarray]:
+        return self.rank_all_of(np.arange(cases), k)
+
+    def rank_all_of(self, cases: np.ndarray, k: int) -> list[np.ndarray]:
+        """`rank` of each case, the searches of a block of cases shared, as the retriever batches them."""
+        requests = [self.request(int(case), k) for case in cases]
+        return [rows for _, rows in ranking.rank(self.space, self.users[cases], requests)]

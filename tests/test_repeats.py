@@ -108,3 +108,15 @@ def test_a_request_excluding_its_purchases_still_boosts_their_other_colours() ->
         assert set(ranking.rank(space, users[:1], [request])[0][1].tolist()) == expected
     rows, boosts = repeats.candidates(bought, boost, products, own=False)
     assert dict(zip(rows.tolist(), boosts.tolist())) == {11: 5.0, 20: 5.0}
+
+
+def test_dense_scores_of_a_few_rows_are_those_rows_of_every_rows_scores() -> None:
+    rng = np.random.default_rng(4)
+    products = repeats.Products([f"p{row // 2}" for row in range(200)])
+    space, users = random_space(rng, products)
+    boost = repeats.RepeatBoost(bonus=0.5, sibling_bonus=0.3)
+    request = ranking.RankRequest(k=0, boost=boost, bought=(np.array([10, 21]), np.array([0.0, 2.0], np.float32)))
+    every = ranking.dense_scores(space, users[0], request)
+    rows = np.array([20, 3, 10, 11, 199, 21])  # bought, a sibling of each, and rows nobody boosts
+    np.testing.assert_allclose(ranking.dense_scores(space, users[0], request, rows), every[rows], rtol=1e-6)
+    assert every[10] > float(space.vectors[10] @ users[0]) + 0.4  # the boost is in both

@@ -323,12 +323,18 @@ def fuse_scores(dense: np.ndarray, lexical: np.ndarray, lexical_weight: float = 
     return lexical_weight * lexical01 + (1.0 - lexical_weight) * dense01
 
 
-def dense_scores(space: ItemSpace, query: np.ndarray, request: RankRequest) -> np.ndarray:
-    """float64 [N]: every row's score as `rank` orders them (boosted rows at their boosted score), for
-    protocols that score one article against sampled others."""
-    scores = space.scores(query, slice(None), request.prior).astype(np.float64)
-    rows, boosts = boosted_rows(space, request)
-    scores[rows] += boosts
+def dense_scores(
+    space: ItemSpace, query: np.ndarray, request: RankRequest, rows: np.ndarray | slice = slice(None)
+) -> np.ndarray:
+    """float64 [N] (or of `rows` only): each row's score as `rank` orders them (boosted rows at their
+    boosted score), for protocols that score one article against sampled others."""
+    scores = space.scores(query, rows, request.prior).astype(np.float64)
+    boosted, boosts = boosted_rows(space, request)
+    if isinstance(rows, slice):
+        scores[boosted] += boosts
+    elif len(boosted):
+        boost_of = dict(zip(boosted.tolist(), boosts.tolist()))
+        scores += np.fromiter((boost_of.get(row, 0.0) for row in rows.tolist()), np.float64, len(rows))
     return scores
 
 
