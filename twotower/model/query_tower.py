@@ -66,6 +66,15 @@ def query_tower_for(item_tower: Any, embed_dim: int, pad_id: int) -> QueryTower:
     return tower
 
 
+def optimisers_for(tower: QueryTower, lr: float) -> list[torch.optim.Optimizer]:
+    """Sparse Adam for the token table (a step touches the batch's tokens only), fused AdamW for the rest."""
+    dense = [p for p in tower.parameters() if p is not tower.tokens.weight]
+    return [
+        torch.optim.SparseAdam([tower.tokens.weight], lr=lr),
+        torch.optim.AdamW(dense, lr=lr, weight_decay=0.0, fused=True),
+    ]
+
+
 def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Right-padded ids without the columns that are padding in every row."""
     used = (ids != pad_id).any(dim=0).nonzero()
@@ -92,9 +101,7 @@ def distil(
     order = torch.randperm(len(tokens), generator=generator)
     n_held = int(len(tokens) * held_out_share) if len(tokens) >= 100 else 0
     held, train = order[:n_held], order[n_held:]
-    sparse = [tower.tokens.weight]
-    dense = [p for p in tower.parameters() if p is not tower.tokens.weight]
-    optimisers = [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.AdamW(dense, lr=lr, weight_decay=0.0)]
+    optimisers = optimisers_for(tower, lr)
     epochs = max(epochs, math.ceil(MIN_STEPS / max(1, math.ceil(len(train) / batch_size))))
     tower.train()
     started = time.perf_counter()
@@ -174,9 +181,7 @@ def learn_retrieval(
     n_held = min(2048, len(order) // 50) if len(order) >= 100 else 0
     held, train = order[:n_held], order[n_held:]
     same_type = same_group_sampler(phrases.product_types)
-    sparse = [tower.tokens.weight]
-    dense = [p for p in tower.parameters() if p is not tower.tokens.weight]
-    optimisers = [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.AdamW(dense, lr=lr, weight_decay=0.0)]
+    optimisers = optimisers_for(tower, lr)
 
     def loss_of(pick: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = phrases.rows[pick]
