@@ -17,7 +17,7 @@ from twotower.config import ModelConfig, TrainConfig, from_scratch_model
 from twotower.data.hm import load_hm_dir
 from twotower.data.synthetic import generate
 from twotower.model.clip_text import get_tokenizer, load_clip
-from twotower.model.towers import build_model
+from twotower.model.towers import BitsDropout, build_model
 from twotower.train import train
 
 
@@ -238,6 +238,9 @@ def test_query_phrases_describe_every_article_with_their_fields(tmp_path: Path) 
     j = int(np.flatnonzero(queries.templates == name)[0])
     same_name = articles["prod_name"].str.lower() == articles.iloc[queries.rows[j]]["prod_name"].lower()
     assert queries.described(np.array([j]), everything)[0].tolist() == same_name.tolist()  # every colour of it
+    batch = np.array([j, i, j, 0])  # phrases of several templates at once: each row as if asked alone
+    expected = [queries.described(np.array([p]), everything)[0] for p in batch]
+    assert (queries.described(batch, everything) == np.stack(expected)).all()
 
 
 def test_the_query_tower_learns_to_find_the_articles_its_phrases_describe(tmp_path: Path) -> None:
@@ -272,3 +275,36 @@ def test_a_pretrained_encoder_encodes_in_its_measured_batch_size() -> None:
     assert encode_batch_size("all-MiniLM-L6-v2", 256) == BACKBONES["all-MiniLM-L6-v2"].encode_batch_size == 32
     assert encode_batch_size("all-MiniLM-L6-v2", 8) == 8
     assert encode_batch_size("hm-tiny-text", 256) == 256
+
+
+def test_the_user_towers_dropout_drops_its_share_and_nothing_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    dropout = BitsDropout(0.1)
+    out = dropout(torch.ones(200, 1000))
+    assert abs(float((out == 0).float().mean()) - 0.1) < 0.005
+    assert out.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]  # the kept are scaled up by 1 / (1 - p)
+    x = torch.randn(3, 5)
+    assert dropout.eval()(x) is x
+    tower = build_model(from_scratch_model()).user_tower
+    assert {type(m) for m in tower.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {BitsDropout}
+
+
+def test_user_vectors_cut_to_each_groups_longest_history_equal_the_padded_towers() -> None:
+    from twotower.data.histories import Histories
+    from twotower.train import SHORT_HISTORY, history_tensors, user_vectors
+
+    torch.manual_seed(0)
+    model = build_model(from_scratch_model()).eval()
+    rng = np.random.default_rng(0)
+    length = model.config.max_history
+    lengths = [1, length, 2, SHORT_HISTORY, SHORT_HISTORY + 1, 3]
+    rows = np.full((len(lengths), length), -1, dtype=np.int64)
+    for i, n in enumerate(lengths):
+        rows[i, :n] = rng.integers(0, 50, n)
+    histories = Histories(rows, rng.random(rows.shape).astype(np.float32) * (rows >= 0))
+    table = torch.nn.functional.normalize(torch.randn(50, model.config.embed_dim), dim=-1)
+    index = np.array([5, 0, 1, 4, 2, 3])
+    with torch.no_grad():
+        padded = model.user_tower(*history_tensors(histories, table.__getitem__, index, length))
+        cut = user_vectors(model, histories, table.__getitem__, index)
+    torch.testing.assert_close(cut, padded, atol=1e-6, rtol=1e-5)

@@ -161,14 +161,41 @@ def train_query_tower(
     return report
 
 
+# Examples with at most this many purchases run through the user tower apart from longer ones (user_vectors).
+SHORT_HISTORY = 5
+
+
 def history_tensors(
-    histories: Histories, item_vectors: Callable[[torch.Tensor], torch.Tensor], index: np.ndarray
+    histories: Histories, item_vectors: Callable[[torch.Tensor], torch.Tensor], index: np.ndarray, length: int
 ) -> tuple[torch.Tensor, ...]:
-    """User-tower inputs for examples `index`; `item_vectors` maps catalogue rows to indexed item vectors."""
-    rows = torch.from_numpy(histories.rows[index])
+    """User-tower inputs for examples `index`, their first `length` purchases; `item_vectors` maps catalogue
+    rows to indexed item vectors."""
+    rows = torch.from_numpy(histories.rows[index, :length])
     mask = (rows >= 0).float()
     vectors = item_vectors(rows.clamp(min=0)) * mask.unsqueeze(-1)
-    return vectors, mask, torch.from_numpy(histories.age_days[index])
+    return vectors, mask, torch.from_numpy(histories.age_days[index, :length])
+
+
+def user_vectors(
+    model: TwoTowerModel,
+    histories: Histories,
+    item_vectors: Callable[[torch.Tensor], torch.Tensor],
+    index: np.ndarray,
+) -> torch.Tensor:
+    """The user tower over examples `index`, in their order. Histories are padded to max_history (20) but
+    H&M's hold 4 purchases on average: the short ones (<= SHORT_HISTORY) and the rest each run cut to their
+    longest history. Padding never reaches a purchase's position (masked keys, masked mean), so the vectors
+    are the same, and a training step's user tower takes half the time (92 -> 44 ms forward + backward for a
+    batch of 128 on these 2 cores)."""
+    bought = histories.rows[index] >= 0
+    lengths = np.where(bought.any(axis=1), bought.shape[1] - np.argmax(bought[:, ::-1], axis=1), 0)  # to the last purchase
+    parts = [part for part in (lengths <= SHORT_HISTORY, lengths > SHORT_HISTORY) if part.any()]
+    vectors = [
+        model.user_tower(*history_tensors(histories, item_vectors, index[part], max(1, int(lengths[part].max()))))
+        for part in parts
+    ]
+    order = np.concatenate([np.flatnonzero(part) for part in parts])
+    return torch.cat(vectors)[torch.from_numpy(np.argsort(order))]
 
 
 def contrastive_loss(
@@ -227,7 +254,7 @@ def recall_at_k(
     with torch.no_grad():
         for start in range(0, len(examples), 512):
             index = np.arange(start, min(start + 512, len(examples)))
-            users = model.user_tower(*history_tensors(examples.histories, item_table.__getitem__, index))
+            users = user_vectors(model, examples.histories, item_table.__getitem__, index)
             top = (users @ candidates.T).topk(min(k, len(rows)), dim=1).indices.numpy()
             hits += int((rows[top] == examples.targets[index, None]).any(axis=1).sum())
     model.train()
@@ -280,9 +307,7 @@ def holdout_users(model: TwoTowerModel, holdout: Holdout, item_table: torch.Tens
     with torch.no_grad():
         users = torch.cat(
             [
-                model.user_tower(
-                    *history_tensors(holdout.histories, item_table.__getitem__, np.arange(s, min(s + 512, n)))
-                )
+                user_vectors(model, holdout.histories, item_table.__getitem__, np.arange(s, min(s + 512, n)))
                 for s in range(0, n, 512)
             ]
         )
@@ -405,7 +430,9 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         {"params": head, "lr": train_config.score_head_lr, "weight_decay": 0.0},
         {"params": ids, "lr": train_config.item_id_lr, "weight_decay": 0.0},
     ]
-    optimiser = torch.optim.AdamW(groups, lr=train_config.lr, weight_decay=train_config.weight_decay)
+    # fused: one kernel for every parameter instead of a loop of small ops per tensor (2.5 vs 18.5 ms a step on
+    # these 2 cores, ~5,200 steps in make eval)
+    optimiser = torch.optim.AdamW(groups, lr=train_config.lr, weight_decay=train_config.weight_decay, fused=True)
     log_frequency = None
     if train_config.logq_correction:
         counts = np.bincount(train_set.targets, minlength=len(row_of)).astype(np.float64)
@@ -451,7 +478,7 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         progress = tqdm(batches, desc=f"epoch {epoch + 1}/{train_config.epochs}", unit="batch", disable=None)
         for index in progress:
             targets = torch.from_numpy(train_set.targets[index])
-            users = model.user_tower(*history_tensors(train_set.histories, history_item_vectors, index))
+            users = user_vectors(model, train_set.histories, history_item_vectors, index)
             keep = (torch.rand(len(targets)) >= model_config.item_id_dropout).float()
             text = item_text(targets) if text_learns else text_table[targets]
             items = model.hybrid(text, id_row[targets], keep)

@@ -165,6 +165,21 @@ def build_item_tower(config: ModelConfig, load_weights: bool) -> ItemTower | Pre
     return tower
 
 
+class BitsDropout(nn.Dropout):
+    """nn.Dropout with 16 random bits per element, four taken from each 64-bit draw. torch's own draws one
+    Bernoulli number per element: on these 2 cores that was a third of a user-tower training step (108 vs
+    85 ms forward + backward of a batch of 128; `make eval` trains ~5,200 steps). Identity in eval mode,
+    so the exported towers are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        keep = bits.view(x.shape) >= round(self.p * 65536) - 32768  # P(drop) = p to within 2**-16
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
 class UserTower(nn.Module):
     """A transformer encoder over the last L purchased items' vectors, position and recency."""
 
@@ -177,6 +192,7 @@ class UserTower(nn.Module):
         self.position = nn.Parameter(torch.zeros(max_history, hidden))
         self.age = nn.Linear(1, hidden)
         layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=0.1, batch_first=True)
+        layer.dropout, layer.dropout1, layer.dropout2 = (BitsDropout(0.1) for _ in range(3))
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.output = nn.Linear(hidden, embed_dim)
         nn.init.normal_(self.position, std=0.02)
