@@ -34,6 +34,9 @@ def case_users(
     return CaseUsers(pairs, np.concatenate(chunks) if chunks else np.zeros((0, catalog.manifest.dim), np.float32))
 
 
+RANK_BLOCK = 256  # cases ranked in one call
+
+
 class TwoTower(Ranker):
     """Ranks as the retriever does (twotower.ranking over the FAISS index) or, with exact=True, over a
     brute-force search of all vectors.
@@ -102,6 +105,11 @@ class TwoTower(Ranker):
         return self.rank_all_of(np.arange(cases), k)
 
     def rank_all_of(self, cases: np.ndarray, k: int) -> list[np.ndarray]:
-        """`rank` of each case, the searches of a block of cases shared, as the retriever batches them."""
-        requests = [self.request(int(case), k) for case in cases]
-        return [rows for _, rows in ranking.rank(self.space, self.users[cases], requests)]
+        """`rank` of each case, a block of cases searched at once, as the retriever batches requests (the
+        re-ranking indexes gather [block, candidates, dim] vectors: blocks keep that small)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(cases), RANK_BLOCK):
+            block = cases[start : start + RANK_BLOCK]
+            requests = [self.request(int(case), k) for case in block]
+            out += [rows for _, rows in ranking.rank(self.space, self.users[block], requests)]
+        return out

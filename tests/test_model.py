@@ -294,17 +294,32 @@ def test_user_vectors_cut_to_each_groups_longest_history_equal_the_padded_towers
     from twotower.train import SHORT_HISTORY, history_tensors, user_vectors
 
     torch.manual_seed(0)
-    model = build_model(from_scratch_model()).eval()
+    model = build_model(from_scratch_model())
+    for module in model.user_tower.modules():  # train mode (the autograd path) without its randomness
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
     rng = np.random.default_rng(0)
     length = model.config.max_history
-    lengths = [1, length, 2, SHORT_HISTORY, SHORT_HISTORY + 1, 3]
+    lengths = [0, 1, 3, SHORT_HISTORY, SHORT_HISTORY + 1, 9]  # both groups cut below max_history
     rows = np.full((len(lengths), length), -1, dtype=np.int64)
     for i, n in enumerate(lengths):
         rows[i, :n] = rng.integers(0, 50, n)
     histories = Histories(rows, rng.random(rows.shape).astype(np.float32) * (rows >= 0))
     table = torch.nn.functional.normalize(torch.randn(50, model.config.embed_dim), dim=-1)
     index = np.array([5, 0, 1, 4, 2, 3])
-    with torch.no_grad():
-        padded = model.user_tower(*history_tensors(histories, table.__getitem__, index, length))
-        cut = user_vectors(model, histories, table.__getitem__, index)
-    torch.testing.assert_close(cut, padded, atol=1e-6, rtol=1e-5)
+    weights = torch.randn(len(index), model.config.embed_dim)
+    grads = []
+    for users in (
+        lambda: model.user_tower(*history_tensors(histories, table.__getitem__, index, length)),
+        lambda: user_vectors(model, histories, table.__getitem__, index),
+    ):
+        model.zero_grad()
+        vectors = users()
+        (vectors * weights).sum().backward()
+        grads.append((vectors.detach(), [p.grad.clone() for p in model.user_tower.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-5)
+    for cut, padded in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(cut, padded, atol=1e-5, rtol=1e-4)
+    assert user_vectors(model, histories, table.__getitem__, index[:0]).shape == (0, model.config.embed_dim)

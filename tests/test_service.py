@@ -399,6 +399,7 @@ def test_retriever_evaluation_and_fits_rank_identically(shop) -> None:
     users = asyncio.run(source.towers.user_vectors(*catalog.history_tensors(pairs)))
     cases = CaseUsers(pairs, users)
     evaluated = [TwoTower(cases, catalog).rank(i, 15) for i in range(len(pairs))]
+    assert all((a == b).all() for a, b in zip(TwoTower(cases, catalog).rank_all(len(pairs), 15), evaluated))
     exact = [TwoTower(cases, catalog, exact=True).rank(i, 15) for i in range(len(pairs))]
     fitted = fitting.held_out_rankings(catalog, users, pairs, 15, BOOST, PRIOR)
     space = ranking.ExactItems(catalog.vectors, catalog.item_bias, products=catalog.products)

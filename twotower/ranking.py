@@ -333,8 +333,9 @@ def dense_scores(
     if isinstance(rows, slice):
         scores[boosted] += boosts
     elif len(boosted):
-        boost_of = dict(zip(boosted.tolist(), boosts.tolist()))
-        scores += np.fromiter((boost_of.get(row, 0.0) for row in rows.tolist()), np.float64, len(rows))
+        by_row = np.argsort(boosted)
+        at, found = find_sorted(boosted[by_row], rows)
+        scores[found] += boosts[by_row[at[found]]]
     return scores
 
 
