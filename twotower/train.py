@@ -481,11 +481,11 @@ def train(data: HMData, model_config: ModelConfig, train_config: TrainConfig, ou
         progress = tqdm(batches, desc=f"epoch {epoch + 1}/{train_config.epochs}", unit="batch", disable=None)
         for index in progress:
             targets = torch.from_numpy(train_set.targets[index])
-            users = user_vectors(model, train_set.histories, history_item_vectors, index)
+            buyers = user_vectors(model, train_set.histories, history_item_vectors, index)
             keep = (torch.rand(len(targets)) >= model_config.item_id_dropout).float()
             text = item_text(targets) if text_learns else text_table[targets]
             items = model.hybrid(text, id_row[targets], keep)
-            loss, cosine = contrastive_loss(users, items, targets, train_config.temperature, log_frequency)
+            loss, cosine = contrastive_loss(buyers, items, targets, train_config.temperature, log_frequency)
             total = loss + score_head_loss(model, cosine) + (side_losses() if text_learns else 0.0)
             optimiser.zero_grad(set_to_none=True)
             total.backward()
