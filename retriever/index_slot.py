@@ -52,7 +52,9 @@ class Serving:
 
 @dataclasses.dataclass
 class ReloadResult:
-    status: str  # swapped | unchanged | refused (the version is bad or incompatible) | failed (unexpected error)
+    # swapped | unchanged | refused (the version is bad or incompatible) | failed (unexpected error) | ready (checked
+    # and kept for the next reload to install: reload(install=False))
+    status: str
     index_version: str  # the version being served after the attempt
     message: str = ""
     towers_pending: bool = False  # refused only because Triton does not serve its model version (yet)
@@ -70,6 +72,7 @@ class IndexSlot:
         self._lock = threading.Lock()
         self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
         self._pending: Catalog | None = None  # a checked version waiting for Triton to serve its towers
+        self._pending_towers: Towers | None = None  # ... which it serves now: waiting for this replica's turn
         self._released: threading.Thread | None = None  # releases the last replaced version's heap
         self._watcher: threading.Thread | None = None
         self._stop_watching = threading.Event()
@@ -139,12 +142,14 @@ class IndexSlot:
         metrics.INDEX_INFO.labels(str(catalog.manifest.model_version)).set(len(catalog.article_ids))
         metrics.INDEX_VERSION.labels(catalog.version, str(catalog.manifest.model_version)).set(1)
 
-    def reload(self) -> ReloadResult:
+    def reload(self, install: bool = True) -> ReloadResult:
         """Load the index root's CURRENT version and swap it in if it checks out.
 
         Blocking (run it in a thread). A version that is corrupt, or whose model version Triton does
         not serve, or whose dimension/metric differ, is refused: the old one keeps serving. One refused
         only because Triton does not serve its towers yet stays loaded: the next call only asks Triton.
+        With `install=False` a version that checks out stays loaded with its towers, not swapped in
+        ("ready"): the next call installs it without reading it or asking Triton again.
         """
         with self._lock:
             current = self.serving
@@ -152,7 +157,11 @@ class IndexSlot:
             towers_pending = False
             try:
                 pending, self._pending = self._pending, None
+                pending_towers, self._pending_towers = self._pending_towers, None
                 target = artifacts.resolve_index_dir(self.config.index_dir)
+                if pending is None or not _same(pending, target):  # CURRENT moved on: its towers go unused
+                    self._retire(pending_towers)
+                    pending_towers = None
                 if _same(current.catalog, target):
                     return ReloadResult("unchanged", current.catalog.version)
                 if pending is not None and _same(pending, target):
@@ -164,8 +173,12 @@ class IndexSlot:
                     towers = current.towers  # same towers: only the catalogue changed
                 else:
                     towers_pending = True
-                    towers = self.towers.open(catalog.manifest, wait_s=0.0)
-                    self._retired.append((time.monotonic(), current.towers))
+                    towers = pending_towers if pending_towers is not None else self.towers.open(catalog.manifest)
+                if not install:
+                    self._pending, self._pending_towers = catalog, towers if towers_pending else None
+                    return ReloadResult("ready", current.catalog.version)
+                if towers_pending:
+                    self._retire(current.towers)
             except (ArtifactError, OSError, ValueError, GpuUnavailable) as err:
                 if towers_pending:
                     self._pending = catalog
@@ -223,10 +236,20 @@ class IndexSlot:
                 backoff = min(2 * backoff, TOWERS_RETRY_MAX_S)
 
     def _reload_in_turn(self) -> ReloadResult | None:
-        """reload(), once this replica has its turn if CURRENT names a version it has not loaded; None while
-        another replica holds the turn."""
+        """reload(), in this replica's turn where it loads or installs a new version; None while another replica
+        holds the turn. A version loaded already that waits for its towers is installed in a turn too, once
+        Triton serves them: asking Triton takes no turn, so a replica is not taken out of rotation to hear no."""
         if not self._needs_loading():
-            return self.reload()
+            if not self._waiting_for_towers():
+                return self.reload()
+            result = self.reload(install=False)
+            if result.status != "ready":
+                return result
+        return self._swap_in_turn()
+
+    def _swap_in_turn(self) -> ReloadResult | None:
+        """reload() once this replica has the turn (None while another holds it), out of rotation meanwhile
+        where another replica serves."""
         turn = self.turns.take()
         if turn is None:
             return None
@@ -273,6 +296,19 @@ class IndexSlot:
         if self._pending is not None:
             loaded.append(self._pending)
         return not any(_same(catalog, target) for catalog in loaded)
+
+    def _waiting_for_towers(self) -> bool:
+        """CURRENT names the version loaded already that waits for Triton to serve its towers."""
+        try:
+            target = artifacts.resolve_index_dir(self.config.index_dir)
+        except (ArtifactError, OSError):
+            return False
+        return self._pending is not None and _same(self._pending, target)
+
+    def _retire(self, towers: Towers | None) -> None:
+        """Close these tower clients once requests that may use them have long finished (close_retired)."""
+        if towers is not None:
+            self._retired.append((time.monotonic(), towers))
 
     @property
     def _grace_s(self) -> float:

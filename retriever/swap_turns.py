@@ -18,8 +18,8 @@ With no other replica serving it swaps in place, while serving, as a single pod 
 the swap goes ahead in place (a swap never waits on Redis), and the log says so.
 One turn per process (its id is the host name and its pid): with KServe's `--workers N` each worker takes its
 own, and a probe reaches any of them, so run one worker per pod (the manifests do) where turns matter.
-Not covered yet: a version refused only because Triton does not serve its towers yet is loaded in a turn, but
-installed later without one (every replica at once, in place, when Triton has them).
+A version refused only because Triton does not serve its towers yet is loaded in a turn and kept; asking
+Triton again takes no turn, and once Triton serves them the replica takes a turn to install it.
 A heartbeat says "in rotation with a served version", not "answering": a replica whose towers fail still
 sends them (its /ready is 503), so the manifests' Triton readiness is what keeps that case rare.
 """

@@ -793,3 +793,49 @@ def test_a_replaced_version_still_referenced_is_reported_not_waited_for_forever(
     with caplog.at_level(logging.WARNING, logger="retriever.heap"):
         heap.release_when_freed(kept, "index version v0007", timeout_s=0.2).join(timeout=5)
     assert "index version v0007 still referenced 0.2 s after it was replaced" in caplog.text
+
+
+def test_a_version_waiting_for_its_towers_is_installed_in_a_turn_once_triton_serves_them(shop, monkeypatch) -> None:
+    from retriever import index_slot
+
+    service, _, source = shop
+    slot = service.slot
+    root = Path(service.config.index_dir)
+    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01, swap_drain_s=0.2)
+    slot.turns = turns = ScriptedTurns(drain=True)
+    rotation: list[str] = []
+    monkeypatch.setattr(index_slot, "TOWERS_RETRY_S", 0.02)
+
+    def wait_for(condition, seconds: float = 20.0) -> None:  # a loaded CI machine may take seconds
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            rotation.append(slot.out_of_rotation)
+            time.sleep(0.01)
+
+    write_shop_index(root / "v0002", seed=1)
+    manifest = json.loads((root / "v0002" / artifacts.MANIFEST_FILE).read_text())
+    manifest["model_version"] = 2
+    (root / "v0002" / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    source.refuse_model_versions = (2,)
+    artifacts.publish_version(root, "v0002")
+    slot.start_watching()
+    try:
+        wait_for(lambda: source.refused >= 4)  # loaded in its turn, then Triton asked again, out of turn
+        assert turns.taken == 1 and turns.left == 1 and slot.serving.catalog.version == "v0001"
+        rotation.clear()
+        wait_for(lambda: source.refused >= 6)
+        assert set(rotation) == {""} and turns.taken == 1  # in rotation while Triton says no
+        turns.holder = "another-pod:1"
+        served: list[int] = []
+        open_towers = source.open
+        monkeypatch.setattr(source, "open", lambda manifest, wait_s=0.0: served.append(1) or open_towers(manifest))
+        source.refuse_model_versions = ()
+        wait_for(lambda: bool(served))  # Triton serves the towers now: the install waits for the turn,
+        wait_for(lambda: False, 0.3)  # without asking Triton again
+        assert slot.serving.catalog.version == "v0001" and turns.taken == 1 and served == [1]
+        turns.holder = ""
+        wait_for(lambda: slot.serving.catalog.version == "v0002")
+        assert slot.serving.catalog.version == "v0002" and turns.taken == 2 and turns.left == 2
+        assert any(state.startswith("loading a new index version") for state in rotation)
+    finally:
+        slot.stop()
