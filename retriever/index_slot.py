@@ -161,10 +161,10 @@ class IndexSlot:
                 target = artifacts.resolve_index_dir(self.config.index_dir)
                 if pending is None or not _same(pending, target):  # CURRENT moved on: its towers go unused
                     self._retire(pending_towers)
-                    pending_towers = None
+                    pending, pending_towers = None, None
                 if _same(current.catalog, target):
                     return ReloadResult("unchanged", current.catalog.version)
-                if pending is not None and _same(pending, target):
+                if pending is not None:
                     catalog = pending  # read and checked already: only its towers were missing
                 else:
                     catalog = self.open_catalog(target)
@@ -239,9 +239,13 @@ class IndexSlot:
         """reload(), in this replica's turn where it loads or installs a new version; None while another replica
         holds the turn. A version loaded already that waits for its towers is installed in a turn too, once
         Triton serves them: asking Triton takes no turn, so a replica is not taken out of rotation to hear no."""
-        if not self._needs_loading():
-            if not self._waiting_for_towers():
-                return self.reload()
+        try:
+            target = artifacts.resolve_index_dir(self.config.index_dir)
+        except (ArtifactError, OSError):
+            return self.reload()  # it reports why CURRENT cannot be read; nothing is loaded
+        if self.serving is not None and _same(self.serving.catalog, target):
+            return self.reload()  # unchanged
+        if self._pending is not None and _same(self._pending, target):
             result = self.reload(install=False)
             if result.status != "ready":
                 return result
@@ -284,26 +288,6 @@ class IndexSlot:
             log.warning("reading %s before rejoining failed (%s): rejoining cold", self.serving.catalog.version, err)
             return
         log.info("read %.0f MiB of the index version before rejoining in %.1f s", read, time.perf_counter() - started)
-
-    def _needs_loading(self) -> bool:
-        """CURRENT names a version neither served nor loaded already (waiting for its towers). False where
-        it cannot be read: reload() then reports why, and nothing is loaded."""
-        try:
-            target = artifacts.resolve_index_dir(self.config.index_dir)
-        except (ArtifactError, OSError):
-            return False
-        loaded = [self.serving.catalog] if self.serving else []
-        if self._pending is not None:
-            loaded.append(self._pending)
-        return not any(_same(catalog, target) for catalog in loaded)
-
-    def _waiting_for_towers(self) -> bool:
-        """CURRENT names the version loaded already that waits for Triton to serve its towers."""
-        try:
-            target = artifacts.resolve_index_dir(self.config.index_dir)
-        except (ArtifactError, OSError):
-            return False
-        return self._pending is not None and _same(self._pending, target)
 
     def _retire(self, towers: Towers | None) -> None:
         """Close these tower clients once requests that may use them have long finished (close_retired)."""

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import httpx
@@ -255,6 +256,24 @@ def damage_index_file(version_dir: Path) -> None:
     manifest_path.write_text(json.dumps(manifest))
 
 
+def wait_for(
+    condition: Callable[[], bool], seconds: float = 20.0, each_poll: Callable[[], None] = lambda: None
+) -> None:
+    """Poll every 10 ms until `condition` holds or `seconds` pass (a loaded CI machine may take seconds)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        each_poll()
+        time.sleep(0.01)
+
+
+def write_model_version(version_dir: Path, seed: int, model_version: int) -> None:
+    """A shop index version whose towers are those of `model_version`."""
+    write_shop_index(version_dir, seed=seed)
+    manifest = json.loads((version_dir / artifacts.MANIFEST_FILE).read_text())
+    manifest["model_version"] = model_version
+    (version_dir / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
 def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop, monkeypatch) -> None:
     import time
 
@@ -270,12 +289,6 @@ def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop,
     monkeypatch.setattr(slot, "open_catalog", lambda path: opened.append(Path(path).name) or open_catalog(path))
     failed = metrics.INDEX_RELOADS.labels("failed")
     failures_before = failed._value.get()
-
-    def wait_for(condition, seconds: float = 5.0) -> None:
-        deadline = time.monotonic() + seconds
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
     write_shop_index(root / "v0002", seed=1)
     damage_index_file(root / "v0002")
     # The admin endpoint's path: the reason, not a stack trace, and the old version keeps serving.
@@ -291,10 +304,7 @@ def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop,
         assert slot.serving.catalog.version == "v0001"
         # Towers Triton does not serve yet: Triton is asked again with backoff until it serves them; the
         # version's files are read once.
-        write_shop_index(root / "v0003", seed=2)
-        manifest = json.loads((root / "v0003" / artifacts.MANIFEST_FILE).read_text())
-        manifest["model_version"] = 2
-        (root / "v0003" / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+        write_model_version(root / "v0003", seed=2, model_version=2)
         source.refuse_model_versions = (2,)
         artifacts.publish_version(root, "v0003")
         wait_for(lambda: source.refused >= 3)
@@ -339,6 +349,16 @@ class ScriptedTurns:
         self.left += 1
 
 
+def swapping_in_turns(
+    service: RecommendationService, drain: bool, swap_drain_s: float
+) -> tuple[IndexSlot, Path, ScriptedTurns]:
+    """The service's slot polling its index root every 10 ms, taking scripted turns: (slot, root, turns)."""
+    slot = service.slot
+    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01, swap_drain_s=swap_drain_s)
+    slot.turns = turns = ScriptedTurns(drain)
+    return slot, Path(service.config.index_dir), turns
+
+
 @pytest.mark.parametrize("others_serve", [True, False])
 def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replica_serves(
     shop, others_serve, caplog
@@ -348,10 +368,7 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
     caplog.set_level("INFO", logger="retriever.index")
 
     service, _, _ = shop
-    slot = service.slot
-    root = Path(service.config.index_dir)
-    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01, swap_drain_s=0.5)
-    slot.turns = turns = ScriptedTurns(drain=others_serve)
+    slot, root, turns = swapping_in_turns(service, drain=others_serve, swap_drain_s=0.5)
     opened: list[str] = []
     open_catalog = slot.open_catalog
     slot.open_catalog = lambda path: opened.append(Path(path).name) or open_catalog(path)
@@ -799,42 +816,33 @@ def test_a_version_waiting_for_its_towers_is_installed_in_a_turn_once_triton_ser
     from retriever import index_slot
 
     service, _, source = shop
-    slot = service.slot
-    root = Path(service.config.index_dir)
-    slot.config = dataclasses.replace(slot.config, index_poll_s=0.01, swap_drain_s=0.2)
-    slot.turns = turns = ScriptedTurns(drain=True)
+    slot, root, turns = swapping_in_turns(service, drain=True, swap_drain_s=0.2)
     rotation: list[str] = []
     monkeypatch.setattr(index_slot, "TOWERS_RETRY_S", 0.02)
 
-    def wait_for(condition, seconds: float = 20.0) -> None:  # a loaded CI machine may take seconds
-        deadline = time.monotonic() + seconds
-        while not condition() and time.monotonic() < deadline:
-            rotation.append(slot.out_of_rotation)
-            time.sleep(0.01)
+    def watch(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+        wait_for(condition, seconds, lambda: rotation.append(slot.out_of_rotation))
 
-    write_shop_index(root / "v0002", seed=1)
-    manifest = json.loads((root / "v0002" / artifacts.MANIFEST_FILE).read_text())
-    manifest["model_version"] = 2
-    (root / "v0002" / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    write_model_version(root / "v0002", seed=1, model_version=2)
     source.refuse_model_versions = (2,)
     artifacts.publish_version(root, "v0002")
     slot.start_watching()
     try:
-        wait_for(lambda: source.refused >= 4)  # loaded in its turn, then Triton asked again, out of turn
+        watch(lambda: source.refused >= 4)  # loaded in its turn, then Triton asked again, out of turn
         assert turns.taken == 1 and turns.left == 1 and slot.serving.catalog.version == "v0001"
         rotation.clear()
-        wait_for(lambda: source.refused >= 6)
+        watch(lambda: source.refused >= 6)
         assert set(rotation) == {""} and turns.taken == 1  # in rotation while Triton says no
         turns.holder = "another-pod:1"
         served: list[int] = []
         open_towers = source.open
         monkeypatch.setattr(source, "open", lambda manifest, wait_s=0.0: served.append(1) or open_towers(manifest))
         source.refuse_model_versions = ()
-        wait_for(lambda: bool(served))  # Triton serves the towers now: the install waits for the turn,
-        wait_for(lambda: False, 0.3)  # without asking Triton again
+        watch(lambda: bool(served))  # Triton serves the towers now: the install waits for the turn,
+        watch(lambda: False, 0.3)  # without asking Triton again
         assert slot.serving.catalog.version == "v0001" and turns.taken == 1 and served == [1]
         turns.holder = ""
-        wait_for(lambda: slot.serving.catalog.version == "v0002")
+        watch(lambda: slot.serving.catalog.version == "v0002")
         assert slot.serving.catalog.version == "v0002" and turns.taken == 2 and turns.left == 2
         assert any(state.startswith("loading a new index version") for state in rotation)
     finally:

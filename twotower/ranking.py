@@ -230,11 +230,17 @@ def first_stage_scores(
     scores = np.array(space.vectors[rows] @ query if cosine is None else cosine, dtype=np.float32)
     if request.prior and space.item_bias is not None:
         scores += request.prior * space.item_bias[rows]
+    add_boosts(scores, rows, (own_rows, boosts))
+    return scores
+
+
+def add_boosts(scores: np.ndarray, rows: np.ndarray, boosted: tuple[np.ndarray, np.ndarray]) -> None:
+    """scores[i] += the boost of rows[i], for the rows among `boosted` (rows, boosts: boosted_rows')."""
+    own_rows, boosts = boosted
     if len(own_rows):
         by_row = np.argsort(own_rows)
         at, found = find_sorted(own_rows[by_row], rows)
         scores[found] += boosts[by_row[at[found]]]
-    return scores
 
 
 def stage_candidates(
@@ -329,13 +335,11 @@ def dense_scores(
     """float64 [N] (or of `rows` only): each row's score as `rank` orders them (boosted rows at their
     boosted score), for protocols that score one article against sampled others."""
     scores = space.scores(query, rows, request.prior).astype(np.float64)
-    boosted, boosts = boosted_rows(space, request)
+    boosted = boosted_rows(space, request)
     if isinstance(rows, slice):
-        scores[boosted] += boosts
-    elif len(boosted):
-        by_row = np.argsort(boosted)
-        at, found = find_sorted(boosted[by_row], rows)
-        scores[found] += boosts[by_row[at[found]]]
+        scores[boosted[0]] += boosted[1]
+    else:
+        add_boosts(scores, rows, boosted)
     return scores
 
 

@@ -26,6 +26,9 @@ class Histories:
     def lengths(self) -> np.ndarray:
         return (self.rows != PAD).sum(axis=1)
 
+    def take(self, index: np.ndarray) -> "Histories":
+        return Histories(self.rows[index], self.age_days[index])
+
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[np.ndarray, np.ndarray]], length: int) -> "Histories":
         """Fixed-length histories from (rows most recent first, ages) pairs of any length (longer ones cut)."""
@@ -48,9 +51,8 @@ class TrainingExamples:
         return len(self.targets)
 
     def take(self, index: np.ndarray) -> "TrainingExamples":
-        h = self.histories
         return TrainingExamples(
-            Histories(h.rows[index], h.age_days[index]), self.targets[index], self.days[index], self.customers[index]
+            self.histories.take(index), self.targets[index], self.days[index], self.customers[index]
         )
 
 
