@@ -42,6 +42,7 @@ from retriever.launch import RedisServer
 from retriever.swap_turns import RedisSwapTurns
 from twotower import artifacts
 from twotower.item_table import ID_COLUMN, Column, ItemTable
+from twotower.second_stage import ArticleSignals
 
 log = logging.getLogger("benchmarks.scale")
 
@@ -189,8 +190,25 @@ def write_version(
     with np.load(reference / artifacts.HISTORIES_FILE) as stored:
         histories = {name: stored[name] for name in stored.files}
     head = artifacts.ScoreHeadWeights.from_json(json.loads((reference / artifacts.SCORE_HEAD_FILE).read_text()))
-    write_index_dir(directory, index, vectors, items, histories, head, fields, item_bias=bias)
+    signals = second_stage_signals(reference, len(vectors))
+    write_index_dir(directory, index, vectors, items, histories, head, fields, item_bias=bias, signals=signals)
     return seconds
+
+
+def second_stage_signals(reference: Path, n: int) -> ArticleSignals | None:
+    """The reference's second-stage signals for a synthetic catalogue of n rows, so that customers' and histories'
+    lists are re-ordered by its stage as a trained deployment's are (its search then fetches the stage's pool,
+    serving.catalog.RERANK_MAX_CANDIDATES). The first rows are the reference's articles, as the known customers'
+    histories are; the rest are new, unsold articles (ArticleSignals.extended). None where the reference has no
+    stage or more articles than n."""
+    path = reference / artifacts.SECOND_STAGE_FILE
+    if not path.is_file():
+        return None
+    signals = ArticleSignals.load(path)
+    if signals.size > n:
+        log.warning("no second stage: the reference has %d articles, the synthetic catalogue %d", signals.size, n)
+        return None
+    return signals.extended(np.full(n - signals.size, -1, np.int64))
 
 
 # -- measured in a fresh process per index ---------------------------------------------------------
@@ -659,9 +677,10 @@ def _limited(served: dict[str, Any]) -> str:
 
 
 def _rerank_factors() -> str:
-    from serving.catalog import RERANK_FACTORS
+    from serving.catalog import RERANK_FACTORS, RERANK_MAX_CANDIDATES
 
-    return ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
+    factors = ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
+    return f"{factors}; at most {RERANK_MAX_CANDIDATES:,} candidates or 2k"
 
 
 def _nprobe() -> int:

@@ -54,6 +54,13 @@ INDEX_READ_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
 # with k x 10: 0.933), and k x 50 no more: the probed lists bound it. At 10M k x 25 fell to 0.822; k x 50
 # gave 0.918 and k x 100 0.943, one query p50 1.58 / 1.74 / 2.04 ms (docs/scale.md row 15).
 RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
+# ... but at most this many (or 2k): a customer's list asks for the second stage's pool of 300, and 300 x 50
+# candidates cost 12.7 ms per query at 10M (p50, one thread), 10.2 of them the exact re-rank of 15,000 float16
+# rows, against 1.6 ms for k = 12. More than 2,400 find nothing more: 10M ivf-pq-fastscan, 60 real user vectors,
+# recall of the exact top 300 / top 100 / top 12 at 600, 1,200, 2,400, 4,800 and 15,000 candidates 0.727 / 0.801
+# / 0.815 / 0.815 / 0.815, 0.846 / 0.883 / 0.887 / 0.887 / 0.887, 0.935 / 0.942 / 0.942 / 0.942 / 0.942: past
+# 2,400 the probed lists bound it (docs/scale.md).
+RERANK_MAX_CANDIDATES = 2400
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
 
 
@@ -347,11 +354,15 @@ class Catalog:
         """A plain search of every row: on the GPU copy when there is one."""
         if not self.rerank_factor:
             return (self.gpu or self.index).search(queries, k)
-        fetch = min(self.index.ntotal, k * self.rerank_factor)
+        fetch = self._rerank_candidates(k)
         if self.gpu is not None:
             fetch = max(k, min(fetch, GPU_MAX_K))
         _, candidates = (self.gpu or self.index).search(queries, fetch)
         return self._rerank(queries, candidates, k)
+
+    def _rerank_candidates(self, k: int) -> int:
+        """How many candidates a compressed index's search for k rows re-ranks exactly."""
+        return min(self.index.ntotal, k * self.rerank_factor, max(RERANK_MAX_CANDIDATES, 2 * k))
 
     def _rerank(self, index_queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best k of each query's candidate rows [B, C] by their exact score, from the full vectors:
@@ -428,7 +439,7 @@ class Catalog:
         if not self.rerank_factor:
             found_similarities, found_rows = self.index.search(index_query, k, params=params)
         else:
-            _, candidates = self.index.search(index_query, k * self.rerank_factor, params=params)
+            _, candidates = self.index.search(index_query, self._rerank_candidates(k), params=params)
             found_similarities, found_rows = self._rerank(index_query, candidates, k)
         return found_similarities[0], found_rows[0]
 

@@ -109,6 +109,35 @@ def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path
         Catalog(tmp_path / "v0001", faiss_gpu="on")
 
 
+def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monkeypatch) -> None:
+    """k x the factor for short lists; long ones (a second stage's pool of 300) at most RERANK_MAX_CANDIDATES or 2k."""
+    vectors = write_index(tmp_path / "v0001", "ivf-pq-fastscan")
+    catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)  # group B's 300 rows by the index
+    asked: list[int] = []
+
+    class Recording:
+        def __init__(self, index: Any):
+            self.index = index
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.index, name)
+
+        def search(self, queries: np.ndarray, k: int, **kwargs: Any) -> Any:
+            asked.append(k)
+            return self.index.search(queries, k, **kwargs)
+
+    catalog.index = Recording(catalog.index)
+    monkeypatch.setattr("serving.catalog.RERANK_MAX_CANDIDATES", 700)
+    for k in (10, 20, 400):
+        _, rows = catalog.search(vectors[:2], k)
+        assert rows[:, 0].tolist() == [0, 1] and (rows >= 0).all()
+    assert asked == [500, 700, 800]  # 10 x 50; 20 x 50 capped at 700; 400: 2k, not 20,000
+    group_b = catalog.filter_columns.mask(Filters.parse({"product_group": ["B"]}))
+    assert catalog.search_plan(group_b) == "ivf+selector"
+    _, rows = catalog.search_masked(vectors[0], 20, group_b)
+    assert asked[-1] == 700 and group_b[rows[rows >= 0]].all()
+
+
 def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_gpu, monkeypatch) -> None:
     vectors = write_index(tmp_path / "v0001", "ivf-sq8")
     catalog = Catalog(tmp_path / "v0001", ivf_nprobe=76, faiss_gpu="auto")

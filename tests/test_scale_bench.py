@@ -31,6 +31,30 @@ def test_synthetic_products_keep_the_real_sizes() -> None:
     assert _products_of_real_size(real, 6, 6, rng) is real  # one copy: the real products themselves
 
 
+def test_synthetic_catalogues_carry_the_references_second_stage(tmp_path) -> None:
+    """The first rows are the reference's articles (the known customers' histories point at them), the rest unsold."""
+    from benchmarks.scale import second_stage_signals
+    from twotower import artifacts
+    from twotower.second_stage import NEVER, ArticleSignals
+
+    assert second_stage_signals(tmp_path, 10) is None  # a reference without a stage
+    real = ArticleSignals(
+        purchases=np.asarray([[1, 2, 3], [0, 1, 1], [0, 0, 0]], np.float32),
+        days_since_first_sale=np.asarray([5, 2, NEVER], np.float32),
+        popular=np.asarray([0, 1]),
+        co_indptr=np.asarray([0, 1, 2, 2]),
+        co_indices=np.asarray([1, 0], np.int32),
+        co_counts=np.asarray([2, 2], np.float32),
+    )
+    real.save(tmp_path / artifacts.SECOND_STAGE_FILE)
+    signals = second_stage_signals(tmp_path, 5)
+    assert signals is not None and signals.size == 5
+    np.testing.assert_array_equal(signals.purchases[:3], real.purchases)
+    assert signals.purchases[3:].sum() == 0 and (signals.days_since_first_sale[3:] == NEVER).all()
+    assert signals.popular.tolist() == [0, 1] and signals.co_purchases(np.asarray([0]))[0].tolist() == [1]
+    assert second_stage_signals(tmp_path, 2) is None  # fewer rows than the reference: no stage
+
+
 def test_the_keyword_index_scale_bench_reports_each_size(tmp_path) -> None:
     from benchmarks.lexical_scale import report, run
 
