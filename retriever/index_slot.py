@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from retriever import heap, metrics
-from retriever.swap_turns import SwapTurns, swap_turns
+from retriever.swap_turns import SwapTurns, Turn, heartbeat_stale_s, swap_turns
 from serving.catalog import Catalog
 from serving.gpu_search import GpuUnavailable
 from serving.towers import Towers
@@ -69,6 +69,8 @@ class IndexSlot:
         )
         self.serving: Serving | None = None
         self.out_of_rotation = ""  # why this replica asks not to be sent requests now ("": it is in rotation)
+        self.answered_at = 0.0  # time.monotonic() when its towers last answered (opened, or a health check)
+        self._answering = True  # as last told to the other replicas (logged when it changes)
         self._lock = threading.Lock()
         self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
         self._pending: Catalog | None = None  # a checked version waiting for Triton to serve its towers
@@ -110,8 +112,34 @@ class IndexSlot:
         """Load and verify the configured index, then check the towers of its model version are served."""
         catalog = self.open_catalog(self.config.index_dir)
         self._install(Serving(catalog, self.towers.open(catalog.manifest, triton_wait_s)))
+        self.answered_at = time.monotonic()
         assert self.serving is not None
         return self.serving
+
+    def towers_answered(self, answered: bool) -> None:
+        """A health check's outcome (the service's): whether this replica's heartbeat may say it answers."""
+        self.answered_at = time.monotonic() if answered else 0.0
+
+    def _announce(self) -> None:
+        """Tell the other replicas whether to count on this one while they swap: a heartbeat while it is in
+        rotation and its towers answered within the heartbeat's freshness window, else none (nor once stopping)."""
+        if self._stop_watching.is_set():
+            return
+        answering = time.monotonic() - self.answered_at <= heartbeat_stale_s(self.config.index_poll_s)
+        if answering != self._answering:
+            self._answering = answering
+            if answering:
+                log.info("answering again: counted as serving while other replicas swap")
+            else:
+                log.warning(
+                    "no health check answered for %.0f s (towers failing, or no probe reaches this replica): no "
+                    "longer counted as serving while other replicas swap",
+                    time.monotonic() - self.answered_at if self.answered_at else float("inf"),
+                )
+        if answering:
+            self.turns.heartbeat()
+        else:
+            self.turns.leave()
 
     def _install(self, serving: Serving) -> threading.Thread | None:
         """Swap `serving` in; returns the thread that releases the replaced version's heap once it is freed."""
@@ -215,8 +243,8 @@ class IndexSlot:
         seen, retry_at, backoff = None, 0.0, TOWERS_RETRY_S
         while not self._stop_watching.wait(self.config.index_poll_s):
             try:
-                if not self.out_of_rotation and not self._stop_watching.is_set():
-                    self.turns.heartbeat()
+                if not self.out_of_rotation:
+                    self._announce()
                 name = pointer.read_text().strip()
                 if name == seen and time.monotonic() < retry_at:
                     continue
@@ -257,23 +285,41 @@ class IndexSlot:
         turn = self.turns.take()
         if turn is None:
             return None
+        overdue = threading.Timer(self.config.swap_turn_max_s, self._turn_overdue, args=(turn,))
+        overdue.daemon = True
+        overdue.start()
         with turn:
-            if turn.drain:
-                self.out_of_rotation = "loading a new index version (another replica serves meanwhile)"
-                self.turns.leave()
-                log.info("out of rotation for %.0f s before loading the new index version", self.config.swap_drain_s)
-                if self._stop_watching.wait(self.config.swap_drain_s):
-                    return None  # stopping: nothing to load for
             try:
+                if turn.drain:
+                    self.out_of_rotation = "loading a new index version (another replica serves meanwhile)"
+                    self.turns.leave()
+                    log.info(
+                        "out of rotation for %.0f s before loading the new index version", self.config.swap_drain_s
+                    )
+                    if self._stop_watching.wait(self.config.swap_drain_s):
+                        return None  # stopping: nothing to load for
                 result = self.reload()
                 if self.out_of_rotation and result.status == "swapped":
                     self._warm_up()
                 return result
             finally:
-                if self.out_of_rotation:
-                    self.out_of_rotation = ""
-                    self.turns.heartbeat()
-                    log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
+                overdue.cancel()
+                self._rejoin()
+
+    def _turn_overdue(self, turn: Turn) -> None:
+        """The turn ran past --swap-turn-max-s: the next replica may swap, and this one serves its old version."""
+        log.warning(
+            "index swap turn over %g s: handing the turn on and rejoining rotation; the load goes on",
+            self.config.swap_turn_max_s,
+        )
+        turn.hand_on()
+        self._rejoin()
+
+    def _rejoin(self) -> None:
+        if self.out_of_rotation:
+            self.out_of_rotation = ""
+            self._announce()
+            log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
 
     def _warm_up(self) -> None:
         """Out of rotation after a swap: let the replaced version's heap go back to the OS, then read the new

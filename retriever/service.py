@@ -74,10 +74,10 @@ def check_settings(config: RetrieverConfig) -> None:
     for name in ("max_instances", "max_total_k", "max_history_items", "max_query_chars", "max_body_bytes"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
-    if config.swap_drain_s < 0 or config.swap_lease_s <= 0:
+    if config.swap_drain_s < 0 or config.swap_lease_s <= 0 or config.swap_turn_max_s <= config.swap_drain_s:
         raise ValueError(
-            f"--swap-drain-s {config.swap_drain_s} must be at least 0 and --swap-lease-s {config.swap_lease_s} "
-            "more than 0"
+            f"--swap-drain-s {config.swap_drain_s} must be at least 0, --swap-lease-s {config.swap_lease_s} "
+            f"more than 0 and --swap-turn-max-s {config.swap_turn_max_s} more than --swap-drain-s"
         )
     if config.min_in_flight < 1 or config.admission_target_ms < 0:
         raise ValueError(
@@ -166,6 +166,7 @@ class RecommendationService:
         if healthy and not self._towers_healthy:
             log.info("ready: the towers answer again")
         self._towers_healthy = healthy
+        self.slot.towers_answered(healthy)
         metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
         return healthy
 

@@ -13,6 +13,8 @@ replicas share), a replica that sees a new version:
 3. loads and swaps; out of rotation, it also reads the new version's memory-mapped files into the page cache
    (retriever/index_slot.py, `Catalog.prefetch`), then rejoins rotation and hands the lease on. At 10M
    under 4 Gi (docs/scale.md, `--hot-swap turn`): out 18 s, then 0 of 3,000 refused in its first 30 s back.
+   A turn longer than `--swap-turn-max-s` (a load stuck on its volume) hands the lease on and rejoins rotation
+   early: the roll-out goes on without it, and its load, if it ends, swaps in place.
 
 With no other replica serving it swaps in place, while serving, as a single pod must. Redis unreachable:
 the swap goes ahead in place (a swap never waits on Redis), and the log says so.
@@ -20,8 +22,9 @@ One turn per process (its id is the host name and its pid): with KServe's `--wor
 own, and a probe reaches any of them, so run one worker per pod (the manifests do) where turns matter.
 A version refused only because Triton does not serve its towers yet is loaded in a turn and kept; asking
 Triton again takes no turn, and once Triton serves them the replica takes a turn to install it.
-A heartbeat says "in rotation with a served version", not "answering": a replica whose towers fail still
-sends them (its /ready is 503), so the manifests' Triton readiness is what keeps that case rare.
+A heartbeat says "in rotation and answering": a replica sends it only while its towers answered a health check
+(its readiness probe's) within `heartbeat_stale_s`; one whose towers fail, or that no probe reaches, stops
+counting as serving, so the others swap in place instead of leaving rotation for it.
 """
 
 from __future__ import annotations
@@ -51,9 +54,13 @@ class Turn:
     def __enter__(self) -> "Turn":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def hand_on(self) -> None:
+        """Let the next replica take its turn now (again at the end: a no-op)."""
         if self._release is not None:
             self._release()
+
+    def __exit__(self, *exc: object) -> None:
+        self.hand_on()
 
 
 class SwapTurns(Protocol):
@@ -214,9 +221,14 @@ class RedisSwapTurns:
             self._failed("removing this replica's heartbeat", err)
 
 
+def heartbeat_stale_s(poll_s: float) -> float:
+    """How old a heartbeat (or the health check behind it) may be: five polls, at least 10 s. A replica that
+    stopped, or stopped answering, is no longer counted on to serve after that."""
+    return max(5 * poll_s, 10.0)
+
+
 def swap_turns(url: str, scope: str, lease_s: float, poll_s: float) -> SwapTurns:
-    """Turns through the Redis at `url`, or none ("": every replica swaps at once). A heartbeat goes stale
-    after five polls (at least 10 s): a replica that stopped is no longer counted on to serve."""
+    """Turns through the Redis at `url`, or none ("": every replica swaps at once)."""
     if not url:
         return SoloTurns()
-    return RedisSwapTurns(url, scope, lease_s, stale_s=max(5 * poll_s, 10.0), timeout_s=REDIS_TIMEOUT_S)
+    return RedisSwapTurns(url, scope, lease_s, stale_s=heartbeat_stale_s(poll_s), timeout_s=REDIS_TIMEOUT_S)

@@ -332,7 +332,7 @@ class ScriptedTurns:
     """Swap turns as a test scripts them: `holder` set = another replica swaps; `drain` = others serve."""
 
     def __init__(self, drain: bool):
-        self.drain, self.holder, self.taken, self.beats, self.left = drain, "", 0, 0, 0
+        self.drain, self.holder, self.taken, self.beats, self.left, self.handed_on = drain, "", 0, 0, 0, 0
 
     def take(self):
         from retriever.swap_turns import Turn
@@ -340,7 +340,10 @@ class ScriptedTurns:
         if self.holder:
             return None
         self.taken += 1
-        return Turn(drain=self.drain)
+        return Turn(drain=self.drain, release=self.hand_on)
+
+    def hand_on(self) -> None:
+        self.handed_on += 1
 
     def heartbeat(self) -> None:
         self.beats += 1
@@ -402,6 +405,74 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
         else:  # the only replica serving: it swaps in place
             assert out == [] and turns.left == 0 and "before rejoining" not in caplog.text
     finally:
+        slot.stop()
+
+
+def test_a_replica_counts_as_serving_only_while_its_towers_answer(shop, monkeypatch, caplog) -> None:
+    """Its heartbeat tells the other replicas' swaps to leave rotation for it: none while its towers fail a health
+    check, or while no health check has reached it for the heartbeat's freshness window."""
+    from retriever import index_slot
+    from serving.towers import TritonUnavailable
+
+    caplog.set_level("INFO", logger="retriever.index")
+    service, _, source = shop
+    service.config = dataclasses.replace(service.config, health_cache_s=0.0)
+    slot, _, turns = swapping_in_turns(service, drain=False, swap_drain_s=0.0)
+    healthy_vectors = source.towers.user_vectors
+
+    async def failing(*args: object) -> np.ndarray:
+        raise TritonUnavailable("Triton at test: connection refused")
+
+    def polls_after(check: Callable[[], bool]) -> tuple[int, int]:
+        """(heartbeats, leaves) over ~10 polls after the health check."""
+        assert asyncio.run(service.healthy()) is check()
+        beats, left = turns.beats, turns.left
+        time.sleep(0.15)
+        return turns.beats - beats, turns.left - left
+
+    slot.start_watching()
+    try:
+        assert polls_after(lambda: True)[1] == 0 and turns.beats > 0
+        monkeypatch.setattr(source.towers, "user_vectors", failing)
+        beats, left = polls_after(lambda: False)
+        assert beats == 0 and left >= 5 and "no longer counted as serving" in caplog.text
+        monkeypatch.setattr(source.towers, "user_vectors", healthy_vectors)
+        beats, left = polls_after(lambda: True)
+        assert beats >= 5 and left <= 1 and "answering again" in caplog.text
+        # no health check within the window (a stuck event loop, or no probe): no heartbeat either
+        monkeypatch.setattr(index_slot, "heartbeat_stale_s", lambda poll_s: 0.05)
+        time.sleep(0.1)
+        beats, left = turns.beats, turns.left
+        time.sleep(0.15)
+        assert turns.beats == beats and turns.left > left
+    finally:
+        slot.stop()
+
+
+def test_a_turn_past_its_limit_is_handed_on_and_the_replica_rejoins_while_its_load_goes_on(shop, caplog) -> None:
+    import threading
+
+    caplog.set_level("INFO", logger="retriever.index")
+    service, _, _ = shop
+    slot, root, turns = swapping_in_turns(service, drain=True, swap_drain_s=0.05)
+    slot.config = dataclasses.replace(slot.config, swap_turn_max_s=0.5)
+    stuck = threading.Event()
+    open_catalog = slot.open_catalog
+    slot.open_catalog = lambda path: stuck.wait(20) and open_catalog(path)  # a load stuck on its volume
+    write_shop_index(root / "v0002", seed=1)
+    artifacts.publish_version(root, "v0002")
+    slot.start_watching()
+    try:
+        wait_for(lambda: bool(slot.out_of_rotation))
+        assert turns.handed_on == 0
+        wait_for(lambda: not slot.out_of_rotation)  # after 0.5 s, still loading
+        assert turns.handed_on == 1 and turns.beats > 0 and slot.serving.catalog.version == "v0001"
+        assert "index swap turn over 0.5 s: handing the turn on and rejoining rotation" in caplog.text
+        stuck.set()
+        wait_for(lambda: slot.serving.catalog.version == "v0002")  # the load ends: swapped in place
+        assert not slot.out_of_rotation and turns.taken == 1
+    finally:
+        stuck.set()
         slot.stop()
 
 
