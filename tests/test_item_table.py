@@ -53,6 +53,36 @@ def test_filters_read_the_encoded_columns() -> None:
     assert columns.mask(Filters.parse({"colour": ["Pink"]})).tolist() == [False] * 4  # no such value: nothing
 
 
+def test_a_cached_masks_count_and_bitmap_are_kept_with_it_and_dropped_with_it() -> None:
+    from twotower import ranking
+
+    columns = FilterColumns(COLUMNS, mask_cache_bytes=2 * 4)  # two masks of 4 rows
+    upper = columns.mask(Filters.parse({"product_group": ["Garment Upper body"]}))
+    summary = columns.summary(upper)
+    assert summary is columns.summary(upper) and summary.count == 3
+    bitmap = summary.bitmap(upper)
+    assert bitmap is summary.bitmap(upper) and np.unpackbits(bitmap, count=4, bitorder="little").tolist() == [
+        1,
+        1,
+        0,
+        1,
+    ]
+    taken_out = upper.copy()
+    taken_out[0] = False  # a request's own copy: counted anew
+    assert columns.summary(taken_out) is not summary and columns.summary(taken_out).count == 2
+    columns.mask(Filters.parse({"colour": ["Black"]}))
+    columns.mask(Filters.parse({"colour": ["White"]}))  # the first mask evicted: its summary too
+    assert columns.summary(upper) is not summary and len(columns._summaries) == len(columns._masks) == 2
+    # nothing to take out: the search gets the request's (cached) mask itself, not a copy
+    space = ranking.ExactItems(np.eye(4, dtype=np.float32))
+    request = ranking.RankRequest(2, allowed=upper)
+    assert ranking.visible(space, request) is upper
+    hiding = ranking.RankRequest(
+        2, allowed=upper, bought=(np.asarray([1]), np.zeros(1, np.float32)), exclude_bought=True
+    )
+    assert ranking.visible(space, hiding).tolist() == [True, False, False, True] and upper[1]
+
+
 @pytest.mark.parametrize("n_wanted", [0, 1, 2, filters.MAX_CODE_COMPARISONS, filters.MAX_CODE_COMPARISONS + 1, 19])
 def test_rows_with_codes_compares_or_looks_up_alike(n_wanted: int) -> None:
     codes = np.random.default_rng(n_wanted).integers(0, 19, 1000).astype(np.int32)

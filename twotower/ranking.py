@@ -63,6 +63,7 @@ class ItemSpace(Protocol):
     """
 
     excluded: np.ndarray  # bool [N]: rows never returned (removed or replaced articles)
+    n_excluded: int  # how many
     vectors: np.ndarray  # float32 [N, D]: the item vectors (the second stage compares candidates with a history)
     item_bias: np.ndarray | None  # float32 [N]: the popularity prior's bias per row (twotower.popularity), if any
     products: Products | None  # articles of one product, for the sibling boost
@@ -161,9 +162,12 @@ def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: in
 
 
 def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
-    """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that)."""
-    # A new array in one pass (the request's mask may be shared: serving.filters caches them). At 10M rows
-    # allowed > excluded (allowed and not excluded, for bools) takes 1.7 ms; copy, negate and & took 4.0.
+    """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that). Not to be
+    written to: with nothing to take out, the request's own mask (read-only: serving.filters caches them)."""
+    if request.allowed is not None and not request.exclude_bought and space.n_excluded == 0:
+        return request.allowed  # no copy: 1.3 ms at 10M rows, and the search reuses the cached mask's count
+    # A new array in one pass. At 10M rows allowed > excluded (allowed and not excluded, for bools) takes 1.7 ms;
+    # copy, negate and & took 4.0.
     allowed = ~space.excluded if request.allowed is None else np.greater(request.allowed, space.excluded)
     if request.exclude_bought:
         bought = request.bought[0]
@@ -364,6 +368,7 @@ class ExactItems:
         self.products = products
         self.product_types = np.zeros(n, dtype=np.int64) if product_types is None else product_types
         self.excluded = np.zeros(n, dtype=bool) if excluded is None else excluded
+        self.n_excluded = int(np.count_nonzero(self.excluded))
         # What an unfiltered search scores, gathered once: gathering 105k rows per query (a 54 MB copy) was
         # 96% of the time of make eval's exact rows and of training's fits.
         self._candidates = self.searchable[~self.excluded[self.searchable]]
