@@ -51,6 +51,15 @@ class Serving:
 
 
 @dataclasses.dataclass
+class _TurnState:
+    """One swap turn, as the watcher and the turn's timer see it (under IndexSlot._rotation_lock)."""
+
+    overran: bool = False  # past --swap-turn-max-s: handed on, the replica back in rotation
+    settled: bool = False  # the load ended within the turn: the timer no longer acts
+    ended: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
 class ReloadResult:
     # swapped | unchanged | refused (the version is bad or incompatible) | failed (unexpected error) | ready (checked
     # and kept for the next reload to install: reload(install=False))
@@ -72,6 +81,8 @@ class IndexSlot:
         self.answered_at = 0.0  # time.monotonic() when its towers last answered (opened, or a health check)
         self._answering = True  # as last told to the other replicas (logged when it changes)
         self._lock = threading.Lock()
+        # out_of_rotation and what the other replicas are told, changed by the watcher and a turn's timer
+        self._rotation_lock = threading.RLock()
         self._retired: list[tuple[float, Towers]] = []  # old tower clients, closed once requests drained
         self._pending: Catalog | None = None  # a checked version waiting for Triton to serve its towers
         self._pending_towers: Towers | None = None  # ... which it serves now: waiting for this replica's turn
@@ -83,13 +94,14 @@ class IndexSlot:
     # thread cannot travel, so each worker makes its own (and watches the index root itself).
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for name in ("_lock", "_stop_watching", "_watcher", "_released"):
+        for name in ("_lock", "_rotation_lock", "_stop_watching", "_watcher", "_released"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._rotation_lock = threading.RLock()
         self._stop_watching = threading.Event()
         self._watcher = None
         self._released = None
@@ -123,23 +135,25 @@ class IndexSlot:
     def _announce(self) -> None:
         """Tell the other replicas whether to count on this one while they swap: a heartbeat while it is in
         rotation and its towers answered within the heartbeat's freshness window, else none (nor once stopping)."""
-        if self._stop_watching.is_set():
-            return
-        answering = time.monotonic() - self.answered_at <= heartbeat_stale_s(self.config.index_poll_s)
-        if answering != self._answering:
-            self._answering = answering
+        with self._rotation_lock:  # stop() takes it too: a stopping replica never announces itself again
+            if self._stop_watching.is_set():
+                return
+            answering = time.monotonic() - self.answered_at <= heartbeat_stale_s(self.config.index_poll_s)
+            if answering != self._answering:
+                self._answering = answering
+                if answering:
+                    log.info("answering again: counted as serving while other replicas swap")
+                else:
+                    log.warning(
+                        "%s: no longer counted as serving while other replicas swap",
+                        "towers failed the last health check"
+                        if not self.answered_at
+                        else f"no health check for {time.monotonic() - self.answered_at:.0f} s (no probe reaches it)",
+                    )
             if answering:
-                log.info("answering again: counted as serving while other replicas swap")
+                self.turns.heartbeat()
             else:
-                log.warning(
-                    "no health check answered for %.0f s (towers failing, or no probe reaches this replica): no "
-                    "longer counted as serving while other replicas swap",
-                    time.monotonic() - self.answered_at if self.answered_at else float("inf"),
-                )
-        if answering:
-            self.turns.heartbeat()
-        else:
-            self.turns.leave()
+                self.turns.leave()
 
     def _install(self, serving: Serving) -> threading.Thread | None:
         """Swap `serving` in; returns the thread that releases the replaced version's heap once it is freed."""
@@ -253,6 +267,8 @@ class IndexSlot:
                 result = self._reload_in_turn()
                 if result is None:  # another replica is swapping: ask again at the next poll
                     retry_at = 0.0
+                elif result.status == "ready":  # loaded in a turn that overran: installed in a new turn
+                    retry_at = 0.0
                 elif result.status == "refused" and result.towers_pending:
                     retry_at, backoff = time.monotonic() + backoff, min(2 * backoff, TOWERS_RETRY_MAX_S)
                 else:
@@ -281,45 +297,63 @@ class IndexSlot:
 
     def _swap_in_turn(self) -> ReloadResult | None:
         """reload() once this replica has the turn (None while another holds it), out of rotation meanwhile
-        where another replica serves."""
+        where another replica serves. A load that outlasts the turn (--swap-turn-max-s) is kept, not installed:
+        "ready", and the next poll installs it in a new turn."""
         turn = self.turns.take()
         if turn is None:
             return None
-        overdue = threading.Timer(self.config.swap_turn_max_s, self._turn_overdue, args=(turn,))
-        overdue.daemon = True
-        overdue.start()
+        state = _TurnState()
+        timer = threading.Timer(self.config.swap_turn_max_s, self._overrun, args=(turn, state))
+        timer.daemon = True
+        timer.start()
         with turn:
             try:
                 if turn.drain:
-                    self.out_of_rotation = "loading a new index version (another replica serves meanwhile)"
-                    self.turns.leave()
+                    with self._rotation_lock:
+                        self.out_of_rotation = "loading a new index version (another replica serves meanwhile)"
+                        self.turns.leave()
                     log.info(
                         "out of rotation for %.0f s before loading the new index version", self.config.swap_drain_s
                     )
                     if self._stop_watching.wait(self.config.swap_drain_s):
                         return None  # stopping: nothing to load for
-                result = self.reload()
+                result = self.reload(install=False)
+                with self._rotation_lock:
+                    state.settled = not state.overran
+                if result.status != "ready" or not state.settled:
+                    return result
+                result = self.reload()  # installs what was just loaded and checked
                 if self.out_of_rotation and result.status == "swapped":
                     self._warm_up()
                 return result
             finally:
-                overdue.cancel()
+                timer.cancel()
+                state.ended.set()
                 self._rejoin()
 
-    def _turn_overdue(self, turn: Turn) -> None:
-        """The turn ran past --swap-turn-max-s: the next replica may swap, and this one serves its old version."""
-        log.warning(
-            "index swap turn over %g s: handing the turn on and rejoining rotation; the load goes on",
-            self.config.swap_turn_max_s,
-        )
+    def _overrun(self, turn: Turn, state: _TurnState) -> None:
+        """The turn ran past --swap-turn-max-s (a load stuck on its volume): back in rotation on the old version,
+        the turn handed on, and this thread heartbeats while the watcher's thread is still in the load."""
+        with self._rotation_lock:
+            if state.settled or state.ended.is_set():
+                return
+            state.overran = True
+            log.warning(
+                "index swap turn over %g s: rejoining rotation and handing the turn on; the load goes on, and a later "
+                "turn installs it",
+                self.config.swap_turn_max_s,
+            )
+            self._rejoin()
         turn.hand_on()
-        self._rejoin()
+        while not state.ended.wait(max(self.config.index_poll_s, 0.01)):
+            self._announce()
 
     def _rejoin(self) -> None:
-        if self.out_of_rotation:
-            self.out_of_rotation = ""
-            self._announce()
-            log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
+        with self._rotation_lock:
+            if self.out_of_rotation:
+                self.out_of_rotation = ""
+                self._announce()
+                log.info("back in rotation, serving %s", self.serving.catalog.version if self.serving else "-")
 
     def _warm_up(self) -> None:
         """Out of rotation after a swap: let the replaced version's heap go back to the OS, then read the new
@@ -352,8 +386,9 @@ class IndexSlot:
             await towers.close()
 
     def stop(self) -> None:
-        self._stop_watching.set()
-        self.turns.leave()
+        with self._rotation_lock:
+            self._stop_watching.set()
+            self.turns.leave()
 
 
 def _same(catalog: Catalog, index_dir: Path) -> bool:

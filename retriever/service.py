@@ -26,6 +26,7 @@ from retriever.errors import NotReady, RequestError
 from retriever.index_slot import IndexSlot, ReloadResult, Serving
 from retriever.purchases import NOTHING_POSTED, Posted, purchase_store
 from retriever.queries import PERSONAL_KINDS, Query, Recommendation
+from retriever.swap_turns import heartbeat_stale_s
 from serving.catalog import Catalog, UnknownIds
 from serving.filters import CATEGORY_FILTERS, FilterError
 from serving.lexical import hybrid_rank
@@ -78,6 +79,11 @@ def check_settings(config: RetrieverConfig) -> None:
         raise ValueError(
             f"--swap-drain-s {config.swap_drain_s} must be at least 0, --swap-lease-s {config.swap_lease_s} "
             f"more than 0 and --swap-turn-max-s {config.swap_turn_max_s} more than --swap-drain-s"
+        )
+    if config.health_cache_s >= heartbeat_stale_s(config.index_poll_s):
+        raise ValueError(
+            f"--health-cache-s {config.health_cache_s} must be under {heartbeat_stale_s(config.index_poll_s):g} s: "
+            "a replica's heartbeat lapses when no health check ran for that long"
         )
     if config.min_in_flight < 1 or config.admission_target_ms < 0:
         raise ValueError(

@@ -13,8 +13,9 @@ replicas share), a replica that sees a new version:
 3. loads and swaps; out of rotation, it also reads the new version's memory-mapped files into the page cache
    (retriever/index_slot.py, `Catalog.prefetch`), then rejoins rotation and hands the lease on. At 10M
    under 4 Gi (docs/scale.md, `--hot-swap turn`): out 18 s, then 0 of 3,000 refused in its first 30 s back.
-   A turn longer than `--swap-turn-max-s` (a load stuck on its volume) hands the lease on and rejoins rotation
-   early: the roll-out goes on without it, and its load, if it ends, swaps in place.
+   A turn longer than `--swap-turn-max-s` (a load stuck on its volume) rejoins rotation on the old version and
+   hands the lease on: the roll-out goes on without it. Its load, if it ends, is kept and installed in a later
+   turn (out of rotation again where another replica serves), never in place.
 
 With no other replica serving it swaps in place, while serving, as a single pod must. Redis unreachable:
 the swap goes ahead in place (a swap never waits on Redis), and the log says so.
@@ -55,9 +56,10 @@ class Turn:
         return self
 
     def hand_on(self) -> None:
-        """Let the next replica take its turn now (again at the end: a no-op)."""
-        if self._release is not None:
-            self._release()
+        """Let the next replica take its turn now (once: again at the end does nothing)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def __exit__(self, *exc: object) -> None:
         self.hand_on()

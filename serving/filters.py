@@ -28,7 +28,7 @@ CATEGORY_FILTERS = {
 FILTER_FIELDS = (*CATEGORY_FILTERS, "price_min", "price_max")
 # Recent filters' masks kept per index version, read-only, up to this many bytes (one byte per article: 64 masks
 # at 1M articles, 6 at 10M). A shop's filters repeat (its menus); building one mask at 10M articles costs 4-29 ms
-# (`rows_with_codes`), a cached one nothing.
+# (`rows_with_codes`), a cached one nothing. Each kept mask also keeps its packed bitmap (MaskSummary): 1/8 more.
 MASK_CACHE_BYTES = 64 * 2**20
 # A category filter accepting up to this many values compares the codes once per value; more use a lookup
 # table. At 10M int32 codes: one comparison 4.0 ms, two 14.6, three 21.2, four 28.6; the table 28.8 ms at any

@@ -423,33 +423,35 @@ def test_a_replica_counts_as_serving_only_while_its_towers_answer(shop, monkeypa
     async def failing(*args: object) -> np.ndarray:
         raise TritonUnavailable("Triton at test: connection refused")
 
-    def polls_after(check: Callable[[], bool]) -> tuple[int, int]:
-        """(heartbeats, leaves) over ~10 polls after the health check."""
-        assert asyncio.run(service.healthy()) is check()
+    def over_polls(counter: str) -> tuple[int, int]:
+        """(heartbeats, leaves) until `counter` has risen by 5 more polls (a poll in flight may send one more)."""
         beats, left = turns.beats, turns.left
-        time.sleep(0.15)
+        start = getattr(turns, counter)
+        wait_for(lambda: getattr(turns, counter) >= start + 5)
         return turns.beats - beats, turns.left - left
 
     slot.start_watching()
     try:
-        assert polls_after(lambda: True)[1] == 0 and turns.beats > 0
+        assert asyncio.run(service.healthy())
+        assert over_polls("beats")[1] == 0
         monkeypatch.setattr(source.towers, "user_vectors", failing)
-        beats, left = polls_after(lambda: False)
-        assert beats == 0 and left >= 5 and "no longer counted as serving" in caplog.text
+        assert not asyncio.run(service.healthy())
+        beats, left = over_polls("left")
+        assert left >= 5 and beats <= 1 and "towers failed the last health check" in caplog.text
         monkeypatch.setattr(source.towers, "user_vectors", healthy_vectors)
-        beats, left = polls_after(lambda: True)
+        assert asyncio.run(service.healthy())
+        beats, left = over_polls("beats")
         assert beats >= 5 and left <= 1 and "answering again" in caplog.text
         # no health check within the window (a stuck event loop, or no probe): no heartbeat either
         monkeypatch.setattr(index_slot, "heartbeat_stale_s", lambda poll_s: 0.05)
-        time.sleep(0.1)
-        beats, left = turns.beats, turns.left
-        time.sleep(0.15)
-        assert turns.beats == beats and turns.left > left
+        over_polls("left")
+        beats, left = over_polls("left")
+        assert left >= 5 and beats == 0 and "no health check for 0 s" in caplog.text
     finally:
         slot.stop()
 
 
-def test_a_turn_past_its_limit_is_handed_on_and_the_replica_rejoins_while_its_load_goes_on(shop, caplog) -> None:
+def test_a_turn_past_its_limit_is_handed_on_and_its_load_installed_in_a_later_turn(shop, caplog) -> None:
     import threading
 
     caplog.set_level("INFO", logger="retriever.index")
@@ -464,13 +466,19 @@ def test_a_turn_past_its_limit_is_handed_on_and_the_replica_rejoins_while_its_lo
     slot.start_watching()
     try:
         wait_for(lambda: bool(slot.out_of_rotation))
-        assert turns.handed_on == 0
+        assert slot.out_of_rotation and turns.handed_on == 0
         wait_for(lambda: not slot.out_of_rotation)  # after 0.5 s, still loading
-        assert turns.handed_on == 1 and turns.beats > 0 and slot.serving.catalog.version == "v0001"
-        assert "index swap turn over 0.5 s: handing the turn on and rejoining rotation" in caplog.text
+        assert turns.handed_on == 1 and slot.serving.catalog.version == "v0001"
+        assert "index swap turn over 0.5 s: rejoining rotation and handing the turn on" in caplog.text
+        beats = turns.beats
+        wait_for(lambda: turns.beats >= beats + 5)  # still counted as serving while the watcher is in the load
+        assert turns.beats >= beats + 5 and turns.taken == 1
+        caplog.clear()
         stuck.set()
-        wait_for(lambda: slot.serving.catalog.version == "v0002")  # the load ends: swapped in place
-        assert not slot.out_of_rotation and turns.taken == 1
+        wait_for(lambda: turns.handed_on == 2 and not slot.out_of_rotation)
+        # loaded within the overrun turn, installed in a new one: out of rotation again, never in place
+        assert slot.serving.catalog.version == "v0002" and turns.taken == 2 and turns.handed_on == 2
+        assert "out of rotation for 0 s" in caplog.text and "of the index version before rejoining" in caplog.text
     finally:
         stuck.set()
         slot.stop()
