@@ -406,7 +406,7 @@ class Catalog:
         fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity up to 8x
         (allowed rows are spread over the lists)."""
         if self.n_excluded:
-            allowed = allowed & ~self.excluded
+            allowed = np.greater(allowed, self.excluded)  # allowed and not excluded, one pass (ranking.visible's)
         # Counted, not listed, and once (a cached filter's mask: when it was built): at 10M rows count_nonzero takes
         # 0.9 ms, allowed.sum() 5.7 ms and np.flatnonzero over a broad mask ~50 ms.
         summary = self.filter_columns.summary(allowed)

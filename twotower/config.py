@@ -189,8 +189,8 @@ class RetrieverConfig:
     # 2 s x 3) and the endpoints' propagation to kube-proxy and ingresses
     swap_drain_s: float = 10.0
     swap_lease_s: float = 30.0  # the swap lease lapses this long after its holder stops renewing it (it died)
-    # a turn taking longer (a load stuck on its volume) hands the lease on and rejoins rotation on the old
-    # version; the load goes on and swaps in place if it ends. A 10M turn took 17-20 s (docs/scale.md)
+    # a turn taking longer (a load stuck on its volume) rejoins rotation on the old version and hands the lease
+    # on; a load that then ends is installed in a later turn. A 10M turn took 17-20 s (docs/scale.md)
     swap_turn_max_s: float = 300.0
     known_customer_vectors: bool = (
         True  # answer customer_id requests from the user vectors export stored (no Triton call)
