@@ -222,11 +222,11 @@ class RecommendationService:
         hybrid = [i for i, query in enumerate(queries) if self._hybrid(catalog, query)]
         dense = [i for i in range(len(queries)) if i not in hybrid]
         results: list[tuple[np.ndarray, np.ndarray, list[str] | None, np.ndarray | None] | None] = [None] * len(queries)
-        for i, (scores, rows) in zip(dense, ranking.rank(catalog, vectors[dense], [requests[i] for i in dense])):
-            if requests[i].stage is None:
-                results[i] = (scores, rows, None, None)
+        for i, found in zip(dense, ranking.rank_lists(catalog, vectors[dense], [requests[i] for i in dense])):
+            if found.first_stage is None:
+                results[i] = (found.scores, found.rows, None, None)
             else:  # ordered by the stage's purchase probability; the similarity is still the first stage's
-                results[i] = (ranking.first_stage_scores(catalog, vectors[i], requests[i], rows), rows, None, scores)
+                results[i] = (found.first_stage, found.rows, None, found.scores)
         for i in hybrid:
             assert catalog.lexical is not None
             results[i] = (*hybrid_rank(catalog, catalog.lexical, vectors[i], queries[i].value, requests[i]), None)

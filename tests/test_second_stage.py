@@ -204,3 +204,63 @@ def test_a_float16_catalogue_gives_the_stage_the_features_of_float32() -> None:
     half_pool, half_features = ranking.stage_candidates(space, users[0], request, signals, first)
     assert half_pool.tolist() == pool.tolist() and half_features.dtype == features.dtype
     np.testing.assert_allclose(half_features, features, atol=2e-3)
+
+
+def test_each_feature_is_what_its_name_says() -> None:
+    """Every column of a list's candidates against its definition, computed one candidate at a time."""
+    rng = np.random.default_rng(6)
+    space, signals, users = staged_space(rng, excluded=np.arange(300) % 11 == 0)
+    space.item_bias = rng.random(300).astype(np.float32)
+    boost = repeats.RepeatBoost(0.5, 0.1, 0.3, 0.1)
+    # a repeated article (its youngest age and both purchases count), a sibling of it, one old purchase
+    bought = (np.array([5, 9, 5, 40, -1]), np.array([1.0, 2.0, 3.0, 500.0, 0.0], np.float32))
+    request = ranking.RankRequest(12, prior=0.2, boost=boost, bought=bought)
+    first = ranking.rank(space, users[:1], [dataclasses.replace(request, k=300)])[0][1]
+    pool, features = ranking.stage_candidates(space, users[0], request, signals, first)
+    assert features.shape == (len(pool), len(FEATURES)) and features.dtype == np.float32
+
+    history, ages = [5, 9, 5, 40], [1.0, 2.0, 3.0, 500.0]
+    co = {}  # customers who bought a candidate and a distinct history article, summed over those articles
+    for own in sorted(set(history)):
+        for at in range(signals.co_indptr[own], signals.co_indptr[own + 1]):
+            row = int(signals.co_indices[at])
+            co[row] = co.get(row, 0.0) + float(signals.co_counts[at])
+    co_ranked = sorted(co, key=lambda row: (-co[row], row))  # ties in row order (a stable sort of ascending rows)
+    first_scores = ranking.first_stage_scores(space, users[0], request, pool)
+    own_products = {int(space.products.product_of[r]) for r in history}
+    for i, row in enumerate(pool.tolist()):
+        vector, p1, p3, p7 = space.vectors[row], *signals.purchases[row].tolist()
+        mine = [age for r, age in zip(history, ages) if r == row]
+        similar = [float(space.vectors[r] @ vector) for r in history]
+        co_count = co.get(row, 0.0)
+        expected = {
+            "served score": first_scores[i],
+            "served rank": first.tolist().index(row) if row in first.tolist() else second_stage.POOL_SERVED,
+            "tower cosine": float(vector @ users[0]),
+            "co-purchase count": co_count,
+            "co-purchase rank": co_ranked.index(row) if row in co else len(co),
+            "purchases 1 day": p1,
+            "purchases 3 days": p3,
+            "purchases 7 days": p7,
+            "days since own purchase": min(mine + [NEVER]),
+            "own purchases": len(mine),
+            "other colour of own purchase": float(not mine and int(space.products.product_of[row]) in own_products),
+            "share of history in its product type": sum(
+                space.product_types[r] == space.product_types[row] for r in history
+            )
+            / len(history),
+            "history length": len(history),
+            "product bought before": float(int(space.products.product_of[row]) in own_products),
+            "max cosine to a history article": max(similar),
+            "mean cosine to the history": sum(similar) / len(similar),
+            "co-purchase count / sqrt(7-day purchases)": co_count / (np.sqrt(p7) + 1),
+            "1-day / 7-day purchases": p1 / (p7 + 1),
+            "days since first sale": signals.days_since_first_sale[row],
+        }
+        assert list(expected) == list(FEATURES)
+        np.testing.assert_allclose(features[i], list(expected.values()), rtol=1e-5, atol=1e-5, err_msg=str(row))
+    # the shown list carries the stage's probability, and the first stage's score of each of its rows
+    weights = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), rng.normal(0, 0.1, len(FEATURES)), 0.0)
+    staged = dataclasses.replace(request, stage=SecondStage(signals, weights))
+    (found,) = ranking.rank_lists(space, users[:1], [staged])
+    np.testing.assert_allclose(found.first_stage, ranking.first_stage_scores(space, users[0], request, found.rows))

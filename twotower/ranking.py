@@ -14,8 +14,8 @@ recommended" has a single definition. A ranking is two steps:
 
 A customer's or a history's list may carry a learned second stage (twotower.second_stage): between the two
 steps its candidates (the first stage's top POOL_SERVED, co-purchases and best sellers the request may see) are
-re-ordered by the stage's purchase probability, which the list then carries as its scores (`first_stage_scores`
-gives a row's cosine + prior + boost).
+re-ordered by the stage's purchase probability, which the list then carries as its scores (`rank_lists` adds each
+shown row's cosine + prior + boost, which the stage computed for its candidates; `first_stage_scores` computes it).
 
 Text queries may add a lexical (BM25, serving.lexical) list: `hybrid` fuses it with the dense one by a
 convex combination of both scores, each scaled to [0, 1] over the two lists' rows, both searched under the
@@ -27,7 +27,7 @@ Numpy only: the retriever imports this without torch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -128,9 +128,23 @@ class RankRequest:
         return rows if self.stage is None else max(rows, second_stage.POOL_SERVED)
 
 
+class RankedList(NamedTuple):
+    """A ranked list as the retriever shows it: `Ranked` plus, where a second stage ordered the list (its
+    scores then its purchase probability), each row's first-stage score (cosine + prior + boost)."""
+
+    scores: np.ndarray
+    rows: np.ndarray
+    first_stage: np.ndarray | None
+
+
 def rank(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> list[Ranked]:
     """Each query [B, D] ranked for its request. Requests that search everything share one search."""
-    results: list[Ranked | None] = [None] * len(requests)
+    return [(found.scores, found.rows) for found in rank_lists(space, queries, requests)]
+
+
+def rank_lists(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest]) -> list[RankedList]:
+    """`rank`, with the first-stage scores of staged lists (the stage computed them for its candidates)."""
+    results: list[RankedList | None] = [None] * len(requests)
     boosted = [boosted_rows(space, request) for request in requests]
     # A boosted row whose boost is negative may fall out of the top: fetch one more row for each.
     extra = [int((boosts < 0).sum()) for _, boosts in boosted]
@@ -192,7 +206,8 @@ def finish(
     """Step 2 over a search result (scores and rows best first, -1 ignored) that already honours the
     request's filters: the repeat merge, the diversity cap, the cut to k. The search must have fetched
     at least `request.fetch` rows plus one per negatively boosted row."""
-    return _finish(space, query, request, similarities, rows, boosted_rows(space, request))
+    scores, rows, _ = _finish(space, query, request, similarities, rows, boosted_rows(space, request))
+    return scores, rows
 
 
 def _finish(
@@ -202,7 +217,7 @@ def _finish(
     similarities: np.ndarray,
     rows: np.ndarray,
     boosted: tuple[np.ndarray, np.ndarray],
-) -> Ranked:
+) -> RankedList:
     own_rows, boosts = boosted
     if len(own_rows):
         scores = space.scores(query, own_rows, request.prior) + boosts
@@ -210,14 +225,19 @@ def _finish(
     else:
         keep = rows >= 0
         similarities, rows = similarities[keep], rows[keep]
+    first_stage = None
     if request.stage is not None:
         rows, features = stage_candidates(space, query, request, request.stage.signals, rows, boosted)
         scores = request.stage.weights(features)
         order = np.argsort(-scores, kind="stable")
         similarities, rows = 1.0 / (1.0 + np.exp(-scores[order])), rows[order]
-    if request.max_per_type is not None:
-        return cap_per_type(similarities, rows, space.product_types, request.max_per_type, request.k)
-    return similarities[: request.k], rows[: request.k]
+        first_stage = features[order, second_stage.SERVED_SCORE]  # the shown rows' first-stage scores, computed
+    keep = (
+        slice(request.k)
+        if request.max_per_type is None
+        else capped_positions(rows, space.product_types, request.max_per_type, request.k)
+    )
+    return RankedList(similarities[keep], rows[keep], None if first_stage is None else first_stage[keep])
 
 
 def first_stage_scores(
@@ -282,6 +302,12 @@ def stage_candidates(
 
 def cap_per_type(similarities: np.ndarray, rows: np.ndarray, product_types: np.ndarray, cap: int, k: int) -> Ranked:
     """The best-first list with at most `cap` articles of any one product type, up to k of them."""
+    keep = capped_positions(rows, product_types, cap, k)
+    return similarities[keep], rows[keep]
+
+
+def capped_positions(rows: np.ndarray, product_types: np.ndarray, cap: int, k: int) -> np.ndarray:
+    """Positions in a best-first list (-1 rows end it) of its first k rows with at most `cap` of a product type."""
     counts: dict[int, int] = {}
     kept = []
     for i, row in enumerate(rows.tolist()):
@@ -293,8 +319,7 @@ def cap_per_type(similarities: np.ndarray, rows: np.ndarray, product_types: np.n
             kept.append(i)
             if len(kept) == k:
                 break
-    index = np.asarray(kept, dtype=np.int64)
-    return similarities[index], rows[index]
+    return np.asarray(kept, dtype=np.int64)
 
 
 def hybrid(
