@@ -45,7 +45,8 @@ def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.n
     return users, [rows for rows, _ in histories]
 
 
-SEARCH_SETTINGS = {"hnsw": ("efSearch", (64, 128, 256, 512)), "ivf": ("nprobe", (32, 64, 128, 256))}
+IVF_NPROBES = ("nprobe", (32, 64, 128, 256))
+SEARCH_SETTINGS = {"hnsw": ("efSearch", (64, 128, 256, 512)), "ivf": IVF_NPROBES, "ivf-fp16": IVF_NPROBES}
 
 
 def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     tokenizer(sample)
     tokenize_rate = len(sample) / (time.perf_counter() - started)
     builds = {}
-    for index_type in ("flat", "ivf", "hnsw"):
+    for index_type in ("flat", "ivf", "ivf-fp16", "hnsw"):
         started = time.perf_counter()
         build_faiss_index(catalog.vectors, index_type)
         builds[index_type] = time.perf_counter() - started

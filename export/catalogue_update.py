@@ -27,10 +27,10 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from export.catalogue_index import item_metadata, new_version_dir, write_index_dir
+from export.catalogue_index import index_rows, item_metadata, new_version_dir, write_index_dir
 from serving.catalog import Catalog
 from serving.lexical import LexicalIndex
-from twotower import artifacts, popularity, triton_repository
+from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
 
 log = logging.getLogger("export.update")
@@ -189,10 +189,8 @@ def _update(
                     new_bias[offset] = item_bias[old]
             else:
                 added += 1
-        if item_bias is None:
-            index.add(new_vectors)
-        else:
-            index.add(popularity.with_bias(new_vectors, new_bias))
+        index.add(index_rows(new_vectors, None if item_bias is None else new_bias, index.d))
+        if item_bias is not None:
             item_bias = np.concatenate([item_bias, new_bias])
         if signals is not None:
             signals = signals.extended(replaced)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pandas as pd
@@ -333,7 +334,7 @@ async def test_body_size_limit() -> None:
         assert response.status_code == 413
 
 
-@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan"])
+@pytest.mark.parametrize("index_type", ["hnsw", "ivf", "ivf-fp16", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan"])
 def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> None:
     """The ANN + id-selector path (many candidates) against exact filtered search on random vectors."""
     rng = np.random.default_rng(0)
@@ -367,4 +368,26 @@ def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_pa
     assert after.manifest.vector_dtype == "float16" and after.vectors.dtype == np.float16
     new_row = after.row_of["0999000001"]
     _, rows = after.search(np.asarray(after.vectors[[new_row]], np.float32), 5)
+    assert rows[0, 0] == new_row
+
+
+@pytest.mark.parametrize("index_type", ["ivf-fp16", "ivf-sq8"])
+def test_an_update_adds_rows_to_an_index_with_padded_rows(tiny_pipeline, tmp_path: Path, index_type: str) -> None:
+    """Index types whose rows are padded to a multiple of 16 columns (artifacts.index_dimension) take the new
+    rows padded the same way."""
+    from export.catalogue_index import build_faiss_index
+
+    root = copy_root(tiny_pipeline, tmp_path)
+    parent = root / artifacts.current_version(root)
+    before = Catalog(root)
+    faiss.write_index(build_faiss_index(before.vectors, index_type, before.item_bias), str(parent / "index.faiss"))
+    manifest = artifacts.read_manifest(parent)
+    files = {**manifest.files, artifacts.INDEX_FILE: sha256_file(parent / artifacts.INDEX_FILE)}
+    artifacts.write_manifest(parent, dataclasses.replace(manifest, index_type=index_type, files=files))
+    delta_file(tiny_pipeline, tmp_path / "delta.csv", ["0999000001"])
+    update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", [])
+    after = Catalog(root)
+    assert after.manifest.index_type == index_type and after.index.d % 16 == 0
+    new_row = after.row_of["0999000001"]
+    _, rows = after.search(after.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row

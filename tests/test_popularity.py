@@ -69,7 +69,7 @@ def test_score_head_json_keeps_the_prior_and_reads_old_files() -> None:
     assert artifacts.ScoreHeadWeights.from_json(raw).prior.weight == 0.0
 
 
-@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan"])
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "ivf-fp16", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan"])
 def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: str) -> None:
     n = 3000
     bias = np.zeros(n, dtype=np.float32)

@@ -47,6 +47,10 @@ from twotower.second_stage import StageWeights
 FORMAT_VERSION = 1
 # Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
 COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
+# IVF lists of float16 vectors (faiss' fp16 scalar quantizer): scores within ~1e-3 of the float32 ones, served as
+# they are (not re-ranked). On H&M (105k rows, nprobe 128, one thread) a search took 0.58-0.70 ms against
+# 0.81-0.98 for "ivf", top-300 overlap 0.9997, the lists half the bytes (benchmarks/LEVERS.md).
+HALF_INDEX_TYPE = "ivf-fp16"
 # How vectors.npy stores the item vectors. Every read of them (a compressed index's exact re-rank, the user
 # tower's history inputs, boosted rows, the second stage) gathers a few hundred random rows, and at 10M articles
 # float32's 4.9 GB of them did not fit the page cache beside the retriever under a 4 Gi pod limit: 254,325 pages
@@ -61,7 +65,7 @@ def index_dimension(dim: int, prior: bool, index_type: str) -> int:
     multiple of 8 (1M articles, 129 columns: 9.3 ms per IVF-SQ8 query on 1 thread, the scalar fallback;
     docs/scale.md), and 144 = 48 x 3 gives IVF-PQ a code size faiss' GPU kernels have."""
     columns = dim + prior
-    return -(-columns // 16) * 16 if index_type in COMPRESSED_INDEX_TYPES else columns
+    return -(-columns // 16) * 16 if index_type in (*COMPRESSED_INDEX_TYPES, HALF_INDEX_TYPE) else columns
 
 
 MANIFEST_FILE = "manifest.json"
@@ -99,7 +103,7 @@ class Manifest:
     max_history: int
     context_length: int
     clip_model: str
-    # flat | hnsw | ivf | ivf-sq8 | ivf-pq | ivf-pq-fastscan (COMPRESSED_INDEX_TYPES: codes, re-ranked exactly)
+    # flat | hnsw | ivf | ivf-fp16 | ivf-sq8 | ivf-pq | ivf-pq-fastscan (COMPRESSED_INDEX_TYPES: codes, re-ranked)
     index_type: str
     reference_day: int  # day number (days since epoch) of the latest purchase in the data
     data_source: str
