@@ -232,12 +232,12 @@ def _finish(
         order = np.argsort(-scores, kind="stable")
         similarities, rows = 1.0 / (1.0 + np.exp(-scores[order])), rows[order]
         first_stage = features[order, second_stage.SERVED_SCORE]  # the shown rows' first-stage scores, computed
-    keep = (
+    shown: slice | np.ndarray = (
         slice(request.k)
         if request.max_per_type is None
         else capped_positions(rows, space.product_types, request.max_per_type, request.k)
     )
-    return RankedList(similarities[keep], rows[keep], None if first_stage is None else first_stage[keep])
+    return RankedList(similarities[shown], rows[shown], None if first_stage is None else first_stage[shown])
 
 
 def first_stage_scores(
