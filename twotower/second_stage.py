@@ -143,13 +143,20 @@ class ArticleSignals:
         if len(history) == 1:  # one CSR row: already distinct and ascending
             start, end = self.co_indptr[history[0]], self.co_indptr[history[0] + 1]
             return self.co_indices[start:end].astype(np.int64), self.co_counts[start:end]
-        starts = self.co_indptr[history]
-        lengths = self.co_indptr[history + 1] - starts
-        # every entry of those CSR rows: each row's start, repeated over its length, plus a running offset
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        take = np.repeat(starts, lengths) + offsets
-        rows, inverse = np.unique(self.co_indices[take], return_inverse=True)
-        return rows.astype(np.int64), np.bincount(inverse, weights=self.co_counts[take]).astype(np.float32)
+        # Those CSR rows' entries side by side, sorted by the other article, summed per article. Slices and one
+        # sort: half the time of gathering them by computed offsets and np.unique + bincount (49 us less per list,
+        # 3,000 stored customers' histories of runs/bench, paired)
+        spans = [(self.co_indptr[row], self.co_indptr[row + 1]) for row in history.tolist()]
+        indices = np.concatenate([self.co_indices[start:end] for start, end in spans])
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        first = np.ones(len(ordered), bool)
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        if len(starts) == 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        counts = np.concatenate([self.co_counts[start:end] for start, end in spans])[order]
+        return ordered[starts].astype(np.int64), np.add.reduceat(counts, starts)
 
     def extended(self, sources: np.ndarray) -> "ArticleSignals":
         """The signals with rows appended by a catalogue update, `sources` [new rows]: the row each new row
