@@ -45,8 +45,7 @@ def known_user_vectors(catalog: Catalog, repository: Path, n: int) -> tuple[np.n
     return users, [rows for rows, _ in histories]
 
 
-IVF_NPROBES = ("nprobe", (32, 64, 128, 256))
-SEARCH_SETTINGS = {"hnsw": ("efSearch", (64, 128, 256, 512)), "ivf": IVF_NPROBES, "ivf-fp16": IVF_NPROBES}
+HNSW_EF_SEARCH, IVF_NPROBES = ("efSearch", (64, 128, 256, 512)), ("nprobe", (32, 64, 128, 256))
 
 
 def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) -> dict[str, Any]:
@@ -56,7 +55,9 @@ def index_recall_at_10(catalog: Catalog, repository: Path, n_users: int = 1000) 
     users, _ = known_user_vectors(catalog, repository, n_users)
     exact = np.argsort(-catalog.scores(users, prior=catalog.prior_weight), axis=1)[:, :10]
     index_type = catalog.manifest.index_type
-    setting, values = SEARCH_SETTINGS.get(index_type, ("", (0,)))
+    setting, values = (
+        HNSW_EF_SEARCH if index_type == "hnsw" else IVF_NPROBES if hasattr(catalog.index, "nprobe") else ("", (0,))
+    )
     owner = catalog.index.hnsw if index_type == "hnsw" else catalog.index
     served = getattr(owner, setting) if setting else 0
     recalls = {}

@@ -100,7 +100,7 @@ def test_index_types_search_inner_product() -> None:
         index = build_faiss_index(vectors, index_type)
         _, rows = index.search(vectors[:5], 1)
         assert rows[:, 0].tolist() == [0, 1, 2, 3, 4], index_type
-    assert resolve_index_type("auto", 10) == "flat" and resolve_index_type("auto", 10**6) == "ivf-fp16"
+    assert resolve_index_type("auto", 10) == "flat" and resolve_index_type("auto", 10**6) == "ivf"
 
 
 def test_failed_index_write_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_hm_files_load_with_the_documented_shape() -> None:
 
 def test_full_catalogue_is_indexed_and_served(hm_served) -> None:
     data, manifest, retriever = hm_served
-    assert manifest.item_count == HM_ARTICLES and manifest.index_type == "ivf-fp16"
+    assert manifest.item_count == HM_ARTICLES and manifest.index_type == "ivf"
     customer = data.transactions["customer_id"].iloc[0]
     never_bought = sorted(set(data.articles.index) - set(data.transactions["article_id"]))[:2]
     body = {

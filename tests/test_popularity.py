@@ -81,8 +81,11 @@ def test_catalog_searches_rank_by_cosine_plus_prior(tmp_path: Path, index_type: 
     query = vectors[100]
     for prior in (0.0, 0.1):
         expected = np.argsort(-(vectors @ query + prior * bias), kind="stable")[:10]
-        _, rows = catalog.search(query[None], 10, prior)
+        similarities, rows = catalog.search(query[None], 10, prior)
         assert rows[0].tolist() == expected.tolist()
+        # what the search says, exact but for float16 lists (served as found: artifacts.HALF_INDEX_TYPE)
+        exact = (vectors @ query + prior * bias)[rows[0]]
+        np.testing.assert_allclose(similarities[0], exact, atol=1e-3 if index_type == "ivf-fp16" else 1e-5)
         np.testing.assert_allclose(
             catalog.scores(query, rows[0], prior), (vectors @ query + prior * bias)[rows[0]], rtol=1e-5
         )

@@ -47,10 +47,11 @@ from twotower.second_stage import StageWeights
 FORMAT_VERSION = 1
 # Index types whose FAISS index holds compressed codes: searches re-rank candidates from the full vectors.
 COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
-# IVF lists of float16 vectors (faiss' fp16 scalar quantizer): scores within ~1e-3 of the float32 ones, served as
-# they are (not re-ranked). On H&M (105k rows, nprobe 128, one thread, 1,000 customers searched on both in turn)
-# Catalog.search took 0.07-0.10 ms less than with "ivf" (0.78-0.82 vs 0.88-0.90 ms at k 12; faiss' own search
-# 0.17-0.19 ms less), recall@10 0.9696 vs 0.9706, the lists half the bytes (benchmarks/LEVERS.md).
+# IVF lists of float16 vectors (faiss' fp16 scalar quantizer), opt-in: half the lists' bytes, and served as found
+# (not re-ranked), so similarities are float16 approximations (at most 2.2e-4 off on H&M) and near-ties may swap
+# (4.7% of top-12 lists not in exact order; the rows the same). On H&M (105k rows, nprobe 128, one thread, 1,000
+# customers searched on both in turn) Catalog.search took 0.07-0.10 ms less than "ivf" (0.78-0.82 vs 0.88-0.90 ms at
+# k 12); re-scoring the found rows exactly would cost 0.08-0.13 ms, the whole gain (benchmarks/LEVERS.md).
 HALF_INDEX_TYPE = "ivf-fp16"
 # How vectors.npy stores the item vectors. Every read of them (a compressed index's exact re-rank, the user
 # tower's history inputs, boosted rows, the second stage) gathers a few hundred random rows, and at 10M articles
@@ -62,9 +63,10 @@ VECTOR_DTYPES = ("float32", "float16")
 
 def index_dimension(dim: int, prior: bool, index_type: str) -> int:
     """Columns of the FAISS index's rows: the vector, the popularity prior's coordinate when there is one,
-    and for compressed types zeros up to a multiple of 16: faiss' SIMD kernels for 8-bit codes need a
-    multiple of 8 (1M articles, 129 columns: 9.3 ms per IVF-SQ8 query on 1 thread, the scalar fallback;
-    docs/scale.md), and 144 = 48 x 3 gives IVF-PQ a code size faiss' GPU kernels have."""
+    and for compressed and float16 types zeros up to a multiple of 16: faiss' SIMD kernels for 8-bit and
+    float16 codes need a multiple of 8 (1M articles, 129 columns: 9.3 ms per IVF-SQ8 query on 1 thread, the
+    scalar fallback, docs/scale.md; H&M in float16 at 129 columns 2.9-3.5 ms against 0.6-0.7 padded, where 136
+    and 144 cost the same), and 144 = 48 x 3 gives IVF-PQ a code size faiss' GPU kernels have."""
     columns = dim + prior
     return -(-columns // 16) * 16 if index_type in (*COMPRESSED_INDEX_TYPES, HALF_INDEX_TYPE) else columns
 

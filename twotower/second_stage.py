@@ -339,7 +339,7 @@ def candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(candidate rows, features [rows, FEATURES]) of one list. `shown(rows)` says which rows the request may
     see, `first_stage_scores(rows, cosine)` scores rows as the first stage does (prior and boosts added to their
-    cosine with the `query`)."""
+    cosine with the `query`) into a new array: `cosine` is a row of the features, not to be written."""
     served = found.served_rows
     valid = found.history >= 0
     history = found.history[valid].astype(np.int64)
