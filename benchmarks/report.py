@@ -159,11 +159,12 @@ def markdown(report: dict[str, Any]) -> str:
         "Inside the retriever's predict: every column is averaged over all requests, so parse + Triton + search",
         "+ other = total (tokenizing happens inside the Triton stage). Requests answered from a vector cache or",
         "an export-time customer vector make no Triton call; the last column is the call itself. The served",
-        "latency above minus `total` is HTTP, KServe's routing and JSON, and the load generator.",
+        "latency above minus `total` is HTTP, KServe's routing and JSON, and the load generator. The last column:",
+        "requests whose list skipped the second stage because the process was overloaded (--shed-second-stage).",
         "",
         "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total "
-        "| requests calling Triton | ms per Triton call | text queries from the cache |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| requests calling Triton | ms per Triton call | text queries from the cache | second stage shed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rate, r in _by_rate(served):
         s = r["stages_ms"]
@@ -173,6 +174,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {rate} | {s['parse']:.2f} | {s['triton']:.2f} ({s['tokenize']:.2f}) | {s['search']:.2f} | "
             f"{s['other']:.2f} | {s['total']:.2f} | {share} | {per_call} | "
             + (f"{s['query_cache_hit_share']:.0%} |" if "query_cache_hit_share" in s else "- |")
+            + (f" {s['second_stage_shed_share']:.1%} |" if "second_stage_shed_share" in s else " - |")
         )
     processes = list(next(iter(served.values()), {}).get("cpu_ms_per_request", {}))
     if processes:

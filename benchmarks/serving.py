@@ -92,11 +92,17 @@ def request_bodies(catalog: Catalog, n: int, seed: int = 0, queries: list[str] |
 
 
 def scrape(url: str) -> dict[str, float]:
-    """retriever_stage_seconds sums and counts per stage, and the vector caches' lookups."""
+    """retriever_stage_seconds sums and counts per stage, the vector caches' lookups and the lists that skipped
+    the second stage under load."""
     values: dict[str, float] = {}
     for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
         if line.startswith(
-            ("retriever_stage_seconds_sum", "retriever_stage_seconds_count", "retriever_cache_lookups_total")
+            (
+                "retriever_stage_seconds_sum",
+                "retriever_stage_seconds_count",
+                "retriever_cache_lookups_total",
+                "retriever_second_stage_shed_total",
+            )
         ):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
@@ -126,6 +132,8 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     hits, misses = (after.get(lookups(result), 0.0) - before.get(lookups(result), 0.0) for result in ("hit", "miss"))
     if hits + misses:
         means["query_cache_hit_share"] = hits / (hits + misses)
+    shed = after.get("retriever_second_stage_shed_total", 0.0) - before.get("retriever_second_stage_shed_total", 0.0)
+    means["second_stage_shed_share"] = shed / requests if requests else 0.0  # of all requests, text queries too
     return means
 
 

@@ -129,6 +129,12 @@ class AdaptiveLimit:
     def current(self) -> int:
         return int(self._value)
 
+    @property
+    def overloaded(self) -> bool:
+        """At half the ceiling or less: requests have been slow for a while (from the ceiling, 7 slow ones in a
+        row), not one slow request at normal load."""
+        return self.target_s > 0 and self._value <= self.ceiling / 2
+
     def record(self, service_s: float) -> None:
         if self.target_s <= 0:
             return

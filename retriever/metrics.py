@@ -42,6 +42,9 @@ ERRORS = Counter("retriever_errors_total", "Failed requests, by reason", ["reaso
 # The error-rate alert's denominator: every request to an API path, refused ones included (the numerator
 # counts refusals: a stage histogram only sees the requests that got in).
 RECEIVED = Counter("retriever_api_requests_total", "Requests to the v1/v2 predict and shop API paths, admitted or not")
+SECOND_STAGE_SHED = Counter(
+    "retriever_second_stage_shed_total", "Lists ranked without the second stage because the process was overloaded"
+)
 ADMISSION_LIMIT = Gauge(
     "retriever_admission_limit",
     "Requests this process admits at once now (max_in_flight at normal load, lower while requests are slow)",

@@ -15,7 +15,7 @@ import logging
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import faiss
 import numpy as np
@@ -35,8 +35,17 @@ from twotower import ranking
 from twotower.config import RetrieverConfig
 from twotower.ranking import NOTHING_BOUGHT, Purchases, RankRequest
 from twotower.repeats import RepeatBoost
+from twotower.second_stage import SecondStage
 
 log = logging.getLogger("retriever")
+STAGE_SHED_LOG_S = 10.0
+
+
+class LoadSignal(Protocol):
+    @property
+    def overloaded(self) -> bool: ...
+
+
 INLINE_SEARCH_ROWS = 20_000  # unfiltered searches scoring at most this many rows run on the event loop
 
 TEXT_SEARCH_MODES = ("dense", "hybrid")
@@ -113,6 +122,32 @@ class RecommendationService:
         self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
         self._towers_healthy = False
         self._health_checked_at = float("-inf")
+        self._load: LoadSignal | None = None  # an object, not a closure: the service pickles (KServe --workers N)
+        self._stage_shed_logged_at, self._stage_shed_since_log = float("-inf"), 0
+
+    def watch_load(self, load: LoadSignal) -> None:
+        """What says this process is overloaded (its admission limit, retriever/limits.py): its lists then skip
+        the second stage, with --shed-second-stage."""
+        self._load = load
+
+    def _stage_for(self, catalog: Catalog) -> SecondStage | None:
+        """The index's second stage for a customer's or a history's list, unless it is off or shed under load."""
+        if not self.config.second_stage or catalog.second_stage is None:
+            return None
+        if not (self.config.shed_second_stage and self._load is not None and self._load.overloaded):
+            return catalog.second_stage
+        metrics.SECOND_STAGE_SHED.inc()
+        # One line per STAGE_SHED_LOG_S while shedding, not one per list (they can be hundreds a second)
+        self._stage_shed_since_log += 1
+        now = time.monotonic()
+        if now - self._stage_shed_logged_at >= STAGE_SHED_LOG_S:
+            log.warning(
+                "overloaded: %d lists skipped the second stage since the last such line (the admission limit is at "
+                "half of --max-in-flight or less: requests slower than --admission-target-ms)",
+                self._stage_shed_since_log,
+            )
+            self._stage_shed_logged_at, self._stage_shed_since_log = now, 0
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self, triton_wait_s: float = 60.0) -> None:
@@ -254,7 +289,7 @@ class RecommendationService:
             exclude_bought=exclude_bought,
             max_per_type=options.max_per_product_type,
             fetch_limit=self.config.max_k,
-            stage=catalog.second_stage if personal and self.config.second_stage else None,
+            stage=self._stage_for(catalog) if personal else None,
         )
 
     async def query_vectors(self, queries: list[Query], serving: Serving) -> tuple[np.ndarray, list[Purchases]]:

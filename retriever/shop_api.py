@@ -239,9 +239,11 @@ def install(app: FastAPI, service: RecommendationService) -> None:
     config = service.config
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, on_refuse=metrics.ERRORS.labels("too_large").inc)
     # Added last, so outermost: an overloaded process refuses before reading the body.
+    limit = AdaptiveLimit(config.max_in_flight, config.min_in_flight, config.admission_target_ms / 1000)
+    service.watch_load(limit)
     app.add_middleware(
         AdmissionLimit,
-        limit=AdaptiveLimit(config.max_in_flight, config.min_in_flight, config.admission_target_ms / 1000),
+        limit=limit,
         retry_after_s=config.retry_after_s,
         on_arrival=metrics.RECEIVED.inc,
         on_refuse=metrics.ERRORS.labels("overloaded").inc,

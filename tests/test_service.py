@@ -926,3 +926,56 @@ def test_a_version_waiting_for_its_towers_is_installed_in_a_turn_once_triton_ser
         assert any(state.startswith("loading a new index version") for state in rotation)
     finally:
         slot.stop()
+
+
+def test_an_overloaded_process_sheds_the_second_stage_before_requests(shop, caplog) -> None:
+    """While the admission limit says overloaded, customers' and histories' lists rank by the first stage alone
+    (counted, one log line per STAGE_SHED_LOG_S); text queries never had the stage."""
+    import pickle
+
+    import pandas as pd
+
+    from retriever import metrics
+    from retriever.limits import AdaptiveLimit
+    from twotower.second_stage import FEATURES, ArticleSignals, SecondStage, StageWeights
+
+    service, _, _ = shop
+    catalog = service.serving().catalog
+    rng = np.random.default_rng(0)
+    sales = pd.DataFrame(
+        {
+            "t_dat": pd.Timestamp("2020-09-20") - pd.to_timedelta(rng.integers(1, 9, 600), unit="D"),
+            "customer_id": rng.integers(0, 60, 600).astype(str),
+            "article_id": rng.integers(0, N, 600).astype(str),
+        }
+    )
+    signals = ArticleSignals.count(sales, {str(i): i for i in range(N)}, N, pd.Timestamp("2020-09-20"))
+    weights = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), rng.normal(0, 1, len(FEATURES)), 0.0)
+    queries = [Query("customer_id", "alice", 12), Query("history", [f"{i:010d}" for i in (3, 50, 51)], 12)]
+    first_stage = recommend(service, *queries)
+    catalog.second_stage = SecondStage(signals, weights)
+    staged = recommend(service, *queries)
+    assert staged != first_stage  # the stage re-orders these lists
+
+    limit = AdaptiveLimit(ceiling=16, floor=4, target_s=0.025)
+    service.watch_load(limit)
+    assert pickle.dumps(service)  # as KServe hands it to --workers N processes (a closure would not pickle)
+    assert not limit.overloaded and recommend(service, *queries) == staged
+    for _ in range(6):
+        limit.record(0.2)
+    assert not limit.overloaded  # a few slow requests at normal load: the stage stays (16 x 0.9^6 = 8.5)
+    limit.record(0.2)
+    assert limit.overloaded
+    shed_before = metrics.SECOND_STAGE_SHED._value.get()
+    with caplog.at_level("WARNING", logger="retriever"):
+        for _ in range(3):
+            assert recommend(service, *queries) == first_stage
+    assert metrics.SECOND_STAGE_SHED._value.get() - shed_before == 6
+    assert sum("skipped the second stage" in r.message for r in caplog.records) == 1
+    while limit.overloaded:
+        limit.record(0.005)
+    assert recommend(service, *queries) == staged
+    service.config = dataclasses.replace(service.config, shed_second_stage=False)
+    for _ in range(20):
+        limit.record(0.2)
+    assert limit.overloaded and recommend(service, *queries) == staged  # --shed-second-stage false keeps it
