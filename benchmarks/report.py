@@ -160,7 +160,7 @@ def markdown(report: dict[str, Any]) -> str:
         "+ other = total (tokenizing happens inside the Triton stage). Requests answered from a vector cache or",
         "an export-time customer vector make no Triton call; the last column is the call itself. The served",
         "latency above minus `total` is HTTP, KServe's routing and JSON, and the load generator. The last column:",
-        "requests whose list skipped the second stage because the process was overloaded (--shed-second-stage).",
+        "requests whose list skipped the second stage because the process was overloaded (--shed-second-stage-ms).",
         "",
         "| target QPS | parse | Triton stage (tokenize) | search + boosts + results | other | total "
         "| requests calling Triton | ms per Triton call | text queries from the cache | second stage shed |",

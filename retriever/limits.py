@@ -163,9 +163,13 @@ class AdmissionLimit:
         on_arrival: Callable[[], None] = lambda: None,
         on_refuse: Callable[[], None] = lambda: None,
         on_limit: Callable[[int], None] = lambda current: None,
+        load: AdaptiveLimit | None = None,
     ):
         self.app = app
         self.limit = limit
+        # Fed the same service times, with its own target, whatever the admission limit does (fixed or none, as
+        # behind the admission sidecar): what says the process is overloaded (RecommendationService.watch_load).
+        self.load = load
         self.retry_after = str(retry_after_s).encode()
         self.on_arrival = on_arrival
         self.on_refuse = on_refuse
@@ -190,7 +194,12 @@ class AdmissionLimit:
             return
         self.on_arrival()
         if self.limit.ceiling <= 0:  # no limit
-            await self.app(scope, receive, send)
+            started = time.perf_counter()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if self.load is not None:
+                    self.load.record(time.perf_counter() - started)
             return
         if self.in_flight >= self.limit.current:
             self.on_refuse()
@@ -220,6 +229,8 @@ class AdmissionLimit:
             self.in_flight -= 1
             before = self.limit.current
             self.limit.record(time.perf_counter() - received_at)
+            if self.load is not None:
+                self.load.record(time.perf_counter() - received_at)
             if self.limit.current != before:
                 self.on_limit(self.limit.current)
 

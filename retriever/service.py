@@ -94,6 +94,8 @@ def check_settings(config: RetrieverConfig) -> None:
             f"--health-cache-s {config.health_cache_s} must be under {heartbeat_stale_s(config.index_poll_s):g} s: "
             "a replica's heartbeat lapses when no health check ran for that long"
         )
+    if config.shed_second_stage_ms < 0:
+        raise ValueError(f"--shed-second-stage-ms {config.shed_second_stage_ms} must be at least 0 (0: never)")
     if config.min_in_flight < 1 or config.admission_target_ms < 0:
         raise ValueError(
             f"--min-in-flight {config.min_in_flight} must be at least 1 and --admission-target-ms "
@@ -126,15 +128,15 @@ class RecommendationService:
         self._stage_shed_logged_at, self._stage_shed_since_log = float("-inf"), 0
 
     def watch_load(self, load: LoadSignal) -> None:
-        """What says this process is overloaded (its admission limit, retriever/limits.py): its lists then skip
-        the second stage, with --shed-second-stage."""
+        """What says this process is overloaded (retriever/limits.py, fed each request's service time): its lists
+        then skip the second stage (--shed-second-stage-ms)."""
         self._load = load
 
     def _stage_for(self, catalog: Catalog) -> SecondStage | None:
         """The index's second stage for a customer's or a history's list, unless it is off or shed under load."""
         if not self.config.second_stage or catalog.second_stage is None:
             return None
-        if not (self.config.shed_second_stage and self._load is not None and self._load.overloaded):
+        if self._load is None or not self._load.overloaded:
             return catalog.second_stage
         metrics.SECOND_STAGE_SHED.inc()
         # One line per STAGE_SHED_LOG_S while shedding, not one per list (they can be hundreds a second)
@@ -142,8 +144,8 @@ class RecommendationService:
         now = time.monotonic()
         if now - self._stage_shed_logged_at >= STAGE_SHED_LOG_S:
             log.warning(
-                "overloaded: %d lists skipped the second stage since the last such line (the admission limit is at "
-                "half of --max-in-flight or less: requests slower than --admission-target-ms)",
+                "overloaded: %d lists skipped the second stage since the last such line (requests slower than "
+                "--shed-second-stage-ms for a while)",
                 self._stage_shed_since_log,
             )
             self._stage_shed_logged_at, self._stage_shed_since_log = now, 0

@@ -239,11 +239,13 @@ def install(app: FastAPI, service: RecommendationService) -> None:
     config = service.config
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, on_refuse=metrics.ERRORS.labels("too_large").inc)
     # Added last, so outermost: an overloaded process refuses before reading the body.
-    limit = AdaptiveLimit(config.max_in_flight, config.min_in_flight, config.admission_target_ms / 1000)
-    service.watch_load(limit)
+    # Overload as the second stage's shedding sees it: slow completions cut it as they cut an adaptive limit
+    load = AdaptiveLimit(max(config.max_in_flight, 2), 1, config.shed_second_stage_ms / 1000)
+    service.watch_load(load)
     app.add_middleware(
         AdmissionLimit,
-        limit=limit,
+        limit=AdaptiveLimit(config.max_in_flight, config.min_in_flight, config.admission_target_ms / 1000),
+        load=load,
         retry_after_s=config.retry_after_s,
         on_arrival=metrics.RECEIVED.inc,
         on_refuse=metrics.ERRORS.labels("overloaded").inc,

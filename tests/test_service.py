@@ -666,6 +666,17 @@ def test_the_admission_limit_refuses_a_burst_at_its_lowered_limit_and_ignores_sl
     assert sorted(burst) == [200] * 6 + [503] * 2  # a fixed limit of 16 admitted all 8
     assert after == [200] * 200 and middleware.limit.current == 16 and limits[-1] == 16
 
+    # The load meter (what sheds the second stage) hears the same service times behind a fixed limit or none
+    for fixed in (AdaptiveLimit(16, 4, 0.0), AdaptiveLimit(0, 0, 0.0)):
+        load = AdaptiveLimit(16, 1, 0.025)
+        middleware = AdmissionLimit(app, fixed, retry_after_s=1, load=load)
+        service_s["value"] = 0.03
+        asyncio.run(call("/shop/api/search"))
+        assert load.current == 14 and not load.overloaded  # one slow request
+        for _ in range(6):
+            asyncio.run(call("/shop/api/search"))
+        assert load.overloaded and fixed.current == fixed.ceiling
+
 
 def test_refused_requests_write_a_summary_instead_of_an_access_log_line_each(caplog) -> None:
     import logging
@@ -975,7 +986,7 @@ def test_an_overloaded_process_sheds_the_second_stage_before_requests(shop, capl
     while limit.overloaded:
         limit.record(0.005)
     assert recommend(service, *queries) == staged
-    service.config = dataclasses.replace(service.config, shed_second_stage=False)
-    for _ in range(20):
-        limit.record(0.2)
-    assert limit.overloaded and recommend(service, *queries) == staged  # --shed-second-stage false keeps it
+    never = AdaptiveLimit(ceiling=16, floor=1, target_s=0)  # --shed-second-stage-ms 0
+    service.watch_load(never)
+    never.record(10.0)
+    assert not never.overloaded and recommend(service, *queries) == staged

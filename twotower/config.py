@@ -175,10 +175,11 @@ class RetrieverConfig:
     # re-order customers' and histories' lists by the index's second stage when it has one (twotower.second_stage):
     # on H&M recall@100 0.3910 -> 0.4094, for ~1.7 ms more per list on one core (reports/hm_lastweek/eval.md)
     second_stage: bool = True
-    # while overloaded (the admission limit at half of max_in_flight or less: requests slower than
-    # admission_target_ms for a while), lists skip the second stage (~1.3 ms of CPU each in make bench's mix)
-    # before requests are refused; counted in retriever_second_stage_shed_total
-    shed_second_stage: bool = True
+    # while overloaded, customers' and histories' lists skip the second stage (~1.3 ms of CPU each in make bench's
+    # mix) before requests are refused: requests slower than this many ms for a while (an AIMD meter like the
+    # admission limit's, at half of max_in_flight or less), whatever admission_target_ms says (the overlays fix
+    # the limit behind their admission sidecar); counted in retriever_second_stage_shed_total. 0 = never
+    shed_second_stage_ms: float = 25.0
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
     ivf_nprobe: int = 128  # of 1,299 lists on H&M: recall@10 vs exact 0.97 at ~0.3 ms per query (64: 0.94)
     exact_search_limit: int = 20_000  # filtered queries with at most this many candidates are searched exactly
