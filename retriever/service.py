@@ -144,7 +144,7 @@ class RecommendationService:
         now = time.monotonic()
         if now - self._stage_shed_logged_at >= STAGE_SHED_LOG_S:
             log.warning(
-                "overloaded: %d lists skipped the second stage since the last such line (requests slower than "
+                "overloaded: lists that skipped the second stage since the last such line: %d (requests slower than "
                 "--shed-second-stage-ms for a while)",
                 self._stage_shed_since_log,
             )
