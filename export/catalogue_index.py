@@ -28,9 +28,7 @@ from twotower.second_stage import ArticleSignals
 
 log = logging.getLogger("export.index")
 
-# The same trained lists (coarse quantizer) for each; what a list stores differs: vectors, float16 vectors, codes.
-IVF_INDEX_TYPES = ("ivf", artifacts.HALF_INDEX_TYPE, *artifacts.COMPRESSED_INDEX_TYPES)
-INDEX_TYPES = ("auto", "flat", "hnsw", *IVF_INDEX_TYPES)
+INDEX_TYPES = ("auto", "flat", "hnsw", *artifacts.IVF_INDEX_TYPES)
 # Compressed: the index holds 8-bit (sq8) or product-quantised (pq) codes, not the vectors; the retriever
 # re-ranks its top candidates exactly from the full vectors (memory-mapped), serving.catalog.
 AUTO_FLAT_LIMIT = 50_000  # above this, exact search costs more than a few ms per query
@@ -123,7 +121,7 @@ def build_faiss_index(vectors: np.ndarray, index_type: str, item_bias: np.ndarra
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = 256
-    elif index_type in IVF_INDEX_TYPES:
+    elif index_type in artifacts.IVF_INDEX_TYPES:
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         quantizer = faiss.IndexFlatIP(dim)
         if index_type == "ivf":

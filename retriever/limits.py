@@ -228,9 +228,10 @@ class AdmissionLimit:
         finally:
             self.in_flight -= 1
             before = self.limit.current
-            self.limit.record(time.perf_counter() - received_at)
+            service_s = time.perf_counter() - received_at
+            self.limit.record(service_s)
             if self.load is not None:
-                self.load.record(time.perf_counter() - received_at)
+                self.load.record(service_s)
             if self.limit.current != before:
                 self.on_limit(self.limit.current)
 

@@ -231,6 +231,9 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"error": "; ".join(problems) or "invalid request"})
 
 
+LOAD_METER_CEILING = 16  # overloaded at half of it: 7 slow completions in a row from the top (AdaptiveLimit)
+
+
 def install(app: FastAPI, service: RecommendationService) -> None:
     """Add the shop/admin routes, the validation handler, the body size and admission limits to an app, once."""
     if getattr(app.state, "shop_api_installed", False):
@@ -239,8 +242,9 @@ def install(app: FastAPI, service: RecommendationService) -> None:
     config = service.config
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes, on_refuse=metrics.ERRORS.labels("too_large").inc)
     # Added last, so outermost: an overloaded process refuses before reading the body.
-    # Overload as the second stage's shedding sees it: slow completions cut it as they cut an adaptive limit
-    load = AdaptiveLimit(max(config.max_in_flight, 2), 1, config.shed_second_stage_ms / 1000)
+    # Overload as the second stage's shedding sees it: slow completions cut it as they cut an adaptive limit. Its
+    # own scale, not --max-in-flight's: with a limit of 0 (none) or 2, one slow request would have tipped it.
+    load = AdaptiveLimit(LOAD_METER_CEILING, 1, config.shed_second_stage_ms / 1000)
     service.watch_load(load)
     app.add_middleware(
         AdmissionLimit,

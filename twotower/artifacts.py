@@ -53,6 +53,9 @@ COMPRESSED_INDEX_TYPES = ("ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
 # customers searched on both in turn) Catalog.search took 0.07-0.10 ms less than "ivf" (0.78-0.82 vs 0.88-0.90 ms at
 # k 12); re-scoring the found rows exactly would cost 0.08-0.13 ms, the whole gain (benchmarks/LEVERS.md).
 HALF_INDEX_TYPE = "ivf-fp16"
+# The same trained lists (coarse quantizer) for each; what a list stores differs: vectors, float16 vectors, codes.
+IVF_INDEX_TYPES = ("ivf", HALF_INDEX_TYPE, *COMPRESSED_INDEX_TYPES)
+PADDED_INDEX_TYPES = (HALF_INDEX_TYPE, *COMPRESSED_INDEX_TYPES)  # rows padded to a multiple of 16 columns
 # How vectors.npy stores the item vectors. Every read of them (a compressed index's exact re-rank, the user
 # tower's history inputs, boosted rows, the second stage) gathers a few hundred random rows, and at 10M articles
 # float32's 4.9 GB of them did not fit the page cache beside the retriever under a 4 Gi pod limit: 254,325 pages
@@ -68,7 +71,7 @@ def index_dimension(dim: int, prior: bool, index_type: str) -> int:
     scalar fallback, docs/scale.md; H&M in float16 at 129 columns 2.9-3.5 ms against 0.6-0.7 padded, where 136
     and 144 cost the same), and 144 = 48 x 3 gives IVF-PQ a code size faiss' GPU kernels have."""
     columns = dim + prior
-    return -(-columns // 16) * 16 if index_type in (*COMPRESSED_INDEX_TYPES, HALF_INDEX_TYPE) else columns
+    return -(-columns // 16) * 16 if index_type in PADDED_INDEX_TYPES else columns
 
 
 MANIFEST_FILE = "manifest.json"

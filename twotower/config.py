@@ -177,7 +177,7 @@ class RetrieverConfig:
     second_stage: bool = True
     # while overloaded, customers' and histories' lists skip the second stage (~1.3 ms of CPU each in make bench's
     # mix) before requests are refused: requests slower than this many ms for a while (an AIMD meter like the
-    # admission limit's, at half of max_in_flight or less), whatever admission_target_ms says (the overlays fix
+    # admission limit's: 7 slow completions in a row from the top), whatever admission_target_ms says (the overlays fix
     # the limit behind their admission sidecar); counted in retriever_second_stage_shed_total. 0 = never
     shed_second_stage_ms: float = 25.0
     hnsw_ef_search: int = 256  # HNSW indexes only (export's default is IVF): recall@10 0.86 on the trained H&M model
