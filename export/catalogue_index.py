@@ -6,6 +6,7 @@ purchases. Output: an index directory (see twotower.artifacts), written atomical
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
-from twotower.files import sha256_file, staged_directory
+from twotower.files import link_or_copy, sha256_file, staged_directory
 from twotower.model.towers import embed_texts
 from twotower.second_stage import ArticleSignals
 
@@ -175,9 +176,32 @@ def item_metadata(articles: pd.DataFrame, transactions: pd.DataFrame | None = No
     return metadata
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedParts:
+    """Parts of a parent version (top-level entries: artifacts.INDEX_FILE, VECTORS_FILE, ITEMS_DIR, ...) that the
+    next version holds unchanged. Its files become hard links to the parent's (artifacts.part_of), with the parent's
+    checksums: nothing is written or hashed again, and a retriever swapping between the two versions maps the same
+    files, so their pages are in the page cache once. Versions are never written after they are published, so two
+    names of one file stay equal."""
+
+    parent: Path
+    manifest: artifacts.Manifest
+    parts: frozenset[str]
+
+    def link(self, staging: Path, part: str) -> list[str]:
+        """Link this part's files into `staging`; their manifest names."""
+        names = [name for name in self.manifest.files if artifacts.part_of(name) == part]
+        for name in names:
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not link_or_copy(self.parent / name, target):
+                log.warning("%s: the volume refused a hard link, copied instead", target)
+        return names
+
+
 def write_index_dir(
     out: Path,
-    index: faiss.Index,
+    index: faiss.Index | None,
     vectors: np.ndarray,
     metadata: Mapping[str, Sequence[str]],
     histories: dict[str, np.ndarray],
@@ -187,42 +211,81 @@ def write_index_dir(
     item_bias: np.ndarray | None = None,
     lexical: LexicalIndex | None = None,
     signals: ArticleSignals | None = None,
+    shared: SharedParts | None = None,
 ) -> artifacts.Manifest:
-    """Write one index version into a staging directory, checksum it, then rename it into place."""
+    """Write one index version into a staging directory, checksum it, then rename it into place. The parts
+    `shared` names are linked from its parent instead of written (their arguments are then not read; `index` may be
+    None when the index is one of them)."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
     vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
     if vector_dtype not in artifacts.VECTOR_DTYPES:
         raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {artifacts.VECTOR_DTYPES}")
-    with staged_directory(out) as staging:
+    if signals is not None and signals.size != len(vectors):
+        raise ValueError(f"second stage signals have {signals.size} rows, the index {len(vectors)}")
+    if lexical is not None and len(lexical) != len(vectors):
+        raise ValueError(f"lexical index has {len(lexical)} rows, the index {len(vectors)}")
+    linked = shared.parts if shared is not None else frozenset()
+    if index is None and artifacts.INDEX_FILE not in linked:
+        raise ValueError("no FAISS index to write and none shared with a parent")
+
+    def save_index(staging: Path) -> list[str]:
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
-        np.save(staging / artifacts.VECTORS_FILE, np.asarray(vectors, dtype=vector_dtype))
+        return [artifacts.INDEX_FILE]
+
+    def save_array(name: str, array: np.ndarray, dtype: str) -> Callable[[Path], list[str]]:
+        def save(staging: Path) -> list[str]:
+            np.save(staging / name, np.asarray(array, dtype=dtype))
+            return [name]
+
+        return save
+
+    def save_histories(staging: Path) -> list[str]:
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
+        return [artifacts.HISTORIES_FILE]
+
+    def save_items(staging: Path) -> list[str]:
+        written = item_table.write(staging / artifacts.ITEMS_DIR, metadata)
+        return [f"{artifacts.ITEMS_DIR}/{name}" for name in written]
+
+    def save_signals(staging: Path) -> list[str]:
+        signals.save(staging / artifacts.SECOND_STAGE_FILE)  # type: ignore[union-attr]
+        return [artifacts.SECOND_STAGE_FILE]
+
+    def save_lexical(staging: Path) -> list[str]:
+        written = lexical.save(staging / artifacts.LEXICAL_DIR)  # type: ignore[union-attr]
+        return [f"{artifacts.LEXICAL_DIR}/{name}" for name in written]
+
+    parts: dict[str, Callable[[Path], list[str]] | None] = {
+        artifacts.INDEX_FILE: save_index,
+        artifacts.VECTORS_FILE: save_array(artifacts.VECTORS_FILE, vectors, vector_dtype),
+        artifacts.HISTORIES_FILE: save_histories,
+        artifacts.ITEMS_DIR: save_items,
+        artifacts.ITEM_BIAS_FILE: None
+        if item_bias is None
+        else save_array(artifacts.ITEM_BIAS_FILE, item_bias, "float32"),
+        artifacts.SECOND_STAGE_FILE: None if signals is None else save_signals,
+        artifacts.LEXICAL_DIR: None if lexical is None else save_lexical,
+    }
+    with staged_directory(out) as staging:
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
-        names = list(artifacts.ARTIFACT_FILES)
-        names += [f"{artifacts.ITEMS_DIR}/{name}" for name in item_table.write(staging / artifacts.ITEMS_DIR, metadata)]
-        if item_bias is not None:
-            np.save(staging / artifacts.ITEM_BIAS_FILE, np.asarray(item_bias, dtype=np.float32))
-            names.append(artifacts.ITEM_BIAS_FILE)
-        if signals is not None:
-            if signals.size != len(vectors):
-                raise ValueError(f"second stage signals have {signals.size} rows, the index {len(vectors)}")
-            signals.save(staging / artifacts.SECOND_STAGE_FILE)
-            names.append(artifacts.SECOND_STAGE_FILE)
+        names, checksums = [artifacts.SCORE_HEAD_FILE], {}
+        for part, save in parts.items():
+            if part in linked:
+                written = shared.link(staging, part)  # type: ignore[union-attr]
+                checksums.update({name: shared.manifest.files[name] for name in written})  # type: ignore[union-attr]
+                names += written
+            elif save is not None:
+                names += save(staging)
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)
-        if lexical is not None:
-            if len(lexical) != len(vectors):
-                raise ValueError(f"lexical index has {len(lexical)} rows, the index {len(vectors)}")
-            written = lexical.save(staging / artifacts.LEXICAL_DIR)
-            names += [f"{artifacts.LEXICAL_DIR}/{name}" for name in written]
         manifest = artifacts.Manifest(
             dim=int(vectors.shape[1]),
             metric=artifacts.METRIC_INNER_PRODUCT,
             item_count=int(len(vectors)),
             index_version=out.name,
-            files={name: sha256_file(staging / name) for name in names},
+            files={name: checksums.get(name) or sha256_file(staging / name) for name in names},
             **manifest_fields,
         )
         artifacts.write_manifest(staging, manifest)

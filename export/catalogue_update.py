@@ -12,6 +12,11 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
   id component returns with the next full export; they keep their popularity prior.
 - Removed / out-of-stock articles: excluded from results (excluded.json); nothing is rebuilt, and
   histories naming them still work.
+
+What the update leaves unchanged the new version shares with its parent: hard links to the same files
+(export.catalogue_index.SharedParts). A removal writes excluded.json and the manifest and links the rest;
+added rows rewrite the catalogue's files (index, vectors, metadata, prior, signals, BM25) but share the
+customers' histories unless a changed article moved rows.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from export.catalogue_index import index_rows, item_metadata, new_version_dir, write_index_dir
+from export.catalogue_index import SharedParts, index_rows, item_metadata, new_version_dir, write_index_dir
 from serving.catalog import Catalog
 from serving.lexical import LexicalIndex
 from twotower import artifacts, triton_repository
@@ -156,12 +161,12 @@ def _update(
     if unknown:
         raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
 
-    # The loaded parent's own objects are extended in memory; its files are never written.
-    items, vectors, item_bias = parent.items.to_lists(), parent.vectors, parent.item_bias
-    index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays as loaded
+    # The loaded parent's own objects are extended in memory; its files are never written. What the update leaves
+    # as it was, the new version shares with the parent (export.catalogue_index.SharedParts): a removal writes one
+    # small file, not a copy of the whole version (at 10M articles, 3.3 GB).
+    vectors, item_bias = parent.vectors, parent.item_bias
+    index, items, histories = None, None, {}
     excluded = set(np.flatnonzero(parent.excluded).tolist())
-    with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
-        histories = {name: stored[name] for name in stored.files}
     n_parent = len(vectors)
     added = changed = 0
     lexical = parent.lexical
@@ -172,6 +177,8 @@ def _update(
         if lexical is not None:  # new rows join the keyword index too (a rebuild: BM25 weights depend on all rows)
             lexical = LexicalIndex.build(lexical.captions + captions)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
+        index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays
+        items = parent.items.to_lists()
         metadata = item_metadata(delta)
         for column in items:  # the delta may lack optional columns: keep the table rectangular
             items[column].extend(metadata.get(column, [""] * len(delta)))
@@ -195,15 +202,31 @@ def _update(
         if signals is not None:
             signals = signals.extended(replaced)
         vectors = np.concatenate([vectors, new_vectors.astype(vectors.dtype)])  # written in the parent's dtype
-        rows = histories["rows"]
-        histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
-        if "user_vectors" in histories:  # a customer whose history now names a changed article: ask Triton again
-            stale = (histories["rows"] != rows).any(axis=1)
-            histories["user_vectors"] = histories["user_vectors"].copy()
-            histories["user_vectors"][stale] = np.nan
+        if changed:  # customers' histories point at a changed article's new row
+            with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
+                histories = {name: stored[name] for name in stored.files}
+            rows = histories["rows"]
+            histories["rows"] = np.where(rows >= 0, remap[np.clip(rows, 0, None)], rows).astype(rows.dtype)
+            if "user_vectors" in histories:  # a customer whose history now names a changed article: ask Triton again
+                stale = (histories["rows"] != rows).any(axis=1)
+                histories["user_vectors"] = histories["user_vectors"].copy()
+                histories["user_vectors"][stale] = np.nan
     # Removal applies to an article's current row, so it wins when an id is both added and removed.
-    current_row = {article_id: row for row, article_id in enumerate(items["article_id"])}
-    excluded.update(current_row[a] for a in remove_ids)
+    if items is None:
+        excluded.update(parent.row_of[a] for a in remove_ids)
+    else:
+        current_row = {article_id: row for row, article_id in enumerate(items["article_id"])}
+        excluded.update(current_row[a] for a in remove_ids)
+    unchanged = {artifacts.HISTORIES_FILE} if not histories else set()
+    if index is None:  # no rows added: the catalogue's side is the parent's
+        unchanged |= {
+            artifacts.INDEX_FILE,
+            artifacts.VECTORS_FILE,
+            artifacts.ITEMS_DIR,
+            artifacts.ITEM_BIAS_FILE,
+            artifacts.SECOND_STAGE_FILE,
+            artifacts.LEXICAL_DIR,
+        }
 
     out = new_version_dir(index_root)
     fields = {
@@ -213,7 +236,18 @@ def _update(
     }
     fields["parent_version"] = parent_name
     new_manifest = write_index_dir(
-        out, index, vectors, items, histories, parent.score_head, fields, sorted(excluded), item_bias, lexical, signals
+        out,
+        index,
+        vectors,
+        items or {},
+        histories,
+        parent.score_head,
+        fields,
+        sorted(excluded),
+        item_bias,
+        lexical,
+        signals,
+        SharedParts(parent.index_dir, manifest, frozenset(unchanged)),
     )
     artifacts.publish_version(index_root, out.name)
     summary = UpdateSummary(

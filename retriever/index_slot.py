@@ -106,7 +106,9 @@ class IndexSlot:
         self._watcher = None
         self._released = None
 
-    def open_catalog(self, index_dir: Path | str) -> Catalog:
+    def open_catalog(self, index_dir: Path | str, served: Catalog | None = None) -> Catalog:
+        """A version as this retriever serves it; `served` (the version it replaces) shares the files they have in
+        common (serving.catalog.Catalog's `shares_with`)."""
         c = self.config
         lexical = c.text_search == "hybrid"  # the BM25 index stays on disk unless text queries use it
         return Catalog(
@@ -118,6 +120,7 @@ class IndexSlot:
             c.popularity_weight,
             lexical,
             mapped=c.index_mmap,
+            shares_with=served,
         )
 
     def load(self, triton_wait_s: float) -> Serving:
@@ -209,7 +212,7 @@ class IndexSlot:
                 if pending is not None:
                     catalog = pending  # read and checked already: only its towers were missing
                 else:
-                    catalog = self.open_catalog(target)
+                    catalog = self.open_catalog(target, current.catalog)
                     check_compatible(current.catalog, catalog)
                 if catalog.manifest.model_version == current.catalog.manifest.model_version:
                     towers = current.towers  # same towers: only the catalogue changed

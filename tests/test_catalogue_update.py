@@ -21,7 +21,7 @@ from retriever.limits import BodySizeLimit
 from serving.catalog import Catalog
 from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
-from twotower import artifacts
+from twotower import artifacts, ranking
 from twotower.data.hm import DataFormatError, build_captions, find_data_file, load_articles
 from twotower.files import sha256_file
 from twotower.ranking import cap_per_type
@@ -112,6 +112,80 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     assert len(kept) and all(
         np.array_equal(after.customer_vector(customers[i]), before.customer_vector(customers[i])) for i in kept
     )
+
+
+def shared_names(parent: Path, child: Path) -> set[str]:
+    """The manifest names of `child`'s files that are the same files (hard links) as `parent`'s."""
+    names = artifacts.read_manifest(child).files
+    return {name for name in names if (parent / name).exists() and (parent / name).samefile(child / name)}
+
+
+def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    first = root / artifacts.current_version(root)
+    parent = Catalog(root)
+    catalogue_side = set(parent.manifest.files) - {artifacts.SCORE_HEAD_FILE, artifacts.HISTORIES_FILE}
+    assert any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in catalogue_side)
+    assert artifacts.SECOND_STAGE_FILE in catalogue_side or parent.second_stage is None
+
+    # A removal links every file of the parent but the manifest, the score head and the excluded rows.
+    removed = parent.article_ids[3]
+    second = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[removed]).index_version
+    assert shared_names(first, second) == catalogue_side | {artifacts.HISTORIES_FILE}
+    after = Catalog(root)  # checksums verified
+    assert after.excluded[after.row_of[removed]] and after.n_excluded == parent.n_excluded + 1
+    np.testing.assert_array_equal(after.vectors, parent.vectors)
+    _, rows = after.search(after.vectors, 10)
+    assert after.row_of[removed] not in set(rows.ravel().tolist())
+
+    # New articles rewrite the catalogue's files and share the customers' histories ...
+    delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
+    third = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv").index_version
+    assert shared_names(second, third) == {artifacts.HISTORIES_FILE}
+    assert Catalog(root).excluded[after.row_of[removed]]  # the removal carries over
+    # ... unless a changed article moves customers' history rows.
+    delta_file(tiny_pipeline, tmp_path / "changed.csv", [], changed=1)
+    fourth = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "changed.csv").index_version
+    assert shared_names(third, fourth) == set()
+    # Every version still verifies (linked files keep the checksums their parent recorded).
+    for version in (first, second, third, fourth):
+        artifacts.verify_files(version, artifacts.read_manifest(version))
+
+
+def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    served = Catalog(root)
+    removed = served.article_ids[5]
+    version = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[removed]).index_version
+    hashed: list[str] = []
+    hash_file = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(Path(path).name) or hash_file(path))
+
+    swapped = Catalog(root, shares_with=served)
+    assert sorted(hashed) == [artifacts.EXCLUDED_FILE, artifacts.SCORE_HEAD_FILE]  # the rest are the served files
+    assert swapped.index is served.index  # one FAISS index for both versions
+    _, rows = swapped.search(swapped.vectors[:20], 10)
+    assert swapped.row_of[removed] not in set(rows.ravel().tolist())
+    # A file it does not share is still checked.
+    (version / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": []}))
+    with pytest.raises(artifacts.ArtifactError, match="excluded.json: checksum"):
+        Catalog(root, shares_with=served)
+
+
+def test_a_volume_without_hard_links_gets_copies(tiny_pipeline, tmp_path: Path, monkeypatch, caplog) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    first = root / artifacts.current_version(root)
+
+    def refuse(source: object, target: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", refuse)
+    removed = Catalog(root).article_ids[0]
+    second = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[removed]).index_version
+    assert shared_names(first, second) == set()
+    assert (second / artifacts.VECTORS_FILE).read_bytes() == (first / artifacts.VECTORS_FILE).read_bytes()
+    assert "refused a hard link, copied instead" in caplog.text
+    Catalog(root)  # checksums verified
 
 
 def test_concurrent_updates_both_land(tiny_pipeline, tmp_path: Path) -> None:
@@ -352,6 +426,27 @@ def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> No
         hits += len(set(rows.tolist()) & set(exact.tolist()))
         total += 10
     assert hits / total >= 0.95
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivf-pq-fastscan"])
+def test_many_removed_articles_are_never_found_and_the_rest_still_are(tmp_path: Path, index_type: str) -> None:
+    """More removed rows than an over-fetch drops: searches select the available rows (one selector per version)."""
+    rng = np.random.default_rng(5)
+    vectors = write_random_index(tmp_path / "index" / "v0001", index_type, ["A"] * 3000, seed=2)
+    artifacts.publish_version(tmp_path / "index", "v0001")
+    removed = rng.choice(3000, ranking.OVERFETCH_LIMIT + 200, replace=False)
+    update_catalogue(tmp_path / "index", lambda manifest: None, remove_ids=[str(row) for row in removed])
+    catalog = Catalog(tmp_path / "index", ivf_nprobe=1000)  # every list probed: IVF searches are exact
+    assert catalog._available is not None
+    available = np.flatnonzero(~np.isin(np.arange(3000), removed))
+    queries = rng.standard_normal((40, vectors.shape[1])).astype(np.float32)
+    _, rows = catalog.search(queries, 10)  # one batched search
+    hits = 0
+    for query, found in zip(queries, rows):
+        assert not np.isin(found, removed).any() and (found >= 0).all()
+        exact = available[np.argsort(-(vectors[available] @ query), kind="stable")[:10]]
+        hits += len(set(found.tolist()) & set(exact.tolist()))
+    assert hits / rows.size >= (1.0 if index_type in ("flat", "ivf") else 0.9)
 
 
 def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_path: Path) -> None:

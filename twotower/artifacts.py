@@ -153,8 +153,17 @@ def read_manifest(index_dir: Path | str) -> Manifest:
     return manifest
 
 
-def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
-    """Every required file and every file the manifest names exists and has the recorded checksum."""
+def part_of(name: str) -> str:
+    """The top-level entry of a version that a manifest file name belongs to: `items/<name>` is part of ITEMS_DIR,
+    a file its own part. A catalogue update shares a parent's unchanged parts (export.catalogue_index)."""
+    return name.split("/", 1)[0]
+
+
+def verify_files(index_dir: Path | str, manifest: Manifest, checked: tuple[Path, Manifest] | None = None) -> None:
+    """Every required file and every file the manifest names exists and has the recorded checksum. `checked` is
+    another version already verified (its directory and manifest): a file that is the same file as one of its own
+    (a hard link: a catalogue update shares what it left unchanged) with the same recorded checksum is not read
+    again. Versions are never written after they are published, so its content is what was checked."""
     directory = Path(index_dir)
     for name in dict.fromkeys((*ARTIFACT_FILES, *manifest.files)):
         expected = manifest.files.get(name)
@@ -163,9 +172,18 @@ def verify_files(index_dir: Path | str, manifest: Manifest) -> None:
             raise ArtifactError(f"{directory / MANIFEST_FILE}: no checksum recorded for {name}")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (manifest lists it)")
+        if checked is not None and checked[1].files.get(name) == expected and _same_file(checked[0] / name, path):
+            continue
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(f"{path}: checksum {actual[:12]}... does not match the manifest's {expected[:12]}...")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass

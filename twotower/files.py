@@ -54,6 +54,17 @@ def staged_directory(target: Path | str, replace: bool = False) -> Iterator[Path
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def link_or_copy(source: Path | str, target: Path | str) -> bool:
+    """`target` becomes another name of `source` (a hard link: one file, one set of pages in the page cache), or
+    a copy where the volume refuses links (another file system, no link support). True when linked."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        shutil.copy2(source, target)
+        return False
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
