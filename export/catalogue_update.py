@@ -108,10 +108,10 @@ def local_embedder(model_repository: Path, manifest: artifacts.Manifest) -> Item
     return lambda captions: embed_catalogue(tower, captions, tokenizer)
 
 
-def add_embedder_arguments(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """--triton or --model-repository (one required) and the Triton batching flags; the group is returned
-    for a command that offers one more source."""
-    source = parser.add_mutually_exclusive_group(required=True)
+def add_embedder_arguments(parser: argparse.ArgumentParser, required: bool = True) -> argparse._MutuallyExclusiveGroup:
+    """--triton or --model-repository (one required unless `required` is False) and the Triton batching flags; the
+    group is returned for a command that offers one more source."""
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--triton", help="Triton HTTP host:port serving the item tower (batched requests)")
     source.add_argument(
         "--model-repository", type=Path, help="embed in-process with the repository's TorchScript tower"

@@ -1,13 +1,14 @@
 """Add, change or remove catalogue articles without retraining: publish the next index version.
 
     python -m export.update --index-dir artifacts/index --articles new_articles.csv --triton 127.0.0.1:8000
-    python -m export.update --index-dir artifacts/index --remove sold_out.txt --model-repository model_repository
+    python -m export.update --index-dir artifacts/index --remove sold_out.txt
     python -m export.update --index-dir artifacts/index --articles new_season.csv --vectors runs/embedding
 
 The articles file has the H&M articles.csv schema and holds only the delta (new or changed rows,
 optionally a `price` column). Captions are embedded by the item tower Triton serves (--triton) or,
 offline, by the same TorchScript file from the model repository (--model-repository), or were embedded
-beforehand in shards (--vectors: the directory `python -m export.embed` filled for this articles file). The new
+beforehand in shards (--vectors: the directory `python -m export.embed` filled for this articles file); removals
+alone need none of them. The new
 version is written beside the served one and published through CURRENT; a retriever watching the
 index root swaps to it without restart (or call POST /admin/index/reload).
 """
@@ -33,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--articles", type=Path, help="H&M-format articles file with only new/changed articles")
     parser.add_argument("--remove", type=Path, help="file with one article_id per line to exclude from results")
-    add_embedder_arguments(parser).add_argument(
+    add_embedder_arguments(parser, required=False).add_argument(
         "--vectors", type=Path, help="the finished directory of python -m export.embed over this articles file"
     )
     args = parser.parse_args(argv)
+    if args.articles and not (args.triton or args.model_repository or args.vectors):
+        parser.error("--articles needs the item tower: --triton, --model-repository or --vectors")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         removals = read_removals(args.remove) if args.remove else []

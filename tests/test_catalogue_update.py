@@ -330,9 +330,17 @@ def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Pa
         )
         == 2
     )
+    with pytest.raises(SystemExit) as usage:  # new articles need the item tower
+        update_main(["--index-dir", str(root), "--articles", str(bad)])
+    assert usage.value.code == 2
     assert artifacts.list_versions(root) == versions
     # no staging directory left (the writers' lock file stays: it is how the next writer waits)
     assert not [p for p in root.iterdir() if p.name.startswith(".") and p.name != artifacts.WRITER_LOCK_FILE]
+    # Removals alone need no item tower.
+    sold_out = tmp_path / "sold_out.txt"
+    sold_out.write_text(Catalog(root).article_ids[0] + "\n")
+    assert update_main(["--index-dir", str(root), "--remove", str(sold_out)]) == 0
+    assert len(artifacts.list_versions(root)) == len(versions) + 1
 
 
 def test_filtered_search_equals_exact_filtered_search(tiny_pipeline) -> None:
