@@ -23,7 +23,7 @@ from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
-from twotower.files import link_or_copy, sha256_file, staged_directory
+from twotower.files import link_or_copy, save_rows, sha256_file, staged_directory
 from twotower.model.towers import embed_texts
 from twotower.second_stage import ArticleSignals
 
@@ -202,7 +202,7 @@ class SharedParts:
 def write_index_dir(
     out: Path,
     index: faiss.Index | None,
-    vectors: np.ndarray,
+    vectors: np.ndarray | Sequence[np.ndarray],
     metadata: Mapping[str, Sequence[str]],
     histories: dict[str, np.ndarray],
     score_head: artifacts.ScoreHeadWeights,
@@ -213,18 +213,21 @@ def write_index_dir(
     signals: ArticleSignals | None = None,
     shared: SharedParts | None = None,
 ) -> artifacts.Manifest:
-    """Write one index version into a staging directory, checksum it, then rename it into place. The parts
-    `shared` names are linked from its parent instead of written (their arguments are then not read; `index` may be
-    None when the index is one of them)."""
+    """Write one index version into a staging directory, checksum it, then rename it into place. `vectors` may be
+    blocks of rows (a parent's memory-mapped vectors and an update's new rows), written one after the other. The
+    parts `shared` names are linked from its parent instead of written (their arguments are then not read; `index`
+    may be None when the index is one of them)."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
     vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
     if vector_dtype not in artifacts.VECTOR_DTYPES:
         raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {artifacts.VECTOR_DTYPES}")
-    if signals is not None and signals.size != len(vectors):
-        raise ValueError(f"second stage signals have {signals.size} rows, the index {len(vectors)}")
-    if lexical is not None and len(lexical) != len(vectors):
-        raise ValueError(f"lexical index has {len(lexical)} rows, the index {len(vectors)}")
+    blocks = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
+    rows, dim = sum(len(block) for block in blocks), int(blocks[0].shape[1])
+    if signals is not None and signals.size != rows:
+        raise ValueError(f"second stage signals have {signals.size} rows, the index {rows}")
+    if lexical is not None and len(lexical) != rows:
+        raise ValueError(f"lexical index has {len(lexical)} rows, the index {rows}")
     linked = shared.parts if shared is not None else frozenset()
     if index is None and artifacts.INDEX_FILE not in linked:
         raise ValueError("no FAISS index to write and none shared with a parent")
@@ -239,6 +242,10 @@ def write_index_dir(
             return [name]
 
         return save
+
+    def save_vectors(staging: Path) -> list[str]:
+        save_rows(staging / artifacts.VECTORS_FILE, blocks, vector_dtype)
+        return [artifacts.VECTORS_FILE]
 
     def save_histories(staging: Path) -> list[str]:
         np.savez(staging / artifacts.HISTORIES_FILE, **histories)
@@ -258,7 +265,7 @@ def write_index_dir(
 
     parts: dict[str, Callable[[Path], list[str]] | None] = {
         artifacts.INDEX_FILE: save_index,
-        artifacts.VECTORS_FILE: save_array(artifacts.VECTORS_FILE, vectors, vector_dtype),
+        artifacts.VECTORS_FILE: save_vectors,
         artifacts.HISTORIES_FILE: save_histories,
         artifacts.ITEMS_DIR: save_items,
         artifacts.ITEM_BIAS_FILE: None
@@ -281,9 +288,9 @@ def write_index_dir(
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)
         manifest = artifacts.Manifest(
-            dim=int(vectors.shape[1]),
+            dim=dim,
             metric=artifacts.METRIC_INNER_PRODUCT,
-            item_count=int(len(vectors)),
+            item_count=rows,
             index_version=out.name,
             files={name: checksums.get(name) or sha256_file(staging / name) for name in names},
             **manifest_fields,

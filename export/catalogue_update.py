@@ -164,10 +164,10 @@ def _update(
     # The loaded parent's own objects are extended in memory; its files are never written. What the update leaves
     # as it was, the new version shares with the parent (export.catalogue_index.SharedParts): a removal writes one
     # small file, not a copy of the whole version (at 10M articles, 3.3 GB).
-    vectors, item_bias = parent.vectors, parent.item_bias
+    vectors, item_bias = [parent.vectors], parent.item_bias  # row blocks, one after the other
     index, items, histories = None, None, {}
     excluded = set(np.flatnonzero(parent.excluded).tolist())
-    n_parent = len(vectors)
+    n_parent = len(parent.vectors)
     added = changed = 0
     lexical = parent.lexical
     signals = None if parent.second_stage is None else parent.second_stage.signals
@@ -178,10 +178,7 @@ def _update(
             lexical = LexicalIndex.build(lexical.captions + captions)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
         index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays
-        items = parent.items.to_lists()
-        metadata = item_metadata(delta)
-        for column in items:  # the delta may lack optional columns: keep the table rectangular
-            items[column].extend(metadata.get(column, [""] * len(delta)))
+        items = parent.items.appended(item_metadata(delta), len(delta))  # "" where the delta lacks a column
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
         new_bias = np.zeros(len(delta), dtype=np.float32)
         replaced = np.full(len(delta), -1, dtype=np.int64)
@@ -201,7 +198,7 @@ def _update(
             item_bias = np.concatenate([item_bias, new_bias])
         if signals is not None:
             signals = signals.extended(replaced)
-        vectors = np.concatenate([vectors, new_vectors.astype(vectors.dtype)])  # written in the parent's dtype
+        vectors.append(new_vectors)  # written in the parent's dtype
         if changed:  # customers' histories point at a changed article's new row
             with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
                 histories = {name: stored[name] for name in stored.files}
@@ -211,12 +208,8 @@ def _update(
                 stale = (histories["rows"] != rows).any(axis=1)
                 histories["user_vectors"] = histories["user_vectors"].copy()
                 histories["user_vectors"][stale] = np.nan
-    # Removal applies to an article's current row, so it wins when an id is both added and removed.
-    if items is None:
-        excluded.update(parent.row_of[a] for a in remove_ids)
-    else:
-        current_row = {article_id: row for row, article_id in enumerate(items["article_id"])}
-        excluded.update(current_row[a] for a in remove_ids)
+    # Removal applies to an article's current row (its last), so it wins when an id is both added and removed.
+    excluded.update((parent.items if items is None else items).row_of[a] for a in remove_ids)
     unchanged = {artifacts.HISTORIES_FILE} if not histories else set()
     if index is None:  # no rows added: the catalogue's side is the parent's
         unchanged |= {
@@ -239,7 +232,7 @@ def _update(
         out,
         index,
         vectors,
-        items or {},
+        parent.items if items is None else items,
         histories,
         parent.score_head,
         fields,

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from serving.filters import FilterColumns
-from serving.gpu_search import GPU_MAX_K, gpu_copy
+from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
 from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
@@ -139,10 +139,11 @@ class Catalog:
         if verify:
             artifacts.verify_files(self.index_dir, self.manifest, checked)
         index_path = self.index_dir / artifacts.INDEX_FILE
+        self.index: Any
+        self.gpu: GpuIndex | None
         if shares_with is not None and self._same_index(shares_with):
             # A FastScan index is read into the process (~430 MiB at 10M articles): one copy for both versions.
-            self.index: Any = shares_with.index
-            self.gpu = shares_with.gpu
+            self.index, self.gpu = shares_with.index, shares_with.gpu
         else:
             # HNSW, IVF (any codes) or flat, its arrays pointing into the mapped file (INDEX_READ_FLAGS).
             self.index = faiss.read_index(str(index_path), INDEX_READ_FLAGS if mapped else 0)
@@ -378,13 +379,19 @@ class Catalog:
     def _top_k(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row (or of those `params`' selector allows, on the CPU index): on the GPU copy
         when there is one."""
-        index = self.index if params is not None else (self.gpu or self.index)
+        on_gpu = params is None and self.gpu is not None
+
+        def search(n: int) -> tuple[np.ndarray, np.ndarray]:
+            if params is not None:
+                return self.index.search(queries, n, params=params)
+            return (self.gpu or self.index).search(queries, n)
+
         if not self.rerank_factor:
-            return index.search(queries, k, params=params)
+            return search(k)
         fetch = self._rerank_candidates(k)
-        if index is self.gpu:
+        if on_gpu:
             fetch = max(k, min(fetch, GPU_MAX_K))
-        _, candidates = index.search(queries, fetch, params=params)
+        _, candidates = search(fetch)
         return self._rerank(queries, candidates, k)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any]:

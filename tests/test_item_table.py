@@ -22,6 +22,35 @@ COLUMNS = {
 }
 
 
+def test_rows_appended_to_a_table_are_the_table_of_all_rows(tmp_path: Path) -> None:
+    """A catalogue update appends its rows to the mapped columns: the same values and codes as encoding every row."""
+    table = ItemTable.load(tmp_path / "items", item_table.write(tmp_path / "items", COLUMNS))
+    delta = {
+        "article_id": ["0999000001", "0108775044"],  # a new article, then a changed one: its last row wins
+        "colour_group_name": ["A much longer colour name than any before", "Black"],
+        "product_group_name": ["", "Ünderwear"],
+        "price": ["0.5", ""],
+        "not_in_the_table": ["x", "y"],  # columns the table lacks are not added
+    }  # no product_code: "" for both rows
+    appended = table.appended(delta, 2)
+    expected = {name: values + delta.get(name, ["", ""]) for name, values in COLUMNS.items()}
+    reference = ItemTable.from_columns(expected)
+    assert appended.to_lists() == expected and set(appended) == set(COLUMNS)
+    for name in COLUMNS:
+        np.testing.assert_array_equal(appended[name].values, reference[name].values)
+        np.testing.assert_array_equal(appended[name].codes, reference[name].codes)
+    assert appended.row_of["0108775044"] == 5 and appended.row_of["0999000001"] == 4
+    assert table.appended({}, 0).to_lists() == COLUMNS
+
+
+def test_row_blocks_are_written_as_one_array(tmp_path: Path) -> None:
+    from twotower.files import save_rows
+
+    blocks = [np.random.default_rng(0).standard_normal((n, 3)).astype(np.float32) for n in (5, 0, 7)]
+    save_rows(tmp_path / "v.npy", blocks, "float16", chunk_rows=2)
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.concatenate(blocks).astype(np.float16))
+
+
 @pytest.mark.parametrize("decoded_limit", [item_table.DECODED_LIMIT, 0])  # 0: every value decoded when read
 def test_written_columns_read_back_memory_mapped(tmp_path: Path, monkeypatch, decoded_limit: int) -> None:
     monkeypatch.setattr(item_table, "DECODED_LIMIT", decoded_limit)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -63,6 +63,21 @@ def link_or_copy(source: Path | str, target: Path | str) -> bool:
     except OSError:
         shutil.copy2(source, target)
         return False
+
+
+def save_rows(path: Path | str, blocks: Sequence[np.ndarray], dtype: str, chunk_rows: int = 1 << 18) -> None:
+    """One .npy file of the blocks' rows, one block after the other, in `dtype`, written a chunk at a time: a
+    memory-mapped block is copied without ever being in the process's own memory at once."""
+    rows = sum(len(block) for block in blocks)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *blocks[0].shape[1:]))
+    start = 0
+    for block in blocks:
+        for offset in range(0, len(block), chunk_rows):
+            chunk = block[offset : offset + chunk_rows]
+            out[start : start + len(chunk)] = chunk
+            start += len(chunk)
+    out.flush()
+    del out
 
 
 def sha256_file(path: Path | str) -> str:
