@@ -316,14 +316,16 @@ def served_latency(
     takes 15-30 s to load under a 4 Gi limit, so the swap may end with the first run. `hot_swap` "turn": the
     swap is taken as a replica's turn while another replica serves (retriever/swap_turns.py, a real Redis and
     a stand-in replica's heartbeats): the retriever leaves rotation, loads, rejoins; no requests are sent while
-    its /ready answers 503 (Kubernetes sends them to the other replica), and "during" is how long that was."""
+    its /ready answers 503 (Kubernetes sends them to the other replica), and "during" is how long that was.
+    `hot_swap` "update": swapped in place, but the second version is a catalogue update that removes
+    UPDATE_REMOVALS articles (export.catalogue_update): it shares every other file with the served version."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
 
     catalog = Catalog(directory, lexical=False)
     bodies = request_bodies(catalog, int(rate * seconds))
-    served_dir = _swap_root(directory, work / "swap-root") if hot_swap else directory
+    served_dir = _swap_root(directory, work / "swap-root", hot_swap == "update") if hot_swap else directory
     manifest = catalog.manifest
     served = offline.BenchArtifacts(served_dir, repository, manifest.item_count, manifest.index_type, {})
     del catalog
@@ -381,22 +383,36 @@ def served_latency(
     }
 
 
-HOT_SWAP_MODES = ("in-place", "turn")  # --hot-swap: swapped while serving; or out of rotation (retriever/swap_turns.py)
+# --hot-swap: swapped while serving; or out of rotation (retriever/swap_turns.py); or swapped while serving to a
+# catalogue update that shares the served version's files
+HOT_SWAP_MODES = ("in-place", "turn", "update")
+UPDATE_REMOVALS = 1000  # articles a --hot-swap update removes (sold out): the rest of the version is unchanged
 SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
 SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=...)` after the measured one
 
 
-def _swap_root(directory: Path, root: Path) -> Path:
-    """An index root serving `directory` (linked as its first version) with a copy of it as the second
-    version, not yet published: the copy's files are new files, as a new export's would be."""
+def _swap_root(directory: Path, root: Path, update: bool = False) -> Path:
+    """An index root serving `directory` (linked as its first version) with a second version, not yet published:
+    a copy of it (its files new to the page cache, as a new export's would be), or with `update` a catalogue
+    update removing UPDATE_REMOVALS random articles (its other files the first version's, as an update shares
+    them)."""
+    from export.catalogue_update import update_catalogue
+
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     first, second = (root / name for name in SWAP_VERSIONS)
     first.symlink_to(directory.resolve(), target_is_directory=True)
+    artifacts.publish_version(root, first.name)
+    if update:
+        ids = artifacts.read_items(directory, artifacts.read_manifest(directory)).article_ids
+        removed = np.random.default_rng(0).choice(len(ids), UPDATE_REMOVALS, replace=False)
+        published = update_catalogue(root, lambda manifest: None, remove_ids=[str(ids[i]) for i in removed])
+        assert published.index_version == second.name
+        artifacts.publish_version(root, first.name)  # the runs publish it under load
+        return root
     shutil.copytree(directory, second)
     manifest = artifacts.read_manifest(second)
     artifacts.write_manifest(second, dataclasses.replace(manifest, index_version=second.name))
-    artifacts.publish_version(root, first.name)
     return root
 
 
@@ -603,7 +619,8 @@ def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "Hot swaps under load (`--hot-swap`): after the measured run, CURRENT is pointed at a second version",
-        "(a copy: its files new to the page cache) at the start of the next run, which the retriever's",
+        "(a copy: its files new to the page cache; `--hot-swap update`: a catalogue update removing 1,000 articles,",
+        "its other files the served version's) at the start of the next run, which the retriever's",
         "watcher loads and swaps in while serving; two more runs follow ('after', 'later'). Per run:",
         "p50 / p99 ms, errors, major faults under the limit ('before': with the cold run's, as in the table",
         "above); the retriever's own (anon) memory after it; the cgroup's peak since the start. `--hot-swap turn`:",
@@ -751,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         choices=HOT_SWAP_MODES,
         help="after the served run, three more: one that swaps in a second version under load, two after it; "
-        "'turn': the swap taken out of rotation, as a replica's turn while another serves (no requests meanwhile)",
+        "'turn': the swap taken out of rotation, as a replica's turn while another serves (no requests meanwhile); "
+        "'update': in place, to a catalogue update removing 1,000 articles, which shares the served version's files",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
