@@ -278,12 +278,12 @@ def write_index_dir(
         (staging / artifacts.SCORE_HEAD_FILE).write_text(json.dumps(score_head.to_json()))
         names, checksums = [artifacts.SCORE_HEAD_FILE], {}
         for part, save in parts.items():
-            if part in linked:
-                written = shared.link(staging, part)  # type: ignore[union-attr]
+            written = shared.link(staging, part) if shared is not None and part in linked else []
+            if written:
                 checksums.update({name: shared.manifest.files[name] for name in written})  # type: ignore[union-attr]
-                names += written
-            elif save is not None:
-                names += save(staging)
+            elif save is not None:  # not shared, or the parent has none (items.json before items/: written anew)
+                written = save(staging)
+            names += written
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)

@@ -163,7 +163,7 @@ def _update(
 
     # The loaded parent's own objects are extended in memory; its files are never written. What the update leaves
     # as it was, the new version shares with the parent (export.catalogue_index.SharedParts): a removal writes one
-    # small file, not a copy of the whole version (at 10M articles, 3.3 GB).
+    # small file, not a copy of the whole version (at 10M articles, 3.5 GB).
     vectors, item_bias = [parent.vectors], parent.item_bias  # row blocks, one after the other
     index, items, histories = None, None, {}
     excluded = set(np.flatnonzero(parent.excluded).tolist())

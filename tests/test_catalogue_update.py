@@ -172,6 +172,23 @@ def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline,
         Catalog(root, shares_with=served)
 
 
+def test_an_update_of_a_version_with_items_json_writes_its_columns(tiny_pipeline, tmp_path: Path) -> None:
+    """A parent written before items/ has items.json: nothing to share there, so the update writes items/."""
+    root = copy_root(tiny_pipeline, tmp_path)
+    first = root / artifacts.current_version(root)
+    manifest = artifacts.read_manifest(first)
+    columns = artifacts.read_items(first, manifest).to_lists()
+    shutil.rmtree(first / artifacts.ITEMS_DIR)
+    (first / artifacts.ITEMS_FILE).write_text(json.dumps(columns))
+    files = {name: sha for name, sha in manifest.files.items() if artifacts.part_of(name) != artifacts.ITEMS_DIR}
+    files[artifacts.ITEMS_FILE] = sha256_file(first / artifacts.ITEMS_FILE)
+    artifacts.write_manifest(first, dataclasses.replace(manifest, files=files))
+
+    second = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[columns["article_id"][0]]).index_version
+    assert any(artifacts.part_of(name) == artifacts.ITEMS_DIR for name in artifacts.read_manifest(second).files)
+    assert Catalog(root).items.to_lists() == columns
+
+
 def test_a_volume_without_hard_links_gets_copies(tiny_pipeline, tmp_path: Path, monkeypatch, caplog) -> None:
     root = copy_root(tiny_pipeline, tmp_path)
     first = root / artifacts.current_version(root)
