@@ -191,11 +191,13 @@ class SharedParts:
     def link(self, staging: Path, part: str) -> list[str]:
         """Link this part's files into `staging`; their manifest names."""
         names = [name for name in self.manifest.files if artifacts.part_of(name) == part]
+        copied = 0
         for name in names:
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not link_or_copy(self.parent / name, target):
-                log.warning("%s: the volume refused a hard link, copied instead", target)
+            copied += not link_or_copy(self.parent / name, target)
+        if copied:
+            log.warning("%s: the volume refused hard links, %d file(s) of %s copied instead", staging, copied, part)
         return names
 
 

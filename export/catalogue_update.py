@@ -14,7 +14,8 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
   histories naming them still work.
 
 What the update leaves unchanged the new version shares with its parent: hard links to the same files
-(export.catalogue_index.SharedParts). A removal writes excluded.json and the manifest and links the rest;
+(export.catalogue_index.SharedParts). A removal writes excluded.json, the score head and the manifest and links
+the rest (a parent written before items/ gets its columns written);
 added rows rewrite the catalogue's files (index, vectors, metadata, prior, signals, BM25) but share the
 customers' histories unless a changed article moved rows.
 """

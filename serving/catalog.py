@@ -25,6 +25,7 @@ from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
 from twotower.files import load_npz_mapped
+from twotower.item_table import ItemTable
 from twotower.ranking import Purchases
 from twotower.second_stage import ArticleSignals, SecondStage
 
@@ -92,6 +93,16 @@ class UnknownIds(KeyError):
 
 
 class Catalog:
+    # Set in __init__, read from another Catalog (`shares_with`) before this one sets them: declared here.
+    items: ItemTable
+    filter_columns: FilterColumns
+    products: repeats.Products | None
+    history_rows: np.ndarray
+    history_age: np.ndarray
+    history_last_day: np.ndarray
+    customer_vectors: np.ndarray | None
+    customer_row: dict[str, int]
+
     def __init__(
         self,
         index_dir: Path | str,
@@ -115,7 +126,8 @@ class Catalog:
         `mapped` False reads the FAISS index and the BM25 matrix into the process (INDEX_READ_FLAGS: what
         mapping saves). `shares_with` is a loaded version (the served one, during a hot swap) whose files this
         one may share (a catalogue update links what it left unchanged: export.catalogue_index.SharedParts):
-        those are not hashed again, and a shared FAISS index is its index object, not a second copy.
+        those are not hashed again, and what is derived from a shared part is taken over, not built again (the
+        FAISS index object, the metadata's lookups, filter masks and products, the customers' id map).
         """
         # What a copy in another process is rebuilt from (__getstate__): the files, not the mapped memory.
         self._arguments: dict[str, Any] = {
@@ -136,12 +148,17 @@ class Catalog:
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
         checked = None if shares_with is None else (shares_with.index_dir, shares_with.manifest)
+
+        def shared(part: str) -> bool:
+            """This part's files are the served version's: what it derives from them is taken over, not rebuilt."""
+            return checked is not None and artifacts.shares_part((self.index_dir, self.manifest), checked, part)
+
         if verify:
             artifacts.verify_files(self.index_dir, self.manifest, checked)
         index_path = self.index_dir / artifacts.INDEX_FILE
         self.index: Any
         self.gpu: GpuIndex | None
-        if shares_with is not None and self._same_index(shares_with):
+        if shares_with is not None and shared(artifacts.INDEX_FILE) and self._same_settings(shares_with):
             # A FastScan index is read into the process (~430 MiB at 10M articles): one copy for both versions.
             self.index, self.gpu = shares_with.index, shares_with.gpu
         else:
@@ -171,7 +188,10 @@ class Catalog:
         self.lexical: LexicalIndex | None = None
         if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
             self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR, mmap=mapped)
-        self.items = artifacts.read_items(self.index_dir, self.manifest)  # memory-mapped columns
+        # The same metadata columns as the served version (an update that removed articles): its lookups, filter
+        # masks and products serve this one too. At 10M grouping the products alone took 1.5-4.4 s of the load.
+        previous = shares_with if shares_with is not None and shared(artifacts.ITEMS_DIR) else None
+        self.items = previous.items if previous else artifacts.read_items(self.index_dir, self.manifest)  # mapped
         self.article_ids = self.items.article_ids
         # A changed article is appended as a new row and its old row excluded: the last row wins.
         self.row_of = self.items.row_of
@@ -179,23 +199,28 @@ class Catalog:
         self.excluded[artifacts.read_excluded(self.index_dir)] = True
         self.n_excluded = int(self.excluded.sum())  # immutable: counted once, not per search
         # More hidden rows than an over-fetch can drop (removed articles pile up: a shop removes what sold out):
-        # searches pass the index a selector of the available rows, built once per version.
+        # searches pass the index a selector of the available rows, built once per version (None: none needed, or
+        # a masked search is exact there).
         self._available = self._available_rows() if self.n_excluded > ranking.OVERFETCH_LIMIT else None
-        self.filter_columns = FilterColumns(self.items)
+        self.filter_columns = previous.filter_columns if previous else FilterColumns(self.items)
         self.product_types = self.filter_columns.product_type  # the diversity cap groups by it
         # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
-        self.products = None
-        if "product_code" in self.items:
+        self.products = previous.products if previous else None
+        if previous is None and "product_code" in self.items:
             codes = self.items["product_code"]
             self.products = repeats.Products.from_encoded(codes.codes, codes.values)
-        histories = load_npz_mapped(self.index_dir / artifacts.HISTORIES_FILE)  # memory-mapped, like the vectors
-        customer_ids = histories["customer_ids"]
-        self.history_rows = histories["rows"]
-        self.history_age = histories["age_days"]
-        self.history_last_day = histories["last_day"]
-        # Precomputed by export (NaN rows: recompute); indexes written before them have none.
-        self.customer_vectors = histories.get("user_vectors")
-        self.customer_row = {str(c): i for i, c in enumerate(customer_ids)}
+        if shares_with is not None and shared(artifacts.HISTORIES_FILE):
+            self.history_rows, self.history_age = shares_with.history_rows, shares_with.history_age
+            self.history_last_day, self.customer_vectors = shares_with.history_last_day, shares_with.customer_vectors
+            self.customer_row = shares_with.customer_row
+        else:
+            histories = load_npz_mapped(self.index_dir / artifacts.HISTORIES_FILE)  # memory-mapped, like the vectors
+            self.history_rows = histories["rows"]
+            self.history_age = histories["age_days"]
+            self.history_last_day = histories["last_day"]
+            # Precomputed by export (NaN rows: recompute); indexes written before them have none.
+            self.customer_vectors = histories.get("user_vectors")
+            self.customer_row = {str(c): i for i, c in enumerate(histories["customer_ids"])}
         self.score_head = artifacts.ScoreHeadWeights.from_json(
             json.loads((self.index_dir / artifacts.SCORE_HEAD_FILE).read_text())
         )
@@ -221,14 +246,10 @@ class Catalog:
             time.perf_counter() - started,
         )
 
-    def _same_index(self, other: "Catalog") -> bool:
-        """`other` serves this version's FAISS index file (the same file, searched with the same settings)."""
+    def _same_settings(self, other: "Catalog") -> bool:
+        """`other` searches its FAISS index as this version would (its index object can serve both)."""
         settings = ("hnsw_ef_search", "ivf_nprobe", "faiss_gpu", "mapped")
-        return (
-            all(self._arguments[name] == other._arguments[name] for name in settings)
-            and other.manifest.files.get(artifacts.INDEX_FILE) == self.manifest.files.get(artifacts.INDEX_FILE)
-            and (other.index_dir / artifacts.INDEX_FILE).samefile(self.index_dir / artifacts.INDEX_FILE)
-        )
+        return all(self._arguments[name] == other._arguments[name] for name in settings)
 
     def __getstate__(self) -> dict[str, Any]:
         # KServe's --workers N pickles the model. Pickled memmaps would arrive as private copies (every
@@ -394,24 +415,37 @@ class Catalog:
         _, candidates = search(fetch)
         return self._rerank(queries, candidates, k)
 
-    def _available_rows(self) -> tuple[np.ndarray, Any, Any]:
-        """(bitmap of the rows not excluded, its selector, search parameters selecting them with the served nprobe /
-        efSearch). All three are kept: faiss' selector reads the bitmap without owning it, and some faiss releases
-        keep only constructor arguments alive (search_masked). At 10M articles (ivf-pq-fastscan, float16 vectors,
-        1,100 removed, one thread, 200 stored customers, p50 of two rounds) a search took 2.7-3.1 ms at k 12 and
-        4.4-4.7 ms at k 300 this way, 6.9-7.0 and 7.8-8.2 ms as a masked search per query (a 10M-row mask built,
-        counted and packed for each), 1.9-2.4 and 3.3-4.2 ms with nothing removed; the top 300 rows 99.8% the
-        same (the masked search probes 1/selectivity more lists)."""
+    def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
+        """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
+        every row would search them (`_plan`, `_selector_params`: the same results), or None where that search
+        is exact (a flat index, or few rows left). All three are kept: faiss' selector reads the bitmap without
+        owning it. At 10M articles (ivf-pq-fastscan, float16 vectors, 1,100 removed, one thread, 200 stored
+        customers, p50 of two runs of two rounds) a search took 2.7-3.2 ms at k 12 and 4.4-5.6 ms at k 300 this
+        way, 6.9-7.3 and 7.8-10.1 ms as a masked search per query (a 10M-row mask built, counted and packed for
+        each), 1.9-2.6 and 3.3-4.5 ms with nothing removed; the same rows as the masked search."""
+        n_available = len(self.excluded) - self.n_excluded
+        plan = self._plan(len(self.excluded), n_available)
+        if plan not in ("hnsw+selector", "ivf+selector") or n_available == 0:
+            return None
         bitmap = np.packbits(~self.excluded, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(self.excluded), faiss.swig_ptr(bitmap))
-        params: Any
-        if hasattr(self.index, "hnsw"):
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=self.hnsw_ef_search)  # type: ignore[attr-defined]
-        elif hasattr(self.index, "nprobe"):
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.ivf_nprobe)  # type: ignore[call-arg]
-        else:
-            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
-        return bitmap, selector, params
+        return bitmap, selector, self._selector_params(plan, selector, n_available / len(self.excluded))
+
+    def _selector_params(self, plan: str, selector: Any, selectivity: float) -> Any:
+        """Search parameters restricted to `selector`'s rows (a share `selectivity` of all), widened as fewer rows
+        are allowed. The selector is given to the constructor, and the caller keeps it: some faiss releases keep a
+        reference to constructor arguments only, so a selector assigned as `params.sel = ...` could be freed while
+        the search reads it (1.15.1, installed here, protects both)."""
+        if plan == "hnsw+selector":
+            # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
+            # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
+            ef = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
+        # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search;
+        # past MAX_FILTERED_PROBE_FACTOR the nearest lists already hold the allowed rows that rank.
+        widen = min(1.0 / selectivity, MAX_FILTERED_PROBE_FACTOR)
+        nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe * widen)))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
 
     def _rerank_candidates(self, k: int) -> int:
         """How many candidates a compressed index's search for k rows re-ranks exactly."""
@@ -472,24 +506,10 @@ class Catalog:
             candidates = np.flatnonzero(allowed)  # few rows: at most exact_search_limit
             scores = self.scores(np.asarray(query, dtype=np.float32).reshape(-1), candidates, prior)
             return ranking.top_k(scores, candidates, k)
+        # `bitmap` and `selector` are locals: alive until the search returns (_selector_params says why both).
         bitmap = summary.bitmap(allowed)
-        selectivity = n_allowed / len(allowed)
-        # Given to the constructor and held in a local: some faiss releases keep a reference to constructor
-        # arguments only, so a selector assigned as `params.sel = ...` could be freed while the search reads it
-        # (1.15.1, installed here, protects both). `bitmap` is a local too: alive until the search returns.
         selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        params: Any  # faiss' SWIG stubs lack the concrete parameter classes
-        if plan == "hnsw+selector":
-            # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
-            # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
-            ef = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
-        else:
-            # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search;
-            # past MAX_FILTERED_PROBE_FACTOR the nearest lists already hold the allowed rows that rank.
-            widen = min(1.0 / selectivity, MAX_FILTERED_PROBE_FACTOR)
-            nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe * widen)))
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
+        params = self._selector_params(plan, selector, n_allowed / len(allowed))
         if not self.rerank_factor:
             found_similarities, found_rows = self.index.search(index_query, k, params=params)
         else:

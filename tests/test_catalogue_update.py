@@ -164,12 +164,31 @@ def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline,
     swapped = Catalog(root, shares_with=served)
     assert sorted(hashed) == [artifacts.EXCLUDED_FILE, artifacts.SCORE_HEAD_FILE]  # the rest are the served files
     assert swapped.index is served.index  # one FAISS index for both versions
+    # ... and what is derived from the shared metadata and histories
+    assert swapped.items is served.items and swapped.filter_columns is served.filter_columns
+    assert swapped.products is served.products and swapped.customer_row is served.customer_row
     _, rows = swapped.search(swapped.vectors[:20], 10)
     assert swapped.row_of[removed] not in set(rows.ravel().tolist())
+    # New articles: new metadata and index, the same histories.
+    delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
+    update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv")
+    grown = Catalog(root, shares_with=swapped)
+    assert grown.index is not swapped.index and grown.items is not swapped.items and "0999000001" in grown.row_of
+    assert grown.customer_row is swapped.customer_row and len(grown.article_ids) == len(swapped.article_ids) + 1
     # A file it does not share is still checked.
     (version / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": []}))
     with pytest.raises(artifacts.ArtifactError, match="excluded.json: checksum"):
-        Catalog(root, shares_with=served)
+        Catalog(version, shares_with=served)
+
+
+def test_a_swap_goes_ahead_when_the_served_versions_directory_is_gone(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    first = root / artifacts.current_version(root)
+    served = Catalog(first)
+    version = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[served.article_ids[0]]).index_version
+    first.rename(tmp_path / "moved-away")  # an operator cleaned up old versions: the links keep their files
+    swapped = Catalog(version, shares_with=served)  # nothing to share: every file hashed, its own index
+    assert swapped.index is not served.index and swapped.n_excluded == served.n_excluded + 1
 
 
 def test_an_update_of_a_version_with_items_json_writes_its_columns(tiny_pipeline, tmp_path: Path) -> None:
@@ -201,7 +220,7 @@ def test_a_volume_without_hard_links_gets_copies(tiny_pipeline, tmp_path: Path, 
     second = root / update_catalogue(root, embedder(tiny_pipeline), remove_ids=[removed]).index_version
     assert shared_names(first, second) == set()
     assert (second / artifacts.VECTORS_FILE).read_bytes() == (first / artifacts.VECTORS_FILE).read_bytes()
-    assert "refused a hard link, copied instead" in caplog.text
+    assert "the volume refused hard links" in caplog.text and "copied instead" in caplog.text
     Catalog(root)  # checksums verified
 
 
@@ -454,24 +473,26 @@ def test_filtered_ann_search_keeps_recall(tmp_path: Path, index_type: str) -> No
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf", "ivf-pq-fastscan"])
-def test_many_removed_articles_are_never_found_and_the_rest_still_are(tmp_path: Path, index_type: str) -> None:
-    """More removed rows than an over-fetch drops: searches select the available rows (one selector per version)."""
+@pytest.mark.parametrize("share_removed", [0.1, 0.6])
+def test_many_removed_articles_are_searched_as_a_masked_search_would(
+    tmp_path: Path, index_type: str, share_removed: float
+) -> None:
+    """More removed rows than an over-fetch drops: one selector of the available rows per version, widened as a
+    masked search of every row widens (the same results), or that exact masked search for a flat index."""
     rng = np.random.default_rng(5)
     vectors = write_random_index(tmp_path / "index" / "v0001", index_type, ["A"] * 3000, seed=2)
     artifacts.publish_version(tmp_path / "index", "v0001")
-    removed = rng.choice(3000, ranking.OVERFETCH_LIMIT + 200, replace=False)
+    removed = rng.choice(3000, int(3000 * share_removed), replace=False)
+    assert len(removed) > ranking.OVERFETCH_LIMIT
     update_catalogue(tmp_path / "index", lambda manifest: None, remove_ids=[str(row) for row in removed])
-    catalog = Catalog(tmp_path / "index", ivf_nprobe=1000)  # every list probed: IVF searches are exact
-    assert catalog._available is not None
-    available = np.flatnonzero(~np.isin(np.arange(3000), removed))
+    catalog = Catalog(tmp_path / "index", exact_search_limit=100)
+    assert (catalog._available is None) == (index_type == "flat")
     queries = rng.standard_normal((40, vectors.shape[1])).astype(np.float32)
     _, rows = catalog.search(queries, 10)  # one batched search
-    hits = 0
+    everything = np.ones(3000, dtype=bool)
     for query, found in zip(queries, rows):
         assert not np.isin(found, removed).any() and (found >= 0).all()
-        exact = available[np.argsort(-(vectors[available] @ query), kind="stable")[:10]]
-        hits += len(set(found.tolist()) & set(exact.tolist()))
-    assert hits / rows.size >= (1.0 if index_type in ("flat", "ivf") else 0.9)
+        np.testing.assert_array_equal(found, catalog.search_masked(query, 10, everything)[1])
 
 
 def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_path: Path) -> None:

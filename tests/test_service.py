@@ -286,7 +286,9 @@ def test_the_index_watcher_survives_any_error_and_reads_a_bad_version_once(shop,
     monkeypatch.setattr(index_slot, "TOWERS_RETRY_S", 0.05)
     opened: list[str] = []
     open_catalog = slot.open_catalog
-    monkeypatch.setattr(slot, "open_catalog", lambda path: opened.append(Path(path).name) or open_catalog(path))
+    monkeypatch.setattr(
+        slot, "open_catalog", lambda path, served=None: opened.append(Path(path).name) or open_catalog(path, served)
+    )
     failed = metrics.INDEX_RELOADS.labels("failed")
     failures_before = failed._value.get()
     write_shop_index(root / "v0002", seed=1)
@@ -374,7 +376,7 @@ def test_a_swap_waits_for_its_turn_and_leaves_rotation_only_while_another_replic
     slot, root, turns = swapping_in_turns(service, drain=others_serve, swap_drain_s=0.5)
     opened: list[str] = []
     open_catalog = slot.open_catalog
-    slot.open_catalog = lambda path: opened.append(Path(path).name) or open_catalog(path)
+    slot.open_catalog = lambda path, served=None: opened.append(Path(path).name) or open_catalog(path, served)
     readiness: list[str] = []
 
     def watch(seconds: float, until: str = "") -> None:
@@ -460,7 +462,7 @@ def test_a_turn_past_its_limit_is_handed_on_and_its_load_installed_in_a_later_tu
     slot.config = dataclasses.replace(slot.config, swap_turn_max_s=0.5)
     stuck = threading.Event()
     open_catalog = slot.open_catalog
-    slot.open_catalog = lambda path: stuck.wait(20) and open_catalog(path)  # a load stuck on its volume
+    slot.open_catalog = lambda path, served=None: stuck.wait(20) and open_catalog(path, served)  # a load stuck
     write_shop_index(root / "v0002", seed=1)
     artifacts.publish_version(root, "v0002")
     slot.start_watching()

@@ -172,16 +172,31 @@ def verify_files(index_dir: Path | str, manifest: Manifest, checked: tuple[Path,
             raise ArtifactError(f"{directory / MANIFEST_FILE}: no checksum recorded for {name}")
         if not path.is_file():
             raise ArtifactError(f"{path}: missing (manifest lists it)")
-        if checked is not None and checked[1].files.get(name) == expected and _same_file(checked[0] / name, path):
+        if checked is not None and _same_file_checked(checked, (directory, manifest), name):
             continue
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(f"{path}: checksum {actual[:12]}... does not match the manifest's {expected[:12]}...")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def shares_part(version: tuple[Path, Manifest], other: tuple[Path, Manifest], part: str) -> bool:
+    """Every file of `part` (part_of) in `version` is the same file in `other`, with the same recorded checksum, and
+    neither has more: what is derived from the part may be taken over from a loaded `other`."""
+    names = {name for name in version[1].files if part_of(name) == part}
+    return (
+        bool(names)
+        and names == {name for name in other[1].files if part_of(name) == part}
+        and all(_same_file_checked(other, version, name) for name in names)
+    )
+
+
+def _same_file_checked(checked: tuple[Path, Manifest], version: tuple[Path, Manifest], name: str) -> bool:
+    """`name` is one file in both versions (a hard link) and both manifests record the same checksum for it."""
+    expected = version[1].files.get(name)
+    if expected is None or checked[1].files.get(name) != expected:
+        return False
     try:
-        return a.samefile(b)
+        return (checked[0] / name).samefile(version[0] / name)
     except OSError:
         return False
 
