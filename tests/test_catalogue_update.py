@@ -495,6 +495,27 @@ def test_many_removed_articles_are_searched_as_a_masked_search_would(
         np.testing.assert_array_equal(found, catalog.search_masked(query, 10, everything)[1])
 
 
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_a_filter_on_a_version_with_removed_articles_combines_its_mask_once(tmp_path: Path, index_type: str) -> None:
+    rng = np.random.default_rng(6)
+    groups = rng.choice(["A", "B"], size=3000, p=[0.7, 0.3]).tolist()
+    vectors = write_random_index(tmp_path / "index" / "v0001", index_type, groups, seed=3)
+    artifacts.publish_version(tmp_path / "index", "v0001")
+    removed = rng.choice(3000, 400, replace=False)
+    update_catalogue(tmp_path / "index", lambda manifest: None, remove_ids=[str(row) for row in removed])
+    catalog = Catalog(tmp_path / "index", ivf_nprobe=1000, exact_search_limit=100)  # IVF: every list, exact
+    mask = catalog.filter_columns.mask(Filters.parse({"product_group": ["B"]}))
+    shown = catalog.shown(mask)
+    assert shown is catalog.shown(mask) and not shown.flags.writeable  # kept for the next request with the filter
+    assert np.array_equal(shown, mask & ~catalog.excluded)
+    assert catalog.shown(mask.copy()) is not shown  # a request's own mask is combined, not kept
+    expected_rows = np.flatnonzero(mask & ~catalog.excluded)
+    for query in rng.standard_normal((10, vectors.shape[1])).astype(np.float32):
+        _, rows = ranking.rank(catalog, query[None], [ranking.RankRequest(10, allowed=mask)])[0]
+        exact = expected_rows[np.argsort(-(vectors[expected_rows] @ query), kind="stable")[:10]]
+        assert rows.tolist() == exact.tolist()
+
+
 def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_path: Path) -> None:
     root = copy_root(tiny_pipeline, tmp_path)
     parent = root / artifacts.current_version(root)

@@ -84,6 +84,10 @@ class ItemSpace(Protocol):
         bias."""
         ...
 
+    def shown(self, allowed: np.ndarray) -> np.ndarray:
+        """bool [N], not to be written to: the rows of `allowed` not excluded (`allowed` itself when none are)."""
+        ...
+
 
 def item_scores(
     vectors: np.ndarray, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice, prior: float
@@ -178,8 +182,8 @@ def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: in
 def visible(space: ItemSpace, request: RankRequest) -> np.ndarray:
     """bool [N]: rows this request may return (its filters, minus what it bought when it excludes that). Not to be
     written to: with nothing to take out, the request's own mask (read-only: serving.filters caches them)."""
-    if request.allowed is not None and not request.exclude_bought and space.n_excluded == 0:
-        return request.allowed  # no copy: 1.3 ms at 10M rows, and the search reuses the cached mask's count
+    if request.allowed is not None and not request.exclude_bought:
+        return space.shown(request.allowed)  # no copy: 1.3 ms at 10M rows; a served index keeps a filter's
     # A new array in one pass. At 10M rows allowed > excluded (allowed and not excluded, for bools) takes 1.7 ms;
     # copy, negate and & took 4.0.
     allowed = ~space.excluded if request.allowed is None else np.greater(request.allowed, space.excluded)
@@ -415,6 +419,9 @@ class ExactItems:
         if not found:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
+
+    def shown(self, allowed: np.ndarray) -> np.ndarray:
+        return np.greater(allowed, self.excluded) if self.n_excluded else allowed
 
     def search_masked(
         self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
