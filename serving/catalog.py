@@ -67,7 +67,9 @@ RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
 # 25.4 ms. ivf-pq and ivf-sq8 (k x 10, finer codes than FastScan's) reach the cap only past k = 240.
 RERANK_MAX_CANDIDATES = 2400
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
-SHOWN_MASKS_KEPT = 8  # filters' masks kept without a version's removed rows (Catalog.shown): 80 MB at 10M rows
+# Filters' masks kept without a version's removed rows (Catalog.shown): 80 MB at 10M rows, and up to as much again
+# for their source masks while serving.filters' own cache has let them go.
+SHOWN_MASKS_KEPT = 8
 
 
 def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
