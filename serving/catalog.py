@@ -67,8 +67,9 @@ RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
 # 25.4 ms. ivf-pq and ivf-sq8 (k x 10, finer codes than FastScan's) reach the cap only past k = 240.
 RERANK_MAX_CANDIDATES = 2400
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
-# Filters' masks kept without a version's removed rows (Catalog.shown): 80 MB at 10M rows, and up to as much again
-# for their source masks while serving.filters' own cache has let them go.
+# Filters' masks kept without a version's removed rows (Catalog.shown), per loaded version (two during a swap): at
+# 10M rows 10 MB each plus its packed bitmap once searched (1.25 MB), and up to 10 MB more for its source mask
+# while serving.filters' own cache has let it go.
 SHOWN_MASKS_KEPT = 8
 
 
@@ -427,18 +428,21 @@ class Catalog:
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
-        every row would search them (`_plan`, `_selector_params`: the same results), or None where that search
-        is exact (a flat index, or few rows left). All three are kept: faiss' selector reads the bitmap without
-        owning it. At 10M articles (ivf-pq-fastscan, float16 vectors, 1,100 removed, one thread, 200 stored
-        customers, p50 of two runs of two rounds) a search took 2.7-3.2 ms at k 12 and 4.4-5.6 ms at k 300 this
-        way, 6.9-7.3 and 7.8-10.1 ms as a masked search per query (a 10M-row mask built, counted and packed for
-        each), 1.9-2.6 and 3.3-4.5 ms with nothing removed; the same rows as the masked search."""
+        every row would search them (`_plan`, `_selector_params`: the same results; a flat index exactly), or None
+        where few rows are left (the masked search scores them exactly). All three are kept: faiss' selector reads
+        the bitmap without owning it. At 10M articles (ivf-pq-fastscan, float16 vectors, 1,100 removed, one thread,
+        200 stored customers, p50 of two runs of two rounds) a search took 2.7-3.2 ms at k 12 and 4.4-5.6 ms at k
+        300 this way, 6.9-7.3 and 7.8-10.1 ms as a masked search per query (a 10M-row mask built, counted and packed
+        for each), 1.9-2.6 and 3.3-4.5 ms with nothing removed; the same rows as the masked search."""
         n_available = len(self.excluded) - self.n_excluded
         plan = self._plan(len(self.excluded), n_available)
-        if plan not in ("hnsw+selector", "ivf+selector") or n_available == 0:
+        flat = not hasattr(self.index, "hnsw") and not hasattr(self.index, "nprobe")
+        if n_available == 0 or (plan == "exact" and not flat):  # few rows left: the masked search scores them
             return None
         bitmap = np.packbits(~self.excluded, bitorder="little")
         selector = faiss.IDSelectorBitmap(len(self.excluded), faiss.swig_ptr(bitmap))
+        if flat:  # exact either way, batched (review: 50k rows, 1,000 removed, k 100: 0.5 not 2.2 ms per query)
+            return bitmap, selector, faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         return bitmap, selector, self._selector_params(plan, selector, n_available / len(self.excluded))
 
     def _selector_params(self, plan: str, selector: Any, selectivity: float) -> Any:
@@ -494,14 +498,14 @@ class Catalog:
         return "exact"
 
     def shown(self, allowed: np.ndarray) -> np.ndarray:
-        """bool [N], read-only: the rows of `allowed` this version shows (not excluded). For a filter's cached mask
-        (read-only: serving.filters) the result and its count are kept for the next request with that filter. At 10M
+        """bool [N], read-only: the rows of `allowed` this version shows (not excluded). For a mask serving.filters
+        caches (a request's filters) the result and its count are kept for the next request with that filter. At 10M
         rows with 1,100 removed, combining twice and counting per request cost a filtered list 3-4 ms (ranking.rank,
         k 12, one thread, p50: a 40% group 3.9-5.7 ms with none removed, 7.9-9.7 with them; a 5% group 9.7-10.5 and
         13.5-13.6); kept, 3.1-4.3 and 8.5-8.7 ms, as with none removed."""
         if not self.n_excluded:
             return allowed
-        if allowed.flags.writeable:  # a request's own mask: not seen again
+        if not self.filter_columns.caches(allowed):  # a request's own mask: not seen again
             return np.greater(allowed, self.excluded)
         with self._shown_lock:
             kept = self._shown.get(id(allowed))

@@ -154,6 +154,11 @@ class FilterColumns:
                 del self._summaries[id(evicted)]
         return keep
 
+    def caches(self, mask: np.ndarray) -> bool:
+        """`mask` is one this keeps (a request's filters): the same object until it is let go."""
+        with self._masks_lock:
+            return id(mask) in self._summaries
+
     def summary(self, mask: np.ndarray) -> MaskSummary:
         """The mask's count and bitmap: kept for a mask this caches (a request's filters, nothing taken out), made
         for any other."""
