@@ -238,12 +238,9 @@ def write_index_dir(
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))
         return [artifacts.INDEX_FILE]
 
-    def save_array(name: str, array: np.ndarray, dtype: str) -> Callable[[Path], list[str]]:
-        def save(staging: Path) -> list[str]:
-            np.save(staging / name, np.asarray(array, dtype=dtype))
-            return [name]
-
-        return save
+    def save_bias(staging: Path) -> list[str]:
+        np.save(staging / artifacts.ITEM_BIAS_FILE, np.asarray(item_bias, dtype=np.float32))
+        return [artifacts.ITEM_BIAS_FILE]
 
     def save_vectors(staging: Path) -> list[str]:
         save_rows(staging / artifacts.VECTORS_FILE, blocks, vector_dtype)
@@ -270,9 +267,7 @@ def write_index_dir(
         artifacts.VECTORS_FILE: save_vectors,
         artifacts.HISTORIES_FILE: save_histories,
         artifacts.ITEMS_DIR: save_items,
-        artifacts.ITEM_BIAS_FILE: None
-        if item_bias is None
-        else save_array(artifacts.ITEM_BIAS_FILE, item_bias, "float32"),
+        artifacts.ITEM_BIAS_FILE: None if item_bias is None else save_bias,
         artifacts.SECOND_STAGE_FILE: None if signals is None else save_signals,
         artifacts.LEXICAL_DIR: None if lexical is None else save_lexical,
     }

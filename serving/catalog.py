@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
 import faiss
 import numpy as np
 
-from serving.filters import FilterColumns, MaskSummary
+from serving.filters import FilterColumns, KeptMasks
 from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
 from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
@@ -208,11 +206,9 @@ class Catalog:
         # searches pass the index a selector of the available rows, built once per version (None: none needed, or
         # a masked search is exact there).
         self._available = self._available_rows() if self.n_excluded > ranking.OVERFETCH_LIMIT else None
-        # A recent filter's mask without this version's excluded rows, with its count: source mask id -> (the
-        # source mask, kept so its id stays its own; the combined mask; its summary) and combined mask id -> summary.
-        self._shown: OrderedDict[int, tuple[np.ndarray, np.ndarray, MaskSummary]] = OrderedDict()
-        self._shown_summaries: dict[int, MaskSummary] = {}
-        self._shown_lock = threading.Lock()  # searches may run in worker threads
+        # Recent filters' masks without this version's excluded rows, by the id of the filter's mask (kept alive
+        # with them, so the id stays its own).
+        self._shown: KeptMasks[int] = KeptMasks(SHOWN_MASKS_KEPT)
         self.filter_columns = previous.filter_columns if previous else FilterColumns(self.items)
         self.product_types = self.filter_columns.product_type  # the diversity cap groups by it
         # Articles of one product (other colours) for the sibling boost; indexes without product_code have none.
@@ -507,23 +503,8 @@ class Catalog:
             return allowed
         if not self.filter_columns.caches(allowed):  # a request's own mask: not seen again
             return np.greater(allowed, self.excluded)
-        with self._shown_lock:
-            kept = self._shown.get(id(allowed))
-            if kept is not None:
-                self._shown.move_to_end(id(allowed))
-                return kept[1]
-        combined = np.greater(allowed, self.excluded)
-        combined.flags.writeable = False
-        summary = MaskSummary(int(np.count_nonzero(combined)))
-        with self._shown_lock:
-            replaced = self._shown.pop(id(allowed), None)  # built by another request meanwhile
-            if replaced is not None:
-                del self._shown_summaries[id(replaced[1])]
-            self._shown[id(allowed)], self._shown_summaries[id(combined)] = (allowed, combined, summary), summary
-            while len(self._shown) > SHOWN_MASKS_KEPT:
-                _, (_, evicted, _) = self._shown.popitem(last=False)
-                del self._shown_summaries[id(evicted)]
-        return combined
+        kept = self._shown.get(id(allowed))
+        return kept if kept is not None else self._shown.put(id(allowed), np.greater(allowed, self.excluded), allowed)
 
     def search_masked(
         self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
@@ -532,8 +513,7 @@ class Catalog:
         same scores as `search`; rows are -1 past the last result. The selector paths widen the search as
         fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity up to 8x
         (allowed rows are spread over the lists)."""
-        with self._shown_lock:
-            summary = self._shown_summaries.get(id(allowed))  # `shown`'s: excluded rows already out, counted
+        summary = self._shown.summary(allowed)  # `shown`'s: excluded rows already out, counted
         if summary is None:
             if self.n_excluded:
                 allowed = np.greater(allowed, self.excluded)  # allowed and not excluded, one pass

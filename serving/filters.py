@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from twotower.item_table import ItemTable
+
+Key = TypeVar("Key")
 
 # request field -> metadata column; each takes a list of accepted values (any of them matches)
 CATEGORY_FILTERS = {
@@ -97,6 +99,49 @@ class MaskSummary:
         return self._bitmap
 
 
+class KeptMasks(Generic[Key]):
+    """Recently used read-only masks by key (the least recently used let go past `kept`), each with its summary,
+    found by the mask itself (its id: unique while the mask is kept). Thread-safe: searches run in worker threads.
+    Used for filters' masks (FilterColumns) and for them without a version's removed rows (serving.catalog)."""
+
+    def __init__(self, kept: int):
+        self.kept = max(0, kept)
+        self._masks: OrderedDict[Key, tuple[np.ndarray, tuple[Any, ...]]] = OrderedDict()
+        self._summaries: dict[int, MaskSummary] = {}  # id of a kept mask -> its summary, dropped with it
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def get(self, key: Key) -> np.ndarray | None:
+        with self._lock:
+            kept = self._masks.get(key)
+            if kept is None:
+                return None
+            self._masks.move_to_end(key)
+            return kept[0]
+
+    def put(self, key: Key, mask: np.ndarray, *alive: Any) -> np.ndarray:
+        """Keep `mask` (made read-only and counted) under `key`, with `alive` (objects to keep alive as long as it:
+        what an id key stands for). Returns it."""
+        mask.flags.writeable = False
+        summary = MaskSummary(int(np.count_nonzero(mask)))
+        with self._lock:
+            replaced = self._masks.pop(key, None)  # built by another request meanwhile
+            if replaced is not None:
+                del self._summaries[id(replaced[0])]
+            self._masks[key], self._summaries[id(mask)] = (mask, alive), summary
+            while len(self._masks) > self.kept:
+                _, (evicted, _) = self._masks.popitem(last=False)
+                del self._summaries[id(evicted)]
+        return mask
+
+    def summary(self, mask: np.ndarray) -> MaskSummary | None:
+        """The summary of `mask` if it is one this keeps."""
+        with self._lock:
+            return self._summaries.get(id(mask))
+
+
 class FilterColumns:
     """The metadata columns filters look at, as arrays (built once per index version)."""
 
@@ -104,11 +149,7 @@ class FilterColumns:
         table = items if isinstance(items, ItemTable) else ItemTable.from_columns(items)
         n = table.rows
         self.n = n
-        self._masks: OrderedDict[Filters, np.ndarray] = OrderedDict()
-        # id of a cached mask -> its summary, dropped with it (an id is unique while its mask is alive)
-        self._summaries: dict[int, MaskSummary] = {}
-        self._masks_kept = max(0, mask_cache_bytes // max(1, n))
-        self._masks_lock = threading.Lock()  # searches may run in worker threads
+        self._masks: KeptMasks[Filters] = KeptMasks(mask_cache_bytes // max(1, n))
         # Each category column as (sorted distinct values, integer code per row; the table's own encoding,
         # memory-mapped): a filter becomes a lookup table indexed by code, ~50x cheaper per request than
         # comparing strings row by row.
@@ -136,34 +177,17 @@ class FilterColumns:
 
     def mask(self, filters: Filters) -> np.ndarray:
         """bool [N], read-only: the rows `filters` let through (recent filters' masks are reused)."""
-        with self._masks_lock:
-            cached = self._masks.get(filters)
-            if cached is not None:
-                self._masks.move_to_end(filters)
-                return cached
-        keep = self._build_mask(filters)
-        keep.flags.writeable = False
-        summary = MaskSummary(int(np.count_nonzero(keep)))
-        with self._masks_lock:
-            replaced = self._masks.pop(filters, None)  # built by another request meanwhile
-            if replaced is not None:
-                del self._summaries[id(replaced)]
-            self._masks[filters], self._summaries[id(keep)] = keep, summary
-            while len(self._masks) > self._masks_kept:
-                _, evicted = self._masks.popitem(last=False)
-                del self._summaries[id(evicted)]
-        return keep
+        cached = self._masks.get(filters)
+        return cached if cached is not None else self._masks.put(filters, self._build_mask(filters))
 
     def caches(self, mask: np.ndarray) -> bool:
         """`mask` is one this keeps (a request's filters): the same object until it is let go."""
-        with self._masks_lock:
-            return id(mask) in self._summaries
+        return self._masks.summary(mask) is not None
 
     def summary(self, mask: np.ndarray) -> MaskSummary:
         """The mask's count and bitmap: kept for a mask this caches (a request's filters, nothing taken out), made
         for any other."""
-        with self._masks_lock:
-            kept = self._summaries.get(id(mask))
+        kept = self._masks.summary(mask)
         return kept if kept is not None else MaskSummary(int(np.count_nonzero(mask)))
 
     def _build_mask(self, filters: Filters) -> np.ndarray:

@@ -101,7 +101,7 @@ def test_a_cached_masks_count_and_bitmap_are_kept_with_it_and_dropped_with_it() 
     assert columns.summary(taken_out) is not summary and columns.summary(taken_out).count == 2
     columns.mask(Filters.parse({"colour": ["Black"]}))
     columns.mask(Filters.parse({"colour": ["White"]}))  # the first mask evicted: its summary too
-    assert columns.summary(upper) is not summary and len(columns._summaries) == len(columns._masks) == 2
+    assert columns.summary(upper) is not summary and len(columns._masks._summaries) == len(columns._masks) == 2
     # nothing to take out: the search gets the request's (cached) mask itself, not a copy
     space = ranking.ExactItems(np.eye(4, dtype=np.float32))
     request = ranking.RankRequest(2, allowed=upper)
