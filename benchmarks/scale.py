@@ -318,14 +318,16 @@ def served_latency(
     a stand-in replica's heartbeats): the retriever leaves rotation, loads, rejoins; no requests are sent while
     its /ready answers 503 (Kubernetes sends them to the other replica), and "during" is how long that was.
     `hot_swap` "update": swapped in place, but the second version is a catalogue update that removes
-    UPDATE_REMOVALS articles (export.catalogue_update): it shares every other file with the served version."""
+    UPDATE_REMOVALS articles (export.catalogue_update): it shares every other file with the served version.
+    `hot_swap` "add": the same, an update adding UPDATE_ADDITIONS articles: it shares the served version's
+    vectors and histories, and rewrites its index, metadata, prior and signals."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog
 
     catalog = Catalog(directory, lexical=False)
     bodies = request_bodies(catalog, int(rate * seconds))
-    served_dir = _swap_root(directory, work / "swap-root", hot_swap == "update") if hot_swap else directory
+    served_dir = _swap_root(directory, work / "swap-root", hot_swap) if hot_swap else directory
     manifest = catalog.manifest
     served = offline.BenchArtifacts(served_dir, repository, manifest.item_count, manifest.index_type, {})
     del catalog
@@ -384,18 +386,19 @@ def served_latency(
 
 
 # --hot-swap: swapped while serving; or out of rotation (retriever/swap_turns.py); or swapped while serving to a
-# catalogue update that shares the served version's files
-HOT_SWAP_MODES = ("in-place", "turn", "update")
+# catalogue update that shares the served version's files (removing articles, or adding them)
+HOT_SWAP_MODES = ("in-place", "turn", "update", "add")
 UPDATE_REMOVALS = 1000  # articles a --hot-swap update removes (sold out): the rest of the version is unchanged
+UPDATE_ADDITIONS = 1000  # new articles a --hot-swap add appends (the synthetic shop's, new ids, random vectors)
 SWAP_VERSIONS = ("v0001", "v0002")  # the served version and the one swapped in, under the swap root
 SWAP_PHASES = ("during", "after", "later")  # the runs of `served_latency(hot_swap=...)` after the measured one
 
 
-def _swap_root(directory: Path, root: Path, update: bool = False) -> Path:
+def _swap_root(directory: Path, root: Path, hot_swap: str = "in-place") -> Path:
     """An index root serving `directory` (linked as its first version) with a second version, not yet published:
-    a copy of it (its files new to the page cache, as a new export's would be), or with `update` a catalogue
-    update removing UPDATE_REMOVALS random articles (its other files the first version's, as an update shares
-    them)."""
+    a copy of it (its files new to the page cache, as a new export's would be), or for `hot_swap` "update" /
+    "add" a catalogue update removing UPDATE_REMOVALS random articles / adding UPDATE_ADDITIONS new ones (what
+    it leaves unchanged the first version's files, as an update shares them)."""
     from export.catalogue_update import update_catalogue
 
     shutil.rmtree(root, ignore_errors=True)
@@ -403,10 +406,13 @@ def _swap_root(directory: Path, root: Path, update: bool = False) -> Path:
     first, second = (root / name for name in SWAP_VERSIONS)
     first.symlink_to(directory.resolve(), target_is_directory=True)
     artifacts.publish_version(root, first.name)
-    if update:
-        ids = artifacts.read_items(directory, artifacts.read_manifest(directory)).article_ids
-        removed = np.random.default_rng(0).choice(len(ids), UPDATE_REMOVALS, replace=False)
-        published = update_catalogue(root, lambda manifest: None, remove_ids=[str(ids[i]) for i in removed])
+    if hot_swap in ("update", "add"):
+        if hot_swap == "update":
+            ids = artifacts.read_items(directory, artifacts.read_manifest(directory)).article_ids
+            removed = np.random.default_rng(0).choice(len(ids), UPDATE_REMOVALS, replace=False)
+            published = update_catalogue(root, lambda manifest: None, remove_ids=[str(ids[i]) for i in removed])
+        else:
+            published = update_catalogue(root, _random_item_tower, _new_articles(root / "added.csv"))
         assert published.index_version == second.name
         artifacts.publish_version(root, first.name)  # the runs publish it under load
         return root
@@ -414,6 +420,24 @@ def _swap_root(directory: Path, root: Path, update: bool = False) -> Path:
     manifest = artifacts.read_manifest(second)
     artifacts.write_manifest(second, dataclasses.replace(manifest, index_version=second.name))
     return root
+
+
+def _new_articles(path: Path) -> Path:
+    """UPDATE_ADDITIONS articles in the H&M format: the synthetic shop's (twotower.data.synthetic), with ids no
+    catalogue here uses."""
+    from twotower.data.synthetic import make_articles
+
+    added = make_articles(np.random.default_rng(0), UPDATE_ADDITIONS)
+    added["article_id"] = [f"09{number:08d}" for number in range(UPDATE_ADDITIONS)]
+    added.to_csv(path, index=False)
+    return path
+
+
+def _random_item_tower(manifest: artifacts.Manifest) -> Callable[[list[str]], np.ndarray]:
+    """An item tower for --hot-swap add: a unit vector per caption (the cost measured is the swap's, not the
+    embedding's)."""
+    rng = np.random.default_rng(0)
+    return lambda captions: _unit(rng.standard_normal((len(captions), manifest.dim)).astype(np.float32))
 
 
 def _hot_swap_runs(
@@ -620,7 +644,8 @@ def _hot_swap_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Hot swaps under load (`--hot-swap`): after the measured run, CURRENT is pointed at a second version",
         "(a copy: its files new to the page cache; `--hot-swap update`: a catalogue update removing 1,000 articles,",
-        "its other files the served version's) at the start of the next run, which the retriever's",
+        "its other files the served version's; `--hot-swap add`: one adding 1,000, sharing the vectors and",
+        "histories) at the start of the next run, which the retriever's",
         "watcher loads and swaps in while serving; two more runs follow ('after', 'later'). Per run:",
         "p50 / p99 ms, errors, major faults under the limit ('before': with the cold run's, as in the table",
         "above); the retriever's own (anon) memory after it; the cgroup's peak since the start. `--hot-swap turn`:",
@@ -769,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=HOT_SWAP_MODES,
         help="after the served run, three more: one that swaps in a second version under load, two after it; "
         "'turn': the swap taken out of rotation, as a replica's turn while another serves (no requests meanwhile); "
-        "'update': in place, to a catalogue update removing 1,000 articles, which shares the served version's files",
+        "'update': in place, to a catalogue update removing 1,000 articles, which shares the served version's files; "
+        "'add': the same, to an update adding 1,000 articles (shares the vectors and histories)",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))

@@ -23,7 +23,7 @@ from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
 from twotower.data.hm import METADATA_COLUMNS
-from twotower.files import link_or_copy, save_rows, sha256_file, staged_directory
+from twotower.files import RowBlocks, link_or_copy, save_rows, sha256_file, staged_directory
 from twotower.model.towers import embed_texts
 from twotower.second_stage import ArticleSignals
 
@@ -204,7 +204,7 @@ class SharedParts:
 def write_index_dir(
     out: Path,
     index: faiss.Index | None,
-    vectors: np.ndarray | Sequence[np.ndarray],
+    vectors: np.ndarray | Sequence[np.ndarray | RowBlocks],
     metadata: Mapping[str, Sequence[str]],
     histories: dict[str, np.ndarray],
     score_head: artifacts.ScoreHeadWeights,
@@ -218,19 +218,26 @@ def write_index_dir(
     """Write one index version into a staging directory, checksum it, then rename it into place. `vectors` may be
     blocks of rows (a parent's memory-mapped vectors and an update's new rows), written one after the other. The
     parts `shared` names are linked from its parent instead of written (their arguments are then not read; `index`
-    may be None when the index is one of them)."""
+    may be None when the index is one of them). When the vectors are shared, `vectors` are the rows after the
+    parent's (none for a removal), written as a block of their own (artifacts.VECTOR_BLOCKS_DIR)."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
     vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
     if vector_dtype not in artifacts.VECTOR_DTYPES:
         raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {artifacts.VECTOR_DTYPES}")
-    blocks = [vectors] if isinstance(vectors, np.ndarray) else list(vectors)
-    rows, dim = sum(len(block) for block in blocks), int(blocks[0].shape[1])
+    blocks = [vectors] if isinstance(vectors, np.ndarray) else [block for block in vectors if len(block)]
+    linked = shared.parts if shared is not None else frozenset()
+    parent = shared.manifest if shared is not None and artifacts.VECTORS_FILE in linked else None
+    if parent is not None:  # the parent's vectors are every file of them, its appended blocks too
+        linked = linked | {artifacts.VECTOR_BLOCKS_DIR}
+    rows = sum(len(block) for block in blocks) + (parent.item_count if parent is not None else 0)
+    dim = parent.dim if parent is not None else int(blocks[0].shape[1])
+    if any(block.shape[1:] != (dim,) for block in blocks):
+        raise ValueError(f"vectors of {[block.shape[1:] for block in blocks]} columns, the index {dim}")
     if signals is not None and signals.size != rows:
         raise ValueError(f"second stage signals have {signals.size} rows, the index {rows}")
     if lexical is not None and len(lexical) != rows:
         raise ValueError(f"lexical index has {len(lexical)} rows, the index {rows}")
-    linked = shared.parts if shared is not None else frozenset()
     if index is None and artifacts.INDEX_FILE not in linked:
         raise ValueError("no FAISS index to write and none shared with a parent")
 
@@ -265,6 +272,7 @@ def write_index_dir(
     parts: dict[str, Callable[[Path], list[str]] | None] = {
         artifacts.INDEX_FILE: save_index,
         artifacts.VECTORS_FILE: save_vectors,
+        artifacts.VECTOR_BLOCKS_DIR: None,  # a parent's appended blocks, linked with its vectors; new ones below
         artifacts.HISTORIES_FILE: save_histories,
         artifacts.ITEMS_DIR: save_items,
         artifacts.ITEM_BIAS_FILE: None if item_bias is None else save_bias,
@@ -281,6 +289,13 @@ def write_index_dir(
             elif save is not None:  # not shared, or the parent has none (items.json before items/: written anew)
                 written = save(staging)
             names += written
+        vector_blocks = [] if parent is None else list(parent.vector_blocks)
+        if parent is not None and blocks:
+            block = f"{artifacts.VECTOR_BLOCKS_DIR}/{out.name}.npy"
+            (staging / artifacts.VECTOR_BLOCKS_DIR).mkdir(exist_ok=True)
+            save_rows(staging / block, blocks, vector_dtype)
+            vector_blocks = [*artifacts.vector_files(parent), block]
+            names.append(block)
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)
@@ -290,7 +305,7 @@ def write_index_dir(
             item_count=rows,
             index_version=out.name,
             files={name: checksums.get(name) or sha256_file(staging / name) for name in names},
-            **manifest_fields,
+            **{**manifest_fields, "vector_blocks": vector_blocks},
         )
         artifacts.write_manifest(staging, manifest)
     return manifest

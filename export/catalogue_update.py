@@ -16,8 +16,9 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 What the update leaves unchanged the new version shares with its parent: hard links to the same files
 (export.catalogue_index.SharedParts). A removal writes excluded.json, the score head and the manifest and links
 the rest (a parent written before items/ gets its columns written);
-added rows rewrite the catalogue's files (index, vectors, metadata, prior, signals, BM25) but share the
-customers' histories unless a changed article moved rows.
+added rows rewrite the catalogue's other files (index, metadata, prior, signals, BM25) but share the parent's
+vectors, written after them as a block of their own (artifacts.VECTOR_BLOCKS_DIR; all of them as one file again
+once a version has artifacts.MAX_VECTOR_BLOCKS), and the customers' histories unless a changed article moved rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from serving.catalog import Catalog
 from serving.lexical import LexicalIndex
 from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
+from twotower.files import RowBlocks
 
 log = logging.getLogger("export.update")
 
@@ -165,8 +167,10 @@ def _update(
     # The loaded parent's own objects are extended in memory; its files are never written. What the update leaves
     # as it was, the new version shares with the parent (export.catalogue_index.SharedParts): a removal writes one
     # small file, not a copy of the whole version (at 10M articles, 3.5 GB).
-    vectors, item_bias = [parent.vectors], parent.item_bias  # row blocks, one after the other
+    vectors: list[np.ndarray | RowBlocks] = []  # the rows written: new ones, or all when the blocks are merged
+    item_bias = parent.item_bias
     index, items, histories = None, None, {}
+    unchanged: set[str] = set()  # the parent's parts this version shares (SharedParts)
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     n_parent = len(parent.vectors)
     added = changed = 0
@@ -199,7 +203,10 @@ def _update(
             item_bias = np.concatenate([item_bias, new_bias])
         if signals is not None:
             signals = signals.extended(replaced)
-        vectors.append(new_vectors)  # written in the parent's dtype
+        # Written in the parent's dtype: after the parent's files, or with all its rows when it has enough files
+        append_block = len(artifacts.vector_files(manifest)) < artifacts.MAX_VECTOR_BLOCKS
+        vectors = [new_vectors] if append_block else [parent.vectors, new_vectors]
+        unchanged |= {artifacts.VECTORS_FILE} if append_block else set()
         if changed:  # customers' histories point at a changed article's new row
             with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
                 histories = {name: stored[name] for name in stored.files}
@@ -211,7 +218,7 @@ def _update(
                 histories["user_vectors"][stale] = np.nan
     # Removal applies to an article's current row (its last), so it wins when an id is both added and removed.
     excluded.update((parent.items if items is None else items).row_of[a] for a in remove_ids)
-    unchanged = {artifacts.HISTORIES_FILE} if not histories else set()
+    unchanged |= {artifacts.HISTORIES_FILE} if not histories else set()
     if index is None:  # no rows added: the catalogue's side is the parent's
         unchanged |= {
             artifacts.INDEX_FILE,

@@ -24,7 +24,7 @@ from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
-from twotower.files import load_npz_mapped
+from twotower.files import RowBlocks, VectorRows, load_npz_mapped
 from twotower.item_table import ItemTable
 from twotower.ranking import Purchases
 from twotower.second_stage import ArticleSignals, SecondStage
@@ -176,13 +176,19 @@ class Catalog:
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
-        mapped_vectors = np.load(self.index_dir / artifacts.VECTORS_FILE, mmap_mode="r")
-        # Rows are read at random (re-ranking, histories): without this hint every fault reads ahead ~128 KiB
-        # of neighbours, and 700 searches over 10M articles mapped 5.4 GB of a 5 GB file (docs/scale.md).
-        random_access(mapped_vectors)
-        # A plain ndarray view of the same pages: indexing an np.memmap goes through Python, 0.1 ms for each of
-        # the second stage's five gathers per request on H&M (cProfile, 2026-11-30).
-        self.vectors = np.asarray(mapped_vectors)
+        blocks = []
+        for name in artifacts.vector_files(self.manifest):  # one file, or a catalogue update's appended blocks too
+            mapped_vectors = np.load(self.index_dir / name, mmap_mode="r")
+            # Rows are read at random (re-ranking, histories): without this hint every fault reads ahead ~128 KiB
+            # of neighbours, and 700 searches over 10M articles mapped 5.4 GB of a 5 GB file (docs/scale.md).
+            random_access(mapped_vectors)
+            # A plain ndarray view of the same pages: indexing an np.memmap goes through Python, 0.1 ms for each
+            # of the second stage's five gathers per request on H&M (cProfile, 2026-11-30).
+            blocks.append(np.asarray(mapped_vectors))
+        try:
+            self.vectors: VectorRows = blocks[0] if len(blocks) == 1 else RowBlocks(blocks)
+        except ValueError as err:
+            raise artifacts.ArtifactError(f"{self.index_dir}: {err}") from err
         # The popularity prior per article (twotower.popularity); indexes written before it have none
         # and search by cosine alone. With it, the index's rows are [vector, bias].
         self.item_bias: np.ndarray | None = None
@@ -288,7 +294,8 @@ class Catalog:
         The FAISS index file is left out: read into memory for ivf-pq-fastscan (the type measured), and a mapped
         IVF index reads only the lists a search probes."""
         names = [name for name in self.manifest.files if name.startswith(artifacts.ITEMS_DIR + "/")]
-        names += [name for name in (artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE) if name in self.manifest.files]
+        names += [name for name in (artifacts.HISTORIES_FILE,) if name in self.manifest.files]
+        names += artifacts.vector_files(self.manifest)
         done = 0
         buffer = bytearray(chunk_bytes)
         for name in names:

@@ -23,7 +23,7 @@ from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
 from twotower import artifacts, ranking
 from twotower.data.hm import DataFormatError, build_captions, find_data_file, load_articles
-from twotower.files import sha256_file
+from twotower.files import RowBlocks, sha256_file
 from twotower.ranking import cap_per_type
 
 
@@ -138,18 +138,45 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     _, rows = after.search(after.vectors, 10)
     assert after.row_of[removed] not in set(rows.ravel().tolist())
 
-    # New articles rewrite the catalogue's files and share the customers' histories ...
+    # New articles rewrite the catalogue's other files; their vectors are a block after the parent's, and the
+    # customers' histories are shared ...
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     third = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv").index_version
-    assert shared_names(second, third) == {artifacts.HISTORIES_FILE}
-    assert Catalog(root).excluded[after.row_of[removed]]  # the removal carries over
+    third_block = f"{artifacts.VECTOR_BLOCKS_DIR}/{third.name}.npy"
+    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE}
+    assert artifacts.read_manifest(third).vector_blocks == [artifacts.VECTORS_FILE, third_block]
+    assert len(np.load(third / third_block)) == 1  # the new row alone
+    grown = Catalog(root)
+    assert grown.excluded[after.row_of[removed]]  # the removal carries over
+    new_row = grown.row_of["0999000001"]
+    np.testing.assert_array_equal(grown.vectors[: len(parent.vectors)], parent.vectors)
+    _, rows = grown.search(grown.vectors[[new_row]], 5)
+    assert rows[0, 0] == new_row
     # ... unless a changed article moves customers' history rows.
     delta_file(tiny_pipeline, tmp_path / "changed.csv", [], changed=1)
     fourth = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "changed.csv").index_version
-    assert shared_names(third, fourth) == set()
+    assert shared_names(third, fourth) == {artifacts.VECTORS_FILE, third_block}
+    assert len(artifacts.read_manifest(fourth).vector_blocks) == 3
     # Every version still verifies (linked files keep the checksums their parent recorded).
     for version in (first, second, third, fourth):
         artifacts.verify_files(version, artifacts.read_manifest(version))
+
+
+def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(artifacts, "MAX_VECTOR_BLOCKS", 2)
+    root = copy_root(tiny_pipeline, tmp_path)
+    parent = Catalog(root)
+    names = [["0999000001"], ["0999000002", "0999000003"]]
+    for number, ids in enumerate(names):
+        delta_file(tiny_pipeline, tmp_path / f"new{number}.csv", ids)
+        update_catalogue(root, embedder(tiny_pipeline), tmp_path / f"new{number}.csv")
+        if number == 0:
+            blocks = Catalog(root).vectors
+            assert isinstance(blocks, RowBlocks) and len(blocks.blocks) == 2
+    merged = Catalog(root)  # the second addition found two files: all rows written as one again
+    assert merged.manifest.vector_blocks == [] and isinstance(merged.vectors, np.ndarray)
+    assert len(merged.vectors) == len(parent.vectors) + 3
+    np.testing.assert_array_equal(merged.vectors[:-2], np.asarray(blocks))  # the rows before the second addition
 
 
 def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
@@ -172,7 +199,10 @@ def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline,
     # New articles: new metadata and index, the same histories.
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv")
+    hashed.clear()
     grown = Catalog(root, shares_with=swapped)
+    # the served vectors file is not read again: only the block of the new article's vector
+    assert artifacts.VECTORS_FILE not in hashed and f"{grown.manifest.index_version}.npy" in hashed
     assert grown.index is not swapped.index and grown.items is not swapped.items and "0999000001" in grown.row_of
     assert grown.customer_row is swapped.customer_row and len(grown.article_ids) == len(swapped.article_ids) + 1
     # A file it does not share is still checked.

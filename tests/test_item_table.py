@@ -51,6 +51,23 @@ def test_row_blocks_are_written_as_one_array(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.concatenate(blocks).astype(np.float16))
 
 
+def test_row_blocks_read_as_the_array_of_their_rows() -> None:
+    from twotower.files import RowBlocks
+
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((n, 4)).astype(np.float16) for n in (6, 1, 3)]
+    whole, rows = np.concatenate(blocks), RowBlocks(blocks)
+    assert (len(rows), rows.shape, rows.dtype) == (10, (10, 4), np.float16)
+    for wanted in (3, 6, -1, np.int64(9), slice(None), slice(2, 8, 3), [0, 9, 6, 6], rng.integers(0, 10, (3, 5))):
+        np.testing.assert_array_equal(rows[wanted], whole[wanted])
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), whole.astype(np.float32))
+    assert rows[np.zeros(0, dtype=np.int64)].shape == (0, 4)
+    with pytest.raises(IndexError):
+        rows[[0, 10]]
+    with pytest.raises(ValueError, match="row blocks differ"):
+        RowBlocks([blocks[0], blocks[1].astype(np.float32)])
+
+
 @pytest.mark.parametrize("decoded_limit", [item_table.DECODED_LIMIT, 0])  # 0: every value decoded when read
 def test_written_columns_read_back_memory_mapped(tmp_path: Path, monkeypatch, decoded_limit: int) -> None:
     monkeypatch.setattr(item_table, "DECODED_LIMIT", decoded_limit)

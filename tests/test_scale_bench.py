@@ -102,7 +102,8 @@ def test_the_hot_swap_root_serves_the_version_and_holds_a_copy_to_swap_in(tmp_pa
     assert swapped.version == second.name and len(swapped.article_ids) == 40
 
 
-def test_the_update_swap_root_holds_a_removal_that_shares_the_served_files(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("hot_swap", ["update", "add"])
+def test_the_update_swap_roots_hold_an_update_that_shares_the_served_files(tmp_path, monkeypatch, hot_swap) -> None:
     from benchmarks import scale
     from serving.catalog import Catalog
     from tests.conftest import write_random_index
@@ -111,13 +112,15 @@ def test_the_update_swap_root_holds_a_removal_that_shares_the_served_files(tmp_p
     version = tmp_path / "ivf-pq"
     write_random_index(version, "flat", ["Garment Upper body"] * 40)
     monkeypatch.setattr(scale, "UPDATE_REMOVALS", 3)
-    root = scale._swap_root(version, tmp_path / "swap-root", update=True)
+    monkeypatch.setattr(scale, "UPDATE_ADDITIONS", 5)
+    root = scale._swap_root(version, tmp_path / "swap-root", hot_swap)
     first, second = (root / name for name in scale.SWAP_VERSIONS)
     assert artifacts.resolve_index_dir(root) == first  # published by the run, under load
-    assert (second / artifacts.VECTORS_FILE).samefile(version / artifacts.VECTORS_FILE)
+    assert (second / artifacts.VECTORS_FILE).samefile(version / artifacts.VECTORS_FILE)  # a removal's or an addition's
     artifacts.publish_version(root, second.name)
     swapped = Catalog(root, lexical=False)
-    assert swapped.version == second.name and swapped.n_excluded == 3
+    removed, rows = (3, 40) if hot_swap == "update" else (0, 45)
+    assert swapped.version == second.name and (swapped.n_excluded, len(swapped.article_ids)) == (removed, rows)
 
 
 def test_the_scale_page_shows_hot_swaps_in_a_table_of_their_own(tmp_path) -> None:

@@ -8,6 +8,8 @@ A path given to a reader may be the root or a version directory itself.
 One version's layout (written to a temporary sibling and renamed, so readers never see half of it):
     index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
+    vector_blocks/  optional: rows a catalogue update appended, one `<version>.npy` per update, read after
+                    vectors.npy in the order the manifest's `vector_blocks` lists (twotower.files.RowBlocks)
     items/          item metadata, row i = FAISS id i: memory-mapped dictionary-encoded columns
                     (twotower.item_table; every file checksummed as `items/<name>`); versions written
                     before it have items.json (the same columns as JSON lists), still read
@@ -77,6 +79,10 @@ def index_dimension(dim: int, prior: bool, index_type: str) -> int:
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"
+VECTOR_BLOCKS_DIR = "vector_blocks"
+# An addition to a version whose vectors are already this many files rewrites them as one vectors.npy: every
+# gather splits its rows by file, and a version of many small files is a tree of links nobody needs.
+MAX_VECTOR_BLOCKS = 8
 ITEMS_DIR = "items"
 ITEMS_FILE = "items.json"  # versions written before items/: read, never written
 HISTORIES_FILE = "histories.npz"
@@ -119,6 +125,9 @@ class Manifest:
     unseen_customer_share: float = 0.0  # customers training never saw (twotower.data.customers)
     item_tower_precision: str = "fp32"  # or int8: the exported item tower's Linear layers (CPU serving)
     vector_dtype: str = "float32"  # of vectors.npy: one of VECTOR_DTYPES
+    # The files holding the item vectors, in row order, when a catalogue update appended rows as a block of their
+    # own (VECTOR_BLOCKS_DIR); [] = vectors.npy alone (vector_files)
+    vector_blocks: list[str] = dataclasses.field(default_factory=list)
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
@@ -129,6 +138,11 @@ class Manifest:
     @property
     def text_query_model(self) -> str:
         return self.query_model or self.item_model
+
+
+def vector_files(manifest: Manifest) -> list[str]:
+    """The files of a version's item vectors, in row order."""
+    return list(manifest.vector_blocks) or [VECTORS_FILE]
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
@@ -150,6 +164,9 @@ def read_manifest(index_dir: Path | str) -> Manifest:
         raise ArtifactError(f"{path}: metric {manifest.metric!r} is not supported (expected {METRIC_INNER_PRODUCT!r})")
     if manifest.vector_dtype not in VECTOR_DTYPES:
         raise ArtifactError(f"{path}: vector_dtype {manifest.vector_dtype!r} is not one of {VECTOR_DTYPES}")
+    unlisted = [name for name in manifest.vector_blocks if name not in manifest.files]
+    if unlisted:
+        raise ArtifactError(f"{path}: vector_blocks names files it has no checksum for: {unlisted}")
     return manifest
 
 

@@ -65,7 +65,9 @@ def link_or_copy(source: Path | str, target: Path | str) -> bool:
         return False
 
 
-def save_rows(path: Path | str, blocks: Sequence[np.ndarray], dtype: str, chunk_rows: int = 1 << 18) -> None:
+def save_rows(
+    path: Path | str, blocks: Sequence[np.ndarray | RowBlocks], dtype: str, chunk_rows: int = 1 << 18
+) -> None:
     """One .npy file of the blocks' rows, one block after the other, in `dtype`, written a chunk at a time: a
     memory-mapped block is copied without ever being in the process's own memory at once."""
     rows = sum(len(block) for block in blocks)
@@ -78,6 +80,59 @@ def save_rows(path: Path | str, blocks: Sequence[np.ndarray], dtype: str, chunk_
             start += len(chunk)
     out.flush()
     del out
+
+
+class RowBlocks:
+    """Row blocks (memory-mapped arrays of one dtype and row shape) read as one array of their rows, one block after
+    the other: a catalogue update appends its new articles' vectors as a block beside the parent's file instead
+    of rewriting every row (at 10M articles, 2.4 GB of float16). Indexing by an int, a slice or an int array of any
+    shape (a gather) returns what indexing the concatenation would; np.asarray builds the concatenation."""
+
+    def __init__(self, blocks: Sequence[np.ndarray]):
+        if not blocks:
+            raise ValueError("no row blocks")
+        first = blocks[0]
+        for block in blocks[1:]:
+            if block.dtype != first.dtype or block.shape[1:] != first.shape[1:]:
+                raise ValueError(
+                    f"row blocks differ: {block.dtype} {block.shape[1:]} after {first.dtype} {first.shape[1:]}"
+                )
+        self.blocks = list(blocks)
+        self.ends = np.cumsum([len(block) for block in self.blocks])
+        self.starts = self.ends - [len(block) for block in self.blocks]
+        self.dtype = first.dtype
+        self.shape = (int(self.ends[-1]), *first.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | np.integer | slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        wanted = np.asarray(rows)
+        if wanted.dtype == bool:
+            raise TypeError("RowBlocks takes row numbers, not a mask")
+        wanted = wanted.astype(np.int64, copy=False)
+        wanted = np.where(wanted < 0, wanted + len(self), wanted)
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+            raise IndexError(f"row out of range for {len(self)} rows")
+        which = np.searchsorted(self.ends, wanted, side="right")
+        if wanted.ndim == 0:
+            return self.blocks[int(which)][int(wanted - self.starts[which])]
+        out = np.empty(wanted.shape + self.shape[1:], dtype=self.dtype)
+        for block in np.unique(which):  # a gather per block its rows fall in: most in the first
+            chosen = which == block
+            out[chosen] = self.blocks[block][wanted[chosen] - self.starts[block]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        whole = np.concatenate(self.blocks)
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+# Item vectors as the catalogue holds them: one array, or a version's row blocks
+VectorRows = np.ndarray | RowBlocks
 
 
 def sha256_file(path: Path | str) -> str:

@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from twotower import repeats, second_stage
+from twotower.files import VectorRows
 from twotower.repeats import Products, RepeatBoost
 from twotower.rowsets import find_sorted, member_of
 from twotower.second_stage import SecondStage
@@ -64,10 +65,14 @@ class ItemSpace(Protocol):
 
     excluded: np.ndarray  # bool [N]: rows never returned (removed or replaced articles)
     n_excluded: int  # how many
-    vectors: np.ndarray  # float32 [N, D]: the item vectors (the second stage compares candidates with a history)
     item_bias: np.ndarray | None  # float32 [N]: the popularity prior's bias per row (twotower.popularity), if any
     products: Products | None  # articles of one product, for the sibling boost
     product_types: np.ndarray  # int [N]: product type code per row, for the diversity cap
+
+    @property
+    def vectors(self) -> VectorRows:
+        """float32 [N, D]: the item vectors (the second stage compares candidates with a history)."""
+        ...
 
     def search(self, queries: np.ndarray, k: int, prior: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows) [B, k] over every row not excluded; rows are -1 past the last result."""
@@ -90,7 +95,7 @@ class ItemSpace(Protocol):
 
 
 def item_scores(
-    vectors: np.ndarray, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice, prior: float
+    vectors: VectorRows, bias: np.ndarray | None, query: np.ndarray, rows: np.ndarray | slice, prior: float
 ) -> np.ndarray:
     """cosine + prior * bias of `rows` for a query [D] (or queries [B, D]): the score every search ranks by."""
     scores = query @ vectors[rows].T

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from twotower.files import load_npz_mapped
+from twotower.files import VectorRows, load_npz_mapped
 from twotower.popularity import purchase_counts
 from twotower.repeats import Products
 from twotower.rowsets import find_sorted, member_of
@@ -333,7 +333,7 @@ def candidates(
     shown: Callable[[np.ndarray], np.ndarray],
     first_stage_scores: Callable[[np.ndarray, np.ndarray], np.ndarray],
     query: np.ndarray,
-    vectors: np.ndarray,
+    vectors: VectorRows,
     product_types: np.ndarray,
     products: Products | None,
 ) -> tuple[np.ndarray, np.ndarray]:

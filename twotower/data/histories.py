@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from twotower.files import VectorRows
+
 PAD = -1
 
 
@@ -57,7 +59,7 @@ class TrainingExamples:
 
 
 def user_tower_inputs(
-    item_vectors: np.ndarray, rows: np.ndarray, ages: np.ndarray
+    item_vectors: VectorRows, rows: np.ndarray, ages: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The user tower's inputs (history [B, L, D], mask [B, L], age [B, L], float32) from padded
     histories: `rows` [B, L] catalogue rows (PAD where empty) into `item_vectors`, `ages` in days.
