@@ -22,6 +22,7 @@ from pathlib import Path
 
 from export.catalogue_update import add_embedder_arguments, embedder_from_arguments, read_removals, update_catalogue
 from export.embedding_shards import precomputed_embedder
+from export.versions import prune
 from serving.towers import TritonUnavailable
 from twotower.artifacts import ArtifactError
 from twotower.data.hm import DataFormatError
@@ -37,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     add_embedder_arguments(parser, required=False).add_argument(
         "--vectors", type=Path, help="the finished directory of python -m export.embed over this articles file"
     )
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after publishing, remove all but CURRENT and the N newest versions (python -m export.versions; "
+        "0, the default: keep every version)",
+    )
     args = parser.parse_args(argv)
+    if args.keep_versions < 0:
+        parser.error("--keep-versions: 0 (keep all) or more")
     if args.articles and not (args.triton or args.model_repository or args.vectors):
         parser.error("--articles needs the item tower: --triton, --model-repository or --vectors")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         removals = read_removals(args.remove) if args.remove else []
         embedder_for = precomputed_embedder(args.vectors) if args.vectors else embedder_from_arguments(args)
         summary = update_catalogue(args.index_dir, embedder_for, args.articles, removals)
+        pruned = prune(args.index_dir, args.keep_versions) if args.keep_versions else []
     except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, TritonUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
         f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "
         f"{summary.changed} changed, {summary.removed} removed, {summary.items} rows, {summary.seconds:.1f}s"
+        + (f"; pruned {', '.join(pruned)}" if pruned else "")
     )
     return 0
 

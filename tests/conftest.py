@@ -95,10 +95,11 @@ def write_random_index(
     item_bias=None,
     prior_weight: float = 0.0,
     vector_dtype: str = "float32",
+    article_ids: list[str] | None = None,
 ):
     """An index version of len(groups) random unit vectors (product_group_name = groups) and no customers:
     for search tests that need no trained model; `item_bias` + `prior_weight` add a popularity prior.
-    Returns the vectors (float32, whatever `vector_dtype` stores)."""
+    Returns the vectors (float32, whatever `vector_dtype` stores). Article ids "0", "1", ... unless given."""
     import numpy as np
 
     from export.catalogue_index import build_faiss_index, write_catalogue_only
@@ -110,7 +111,7 @@ def write_random_index(
         directory,
         build_faiss_index(vectors, index_type, item_bias),
         vectors,
-        {"article_id": [str(i) for i in range(n)], "product_group_name": groups},
+        {"article_id": article_ids or [str(i) for i in range(n)], "product_group_name": groups},
         "random",
         index_type,
         item_bias=item_bias,

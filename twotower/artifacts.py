@@ -35,6 +35,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -327,6 +328,25 @@ def publish_version(root: Path | str, name: str) -> None:
     if not (root / name / MANIFEST_FILE).is_file():
         raise ArtifactError(f"{root / name}: not a complete index version, refusing to publish it")
     write_atomically(root / CURRENT_FILE, name + "\n")
+
+
+def prune_versions(root: Path | str, keep: int) -> list[str]:
+    """Remove the complete versions older than the `keep` newest, except CURRENT (after a rollback it stays beside
+    them), and the staging directories of writes that were killed. Call it holding `writer_lock`: no write is
+    under way then. Files a kept version shares with a removed one stay (hard links: one file, two names), and a
+    retriever still serving a removed version keeps its mapped files until it lets go of them; the next swap then
+    has nothing to share with it and reads the new version whole. Returns the names removed, oldest first."""
+    if keep < 1:
+        raise ValueError(f"keep at least the newest version (keep={keep})")
+    root = Path(root)
+    complete = list_versions(root)
+    kept = {*complete[-keep:], current_version(root)}
+    removed = [name for name in complete if name not in kept]
+    for name in removed:
+        shutil.rmtree(root / name)
+    for staging in root.glob(f".{VERSION_PREFIX}*.partial-*"):  # files.staged_directory's, of a killed writer
+        shutil.rmtree(staging, ignore_errors=True)
+    return removed
 
 
 def resolve_index_dir(path: Path | str) -> Path:
