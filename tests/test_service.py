@@ -243,6 +243,9 @@ def test_a_refused_index_version_leaves_the_served_one_in_place(shop, tmp_path: 
     assert service.slot.reload().status == "swapped" and service.slot.serving.catalog.version == "v0003"
     assert service.slot.reload().status == "unchanged"
     recommend(service, Query("customer_id", "alice", 5))  # the new version serves
+    # A rollback (python -m export.versions --publish) is a swap like any other: back to an older version.
+    artifacts.publish_version(root, "v0001")
+    assert service.slot.reload().status == "swapped" and service.slot.serving.catalog.version == "v0001"
 
 
 def damage_index_file(version_dir: Path) -> None:
