@@ -245,13 +245,14 @@ class Catalog:
             self.second_stage = SecondStage(signals, self.score_head.stage)
         self._check_consistency()
         log.info(
-            "loaded index %s: %d items (%d excluded), dim %d, %s, %d customers, model version %d, "
-            "popularity prior weight %g, second stage %s (%.1fs)",
+            "loaded index %s: %d items (%d excluded), dim %d, %s, vectors in %d file(s), %d customers, "
+            "model version %d, popularity prior weight %g, second stage %s (%.1fs)",
             self.index_dir,
             len(self.article_ids),
             self.n_excluded,
             self.manifest.dim,
             self.manifest.index_type,
+            len(artifacts.vector_files(self.manifest)),
             len(self.customer_row),
             self.manifest.model_version,
             self.prior_weight,

