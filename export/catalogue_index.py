@@ -204,7 +204,7 @@ class SharedParts:
 def write_index_dir(
     out: Path,
     index: faiss.Index | None,
-    vectors: np.ndarray | Sequence[np.ndarray | RowBlocks],
+    vectors: np.ndarray | RowBlocks | Sequence[np.ndarray | RowBlocks],
     metadata: Mapping[str, Sequence[str]],
     histories: dict[str, np.ndarray],
     score_head: artifacts.ScoreHeadWeights,
@@ -225,11 +225,13 @@ def write_index_dir(
     vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
     if vector_dtype not in artifacts.VECTOR_DTYPES:
         raise ValueError(f"vector_dtype {vector_dtype!r} is not one of {artifacts.VECTOR_DTYPES}")
-    blocks = [vectors] if isinstance(vectors, np.ndarray) else [block for block in vectors if len(block)]
+    blocks = [vectors] if isinstance(vectors, (np.ndarray, RowBlocks)) else [block for block in vectors if len(block)]
     linked = shared.parts if shared is not None else frozenset()
     parent = shared.manifest if shared is not None and artifacts.VECTORS_FILE in linked else None
     if parent is not None:  # the parent's vectors are every file of them, its appended blocks too
         linked = linked | {artifacts.VECTOR_BLOCKS_DIR}
+        if parent.vector_dtype != vector_dtype:
+            raise ValueError(f"vector_dtype {vector_dtype}: the parent's shared vectors are {parent.vector_dtype}")
     rows = sum(len(block) for block in blocks) + (parent.item_count if parent is not None else 0)
     dim = parent.dim if parent is not None else int(blocks[0].shape[1])
     if any(block.shape[1:] != (dim,) for block in blocks):

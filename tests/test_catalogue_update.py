@@ -160,6 +160,14 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     # Every version still verifies (linked files keep the checksums their parent recorded).
     for version in (first, second, third, fourth):
         artifacts.verify_files(version, artifacts.read_manifest(version))
+    # One vectors file: no vector_blocks in the manifest, which a retriever from before blocks reads too.
+    assert "vector_blocks" not in json.loads((second / artifacts.MANIFEST_FILE).read_text())
+    # The list is the rows' order: one that is not the version's files in a possible order is refused.
+    raw = json.loads((fourth / artifacts.MANIFEST_FILE).read_text())
+    for wrong in (raw["vector_blocks"][::-1], raw["vector_blocks"][:2], [*raw["vector_blocks"], third_block]):
+        (fourth / artifacts.MANIFEST_FILE).write_text(json.dumps({**raw, "vector_blocks": wrong}))
+        with pytest.raises(artifacts.ArtifactError, match="vector_blocks"):
+            Catalog(fourth)
 
 
 def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:

@@ -62,8 +62,10 @@ def test_row_blocks_read_as_the_array_of_their_rows() -> None:
         np.testing.assert_array_equal(rows[wanted], whole[wanted])
     np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), whole.astype(np.float32))
     assert rows[np.zeros(0, dtype=np.int64)].shape == (0, 4)
-    with pytest.raises(IndexError):
-        rows[[0, 10]]
+    assert np.shares_memory(rows[1:5], blocks[0])  # a slice of the first block is a view, as numpy's
+    for wrong in ([0, 10], np.array([1.7]), np.ones(10, dtype=bool)):
+        with pytest.raises(IndexError):
+            rows[wrong]
     with pytest.raises(ValueError, match="row blocks differ"):
         RowBlocks([blocks[0], blocks[1].astype(np.float32)])
 

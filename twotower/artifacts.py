@@ -147,7 +147,10 @@ def vector_files(manifest: Manifest) -> list[str]:
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
-    write_json(index_dir / MANIFEST_FILE, dataclasses.asdict(manifest))
+    raw = dataclasses.asdict(manifest)
+    if not raw["vector_blocks"]:  # a version of one vectors file stays readable by a retriever from before blocks
+        del raw["vector_blocks"]
+    write_json(index_dir / MANIFEST_FILE, raw)
 
 
 def read_manifest(index_dir: Path | str) -> Manifest:
@@ -165,10 +168,23 @@ def read_manifest(index_dir: Path | str) -> Manifest:
         raise ArtifactError(f"{path}: metric {manifest.metric!r} is not supported (expected {METRIC_INNER_PRODUCT!r})")
     if manifest.vector_dtype not in VECTOR_DTYPES:
         raise ArtifactError(f"{path}: vector_dtype {manifest.vector_dtype!r} is not one of {VECTOR_DTYPES}")
-    unlisted = [name for name in manifest.vector_blocks if name not in manifest.files]
-    if unlisted:
-        raise ArtifactError(f"{path}: vector_blocks names files it has no checksum for: {unlisted}")
+    problem = _vector_blocks_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: vector_blocks {manifest.vector_blocks}: {problem}")
     return manifest
+
+
+def _vector_blocks_problem(manifest: Manifest) -> str:
+    """What is wrong with a manifest's list of vector files ("" when nothing): its order is the rows' order."""
+    blocks = manifest.vector_blocks
+    in_files = sorted(name for name in manifest.files if part_of(name) == VECTOR_BLOCKS_DIR)
+    if not blocks:
+        return f"none listed, but the version has {in_files}" if in_files else ""
+    if blocks[0] != VECTORS_FILE or len(set(blocks)) != len(blocks):
+        return f"not {VECTORS_FILE} first, then each block once"
+    if sorted(blocks[1:]) != in_files:
+        return f"the blocks listed are not the version's {VECTOR_BLOCKS_DIR}/ files {in_files}"
+    return ""
 
 
 def part_of(name: str) -> str:

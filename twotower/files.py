@@ -109,13 +109,18 @@ class RowBlocks:
 
     def __getitem__(self, rows: int | np.integer | slice | np.ndarray) -> np.ndarray:
         if isinstance(rows, slice):
-            rows = np.arange(*rows.indices(len(self)))
+            start, stop, step = rows.indices(len(self))
+            if step > 0 and stop <= self.ends[0]:  # within the first block: a view, as numpy's
+                return self.blocks[0][start:stop:step]
+            rows = np.arange(start, stop, step)
+        if isinstance(rows, tuple):
+            raise TypeError("RowBlocks takes row numbers (an int, a slice or an int array), not a tuple of axes")
         wanted = np.asarray(rows)
-        if wanted.dtype == bool:
-            raise TypeError("RowBlocks takes row numbers, not a mask")
-        wanted = wanted.astype(np.int64, copy=False)
         if wanted.size == 0:
             return np.empty(wanted.shape + self.shape[1:], dtype=self.dtype)
+        if not np.issubdtype(wanted.dtype, np.integer):  # numpy refuses floats and masks alike
+            raise IndexError(f"RowBlocks takes row numbers, not {wanted.dtype} values")
+        wanted = wanted.astype(np.int64, copy=False)
         if wanted.min() < 0:
             wanted = np.where(wanted < 0, wanted + len(self), wanted)
         low, high = int(wanted.min()), int(wanted.max())
@@ -136,6 +141,8 @@ class RowBlocks:
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("the rows of several blocks cannot be one array without a copy")
         whole = np.concatenate(self.blocks)
         return whole if dtype is None else whole.astype(dtype, copy=False)
 
