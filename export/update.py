@@ -56,15 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         removals = read_removals(args.remove) if args.remove else []
         embedder_for = precomputed_embedder(args.vectors) if args.vectors else embedder_from_arguments(args)
         summary = update_catalogue(args.index_dir, embedder_for, args.articles, removals)
-        pruned = prune(args.index_dir, args.keep_versions) if args.keep_versions else []
     except (ArtifactError, DataFormatError, FileNotFoundError, FileExistsError, TritonUnavailable, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(
         f"published {summary.index_version} (parent {summary.parent_version}): {summary.added} added, "
         f"{summary.changed} changed, {summary.removed} removed, {summary.items} rows, {summary.seconds:.1f}s"
-        + (f"; pruned {', '.join(pruned)}" if pruned else "")
     )
+    if args.keep_versions:
+        # The update is published whatever happens here: failing the Job would make it retry the delta (a second
+        # version of the same change), so a prune that fails is a warning, and the next update's prune retries.
+        try:
+            pruned = prune(args.index_dir, args.keep_versions)
+            print(f"pruned {', '.join(pruned)}" if pruned else "pruned nothing (every version is kept)")
+        except (ArtifactError, OSError, ValueError) as err:
+            print(
+                f"warning: {summary.index_version} is published, but pruning old versions failed: {err}",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -400,10 +400,6 @@ def _same(catalog: Catalog, index_dir: Path) -> bool:
 
 def check_compatible(old: Catalog, new: Catalog) -> None:
     """A hot swap keeps what the process was started with: dimension, metric, history length, tokenizer."""
-    a, b = old.manifest, new.manifest
-    for field in ("dim", "metric", "max_history", "context_length", "clip_model"):
-        if getattr(a, field) != getattr(b, field):
-            raise ArtifactError(
-                f"{new.index_dir}: {field} {getattr(b, field)!r} differs from the served "
-                f"index's {getattr(a, field)!r}; restart the retriever for such a change"
-            )
+    problem = artifacts.swap_problem(old.manifest, new.manifest)
+    if problem:
+        raise ArtifactError(f"{new.index_dir}: {problem}; restart the retriever for such a change")

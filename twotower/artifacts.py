@@ -35,7 +35,9 @@ import dataclasses
 import fcntl
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -172,6 +174,19 @@ def read_manifest(index_dir: Path | str) -> Manifest:
     if problem:
         raise ArtifactError(f"{path}: vector_blocks {manifest.vector_blocks}: {problem}")
     return manifest
+
+
+# What a retriever keeps from the version it was started with: a swap to a version that differs in one needs a
+# restart (retriever.index_slot.check_compatible)
+SWAP_FIXED_FIELDS = ("dim", "metric", "max_history", "context_length", "clip_model")
+
+
+def swap_problem(served: Manifest, new: Manifest) -> str:
+    """Why a retriever serving `served` would refuse to swap to `new` ("" when it would not)."""
+    for field in SWAP_FIXED_FIELDS:
+        if getattr(served, field) != getattr(new, field):
+            return f"{field} {getattr(new, field)!r} differs from the served index's {getattr(served, field)!r}"
+    return ""
 
 
 def _vector_blocks_problem(manifest: Manifest) -> str:
@@ -338,30 +353,66 @@ def writer_lock(root: Path | str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+PUBLISHED_LOG = ".published"  # "<unix time> <version>" per line: when each version became CURRENT (prune_versions)
+# A version CURRENT named this recently stays through prunes: replicas may still serve it (one waiting for its swap
+# turn, or for Triton to serve a new model version), and on a shared volume (NFS) a file removed by another
+# client can fail a reader that still maps it.
+PRUNE_GRACE_S = 3600.0
+
+
 def publish_version(root: Path | str, name: str) -> None:
     """Point CURRENT at a complete version (atomic replace: readers see the old or the new name)."""
     root = Path(root)
     if not (root / name / MANIFEST_FILE).is_file():
         raise ArtifactError(f"{root / name}: not a complete index version, refusing to publish it")
     write_atomically(root / CURRENT_FILE, name + "\n")
+    with open(root / PUBLISHED_LOG, "a") as published:
+        published.write(f"{time.time():.0f} {name}\n")
 
 
-def prune_versions(root: Path | str, keep: int) -> list[str]:
-    """Remove the complete versions older than the `keep` newest, except CURRENT (after a rollback it stays beside
-    them), and the staging directories of writes that were killed. Call it holding `writer_lock`: no write is
-    under way then. Files a kept version shares with a removed one stay (hard links: one file, two names), and a
-    retriever still serving a removed version keeps its mapped files until it lets go of them; the next swap then
-    has nothing to share with it and reads the new version whole. Returns the names removed, oldest first."""
+def recently_published(root: Path | str, within_s: float) -> set[str]:
+    """The versions CURRENT named in the last `within_s` seconds (PUBLISHED_LOG)."""
+    path, now, names = Path(root) / PUBLISHED_LOG, time.time(), set()
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        stamp, _, name = line.partition(" ")
+        if stamp.isdigit() and now - int(stamp) <= within_s:
+            names.add(name)
+    return names
+
+
+def prune_versions(root: Path | str, keep: int, grace_s: float | None = None) -> list[str]:
+    """Remove the complete versions but the `keep` newest, CURRENT, CURRENT's parent and those CURRENT named in the
+    last `grace_s` seconds (PRUNE_GRACE_S): replicas may still serve the last two kinds, and a swap from the parent
+    shares its files. Also the staging directories of killed writers. Call it holding `writer_lock`: no write is
+    under way then. Files a kept version shares with a removed one stay (hard links: one file, two names). A
+    version is renamed out of sight before it is deleted, so a half-deleted one is never listed; one that cannot
+    be removed is logged and tried again next time. Returns the names removed, oldest first."""
     if keep < 1:
         raise ValueError(f"keep at least the newest version (keep={keep})")
     root = Path(root)
     complete = list_versions(root)
-    kept = {*complete[-keep:], current_version(root)}
-    removed = [name for name in complete if name not in kept]
-    for name in removed:
-        shutil.rmtree(root / name)
-    for staging in root.glob(f".{VERSION_PREFIX}*.partial-*"):  # files.staged_directory's, of a killed writer
-        shutil.rmtree(staging, ignore_errors=True)
+    current = current_version(root)
+    recent = recently_published(root, PRUNE_GRACE_S if grace_s is None else grace_s)
+    kept = {*complete[-keep:], current, read_manifest(root / current).parent_version, *recent}
+    removed = []
+    for name in (name for name in complete if name not in kept):
+        doomed = root / f".{name}.removing-{os.getpid()}"
+        try:
+            os.rename(root / name, doomed)
+        except OSError as err:
+            log.warning("could not remove version %s (%s): the next prune tries again", name, err)
+            continue
+        removed.append(name)
+    # Renamed versions (this prune's, or one that failed before) and files.staged_directory's of killed writers
+    for leftover in (*root.glob(f".{VERSION_PREFIX}*.removing-*"), *root.glob(f".{VERSION_PREFIX}*.partial-*")):
+        try:
+            leftover.unlink() if leftover.is_symlink() else shutil.rmtree(leftover)
+        except OSError as err:
+            log.warning("could not remove %s (%s): the next prune tries again", leftover, err)
+    log_path = root / PUBLISHED_LOG
+    if removed and log_path.is_file():  # the log keeps lines of versions that still exist
+        lines = [line for line in log_path.read_text().splitlines() if line.partition(" ")[2] not in removed]
+        write_atomically(log_path, "".join(line + "\n" for line in lines))
     return removed
 
 
