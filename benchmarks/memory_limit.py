@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twotower.files import drop_from_page_cache
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup"))  # v1's memory hierarchy, v2's unified one
@@ -88,14 +90,8 @@ def evict_from_page_cache(directory: Path) -> None:
     (an index root's versions may be links; they stay on disk)."""
     for folder, _, names in os.walk(directory, followlinks=True):
         for path in (Path(folder) / name for name in names):
-            if not path.is_file():
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            if path.is_file():
+                drop_from_page_cache(path)
 
 
 def _key_values(path: Path) -> dict[str, int]:

@@ -24,7 +24,7 @@ from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
-from twotower.files import RowBlocks, VectorRows, load_npz_mapped
+from twotower.files import RowBlocks, VectorRows, drop_from_page_cache, load_npz_mapped
 from twotower.item_table import ItemTable
 from twotower.ranking import Purchases
 from twotower.second_stage import ArticleSignals, SecondStage
@@ -49,6 +49,13 @@ MAX_FILTERED_PROBE_FACTOR = 8
 # Not IO_FLAG_MMAP: that serves IVF lists through OnDiskInvertedLists, 2.55 ms per H&M query instead of 0.87.
 # FastScan's block lists are still read into memory (the flag leaves them as they were).
 INDEX_READ_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+# Index types faiss copies into the process whatever the flags: read without INDEX_READ_FLAGS, then the file's
+# pages dropped from the page cache. Mapped, a FastScan index kept the whole file mapped beside its copy: at 10M
+# (434 MiB file) +465 MiB own and +428 MiB mapped memory, read in 5.0 s from a cold cache; read, +472 MiB own,
+# nothing mapped, 0.44-0.52 s; searches the same (1.19-1.29 against 1.22-1.27 ms at k 120, nprobe 128, one thread;
+# a fresh process each, two rounds, 2026-12-01). Under a pod's memory limit those pages crowded out the mapped
+# vectors and metadata requests read.
+READ_IN_INDEX_TYPES = ("ivf-pq-fastscan",)
 # A compressed index (codes, not vectors) is searched for k * this many candidates, which are then scored
 # exactly from the full vectors (docs/scale.md measures recall@10). The 4-bit FastScan codes are coarser: at
 # 1M (nprobe 128, 300 real user vectors) k x 10 candidates gave recall@10 0.863, k x 25 0.930 (8-bit ivf-pq
@@ -167,7 +174,10 @@ class Catalog:
             self.index, self.gpu = shares_with.index, shares_with.gpu
         else:
             # HNSW, IVF (any codes) or flat, its arrays pointing into the mapped file (INDEX_READ_FLAGS).
-            self.index = faiss.read_index(str(index_path), INDEX_READ_FLAGS if mapped else 0)
+            read_in = not mapped or self.manifest.index_type in READ_IN_INDEX_TYPES
+            self.index = faiss.read_index(str(index_path), 0 if read_in else INDEX_READ_FLAGS)
+            if read_in:  # the process holds its own copy
+                self._drop_cached(index_path)
             if hasattr(self.index, "hnsw"):
                 self.index.hnsw.efSearch = hnsw_ef_search
             if hasattr(self.index, "nprobe"):
@@ -259,6 +269,13 @@ class Catalog:
             "on" if self.second_stage is not None else "off",
             time.perf_counter() - started,
         )
+
+    @staticmethod
+    def _drop_cached(path: Path) -> None:
+        try:
+            drop_from_page_cache(path)
+        except OSError as err:  # an advice: a volume that refuses it costs only page cache
+            log.debug("%s stays in the page cache: %s", path, err)
 
     def _same_settings(self, other: "Catalog") -> bool:
         """`other` searches its FAISS index as this version would (its index object can serve both)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,27 @@ def test_eviction_reaches_versions_an_index_root_links_to(tmp_path) -> None:
         pytest.skip("no page cache to observe here")
     evict_from_page_cache(root)
     assert resident_pages(served) == 0  # the served version of a hot-swap root starts cold, as a pod's does
+
+
+def test_a_fastscan_index_is_read_into_the_process_and_its_file_left_out_of_the_page_cache(tmp_path) -> None:
+    """FastScan's lists are copied into the process whatever the flags: mapped, the whole file stayed mapped beside
+    the copy (serving.catalog.READ_IN_INDEX_TYPES; 428 MiB at 10M)."""
+    from serving.catalog import Catalog
+    from tests.conftest import write_random_index
+    from twotower import artifacts
+    from twotower.files import drop_from_page_cache
+
+    version = tmp_path / "v0001"
+    write_random_index(version, "ivf-pq-fastscan", ["A"] * 3000, seed=3)
+    index_file = version / artifacts.INDEX_FILE
+    drop_from_page_cache(index_file)
+    if resident_pages(index_file) > 0:
+        pytest.skip("this filesystem keeps its files in memory (tmpfs): nothing to drop")
+    index_file.read_bytes()
+    if resident_pages(index_file) == 0:
+        pytest.skip("no page cache to observe here")
+    catalog = Catalog(version, lexical=False)  # reads it twice: its checksum, then faiss
+    assert str(index_file) not in Path("/proc/self/maps").read_text()
+    assert resident_pages(index_file) == 0
+    _, rows = catalog.search(np.asarray(catalog.vectors[:1], np.float32), 5)
+    assert rows[0, 0] == 0  # searched from the copy

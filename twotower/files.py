@@ -151,6 +151,17 @@ class RowBlocks:
 VectorRows = np.ndarray | RowBlocks
 
 
+def drop_from_page_cache(path: Path | str) -> None:
+    """Write back `path`'s dirty pages and drop its cached pages that no process maps (posix_fadvise DONTNEED):
+    for a file whose content a process has read into its own memory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
