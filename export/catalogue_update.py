@@ -206,7 +206,8 @@ def _update(
         # Written in the parent's dtype: after the parent's files, or with all its rows when it has enough files
         append_block = len(artifacts.vector_files(manifest)) < artifacts.MAX_VECTOR_BLOCKS
         vectors = [new_vectors] if append_block else [parent.vectors, new_vectors]
-        unchanged |= {artifacts.VECTORS_FILE} if append_block else set()
+        if append_block:
+            unchanged.add(artifacts.VECTORS_FILE)
         if changed:  # customers' histories point at a changed article's new row
             with np.load(parent.index_dir / artifacts.HISTORIES_FILE) as stored:
                 histories = {name: stored[name] for name in stored.files}
@@ -218,7 +219,8 @@ def _update(
                 histories["user_vectors"][stale] = np.nan
     # Removal applies to an article's current row (its last), so it wins when an id is both added and removed.
     excluded.update((parent.items if items is None else items).row_of[a] for a in remove_ids)
-    unchanged |= {artifacts.HISTORIES_FILE} if not histories else set()
+    if not histories:
+        unchanged.add(artifacts.HISTORIES_FILE)
     if index is None:  # no rows added: the catalogue's side is the parent's
         unchanged |= {
             artifacts.INDEX_FILE,

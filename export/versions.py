@@ -44,20 +44,22 @@ def _file_sizes(directory: Path) -> dict[tuple[int, int], int]:
     return sizes
 
 
-def disk_bytes(root: Path) -> int:
-    """What the root's versions hold on disk, each file once however many versions link it."""
-    files: dict[tuple[int, int], int] = {}
-    for name in artifacts.list_versions(root):
-        files.update(_file_sizes(root / name))
-    return sum(files.values())
+def _version_files(root: Path) -> dict[str, dict[tuple[int, int], int]]:
+    """Each complete version's files (_file_sizes), oldest version first."""
+    return {name: _file_sizes(root / name) for name in artifacts.list_versions(root)}
+
+
+def disk_bytes(files: dict[str, dict[tuple[int, int], int]]) -> int:
+    """What the versions' files hold on disk, each file once however many versions link it."""
+    return sum({key: size for sizes in files.values() for key, size in sizes.items()}.values())
 
 
 def version_rows(root: Path) -> list[str]:
     """One line per complete version, oldest first: its parent, rows, hidden rows and the MiB only it holds (what
     removing it alone would free), then the root's total on disk."""
     current = (root / artifacts.CURRENT_FILE).read_text().strip() if (root / artifacts.CURRENT_FILE).is_file() else ""
-    names = artifacts.list_versions(root)
-    files = {name: _file_sizes(root / name) for name in names}
+    files = _version_files(root)
+    names = list(files)
     holders: dict[tuple[int, int], int] = {}
     for sizes in files.values():
         for key in sizes:
@@ -76,8 +78,8 @@ def version_rows(root: Path) -> list[str]:
             f"model version {manifest.model_version}, {manifest.item_count:,} rows, {hidden:,} hidden, "
             f"{own / 2**20:,.1f} MiB its own"
         )
-    total = sum({key: size for sizes in files.values() for key, size in sizes.items()}.values())
-    lines.append(f"{len(names)} version(s), {total / 2**20:,.1f} MiB on disk (files shared by versions counted once)")
+    total = disk_bytes(files) / 2**20
+    lines.append(f"{len(names)} version(s), {total:,.1f} MiB on disk (files shared by versions counted once)")
     return lines
 
 
@@ -139,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"published {args.publish} (was {previous}): retrievers watching {root} swap to it")
         elif args.prune is not None:
-            before = disk_bytes(index_root(root))
+            before = disk_bytes(_version_files(index_root(root)))
             removed = prune(root, args.prune)
-            freed = (before - disk_bytes(root)) / 2**20
+            freed = (before - disk_bytes(_version_files(root))) / 2**20
             print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'} ({freed:,.1f} MiB freed)")
         else:
             print("\n".join(version_rows(root)))

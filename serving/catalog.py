@@ -312,7 +312,8 @@ class Catalog:
         The FAISS index file is left out: read into memory for ivf-pq-fastscan (the type measured), and a mapped
         IVF index reads only the lists a search probes."""
         names = [name for name in self.manifest.files if name.startswith(artifacts.ITEMS_DIR + "/")]
-        names += [name for name in (artifacts.HISTORIES_FILE,) if name in self.manifest.files]
+        if artifacts.HISTORIES_FILE in self.manifest.files:
+            names.append(artifacts.HISTORIES_FILE)
         names += artifacts.vector_files(self.manifest)
         done = 0
         buffer = bytearray(chunk_bytes)

@@ -406,7 +406,10 @@ def prune_versions(root: Path | str, keep: int, grace_s: float | None = None) ->
     # Renamed versions (this prune's, or one that failed before) and files.staged_directory's of killed writers
     for leftover in (*root.glob(f".{VERSION_PREFIX}*.removing-*"), *root.glob(f".{VERSION_PREFIX}*.partial-*")):
         try:
-            leftover.unlink() if leftover.is_symlink() else shutil.rmtree(leftover)
+            if leftover.is_symlink():  # a version linked in from elsewhere: the link goes, not what it names
+                leftover.unlink()
+            else:
+                shutil.rmtree(leftover)
         except OSError as err:
             log.warning("could not remove %s (%s): the next prune tries again", leftover, err)
     log_path = root / PUBLISHED_LOG
