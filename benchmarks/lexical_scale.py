@@ -10,7 +10,11 @@ are the real catalogue's, scaled; the queries are its articles' "<colour> <produ
 with a fresh process for the serving side: build seconds (tokenize + index, as export does), files on disk,
 the retriever's memory after loading the index, and one query's time, 1 thread, for what hybrid text search
 adds to the dense search (serving.lexical.hybrid_rank: every row's BM25 score, then the 100 best rows among
-those the request may return): p50 / p99, and the rows that matched any word.
+those the request may return): p50 / p99, and the rows that matched any word. Then what a catalogue update pays
+for it: 1,000 rows appended as a block (serving.lexical: the index loaded from its files, as an update loads its
+parent, the block built and saved), where updates built the whole index again before; and whether a tenth more
+rows appended so (the most before the next update rebuilds) ranks as an index built over all of them: the share of
+queries whose top 12 have the rebuilt index's top-12 scores.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ import numpy as np
 
 from benchmarks.scale import default_reference
 from retriever.heap import process_memory
-from serving.lexical import LexicalIndex
+from serving.lexical import MAX_APPENDED_SHARE, LexicalIndex
 from twotower import ranking
 
 log = logging.getLogger("benchmarks.lexical_scale")
 QUERIES = 300
+ADDED = 1_000
 
 
 def reference_texts(reference: Path, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -47,6 +52,17 @@ def reference_texts(reference: Path, seed: int = 0) -> tuple[list[str], list[str
     rows = np.random.default_rng(seed).choice(len(catalog.lexical.captions), QUERIES, replace=False)
     colours, types = (catalog.items[name].take(rows) for name in ("colour_group_name", "product_type_name"))
     return catalog.lexical.captions, [f"{colour} {kind}".lower() for colour, kind in zip(colours, types)]
+
+
+def data_texts(data_dir: Path, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The same from an H&M-schema articles file, as export captions them: no exported index needed."""
+    from twotower.data.hm import build_captions, find_data_file, load_articles
+
+    articles = load_articles(find_data_file(data_dir, "articles"))
+    rows = np.random.default_rng(seed).choice(len(articles), QUERIES, replace=False)
+    picked = articles.iloc[rows]
+    queries = [f"{c} {t}".lower() for c, t in zip(picked["colour_group_name"], picked["product_type_name"])]
+    return build_captions(articles), queries
 
 
 def measure_loaded(directory: str, queries: list[str], mmap: bool) -> dict[str, Any]:
@@ -76,6 +92,42 @@ def measure_loaded(directory: str, queries: list[str], mmap: bool) -> dict[str, 
     }
 
 
+def measure_addition(directory: Path, captions: list[str], queries: list[str], seed: int) -> dict[str, Any]:
+    """An update's keyword index work for ADDED new rows (fewer in an index too small for a block of that many),
+    and how a tenth more rows appended as a block rank against an index built over all of them."""
+    rng = np.random.default_rng(seed)
+    parent = LexicalIndex.load(directory)
+    n = len(parent)
+    added = [captions[i] for i in rng.integers(0, len(captions), min(ADDED, int(MAX_APPENDED_SHARE * n)))]
+    started = time.perf_counter()
+    block = LexicalIndex.load(directory).appended(added).new_block()
+    assert block is not None
+    written = block.save(directory.with_name(directory.name + "-block"))
+    add_s = time.perf_counter() - started
+    block_mib = sum((directory.with_name(directory.name + "-block") / name).stat().st_size for name in written) / 2**20
+    shutil.rmtree(directory.with_name(directory.name + "-block"))
+
+    tenth = [captions[i] for i in rng.integers(0, len(captions), int(MAX_APPENDED_SHARE * n))]
+    grown = parent.appended(tenth)
+    started = time.perf_counter()
+    rebuilt = LexicalIndex.build(parent.captions + tenth)
+    rebuild_s = time.perf_counter() - started
+    everything = np.ones(len(rebuilt), dtype=bool)
+    same = 0
+    for text in queries:
+        truth = rebuilt.scores(text)
+        ours = np.sort(truth[grown.search(text, 12, everything)])
+        best = np.sort(truth[rebuilt.search(text, 12, everything, truth)])
+        same += len(ours) == len(best) and bool(np.allclose(ours, best, rtol=1e-4, atol=0.0))
+    return {
+        "added": len(added),
+        "add_s": add_s,
+        "block_mib": block_mib,
+        "tenth_rebuild_s": rebuild_s,
+        "tenth_top12_as_rebuilt": same / len(queries),
+    }
+
+
 def run(sizes: list[int], captions: list[str], queries: list[str], work: Path) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
@@ -89,10 +141,12 @@ def run(sizes: list[int], captions: list[str], queries: list[str], work: Path) -
         lexical.save(directory)
         del lexical
         disk_mib = sum(f.stat().st_size for f in directory.iterdir()) / 2**20
+        addition = measure_addition(directory, captions, queries, seed=n)
+        log.info("%d articles: %s", n, json.dumps(addition))
         for mmap in (True, False):  # served, then read into memory: the ratio within one run
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
                 measured = child.submit(measure_loaded, str(directory), queries, mmap).result()
-            row = {"articles": n, "build_s": build_s, "disk_mib": disk_mib, **measured}
+            row = {"articles": n, "build_s": build_s, "disk_mib": disk_mib, **measured, **addition}
             log.info("%s", json.dumps(row))
             rows.append(row)
         shutil.rmtree(directory)
@@ -122,6 +176,21 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             f"| {r['load_s']:.1f} | {r['anon_mib']:.0f} | {r['file_mib']:.0f} | {r['matched_share_p50']:.1%} "
             f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} |"
         )
+    lines += [
+        "",
+        "A catalogue update's keyword index: rows appended as a block (the parent loaded from its files, the block",
+        "built and saved) against building the index again with them, as updates did before; a tenth more rows",
+        "appended as a block against an index built over all of them, over the same queries.",
+        "",
+        "| articles | rows added | as a block: s / MiB | a tenth more, built again: s | top 12 as built again, a tenth"
+        " more as a block |",
+        "|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["mmap"]):
+        lines.append(
+            f"| {r['articles']:,} | {r['added']:,} | {r['add_s']:.2f} / {r['block_mib']:.1f} | "
+            f"{r['tenth_rebuild_s']:.0f} | {r['tenth_top12_as_rebuilt']:.1%} |"
+        )
     lines += ["", f"Command: `{command}`", ""]
     text = "\n".join(lines)
     (out / "lexical-scale.md").write_text(text)
@@ -132,14 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="105542,1000000", help="comma-separated article counts")
     parser.add_argument("--reference", type=Path, default=None, help="index root whose captions to draw from")
+    parser.add_argument("--data-dir", type=Path, default=None, help="or an H&M-schema data directory's articles")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/lexical-scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    reference = args.reference or default_reference()
+    reference = args.data_dir or args.reference or default_reference()
     if reference is None:
-        parser.error("no --reference and no make eval / make bench export to draw captions from")
-    captions, queries = reference_texts(reference)
+        parser.error("no --reference, no --data-dir and no make eval / make bench export to draw captions from")
+    captions, queries = data_texts(reference) if args.data_dir else reference_texts(reference)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     rows = run([int(s) for s in args.sizes.split(",")], captions, queries, args.work_dir)
     command = "python -m benchmarks.lexical_scale " + " ".join(argv or sys.argv[1:])

@@ -267,7 +267,7 @@ def write_index_dir(
         signals.save(staging / artifacts.SECOND_STAGE_FILE)  # type: ignore[union-attr]
         return [artifacts.SECOND_STAGE_FILE]
 
-    def save_lexical(staging: Path) -> list[str]:
+    def save_lexical(staging: Path) -> list[str]:  # built whole: blocks are written below, when it is shared
         written = lexical.save(staging / artifacts.LEXICAL_DIR)  # type: ignore[union-attr]
         return [f"{artifacts.LEXICAL_DIR}/{name}" for name in written]
 
@@ -298,6 +298,14 @@ def write_index_dir(
             save_rows(staging / block, blocks, vector_dtype)
             vector_blocks = [*artifacts.vector_files(parent), block]
             names.append(block)
+        lexical_blocks, new_block = [], None
+        if shared is not None and artifacts.LEXICAL_DIR in linked:
+            lexical_blocks = list(shared.manifest.lexical_blocks)
+            new_block = None if lexical is None else lexical.new_block()
+        if new_block is not None:  # the parent's keyword index, linked above, and the rows this version appended
+            block = f"{artifacts.LEXICAL_BLOCKS_DIR}/{out.name}"
+            names += [f"{block}/{name}" for name in new_block.save(staging / block)]
+            lexical_blocks.append(block)
         if excluded_rows:
             (staging / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": sorted(set(excluded_rows))}))
             names.append(artifacts.EXCLUDED_FILE)
@@ -307,7 +315,7 @@ def write_index_dir(
             item_count=rows,
             index_version=out.name,
             files={name: checksums.get(name) or sha256_file(staging / name) for name in names},
-            **{**manifest_fields, "vector_blocks": vector_blocks},
+            **{**manifest_fields, "vector_blocks": vector_blocks, "lexical_blocks": lexical_blocks},
         )
         artifacts.write_manifest(staging, manifest)
     return manifest

@@ -36,7 +36,6 @@ import numpy as np
 
 from export.catalogue_index import SharedParts, index_rows, item_metadata, new_version_dir, write_index_dir
 from serving.catalog import Catalog
-from serving.lexical import LexicalIndex
 from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
 from twotower.files import RowBlocks
@@ -179,8 +178,10 @@ def _update(
     if delta is not None and not delta.empty:
         captions = build_captions(delta)
         new_vectors = embedder_for(manifest)(captions)
-        if lexical is not None:  # new rows join the keyword index too (a rebuild: BM25 weights depend on all rows)
-            lexical = LexicalIndex.build(lexical.captions + captions)
+        if lexical is not None:  # new rows join the keyword index: a block of its own, or everything built again
+            lexical = lexical.appended(captions)
+            if lexical.new_block() is not None:
+                unchanged.add(artifacts.LEXICAL_DIR)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
         index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays
         items = parent.items.appended(item_metadata(delta), len(delta))  # "" where the delta lacks a column

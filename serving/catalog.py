@@ -207,7 +207,8 @@ class Catalog:
         # The BM25 index for hybrid text search; indexes written before it search text by vector alone.
         self.lexical: LexicalIndex | None = None
         if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
-            self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR, mmap=mapped)
+            keyword_blocks = [self.index_dir / block for block in self.manifest.lexical_blocks]
+            self.lexical = LexicalIndex.load(self.index_dir / artifacts.LEXICAL_DIR, keyword_blocks, mmap=mapped)
         # The same metadata columns as the served version (an update that removed articles): its lookups, filter
         # masks and products serve this one too. At 10M grouping the products alone took 1.5-4.4 s of the load.
         previous = shares_with if shares_with is not None and shared(artifacts.ITEMS_DIR) else None

@@ -71,8 +71,8 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     mapped = Path("/proc/self/maps").read_text()
     for catalog in (before, after):
         assert str(catalog.index_dir / artifacts.INDEX_FILE) in mapped
-        assert isinstance(catalog.lexical.bm25.scores["data"], np.memmap)
-    assert not isinstance(Catalog(root, mapped=False).lexical.bm25.scores["data"], np.memmap)  # --index-mmap false
+        assert all(isinstance(segment.bm25.scores["data"], np.memmap) for segment in catalog.lexical.segments)
+    assert not isinstance(Catalog(root, mapped=False).lexical.base.bm25.scores["data"], np.memmap)  # --index-mmap false
     assert after.manifest.parent_version == parent and after.manifest.model_version == before.manifest.model_version
     assert len(after.article_ids) == len(before.article_ids) + 3
     new_row = after.row_of["0999000001"]
@@ -82,8 +82,13 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
     # The new article's own vector finds it first; removed and replaced rows are never returned.
     _, rows = after.search(after.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row
-    # The keyword index knows the new rows too (rebuilt with them): their words find them first.
+    # The keyword index knows the new rows too: their words find them first. They are a block of their own; the
+    # parent's rows are its files, linked.
     assert after.lexical is not None and len(after.lexical) == len(after.article_ids)
+    assert after.manifest.lexical_blocks == [f"{artifacts.LEXICAL_BLOCKS_DIR}/{summary.index_version}"]
+    assert [len(segment) for segment in after.lexical.segments] == [len(before.article_ids), 3]
+    matrix = Path(artifacts.LEXICAL_DIR) / "data.csc.index.npy"
+    assert (after.index_dir / matrix).samefile(before.index_dir / matrix)
     found = after.lexical.search("fluorescent raincoat sequins", 2, ~after.excluded)
     assert set(found.tolist()) == {new_row, after.row_of["0999000002"]}
     old_changed_row = before.row_of[changed_id]
@@ -138,13 +143,16 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     _, rows = after.search(after.vectors, 10)
     assert after.row_of[removed] not in set(rows.ravel().tolist())
 
-    # New articles rewrite the catalogue's other files; their vectors are a block after the parent's, and the
-    # customers' histories are shared ...
+    # New articles rewrite the catalogue's other files; their vectors and keyword index rows are blocks after the
+    # parent's, and the customers' histories are shared ...
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     third = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv").index_version
     third_block = f"{artifacts.VECTOR_BLOCKS_DIR}/{third.name}.npy"
-    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE}
+    keywords = {name for name in catalogue_side if artifacts.part_of(name) == artifacts.LEXICAL_DIR}
+    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE} | keywords
     assert artifacts.read_manifest(third).vector_blocks == [artifacts.VECTORS_FILE, third_block]
+    third_keywords = f"{artifacts.LEXICAL_BLOCKS_DIR}/{third.name}"
+    assert artifacts.read_manifest(third).lexical_blocks == [third_keywords]
     assert len(np.load(third / third_block)) == 1  # the new row alone
     grown = Catalog(root)
     assert grown.excluded[after.row_of[removed]]  # the removal carries over
@@ -155,8 +163,10 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     # ... unless a changed article moves customers' history rows.
     delta_file(tiny_pipeline, tmp_path / "changed.csv", [], changed=1)
     fourth = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "changed.csv").index_version
-    assert shared_names(third, fourth) == {artifacts.VECTORS_FILE, third_block}
+    third_keyword_files = {name for name in artifacts.read_manifest(third).files if name.startswith(third_keywords)}
+    assert shared_names(third, fourth) == {artifacts.VECTORS_FILE, third_block} | keywords | third_keyword_files
     assert len(artifacts.read_manifest(fourth).vector_blocks) == 3
+    assert len(artifacts.read_manifest(fourth).lexical_blocks) == 2
     # Every version still verifies (linked files keep the checksums their parent recorded).
     for version in (first, second, third, fourth):
         artifacts.verify_files(version, artifacts.read_manifest(version))
@@ -167,6 +177,10 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     for wrong in (raw["vector_blocks"][::-1], raw["vector_blocks"][:2], [*raw["vector_blocks"], third_block]):
         (fourth / artifacts.MANIFEST_FILE).write_text(json.dumps({**raw, "vector_blocks": wrong}))
         with pytest.raises(artifacts.ArtifactError, match="vector_blocks"):
+            Catalog(fourth)
+    for wrong in (raw["lexical_blocks"][:1], [*raw["lexical_blocks"], third_keywords]):
+        (fourth / artifacts.MANIFEST_FILE).write_text(json.dumps({**raw, "lexical_blocks": wrong}))
+        with pytest.raises(artifacts.ArtifactError, match="lexical_blocks"):
             Catalog(fourth)
 
 
@@ -185,6 +199,40 @@ def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tm
     assert merged.manifest.vector_blocks == [] and isinstance(merged.vectors, np.ndarray)
     assert len(merged.vectors) == len(parent.vectors) + 3
     np.testing.assert_array_equal(merged.vectors[:-2], np.asarray(blocks))  # the rows before the second addition
+
+
+def test_keyword_index_rows_appended_as_a_block_score_as_the_base_would(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    from serving import lexical
+
+    captions = ["grey dress", "black trousers", "grey trousers", "red swimwear bottom", "black dress"] * 8
+    base = lexical.LexicalIndex.build(captions)
+    # Rows the base already has, appended again: the block scores them with the base's statistics, as the base did.
+    appended = base.appended(captions[:3])
+    assert [len(segment) for segment in appended.segments] == [40, 3] and len(base.segments) == 1
+    for text in ("grey trousers", "black dress", "swimwear"):
+        np.testing.assert_allclose(appended.scores(text)[40:], base.scores(text)[:3], rtol=1e-6)
+    # A word the base never saw finds the rows that hold it; words in no row score nothing.
+    grown = appended.appended(["fluorescent raincoat"])
+    everything = np.ones(len(grown), dtype=bool)
+    assert grown.search("fluorescent raincoat", 5, everything).tolist() == [43]
+    assert grown.search("velvet", 5, everything).tolist() == []
+    # Saved into the versions that appended them, loaded and pickled (KServe workers) by their files.
+    base.save(tmp_path / "base")
+    grown = lexical.LexicalIndex.load(tmp_path / "base").appended(captions[:3])
+    with pytest.raises(ValueError, match="block by block"):
+        grown.save(tmp_path / "whole")
+    grown.new_block().save(tmp_path / "block")  # type: ignore[union-attr]
+    loaded = lexical.LexicalIndex.load(tmp_path / "base", [tmp_path / "block"])
+    assert loaded.new_block() is None and loaded.captions == captions + captions[:3]
+    assert loaded.__getstate__() == {"directory": tmp_path / "base", "blocks": [tmp_path / "block"]}
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(loaded)).scores("grey dress"), loaded.scores("grey dress"))
+    # Past MAX_BLOCKS blocks, or a tenth of the base's rows, the next addition builds everything again.
+    monkeypatch.setattr(lexical, "MAX_BLOCKS", 1)
+    assert len(loaded.appended(["blue coat"]).segments) == 1
+    monkeypatch.setattr(lexical, "MAX_BLOCKS", 8)
+    assert len(base.appended(captions[:5]).segments) == 1 and len(base.appended(captions[:4]).segments) == 2
 
 
 def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:

@@ -22,7 +22,9 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
     second_stage.npz optional: per-article sales and co-purchases the second stage reads (twotower.second_stage,
                     which owns its arrays); its weights are in score_head.json
     lexical/        optional: the BM25 keyword index over the rows' captions (serving.lexical), for hybrid
-                    text search; every file in it is checksummed as `lexical/<name>`
+                    text search; every file in it is checksummed as `lexical/<name>`. A catalogue update's rows
+                    are a block of their own, `lexical/blocks/<version>/`, read after it in the order the
+                    manifest's `lexical_blocks` lists
     manifest.json   written last: model version, dimension, metric, counts, sha256 of every file
 
 Only numpy here: the retriever imports this without torch.
@@ -94,6 +96,7 @@ EXCLUDED_FILE = "excluded.json"
 ITEM_BIAS_FILE = "item_bias.npy"
 SECOND_STAGE_FILE = "second_stage.npz"
 LEXICAL_DIR = "lexical"
+LEXICAL_BLOCKS_DIR = f"{LEXICAL_DIR}/blocks"
 ARTIFACT_FILES = (INDEX_FILE, VECTORS_FILE, HISTORIES_FILE, SCORE_HEAD_FILE)  # + items/ (or items.json)
 CURRENT_FILE = "CURRENT"
 VERSION_PREFIX = "v"
@@ -131,6 +134,8 @@ class Manifest:
     # The files holding the item vectors, in row order, when a catalogue update appended rows as a block of their
     # own (VECTOR_BLOCKS_DIR); [] = vectors.npy alone (vector_files)
     vector_blocks: list[str] = dataclasses.field(default_factory=list)
+    # The keyword index's blocks after lexical/'s own rows (LEXICAL_BLOCKS_DIR/<version>), in row order
+    lexical_blocks: list[str] = dataclasses.field(default_factory=list)
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
@@ -150,8 +155,9 @@ def vector_files(manifest: Manifest) -> list[str]:
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
     raw = dataclasses.asdict(manifest)
-    if not raw["vector_blocks"]:  # a version of one vectors file stays readable by a retriever from before blocks
-        del raw["vector_blocks"]
+    for blocks in ("vector_blocks", "lexical_blocks"):
+        if not raw[blocks]:  # a version without blocks stays readable by a retriever from before them
+            del raw[blocks]
     write_json(index_dir / MANIFEST_FILE, raw)
 
 
@@ -173,6 +179,9 @@ def read_manifest(index_dir: Path | str) -> Manifest:
     problem = _vector_blocks_problem(manifest)
     if problem:
         raise ArtifactError(f"{path}: vector_blocks {manifest.vector_blocks}: {problem}")
+    problem = _lexical_blocks_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: lexical_blocks {manifest.lexical_blocks}: {problem}")
     return manifest
 
 
@@ -199,6 +208,18 @@ def _vector_blocks_problem(manifest: Manifest) -> str:
         return f"not {VECTORS_FILE} first, then each block once"
     if sorted(blocks[1:]) != in_files:
         return f"the blocks listed are not the version's {VECTOR_BLOCKS_DIR}/ files {in_files}"
+    return ""
+
+
+def _lexical_blocks_problem(manifest: Manifest) -> str:
+    """What is wrong with a manifest's list of keyword index blocks ("" when nothing): not each block directory of
+    the version once."""
+    depth = LEXICAL_BLOCKS_DIR.count("/") + 2
+    in_files = sorted(
+        {"/".join(name.split("/")[:depth]) for name in manifest.files if name.startswith(LEXICAL_BLOCKS_DIR + "/")}
+    )
+    if len(set(manifest.lexical_blocks)) != len(manifest.lexical_blocks) or sorted(manifest.lexical_blocks) != in_files:
+        return f"not each of the version's {LEXICAL_BLOCKS_DIR}/ directories {in_files} once"
     return ""
 
 
