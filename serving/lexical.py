@@ -56,7 +56,7 @@ class Segment:
     def __init__(self, bm25: bm25s.BM25, captions: list[str] | None = None, directory: Path | None = None):
         self.bm25 = bm25
         self._captions = captions  # row -> the text it was indexed by; None: still on disk in `directory`
-        self.directory = directory  # where it was loaded from or saved to (None: built in memory, not saved)
+        self.directory = directory  # where it was loaded from (None: built in memory)
 
     @property
     def captions(self) -> list[str]:
@@ -125,9 +125,9 @@ class LexicalIndex:
 
     def save(self, directory: Path) -> list[str]:
         """Write a built index (one segment) into `directory` (made here); returns the file names written.
-        Blocks are written by `save_block`, each into the version that appended it."""
+        A block is written into the version that appended it (`new_block().save(...)`)."""
         if len(self.segments) > 1:
-            raise ValueError("an index with appended blocks is saved block by block (save_block)")
+            raise ValueError("an index with appended blocks is saved block by block (new_block)")
         written = self.base.save(directory)
         if self.statistics is not None:
             (directory / STATISTICS_FILE).write_text(json.dumps(dataclasses.asdict(self.statistics)))
@@ -151,6 +151,8 @@ class LexicalIndex:
         why = ""
         if self.statistics is None:
             why = "its base was written before blocks"
+        elif (self.base.bm25.method, self.base.bm25.idf_method) != ("lucene", "lucene"):
+            why = f"blocks are scored as Lucene's BM25, its base as {self.base.bm25.method}"
         elif len(self.segments) > MAX_BLOCKS:
             why = f"it has {MAX_BLOCKS} blocks"
         elif rows > MAX_APPENDED_SHARE * self.statistics.documents:
@@ -184,13 +186,15 @@ class LexicalIndex:
             if word in base.vocab_dict:
                 frequency[column] = in_base[base.vocab_dict[word]]
         vocabulary[""] = len(vocabulary)  # a column of no rows, as bm25s adds: get_scores needs one column at least
+        # Rounded where bm25s rounds (idf to its dtype, then the rest in it), so a row scores bit for bit as its copy
+        # in the base: rows that tie there tie here
         n = self.statistics.documents
-        idf = np.log(1.0 + (n - frequency + 0.5) / (frequency + 0.5))
-        tf = np.asarray(counts, dtype=np.float64)
-        length = np.asarray(lengths, dtype=np.float64)[documents]
-        norm = base.k1 * (1.0 - base.b + base.b * length / max(self.statistics.mean_length, 1e-9))
+        idf = np.log(1.0 + (n - frequency + 0.5) / (frequency + 0.5)).astype(base.dtype)
+        tf = np.asarray(counts, dtype=base.dtype)
+        length = np.asarray(lengths)[documents]
+        norm = (base.k1 * (1.0 - base.b + base.b * length / max(self.statistics.mean_length, 1e-9))).astype(base.dtype)
         matrix = scipy.sparse.csc_matrix(
-            ((idf[words] * tf / (tf + norm)).astype(base.dtype), (documents, words)),
+            (idf[words] * (tf / (norm + tf)), (documents, words)),
             shape=(len(captions), len(vocabulary)),
         )
         bm25 = bm25s.BM25(k1=base.k1, b=base.b, delta=base.delta, method=base.method, dtype=base.dtype)

@@ -208,11 +208,12 @@ def test_keyword_index_rows_appended_as_a_block_score_as_the_base_would(tmp_path
 
     captions = ["grey dress", "black trousers", "grey trousers", "red swimwear bottom", "black dress"] * 8
     base = lexical.LexicalIndex.build(captions)
-    # Rows the base already has, appended again: the block scores them with the base's statistics, as the base did.
+    # Rows the base already has, appended again: the block scores them with the base's statistics, bit for bit as
+    # the base did.
     appended = base.appended(captions[:3])
     assert [len(segment) for segment in appended.segments] == [40, 3] and len(base.segments) == 1
     for text in ("grey trousers", "black dress", "swimwear"):
-        np.testing.assert_allclose(appended.scores(text)[40:], base.scores(text)[:3], rtol=1e-6)
+        np.testing.assert_array_equal(appended.scores(text)[40:], base.scores(text)[:3])
     # A word the base never saw finds the rows that hold it; words in no row score nothing.
     grown = appended.appended(["fluorescent raincoat"])
     everything = np.ones(len(grown), dtype=bool)

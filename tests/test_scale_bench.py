@@ -60,7 +60,7 @@ def test_the_keyword_index_scale_bench_reports_each_size(tmp_path) -> None:
     from benchmarks.lexical_scale import report, run
 
     captions = ["red dress in jersey", "black trousers", "red trousers with pockets", "blue sweater"]
-    rows = run([40, 80], captions, ["red dress", "black trousers", "green"], tmp_path / "work")
+    rows = run([40, 80], captions * 3, ["red dress", "black trousers", "green"], tmp_path / "work")
     assert [(r["articles"], r["mmap"]) for r in rows] == [(40, True), (40, False), (80, True), (80, False)]
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 and 0 < r["matched_share_p50"] <= 1 for r in rows)
     assert [r["added"] for r in rows] == [4, 4, 8, 8] and all(0 <= r["tenth_top12_as_rebuilt"] <= 1 for r in rows)
