@@ -236,7 +236,7 @@ def write_index_dir(
     dim = parent.dim if parent is not None else int(blocks[0].shape[1])
     if any(block.shape[1:] != (dim,) for block in blocks):
         raise ValueError(f"vectors of {[block.shape[1:] for block in blocks]} columns, the index {dim}")
-    if signals is not None and signals.size != rows:
+    if signals is not None and signals.size > rows:  # fewer: articles added since, unsold (ArticleSignals)
         raise ValueError(f"second stage signals have {signals.size} rows, the index {rows}")
     if lexical is not None and len(lexical) != rows:
         raise ValueError(f"lexical index has {len(lexical)} rows, the index {rows}")

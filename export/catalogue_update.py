@@ -16,9 +16,10 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 What the update leaves unchanged the new version shares with its parent: hard links to the same files
 (export.catalogue_index.SharedParts). A removal writes excluded.json, the score head and the manifest and links
 the rest (a parent written before items/ gets its columns written);
-added rows rewrite the catalogue's other files (index, metadata, prior, signals, BM25) but share the parent's
-vectors, written after them as a block of their own (artifacts.VECTOR_BLOCKS_DIR; all of them as one file again
-once a version has artifacts.MAX_VECTOR_BLOCKS), and the customers' histories unless a changed article moved rows.
+added rows rewrite the index, metadata and prior but share the parent's vectors and keyword index, written after
+them as blocks of their own (artifacts.VECTOR_BLOCKS_DIR, LEXICAL_BLOCKS_DIR; all as one again past their limits),
+and the customers' histories and the second stage's signals unless a changed article moved rows (new articles are
+past the shared signals' rows: unsold, second_stage.ArticleSignals).
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def _update(
         index.add(index_rows(new_vectors, None if item_bias is None else new_bias, index.d))
         if item_bias is not None:
             item_bias = np.concatenate([item_bias, new_bias])
-        if signals is not None:
-            signals = signals.extended(replaced)
+        if signals is not None and changed:  # else shared: the rows past the parent's are new articles, unsold
+            signals = signals.extended(replaced, n_parent)
         # Written in the parent's dtype: after the parent's files, or with all its rows when it has enough files
         append_block = len(artifacts.vector_files(manifest)) < artifacts.MAX_VECTOR_BLOCKS
         vectors = [new_vectors] if append_block else [parent.vectors, new_vectors]
@@ -222,6 +223,8 @@ def _update(
     excluded.update((parent.items if items is None else items).row_of[a] for a in remove_ids)
     if not histories:
         unchanged.add(artifacts.HISTORIES_FILE)
+    if not changed:
+        unchanged.add(artifacts.SECOND_STAGE_FILE)
     if index is None:  # no rows added: the catalogue's side is the parent's
         unchanged |= {
             artifacts.INDEX_FILE,

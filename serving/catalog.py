@@ -364,8 +364,8 @@ class Catalog:
             problems.append(f"vectors are {self.vectors.dtype}, the manifest says {m.vector_dtype}")
         if self.item_bias is not None and self.item_bias.shape != (m.item_count,):
             problems.append(f"item bias shape {self.item_bias.shape} != ({m.item_count},)")
-        if self.second_stage is not None and self.second_stage.signals.size != m.item_count:
-            problems.append(f"second stage signals have {self.second_stage.signals.size} rows, not {m.item_count}")
+        if self.second_stage is not None and self.second_stage.signals.size > m.item_count:
+            problems.append(f"second stage signals have {self.second_stage.signals.size} rows, over {m.item_count}")
         if self.customer_vectors is not None and self.customer_vectors.shape != (len(self.history_rows), m.dim):
             problems.append(f"customer vectors {self.customer_vectors.shape} != ({len(self.history_rows)}, {m.dim})")
         if self.history_rows.shape[1] != m.max_history:

@@ -21,7 +21,7 @@ from retriever.limits import BodySizeLimit
 from serving.catalog import Catalog
 from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
-from twotower import artifacts, ranking
+from twotower import artifacts, ranking, second_stage
 from twotower.data.hm import DataFormatError, build_captions, find_data_file, load_articles
 from twotower.files import RowBlocks, sha256_file
 from twotower.ranking import cap_per_type
@@ -144,12 +144,13 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     assert after.row_of[removed] not in set(rows.ravel().tolist())
 
     # New articles rewrite the catalogue's other files; their vectors and keyword index rows are blocks after the
-    # parent's, and the customers' histories are shared ...
+    # parent's, and the customers' histories and the second stage's sales are shared ...
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     third = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv").index_version
     third_block = f"{artifacts.VECTOR_BLOCKS_DIR}/{third.name}.npy"
     keywords = {name for name in catalogue_side if artifacts.part_of(name) == artifacts.LEXICAL_DIR}
-    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE} | keywords
+    sales = {artifacts.SECOND_STAGE_FILE} & catalogue_side
+    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE} | keywords | sales
     assert artifacts.read_manifest(third).vector_blocks == [artifacts.VECTORS_FILE, third_block]
     third_keywords = f"{artifacts.LEXICAL_BLOCKS_DIR}/{third.name}"
     assert artifacts.read_manifest(third).lexical_blocks == [third_keywords]
@@ -160,12 +161,25 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     np.testing.assert_array_equal(grown.vectors[: len(parent.vectors)], parent.vectors)
     _, rows = grown.search(grown.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row
+    if grown.second_stage is not None:  # the new row is past the shared signals: ranked as an unsold article
+        assert grown.second_stage.signals.size == new_row
+        purchases, first_sale = grown.second_stage.signals.sales(np.asarray([0, new_row]))
+        assert purchases[1].sum() == 0 and first_sale[1] == second_stage.NEVER
+        assert first_sale[0] == parent.second_stage.signals.days_since_first_sale[0]  # type: ignore[union-attr]
+        padded = grown.second_stage.signals.extended(np.full(len(grown.article_ids) - new_row, -1))
+        np.testing.assert_array_equal(padded.sales(np.arange(len(grown.article_ids)))[0][new_row:], 0.0)
+        request = ranking.RankRequest(12, stage=grown.second_stage)
+        ((_, rows),) = ranking.rank(grown, grown.vectors[[new_row]], [request])  # its pool holds the new row
+        assert len(rows) == 12
     # ... unless a changed article moves customers' history rows.
     delta_file(tiny_pipeline, tmp_path / "changed.csv", [], changed=1)
     fourth = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "changed.csv").index_version
     third_keyword_files = {name for name in artifacts.read_manifest(third).files if name.startswith(third_keywords)}
     assert shared_names(third, fourth) == {artifacts.VECTORS_FILE, third_block} | keywords | third_keyword_files
     assert len(artifacts.read_manifest(fourth).vector_blocks) == 3
+    changed = Catalog(fourth)
+    if changed.second_stage is not None:  # written again, every row: the changed article's new row has its sales
+        assert changed.second_stage.signals.size == len(changed.article_ids)
     assert len(artifacts.read_manifest(fourth).lexical_blocks) == 2
     # Every version still verifies (linked files keep the checksums their parent recorded).
     for version in (first, second, third, fourth):

@@ -64,6 +64,14 @@ def test_signals_survive_a_save_and_a_catalogue_update(tmp_path: Path) -> None:
     assert extended.co_purchases(np.array([0]))[0].tolist() == [5]
     assert extended.co_purchases(np.array([4]))[0].tolist() == []
     assert (np.diff(extended.co_indptr) >= 0).all() and extended.co_indptr[-1] == len(extended.co_indices)
+    # Rows past `size` (added by an update that shared these signals) are unsold; a later change of one of them
+    # writes them out first.
+    sold, first_sale = loaded.sales(np.array([1, 4, 5]))
+    assert sold.tolist() == [signals.purchases[1].tolist(), [0, 0, 0], [0, 0, 0]]
+    assert first_sale[1:].tolist() == [NEVER, NEVER] and first_sale[0] == signals.days_since_first_sale[1]
+    later = loaded.extended(np.array([5]), rows=6)  # row 5, an added article, changed into row 6
+    assert later.size == 7 and later.purchases[6].tolist() == [0, 0, 0] and later.days_since_first_sale[6] == NEVER
+    np.testing.assert_array_equal(later.purchases[:4], signals.purchases)
 
 
 def test_the_fit_reaches_the_penalised_log_loss_minimum() -> None:

@@ -83,7 +83,8 @@ _LOG_COLUMNS = np.asarray([FEATURES.index(name) for name in LOG_FEATURES])
 
 @dataclasses.dataclass(frozen=True)
 class ArticleSignals:
-    """What the catalogue's recent sales say about each row, counted before one day."""
+    """What the catalogue's recent sales say about each row, counted before one day. Rows past `size` are articles
+    a catalogue update added since (their version shares its parent's signals): unsold, bought with nothing."""
 
     purchases: np.ndarray  # float32 [N, len(SALE_WINDOWS)]: purchases in the 1, 3 and 7 days before
     days_since_first_sale: np.ndarray  # float32 [N]: NEVER for articles not sold in the data
@@ -158,10 +159,24 @@ class ArticleSignals:
         counts = np.concatenate([self.co_counts[start:end] for start, end in spans])[order]
         return ordered[starts].astype(np.int64), np.add.reduceat(counts, starts)
 
-    def extended(self, sources: np.ndarray) -> "ArticleSignals":
-        """The signals with rows appended by a catalogue update, `sources` [new rows]: the row each new row
-        replaces or -1. A changed article's new row takes over its old row's sales, co-purchases (both ways) and
-        best-seller place; a new article is unsold, as an article nobody bought is at export."""
+    def sales(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(purchases [rows, len(SALE_WINDOWS)], days since the first sale [rows]) of ascending `rows`."""
+        known = int(np.searchsorted(rows, self.size))  # rows past `size` are unsold
+        if known == len(rows):
+            return self.purchases[rows], self.days_since_first_sale[rows]
+        purchases = np.zeros((len(rows), len(SALE_WINDOWS)), np.float32)
+        first_sale = np.full(len(rows), NEVER, np.float32)
+        purchases[:known], first_sale[:known] = self.purchases[rows[:known]], self.days_since_first_sale[rows[:known]]
+        return purchases, first_sale
+
+    def extended(self, sources: np.ndarray, rows: int | None = None) -> "ArticleSignals":
+        """The signals with rows appended by a catalogue update to a catalogue of `rows` rows (default `size`),
+        `sources` [new rows]: the row each new row replaces or -1. A changed article's new row takes over its old
+        row's sales, co-purchases (both ways) and best-seller place; a new article is unsold, as an article nobody
+        bought is at export. An update that changes no article needs none of this: its version shares the
+        parent's signals, and the rows past them are unsold."""
+        if rows is not None and rows > self.size:  # rows added since, unsold: written out before they are moved
+            return self.extended(np.full(rows - self.size, -1)).extended(sources)
         sources = np.asarray(sources, dtype=np.int64)
         old = sources >= 0
         n_new = self.size + len(sources)
@@ -401,9 +416,9 @@ def candidates(
     similar = history_vectors @ pool_vectors.T
     similar.max(axis=0, out=similar_max)
     np.divide(similar.sum(axis=0), similar.shape[0], out=similar_mean)
-    p1[:], p3[:], p7[:] = signals.purchases[pool].T
+    sales, first_sale[:] = signals.sales(pool)
+    p1[:], p3[:], p7[:] = sales.T
     score[:] = first_stage_scores(pool, cosine)
     np.divide(co, np.sqrt(p7) + 1, out=co_per_sale)
     np.divide(p1, p7 + 1, out=day_share)
-    first_sale[:] = signals.days_since_first_sale[pool]
     return pool, block.T
