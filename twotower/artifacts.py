@@ -20,7 +20,8 @@ One version's layout (written to a temporary sibling and renamed, so readers nev
                     FAISS index holds [vector, bias] rows (dimension D + 1)
     excluded.json   optional: rows hidden from results (removed or replaced articles), no rebuild needed
     second_stage.npz optional: per-article sales and co-purchases the second stage reads (twotower.second_stage,
-                    which owns its arrays); its weights are in score_head.json
+                    which owns its arrays); its weights are in score_head.json. It may hold fewer rows than the
+                    index: articles a catalogue update added after it, unsold
     lexical/        optional: the BM25 keyword index over the rows' captions (serving.lexical), for hybrid
                     text search; every file in it is checksummed as `lexical/<name>`. A catalogue update's rows
                     are a block of their own, `lexical/blocks/<version>/`, read after it in the order the

@@ -160,13 +160,13 @@ class ArticleSignals:
         return ordered[starts].astype(np.int64), np.add.reduceat(counts, starts)
 
     def sales(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(purchases [rows, len(SALE_WINDOWS)], days since the first sale [rows]) of ascending `rows`."""
-        known = int(np.searchsorted(rows, self.size))  # rows past `size` are unsold
-        if known == len(rows):
+        """(purchases [rows, len(SALE_WINDOWS)], days since the first sale [rows]) of `rows`."""
+        known = rows < self.size  # rows past `size` are unsold
+        if known.all():
             return self.purchases[rows], self.days_since_first_sale[rows]
         purchases = np.zeros((len(rows), len(SALE_WINDOWS)), np.float32)
         first_sale = np.full(len(rows), NEVER, np.float32)
-        purchases[:known], first_sale[:known] = self.purchases[rows[:known]], self.days_since_first_sale[rows[:known]]
+        purchases[known], first_sale[known] = self.purchases[rows[known]], self.days_since_first_sale[rows[known]]
         return purchases, first_sale
 
     def extended(self, sources: np.ndarray, rows: int | None = None) -> "ArticleSignals":
@@ -175,9 +175,10 @@ class ArticleSignals:
         row's sales, co-purchases (both ways) and best-seller place; a new article is unsold, as an article nobody
         bought is at export. An update that changes no article needs none of this: its version shares the
         parent's signals, and the rows past them are unsold."""
-        if rows is not None and rows > self.size:  # rows added since, unsold: written out before they are moved
-            return self.extended(np.full(rows - self.size, -1)).extended(sources)
         sources = np.asarray(sources, dtype=np.int64)
+        if rows is not None and rows > self.size:  # rows added since, unsold: written out first, in the same pass
+            unsold = np.full(rows - self.size, -1)  # and a changed one among them moves nothing (-1 as a source)
+            return self.extended(np.concatenate([unsold, np.where(sources >= self.size, -1, sources)]))
         old = sources >= 0
         n_new = self.size + len(sources)
         current = np.arange(self.size)  # each old row's current row
