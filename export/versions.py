@@ -57,7 +57,7 @@ def disk_bytes(files: dict[str, dict[tuple[int, int], int]]) -> int:
 def version_rows(root: Path) -> list[str]:
     """One line per complete version, oldest first: its parent, rows, hidden rows and the MiB only it holds (what
     removing it alone would free), then the root's total on disk."""
-    current = (root / artifacts.CURRENT_FILE).read_text().strip() if (root / artifacts.CURRENT_FILE).is_file() else ""
+    current = artifacts.current_version(root) if (root / artifacts.CURRENT_FILE).is_file() else ""
     files = _version_files(root)
     names = list(files)
     holders: dict[tuple[int, int], int] = {}

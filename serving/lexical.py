@@ -92,10 +92,6 @@ class LexicalIndex:
         return self.segments[0]
 
     @property
-    def directory(self) -> Path | None:
-        return self.base.directory
-
-    @property
     def captions(self) -> list[str]:
         if len(self.segments) == 1:
             return self.base.captions
@@ -128,10 +124,10 @@ class LexicalIndex:
         A block is written into the version that appended it (`new_block().save(...)`)."""
         if len(self.segments) > 1:
             raise ValueError("an index with appended blocks is saved block by block (new_block)")
-        written = self.base.save(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         if self.statistics is not None:
             (directory / STATISTICS_FILE).write_text(json.dumps(dataclasses.asdict(self.statistics)))
-        return sorted({*written, STATISTICS_FILE} if self.statistics is not None else written)
+        return self.base.save(directory)  # its files and the statistics
 
     @classmethod
     def load(cls, directory: Path, blocks: Sequence[Path] = (), mmap: bool = True) -> LexicalIndex:
