@@ -183,6 +183,7 @@ def write_version(
         return seconds
     manifest = artifacts.read_manifest(reference)
     own = {"dim", "metric", "item_count", "index_version", "files", "index_type", "data_source", "parent_version"}
+    own.add("unindexed_rows")  # the reference's rows past its index (a catalogue update's): not this version's
     fields = {k: v for k, v in dataclasses.asdict(manifest).items() if k not in own}
     fields.update(
         index_type=index_type, data_source=f"benchmarks.scale, towers of {reference}", vector_dtype=vector_dtype
@@ -320,7 +321,8 @@ def served_latency(
     `hot_swap` "update": swapped in place, but the second version is a catalogue update that removes
     UPDATE_REMOVALS articles (export.catalogue_update): it shares every other file with the served version.
     `hot_swap` "add": the same, an update adding UPDATE_ADDITIONS articles: it shares the served version's
-    vectors, histories and second-stage signals, and rewrites its index, metadata and prior."""
+    vectors, histories, second-stage signals and FAISS index (its rows searched beside it: serving.unindexed), and
+    rewrites its metadata and prior."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle
     from serving.catalog import Catalog

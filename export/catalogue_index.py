@@ -242,6 +242,14 @@ def write_index_dir(
         raise ValueError(f"lexical index has {len(lexical)} rows, the index {rows}")
     if index is None and artifacts.INDEX_FILE not in linked:
         raise ValueError("no FAISS index to write and none shared with a parent")
+    indexed = (  # the rows the index holds; the rest are the last `unindexed_rows` (serving.unindexed)
+        shared.manifest.item_count - shared.manifest.unindexed_rows
+        if shared is not None and artifacts.INDEX_FILE in linked
+        else index.ntotal  # type: ignore[union-attr]
+    )
+    unindexed = manifest_fields.get("unindexed_rows", 0)
+    if indexed + unindexed != rows:
+        raise ValueError(f"the index holds {indexed} rows and {unindexed} are listed past it: not the {rows} rows")
 
     def save_index(staging: Path) -> list[str]:
         faiss.write_index(index, str(staging / artifacts.INDEX_FILE))

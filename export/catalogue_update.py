@@ -5,8 +5,10 @@ new or changed articles, and/or article_ids to remove. Output: the next version 
 parent, published through CURRENT (a watching retriever swaps to it without restart).
 
 - New articles: captions -> item tower (Triton at the parent's model version, batched) -> vectors
-  appended to the parent's FAISS index (no rebuild) with their metadata and no popularity prior
-  (nobody has bought them yet; twotower.popularity).
+  appended after the parent's rows with their metadata and no popularity prior (nobody has bought them
+  yet; twotower.popularity). The parent's FAISS index stays as it is: the rows past it are searched
+  exactly beside it (serving.unindexed), until an addition would leave more than `unindexed.fits`
+  allows, which adds them all to a copy of the index (no rebuild: the trained lists are kept).
 - Changed articles: appended as new rows the same way; the old row is excluded from results and
   customers' histories point at the new row. They are indexed by their text vector alone: a learned
   id component returns with the next full export; they keep their popularity prior.
@@ -16,8 +18,9 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 What the update leaves unchanged the new version shares with its parent: hard links to the same files
 (export.catalogue_index.SharedParts). A removal writes excluded.json, the score head and the manifest and links
 the rest (a parent written before items/ gets its columns written);
-added rows rewrite the index, metadata and prior but share the parent's vectors and keyword index, written after
-them as blocks of their own (artifacts.VECTOR_BLOCKS_DIR, LEXICAL_BLOCKS_DIR; all as one again past their limits),
+added rows rewrite the metadata and prior but share the parent's FAISS index, vectors and keyword index, the last
+two written after them as blocks of their own (artifacts.VECTOR_BLOCKS_DIR, LEXICAL_BLOCKS_DIR; all as one again
+past their limits, and the index written anew past `unindexed.fits`),
 and the customers' histories and the second stage's signals unless a changed article moved rows (new articles are
 past the shared signals' rows: unsold, second_stage.ArticleSignals).
 """
@@ -36,6 +39,7 @@ import faiss
 import numpy as np
 
 from export.catalogue_index import SharedParts, index_rows, item_metadata, new_version_dir, write_index_dir
+from serving import unindexed
 from serving.catalog import Catalog
 from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
@@ -170,6 +174,7 @@ def _update(
     vectors: list[np.ndarray | RowBlocks] = []  # the rows written: new ones, or all when the blocks are merged
     item_bias = parent.item_bias
     index, items, histories = None, None, {}
+    past_index = manifest.unindexed_rows  # the last rows, which the FAISS index does not hold (serving.unindexed)
     unchanged: set[str] = set()  # the parent's parts this version shares (SharedParts)
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     n_parent = len(parent.vectors)
@@ -184,7 +189,6 @@ def _update(
             if lexical.new_block() is not None:
                 unchanged.add(artifacts.LEXICAL_DIR)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
-        index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays
         items = parent.items.appended(item_metadata(delta), len(delta))  # "" where the delta lacks a column
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
         new_bias = np.zeros(len(delta), dtype=np.float32)
@@ -200,9 +204,19 @@ def _update(
                     new_bias[offset] = item_bias[old]
             else:
                 added += 1
-        index.add(index_rows(new_vectors, None if item_bias is None else new_bias, index.d))
         if item_bias is not None:
             item_bias = np.concatenate([item_bias, new_bias])
+        first = n_parent - manifest.unindexed_rows  # the first row the parent's index lacks
+        past_index += len(delta)
+        if unindexed.fits(past_index, first):  # the new rows are searched exactly beside the parent's index
+            unchanged.add(artifacts.INDEX_FILE)
+        else:  # added to a copy of it with the parent's unindexed rows, written anew
+            index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays
+            for start, block in ((first, parent.vectors[first:n_parent]), (n_parent, new_vectors)):
+                bias = None if item_bias is None else item_bias[start : start + len(block)]
+                index.add(index_rows(block, bias, index.d))
+            log.info("%d rows past the FAISS index of %d: all added to it, written anew", past_index, first)
+            past_index = 0
         if signals is not None and changed:  # else shared: the rows past the parent's are new articles, unsold
             signals = signals.extended(replaced, n_parent)
         # Written in the parent's dtype: after the parent's files, or with all its rows when it has enough files
@@ -225,7 +239,7 @@ def _update(
         unchanged.add(artifacts.HISTORIES_FILE)
     if not changed:
         unchanged.add(artifacts.SECOND_STAGE_FILE)
-    if index is None:  # no rows added: the catalogue's side is the parent's
+    if items is None:  # no rows added: the catalogue's side is the parent's
         unchanged |= {
             artifacts.INDEX_FILE,
             artifacts.VECTORS_FILE,
@@ -242,6 +256,7 @@ def _update(
         if k not in ("dim", "metric", "item_count", "index_version", "files")
     }
     fields["parent_version"] = parent_name
+    fields["unindexed_rows"] = past_index
     new_manifest = write_index_dir(
         out,
         index,

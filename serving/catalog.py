@@ -21,6 +21,7 @@ import numpy as np
 from serving.filters import FilterColumns, KeptMasks
 from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
 from serving.lexical import LexicalIndex
+from serving.unindexed import UnindexedRows
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
@@ -204,6 +205,12 @@ class Catalog:
         self.item_bias: np.ndarray | None = None
         if artifacts.ITEM_BIAS_FILE in self.manifest.files:
             self.item_bias = np.load(self.index_dir / artifacts.ITEM_BIAS_FILE)
+        # A catalogue update's additions the index does not hold: searched exactly beside it (serving.unindexed).
+        self.unindexed: UnindexedRows | None = None
+        if self.manifest.unindexed_rows:
+            first = self.manifest.item_count - self.manifest.unindexed_rows
+            bias = None if self.item_bias is None else self.item_bias[first:]
+            self.unindexed = UnindexedRows(first, self.vectors[first:], bias)
         # The BM25 index for hybrid text search; indexes written before it search text by vector alone.
         self.lexical: LexicalIndex | None = None
         if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
@@ -256,13 +263,14 @@ class Catalog:
             self.second_stage = SecondStage(signals, self.score_head.stage)
         self._check_consistency()
         log.info(
-            "loaded index %s: %d items (%d excluded), dim %d, %s, vectors in %d file(s), %d customers, "
-            "model version %d, popularity prior weight %g, second stage %s (%.1fs)",
+            "loaded index %s: %d items (%d excluded), dim %d, %s (%d rows past it searched exactly), vectors in %d "
+            "file(s), %d customers, model version %d, popularity prior weight %g, second stage %s (%.1fs)",
             self.index_dir,
             len(self.article_ids),
             self.n_excluded,
             self.manifest.dim,
             self.manifest.index_type,
+            self.manifest.unindexed_rows,
             len(artifacts.vector_files(self.manifest)),
             len(self.customer_row),
             self.manifest.model_version,
@@ -297,12 +305,13 @@ class Catalog:
     def rows_per_search(self) -> int:
         """About how many rows an unfiltered search scores: all of a flat index, the probed lists' share of
         an IVF one (plus a compressed index's exact re-rank); HNSW visits about efSearch x its degree."""
+        unindexed = self.manifest.unindexed_rows
         if hasattr(self.index, "hnsw"):
-            return int(self.hnsw_ef_search * 32)
+            return int(self.hnsw_ef_search * 32) + unindexed
         if hasattr(self.index, "nprobe"):
             probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
-            return int(probed + TYPICAL_K * self.rerank_factor)
-        return int(self.index.ntotal)
+            return int(probed + TYPICAL_K * self.rerank_factor) + unindexed
+        return int(self.index.ntotal) + unindexed
 
     def prefetch(self, chunk_bytes: int = 8 << 20) -> int:
         """Read the version's memory-mapped files once, in order (item metadata columns, histories, then the
@@ -346,13 +355,13 @@ class Catalog:
         m = self.manifest
         problems = []
         if (
-            self.index.ntotal != m.item_count
+            self.index.ntotal + m.unindexed_rows != m.item_count
             or len(self.vectors) != m.item_count
             or len(self.article_ids) != m.item_count
         ):
             problems.append(
-                f"item counts differ: index {self.index.ntotal}, vectors {len(self.vectors)}, "
-                f"metadata {len(self.article_ids)}, manifest {m.item_count}"
+                f"item counts differ: index {self.index.ntotal} (+ {m.unindexed_rows} unindexed), vectors "
+                f"{len(self.vectors)}, metadata {len(self.article_ids)}, manifest {m.item_count}"
             )
         index_dim = artifacts.index_dimension(m.dim, self.item_bias is not None, m.index_type)
         if self.index.d != index_dim or self.vectors.shape[1] != m.dim:
@@ -425,15 +434,18 @@ class Catalog:
             similarities, rows = self._top_k(self._index_queries(queries, prior), k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         if self._available is not None and self.gpu is None:
-            return self._top_k(self._index_queries(queries, prior), k, self._available[-1])
+            shown = None if self.unindexed is None else ~self.excluded[self.unindexed.first :]
+            return self._top_k(self._index_queries(queries, prior), k, self._available[-1], shown)
         everything = np.ones(len(self.excluded), dtype=bool)
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
         results = [self.search_masked(q, k, everything, float(w)) for q, w in zip(queries, priors)]
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
-    def _top_k(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def _top_k(
+        self, queries: np.ndarray, k: int, params: Any = None, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row (or of those `params`' selector allows, on the CPU index): on the GPU copy
-        when there is one."""
+        when there is one. The rows past the index are merged in, those of them `allowed` (bool [unindexed]) allows."""
         on_gpu = params is None and self.gpu is not None
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,12 +454,16 @@ class Catalog:
             return (self.gpu or self.index).search(queries, n)
 
         if not self.rerank_factor:
-            return search(k)
-        fetch = self._rerank_candidates(k)
-        if on_gpu:
-            fetch = max(k, min(fetch, GPU_MAX_K))
-        _, candidates = search(fetch)
-        return self._rerank(queries, candidates, k)
+            found = search(k)
+        else:
+            fetch = self._rerank_candidates(k)
+            if on_gpu:
+                fetch = max(k, min(fetch, GPU_MAX_K))
+            _, candidates = search(fetch)
+            found = self._rerank(queries, candidates, k)
+        if self.unindexed is None:
+            return found
+        return self.unindexed.merged(found, queries, k, allowed)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
@@ -562,11 +578,8 @@ class Catalog:
         bitmap = summary.bitmap(allowed)
         selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
         params = self._selector_params(plan, selector, n_allowed / len(allowed))
-        if not self.rerank_factor:
-            found_similarities, found_rows = self.index.search(index_query, k, params=params)
-        else:
-            _, candidates = self.index.search(index_query, self._rerank_candidates(k), params=params)
-            found_similarities, found_rows = self._rerank(index_query, candidates, k)
+        unindexed = None if self.unindexed is None else allowed[self.unindexed.first :]
+        found_similarities, found_rows = self._top_k(index_query, k, params, unindexed)
         return found_similarities[0], found_rows[0]
 
     def metadata(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, str]]:

@@ -18,6 +18,7 @@ from export.embed import main as embed_main
 from export.embedding_shards import EmbeddingPlan, embed_shard, precomputed_embedder, read_vectors
 from export.update import main as update_main
 from retriever.limits import BodySizeLimit
+from serving import unindexed
 from serving.catalog import Catalog
 from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
@@ -125,7 +126,8 @@ def shared_names(parent: Path, child: Path) -> set[str]:
     return {name for name in names if (parent / name).exists() and (parent / name).samefile(child / name)}
 
 
-def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path: Path) -> None:
+def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(unindexed, "MAX_SHARE", 1.0)  # rows past the index: not bound by this tiny index's size
     root = copy_root(tiny_pipeline, tmp_path)
     first = root / artifacts.current_version(root)
     parent = Catalog(root)
@@ -143,14 +145,17 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     _, rows = after.search(after.vectors, 10)
     assert after.row_of[removed] not in set(rows.ravel().tolist())
 
-    # New articles rewrite the catalogue's other files; their vectors and keyword index rows are blocks after the
-    # parent's, and the customers' histories and the second stage's sales are shared ...
+    # New articles rewrite the catalogue's metadata and prior; their vectors and keyword index rows are blocks after
+    # the parent's, the FAISS index stays the parent's (the new rows are searched exactly beside it), and the
+    # customers' histories and the second stage's sales are shared ...
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     third = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv").index_version
     third_block = f"{artifacts.VECTOR_BLOCKS_DIR}/{third.name}.npy"
     keywords = {name for name in catalogue_side if artifacts.part_of(name) == artifacts.LEXICAL_DIR}
     sales = {artifacts.SECOND_STAGE_FILE} & catalogue_side
-    assert shared_names(second, third) == {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE} | keywords | sales
+    kept = {artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE, artifacts.INDEX_FILE}
+    assert shared_names(second, third) == kept | keywords | sales
+    assert artifacts.read_manifest(third).unindexed_rows == 1
     assert artifacts.read_manifest(third).vector_blocks == [artifacts.VECTORS_FILE, third_block]
     third_keywords = f"{artifacts.LEXICAL_BLOCKS_DIR}/{third.name}"
     assert artifacts.read_manifest(third).lexical_blocks == [third_keywords]
@@ -175,7 +180,17 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     delta_file(tiny_pipeline, tmp_path / "changed.csv", [], changed=1)
     fourth = root / update_catalogue(root, embedder(tiny_pipeline), tmp_path / "changed.csv").index_version
     third_keyword_files = {name for name in artifacts.read_manifest(third).files if name.startswith(third_keywords)}
-    assert shared_names(third, fourth) == {artifacts.VECTORS_FILE, third_block} | keywords | third_keyword_files
+    assert (
+        shared_names(third, fourth)
+        == {
+            artifacts.VECTORS_FILE,
+            third_block,
+            artifacts.INDEX_FILE,
+        }
+        | keywords
+        | third_keyword_files
+    )
+    assert artifacts.read_manifest(fourth).unindexed_rows == 2
     assert len(artifacts.read_manifest(fourth).vector_blocks) == 3
     changed = Catalog(fourth)
     if changed.second_stage is not None:  # written again, every row: the changed article's new row has its sales
@@ -184,8 +199,9 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
     # Every version still verifies (linked files keep the checksums their parent recorded).
     for version in (first, second, third, fourth):
         artifacts.verify_files(version, artifacts.read_manifest(version))
-    # One vectors file: no vector_blocks in the manifest, which a retriever from before blocks reads too.
-    assert "vector_blocks" not in json.loads((second / artifacts.MANIFEST_FILE).read_text())
+    # One vectors file and every row in the index: no vector_blocks or unindexed_rows in the manifest, which a
+    # retriever from before them reads too.
+    assert not {"vector_blocks", "unindexed_rows"} & set(json.loads((second / artifacts.MANIFEST_FILE).read_text()))
     # The list is the rows' order: one that is not the version's files in a possible order is refused.
     raw = json.loads((fourth / artifacts.MANIFEST_FILE).read_text())
     for wrong in (raw["vector_blocks"][::-1], raw["vector_blocks"][:2], [*raw["vector_blocks"], third_block]):
@@ -196,6 +212,9 @@ def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path:
         (fourth / artifacts.MANIFEST_FILE).write_text(json.dumps({**raw, "lexical_blocks": wrong}))
         with pytest.raises(artifacts.ArtifactError, match="lexical_blocks"):
             Catalog(fourth)
+    (fourth / artifacts.MANIFEST_FILE).write_text(json.dumps({**raw, "unindexed_rows": raw["item_count"] + 1}))
+    with pytest.raises(artifacts.ArtifactError, match="unindexed_rows"):
+        Catalog(fourth)
 
 
 def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
@@ -213,6 +232,88 @@ def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tm
     assert merged.manifest.vector_blocks == [] and isinstance(merged.vectors, np.ndarray)
     assert len(merged.vectors) == len(parent.vectors) + 3
     np.testing.assert_array_equal(merged.vectors[:-2], np.asarray(blocks))  # the rows before the second addition
+
+
+def test_rows_past_the_index_are_added_to_it_past_the_limit(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(unindexed, "MAX_ROWS", 2)
+    root = copy_root(tiny_pipeline, tmp_path)
+    first = root / artifacts.current_version(root)
+    parent = Catalog(root)
+    for number, ids in enumerate([["0999000001"], ["0999000002", "0999000003"]]):
+        delta_file(tiny_pipeline, tmp_path / f"new{number}.csv", ids)
+        update_catalogue(root, embedder(tiny_pipeline), tmp_path / f"new{number}.csv")
+        if number == 0:
+            one = Catalog(root)
+            assert (
+                one.manifest.unindexed_rows == 1
+                and one.unindexed is not None
+                and one.unindexed.first == len(parent.article_ids)
+            )
+            assert (one.index_dir / artifacts.INDEX_FILE).samefile(first / artifacts.INDEX_FILE)
+    folded = Catalog(root)  # 3 rows past the index would pass the limit: all of them added to a new index file
+    assert folded.manifest.unindexed_rows == 0 and folded.unindexed is None
+    assert folded.index.ntotal == len(folded.article_ids) == len(parent.article_ids) + 3
+    assert not (folded.index_dir / artifacts.INDEX_FILE).samefile(first / artifacts.INDEX_FILE)
+    new_rows = folded.rows_for(["0999000001", "0999000002", "0999000003"])  # the first two: the same caption
+    _, rows = folded.search(folded.vectors[new_rows], 2)
+    assert all(row in found for row, found in zip(new_rows, rows))
+
+
+def index_without_last_rows(version: Path, vectors: np.ndarray, bias: np.ndarray, unindexed: int) -> None:
+    """A version's index rewritten over all but its last rows, which the manifest lists as unindexed: the version a
+    catalogue update that added them writes."""
+    from export.catalogue_index import build_faiss_index
+
+    held, index_type = len(vectors) - unindexed, artifacts.read_manifest(version).index_type
+    index = build_faiss_index(vectors[:held], index_type, bias[:held])
+    faiss.write_index(index, str(version / artifacts.INDEX_FILE))
+    manifest = artifacts.read_manifest(version)
+    files = {**manifest.files, artifacts.INDEX_FILE: sha256_file(version / artifacts.INDEX_FILE)}
+    artifacts.write_manifest(version, dataclasses.replace(manifest, files=files, unindexed_rows=unindexed))
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+@pytest.mark.parametrize("removed", [0, 20, 400])
+def test_rows_past_the_index_are_searched_exactly_beside_it(tmp_path: Path, index_type: str, removed: int) -> None:
+    """Every search path (plain, over-fetch, id selector, exact, many removed rows) returns what an exact index
+    over every row returns (IVF probing every list), and the removed rows past the index stay hidden."""
+    rng = np.random.default_rng(7)
+    n, unindexed = 3000, 200
+    groups = rng.choice(["A", "B", "C"], size=n, p=[0.6, 0.39, 0.01]).tolist()
+    bias = rng.random(n).astype(np.float32)
+    hidden = np.concatenate([rng.choice(n - unindexed, removed // 2, replace=False), n - 1 - np.arange(removed // 2)])
+    catalogs = []
+    for name in ("full", "partial"):
+        root = tmp_path / name
+        vectors = write_random_index(root / "v0001", index_type, groups, seed=3, item_bias=bias, prior_weight=0.1)
+        artifacts.publish_version(root, "v0001")
+        if name == "partial":
+            index_without_last_rows(root / "v0001", vectors, bias, unindexed)
+        if removed:  # a removal keeps the parent's index and its rows past it
+            update_catalogue(root, lambda manifest: None, remove_ids=[str(row) for row in hidden])
+        catalogs.append(Catalog(root, exact_search_limit=100, ivf_nprobe=1000))
+    full, partial = catalogs
+    assert partial.index.ntotal == n - unindexed and len(partial.unindexed or []) == unindexed
+    assert (partial._available is not None) == (removed > ranking.OVERFETCH_LIMIT)
+    queries = rng.standard_normal((20, vectors.shape[1])).astype(np.float32)
+    for prior in (0.0, 0.1):
+        expected_scores, expected = full.search(queries, 10, prior)
+        scores, rows = partial.search(queries, 10, prior)
+        np.testing.assert_array_equal(rows, expected)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-6)
+        assert not np.isin(rows, hidden).any()
+    masks = [
+        full.filter_columns.mask(Filters.parse({"product_group": groups})) for groups in (["B"], ["A", "B", "C"], ["C"])
+    ]
+    if index_type == "ivf":  # every plan of a filtered search (a flat index has no selector plan)
+        expected_plans = {"exact", "ivf+selector"} | ({"overfetch"} if removed <= ranking.OVERFETCH_LIMIT else set())
+        assert {partial.search_plan(mask & ~partial.excluded) for mask in masks} == expected_plans
+    for mask in masks:
+        for query in queries[:5]:
+            expected_scores, expected = full.search_masked(query, 10, mask, 0.1)
+            scores, rows = partial.search_masked(query, 10, mask, 0.1)
+            np.testing.assert_array_equal(rows, expected)
+            assert mask[rows[rows >= 0]].all() and not np.isin(rows, hidden).any()
 
 
 def test_keyword_index_rows_appended_as_a_block_score_as_the_base_would(tmp_path: Path, monkeypatch) -> None:
@@ -267,14 +368,15 @@ def test_a_swap_reads_only_what_the_served_version_does_not_share(tiny_pipeline,
     assert swapped.products is served.products and swapped.customer_row is served.customer_row
     _, rows = swapped.search(swapped.vectors[:20], 10)
     assert swapped.row_of[removed] not in set(rows.ravel().tolist())
-    # New articles: new metadata and index, the same histories.
+    # New articles: new metadata, the same histories and FAISS index (the new row is searched beside it).
     delta_file(tiny_pipeline, tmp_path / "new.csv", ["0999000001"])
     update_catalogue(root, embedder(tiny_pipeline), tmp_path / "new.csv")
     hashed.clear()
     grown = Catalog(root, shares_with=swapped)
-    # the served vectors file is not read again: only the block of the new article's vector
-    assert artifacts.VECTORS_FILE not in hashed and f"{grown.manifest.index_version}.npy" in hashed
-    assert grown.index is not swapped.index and grown.items is not swapped.items and "0999000001" in grown.row_of
+    # the served vectors and index files are not read again: only the block of the new article's vector
+    assert not {artifacts.VECTORS_FILE, artifacts.INDEX_FILE} & set(hashed)
+    assert f"{grown.manifest.index_version}.npy" in hashed
+    assert grown.index is swapped.index and grown.items is not swapped.items and "0999000001" in grown.row_of
     assert grown.customer_row is swapped.customer_row and len(grown.article_ids) == len(swapped.article_ids) + 1
     # A file it does not share is still checked.
     (version / artifacts.EXCLUDED_FILE).write_text(json.dumps({"rows": []}))
@@ -642,11 +744,15 @@ def test_an_update_writes_its_vectors_in_the_parents_dtype(tiny_pipeline, tmp_pa
 
 
 @pytest.mark.parametrize("index_type", ["ivf-fp16", "ivf-sq8"])
-def test_an_update_adds_rows_to_an_index_with_padded_rows(tiny_pipeline, tmp_path: Path, index_type: str) -> None:
+@pytest.mark.parametrize("max_unindexed", [0, 1])
+def test_an_update_adds_rows_to_an_index_with_padded_rows(
+    tiny_pipeline, tmp_path: Path, monkeypatch, index_type: str, max_unindexed: int
+) -> None:
     """Index types whose rows are padded to a multiple of 16 columns (artifacts.index_dimension) take the new
-    rows padded the same way."""
+    rows padded the same way, and search the rows past them with queries padded the same way."""
     from export.catalogue_index import build_faiss_index
 
+    monkeypatch.setattr(unindexed, "MAX_ROWS", max_unindexed)
     root = copy_root(tiny_pipeline, tmp_path)
     parent = root / artifacts.current_version(root)
     before = Catalog(root)
@@ -658,6 +764,7 @@ def test_an_update_adds_rows_to_an_index_with_padded_rows(tiny_pipeline, tmp_pat
     update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", [])
     after = Catalog(root)
     assert after.manifest.index_type == index_type and after.index.d % 16 == 0
+    assert after.manifest.unindexed_rows == min(1, max_unindexed)
     new_row = after.row_of["0999000001"]
     _, rows = after.search(after.vectors[[new_row]], 5)
     assert rows[0, 0] == new_row

@@ -6,7 +6,9 @@ An index root holds immutable versions and a pointer to the served one:
 A path given to a reader may be the root or a version directory itself.
 
 One version's layout (written to a temporary sibling and renamed, so readers never see half of it):
-    index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised)
+    index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised); all rows but
+                    the last `unindexed_rows` of the manifest, which a catalogue update added and the retriever
+                    scores exactly beside the index (serving.unindexed)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
     vector_blocks/  optional: rows a catalogue update appended, one `<version>.npy` per update, read after
                     vectors.npy in the order the manifest's `vector_blocks` lists (twotower.files.RowBlocks)
@@ -137,6 +139,8 @@ class Manifest:
     vector_blocks: list[str] = dataclasses.field(default_factory=list)
     # The keyword index's blocks after lexical/'s own rows (LEXICAL_BLOCKS_DIR/<version>), in row order
     lexical_blocks: list[str] = dataclasses.field(default_factory=list)
+    # The last rows, which index.faiss does not hold: a catalogue update's additions (serving.unindexed)
+    unindexed_rows: int = 0
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
     item_model: str = ITEM_MODEL
@@ -156,9 +160,9 @@ def vector_files(manifest: Manifest) -> list[str]:
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
     raw = dataclasses.asdict(manifest)
-    for blocks in ("vector_blocks", "lexical_blocks"):
-        if not raw[blocks]:  # a version without blocks stays readable by a retriever from before them
-            del raw[blocks]
+    for field in ("vector_blocks", "lexical_blocks", "unindexed_rows"):
+        if not raw[field]:  # a version without them stays readable by a retriever from before them
+            del raw[field]
     write_json(index_dir / MANIFEST_FILE, raw)
 
 
@@ -183,6 +187,8 @@ def read_manifest(index_dir: Path | str) -> Manifest:
     problem = _lexical_blocks_problem(manifest)
     if problem:
         raise ArtifactError(f"{path}: lexical_blocks {manifest.lexical_blocks}: {problem}")
+    if not 0 <= manifest.unindexed_rows <= manifest.item_count:
+        raise ArtifactError(f"{path}: unindexed_rows {manifest.unindexed_rows} not in 0..{manifest.item_count}")
     return manifest
 
 
