@@ -4,9 +4,9 @@
     python -m export.versions --index-dir artifacts/index --publish v0003    # roll back to v0003
     python -m export.versions --index-dir artifacts/index --prune 5          # keep CURRENT and the 5 newest
 
-Exports and catalogue updates add a version and never remove one (at 10M articles an addition writes ~1 GB:
-docs/scale.md), so a volume fills unless old ones go; `python -m export.update --keep-versions N` prunes after it
-publishes. A prune also keeps CURRENT's parent and every version CURRENT named in the last hour
+Exports and catalogue updates add a version and never remove one (at 10M articles an addition of 1,000 writes
+~400 MiB: docs/scale.md), so a volume fills unless old ones go; `python -m export.update --keep-versions N` prunes
+after it publishes. A prune also keeps CURRENT's parent and every version CURRENT named in the last hour
 (artifacts.prune_versions): replicas may still serve those. A version is verified before it is published (every
 file against its manifest's checksum) and refused when running retrievers would refuse it (another dimension,
 history length or tokenizer: they need a restart for that; --force publishes it anyway). Both hold the root's

@@ -316,6 +316,47 @@ def test_rows_past_the_index_are_searched_exactly_beside_it(tmp_path: Path, inde
             assert mask[rows[rows >= 0]].all() and not np.isin(rows, hidden).any()
 
 
+@pytest.mark.parametrize(
+    "index_type, on_gpu",
+    [("hnsw", False), ("ivf-fp16", False), ("ivf-sq8", False), ("ivf-pq-fastscan", False), ("ivf", True)],
+)
+def test_rows_past_an_approximate_index_rank_by_their_exact_scores(
+    tmp_path: Path, index_type: str, on_gpu: bool
+) -> None:
+    """With an approximate index (and through a GPU copy: here a stand-in that searches the CPU index) the rows past
+    it keep their exact scores, and every one of them that the request may see and that scores above the last
+    result is in it."""
+    rng = np.random.default_rng(8)
+    n, unindexed = 3000, 200
+    bias = rng.random(n).astype(np.float32)
+    root = tmp_path / "index"
+    vectors = write_random_index(root / "v0001", index_type, ["A"] * n, seed=4, item_bias=bias, prior_weight=0.1)
+    artifacts.publish_version(root, "v0001")
+    index_without_last_rows(root / "v0001", vectors, bias, unindexed)
+    # many removed rows: one selector of the rest (CPU only); a few: over-fetched, on the GPU copy when there is one
+    hidden = np.concatenate([rng.choice(n, 20 if on_gpu else 300, replace=False), [n - 1]])
+    update_catalogue(root, lambda manifest: None, remove_ids=[str(row) for row in hidden])
+    catalog = Catalog(root, exact_search_limit=100)
+    searched_on_gpu: list[int] = []
+    if on_gpu:
+
+        class StandIn:  # what _top_k calls on a GPU copy: search(queries, k)
+            def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+                searched_on_gpu.append(k)
+                return catalog.index.search(queries, k)
+
+        catalog.gpu = StandIn()  # type: ignore[assignment]
+    queries = rng.standard_normal((30, vectors.shape[1])).astype(np.float32)
+    exact = vectors @ queries.T + 0.1 * bias[:, None]  # [n, queries]
+    scores, rows = catalog.search(queries, 10, 0.1)
+    assert bool(searched_on_gpu) == on_gpu and not np.isin(rows, hidden).any() and (rows >= 0).all()
+    shown_past = np.setdiff1d(np.arange(n - unindexed, n), hidden)
+    for i, (found_scores, found) in enumerate(zip(scores, rows)):
+        past = found >= n - unindexed
+        np.testing.assert_allclose(found_scores[past], exact[found[past], i], rtol=1e-5, atol=1e-5)
+        assert set(shown_past[exact[shown_past, i] > found_scores[-1] + 1e-5]) <= set(found.tolist())
+
+
 def test_keyword_index_rows_appended_as_a_block_score_as_the_base_would(tmp_path: Path, monkeypatch) -> None:
     import pickle
 

@@ -187,7 +187,7 @@ def read_manifest(index_dir: Path | str) -> Manifest:
     problem = _lexical_blocks_problem(manifest)
     if problem:
         raise ArtifactError(f"{path}: lexical_blocks {manifest.lexical_blocks}: {problem}")
-    if not 0 <= manifest.unindexed_rows <= manifest.item_count:
+    if type(manifest.unindexed_rows) is not int or not 0 <= manifest.unindexed_rows <= manifest.item_count:
         raise ArtifactError(f"{path}: unindexed_rows {manifest.unindexed_rows} not in 0..{manifest.item_count}")
     return manifest
 
