@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         mask = columns.mask(Filters.parse({"product_group": [group]}))
         cases[f"product_group={group}"] = [mask] * len(users)
     cases["colour=Black"] = [columns.mask(Filters.parse({"colour": ["Black"]}))] * len(users)
-    prices = columns.price[np.isfinite(columns.price)]
+    prices = columns.row_prices()
+    prices = prices[np.isfinite(prices)]
     if len(prices):
         cap = float(np.median(prices))
         cases[f"price_max={cap:.4f} (median)"] = [columns.mask(Filters.parse({"price_max": cap}))] * len(users)

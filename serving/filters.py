@@ -157,11 +157,15 @@ class FilterColumns:
         for column in CATEGORY_FILTERS.values():
             if column in table:
                 self._columns[column] = (np.asarray(table[column].distinct(), dtype=object), table[column].codes)
+        # Prices as the table encodes them: each distinct price once, and the mapped codes. A float64 per row was 76
+        # MiB of the retriever's own memory at 10M articles, rebuilt by every swap to an addition (tracemalloc,
+        # 2026-12-01), and the same NaN-filled array where the catalogue has no prices. A price filter's mask now
+        # costs a gather by code: 0.32 ms at 105k rows (0.04 comparing a float per row), 21 ms at 10M (13), once per
+        # filter (the masks are kept: `mask`); one thread, 100k distinct prices, microbenchmark.
+        self._prices: tuple[np.ndarray, np.ndarray] | None = None
         if "price" in table:
             distinct = np.asarray([float(p) if p else np.nan for p in table["price"].distinct()], dtype=np.float64)
-            self.price = distinct[table["price"].codes]
-        else:
-            self.price = np.full(n, np.nan)
+            self._prices = distinct, table["price"].codes
         # product type code per row (the diversity cap groups by it)
         self.product_type = (
             self._columns["product_type_name"][1]
@@ -174,6 +178,13 @@ class FilterColumns:
 
     def values(self, column: str) -> list[str]:
         return [str(v) for v in self._columns[column][0]]
+
+    def row_prices(self) -> np.ndarray:
+        """float64 [N]: each row's price, NaN where it has none (built on each call: for offline tools)."""
+        if self._prices is None:
+            return np.full(self.n, np.nan)
+        distinct, codes = self._prices
+        return distinct[codes]
 
     def mask(self, filters: Filters) -> np.ndarray:
         """bool [N], read-only: the rows `filters` let through (recent filters' masks are reused)."""
@@ -197,11 +208,17 @@ class FilterColumns:
                 raise FilterError(f"this index has no {column} metadata to filter on")
             values, codes = self._columns[column]
             keep &= rows_with_codes(codes, np.flatnonzero(np.isin(values, list(accepted))), len(values))
-        # Articles without a price never match a price filter.
-        if filters.price_min is not None:
-            keep &= self.price >= filters.price_min
-        if filters.price_max is not None:
-            keep &= self.price <= filters.price_max
+        if filters.price_min is not None or filters.price_max is not None:
+            # Compared once per distinct price; articles without a price (NaN) never match a price filter.
+            if self._prices is None:
+                return np.zeros(self.n, dtype=bool)
+            distinct, codes = self._prices
+            inside = np.ones(len(distinct), dtype=bool)
+            if filters.price_min is not None:
+                inside &= distinct >= filters.price_min
+            if filters.price_max is not None:
+                inside &= distinct <= filters.price_max
+            keep &= rows_with_codes(codes, np.flatnonzero(inside), len(distinct))
         return keep
 
 

@@ -95,6 +95,12 @@ def test_filters_read_the_encoded_columns() -> None:
     columns = FilterColumns(table)
     assert columns.mask(Filters.parse({"product_group": ["Underwear"]})).tolist() == [False, False, True, False]
     assert columns.mask(Filters.parse({"price_max": 0.009})).tolist() == [True, False, False, False]  # "" never
+    assert columns.mask(Filters.parse({"price_min": 0.01})).tolist() == [False, False, True, True]  # bounds included
+    both = {"price_min": 0.008, "price_max": 0.01, "product_group": ["Garment Upper body"]}
+    assert columns.mask(Filters.parse(both)).tolist() == [True, False, False, True]
+    np.testing.assert_array_equal(columns.row_prices(), [0.008, np.nan, 0.02, 0.01])
+    unpriced = FilterColumns({name: values for name, values in COLUMNS.items() if name != "price"})
+    assert not unpriced.mask(Filters.parse({"price_max": 1.0})).any() and np.isnan(unpriced.row_prices()).all()
     assert FilterColumns(COLUMNS).mask(Filters.parse({"colour": ["Blå"]})).tolist() == [False, False, True, False]
     two = {"colour": ["Blå", "White"]}
     assert columns.mask(Filters.parse(two)).tolist() == [False, True, True, False]
