@@ -327,9 +327,10 @@ def test_prefetch_reads_the_versions_memory_mapped_files(shop) -> None:
     mapped = [
         name
         for name in catalog.manifest.files
-        if name.startswith(artifacts.ITEMS_DIR + "/") or name in (artifacts.HISTORIES_FILE, artifacts.VECTORS_FILE)
+        if name.startswith(artifacts.ITEMS_DIR + "/")
+        or name in (artifacts.HISTORIES_FILE, artifacts.ITEM_BIAS_FILE, artifacts.VECTORS_FILE)
     ]
-    assert artifacts.VECTORS_FILE in mapped and len(mapped) > 2
+    assert {artifacts.VECTORS_FILE, artifacts.ITEM_BIAS_FILE} <= set(mapped) and len(mapped) > 3
     assert catalog.prefetch(chunk_bytes=4096) == sum((catalog.index_dir / name).stat().st_size for name in mapped)
 
 
