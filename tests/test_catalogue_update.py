@@ -357,6 +357,17 @@ def test_rows_past_an_approximate_index_rank_by_their_exact_scores(
         assert set(shown_past[exact[shown_past, i] > found_scores[-1] + 1e-5]) <= set(found.tolist())
 
 
+def test_gathered_float16_rows_are_decoded_exactly() -> None:
+    from serving.catalog import as_float32
+
+    rows = np.random.default_rng(9).standard_normal((2, 7, 16)).astype(np.float16)
+    decoded = as_float32(rows)
+    assert decoded.dtype == np.float32 and decoded.shape == rows.shape
+    np.testing.assert_array_equal(decoded, rows.astype(np.float32))
+    single = rows.astype(np.float32)
+    assert as_float32(single) is single  # float32 rows as they are
+
+
 def test_keyword_index_rows_appended_as_a_block_score_as_the_base_would(tmp_path: Path, monkeypatch) -> None:
     import pickle
 
