@@ -316,13 +316,14 @@ class Catalog:
     def rows_per_search(self) -> int:
         """About how many rows an unfiltered search scores: all of a flat index, the probed lists' share of
         an IVF one (plus a compressed index's exact re-rank); HNSW visits about efSearch x its degree."""
-        unindexed = self.manifest.unindexed_rows
         if hasattr(self.index, "hnsw"):
-            return int(self.hnsw_ef_search * 32) + unindexed
-        if hasattr(self.index, "nprobe"):
+            scanned = self.hnsw_ef_search * 32
+        elif hasattr(self.index, "nprobe"):
             probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
-            return int(probed + TYPICAL_K * self.rerank_factor) + unindexed
-        return int(self.index.ntotal) + unindexed
+            scanned = probed + TYPICAL_K * self.rerank_factor
+        else:
+            scanned = self.index.ntotal
+        return int(scanned) + self.manifest.unindexed_rows  # the rows past the index: all scored
 
     def prefetch(self, chunk_bytes: int = 8 << 20) -> int:
         """Read the version's memory-mapped files once, in order (item metadata columns, histories, the prior, then the
@@ -452,10 +453,11 @@ class Catalog:
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
     def _top_k(
-        self, queries: np.ndarray, k: int, params: Any = None, allowed: np.ndarray | None = None
+        self, queries: np.ndarray, k: int, params: Any = None, allowed_unindexed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row (or of those `params`' selector allows, on the CPU index): on the GPU copy
-        when there is one. The rows past the index are merged in, those of them `allowed` (bool [unindexed]) allows."""
+        when there is one. The rows past the index are merged in, the ones `allowed_unindexed` (bool [unindexed])
+        allows."""
         on_gpu = params is None and self.gpu is not None
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -473,7 +475,7 @@ class Catalog:
             found = self._rerank(queries, candidates, k)
         if self.unindexed is None:
             return found
-        return self.unindexed.merged(found, queries, k, allowed)
+        return self.unindexed.merged(found, queries, k, allowed_unindexed)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
