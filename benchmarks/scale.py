@@ -6,8 +6,9 @@
 The articles are drawn from a mixture fitted to a trained index (`--reference`, default the `make eval`
 or `make bench` export): its item vectors clustered into 512 directions, each article one of them plus
 noise of that cluster's measured spread, its popularity bias and metadata columns those of a random real
-article. Queries are the reference's own exported user vectors (real customers), scored with its
-popularity prior weight as served. Without a reference both are random mixtures and the page says so.
+article of that cluster (so a product group sits in few IVF lists, as on real data). Queries are the
+reference's own exported user vectors (real customers), scored with its popularity prior weight as served.
+Without a reference both are random mixtures and the page says so.
 
 For each size and index type, in a fresh process per index (so resident memory is its own): build time,
 index size on disk, resident memory after loading the retriever's Catalog (anonymous, i.e. the process's
@@ -65,6 +66,7 @@ class Reference:
         if index_dir is None:
             vectors = _unit(rng.standard_normal((CLUSTERS, dim)).astype(np.float32))
             self.centroids, self.spread, self.weights = vectors, np.full(CLUSTERS, 0.6, np.float32), None
+            self.cluster_rows: tuple[np.ndarray, np.ndarray] | None = None  # metadata independent of the vectors
             self.bias = rng.gamma(0.3, 1.0, 100_000).astype(np.float32)
             groups = rng.choice(["A", "B", "C", "D"], 100_000, p=[0.5, 0.3, 0.15, 0.05]).tolist()
             self.items = ItemTable.from_columns({"article_id": [str(i) for i in range(len(groups))],
@@ -88,6 +90,12 @@ class Reference:
         counts = np.bincount(assigned, minlength=CLUSTERS)
         self.spread = np.sqrt(sq / np.maximum(counts, 1) / vectors.shape[1]).astype(np.float32)
         self.weights = counts / counts.sum()
+        # The real rows of each cluster (rows sorted by cluster, each cluster's first position), whose metadata the
+        # cluster's synthetic articles copy: on H&M a product group sits in few IVF lists (90% of its articles in
+        # 1.4-3.6% of the 1,299 lists for groups of 2-5%, 30% for the 40% group); copied from any real article, a
+        # synthetic 10M catalogue spread every group over the lists (90% in 61-63% of 12,649), which made each
+        # filtered search probe lists full of other groups' articles (measured 2026-12-01, docs/scale.md).
+        self.cluster_rows = (np.argsort(assigned, kind="stable"), np.concatenate([[0], np.cumsum(counts)]))
         self.bias = catalog.item_bias if catalog.item_bias is not None else np.zeros(len(vectors), np.float32)
         self.items = catalog.items
         known = catalog.customer_vectors
@@ -100,18 +108,24 @@ class Reference:
 
     def write_vectors(self, path: Path, n: int, seed: int = 1) -> tuple[np.memmap, np.ndarray, ItemTable]:
         """n article vectors straight into a .npy file (chunk by chunk: 10M never sit in memory twice),
-        their biases and metadata (the columns of a random real article each, kept encoded: no Python
-        string per synthetic article)."""
+        their biases and metadata (the columns of a random real article of the same mixture cluster each, kept
+        encoded: no Python string per synthetic article)."""
         rng = np.random.default_rng(seed)
         dim = self.centroids.shape[1]
         vectors = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+        clusters = np.empty(n, dtype=np.int32)
         for start in range(0, n, CHUNK):
             size = min(CHUNK, n - start)
-            cluster = rng.choice(CLUSTERS, size, p=self.weights)
+            cluster = clusters[start : start + size] = rng.choice(CLUSTERS, size, p=self.weights)
             noise = rng.standard_normal((size, dim), dtype=np.float32) * self.spread[cluster, None]
             vectors[start : start + size] = _unit(self.centroids[cluster] + noise)
         vectors.flush()
-        source_rows = rng.integers(0, len(self.bias), n)
+        if self.cluster_rows is None:
+            source_rows = rng.integers(0, len(self.bias), n)
+        else:  # a random real row of each article's cluster (the vectors are drawn as before: the same vectors)
+            members, starts = self.cluster_rows
+            sizes = np.diff(starts)
+            source_rows = members[starts[clusters] + (rng.random(n) * sizes[clusters]).astype(np.int64)]
         ids = np.char.zfill(np.arange(n).astype("S10"), 10)  # sorted: the codes are the rows
         columns = {ID_COLUMN: Column(ids, np.arange(n, dtype=np.int32))}
         for name in METADATA_COLUMNS:
