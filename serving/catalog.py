@@ -20,6 +20,7 @@ import numpy as np
 
 from serving.filters import FilterColumns, KeptMasks
 from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
+from serving.ivf_lists import IvfLists, search_lists
 from serving.lexical import LexicalIndex
 from serving.unindexed import UnindexedRows
 from twotower import artifacts, popularity, ranking, repeats
@@ -40,6 +41,15 @@ MAX_FILTERED_EF = 2048
 # a 1.8% group 9.4 / 12.1 ms -> 2.2 / 2.5 ms, recall 1.000 -> 0.969; a 41% group (316 lists) is not capped.
 # A cap of 4x fell to recall 0.881 on the 1.8% group. On H&M (1,299 lists) the cap is never reached.
 MAX_FILTERED_PROBE_FACTOR = 8
+# Where the index knows each row's list (serving.ivf_lists), a filtered search probes instead the nearest lists that
+# hold allowed rows until they hold this many times the rows an unfiltered search scans (at most the lists above).
+# 10M synthetic articles whose product groups sit in few lists as on H&M (ivf-pq-fastscan, 12,649 lists, nprobe 128,
+# 60 real user vectors, top 300, one thread), recall@10 against exact filtered search over the nine groups of 1.8-40%:
+# widened nprobe 0.023-0.962 (0.035 for shoes: the lists nearest a customer's taste hold none); these lists x1
+# 0.772-1.000, x1.5 0.922-1.000, x2 0.967-1.000, paired time per search x1.5 -1.6 .. +2.8 ms (3-5 ms before). H&M
+# (105,542 articles, 1,299 lists; only its 40% group is searched this way, smaller ones exactly): recall@10 0.969
+# -> 0.972, -0.03 ms (2026-12-01, docs/scale.md).
+FILTERED_ROWS_FACTOR = 1.5
 # With IO_FLAG_MMAP_IFC (faiss 1.15.1 here; a faiss without the flag reads the index in), faiss reads flat, HNSW
 # and IVF indexes (codes in ArrayInvertedLists: flat, SQ8, PQ) zero-copy: their arrays point into the mapped
 # file. Those pages are then shared by the KServe workers and reclaimable, and a hot swap maps the new version
@@ -124,6 +134,7 @@ class Catalog:
     history_last_day: np.ndarray
     customer_vectors: np.ndarray | None
     customer_row: dict[str, int]
+    ivf_lists: IvfLists | None
 
     def __init__(
         self,
@@ -182,7 +193,7 @@ class Catalog:
         self.gpu: GpuIndex | None
         if shares_with is not None and shared(artifacts.INDEX_FILE) and self._same_settings(shares_with):
             # A FastScan index is read into the process (~430 MiB at 10M articles): one copy for both versions.
-            self.index, self.gpu = shares_with.index, shares_with.gpu
+            self.index, self.gpu, self.ivf_lists = shares_with.index, shares_with.gpu, shares_with.ivf_lists
         else:
             # HNSW, IVF (any codes) or flat, its arrays pointing into the mapped file (INDEX_READ_FLAGS).
             read_in = not mapped or self.manifest.index_type in READ_IN_INDEX_TYPES
@@ -194,6 +205,8 @@ class Catalog:
             if hasattr(self.index, "nprobe"):
                 self.index.nprobe = ivf_nprobe
             self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
+            # Each row's IVF list, for filtered searches that probe the lists holding allowed rows (serving.ivf_lists)
+            self.ivf_lists = IvfLists.of(self.index)
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
@@ -453,14 +466,21 @@ class Catalog:
         return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
 
     def _top_k(
-        self, queries: np.ndarray, k: int, params: Any = None, allowed_unindexed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        params: Any = None,
+        allowed_unindexed: np.ndarray | None = None,
+        lists: tuple[np.ndarray, np.ndarray, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """A plain search of every row (or of those `params`' selector allows, on the CPU index): on the GPU copy
-        when there is one. The rows past the index are merged in, the ones `allowed_unindexed` (bool [unindexed])
-        allows."""
-        on_gpu = params is None and self.gpu is not None
+        """A plain search of every row (or of those `params`' selector allows, on the CPU index; or of the IVF
+        `lists`, (lists, their centroids' scores, a selector): serving.ivf_lists): on the GPU copy when there is one.
+        The rows past the index are merged in, the ones `allowed_unindexed` (bool [unindexed]) allows."""
+        on_gpu = params is None and lists is None and self.gpu is not None
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
+            if lists is not None:
+                return search_lists(self.index, queries, n, lists[:2], lists[2])
             if params is not None:
                 return self.index.search(queries, n, params=params)
             return (self.gpu or self.index).search(queries, n)
@@ -559,7 +579,13 @@ class Catalog:
         if not self.filter_columns.caches(allowed):  # a request's own mask: not seen again
             return np.greater(allowed, self.excluded)
         kept = self._shown.get(id(allowed))
-        return kept if kept is not None else self._shown.put(id(allowed), np.greater(allowed, self.excluded), allowed)
+        if kept is not None:
+            return kept
+        shown = self._shown.put(id(allowed), np.greater(allowed, self.excluded), allowed)
+        summary, source = self._shown.summary(shown), self.filter_columns.summary(allowed)
+        if summary is not None:  # its IVF lists counted from the filter's values, excluded rows too (serving.ivf_lists)
+            summary.values = source.values
+        return shown
 
     def search_masked(
         self, query: np.ndarray, k: int, allowed: np.ndarray, prior: float = 0.0
@@ -569,11 +595,13 @@ class Catalog:
         fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity up to 8x
         (allowed rows are spread over the lists)."""
         summary = self._shown.summary(allowed)  # `shown`'s: excluded rows already out, counted
+        kept = summary is not None  # a mask kept for the next request with these filters, with what is learnt of it
         if summary is None:
             if self.n_excluded:
                 allowed = np.greater(allowed, self.excluded)  # allowed and not excluded, one pass
             # Counted, not listed, and once (a cached filter's mask: when it was built): at 10M rows count_nonzero
             # takes 0.9 ms, allowed.sum() 5.7 ms and np.flatnonzero over a broad mask ~50 ms.
+            kept = self.filter_columns.caches(allowed)
             summary = self.filter_columns.summary(allowed)
         n_allowed = summary.count
         plan = self._plan(len(allowed), n_allowed)
@@ -589,9 +617,20 @@ class Catalog:
         # `bitmap` and `selector` are locals: alive until the search returns (_selector_params says why both).
         bitmap = summary.bitmap(allowed)
         selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        params = self._selector_params(plan, selector, n_allowed / len(allowed))
         unindexed = None if self.unindexed is None else allowed[self.unindexed.first :]
-        found_similarities, found_rows = self._top_k(index_query, k, params, unindexed)
+        if plan == "ivf+selector" and kept and self.ivf_lists is not None:
+            # The nearest lists holding allowed rows, until they hold as many as an unfiltered search scans (a
+            # request's own mask, seen once, widens nprobe instead: its lists' counts cost 10-30 ms at 10M rows)
+            lists = self.ivf_lists.nearest_holding(
+                index_query,
+                self.ivf_lists.allowed_per_list(allowed, summary),
+                int(FILTERED_ROWS_FACTOR * self.ivf_nprobe * self.ivf_lists.rows_per_list),
+                int(min(self.ivf_lists.nlist, self.ivf_nprobe * MAX_FILTERED_PROBE_FACTOR)),
+            )
+            found_similarities, found_rows = self._top_k(index_query, k, None, unindexed, (*lists, selector))
+        else:
+            params = self._selector_params(plan, selector, n_allowed / len(allowed))
+            found_similarities, found_rows = self._top_k(index_query, k, params, unindexed)
         return found_similarities[0], found_rows[0]
 
     def metadata(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, str]]:

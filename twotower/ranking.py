@@ -173,14 +173,20 @@ def rank_lists(space: ItemSpace, queries: np.ndarray, requests: list[RankRequest
 
 
 def _search_one(space: ItemSpace, query: np.ndarray, request: RankRequest, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top n rows one request may see (rows -1 past the last result). Without filters, its few hidden
-    rows (its purchases when it excludes them) are dropped from a longer plain search; else a masked search."""
-    if request.allowed is None:
-        hidden = np.unique(request.bought[0][request.bought[0] >= 0]) if request.exclude_bought else NOTHING_BOUGHT[0]
-        if len(hidden) <= OVERFETCH_LIMIT:
-            similarities, rows = space.search(query[None], n + len(hidden), request.prior)
-            shown = ~member_of(rows[0], hidden)
-            return similarities[0][shown][:n], rows[0][shown][:n]
+    """The top n rows one request may see (rows -1 past the last result). Its few hidden rows (its purchases when
+    it excludes them) are dropped from a longer search: a plain one, or a masked one by its filters' own mask, which
+    the space keeps with what it learnt of it (counts, bitmap, lists); a mask of its own per request took 3-4 ms at
+    10M rows (combine, count, pack). Many hidden rows: a masked search by a mask without them."""
+    hidden = np.unique(request.bought[0][request.bought[0] >= 0]) if request.exclude_bought else NOTHING_BOUGHT[0]
+    if len(hidden) <= OVERFETCH_LIMIT:
+        if request.allowed is None:
+            found_similarities, found_rows = space.search(query[None], n + len(hidden), request.prior)
+            similarities, rows = found_similarities[0], found_rows[0]
+        else:
+            mask = space.shown(request.allowed)  # the filters' mask without the space's excluded rows
+            similarities, rows = space.search_masked(query, n + len(hidden), mask, request.prior)
+        shown = ~member_of(rows, hidden)
+        return similarities[shown][:n], rows[shown][:n]
     return space.search_masked(query, n, visible(space, request), request.prior)
 
 
