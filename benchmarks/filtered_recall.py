@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['users']} real user vectors, top-10. Filters with at most {report['exact_search_limit']:,} "
         f"candidates are searched exactly; broader ones search the {report['index_type']} index restricted by an id "
         f"selector (HNSW: efSearch {report['ef_search']} / selectivity^2, at most 2048; "
-        f"IVF: nprobe {report['nprobe']} / "
-        "selectivity); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
+        f"IVF: the nearest lists holding allowed rows until they hold 1.5 x the rows nprobe {report['nprobe']} lists "
+        "hold, serving.ivf_lists); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
         "The candidates column shows the first user's count.",
         "",
         "| filter | candidates | path | recall@10 | mean ms | p99 ms |",

@@ -126,6 +126,10 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
             asked.append(k)
             return self.index.search(queries, k, **kwargs)
 
+        def search_preassigned_c(self, n: int, queries: Any, k: int, *rest: Any) -> Any:  # filtered (ivf_lists)
+            asked.append(k)
+            return self.index.search_preassigned_c(n, queries, k, *rest)
+
     catalog.index = Recording(catalog.index)
     monkeypatch.setattr("serving.catalog.RERANK_MAX_CANDIDATES", 700)
     for k in (10, 20, 400):
