@@ -56,7 +56,9 @@ class IvfLists:
             return counted[1]
         if summary.values is not None:
             codes, wanted = summary.values
-            counts = self._table(codes)[:, wanted].sum(axis=1)
+            table = self._table(codes)
+            # A value only rows past the index have (a catalogue update's new one) is in no list
+            counts = table[:, wanted[wanted < table.shape[1]]].sum(axis=1)
         else:
             counts = np.bincount(self.list_of_row[mask[: len(self.list_of_row)]], minlength=self.nlist)
         summary.per_list = (self, counts)
@@ -68,8 +70,8 @@ class IvfLists:
             if kept is not None:
                 self._tables.move_to_end(id(codes))
                 return kept[1]
-        values = int(codes.max(initial=0)) + 1
         rows = len(self.list_of_row)
+        values = int(codes[:rows].max(initial=0)) + 1
         cells = self.list_of_row.astype(np.int64) * values + codes[:rows]
         table = np.bincount(cells, minlength=self.nlist * values).astype(np.int32).reshape(self.nlist, values)
         with self._lock:

@@ -9,7 +9,7 @@ import pytest
 
 from export.catalogue_index import build_faiss_index, index_rows, write_catalogue_only
 from serving.catalog import Catalog
-from serving.filters import Filters
+from serving.filters import Filters, MaskSummary
 from serving.ivf_lists import IvfLists
 
 CLUSTERS, PER_CLUSTER, DIM = 40, 200, 16
@@ -81,3 +81,19 @@ def test_lists_are_counted_the_same_from_a_columns_values_and_row_by_row(tmp_pat
         by_values = lists.allowed_per_list(mask, summary)
         assert np.array_equal(by_values, np.bincount(lists.list_of_row[mask], minlength=lists.nlist))
         assert lists.allowed_per_list(mask, summary) is by_values  # kept with the mask
+
+
+def test_a_value_only_rows_past_the_index_have_is_in_no_list(tmp_path):
+    """A catalogue update's new rows are searched beside the index (serving.unindexed): their values, new to the
+    column, have no column in a list's table."""
+    _clustered_version(tmp_path)
+    lists = Catalog(tmp_path / "v0001", lexical=False).ivf_lists
+    assert lists is not None
+    rows = len(lists.list_of_row)
+    codes = np.zeros(rows + 3, np.int32)
+    codes[rows:] = 1  # the value of the three rows past the index
+    summary = MaskSummary(3)
+    summary.values = codes, np.array([1])
+    mask = np.zeros(rows + 3, bool)
+    mask[rows:] = True
+    assert not lists.allowed_per_list(mask, summary).any()
