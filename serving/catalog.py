@@ -583,8 +583,8 @@ class Catalog:
             return kept
         shown = self._shown.put(id(allowed), np.greater(allowed, self.excluded), allowed)
         summary, source = self._shown.summary(shown), self.filter_columns.summary(allowed)
-        if summary is not None:  # its IVF lists counted from the filter's values, excluded rows too (serving.ivf_lists)
-            summary.values = source.values
+        if summary is not None:  # its IVF lists counted from the filter's values, less the excluded (serving.ivf_lists)
+            summary.values, summary.without = source.values, np.flatnonzero(self.excluded)
         return shown
 
     def search_masked(
@@ -592,8 +592,8 @@ class Catalog:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k among the rows where `allowed` (and not excluded) is true, for one query vector, by the
         same scores as `search`; rows are -1 past the last result. The selector paths widen the search as
-        fewer rows are allowed: HNSW efSearch by 1/selectivity^2, IVF nprobe by 1/selectivity up to 8x
-        (allowed rows are spread over the lists)."""
+        fewer rows are allowed: HNSW efSearch by 1/selectivity^2; IVF, for a kept filter's mask, probes the nearest
+        lists that hold allowed rows (serving.ivf_lists), else nprobe by 1/selectivity up to 8x."""
         summary = self._shown.summary(allowed)  # `shown`'s: excluded rows already out, counted
         kept = summary is not None  # a mask kept for the next request with these filters, with what is learnt of it
         if summary is None:

@@ -89,13 +89,14 @@ class MaskSummary:
     """What a search needs of a row mask besides the mask: how many rows it allows, the packed bitmap faiss' id
     selector reads (packed on first use), and what serving.ivf_lists learns of it: the mask's allowed rows per IVF
     list (`per_list`, set there) and, for a mask of one column's values, those values (`values`: the column's codes
-    and the codes allowed), from which it counts them. At 10M rows the count and the bitmap take ~0.8 ms each, so a
-    cached mask's are kept with it."""
+    and the codes allowed) and the rows taken out of them (`without`: a version's excluded rows), from which it
+    counts them. At 10M rows the count and the bitmap take ~0.8 ms each, so a cached mask's are kept with it."""
 
     def __init__(self, count: int):
         self.count = count
         self._bitmap: np.ndarray | None = None
         self.values: tuple[np.ndarray, np.ndarray] | None = None
+        self.without: np.ndarray | None = None
         self.per_list: tuple[Any, np.ndarray] | None = None  # (the IVF lists counted by, allowed rows in each)
 
     def bitmap(self, mask: np.ndarray) -> np.ndarray:

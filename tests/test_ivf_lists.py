@@ -97,3 +97,25 @@ def test_a_value_only_rows_past_the_index_have_is_in_no_list(tmp_path):
     mask = np.zeros(rows + 3, bool)
     mask[rows:] = True
     assert not lists.allowed_per_list(mask, summary).any()
+
+
+def test_a_filter_whose_nearest_rows_were_removed_finds_the_rest(tmp_path):
+    """A removed (sold-out) article stays in the index, excluded: the lists' counts of a filter leave it out, or lists
+    holding only removed rows would fill the probe and hide the group's other rows."""
+    from export.catalogue_update import update_catalogue
+    from twotower import artifacts
+
+    vectors = _clustered_version(tmp_path)
+    artifacts.publish_version(tmp_path, "v0001")
+    removed = np.arange(30 * PER_CLUSTER, 38 * PER_CLUSTER)  # "far" clusters 30-37; 38 and 39 stay
+    update_catalogue(tmp_path, lambda manifest: None, remove_ids=[str(row) for row in removed])  # type: ignore
+    catalog = Catalog(tmp_path, lexical=False, ivf_nprobe=4, exact_search_limit=100)
+    assert catalog.n_excluded == len(removed) and catalog.ivf_lists is not None
+    far = catalog.shown(catalog.filter_columns.mask(Filters.parse({"product_group": ["far"]})))
+    assert catalog.search_plan(far) == "ivf+selector"
+    query = vectors[removed].mean(axis=0)  # nearest the removed clusters
+    query /= np.linalg.norm(query)
+    allowed = np.flatnonzero(far)
+    exact = allowed[np.argsort(-(vectors[allowed] @ query))[:10]]
+    _, rows = catalog.search_masked(query, 10, far)
+    assert set(rows) == set(exact)
