@@ -200,9 +200,7 @@ class FilterColumns:
         mask = self._masks.put(filters, self._build_mask(filters))
         summary = self._masks.summary(mask)
         if summary is not None and len(filters.categories) == 1 and filters.price_min is filters.price_max is None:
-            column, accepted = filters.categories[0]  # one column's values: what serving.ivf_lists counts per list
-            values, codes = self._columns[column]
-            summary.values = codes, np.flatnonzero(np.isin(values, list(accepted)))
+            summary.values = self._accepted_codes(*filters.categories[0])  # what serving.ivf_lists counts per list
         return mask
 
     def caches(self, mask: np.ndarray) -> bool:
@@ -215,13 +213,18 @@ class FilterColumns:
         kept = self._masks.summary(mask)
         return kept if kept is not None else MaskSummary(int(np.count_nonzero(mask)))
 
+    def _accepted_codes(self, column: str, accepted: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the column's code per row, the codes of the `accepted` values)."""
+        if column not in self._columns:
+            raise FilterError(f"this index has no {column} metadata to filter on")
+        values, codes = self._columns[column]
+        return codes, np.flatnonzero(np.isin(values, list(accepted)))
+
     def _build_mask(self, filters: Filters) -> np.ndarray:
         keep = np.ones(self.n, dtype=bool)
         for column, accepted in filters.categories:
-            if column not in self._columns:
-                raise FilterError(f"this index has no {column} metadata to filter on")
-            values, codes = self._columns[column]
-            keep &= rows_with_codes(codes, np.flatnonzero(np.isin(values, list(accepted))), len(values))
+            codes, wanted = self._accepted_codes(column, accepted)
+            keep &= rows_with_codes(codes, wanted, len(self._columns[column][0]))
         if filters.price_min is not None or filters.price_max is not None:
             # Compared once per distinct price; articles without a price (NaN) never match a price filter.
             if self._prices is None:
