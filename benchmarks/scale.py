@@ -335,7 +335,7 @@ def served_latency(
     `hot_swap` "update": swapped in place, but the second version is a catalogue update that removes
     UPDATE_REMOVALS articles (export.catalogue_update): it shares every other file with the served version.
     `hot_swap` "add": the same, an update adding UPDATE_ADDITIONS articles: it shares the served version's
-    vectors, histories, second-stage signals and FAISS index (its rows searched beside it: serving.unindexed), and
+    vectors, histories, second-stage signals and FAISS index (its rows searched beside it: serving.exact_rows), and
     rewrites its metadata and prior."""
     from benchmarks import offline
     from benchmarks.serving import bench_servers, request_bodies, run_served_rate, wait_until_idle

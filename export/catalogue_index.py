@@ -242,7 +242,7 @@ def write_index_dir(
         raise ValueError(f"lexical index has {len(lexical)} rows, the index {rows}")
     if index is None and artifacts.INDEX_FILE not in linked:
         raise ValueError("no FAISS index to write and none shared with a parent")
-    indexed = (  # the rows the index holds; the rest are the last `unindexed_rows` (serving.unindexed)
+    indexed = (  # the rows the index holds; the rest are the last `unindexed_rows` (serving.exact_rows)
         shared.manifest.item_count - shared.manifest.unindexed_rows
         if shared is not None and artifacts.INDEX_FILE in linked
         else index.ntotal  # type: ignore[union-attr]

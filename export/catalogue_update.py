@@ -7,7 +7,7 @@ parent, published through CURRENT (a watching retriever swaps to it without rest
 - New articles: captions -> item tower (Triton at the parent's model version, batched) -> vectors
   appended after the parent's rows with their metadata and no popularity prior (nobody has bought them
   yet; twotower.popularity). The parent's FAISS index stays as it is: the rows past it are searched
-  exactly beside it (serving.unindexed), until an addition would leave more than `unindexed.fits`
+  exactly beside it (serving.exact_rows), until an addition would leave more than `exact_rows.fits`
   allows, which adds them all to a copy of the index (no rebuild: the trained lists are kept).
 - Changed articles: appended as new rows the same way; the old row is excluded from results and
   customers' histories point at the new row. They are indexed by their text vector alone: a learned
@@ -20,7 +20,7 @@ What the update leaves unchanged the new version shares with its parent: hard li
 the rest (a parent written before items/ gets its columns written);
 added rows rewrite the metadata and prior but share the parent's FAISS index, vectors and keyword index, the last
 two written after them as blocks of their own (artifacts.VECTOR_BLOCKS_DIR, LEXICAL_BLOCKS_DIR; all as one again
-past their limits, and the index written anew past `unindexed.fits`),
+past their limits, and the index written anew past `exact_rows.fits`),
 and the customers' histories and the second stage's signals unless a changed article moved rows (new articles are
 past the shared signals' rows: unsold, second_stage.ArticleSignals).
 """
@@ -39,7 +39,7 @@ import faiss
 import numpy as np
 
 from export.catalogue_index import SharedParts, index_rows, item_metadata, new_version_dir, write_index_dir
-from serving import unindexed
+from serving import exact_rows
 from serving.catalog import Catalog
 from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
@@ -174,7 +174,7 @@ def _update(
     vectors: list[np.ndarray | RowBlocks] = []  # the rows written: new ones, or all when the blocks are merged
     item_bias = parent.item_bias
     index, items, histories = None, None, {}
-    past_index = manifest.unindexed_rows  # the last rows, which the FAISS index does not hold (serving.unindexed)
+    past_index = manifest.unindexed_rows  # the last rows, which the FAISS index does not hold (serving.exact_rows)
     unchanged: set[str] = set()  # the parent's parts this version shares (SharedParts)
     excluded = set(np.flatnonzero(parent.excluded).tolist())
     n_parent = len(parent.vectors)
@@ -208,7 +208,7 @@ def _update(
             item_bias = np.concatenate([item_bias, new_bias])
         first = n_parent - manifest.unindexed_rows  # the first row the parent's index lacks
         past_index += len(delta)
-        if unindexed.fits(past_index, first):  # the new rows are searched exactly beside the parent's index
+        if exact_rows.fits(past_index, first):  # the new rows are searched exactly beside the parent's index
             unchanged.add(artifacts.INDEX_FILE)
         else:  # added to a copy of it with the parent's unindexed rows, written anew
             index = faiss.read_index(str(parent.index_dir / artifacts.INDEX_FILE))  # its own copy: the parent stays

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from serving.exact_rows import ExactRows
 from serving.filters import FilterColumns, KeptMasks
 from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
 from serving.ivf_lists import IvfLists, search_lists
 from serving.lexical import LexicalIndex
-from serving.unindexed import UnindexedRows
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
 from twotower.data.histories import PAD, Histories, user_tower_inputs
@@ -188,12 +188,18 @@ class Catalog:
 
         if verify:
             artifacts.verify_files(self.index_dir, self.manifest, checked)
+        # The popularity prior per article (twotower.popularity); indexes written before it have none
+        # and search by cosine alone. With it, the index's rows are [vector, bias].
+        self.item_bias: np.ndarray | None = None
+        if artifacts.ITEM_BIAS_FILE in self.manifest.files:
+            # Mapped like the vectors (38 MiB of the process's own memory at 10M articles, per version, when read in)
+            self.item_bias = np.asarray(np.load(self.index_dir / artifacts.ITEM_BIAS_FILE, mmap_mode="r"))
         index_path = self.index_dir / artifacts.INDEX_FILE
         self.index: Any
         self.gpu: GpuIndex | None
         if shares_with is not None and shared(artifacts.INDEX_FILE) and self._same_settings(shares_with):
             # A FastScan index is read into the process (~430 MiB at 10M articles): one copy for both versions.
-            self.index, self.gpu, self.ivf_lists = shares_with.index, shares_with.gpu, shares_with.ivf_lists
+            self.index, self.gpu, ivf_lists = shares_with.index, shares_with.gpu, shares_with.ivf_lists
         else:
             # HNSW, IVF (any codes) or flat, its arrays pointing into the mapped file (INDEX_READ_FLAGS).
             read_in = not mapped or self.manifest.index_type in READ_IN_INDEX_TYPES
@@ -205,8 +211,7 @@ class Catalog:
             if hasattr(self.index, "nprobe"):
                 self.index.nprobe = ivf_nprobe
             self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
-            # Each row's IVF list, for filtered searches that probe the lists holding allowed rows (serving.ivf_lists)
-            self.ivf_lists = IvfLists.of(self.index)
+            ivf_lists = None  # made once the version's parts are checked against each other, below
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
@@ -223,18 +228,6 @@ class Catalog:
             self.vectors: VectorRows = blocks[0] if len(blocks) == 1 else RowBlocks(blocks)
         except ValueError as err:
             raise artifacts.ArtifactError(f"{self.index_dir}: {err}") from err
-        # The popularity prior per article (twotower.popularity); indexes written before it have none
-        # and search by cosine alone. With it, the index's rows are [vector, bias].
-        self.item_bias: np.ndarray | None = None
-        if artifacts.ITEM_BIAS_FILE in self.manifest.files:
-            # Mapped like the vectors (38 MiB of the process's own memory at 10M articles, per version, when read in)
-            self.item_bias = np.asarray(np.load(self.index_dir / artifacts.ITEM_BIAS_FILE, mmap_mode="r"))
-        # A catalogue update's additions the index does not hold: searched exactly beside it (serving.unindexed).
-        self.unindexed: UnindexedRows | None = None
-        if self.manifest.unindexed_rows:
-            first = self.manifest.item_count - self.manifest.unindexed_rows
-            bias = None if self.item_bias is None else self.item_bias[first:]
-            self.unindexed = UnindexedRows(first, self.vectors[first:], bias)
         # The BM25 index for hybrid text search; indexes written before it search text by vector alone.
         self.lexical: LexicalIndex | None = None
         if lexical and any(name.startswith(artifacts.LEXICAL_DIR + "/") for name in self.manifest.files):
@@ -287,8 +280,15 @@ class Catalog:
             signals = ArticleSignals.load(self.index_dir / artifacts.SECOND_STAGE_FILE)
             self.second_stage = SecondStage(signals, self.score_head.stage)
         self._check_consistency()
+        # Each row's IVF list and each list's best prior: searches probe the lists they rank best (serving.ivf_lists)
+        self.ivf_lists = ivf_lists or IvfLists.of(self.index, self.item_bias, self.manifest.dim)
+        # A catalogue update's additions the index does not hold, and an IVF index's most popular rows: scored
+        # exactly beside it (serving.exact_rows).
+        self.exact_rows = ExactRows.beside(
+            self.vectors, self.item_bias, self.index.ntotal, popular=self.ivf_lists is not None
+        )
         log.info(
-            "loaded index %s: %d items (%d excluded), dim %d, %s (%d rows past it searched exactly), vectors in %d "
+            "loaded index %s: %d items (%d excluded), dim %d, %s (%d rows past it, %d scored exactly), vectors in %d "
             "file(s), %d customers, model version %d, popularity prior weight %g, second stage %s (%.1fs)",
             self.index_dir,
             len(self.article_ids),
@@ -296,6 +296,7 @@ class Catalog:
             self.manifest.dim,
             self.manifest.index_type,
             self.manifest.unindexed_rows,
+            0 if self.exact_rows is None else len(self.exact_rows),
             len(artifacts.vector_files(self.manifest)),
             len(self.customer_row),
             self.manifest.model_version,
@@ -337,7 +338,7 @@ class Catalog:
             scanned = probed + TYPICAL_K * self.rerank_factor
         else:
             scanned = self.index.ntotal
-        return int(scanned) + self.manifest.unindexed_rows  # the rows past the index: all scored
+        return int(scanned) + (0 if self.exact_rows is None else len(self.exact_rows))  # scored exactly beside it
 
     def prefetch(self, chunk_bytes: int = 8 << 20) -> int:
         """Read the version's memory-mapped files once, in order (item metadata columns, histories, the prior, then the
@@ -459,7 +460,7 @@ class Catalog:
             similarities, rows = self._top_k(self._index_queries(queries, prior), k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         if self._available is not None and self.gpu is None:
-            shown = None if self.unindexed is None else ~self.excluded[self.unindexed.first :]
+            shown = None if self.exact_rows is None else ~self.excluded[self.exact_rows.ids]
             return self._top_k(self._index_queries(queries, prior), k, self._available[-1], shown)
         everything = np.ones(len(self.excluded), dtype=bool)
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
@@ -471,20 +472,25 @@ class Catalog:
         queries: np.ndarray,
         k: int,
         params: Any = None,
-        allowed_unindexed: np.ndarray | None = None,
+        allowed_exact: np.ndarray | None = None,
         lists: tuple[np.ndarray, np.ndarray, Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row (or of those `params`' selector allows, on the CPU index; or of the IVF
         `lists`, (lists, their centroids' scores, a selector): serving.ivf_lists): on the GPU copy when there is one.
-        The rows past the index are merged in, the ones `allowed_unindexed` (bool [unindexed]) allows."""
+        An IVF index on the CPU probes the lists it ranks best (IvfLists.nearest). The rows scored exactly beside the
+        index (serving.exact_rows) are merged in, the ones `allowed_exact` (bool [len(exact_rows)]) allows."""
         on_gpu = params is None and lists is None and self.gpu is not None
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
             if lists is not None:
                 return search_lists(self.index, queries, n, lists[:2], lists[2])
-            if params is not None:
-                return self.index.search(queries, n, params=params)
-            return (self.gpu or self.index).search(queries, n)
+            if on_gpu and self.gpu is not None:
+                return self.gpu.search(queries, n)
+            if self.ivf_lists is not None and (params is None or isinstance(params, faiss.SearchParametersIVF)):
+                nprobe = self.ivf_nprobe if params is None else params.nprobe
+                selector = None if params is None else params.sel  # kept alive by the caller (_selector_params)
+                return search_lists(self.index, queries, n, self.ivf_lists.nearest(queries, nprobe), selector)
+            return self.index.search(queries, n, params=params)
 
         if not self.rerank_factor:
             found = search(k)
@@ -494,9 +500,9 @@ class Catalog:
                 fetch = max(k, min(fetch, GPU_MAX_K))
             _, candidates = search(fetch)
             found = self._rerank(queries, candidates, k)
-        if self.unindexed is None:
+        if self.exact_rows is None:
             return found
-        return self.unindexed.merged(found, queries, k, allowed_unindexed)
+        return self.exact_rows.merged(found, queries, k, allowed_exact)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
@@ -618,7 +624,7 @@ class Catalog:
         # `bitmap` and `selector` are locals: alive until the search returns (_selector_params says why both).
         bitmap = summary.bitmap(allowed)
         selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-        unindexed = None if self.unindexed is None else allowed[self.unindexed.first :]
+        exact = None if self.exact_rows is None else allowed[self.exact_rows.ids]
         if plan == "ivf+selector" and kept and self.ivf_lists is not None:
             # The nearest lists holding allowed rows, until they hold as many as an unfiltered search scans (a
             # request's own mask, seen once, widens nprobe instead: counting its rows per list costs 11-58 ms at 10M)
@@ -628,10 +634,10 @@ class Catalog:
                 int(FILTERED_ROWS_FACTOR * self.ivf_nprobe * self.ivf_lists.rows_per_list),
                 int(min(self.ivf_lists.nlist, self.ivf_nprobe * MAX_FILTERED_PROBE_FACTOR)),
             )
-            found_similarities, found_rows = self._top_k(index_query, k, None, unindexed, (*lists, selector))
+            found_similarities, found_rows = self._top_k(index_query, k, None, exact, (*lists, selector))
         else:
             params = self._selector_params(plan, selector, n_allowed / len(allowed))
-            found_similarities, found_rows = self._top_k(index_query, k, params, unindexed)
+            found_similarities, found_rows = self._top_k(index_query, k, params, exact)
         return found_similarities[0], found_rows[0]
 
     def metadata(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, str]]:

@@ -1,4 +1,5 @@
-"""The IVF lists a filtered search probes: the nearest ones that hold rows it may return.
+"""The IVF lists a search probes: a filtered search the nearest ones that hold rows it may return, an unfiltered
+one the best by direction and popularity prior.
 
 faiss' IVF search with an id selector probes the nprobe lists nearest the query, whatever they hold, and skips the
 rows the selector refuses; `Catalog` widened nprobe by 1/selectivity (at most MAX_FILTERED_PROBE_FACTOR) so that
@@ -7,7 +8,14 @@ about as many allowed rows are scanned as an unfiltered search scans. On real da
 the widened lists were mostly other categories' articles, scanned and refused, while the category's own lists could
 lie past the widened nprobe. Here the lists holding none of the allowed rows are left out, and the nearest of the
 others are probed until they hold that many allowed rows (or the same most lists as before), with faiss'
-`search_preassigned`. Numpy and faiss only.
+`search_preassigned`.
+
+Where the index carries the popularity prior ([vector, bias] rows, twotower.popularity), its lists were trained on
+direction alone (export.catalogue_index), so faiss ranks them by the query's cosine with their centroid whatever
+prior their articles have. For an unfiltered search a list ranks here by that cosine + the query's prior weight x the
+highest prior among its rows: 10M synthetic articles laid out as H&M (ivf-pq-fastscan, 12,649 lists, nprobe
+128, 100 real user vectors, prior weight 0.03), recall@10 0.663 -> 0.745 alone, 0.880 -> 0.937 with the most
+popular rows scored exactly (serving.exact_rows). Numpy and faiss only.
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ TABLES_KEPT = 16
 class IvfLists:
     """Which list of an IVF index holds each row, and the lists' centroids (its inner-product flat quantizer's)."""
 
-    def __init__(self, index: Any):
+    def __init__(self, index: Any, item_bias: np.ndarray | None = None, weight_column: int = 0):
         self.nlist = int(index.nlist)
         self.centroids = index.quantizer.reconstruct_n(0, self.nlist)  # float32 [nlist, d]: 7 MiB at 12,649 lists
         # A row's list, in the smallest integer that holds it: 20 MB at 10M rows (12,649 lists)
-        self.list_of_row = np.full(index.ntotal, -1, np.int16 if self.nlist <= np.iinfo(np.int16).max else np.int32)
+        self.list_of_row: np.ndarray = np.full(
+            index.ntotal, -1, np.int16 if self.nlist <= np.iinfo(np.int16).max else np.int32
+        )
         invlists = index.invlists
         for number in range(self.nlist):
             size = invlists.list_size(number)
@@ -43,6 +53,13 @@ class IvfLists:
                 self.list_of_row[faiss.rev_swig_ptr(ids, size)] = number
                 invlists.release_ids(number, ids)
         self.rows_per_list = index.ntotal / max(1, self.nlist)
+        # With a prior: the highest prior in each list (0 in an empty one), and which column of a query as the index
+        # takes it holds the prior's weight. 0.02 s at 10M rows.
+        self.best_prior: np.ndarray | None = None
+        self.weight_column = weight_column
+        if item_bias is not None:
+            self.best_prior = np.zeros(self.nlist, np.float32)
+            np.maximum.at(self.best_prior, self.list_of_row, np.asarray(item_bias[: index.ntotal], np.float32))
         # Per metadata column (by its codes array, kept alive here), its rows per list and value: int32 [nlist, values]
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
@@ -87,19 +104,36 @@ class IvfLists:
         return table
 
     @classmethod
-    def of(cls, index: Any) -> "IvfLists | None":
+    def of(cls, index: Any, item_bias: np.ndarray | None = None, weight_column: int = 0) -> "IvfLists | None":
         """For an IVF index whose quantizer ranks lists by inner product with a flat scan (the ones export builds);
-        None for any other index, whose filtered searches widen nprobe as before."""
+        None for any other index, whose filtered searches widen nprobe as before. `item_bias`: the prior of each row
+        where the index's rows carry it, the query's prior weight in its `weight_column`."""
         if not hasattr(index, "nprobe") or not isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlatIP):
             return None
-        return cls(index)
+        return cls(index, item_bias, weight_column)
+
+    def nearest(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lists int64 [B, P], their centroids' scores float32 [B, P]): the `nprobe` best-ranked lists of each of
+        `queries` [B, d] (as the index takes them), for `search_lists`. A list ranks by its centroid's score, + the
+        query's prior weight x the list's best prior where there is one; faiss is given the centroid scores (an
+        IVF-PQ adds its codes' scores to them)."""
+        scores = queries @ self.centroids.T
+        key = scores
+        if self.best_prior is not None:
+            key = scores + queries[:, self.weight_column : self.weight_column + 1] * self.best_prior
+        nprobe = min(nprobe, self.nlist)
+        best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
+        return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)
 
     def nearest_holding(
         self, query: np.ndarray, allowed_per_list: np.ndarray, allowed_rows: int, max_lists: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """(lists int64 [1, P], their centroids' scores float32 [1, P]), nearest first: the nearest lists holding
-        allowed rows until they hold `allowed_rows` of them, at most `max_lists`. `query` [1, d] as the index
-        searches it; `allowed_per_list` int [nlist] (MaskSummary.per_list)."""
+        allowed rows until they hold `allowed_rows` of them, at most `max_lists`. By direction alone, not by `nearest`'s
+        rank: 10M synthetic articles laid out as H&M (as in the module's docstring, the popular rows scored exactly
+        beside), recall@10 of the three largest product groups (41%, 19%, 13%) 0.958 / 0.975 / 0.989 this way,
+        0.970 / 0.946 / 0.961 by `nearest`'s rank, the six smaller ones the same within 0.001 (2026-12-01).
+        `query` [1, d] as the index searches it; `allowed_per_list` int [nlist] (MaskSummary.per_list)."""
         holding = np.flatnonzero(allowed_per_list)
         if not len(holding):
             return np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32)
@@ -117,8 +151,9 @@ class IvfLists:
 def search_lists(
     index: Any, queries: np.ndarray, k: int, lists: tuple[np.ndarray, np.ndarray], selector: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss' IVF search of `queries` [1, d] over the given lists (`nearest_holding`'s), the rows `selector` allows
-    (kept alive by the caller). faiss' Python wrapper of search_preassigned takes no parameters: the C++ call."""
+    """faiss' IVF search of `queries` [B, d] over the given lists ([B, P]: `nearest`'s or `nearest_holding`'s), the
+    rows `selector` allows (None: all; kept alive by the caller). faiss' Python wrapper of search_preassigned takes no
+    parameters: the C++ call."""
     assign, centroid_scores = lists
     params = faiss.SearchParametersIVF(sel=selector, nprobe=max(1, assign.shape[1]))  # type: ignore[call-arg]
     queries = np.ascontiguousarray(queries, dtype=np.float32)

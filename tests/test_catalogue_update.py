@@ -18,7 +18,7 @@ from export.embed import main as embed_main
 from export.embedding_shards import EmbeddingPlan, embed_shard, precomputed_embedder, read_vectors
 from export.update import main as update_main
 from retriever.limits import BodySizeLimit
-from serving import unindexed
+from serving import exact_rows
 from serving.catalog import Catalog
 from serving.filters import FilterColumns, FilterError, Filters
 from tests.conftest import write_random_index
@@ -127,7 +127,7 @@ def shared_names(parent: Path, child: Path) -> set[str]:
 
 
 def test_an_update_shares_the_files_it_leaves_unchanged(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(unindexed, "MAX_SHARE", 1.0)  # rows past the index: not bound by this tiny index's size
+    monkeypatch.setattr(exact_rows, "MAX_SHARE", 1.0)  # rows past the index: not bound by this tiny index's size
     root = copy_root(tiny_pipeline, tmp_path)
     first = root / artifacts.current_version(root)
     parent = Catalog(root)
@@ -235,7 +235,7 @@ def test_vector_blocks_are_merged_into_one_file_past_the_limit(tiny_pipeline, tm
 
 
 def test_rows_past_the_index_are_added_to_it_past_the_limit(tiny_pipeline, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(unindexed, "MAX_ROWS", 2)
+    monkeypatch.setattr(exact_rows, "MAX_ROWS", 2)
     root = copy_root(tiny_pipeline, tmp_path)
     first = root / artifacts.current_version(root)
     parent = Catalog(root)
@@ -244,19 +244,21 @@ def test_rows_past_the_index_are_added_to_it_past_the_limit(tiny_pipeline, tmp_p
         update_catalogue(root, embedder(tiny_pipeline), tmp_path / f"new{number}.csv")
         if number == 0:
             one = Catalog(root)
-            assert (
-                one.manifest.unindexed_rows == 1
-                and one.unindexed is not None
-                and one.unindexed.first == len(parent.article_ids)
-            )
+            assert one.manifest.unindexed_rows == 1 and past_index(one).tolist() == [len(parent.article_ids)]
             assert (one.index_dir / artifacts.INDEX_FILE).samefile(first / artifacts.INDEX_FILE)
     folded = Catalog(root)  # 3 rows past the index would pass the limit: all of them added to a new index file
-    assert folded.manifest.unindexed_rows == 0 and folded.unindexed is None
+    assert folded.manifest.unindexed_rows == 0 and not len(past_index(folded))
     assert folded.index.ntotal == len(folded.article_ids) == len(parent.article_ids) + 3
     assert not (folded.index_dir / artifacts.INDEX_FILE).samefile(first / artifacts.INDEX_FILE)
     new_rows = folded.rows_for(["0999000001", "0999000002", "0999000003"])  # the first two: the same caption
     _, rows = folded.search(folded.vectors[new_rows], 2)
     assert all(row in found for row, found in zip(new_rows, rows))
+
+
+def past_index(catalog: Catalog) -> np.ndarray:
+    """The rows a version scores exactly beside its index because the index lacks them (serving.exact_rows)."""
+    ids = np.zeros(0, np.int64) if catalog.exact_rows is None else catalog.exact_rows.ids
+    return ids[ids >= catalog.index.ntotal]
 
 
 def index_without_last_rows(version: Path, vectors: np.ndarray, bias: np.ndarray, unindexed: int) -> None:
@@ -293,7 +295,7 @@ def test_rows_past_the_index_are_searched_exactly_beside_it(tmp_path: Path, inde
             update_catalogue(root, lambda manifest: None, remove_ids=[str(row) for row in hidden])
         catalogs.append(Catalog(root, exact_search_limit=100, ivf_nprobe=1000))
     full, partial = catalogs
-    assert partial.index.ntotal == n - unindexed and len(partial.unindexed or []) == unindexed
+    assert partial.index.ntotal == n - unindexed and len(past_index(partial)) == unindexed
     assert (partial._available is not None) == (removed > ranking.OVERFETCH_LIMIT)
     queries = rng.standard_normal((20, vectors.shape[1])).astype(np.float32)
     for prior in (0.0, 0.1):
@@ -804,7 +806,7 @@ def test_an_update_adds_rows_to_an_index_with_padded_rows(
     rows padded the same way, and search the rows past them with queries padded the same way."""
     from export.catalogue_index import build_faiss_index
 
-    monkeypatch.setattr(unindexed, "MAX_ROWS", max_unindexed)
+    monkeypatch.setattr(exact_rows, "MAX_ROWS", max_unindexed)
     root = copy_root(tiny_pipeline, tmp_path)
     parent = root / artifacts.current_version(root)
     before = Catalog(root)

@@ -1,4 +1,5 @@
-"""Filtered IVF searches probe the nearest lists that hold allowed rows (serving.ivf_lists)."""
+"""Which IVF lists a search probes (serving.ivf_lists): a filtered search the nearest lists that hold allowed rows,
+an unfiltered one the best by direction and prior; and the popular rows scored exactly beside (serving.exact_rows)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from export.catalogue_index import build_faiss_index, index_rows, write_catalogue_only
+from serving import exact_rows
 from serving.catalog import Catalog
 from serving.filters import Filters, MaskSummary
 from serving.ivf_lists import IvfLists
@@ -15,10 +17,10 @@ from serving.ivf_lists import IvfLists
 CLUSTERS, PER_CLUSTER, DIM = 40, 200, 16
 
 
-def _clustered_version(directory: Path, index_type: str = "ivf") -> np.ndarray:
+def _clustered_version(directory: Path, index_type: str = "ivf", bias: np.ndarray | None = None) -> np.ndarray:
     """A catalogue whose product groups sit in lists of their own, as on real data: group "near" in 30 clusters with
     a positive first coordinate, group "far" in 10 with a negative one, so a query along the first axis finds every
-    "near" list before any "far" one. Returns the vectors."""
+    "near" list before any "far" one. `bias`: each row's popularity prior. Returns the vectors."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((CLUSTERS, DIM))
     centres[:, 0] = np.abs(centres[:, 0]) + 1.0
@@ -28,11 +30,12 @@ def _clustered_version(directory: Path, index_type: str = "ivf") -> np.ndarray:
     groups = ["near"] * (30 * PER_CLUSTER) + ["far"] * (10 * PER_CLUSTER)
     write_catalogue_only(
         directory / "v0001",
-        build_faiss_index(vectors, index_type),
+        build_faiss_index(vectors, index_type, bias),
         vectors,
         {"article_id": [str(i) for i in range(len(groups))], "product_group_name": groups},
         "random",
         index_type,
+        item_bias=bias,
     )
     return vectors
 
@@ -84,7 +87,7 @@ def test_lists_are_counted_the_same_from_a_columns_values_and_row_by_row(tmp_pat
 
 
 def test_a_value_only_rows_past_the_index_have_is_in_no_list(tmp_path):
-    """A catalogue update's new rows are searched beside the index (serving.unindexed): their values, new to the
+    """A catalogue update's new rows are searched beside the index (serving.exact_rows): their values, new to the
     column, have no column in a list's table."""
     _clustered_version(tmp_path)
     lists = Catalog(tmp_path / "v0001", lexical=False).ivf_lists
@@ -119,3 +122,79 @@ def test_a_filter_whose_nearest_rows_were_removed_finds_the_rest(tmp_path):
     exact = allowed[np.argsort(-(vectors[allowed] @ query))[:10]]
     _, rows = catalog.search_masked(query, 10, far)
     assert set(rows) == set(exact)
+
+
+# -- popular articles far from the query ----------------------------------------------------------------------------
+PRIOR = 0.5  # the prior weight the searches below use
+ALONG_FIRST_AXIS = np.eye(DIM, dtype=np.float32)[:1]  # a query whose 4 nearest lists are all "near" ones
+
+
+def _exact(vectors: np.ndarray, bias: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(vectors @ query[0] + PRIOR * bias), kind="stable")[:k]
+
+
+def test_the_most_popular_rows_are_chosen_capped_and_the_same_each_time(monkeypatch):
+    bias = np.array([0.0, 3.0, 1.0, 3.0, 2.0, 3.0, 9.0], np.float32)  # the last row is past the index
+    monkeypatch.setattr(exact_rows, "POPULAR_SHARE", 1.0)
+    monkeypatch.setattr(exact_rows, "POPULAR_ROWS", 2)
+    assert exact_rows.popular_rows(bias, 6).tolist() == [1, 3]  # of three equal priors, the first rows
+    monkeypatch.setattr(exact_rows, "POPULAR_ROWS", 4)
+    assert exact_rows.popular_rows(bias, 6).tolist() == [1, 3, 4, 5]
+    monkeypatch.setattr(exact_rows, "POPULAR_SHARE", 0.5)  # at most half the index's 6 rows
+    assert exact_rows.popular_rows(bias, 6).tolist() == [1, 3, 5]
+    monkeypatch.setattr(exact_rows, "POPULAR_SHARE", 0.1)
+    assert exact_rows.popular_rows(bias, 6).tolist() == []
+
+
+def test_a_best_seller_far_from_the_query_is_scored_beside_the_index(tmp_path):
+    bias = np.zeros(CLUSTERS * PER_CLUSTER, np.float32)
+    far = 30 * PER_CLUSTER + np.arange(5)  # five best sellers in the first "far" cluster
+    bias[far] = 10.0
+    vectors = _clustered_version(tmp_path, bias=bias)
+    catalog = Catalog(tmp_path / "v0001", lexical=False, ivf_nprobe=4)
+    assert catalog.exact_rows is not None and set(far) <= set(catalog.exact_rows.ids)
+    assert catalog.ivf_lists is not None
+    catalog.ivf_lists.best_prior = None  # lists by direction alone: the rows beside the index find them
+    exact = _exact(vectors, bias, ALONG_FIRST_AXIS, 5)
+    assert set(exact) == set(far)
+    _, rows = catalog.search(ALONG_FIRST_AXIS, 5, PRIOR)
+    assert rows[0].tolist() == exact.tolist()
+    catalog.exact_rows = None  # the index alone probes the 4 nearest lists, all "near" ones
+    _, rows = catalog.search(ALONG_FIRST_AXIS, 5, PRIOR)
+    assert not set(rows[0]) & set(far)
+
+
+def test_a_popular_list_far_from_the_query_is_probed(tmp_path, monkeypatch):
+    monkeypatch.setattr(exact_rows, "POPULAR_ROWS", 0)  # no rows beside the index: the lists' rank alone
+    bias = np.zeros(CLUSTERS * PER_CLUSTER, np.float32)
+    far = 30 * PER_CLUSTER + np.arange(PER_CLUSTER)  # a whole "far" cluster of best sellers
+    bias[far] = 10.0
+    vectors = _clustered_version(tmp_path, bias=bias)
+    catalog = Catalog(tmp_path / "v0001", lexical=False)
+    assert catalog.exact_rows is None and catalog.ivf_lists is not None
+    catalog.ivf_nprobe = len(np.unique(catalog.ivf_lists.list_of_row[far]))  # as many as hold the best sellers
+    exact = _exact(vectors, bias, ALONG_FIRST_AXIS, 10)
+    assert set(exact) <= set(far)
+    _, rows = catalog.search(ALONG_FIRST_AXIS, 10, PRIOR)
+    assert rows[0].tolist() == exact.tolist()
+    _, by_direction = catalog.search(ALONG_FIRST_AXIS, 10, 0.0)  # weight 0: the lists by direction, as before
+    assert not set(by_direction[0]) & set(far)
+    catalog.ivf_lists.best_prior = None
+    _, rows = catalog.search(ALONG_FIRST_AXIS, 10, PRIOR)
+    assert not set(rows[0]) & set(far)
+
+
+def test_a_popular_row_the_index_also_finds_is_returned_once(tmp_path):
+    bias = np.zeros(CLUSTERS * PER_CLUSTER, np.float32)
+    bias[:50] = 1.0  # popular rows in the query's own lists
+    vectors = _clustered_version(tmp_path, bias=bias)
+    catalog = Catalog(tmp_path / "v0001", lexical=False, ivf_nprobe=8)
+    queries = vectors[[0, 10, 4000]]
+    scores, rows = catalog.search(queries, 30, PRIOR)
+    for query, found, found_scores in zip(queries, rows, scores):
+        assert len(set(found)) == 30  # none twice
+        assert found.tolist() == _exact(vectors, bias, query[None], 30).tolist()
+        assert np.allclose(found_scores, vectors[found] @ query + PRIOR * bias[found], atol=1e-5)
+    # One query at a time, the same
+    for i, query in enumerate(queries):
+        assert catalog.search(query[None], 30, PRIOR)[1][0].tolist() == rows[i].tolist()

@@ -8,7 +8,7 @@ A path given to a reader may be the root or a version directory itself.
 One version's layout (written to a temporary sibling and renamed, so readers never see half of it):
     index.faiss     FAISS index over the item vectors, inner product (vectors are L2-normalised); all rows but
                     the last `unindexed_rows` of the manifest, which a catalogue update added and the retriever
-                    scores exactly beside the index (serving.unindexed)
+                    scores exactly beside the index (serving.exact_rows)
     vectors.npy     float32 [N, D] item vectors from the exported item tower (histories, "similar items")
     vector_blocks/  optional: rows a catalogue update appended, one `<version>.npy` per update, read after
                     vectors.npy in the order the manifest's `vector_blocks` lists (twotower.files.RowBlocks)
@@ -139,7 +139,7 @@ class Manifest:
     vector_blocks: list[str] = dataclasses.field(default_factory=list)
     # The keyword index's blocks after lexical/'s own rows (LEXICAL_BLOCKS_DIR/<version>), in row order
     lexical_blocks: list[str] = dataclasses.field(default_factory=list)
-    # The last rows, which index.faiss does not hold: a catalogue update's additions (serving.unindexed)
+    # The last rows, which index.faiss does not hold: a catalogue update's additions (serving.exact_rows)
     unindexed_rows: int = 0
     index_version: str = ""  # this version's directory name under the index root
     parent_version: str = ""  # the version a catalogue update started from ("" = a full export)
