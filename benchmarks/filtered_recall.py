@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         f"candidates are searched exactly; broader ones search the {report['index_type']} index restricted by an id "
         f"selector (HNSW: efSearch {report['ef_search']} / selectivity^2, at most 2048; "
         f"IVF: the nearest lists holding allowed rows until they hold 1.5 x the rows nprobe {report['nprobe']} lists "
-        "hold, serving.ivf_lists); when few rows are hidden (exclude-purchased) it over-fetches and drops them.",
+        "hold, serving.ivf_lists); when few rows are hidden (exclude-purchased) it over-fetches and drops them. "
+        "An IVF index's most popular rows are also scored exactly beside it (serving.exact_rows).",
         "The candidates column shows the first user's count.",
         "",
         "| filter | candidates | path | recall@10 | mean ms | p99 ms |",
