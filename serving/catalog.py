@@ -280,12 +280,16 @@ class Catalog:
             signals = ArticleSignals.load(self.index_dir / artifacts.SECOND_STAGE_FILE)
             self.second_stage = SecondStage(signals, self.score_head.stage)
         self._check_consistency()
-        # Each row's IVF list and each list's best prior: searches probe the lists they rank best (serving.ivf_lists)
-        self.ivf_lists = ivf_lists or IvfLists.of(self.index, self.item_bias, self.manifest.dim)
-        # A catalogue update's additions the index does not hold, and an IVF index's most popular rows: scored
-        # exactly beside it (serving.exact_rows).
+        # Each row's IVF list, and each list's best prior among the rows this version shows: unfiltered searches
+        # probe the lists they rank best by both (serving.ivf_lists)
+        self.ivf_lists = ivf_lists or IvfLists.of(self.index)
+        self.list_priors: np.ndarray | None = None
+        if self.ivf_lists is not None and self.item_bias is not None:
+            self.list_priors = self.ivf_lists.best_priors(self.item_bias, self.excluded)
+        # A catalogue update's additions the index does not hold, and an IVF index's most popular rows this version
+        # shows: scored exactly beside it (serving.exact_rows).
         self.exact_rows = ExactRows.beside(
-            self.vectors, self.item_bias, self.index.ntotal, popular=self.ivf_lists is not None
+            self.vectors, self.item_bias, self.index.ntotal, self.excluded, popular=self.ivf_lists is not None
         )
         log.info(
             "loaded index %s: %d items (%d excluded), dim %d, %s (%d rows past it, %d scored exactly), vectors in %d "
@@ -486,10 +490,14 @@ class Catalog:
                 return search_lists(self.index, queries, n, lists[:2], lists[2])
             if on_gpu and self.gpu is not None:
                 return self.gpu.search(queries, n)
-            if self.ivf_lists is not None and (params is None or isinstance(params, faiss.SearchParametersIVF)):
+            # Unfiltered: every row, or every available one (a filter's selector keeps faiss' nearest lists, as
+            # nearest_holding does: measured better for filters, serving.ivf_lists)
+            unfiltered = params is None or (self._available is not None and params is self._available[-1])
+            if self.ivf_lists is not None and unfiltered:
                 nprobe = self.ivf_nprobe if params is None else params.nprobe
-                selector = None if params is None else params.sel  # kept alive by the caller (_selector_params)
-                return search_lists(self.index, queries, n, self.ivf_lists.nearest(queries, nprobe), selector)
+                selector = None if params is None else params.sel  # the available rows' (kept with them)
+                ranked = self.ivf_lists.nearest(queries, nprobe, self.list_priors, self.manifest.dim)
+                return search_lists(self.index, queries, n, ranked, selector)
             return self.index.search(queries, n, params=params)
 
         if not self.rerank_factor:

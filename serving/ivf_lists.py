@@ -38,7 +38,7 @@ TABLES_KEPT = 16
 class IvfLists:
     """Which list of an IVF index holds each row, and the lists' centroids (its inner-product flat quantizer's)."""
 
-    def __init__(self, index: Any, item_bias: np.ndarray | None = None, weight_column: int = 0):
+    def __init__(self, index: Any):
         self.nlist = int(index.nlist)
         self.centroids = index.quantizer.reconstruct_n(0, self.nlist)  # float32 [nlist, d]: 7 MiB at 12,649 lists
         # A row's list, in the smallest integer that holds it: 20 MB at 10M rows (12,649 lists)
@@ -53,13 +53,6 @@ class IvfLists:
                 self.list_of_row[faiss.rev_swig_ptr(ids, size)] = number
                 invlists.release_ids(number, ids)
         self.rows_per_list = index.ntotal / max(1, self.nlist)
-        # With a prior: the highest prior in each list (0 in an empty one), and which column of a query as the index
-        # takes it holds the prior's weight. 0.02 s at 10M rows.
-        self.best_prior: np.ndarray | None = None
-        self.weight_column = weight_column
-        if item_bias is not None:
-            self.best_prior = np.zeros(self.nlist, np.float32)
-            np.maximum.at(self.best_prior, self.list_of_row, np.asarray(item_bias[: index.ntotal], np.float32))
         # Per metadata column (by its codes array, kept alive here), its rows per list and value: int32 [nlist, values]
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
@@ -104,23 +97,34 @@ class IvfLists:
         return table
 
     @classmethod
-    def of(cls, index: Any, item_bias: np.ndarray | None = None, weight_column: int = 0) -> "IvfLists | None":
+    def of(cls, index: Any) -> "IvfLists | None":
         """For an IVF index whose quantizer ranks lists by inner product with a flat scan (the ones export builds);
-        None for any other index, whose filtered searches widen nprobe as before. `item_bias`: the prior of each row
-        where the index's rows carry it, the query's prior weight in its `weight_column`."""
+        None for any other index, whose filtered searches widen nprobe as before."""
         if not hasattr(index, "nprobe") or not isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlatIP):
             return None
-        return cls(index, item_bias, weight_column)
+        return cls(index)
 
-    def nearest(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    def best_priors(self, item_bias: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+        """float32 [nlist]: the highest prior among each list's rows a version shows (not `excluded`: a removed best
+        seller would keep drawing searches to its list), 0 where none. Per version: a swap may share these lists
+        with a version that removed other rows. 0.02-0.05 s at 10M rows."""
+        rows = len(self.list_of_row)
+        shown = ~np.asarray(excluded[:rows], bool)
+        best = np.zeros(self.nlist, np.float32)
+        np.maximum.at(best, self.list_of_row[shown], np.asarray(item_bias[:rows], np.float32)[shown])
+        return best
+
+    def nearest(
+        self, queries: np.ndarray, nprobe: int, best_prior: np.ndarray | None = None, weight_column: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(lists int64 [B, P], their centroids' scores float32 [B, P]): the `nprobe` best-ranked lists of each of
         `queries` [B, d] (as the index takes them), for `search_lists`. A list ranks by its centroid's score, + the
-        query's prior weight x the list's best prior where there is one; faiss is given the centroid scores (an
-        IVF-PQ adds its codes' scores to them)."""
+        query's prior weight (its `weight_column`) x the list's `best_prior` (`best_priors`) where one is given;
+        faiss is given the centroid scores (an IVF-PQ adds its codes' scores to them)."""
         scores = queries @ self.centroids.T
         key = scores
-        if self.best_prior is not None:
-            key = scores + queries[:, self.weight_column : self.weight_column + 1] * self.best_prior
+        if best_prior is not None:
+            key = scores + queries[:, weight_column : weight_column + 1] * best_prior
         nprobe = min(nprobe, self.nlist)
         best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
         return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)

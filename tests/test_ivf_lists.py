@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from export.catalogue_index import build_faiss_index, index_rows, write_catalogue_only
+from export.catalogue_update import update_catalogue
 from serving import exact_rows
 from serving.catalog import Catalog
 from serving.filters import Filters, MaskSummary
 from serving.ivf_lists import IvfLists
+from twotower import artifacts, ranking
 
 CLUSTERS, PER_CLUSTER, DIM = 40, 200, 16
 
@@ -144,6 +146,10 @@ def test_the_most_popular_rows_are_chosen_capped_and_the_same_each_time(monkeypa
     assert exact_rows.popular_rows(bias, 6).tolist() == [1, 3, 5]
     monkeypatch.setattr(exact_rows, "POPULAR_SHARE", 0.1)
     assert exact_rows.popular_rows(bias, 6).tolist() == []
+    monkeypatch.setattr(exact_rows, "POPULAR_SHARE", 1.0)
+    monkeypatch.setattr(exact_rows, "POPULAR_ROWS", 100)
+    assert exact_rows.popular_rows(bias, 6).tolist() == [1, 2, 3, 4, 5]  # never an article without a prior
+    assert exact_rows.popular_rows(np.zeros(6, np.float32), 6).tolist() == []
 
 
 def test_a_best_seller_far_from_the_query_is_scored_beside_the_index(tmp_path):
@@ -154,7 +160,7 @@ def test_a_best_seller_far_from_the_query_is_scored_beside_the_index(tmp_path):
     catalog = Catalog(tmp_path / "v0001", lexical=False, ivf_nprobe=4)
     assert catalog.exact_rows is not None and set(far) <= set(catalog.exact_rows.ids)
     assert catalog.ivf_lists is not None
-    catalog.ivf_lists.best_prior = None  # lists by direction alone: the rows beside the index find them
+    catalog.list_priors = None  # lists by direction alone: the rows beside the index find them
     exact = _exact(vectors, bias, ALONG_FIRST_AXIS, 5)
     assert set(exact) == set(far)
     _, rows = catalog.search(ALONG_FIRST_AXIS, 5, PRIOR)
@@ -179,7 +185,7 @@ def test_a_popular_list_far_from_the_query_is_probed(tmp_path, monkeypatch):
     assert rows[0].tolist() == exact.tolist()
     _, by_direction = catalog.search(ALONG_FIRST_AXIS, 10, 0.0)  # weight 0: the lists by direction, as before
     assert not set(by_direction[0]) & set(far)
-    catalog.ivf_lists.best_prior = None
+    catalog.list_priors = None
     _, rows = catalog.search(ALONG_FIRST_AXIS, 10, PRIOR)
     assert not set(rows[0]) & set(far)
 
@@ -198,3 +204,27 @@ def test_a_popular_row_the_index_also_finds_is_returned_once(tmp_path):
     # One query at a time, the same
     for i, query in enumerate(queries):
         assert catalog.search(query[None], 30, PRIOR)[1][0].tolist() == rows[i].tolist()
+
+
+# 5 removed: over-fetched and dropped; 305: the available rows' selector
+@pytest.mark.parametrize("others", [0, 300])
+def test_removed_best_sellers_are_never_returned_nor_draw_searches(tmp_path, others):
+    bias = np.zeros(CLUSTERS * PER_CLUSTER, np.float32)
+    far = 30 * PER_CLUSTER + np.arange(5)
+    bias[far] = 10.0
+    _clustered_version(tmp_path, bias=bias)
+    artifacts.publish_version(tmp_path, "v0001")
+    hidden = np.concatenate([far, np.arange(others)])
+    update_catalogue(tmp_path, lambda manifest: None, remove_ids=[str(row) for row in hidden])
+    catalog = Catalog(tmp_path, lexical=False, ivf_nprobe=4, exact_search_limit=100)
+    assert (catalog._available is not None) == (len(hidden) > ranking.OVERFETCH_LIMIT)
+    assert catalog.exact_rows is None  # no shown row has a prior: none scored beside
+    _, rows = catalog.search(ALONG_FIRST_AXIS, 5, PRIOR)
+    # Nor do their lists rank first any more: the query's own "near" lists are probed
+    assert (rows[0] >= 0).all() and (rows[0] < 30 * PER_CLUSTER).all() and not set(rows[0]) & set(hidden)
+    # Filtered, as ranking searches a request's filters (the mask without the removed rows, Catalog.shown)
+    far_group = catalog.filter_columns.mask(Filters.parse({"product_group": ["far"]}))  # kept for the next request
+    _, rows = catalog.search_masked(ALONG_FIRST_AXIS[0], 5, catalog.shown(far_group), PRIOR)
+    assert len(set(rows)) == 5 and (rows >= 30 * PER_CLUSTER).all() and not set(rows) & set(hidden)
+    _, rows = catalog.search_masked(ALONG_FIRST_AXIS[0], 5, catalog.shown(far_group.copy()), PRIOR)  # seen once
+    assert not set(rows) & set(hidden)
