@@ -614,7 +614,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "(real customers), scored with its popularity prior as served. One index per row, loaded in a fresh",
         "process by the retriever's `Catalog`; searches on 1 thread, one query at a time, at the served",
         f"settings (nprobe {_nprobe()}; compressed types re-rank k x the factor beside them candidates exactly,"
-        f" served now: {_rerank_factors()}). Memory in MiB:",
+        f" served now: {_rerank_factors()}; an IVF index's most popular rows scored exactly beside it and its lists"
+        " ranked by their best prior, serving.exact_rows). Memory in MiB:",
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
