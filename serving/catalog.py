@@ -464,8 +464,15 @@ class Catalog:
             similarities, rows = self._top_k(self._index_queries(queries, prior), k + self.n_excluded)
             return _drop_rows(similarities, rows, self.excluded, k)
         if self._available is not None and self.gpu is None:
+            index_queries = self._index_queries(queries, prior)
+            _, selector, params = self._available
             shown = None if self.exact_rows is None else ~self.excluded[self.exact_rows.ids]
-            return self._top_k(self._index_queries(queries, prior), k, self._available[-1], shown)
+            if self.ivf_lists is None:
+                return self._top_k(index_queries, k, params, shown)
+            # Every available row: the lists ranked as an unfiltered search ranks them, at the selector's nprobe
+            return self._top_k(
+                index_queries, k, None, shown, (*self._ranked_lists(index_queries, params.nprobe), selector)
+            )
         everything = np.ones(len(self.excluded), dtype=bool)
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
         results = [self.search_masked(q, k, everything, float(w)) for q, w in zip(queries, priors)]
@@ -481,24 +488,20 @@ class Catalog:
     ) -> tuple[np.ndarray, np.ndarray]:
         """A plain search of every row (or of those `params`' selector allows, on the CPU index; or of the IVF
         `lists`, (lists, their centroids' scores, a selector): serving.ivf_lists): on the GPU copy when there is one.
-        An IVF index on the CPU probes the lists it ranks best (IvfLists.nearest). The rows scored exactly beside the
-        index (serving.exact_rows) are merged in, the ones `allowed_exact` (bool [len(exact_rows)]) allows."""
+        A plain search of an IVF index on the CPU probes the lists it ranks best (`_ranked_lists`); a filter's
+        selector keeps faiss' nearest ones, as nearest_holding does (measured better for filters). The rows scored
+        exactly beside the index (serving.exact_rows) are merged in, the ones `allowed_exact` (bool
+        [len(exact_rows)]) allows."""
         on_gpu = params is None and lists is None and self.gpu is not None
+        if params is None and lists is None and not on_gpu and self.ivf_lists is not None:
+            lists = (*self._ranked_lists(queries, self.ivf_nprobe), None)
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
             if lists is not None:
                 return search_lists(self.index, queries, n, lists[:2], lists[2])
-            if on_gpu and self.gpu is not None:
-                return self.gpu.search(queries, n)
-            # Unfiltered: every row, or every available one (a filter's selector keeps faiss' nearest lists, as
-            # nearest_holding does: measured better for filters, serving.ivf_lists)
-            unfiltered = params is None or (self._available is not None and params is self._available[-1])
-            if self.ivf_lists is not None and unfiltered:
-                nprobe = self.ivf_nprobe if params is None else params.nprobe
-                selector = None if params is None else params.sel  # the available rows' (kept with them)
-                ranked = self.ivf_lists.nearest(queries, nprobe, self.list_priors, self.manifest.dim)
-                return search_lists(self.index, queries, n, ranked, selector)
-            return self.index.search(queries, n, params=params)
+            if params is not None:
+                return self.index.search(queries, n, params=params)
+            return (self.gpu or self.index).search(queries, n)
 
         if not self.rerank_factor:
             found = search(k)
@@ -511,6 +514,12 @@ class Catalog:
         if self.exact_rows is None:
             return found
         return self.exact_rows.merged(found, queries, k, allowed_exact)
+
+    def _ranked_lists(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `nprobe` IVF lists an unfiltered search of `queries` (as the index takes them) probes, with their
+        centroids' scores: ranked by direction and this version's best prior per list (IvfLists.nearest)."""
+        assert self.ivf_lists is not None
+        return self.ivf_lists.nearest(queries, nprobe, self.list_priors, self.manifest.dim)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
