@@ -35,7 +35,7 @@ from benchmarks.loadgen import OK, open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import AdmissionProxy, RetrieverProcess
 from serving.catalog import Catalog
-from twotower.config import RetrieverConfig, config_from_env
+from twotower.config import RetrieverConfig, add_arguments, from_arguments
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -319,13 +319,26 @@ async def run_in_process_rate(recommender: Any, bodies: list[dict], rate: float)
     return await open_loop(bodies, rate, send)
 
 
+def retriever_config(index_dir: Path, retriever_args: list[str]) -> RetrieverConfig:
+    """The RetrieverConfig the served retriever gets from the same environment and flags (KServe's own
+    flags, such as --workers, are left to it): the in-process baseline must do the served process's work.
+    Before, it kept the default --history-clock wall while the bench served with index."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, RetrieverConfig)
+    known, _ = parser.parse_known_args(retriever_args)
+    return dataclasses.replace(from_arguments(RetrieverConfig, known), index_dir=str(index_dir))
+
+
 def in_process_baseline(
-    index_dir: Path, repository: Path, bodies_by_rate: dict[float, list[dict]], rates: list[float], seconds: float
+    config: RetrieverConfig,
+    repository: Path,
+    bodies_by_rate: dict[float, list[dict]],
+    rates: list[float],
+    seconds: float,
 ) -> dict:
     """The same bodies per rate as the served run, against the KServe adapter in this process."""
     from retriever.server import build_recommender
 
-    config = dataclasses.replace(config_from_env(RetrieverConfig), index_dir=str(index_dir))  # same env as the server
     recommender = build_recommender(config, local_repository=repository)
     recommender.load()
     results = {}
@@ -445,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         triton_stats = json.loads(
             urllib.request.urlopen(f"{triton.settings.http_url}/v2/models/stats", timeout=10).read()
         )
-    baseline = in_process_baseline(artifacts.index_dir, artifacts.repository, bodies_by_rate, rates, args.seconds)
+    config = retriever_config(artifacts.index_dir, args.retriever_args.split())
+    baseline = in_process_baseline(config, artifacts.repository, bodies_by_rate, rates, args.seconds)
     host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
     log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])
     passing = [r["target_qps"] for r in served.values() if passes(r)]

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from benchmarks.loadgen import run_open_loop, summarise
-from benchmarks.serving import stage_means
+from benchmarks.serving import retriever_config, stage_means
 
 
 def test_load_generator_only_targets_loopback() -> None:
@@ -39,6 +39,12 @@ def test_stage_means_from_histogram_deltas() -> None:
     means = stage_means(before, after)
     assert means["triton"] == pytest.approx(2.0) and means["triton_per_call"] == pytest.approx(5.0)
     assert means["triton_call_share"] == pytest.approx(0.4) and means["other"] == pytest.approx(3.0)
+
+
+def test_in_process_baseline_gets_the_served_retrievers_flags(tmp_path) -> None:
+    # KServe's own flags (--workers) are the server's; ours must reach the baseline, or it does other work.
+    config = retriever_config(tmp_path, ["--workers", "2", "--history-clock", "index", "--max-in-flight", "8"])
+    assert (config.history_clock, config.max_in_flight, config.index_dir) == ("index", 8, str(tmp_path))
 
 
 def test_host_probe_times_a_fixed_workload() -> None:
