@@ -106,6 +106,21 @@ class Reference:
             self.users = _unit(vectors[rng.choice(len(vectors), QUERIES)] + 0.1)
         self.prior_weight = catalog.prior_weight
 
+    def text_vectors(self, repository: Path | None) -> np.ndarray | None:
+        """Text queries as served: QUERIES of the bench's shopper phrases from the reference catalogue
+        (benchmarks.serving.text_queries), embedded by the reference's query tower (None without one). They are
+        searched without the prior, so none of their results is among the best sellers scored beside the index."""
+        if repository is None or self.index_dir is None:
+            return None
+        import asyncio
+
+        from benchmarks.serving import text_queries
+        from serving.towers import LocalTowers, TokenIds
+
+        manifest = artifacts.read_manifest(self.index_dir)
+        input_ids = TokenIds(manifest.clip_model)(text_queries(self.items)[:QUERIES])
+        return asyncio.run(LocalTowers(repository, manifest).query_vectors(input_ids))
+
     def write_vectors(self, path: Path, n: int, seed: int = 1) -> tuple[np.memmap, np.ndarray, ItemTable]:
         """n article vectors straight into a .npy file (chunk by chunk: 10M never sit in memory twice),
         their biases and metadata (the columns of a random real article of the same mixture cluster each, kept
@@ -237,8 +252,15 @@ def _process_tree_memory(pid: int) -> dict[str, float]:
     return {name: sum(m[name] for m in per_process) for name in per_process[0]}
 
 
-def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict[str, np.ndarray]) -> dict[str, Any]:
-    """In a child process: load the Catalog as the retriever does, search as it does, report memory."""
+def measure_version(
+    directory: str,
+    users: np.ndarray,
+    prior: float,
+    exact: dict[str, np.ndarray],
+    texts: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """In a child process: load the Catalog as the retriever does, search as it does, report memory. `texts`:
+    text queries' vectors and their exact top 10 (without the prior)."""
     faiss.omp_set_num_threads(1)  # one request's search, as the retriever runs it
     from serving.catalog import Catalog
     from serving.filters import Filters
@@ -273,6 +295,13 @@ def measure_version(directory: str, users: np.ndarray, prior: float, exact: dict
                 "p50_ms": 1000 * float(np.percentile(more_seconds, 50)),
             }
         catalog.rerank_factor = served_factor
+    if texts is not None:
+        text_seconds, text_found = _search_each(catalog, texts[0], 0.0)
+        result["text"] = {
+            "recall_at_10": _recall(np.stack(text_found), texts[1]),
+            "p50_ms": 1000 * float(np.percentile(text_seconds, 50)),
+            "p99_ms": 1000 * float(np.percentile(text_seconds, 99)),
+        }
     for group in [g for g in exact if g != "all"]:
         mask = catalog.filter_columns.mask(Filters.parse({"product_group": [group]}))
         t_filtered, rows_filtered = [], []
@@ -557,6 +586,7 @@ def run(
 ) -> list[dict[str, Any]]:
     rows = []
     spawn = multiprocessing.get_context("spawn")
+    text_vectors = reference.text_vectors(repository)
     for n in sizes:
         work_n = work / f"n{n}"
         shutil.rmtree(work_n, ignore_errors=True)
@@ -574,12 +604,13 @@ def run(
                 exact[groups.distinct()[code]] = exact_top10(
                     vectors, bias, reference.users[:100], reference.prior_weight, allowed
                 )
+        texts = None if text_vectors is None else (text_vectors, exact_top10(vectors, bias, text_vectors, 0.0))
         for index_type in index_types:
             directory = work_n / index_type
             build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir, vector_dtype)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
                 measured = child.submit(
-                    measure_version, str(directory), reference.users, reference.prior_weight, exact
+                    measure_version, str(directory), reference.users, reference.prior_weight, exact, texts
                 ).result()
             row = {
                 "articles": n,
@@ -596,7 +627,7 @@ def run(
                     directory, repository, work_n, rate, seconds, retriever_args, memory_limit_mib, hot_swap
                 )
             log.info("%s", json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}))
-            log.info("served: %s", row.get("served"))
+            log.info("text queries: %s; served: %s", row.get("text"), row.get("served"))
             rows.append(row)
             shutil.rmtree(directory)
         del vectors
@@ -615,7 +646,9 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "process by the retriever's `Catalog`; searches on 1 thread, one query at a time, at the served",
         f"settings (nprobe {_nprobe()}; compressed types re-rank k x the factor beside them candidates exactly,"
         f" served now: {_rerank_factors()}; an IVF index's most popular rows scored exactly beside it and its lists"
-        " ranked by their best prior, serving.exact_rows). Memory in MiB:",
+        " ranked by their best prior, serving.exact_rows). Text queries: 500 shopper phrases of the reference's",
+        "catalogue (benchmarks.serving.text_queries) embedded by its query tower, searched without the prior as",
+        "served (text queries' dense half). Memory in MiB:",
         "anon = the process's own pages, file = memory-mapped pages (shared page cache: the kernel may drop",
         "and re-read them); 'two versions' = a second copy of the version loaded beside the first, as during",
         "a hot swap. 'served': the bench's request mix (benchmarks.serving: known customers, histories, text",
@@ -626,10 +659,10 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "",
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
         " recall@10 | p50 ms | p99 ms | more re-ranked: k x factor recall@10 / p50 ms"
-        " | filtered: share / path / recall@10 / p99 ms | served: QPS, p50 / p99 ms,"
-        " errors | served: retriever anon / file MiB | served: retriever flags"
+        " | text queries: recall@10 / p50 / p99 ms | filtered: share / path / recall@10 / p99 ms"
+        " | served: QPS, p50 / p99 ms, errors | served: retriever anon / file MiB | served: retriever flags"
         " | served under a memory limit: limit / peak MiB, OOM kills, major faults; cold first run p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["memory_before"]["anon_mib"]
@@ -642,7 +675,7 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             f"| {r['load_s']:.1f} "
             f"| {r['memory_searched']['anon_mib'] - base:.0f} | {r['memory_searched']['file_mib']:.0f} "
             f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {_reranked(r)} | {filtered} | {_served(r.get('served'))} |"
+            f"| {r['p99_ms']:.2f} | {_reranked(r)} | {_text(r)} | {filtered} | {_served(r.get('served'))} |"
         )
     lines += _hot_swap_table(rows)
     lines += ["", f"Command: `{command}`", ""]
@@ -714,6 +747,12 @@ def _reranked(row: dict[str, Any]) -> str:
     return "; ".join(f"x{f}: {m['recall_at_10']:.3f} / {m['p50_ms']:.2f}" for f, m in more.items()) or "-"
 
 
+def _text(row: dict[str, Any]) -> str:
+    """Rows measured before text queries were (2026-12-01) have '-'."""
+    text = row.get("text")
+    return f"{text['recall_at_10']:.3f} / {text['p50_ms']:.2f} / {text['p99_ms']:.2f}" if text else "-"
+
+
 def _served(served: dict[str, Any] | None) -> str:
     if not served:
         return "- | - | - | -"
@@ -736,10 +775,11 @@ def _limited(served: dict[str, Any]) -> str:
 
 
 def _rerank_factors() -> str:
-    from serving.catalog import RERANK_FACTORS, RERANK_MAX_CANDIDATES
+    from serving.catalog import RERANK_FACTORS, RERANK_MAX_CANDIDATES, UNWEIGHTED_RERANK_FACTORS
 
     factors = ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
-    return f"{factors}; at most {RERANK_MAX_CANDIDATES:,} candidates or 2k"
+    unweighted = ", ".join(str(factor) for factor in UNWEIGHTED_RERANK_FACTORS.values())
+    return f"{factors}; {unweighted} without a prior weight; at most {RERANK_MAX_CANDIDATES:,} candidates or 2k"
 
 
 def _nprobe() -> int:

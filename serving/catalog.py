@@ -73,6 +73,13 @@ READ_IN_INDEX_TYPES = ("ivf-pq-fastscan",)
 # with k x 10: 0.933), and k x 50 no more: the probed lists bound it. At 10M k x 25 fell to 0.822; k x 50
 # gave 0.918 and k x 100 0.943, one query p50 1.58 / 1.74 / 2.04 ms (docs/scale.md row 15).
 RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
+# A search without a prior weight (text queries, similar items, a version without a prior) re-ranks twice as many:
+# nothing in its top is scored exactly beside the index (serving.exact_rows' best sellers), every result comes
+# through the codes. ivf-pq-fastscan, recall@10 of 200 text queries (the query tower's vectors of the bench's
+# phrases) at k x 50 / k x 100, one thread, 2026-12-01: 10M 0.875 / 0.934 (k x 150: 0.957), 1M 0.969 / 0.993, at
+# +0.2-0.5 ms a search; 100 real user vectors at prior weight 0: 10M 0.785 / 0.805, 1M 0.945 / 0.964. At the
+# served prior weight the same users gained nothing (10M 0.937 / 0.940, 1M 0.997 / 0.997): not for them.
+UNWEIGHTED_RERANK_FACTORS = {index_type: 2 * factor for index_type, factor in RERANK_FACTORS.items()}
 # ... but at most this many (or 2k): a customer's list asks for the second stage's pool of 300, and 300 x 50
 # candidates cost 12.7 ms per query at 10M (p50, one thread), 10.2 of them the exact re-rank of 15,000 float16
 # rows, against 1.6 ms for k = 12. More than 2,400 find nothing more: 10M ivf-pq-fastscan, 60 real user vectors,
@@ -213,6 +220,7 @@ class Catalog:
             self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
             ivf_lists = None  # made once the version's parts are checked against each other, below
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
+        self.unweighted_rerank_factor = UNWEIGHTED_RERANK_FACTORS.get(self.manifest.index_type, 0)
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
         blocks = []
@@ -506,7 +514,7 @@ class Catalog:
         if not self.rerank_factor:
             found = search(k)
         else:
-            fetch = self._rerank_candidates(k)
+            fetch = self._rerank_candidates(k, self._unweighted(queries))
             if on_gpu:
                 fetch = max(k, min(fetch, GPU_MAX_K))
             _, candidates = search(fetch)
@@ -556,9 +564,14 @@ class Catalog:
         nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe * widen)))
         return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
 
-    def _rerank_candidates(self, k: int) -> int:
+    def _unweighted(self, index_queries: np.ndarray) -> bool:
+        """Whether some query of a batch carries no prior weight (`_index_queries` puts it after the vector)."""
+        return self.item_bias is None or not bool(np.all(index_queries[:, self.manifest.dim]))
+
+    def _rerank_candidates(self, k: int, unweighted: bool = False) -> int:
         """How many candidates a compressed index's search for k rows re-ranks exactly."""
-        return min(self.index.ntotal, k * self.rerank_factor, max(RERANK_MAX_CANDIDATES, 2 * k))
+        factor = self.unweighted_rerank_factor if unweighted else self.rerank_factor
+        return min(self.index.ntotal, k * factor, max(RERANK_MAX_CANDIDATES, 2 * k))
 
     def _rerank(self, index_queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best k of each query's candidate rows [B, C] by their exact score, from the full vectors:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from serving import gpu_search
-from serving.catalog import RERANK_FACTORS, Catalog
+from serving.catalog import RERANK_FACTORS, UNWEIGHTED_RERANK_FACTORS, Catalog
 from serving.filters import Filters
 from tests.conftest import write_random_index
 from twotower import artifacts
@@ -110,8 +110,10 @@ def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path
 
 
 def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monkeypatch) -> None:
-    """k x the factor for short lists; long ones (a second stage's pool of 300) at most RERANK_MAX_CANDIDATES or 2k."""
-    vectors = write_index(tmp_path / "v0001", "ivf-pq-fastscan")
+    """k x the factor for short lists (twice that without a prior weight); long ones (a second stage's pool of 300)
+    at most RERANK_MAX_CANDIDATES or 2k."""
+    groups = ["A" if i % 10 else "B" for i in range(3000)]
+    vectors = write_random_index(tmp_path / "v0001", "ivf-pq-fastscan", groups, item_bias=np.ones(3000, np.float32))
     catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)  # group B's 300 rows by the index
     asked: list[int] = []
 
@@ -132,10 +134,15 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
 
     catalog.index = Recording(catalog.index)
     monkeypatch.setattr("serving.catalog.RERANK_MAX_CANDIDATES", 700)
-    for k in (10, 20, 400):
-        _, rows = catalog.search(vectors[:2], k)
+    for k in (5, 20, 400):
+        _, rows = catalog.search(vectors[:2], k, prior=0.1)
         assert rows[:, 0].tolist() == [0, 1] and (rows >= 0).all()
-    assert asked == [500, 700, 800]  # 10 x 50; 20 x 50 capped at 700; 400: 2k, not 20,000
+    assert asked == [250, 700, 800]  # 5 x 50; 20 x 50 capped at 700; 400: 2k, not 20,000
+    # Without a prior weight (a text query) nothing is scored exactly beside the index: k x 100, also in a batch
+    for prior in (0.0, np.asarray([0.1, 0.0], np.float32)):
+        _, rows = catalog.search(vectors[:2], 5, prior)
+        assert rows[:, 0].tolist() == [0, 1]
+    assert asked[-2:] == [500, 500] and UNWEIGHTED_RERANK_FACTORS["ivf-pq-fastscan"] == 100
     group_b = catalog.filter_columns.mask(Filters.parse({"product_group": ["B"]}))
     assert catalog.search_plan(group_b) == "ivf+selector"
     _, rows = catalog.search_masked(vectors[0], 20, group_b)

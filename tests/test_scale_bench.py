@@ -260,3 +260,18 @@ def test_a_fastscan_index_is_read_into_the_process_and_its_file_left_out_of_the_
     assert resident_pages(index_file) == 0
     _, rows = catalog.search(np.asarray(catalog.vectors[:1], np.float32), 5)
     assert rows[0, 0] == 0  # searched from the copy
+
+
+def test_text_queries_are_the_reference_catalogues_phrases_through_its_query_tower(tiny_pipeline) -> None:
+    from benchmarks.scale import QUERIES, Reference, _text
+    from serving.catalog import Catalog
+
+    catalog = Catalog(tiny_pipeline.index_dir, lexical=False)
+    reference = object.__new__(Reference)  # its mixture fit needs more articles than the tiny shop has
+    reference.index_dir, reference.items = catalog.index_dir, catalog.items
+    texts = reference.text_vectors(tiny_pipeline.repository)
+    assert texts is not None and texts.shape[1] == catalog.manifest.dim and 0 < len(texts) <= QUERIES
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)  # the query tower's unit vectors
+    assert reference.text_vectors(None) is None
+    assert _text({"text": {"recall_at_10": 0.9341, "p50_ms": 2.17, "p99_ms": 3.5}}) == "0.934 / 2.17 / 3.50"
+    assert _text({}) == "-"  # rows measured before
