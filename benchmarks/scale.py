@@ -109,7 +109,7 @@ class Reference:
     def text_vectors(self, repository: Path | None) -> np.ndarray | None:
         """Text queries as served: QUERIES of the bench's shopper phrases from the reference catalogue
         (benchmarks.serving.text_queries), embedded by the reference's query tower (None without one). They are
-        searched without the prior, so none of their results is among the best sellers scored beside the index."""
+        searched without the prior, which gives them no help from the best sellers scored beside the index."""
         if repository is None or self.index_dir is None:
             return None
         import asyncio
@@ -778,7 +778,7 @@ def _rerank_factors() -> str:
     from serving.catalog import RERANK_FACTORS, RERANK_MAX_CANDIDATES, UNWEIGHTED_RERANK_FACTORS
 
     factors = ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
-    unweighted = ", ".join(str(factor) for factor in UNWEIGHTED_RERANK_FACTORS.values())
+    unweighted = ", ".join(f"{factor} ({kind})" for kind, factor in UNWEIGHTED_RERANK_FACTORS.items())
     return f"{factors}; {unweighted} without a prior weight; at most {RERANK_MAX_CANDIDATES:,} candidates or 2k"
 
 

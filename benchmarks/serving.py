@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     artifacts = offline.prepare_artifacts(args.data_dir, work, args.run_dir)
+    baseline_config = retriever_config(artifacts.index_dir, args.retriever_args.split())  # a bad flag stops it here
     rates = [float(r) for r in args.rates.split(",") if r]
     extra = [float(r) for r in args.extra_rates.split(",") if r]
     if args.rounds < 1:
@@ -458,8 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_stats = json.loads(
             urllib.request.urlopen(f"{triton.settings.http_url}/v2/models/stats", timeout=10).read()
         )
-    config = retriever_config(artifacts.index_dir, args.retriever_args.split())
-    baseline = in_process_baseline(config, artifacts.repository, bodies_by_rate, rates, args.seconds)
+    baseline = in_process_baseline(baseline_config, artifacts.repository, bodies_by_rate, rates, args.seconds)
     host_probe_ms = {"before": probe_before, "after": hostspeed.probe_ms()}
     log.info("host speed probe: %.1f ms before, %.1f ms after", host_probe_ms["before"], host_probe_ms["after"])
     passing = [r["target_qps"] for r in served.values() if passes(r)]

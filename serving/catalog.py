@@ -73,12 +73,13 @@ READ_IN_INDEX_TYPES = ("ivf-pq-fastscan",)
 # with k x 10: 0.933), and k x 50 no more: the probed lists bound it. At 10M k x 25 fell to 0.822; k x 50
 # gave 0.918 and k x 100 0.943, one query p50 1.58 / 1.74 / 2.04 ms (docs/scale.md row 15).
 RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
-# A search without a prior weight (text queries, similar items, a version without a prior) re-ranks twice as many:
-# nothing in its top is scored exactly beside the index (serving.exact_rows' best sellers), every result comes
-# through the codes. ivf-pq-fastscan, recall@10 of 200 text queries (the query tower's vectors of the bench's
-# phrases) at k x 50 / k x 100, one thread, 2026-12-01: 10M 0.875 / 0.934 (k x 150: 0.957), 1M 0.969 / 0.993, at
-# +0.2-0.5 ms a search; 100 real user vectors at prior weight 0: 10M 0.785 / 0.805, 1M 0.945 / 0.964. At the
-# served prior weight the same users gained nothing (10M 0.937 / 0.940, 1M 0.997 / 0.997): not for them.
+# A search without a prior weight (text queries, similar items, a version without a prior or served at weight 0; a
+# batch if any of its queries) re-ranks twice as many: the best sellers scored exactly beside the index
+# (serving.exact_rows) do not fill its top, its results come through the codes. ivf-pq-fastscan, recall@10 of 200
+# text queries (the query tower's vectors of the bench's phrases) at k x 50 / k x 100, one thread, 2026-12-01: 10M
+# 0.875 / 0.934 (k x 150: 0.957), 1M 0.969 / 0.993, at +0.2-0.5 ms a search; 100 real user vectors at prior weight
+# 0: 10M 0.785 / 0.805, 1M 0.945 / 0.964. At the served prior weight the same users gained nothing (10M 0.937 /
+# 0.940, 1M 0.997 / 0.997): not for them.
 UNWEIGHTED_RERANK_FACTORS = {index_type: 2 * factor for index_type, factor in RERANK_FACTORS.items()}
 # ... but at most this many (or 2k): a customer's list asks for the second stage's pool of 300, and 300 x 50
 # candidates cost 12.7 ms per query at 10M (p50, one thread), 10.2 of them the exact re-rank of 15,000 float16

@@ -105,6 +105,7 @@ def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path
     assert catalog.gpu is None and not fake_gpu and catalog.rerank_factor == RERANK_FACTORS["ivf-pq-fastscan"] > 10
     assert set(RERANK_FACTORS) == set(artifacts.COMPRESSED_INDEX_TYPES)  # every compressed type re-ranks
     assert catalog.search(vectors[:2], 10)[1][:, 0].tolist() == [0, 1]
+    assert catalog.item_bias is None and catalog._rerank_candidates(10, catalog._unweighted(vectors[:1])) == 1000
     with pytest.raises(gpu_search.GpuUnavailable, match="FastScan"):
         Catalog(tmp_path / "v0001", faiss_gpu="on")
 
@@ -143,6 +144,8 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
         _, rows = catalog.search(vectors[:2], 5, prior)
         assert rows[:, 0].tolist() == [0, 1]
     assert asked[-2:] == [500, 500] and UNWEIGHTED_RERANK_FACTORS["ivf-pq-fastscan"] == 100
+    catalog.search(vectors[:2], 5, np.asarray([0.1, 0.2], np.float32))  # every query weighted: k x 50
+    assert asked[-1] == 250
     group_b = catalog.filter_columns.mask(Filters.parse({"product_group": ["B"]}))
     assert catalog.search_plan(group_b) == "ivf+selector"
     _, rows = catalog.search_masked(vectors[0], 20, group_b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -264,7 +265,9 @@ def test_a_fastscan_index_is_read_into_the_process_and_its_file_left_out_of_the_
 
 def test_text_queries_are_the_reference_catalogues_phrases_through_its_query_tower(tiny_pipeline) -> None:
     from benchmarks.scale import QUERIES, Reference, _text
+    from benchmarks.serving import text_queries
     from serving.catalog import Catalog
+    from serving.towers import LocalTowers, TokenIds
 
     catalog = Catalog(tiny_pipeline.index_dir, lexical=False)
     reference = object.__new__(Reference)  # its mixture fit needs more articles than the tiny shop has
@@ -273,5 +276,13 @@ def test_text_queries_are_the_reference_catalogues_phrases_through_its_query_tow
     assert texts is not None and texts.shape[1] == catalog.manifest.dim and 0 < len(texts) <= QUERIES
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)  # the query tower's unit vectors
     assert reference.text_vectors(None) is None
+    # the catalogue's first phrase, as the retriever would embed it for a text query
+    first = text_queries(catalog.items)[:1]
+    served = asyncio.run(
+        LocalTowers(tiny_pipeline.repository, catalog.manifest).query_vectors(
+            TokenIds(catalog.manifest.clip_model)(first)
+        )
+    )
+    np.testing.assert_allclose(texts[0], served[0], atol=1e-6)
     assert _text({"text": {"recall_at_10": 0.9341, "p50_ms": 2.17, "p99_ms": 3.5}}) == "0.934 / 2.17 / 3.50"
     assert _text({}) == "-"  # rows measured before
