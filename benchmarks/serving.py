@@ -35,7 +35,7 @@ from benchmarks.loadgen import OK, open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import AdmissionProxy, RetrieverProcess
 from serving.catalog import Catalog
-from twotower.config import RetrieverConfig, add_arguments, from_arguments
+from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.serving")
 
@@ -323,10 +323,7 @@ def retriever_config(index_dir: Path, retriever_args: list[str]) -> RetrieverCon
     """The RetrieverConfig the served retriever gets from the same environment and flags (KServe's own
     flags, such as --workers, are left to it): the in-process baseline must do the served process's work.
     Before, it kept the default --history-clock wall while the bench served with index."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser, RetrieverConfig)
-    known, _ = parser.parse_known_args(retriever_args)
-    return dataclasses.replace(from_arguments(RetrieverConfig, known), index_dir=str(index_dir))
+    return dataclasses.replace(config_from_env(RetrieverConfig, retriever_args), index_dir=str(index_dir))
 
 
 def in_process_baseline(

@@ -528,7 +528,8 @@ class Catalog:
         """The `nprobe` IVF lists an unfiltered search of `queries` (as the index takes them) probes, with their
         centroids' scores: ranked by direction and this version's best prior per list (IvfLists.nearest)."""
         assert self.ivf_lists is not None
-        return self.ivf_lists.nearest(queries, nprobe, self.list_priors, self.manifest.dim)
+        weights = None if self.list_priors is None else self._weights(queries)
+        return self.ivf_lists.nearest(queries, nprobe, self.list_priors, weights)
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
@@ -565,9 +566,13 @@ class Catalog:
         nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe * widen)))
         return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
 
+    def _weights(self, index_queries: np.ndarray) -> np.ndarray:
+        """float32 [B]: each query's prior weight, where `_index_queries` puts it (after the vector); with a prior."""
+        return index_queries[:, self.manifest.dim]
+
     def _unweighted(self, index_queries: np.ndarray) -> bool:
-        """Whether some query of a batch carries no prior weight (`_index_queries` puts it after the vector)."""
-        return self.item_bias is None or not bool(np.all(index_queries[:, self.manifest.dim]))
+        """Whether some query of a batch carries no prior weight."""
+        return self.item_bias is None or not bool(np.all(self._weights(index_queries)))
 
     def _rerank_candidates(self, k: int, unweighted: bool = False) -> int:
         """How many candidates a compressed index's search for k rows re-ranks exactly."""
@@ -582,7 +587,7 @@ class Catalog:
         rows = np.where(found, candidates, 0)
         scores = np.einsum("bcd,bd->bc", as_float32(self.vectors[rows]), index_queries[:, :dim])
         if self.item_bias is not None:
-            scores += self.item_bias[rows] * index_queries[:, dim : dim + 1]
+            scores += self.item_bias[rows] * self._weights(index_queries)[:, None]
         scores[~found] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.where(

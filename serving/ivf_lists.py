@@ -115,16 +115,16 @@ class IvfLists:
         return best
 
     def nearest(
-        self, queries: np.ndarray, nprobe: int, best_prior: np.ndarray | None = None, weight_column: int = 0
+        self, queries: np.ndarray, nprobe: int, best_prior: np.ndarray | None = None, weights: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(lists int64 [B, P], their centroids' scores float32 [B, P]): the `nprobe` best-ranked lists of each of
         `queries` [B, d] (as the index takes them), for `search_lists`. A list ranks by its centroid's score, + the
-        query's prior weight (its `weight_column`) x the list's `best_prior` (`best_priors`) where one is given;
+        query's prior weight (`weights`, float [B]) x the list's `best_prior` (`best_priors`) where both are given;
         faiss is given the centroid scores (an IVF-PQ adds its codes' scores to them)."""
         scores = queries @ self.centroids.T
         key = scores
-        if best_prior is not None:
-            key = scores + queries[:, weight_column : weight_column + 1] * best_prior
+        if best_prior is not None and weights is not None:
+            key = scores + weights[:, None] * best_prior
         nprobe = min(nprobe, self.nlist)
         best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
         return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)

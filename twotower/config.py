@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any, TypeVar, get_type_hints
 
 ENV_PREFIX = "TWOTOWER_"
@@ -125,11 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         )
 
 
-def config_from_env(cls: type[T]) -> T:
-    """The dataclass with TWOTOWER_<FIELD> environment overrides applied (what the CLI would default to)."""
+def config_from_env(cls: type[T], flags: Sequence[str] = ()) -> T:
+    """The dataclass with TWOTOWER_<FIELD> environment overrides applied (what the CLI would default to), then
+    `flags` as a command line would give them; flags of other parsers (e.g. KServe's --workers) are left alone."""
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser, cls)
-    return from_arguments(cls, parser.parse_args([]))
+    known, _ = parser.parse_known_args(list(flags))
+    return from_arguments(cls, known)
 
 
 def from_arguments(cls: type[T], args: argparse.Namespace) -> T:
