@@ -847,8 +847,8 @@ def test_writes_and_admin_need_the_bearer_token_and_reads_do_not(tmp_path: Path)
         RecommendationService(dataclasses.replace(config, admin_token_file=str(tmp_path / "missing")), service.slot)
 
 
-def test_unfiltered_searches_over_big_indexes_leave_the_event_loop(shop, monkeypatch) -> None:
-    service, vectors, _ = shop
+def test_unfiltered_searches_stay_on_the_event_loop_unless_a_batch_scores_too_many_rows(shop, monkeypatch) -> None:
+    service, _, _ = shop
     handed_off: list[str] = []
     real_to_thread = asyncio.to_thread
 
@@ -858,17 +858,24 @@ def test_unfiltered_searches_over_big_indexes_leave_the_event_loop(shop, monkeyp
 
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
     catalog = service.serving().catalog
-    assert catalog.rows_per_search == catalog.index.ntotal <= service_module.INLINE_SEARCH_ROWS  # small: inline
-    inline = recommend(service, Query("customer_id", "alice", 5))
+    one = Query("customer_id", "alice", 5)
+    inline = recommend(service, one)
     assert "_rank" not in handed_off
-    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search - 1)  # as if 1M articles
-    assert recommend(service, Query("customer_id", "alice", 5)) == inline and "_rank" in handed_off
+    # as if one search scored 10M articles' ~111k rows: inline still, a batch of three past the budget is not
+    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search * 2)
+    assert recommend(service, one) == inline and "_rank" not in handed_off
+    assert recommend(service, one, one, one) == [inline[0]] * 3 and handed_off == ["_rank"]
+    # filtered searches and --search-in-thread leave the loop whatever the size
+    recommend(service, Query("customer_id", "alice", 5, QueryOptions(Filters.parse({"colour": ["Red"]}))))
+    assert handed_off == ["_rank"] * 2
+    monkeypatch.setattr(service, "config", dataclasses.replace(service.config, search_in_thread=True))
+    assert recommend(service, one) == inline and handed_off == ["_rank"] * 3
 
 
 def test_searches_in_worker_threads_use_the_configured_faiss_threads(shop, monkeypatch) -> None:
     service, _, _ = shop
     catalog = service.serving().catalog
-    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search - 1)  # searched in a thread
+    monkeypatch.setattr(service, "config", dataclasses.replace(service.config, search_in_thread=True))
     seen: list[int] = []
     real_top_k = catalog._top_k
     monkeypatch.setattr(catalog, "_top_k", lambda *args: seen.append(faiss.omp_get_max_threads()) or real_top_k(*args))
