@@ -775,11 +775,19 @@ def _limited(served: dict[str, Any]) -> str:
 
 
 def _rerank_factors() -> str:
-    from serving.catalog import RERANK_FACTORS, RERANK_MAX_CANDIDATES, UNWEIGHTED_RERANK_FACTORS
+    from serving.catalog import (
+        RERANK_FACTORS,
+        RERANK_MAX_CANDIDATES,
+        UNWEIGHTED_RERANK_FACTORS,
+        UNWEIGHTED_RERANK_MAX_CANDIDATES,
+    )
 
     factors = ", ".join(f"{factor} ({kind})" for kind, factor in RERANK_FACTORS.items())
     unweighted = ", ".join(f"{factor} ({kind})" for kind, factor in UNWEIGHTED_RERANK_FACTORS.items())
-    return f"{factors}; {unweighted} without a prior weight; at most {RERANK_MAX_CANDIDATES:,} candidates or 2k"
+    return (
+        f"{factors}, at most {RERANK_MAX_CANDIDATES:,} candidates or 2k; {unweighted} without a prior weight, at most"
+        f" {UNWEIGHTED_RERANK_MAX_CANDIDATES:,}"
+    )
 
 
 def _nprobe() -> int:

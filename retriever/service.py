@@ -47,7 +47,7 @@ class LoadSignal(Protocol):
 
 
 # Rows a request's unfiltered searches may score together on the event loop (Catalog.rows_per_search each):
-# one search of a 10M-article index (~111k), or a batch of ~20 at H&M's size (~11.5k each)
+# one search of a 10M-article index (~107k), or a batch of ~20 at H&M's size (~11.5k each)
 INLINE_SEARCH_ROWS = 250_000
 TEXT_SEARCH_MODES = ("dense", "hybrid")
 HISTORY_CLOCKS = ("wall", "index")
@@ -232,7 +232,7 @@ class RecommendationService:
         with metrics.STAGE["search"].time():
             # Unfiltered searches run on the event loop, at any index size: a worker thread's handoff costs more
             # CPU than the loop's stall spares. Served at 10M articles (ivf-pq-fastscan, 100 QPS, one process,
-            # ~111k rows scored per search) the retriever took 0.77-0.84 of a core with them inline, 0.86-0.90 in
+            # ~107k rows scored per search) the retriever took 0.77-0.84 of a core with them inline, 0.86-0.90 in
             # a thread, p99 lower in three alternating pairs (docs/scale.md). A batch scoring more rows than that
             # goes to a worker thread, so that the loop keeps serving other requests, as do filtered searches (a
             # mask built on a cache miss: 4-29 ms at 10M) and hybrid text queries (BM25 over every article).

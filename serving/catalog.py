@@ -83,13 +83,18 @@ RERANK_FACTORS = {"ivf-sq8": 10, "ivf-pq": 10, "ivf-pq-fastscan": 50}
 UNWEIGHTED_RERANK_FACTORS = {index_type: 2 * factor for index_type, factor in RERANK_FACTORS.items()}
 # ... but at most this many (or 2k): a customer's list asks for the second stage's pool of 300, and 300 x 50
 # candidates cost 12.7 ms per query at 10M (p50, one thread), 10.2 of them the exact re-rank of 15,000 float16
-# rows, against 1.6 ms for k = 12. More than 2,400 find nothing more: 10M ivf-pq-fastscan, 60 real user vectors,
-# recall of the exact top 300 / top 100 / top 12 at 600, 1,200, 2,400, 4,800 and 15,000 candidates 0.727 / 0.801
-# / 0.815 / 0.815 / 0.815, 0.846 / 0.883 / 0.887 / 0.887 / 0.887, 0.935 / 0.942 / 0.942 / 0.942 / 0.942: past
-# 2,400 the probed lists bound it (docs/scale.md). Filtered (the probed lists widened by 1/selectivity), 40 users'
-# top 300: recall 0.873 / 0.874 (40% group) and 0.906 / 0.906 (5%) with 2,400 / 15,000, 10.3 / 19.2 and 16.2 /
-# 25.4 ms. ivf-pq and ivf-sq8 (k x 10, finer codes than FastScan's) reach the cap only past k = 240.
-RERANK_MAX_CANDIDATES = 2400
+# rows, against 1.6 ms for k = 12. 10M ivf-pq-fastscan, 60 real user vectors, recall of the exact top 300 / top 100 /
+# top 12 at 600, 1,200, 2,400, 4,800 and 15,000 candidates 0.727 / 0.801 / 0.815 / 0.815 / 0.815, 0.846 / 0.883 /
+# 0.887 / 0.887 / 0.887, 0.935 / 0.942 / 0.942 / 0.942 / 0.942: past 2,400 the probed lists bound it (docs/scale.md).
+# With a prior weight (customers' and histories' lists) 1,200: against 2,400, the pool's search at k 300 took 0.74
+# ms less at 10M (paired median, 95% 0.71-0.76; 200 real user vectors x 3 rounds, one thread) and 0.71 ms less at
+# 1M, the same top 12, top 100 / 300 overlapping 0.989 / 0.960 at 10M and 1.000 / 0.996 at 1M (2026-12-02).
+# Filtered (the probed lists widened by 1/selectivity), 40 users' top 300: recall 0.873 / 0.874 (40% group) and
+# 0.906 / 0.906 (5%) with 2,400 / 15,000, 10.3 / 19.2 and 16.2 / 25.4 ms. ivf-pq and ivf-sq8 (k x 10, finer codes
+# than FastScan's) reach the cap only past k = 120.
+RERANK_MAX_CANDIDATES = 1200
+# Without a prior weight twice as many, as UNWEIGHTED_RERANK_FACTORS: nothing scored beside the index fills their top
+UNWEIGHTED_RERANK_MAX_CANDIDATES = 2400
 TYPICAL_K = 100  # results per search that rows_per_search assumes (the shop asks 12-100)
 # Filters' masks kept without a version's removed rows (Catalog.shown), per loaded version (two during a swap): at
 # 10M rows 10 MB each plus its packed bitmap once searched (1.25 MB), and up to 10 MB more for its source mask
@@ -348,7 +353,7 @@ class Catalog:
             scanned = self.hnsw_ef_search * 32
         elif hasattr(self.index, "nprobe"):
             probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
-            scanned = probed + TYPICAL_K * self.rerank_factor
+            scanned = probed + self._rerank_candidates(TYPICAL_K)  # 0 where the index holds the vectors
         else:
             scanned = self.index.ntotal
         return int(scanned) + (0 if self.exact_rows is None else len(self.exact_rows))  # scored exactly beside it
@@ -576,8 +581,12 @@ class Catalog:
 
     def _rerank_candidates(self, k: int, unweighted: bool = False) -> int:
         """How many candidates a compressed index's search for k rows re-ranks exactly."""
-        factor = self.unweighted_rerank_factor if unweighted else self.rerank_factor
-        return min(self.index.ntotal, k * factor, max(RERANK_MAX_CANDIDATES, 2 * k))
+        factor, most = (
+            (self.unweighted_rerank_factor, UNWEIGHTED_RERANK_MAX_CANDIDATES)
+            if unweighted
+            else (self.rerank_factor, RERANK_MAX_CANDIDATES)
+        )
+        return min(self.index.ntotal, k * factor, max(most, 2 * k))
 
     def _rerank(self, index_queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best k of each query's candidate rows [B, C] by their exact score, from the full vectors:

@@ -112,7 +112,7 @@ def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path
 
 def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monkeypatch) -> None:
     """k x the factor for short lists (twice that without a prior weight); long ones (a second stage's pool of 300)
-    at most RERANK_MAX_CANDIDATES or 2k."""
+    at most RERANK_MAX_CANDIDATES (UNWEIGHTED_RERANK_MAX_CANDIDATES without a prior weight) or 2k."""
     groups = ["A" if i % 10 else "B" for i in range(3000)]
     vectors = write_random_index(tmp_path / "v0001", "ivf-pq-fastscan", groups, item_bias=np.ones(3000, np.float32))
     catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)  # group B's 300 rows by the index
@@ -148,8 +148,13 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
     assert asked[-1] == 250
     group_b = catalog.filter_columns.mask(Filters.parse({"product_group": ["B"]}))
     assert catalog.search_plan(group_b) == "ivf+selector"
-    _, rows = catalog.search_masked(vectors[0], 20, group_b)
+    _, rows = catalog.search_masked(vectors[0], 20, group_b, 0.1)
     assert asked[-1] == 700 and group_b[rows[rows >= 0]].all()
+    # Capped apart: a long text query's list keeps more candidates than a customer's (nothing beside fills its top)
+    monkeypatch.setattr("serving.catalog.UNWEIGHTED_RERANK_MAX_CANDIDATES", 1400)
+    catalog.search(vectors[:2], 20, 0.0)
+    catalog.search(vectors[:2], 20, 0.1)
+    assert asked[-2:] == [1400, 700]
 
 
 def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_gpu, monkeypatch) -> None:

@@ -861,7 +861,7 @@ def test_unfiltered_searches_stay_on_the_event_loop_unless_a_batch_scores_too_ma
     one = Query("customer_id", "alice", 5)
     inline = recommend(service, one)
     assert "_rank" not in handed_off
-    # as if one search scored 10M articles' ~111k rows: inline still, a batch of three past the budget is not
+    # as if one search scored 10M articles' ~107k rows: inline still, a batch of three past the budget is not
     monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search * 2)
     assert recommend(service, one) == inline and "_rank" not in handed_off
     assert recommend(service, one, one, one) == [inline[0]] * 3 and handed_off == ["_rank"]
