@@ -232,10 +232,11 @@ class RecommendationService:
         with metrics.STAGE["search"].time():
             # Unfiltered searches run on the event loop, at any index size: a worker thread's handoff costs more
             # CPU than the loop's stall spares. Served at 10M articles (ivf-pq-fastscan, 100 QPS, one process,
-            # ~107k rows scored per search) the retriever took 0.77-0.84 of a core with them inline, 0.86-0.90 in
-            # a thread, p99 lower in three alternating pairs (docs/scale.md). A batch scoring more rows than that
-            # goes to a worker thread, so that the loop keeps serving other requests, as do filtered searches (a
-            # mask built on a cache miss: 4-29 ms at 10M) and hybrid text queries (BM25 over every article).
+            # ~107k rows scored per search) the retriever took 0.77-0.85 of a core with them inline, 0.86-0.91 in
+            # a thread, p99 lower in six alternating pairs (docs/scale.md). A batch scoring more than
+            # INLINE_SEARCH_ROWS goes to a worker thread, so that the loop keeps serving other requests, as do
+            # filtered searches (a mask built on a cache miss: 4-29 ms at 10M) and hybrid text queries (BM25 over
+            # every article).
             inline = serving.catalog.rows_per_search * len(queries) <= INLINE_SEARCH_ROWS and all(
                 q.searches_everything and not self._hybrid(serving.catalog, q) for q in queries
             )

@@ -89,9 +89,11 @@ UNWEIGHTED_RERANK_FACTORS = {index_type: 2 * factor for index_type, factor in RE
 # With a prior weight (customers' and histories' lists) 1,200: against 2,400, the pool's search at k 300 took 0.74
 # ms less at 10M (paired median, 95% 0.71-0.76; 200 real user vectors x 3 rounds, one thread) and 0.71 ms less at
 # 1M, the same top 12, top 100 / 300 overlapping 0.989 / 0.960 at 10M and 1.000 / 0.996 at 1M (2026-12-02).
-# Filtered (the probed lists widened by 1/selectivity), 40 users' top 300: recall 0.873 / 0.874 (40% group) and
-# 0.906 / 0.906 (5%) with 2,400 / 15,000, 10.3 / 19.2 and 16.2 / 25.4 ms. ivf-pq and ivf-sq8 (k x 10, finer codes
-# than FastScan's) reach the cap only past k = 120.
+# Filtered (the probed lists widened by 1/selectivity, before the lists holding allowed rows), 40 users' top 300:
+# recall 0.873 / 0.874 (40% group) and 0.906 / 0.906 (5%) with 2,400 / 15,000, 10.3 / 19.2 and 16.2 / 25.4 ms;
+# filtered at 1,200 against 2,400 (the lists holding allowed rows, 40 users, k 300, 10M, 2026-12-02): the same top 12,
+# top 100 / 300 overlapping 0.989-1.000 / 0.929-0.956 (40%, 11%, 5% groups), p50 0.6-1.6 ms less. ivf-pq and
+# ivf-sq8 (k x 10, finer codes than FastScan's) reach the cap only past k = 120.
 RERANK_MAX_CANDIDATES = 1200
 # Without a prior weight twice as many, as UNWEIGHTED_RERANK_FACTORS: nothing scored beside the index fills their top
 UNWEIGHTED_RERANK_MAX_CANDIDATES = 2400
@@ -353,7 +355,9 @@ class Catalog:
             scanned = self.hnsw_ef_search * 32
         elif hasattr(self.index, "nprobe"):
             probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
-            scanned = probed + self._rerank_candidates(TYPICAL_K)  # 0 where the index holds the vectors
+            # as a weighted search (text queries re-rank up to twice as many: ~1% more rows at 10M); 0 where the
+            # index holds the vectors
+            scanned = probed + self._rerank_candidates(TYPICAL_K)
         else:
             scanned = self.index.ntotal
         return int(scanned) + (0 if self.exact_rows is None else len(self.exact_rows))  # scored exactly beside it

@@ -135,6 +135,10 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
 
     catalog.index = Recording(catalog.index)
     monkeypatch.setattr("serving.catalog.RERANK_MAX_CANDIDATES", 700)
+    # the rows a search is reckoned to score (the retriever's event-loop budget) count the capped candidates
+    probed = catalog.index.ntotal * min(1.0, catalog.ivf_nprobe / catalog.index.nlist)
+    exact = 0 if catalog.exact_rows is None else len(catalog.exact_rows)
+    assert catalog.rows_per_search == int(probed + 700) + exact
     for k in (5, 20, 400):
         _, rows = catalog.search(vectors[:2], k, prior=0.1)
         assert rows[:, 0].tolist() == [0, 1] and (rows >= 0).all()
