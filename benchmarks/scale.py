@@ -228,7 +228,7 @@ def write_version(
 def second_stage_signals(reference: Path, n: int) -> ArticleSignals | None:
     """The reference's second-stage signals for a synthetic catalogue of n rows, so that customers' and histories'
     lists are re-ordered by its stage as a trained deployment's are (its search then fetches the stage's pool,
-    serving.catalog.RERANK_MAX_CANDIDATES). The first rows are the reference's articles, as the known customers'
+    Catalog.rerank_max_candidates). The first rows are the reference's articles, as the known customers'
     histories are; the rest are new, unsold articles (ArticleSignals.extended). None where the reference has no
     stage or more articles than n."""
     path = reference / artifacts.SECOND_STAGE_FILE
@@ -287,20 +287,15 @@ def measure_version(
     if catalog.rerank_factor:
         # What more re-ranked candidates would buy: recall and time at 2x and 4x the served factor (k 10 x 4 x 50
         # is past the weighted cap: lifted for these searches, so that the column is the factor it names).
-        import serving.catalog
-
-        served_factor, served_cap = catalog.rerank_factor, serving.catalog.RERANK_MAX_CANDIDATES
-        try:
-            for factor in (2 * served_factor, 4 * served_factor):
-                catalog.rerank_factor = factor
-                serving.catalog.RERANK_MAX_CANDIDATES = max(served_cap, 10 * factor)
-                more_seconds, more_found = _search_each(catalog, users, prior)
-                result["rerank"][str(factor)] = {
-                    "recall_at_10": _recall(np.stack(more_found), exact["all"]),
-                    "p50_ms": 1000 * float(np.percentile(more_seconds, 50)),
-                }
-        finally:
-            catalog.rerank_factor, serving.catalog.RERANK_MAX_CANDIDATES = served_factor, served_cap
+        served_factor, served_cap = catalog.rerank_factor, catalog.rerank_max_candidates
+        for factor in (2 * served_factor, 4 * served_factor):
+            catalog.rerank_factor, catalog.rerank_max_candidates = factor, max(served_cap, 10 * factor)
+            more_seconds, more_found = _search_each(catalog, users, prior)
+            result["rerank"][str(factor)] = {
+                "recall_at_10": _recall(np.stack(more_found), exact["all"]),
+                "p50_ms": 1000 * float(np.percentile(more_seconds, 50)),
+            }
+        catalog.rerank_factor, catalog.rerank_max_candidates = served_factor, served_cap
     if texts is not None:
         text_seconds, text_found = _search_each(catalog, texts[0], 0.0)
         result["text"] = {

@@ -112,7 +112,7 @@ def test_fastscan_codes_stay_on_the_cpu_and_rerank_from_more_candidates(tmp_path
 
 def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monkeypatch) -> None:
     """k x the factor for short lists (twice that without a prior weight); long ones (a second stage's pool of 300)
-    at most RERANK_MAX_CANDIDATES (UNWEIGHTED_RERANK_MAX_CANDIDATES without a prior weight) or 2k."""
+    at most the catalogue's rerank_max_candidates (unweighted_rerank_max_candidates without a prior weight) or 2k."""
     groups = ["A" if i % 10 else "B" for i in range(3000)]
     vectors = write_random_index(tmp_path / "v0001", "ivf-pq-fastscan", groups, item_bias=np.ones(3000, np.float32))
     catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)  # group B's 300 rows by the index
@@ -134,7 +134,7 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
             return self.index.search_preassigned_c(n, queries, k, *rest)
 
     catalog.index = Recording(catalog.index)
-    monkeypatch.setattr("serving.catalog.RERANK_MAX_CANDIDATES", 700)
+    monkeypatch.setattr(catalog, "rerank_max_candidates", 700)
     # the rows a search is reckoned to score (the retriever's event-loop budget) count the capped candidates
     probed = catalog.index.ntotal * min(1.0, catalog.ivf_nprobe / catalog.index.nlist)
     exact = 0 if catalog.exact_rows is None else len(catalog.exact_rows)
@@ -155,7 +155,7 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
     _, rows = catalog.search_masked(vectors[0], 20, group_b, 0.1)
     assert asked[-1] == 700 and group_b[rows[rows >= 0]].all()
     # Capped apart: a long text query's list keeps more candidates than a customer's (nothing beside fills its top)
-    monkeypatch.setattr("serving.catalog.UNWEIGHTED_RERANK_MAX_CANDIDATES", 1400)
+    monkeypatch.setattr(catalog, "unweighted_rerank_max_candidates", 1400)
     catalog.search(vectors[:2], 20, 0.0)
     catalog.search(vectors[:2], 20, 0.1)
     assert asked[-2:] == [1400, 700]
