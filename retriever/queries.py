@@ -28,12 +28,9 @@ class Query:
     ages: tuple[float, ...] | None = None  # history: days since each purchase, oldest first (None: 0 days)
 
     @property
-    def searches_everything(self) -> bool:
-        """Ranked by a plain search of the whole index (similar_to always hides the article itself)."""
-        o = self.options
-        return (
-            o.filters.empty and not o.exclude_purchased and o.max_per_product_type is None and self.kind != "similar_to"
-        )
+    def hides_bought(self) -> bool:
+        """Its list never shows what was bought (similar_to: the article itself)."""
+        return self.options.exclude_purchased or self.kind == "similar_to"
 
 
 @dataclasses.dataclass

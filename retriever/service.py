@@ -46,9 +46,12 @@ class LoadSignal(Protocol):
     def overloaded(self) -> bool: ...
 
 
-# Rows a request's unfiltered searches may score together on the event loop (Catalog.rows_per_search each):
-# one search of a 10M-article index (~107k), or a batch of ~20 at H&M's size (~11.5k each)
+# Rows a request's searches may score together on the event loop (`_rows_scored` each): one unfiltered search of a
+# 10M-article index (~107k), a batch of ~20 at H&M's size (~11.5k each), or two filtered or text ones there (~117k)
 INLINE_SEARCH_ROWS = 250_000
+# Characters of query text a request may tokenize on the event loop: ~0.4 us a character (MiniLM's tokenizer, 0.02 ms
+# for a 15-character query, 0.8 ms for the 2,000 a query may have), against a worker thread's handoff
+INLINE_TOKENIZE_CHARS = 4_000
 TEXT_SEARCH_MODES = ("dense", "hybrid")
 HISTORY_CLOCKS = ("wall", "index")
 SECONDS_PER_DAY = 86_400
@@ -230,21 +233,25 @@ class RecommendationService:
         serving = serving or self.serving()
         vectors, bought = await self.query_vectors(queries, serving)
         with metrics.STAGE["search"].time():
-            # Unfiltered searches run on the event loop, at any index size: a worker thread's handoff costs more
-            # CPU than the loop's stall spares. Served at 10M articles (ivf-pq-fastscan, 100 QPS, one process,
-            # ~107k rows scored per search) the retriever took 0.77-0.85 of a core with them inline, 0.86-0.91 in
-            # a thread, p99 lower in six alternating pairs (docs/scale.md). A batch scoring more than
-            # INLINE_SEARCH_ROWS goes to a worker thread, so that the loop keeps serving other requests, as do
-            # filtered searches (a mask built on a cache miss: 4-29 ms at 10M) and hybrid text queries (BM25 over
-            # every article).
-            inline = serving.catalog.rows_per_search * len(queries) <= INLINE_SEARCH_ROWS and all(
-                q.searches_everything and not self._hybrid(serving.catalog, q) for q in queries
-            )
-            if inline and not self.config.search_in_thread:
+            # Searches run on the event loop unless the request's together score more than INLINE_SEARCH_ROWS: a
+            # worker thread's handoff costs more CPU than the loop's stall spares. Served at 10M articles
+            # (ivf-pq-fastscan, 100 QPS, one process, ~107k rows scored per search) the retriever took 0.77-0.85 of
+            # a core with unfiltered ones inline, 0.86-0.91 in a thread, p99 lower in six alternating pairs
+            # (docs/scale.md). Past the budget they go to a worker thread, so that the loop keeps serving other
+            # requests: big batches, and at 1M articles and up filtered searches (a mask built on a cache miss: 4-29
+            # ms at 10M) and hybrid text queries.
+            rows = sum(self._rows_scored(serving.catalog, query, bought[i]) for i, query in enumerate(queries))
+            if rows <= INLINE_SEARCH_ROWS and not self.config.search_in_thread:
                 ranked = self._rank(serving.catalog, queries, vectors, bought)
             else:
                 ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
         return [self._recommendation(serving.catalog, *found) for found in ranked]
+
+    def _rows_scored(self, catalog: Catalog, query: Query, bought: Purchases) -> int:
+        """About how many rows ranking `query` touches: its search's, plus a pass over every row where it needs a
+        mask (filters, or more purchases to hide than a plain search overfetches) or BM25's scores (hybrid text)."""
+        masked = not query.options.filters.empty or (query.hides_bought and len(bought[0]) > ranking.OVERFETCH_LIMIT)
+        return catalog.rows_per_search + (len(catalog.article_ids) if masked or self._hybrid(catalog, query) else 0)
 
     def _hybrid(self, catalog: Catalog, query: Query) -> bool:
         """With --text-search hybrid, text queries fuse the index's keyword (BM25) results with the dense ones."""
@@ -284,7 +291,7 @@ class RecommendationService:
             except FilterError as err:
                 raise RequestError(f"instances[{slot}]: {err}") from err
         personal = query.kind in PERSONAL_KINDS
-        exclude_bought = options.exclude_purchased or query.kind == "similar_to"
+        exclude_bought = query.hides_bought
         return RankRequest(
             query.k,
             prior=catalog.prior_weight_for(exclude_bought) if personal else 0.0,
@@ -406,7 +413,10 @@ class RecommendationService:
         tokenizer = self.tokenizer
         assert tokenizer is not None, "load() first"
         started = time.perf_counter()
-        input_ids = await asyncio.to_thread(tokenizer, texts)
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            input_ids = tokenizer(texts)
+        else:
+            input_ids = await asyncio.to_thread(tokenizer, texts)
         metrics.STAGE["tokenize"].observe(time.perf_counter() - started)
         return await serving.towers.query_vectors(input_ids)
 

@@ -847,7 +847,7 @@ def test_writes_and_admin_need_the_bearer_token_and_reads_do_not(tmp_path: Path)
         RecommendationService(dataclasses.replace(config, admin_token_file=str(tmp_path / "missing")), service.slot)
 
 
-def test_unfiltered_searches_stay_on_the_event_loop_unless_a_batch_scores_too_many_rows(shop, monkeypatch) -> None:
+def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(shop, monkeypatch) -> None:
     service, _, _ = shop
     handed_off: list[str] = []
     real_to_thread = asyncio.to_thread
@@ -859,17 +859,32 @@ def test_unfiltered_searches_stay_on_the_event_loop_unless_a_batch_scores_too_ma
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
     catalog = service.serving().catalog
     one = Query("customer_id", "alice", 5)
+    red = Query("customer_id", "alice", 5, QueryOptions(Filters.parse({"colour": ["Red"]})))
+    text = Query("query", "red dress", 5)
     inline = recommend(service, one)
-    assert "_rank" not in handed_off
-    # as if one search scored 10M articles' ~107k rows: inline still, a batch of three past the budget is not
-    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search * 2)
-    assert recommend(service, one) == inline and "_rank" not in handed_off
+    filtered = recommend(service, red)
+    recommend(service, text)  # tokenized and ranked on the loop too: a small catalogue and a short text
+    assert handed_off == []
+    # a budget one row short of a filtered search (as at 1M articles and up, where a filter's mask passes over a
+    # million rows): a plain search stays (a dense text query too, and one hiding a few purchases), a batch past the
+    # budget and a filtered one leave
+    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search + len(catalog.article_ids) - 1)
+    assert recommend(service, one) == inline and recommend(service, text) and handed_off == []
+    hiding = Query("customer_id", "alice", 5, QueryOptions(exclude_purchased=True))
+    unbought = recommend(service, hiding)
+    assert handed_off == []
     assert recommend(service, one, one, one) == [inline[0]] * 3 and handed_off == ["_rank"]
-    # filtered searches and --search-in-thread leave the loop whatever the size
-    recommend(service, Query("customer_id", "alice", 5, QueryOptions(Filters.parse({"colour": ["Red"]}))))
-    assert handed_off == ["_rank"] * 2
+    assert recommend(service, red) == filtered and handed_off == ["_rank"] * 2
+    limit = ranking.OVERFETCH_LIMIT
+    monkeypatch.setattr(ranking, "OVERFETCH_LIMIT", 0)  # more purchases than a search overfetches: a mask
+    assert recommend(service, hiding) == unbought and handed_off == ["_rank"] * 3
+    monkeypatch.setattr(ranking, "OVERFETCH_LIMIT", limit)
+    # a text longer than the tokenizing budget (one the vector cache has not seen) is tokenized in a thread
+    monkeypatch.setattr(service_module, "INLINE_TOKENIZE_CHARS", len("red dress") - 1)
+    recommend(service, Query("query", "red shirt", 5))
+    assert handed_off == ["_rank"] * 3 + ["tokenize"]
     monkeypatch.setattr(service, "config", dataclasses.replace(service.config, search_in_thread=True))
-    assert recommend(service, one) == inline and handed_off == ["_rank"] * 3
+    assert recommend(service, one) == inline and handed_off == ["_rank"] * 3 + ["tokenize", "_rank"]
 
 
 def test_searches_in_worker_threads_use_the_configured_faiss_threads(shop, monkeypatch) -> None:

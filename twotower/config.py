@@ -166,7 +166,7 @@ class RetrieverConfig:
         False  # KServe's timing middleware (kserve.trace log only): 2 getrusage calls + a route match per request
     )
     search_in_thread: bool = (
-        False  # also unfiltered searches in a worker thread (a handoff per request); filtered ones always are
+        False  # every search in a worker thread (a handoff per request), not only those past INLINE_SEARCH_ROWS
     )
     faiss_threads: int = 1  # one thread is fastest for concurrent single queries
     faiss_gpu: str = (
