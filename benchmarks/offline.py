@@ -103,16 +103,31 @@ def measure_offline(data_dir: Path, index_dir: Path, repository: Path, run_dir: 
     }
 
 
+def exported_data_source(index_dir: Path) -> str | None:
+    """The data an index root's current version was exported from; None where it holds none."""
+    if not (index_dir / index_files.CURRENT_FILE).is_file():
+        return None
+    return index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source
+
+
 def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = None) -> BenchArtifacts:
     """Export `run_dir` (a trained run, e.g. runs/hm-eval from `make eval`) or, without one, a model
     trained for 60 steps: latency barely depends on model quality, but ANN recall does, so the recall
     reported is only honest for a trained run. A previous export of the same data and run is reused."""
+    index_dir, repository = work / "index", work / "model_repository"
     if data_dir is None:
         # Said out loud: run from a checkout without ../shared/data beside it, a bench measured the small shop
-        # while its operator meant H&M (2026-12-01, an A/B from a worktree).
+        # while its operator meant H&M (2026-12-01, an A/B from a worktree); and refused where it would replace
+        # another data's export (2026-12-02: the same A/B wiped runs/bench's H&M export, ~30 minutes to rebuild).
+        synthetic = work / "data"
+        exported = exported_data_source(index_dir)
+        if exported is not None and exported != str(synthetic):
+            raise SystemExit(
+                f"{work} holds an export of {exported}; without --data-dir this run would replace it with a synthetic "
+                f"shop: pass --data-dir {exported}, or another --work-dir"
+            )
         log.warning("no --data-dir (the H&M data is not beside this checkout): benching a synthetic 5,000-article shop")
-        data_dir = generate(work / "data", seed=0, n_articles=5000, n_customers=3000)
-    index_dir, repository = work / "index", work / "model_repository"
+        data_dir = generate(synthetic, seed=0, n_articles=5000, n_customers=3000)
     offline_file = work / "offline.json"
     # A retrained run at the same path must not reuse the old export: the weights' mtime is part of the key.
     options = config_from_env(ExportOptions)  # TWOTOWER_<OPTION>, e.g. TWOTOWER_ITEM_TOWER_INT8=1
@@ -121,7 +136,7 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     reuse = (
         offline_file.is_file()
         and (index_dir / index_files.CURRENT_FILE).is_file()
-        and index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source == str(data_dir)
+        and exported_data_source(index_dir) == str(data_dir)
         and json.loads(offline_file.read_text()).get("run_dir", "") == source_run
     )
     if not reuse:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 
 import pytest
 
 from benchmarks.loadgen import run_open_loop, summarise
+from benchmarks.offline import exported_data_source, prepare_artifacts
 from benchmarks.serving import retriever_config, stage_means
 
 
@@ -271,3 +274,15 @@ def test_gpu_check_runs_the_exported_towers_and_search_where_there_is_no_gpu(tin
     assert [
         line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "batch" not in line
     ][:3] == ["1", "16", "64"]
+
+
+def test_a_bench_without_data_refuses_to_replace_another_datas_export(tiny_pipeline, tmp_path) -> None:
+    work = tmp_path / "bench"
+    shutil.copytree(tiny_pipeline.index_dir, work / "index")
+    with pytest.raises(
+        SystemExit, match=f"holds an export of {re.escape(str(tiny_pipeline.data_dir))}.*pass --data-dir"
+    ):
+        prepare_artifacts(None, work)
+    assert not (work / "data").exists()  # no synthetic shop generated, the export untouched
+    assert exported_data_source(work / "index") == str(tiny_pipeline.data_dir)
+    assert exported_data_source(tmp_path / "nothing") is None
