@@ -107,7 +107,11 @@ def exported_data_source(index_dir: Path) -> str | None:
     """The data an index root's current version was exported from; None where it holds none."""
     if not (index_dir / index_files.CURRENT_FILE).is_file():
         return None
-    return index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source
+    try:
+        return index_files.read_manifest(index_files.resolve_index_dir(index_dir)).data_source
+    except index_files.ArtifactError as err:  # half written: rebuilt
+        log.warning("%s: %s", index_dir, err)
+        return None
 
 
 def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = None) -> BenchArtifacts:
@@ -121,10 +125,11 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
         # another data's export (2026-12-02: the same A/B wiped runs/bench's H&M export, ~30 minutes to rebuild).
         synthetic = work / "data"
         exported = exported_data_source(index_dir)
-        if exported is not None and exported != str(synthetic):
+        if exported is not None and Path(exported).resolve() != synthetic.resolve():
+            hint = f"pass --data-dir {exported}, or" if Path(exported).is_dir() else "pass"
             raise SystemExit(
                 f"{work} holds an export of {exported}; without --data-dir this run would replace it with a synthetic "
-                f"shop: pass --data-dir {exported}, or another --work-dir"
+                f"shop: {hint} another --work-dir"
             )
         log.warning("no --data-dir (the H&M data is not beside this checkout): benching a synthetic 5,000-article shop")
         data_dir = generate(synthetic, seed=0, n_articles=5000, n_customers=3000)

@@ -47,10 +47,11 @@ class LoadSignal(Protocol):
 
 
 # Rows a request's searches may score together on the event loop (`_rows_scored` each): one unfiltered search of a
-# 10M-article index (~107k), a batch of ~20 at H&M's size (~11.5k each), or two filtered or text ones there (~117k)
+# 10M-article index (~107k), a batch of ~20 at H&M's size (~11.5k each), or two filtered or hybrid text ones there
+# (~117k). Not counted: the second stage's features (~0.6 ms a customer's list on H&M), as before this budget.
 INLINE_SEARCH_ROWS = 250_000
-# Characters of query text a request may tokenize on the event loop: ~0.4 us a character (MiniLM's tokenizer, 0.02 ms
-# for a 15-character query, 0.8 ms for the 2,000 a query may have), against a worker thread's handoff
+# Characters of query text a request may tokenize on the event loop, against a worker thread's handoff: MiniLM's
+# tokenizer 0.02 ms for a 15-character query, 0.8 ms for the 2,000 a query may have; open_clip's 0.04 / 0.8 ms
 INLINE_TOKENIZE_CHARS = 4_000
 TEXT_SEARCH_MODES = ("dense", "hybrid")
 HISTORY_CLOCKS = ("wall", "index")
@@ -233,13 +234,13 @@ class RecommendationService:
         serving = serving or self.serving()
         vectors, bought = await self.query_vectors(queries, serving)
         with metrics.STAGE["search"].time():
-            # Searches run on the event loop unless the request's together score more than INLINE_SEARCH_ROWS: a
-            # worker thread's handoff costs more CPU than the loop's stall spares. Served at 10M articles
-            # (ivf-pq-fastscan, 100 QPS, one process, ~107k rows scored per search) the retriever took 0.77-0.85 of
-            # a core with unfiltered ones inline, 0.86-0.91 in a thread, p99 lower in six alternating pairs
-            # (docs/scale.md). Past the budget they go to a worker thread, so that the loop keeps serving other
-            # requests: big batches, and at 1M articles and up filtered searches (a mask built on a cache miss: 4-29
-            # ms at 10M) and hybrid text queries.
+            # Searches run on the event loop unless the request's queries together score more than
+            # INLINE_SEARCH_ROWS: a worker thread's handoff costs more CPU than the loop's stall spares. Served at
+            # 10M articles (ivf-pq-fastscan, 100 QPS, one process, ~107k rows scored per search) the retriever took
+            # 0.77-0.85 of a core with unfiltered ones inline, 0.86-0.91 in a thread, p99 lower in six alternating
+            # pairs (docs/scale.md). Past the budget they go to a worker thread, so that the loop keeps serving
+            # other requests: big batches, and at 1M articles and up filtered searches (a mask built on a cache
+            # miss: 4-29 ms at 10M) and hybrid text queries.
             rows = sum(self._rows_scored(serving.catalog, query, bought[i]) for i, query in enumerate(queries))
             if rows <= INLINE_SEARCH_ROWS and not self.config.search_in_thread:
                 ranked = self._rank(serving.catalog, queries, vectors, bought)

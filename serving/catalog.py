@@ -354,7 +354,8 @@ class Catalog:
     @property
     def rows_per_search(self) -> int:
         """About how many rows an unfiltered search scores: all of a flat index, the probed lists' share of
-        an IVF one (plus a compressed index's exact re-rank); HNSW visits about efSearch x its degree."""
+        an IVF one (plus a compressed index's exact re-rank); HNSW visits about efSearch x its degree; plus a
+        pass over every row where many excluded rows make each search a masked one."""
         if hasattr(self.index, "hnsw"):
             scanned = self.hnsw_ef_search * 32
         elif hasattr(self.index, "nprobe"):
@@ -364,6 +365,8 @@ class Catalog:
             scanned = probed + self._rerank_candidates(TYPICAL_K)
         else:
             scanned = self.index.ntotal
+        if self.n_excluded > ranking.OVERFETCH_LIMIT and (self._available is None or self.gpu is not None):
+            scanned += len(self.excluded)  # `search` masks every row for each query
         return int(scanned) + (0 if self.exact_rows is None else len(self.exact_rows))  # scored exactly beside it
 
     def prefetch(self, chunk_bytes: int = 8 << 20) -> int:

@@ -11,6 +11,7 @@ import pytest
 from benchmarks.loadgen import run_open_loop, summarise
 from benchmarks.offline import exported_data_source, prepare_artifacts
 from benchmarks.serving import retriever_config, stage_means
+from twotower import artifacts
 
 
 def test_load_generator_only_targets_loopback() -> None:
@@ -286,3 +287,5 @@ def test_a_bench_without_data_refuses_to_replace_another_datas_export(tiny_pipel
     assert not (work / "data").exists()  # no synthetic shop generated, the export untouched
     assert exported_data_source(work / "index") == str(tiny_pipeline.data_dir)
     assert exported_data_source(tmp_path / "nothing") is None
+    shutil.rmtree(artifacts.resolve_index_dir(work / "index"))  # half written: the current version gone
+    assert exported_data_source(work / "index") is None  # rebuilt, not a crash

@@ -18,7 +18,7 @@ from serving import gpu_search
 from serving.catalog import RERANK_FACTORS, UNWEIGHTED_RERANK_FACTORS, Catalog
 from serving.filters import Filters
 from tests.conftest import write_random_index
-from twotower import artifacts
+from twotower import artifacts, ranking
 
 
 def write_index(directory: Path, index_type: str) -> np.ndarray:
@@ -139,6 +139,10 @@ def test_a_long_list_reranks_a_bounded_number_of_candidates(tmp_path: Path, monk
     probed = catalog.index.ntotal * min(1.0, catalog.ivf_nprobe / catalog.index.nlist)
     exact = 0 if catalog.exact_rows is None else len(catalog.exact_rows)
     assert catalog.rows_per_search == int(probed + 700) + exact
+    with monkeypatch.context() as patched:  # many excluded rows and no prepared selector: each search masks every row
+        patched.setattr(catalog, "n_excluded", ranking.OVERFETCH_LIMIT + 1)
+        patched.setattr(catalog, "_available", None)
+        assert catalog.rows_per_search == int(probed + 700) + exact + len(catalog.excluded)
     for k in (5, 20, 400):
         _, rows = catalog.search(vectors[:2], k, prior=0.1)
         assert rows[:, 0].tolist() == [0, 1] and (rows >= 0).all()

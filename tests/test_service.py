@@ -35,6 +35,7 @@ from serving.lexical import LexicalIndex
 from twotower import artifacts, fitting, ranking
 from twotower.config import RetrieverConfig
 from twotower.popularity import PopularityPrior
+from twotower.ranking import NOTHING_BOUGHT
 from twotower.repeats import RepeatBoost
 
 N, DIM, HISTORY = 120, 8, 4
@@ -869,16 +870,20 @@ def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(s
     # million rows): a plain search stays (a dense text query too, and one hiding a few purchases), a batch past the
     # budget and a filtered one leave
     monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", catalog.rows_per_search + len(catalog.article_ids) - 1)
-    assert recommend(service, one) == inline and recommend(service, text) and handed_off == []
+    assert recommend(service, one) == inline
+    recommend(service, text)
+    assert handed_off == []
     hiding = Query("customer_id", "alice", 5, QueryOptions(exclude_purchased=True))
     unbought = recommend(service, hiding)
     assert handed_off == []
     assert recommend(service, one, one, one) == [inline[0]] * 3 and handed_off == ["_rank"]
     assert recommend(service, red) == filtered and handed_off == ["_rank"] * 2
-    limit = ranking.OVERFETCH_LIMIT
-    monkeypatch.setattr(ranking, "OVERFETCH_LIMIT", 0)  # more purchases than a search overfetches: a mask
-    assert recommend(service, hiding) == unbought and handed_off == ["_rank"] * 3
-    monkeypatch.setattr(ranking, "OVERFETCH_LIMIT", limit)
+    with monkeypatch.context() as patched:
+        patched.setattr(ranking, "OVERFETCH_LIMIT", 0)  # more purchases than a search overfetches: a mask
+        assert recommend(service, hiding) == unbought and handed_off == ["_rank"] * 3
+    with monkeypatch.context() as patched:  # a hybrid text query scores BM25 over every article
+        patched.setattr(service, "_hybrid", lambda catalog, query: query.kind == "query")
+        assert service._rows_scored(catalog, text, NOTHING_BOUGHT) > service_module.INLINE_SEARCH_ROWS
     # a text longer than the tokenizing budget (one the vector cache has not seen) is tokenized in a thread
     monkeypatch.setattr(service_module, "INLINE_TOKENIZE_CHARS", len("red dress") - 1)
     recommend(service, Query("query", "red shirt", 5))
