@@ -48,7 +48,7 @@ class LoadSignal(Protocol):
 
 # Rows a request's searches may score together on the event loop (`_rows_scored` each): one unfiltered search of a
 # 10M-article index (~107k), a batch of ~20 at H&M's size (~11.5k each), or two filtered or hybrid text ones there
-# (~117k). Not counted: the second stage's features (~0.6 ms a customer's list on H&M), as before this budget.
+# (~117k). Not counted: the second stage's features (0.8 ms a list on H&M under cProfile), as before this budget.
 INLINE_SEARCH_ROWS = 250_000
 # Characters of query text a request may tokenize on the event loop, against a worker thread's handoff: MiniLM's
 # tokenizer 0.02 ms for a 15-character query, 0.8 ms for the 2,000 a query may have; open_clip's 0.04 / 0.8 ms
