@@ -119,12 +119,12 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     trained for 60 steps: latency barely depends on model quality, but ANN recall does, so the recall
     reported is only honest for a trained run. A previous export of the same data and run is reused."""
     index_dir, repository = work / "index", work / "model_repository"
+    exported = exported_data_source(index_dir)
     if data_dir is None:
         # Said out loud: run from a checkout without ../shared/data beside it, a bench measured the small shop
         # while its operator meant H&M (2026-12-01, an A/B from a worktree); and refused where it would replace
         # another data's export (2026-12-02: the same A/B wiped runs/bench's H&M export, ~30 minutes to rebuild).
         synthetic = work / "data"
-        exported = exported_data_source(index_dir)
         if exported is not None and Path(exported).resolve() != synthetic.resolve():
             hint = f"pass --data-dir {exported}, or" if Path(exported).is_dir() else "pass"
             raise SystemExit(
@@ -140,8 +140,7 @@ def prepare_artifacts(data_dir: Path | None, work: Path, run_dir: Path | None = 
     source_run += f" {dataclasses.asdict(options)}"  # another export of the same run is another artifact
     reuse = (
         offline_file.is_file()
-        and (index_dir / index_files.CURRENT_FILE).is_file()
-        and exported_data_source(index_dir) == str(data_dir)
+        and exported == str(data_dir)
         and json.loads(offline_file.read_text()).get("run_dir", "") == source_run
     )
     if not reuse:

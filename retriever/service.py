@@ -241,18 +241,24 @@ class RecommendationService:
             # pairs (docs/scale.md). Past the budget they go to a worker thread, so that the loop keeps serving
             # other requests: big batches, and at 1M articles and up filtered searches (a mask built on a cache
             # miss: 4-29 ms at 10M) and hybrid text queries.
-            rows = sum(self._rows_scored(serving.catalog, query, bought[i]) for i, query in enumerate(queries))
+            rows = self._rows_scored(serving.catalog, queries, bought)
             if rows <= INLINE_SEARCH_ROWS and not self.config.search_in_thread:
                 ranked = self._rank(serving.catalog, queries, vectors, bought)
             else:
                 ranked = await asyncio.to_thread(self._rank, serving.catalog, queries, vectors, bought)
         return [self._recommendation(serving.catalog, *found) for found in ranked]
 
-    def _rows_scored(self, catalog: Catalog, query: Query, bought: Purchases) -> int:
-        """About how many rows ranking `query` touches: its search's, plus a pass over every row where it needs a
-        mask (filters, or more purchases to hide than a plain search overfetches) or BM25's scores (hybrid text)."""
-        masked = not query.options.filters.empty or (query.hides_bought and len(bought[0]) > ranking.OVERFETCH_LIMIT)
-        return catalog.rows_per_search + (len(catalog.article_ids) if masked or self._hybrid(catalog, query) else 0)
+    def _rows_scored(self, catalog: Catalog, queries: list[Query], bought: list[Purchases]) -> int:
+        """About how many rows ranking the queries touches: a search's each, plus a pass over every row for each
+        one that needs a mask (filters, or more purchases to hide than a plain search overfetches) or BM25's scores
+        (hybrid text)."""
+        passes = sum(
+            not query.options.filters.empty
+            or (query.hides_bought and len(purchases[0]) > ranking.OVERFETCH_LIMIT)
+            or self._hybrid(catalog, query)
+            for query, purchases in zip(queries, bought)
+        )
+        return catalog.rows_per_search * len(queries) + len(catalog.article_ids) * passes
 
     def _hybrid(self, catalog: Catalog, query: Query) -> bool:
         """With --text-search hybrid, text queries fuse the index's keyword (BM25) results with the dense ones."""

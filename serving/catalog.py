@@ -229,9 +229,8 @@ class Catalog:
             ivf_lists = None  # made once the version's parts are checked against each other, below
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         self.unweighted_rerank_factor = UNWEIGHTED_RERANK_FACTORS.get(self.manifest.index_type, 0)
-        self.rerank_max_candidates = (
-            RERANK_MAX_CANDIDATES  # ... and at most (or 2k): attributes, as benchmarks vary them
-        )
+        # ... and at most (or 2k): attributes, as benchmarks vary them
+        self.rerank_max_candidates = RERANK_MAX_CANDIDATES
         self.unweighted_rerank_max_candidates = UNWEIGHTED_RERANK_MAX_CANDIDATES
         # Memory-mapped, read-only: pages come from the page cache as rows are read (re-ranking, history
         # inputs), shared by every process and by the old and new version during a hot swap.
@@ -592,11 +591,10 @@ class Catalog:
 
     def _rerank_candidates(self, k: int, unweighted: bool = False) -> int:
         """How many candidates a compressed index's search for k rows re-ranks exactly."""
-        factor, most = (
-            (self.unweighted_rerank_factor, self.unweighted_rerank_max_candidates)
-            if unweighted
-            else (self.rerank_factor, self.rerank_max_candidates)
-        )
+        if unweighted:
+            factor, most = self.unweighted_rerank_factor, self.unweighted_rerank_max_candidates
+        else:
+            factor, most = self.rerank_factor, self.rerank_max_candidates
         return min(self.index.ntotal, k * factor, max(most, 2 * k))
 
     def _rerank(self, index_queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -883,7 +883,7 @@ def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(s
         assert recommend(service, hiding) == unbought and handed_off == ["_rank"] * 3
     with monkeypatch.context() as patched:  # a hybrid text query scores BM25 over every article
         patched.setattr(service, "_hybrid", lambda catalog, query: query.kind == "query")
-        assert service._rows_scored(catalog, text, NOTHING_BOUGHT) > service_module.INLINE_SEARCH_ROWS
+        assert service._rows_scored(catalog, [text], [NOTHING_BOUGHT]) > service_module.INLINE_SEARCH_ROWS
     # a text longer than the tokenizing budget (one the vector cache has not seen) is tokenized in a thread
     monkeypatch.setattr(service_module, "INLINE_TOKENIZE_CHARS", len("red dress") - 1)
     recommend(service, Query("query", "red shirt", 5))
