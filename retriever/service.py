@@ -47,9 +47,14 @@ class LoadSignal(Protocol):
 
 
 # Rows a request's searches may score together on the event loop (`_rows_scored` each): one unfiltered search of a
-# 10M-article index (~107k), a batch of ~20 at H&M's size (~11.5k each), or two filtered or hybrid text ones there
-# (~117k). Not counted: the second stage's features (0.8 ms a list on H&M under cProfile), as before this budget.
+# 10M-article index (~107k), a batch of ~20 plain searches at H&M's size (11,454 each) or 7 customers' lists with their
+# second stage, or two filtered or hybrid text ones there (~117k).
 INLINE_SEARCH_ROWS = 250_000
+# What a list's second stage (its pool's candidates and features) counts in that budget. H&M (runs/bench, in process,
+# one thread, medians of 60 batches of stored customers): 20 lists ranked in 7.8 ms without the stage (0.034 us a row
+# searched) and 22.5 ms with it, 0.74 ms more a list, as much as ~20k rows searched; such a batch stalled the loop
+# for those 22.5 ms before the stage was counted
+STAGED_LIST_ROWS = 20_000
 # Characters of query text a request may tokenize on the event loop, against a worker thread's handoff: MiniLM's
 # tokenizer 0.02 ms for a 15-character query, 0.8 ms for the 2,000 a query may have; open_clip's 0.04 / 0.8 ms
 INLINE_TOKENIZE_CHARS = 4_000
@@ -137,11 +142,18 @@ class RecommendationService:
         then skip the second stage (--shed-second-stage-ms)."""
         self._load = load
 
+    def _stages_lists(self, catalog: Catalog) -> bool:
+        """Whether customers' and histories' lists take the index's second stage now: it is on and not shed."""
+        return bool(self.config.second_stage and catalog.second_stage is not None) and not self._overloaded()
+
+    def _overloaded(self) -> bool:
+        return self._load is not None and self._load.overloaded
+
     def _stage_for(self, catalog: Catalog) -> SecondStage | None:
         """The index's second stage for a customer's or a history's list, unless it is off or shed under load."""
         if not self.config.second_stage or catalog.second_stage is None:
             return None
-        if self._load is None or not self._load.overloaded:
+        if not self._overloaded():
             return catalog.second_stage
         metrics.SECOND_STAGE_SHED.inc()
         # One line per STAGE_SHED_LOG_S while shedding, not one per list (they can be hundreds a second)
@@ -251,14 +263,15 @@ class RecommendationService:
     def _rows_scored(self, catalog: Catalog, queries: list[Query], bought: list[Purchases]) -> int:
         """About how many rows ranking the queries touches: a search's each, plus a pass over every row for each
         one that needs a mask (filters, or more purchases to hide than a plain search overfetches) or BM25's scores
-        (hybrid text)."""
+        (hybrid text), plus STAGED_LIST_ROWS for each list the second stage re-ranks."""
         passes = sum(
             not query.options.filters.empty
             or (query.hides_bought and len(purchases[0]) > ranking.OVERFETCH_LIMIT)
             or self._hybrid(catalog, query)
             for query, purchases in zip(queries, bought)
         )
-        return catalog.rows_per_search * len(queries) + len(catalog.article_ids) * passes
+        staged = sum(q.kind in PERSONAL_KINDS for q in queries) if self._stages_lists(catalog) else 0
+        return catalog.rows_per_search * len(queries) + len(catalog.article_ids) * passes + STAGED_LIST_ROWS * staged
 
     def _hybrid(self, catalog: Catalog, query: Query) -> bool:
         """With --text-search hybrid, text queries fuse the index's keyword (BM25) results with the dense ones."""

@@ -972,19 +972,12 @@ def test_a_version_waiting_for_its_towers_is_installed_in_a_turn_once_triton_ser
         slot.stop()
 
 
-def test_an_overloaded_process_sheds_the_second_stage_before_requests(shop, caplog) -> None:
-    """While the admission limit says overloaded, customers' and histories' lists rank by the first stage alone
-    (counted, one log line per STAGE_SHED_LOG_S); text queries never had the stage."""
-    import pickle
-
+def stand_in_stage():
+    """A second stage over the shop's rows: sales drawn at random, random weights (it re-orders the lists)."""
     import pandas as pd
 
-    from retriever import metrics
-    from retriever.limits import AdaptiveLimit
     from twotower.second_stage import FEATURES, ArticleSignals, SecondStage, StageWeights
 
-    service, _, _ = shop
-    catalog = service.serving().catalog
     rng = np.random.default_rng(0)
     sales = pd.DataFrame(
         {
@@ -995,9 +988,57 @@ def test_an_overloaded_process_sheds_the_second_stage_before_requests(shop, capl
     )
     signals = ArticleSignals.count(sales, {str(i): i for i in range(N)}, N, pd.Timestamp("2020-09-20"))
     weights = StageWeights(np.zeros(len(FEATURES)), np.ones(len(FEATURES)), rng.normal(0, 1, len(FEATURES)), 0.0)
+    return SecondStage(signals, weights)
+
+
+def test_lists_the_second_stage_re_ranks_count_in_the_event_loops_budget(shop, monkeypatch) -> None:
+    """A batch of customers' lists whose searches fit the budget leaves the loop when their second stage does not."""
+    from retriever.limits import AdaptiveLimit
+
+    service, _, _ = shop
+    catalog = service.serving().catalog
+    handed_off: list[str] = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(function, *args, **kwargs):
+        handed_off.append(function.__name__)
+        return await real_to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    batch = [Query("customer_id", "alice", 5), Query("history", ["0000000003"], 5), Query("query", "red dress", 5)]
+    bought = [NOTHING_BOUGHT] * len(batch)
+    searches = catalog.rows_per_search * len(batch)
+    assert service._rows_scored(catalog, batch, bought) == searches  # no stage: the searches alone
+    catalog.second_stage = stand_in_stage()
+    staged = searches + 2 * service_module.STAGED_LIST_ROWS  # the customer's and the history's lists, not the text's
+    assert service._rows_scored(catalog, batch, bought) == staged
+    monkeypatch.setattr(service_module, "INLINE_SEARCH_ROWS", staged - 1)
+    with_stage = recommend(service, *batch)
+    assert handed_off == ["_rank"]
+    limit = AdaptiveLimit(ceiling=16, floor=4, target_s=0.025)  # shed under overload: the searches alone again
+    service.watch_load(limit)
+    while not limit.overloaded:
+        limit.record(0.2)
+    assert service._rows_scored(catalog, batch, bought) == searches
+    service.watch_load(AdaptiveLimit(ceiling=16, floor=4, target_s=0.025))
+    monkeypatch.setattr(service, "config", dataclasses.replace(service.config, second_stage=False))
+    assert service._rows_scored(catalog, batch, bought) == searches
+    assert recommend(service, *batch) != with_stage and handed_off == ["_rank"]  # first stage alone, on the loop
+
+
+def test_an_overloaded_process_sheds_the_second_stage_before_requests(shop, caplog) -> None:
+    """While the admission limit says overloaded, customers' and histories' lists rank by the first stage alone
+    (counted, one log line per STAGE_SHED_LOG_S); text queries never had the stage."""
+    import pickle
+
+    from retriever import metrics
+    from retriever.limits import AdaptiveLimit
+
+    service, _, _ = shop
+    catalog = service.serving().catalog
     queries = [Query("customer_id", "alice", 12), Query("history", [f"{i:010d}" for i in (3, 50, 51)], 12)]
     first_stage = recommend(service, *queries)
-    catalog.second_stage = SecondStage(signals, weights)
+    catalog.second_stage = stand_in_stage()
     staged = recommend(service, *queries)
     assert staged != first_stage  # the stage re-orders these lists
 
