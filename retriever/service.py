@@ -113,6 +113,11 @@ def check_settings(config: RetrieverConfig) -> None:
         )
 
 
+def _distinct_rows(rows: np.ndarray) -> int:
+    """How many articles a purchase list names, as ranking counts the rows it hides (a repeat counts once)."""
+    return len(rows) if len(rows) <= ranking.OVERFETCH_LIMIT else len(np.unique(rows[rows >= 0]))
+
+
 class RecommendationService:
     def __init__(self, config: RetrieverConfig, slot: IndexSlot, tokenizer: Tokenizer | None = None):
         check_settings(config)
@@ -266,7 +271,7 @@ class RecommendationService:
         (hybrid text), plus STAGED_LIST_ROWS for each list the second stage re-ranks."""
         passes = sum(
             not query.options.filters.empty
-            or (query.hides_bought and len(purchases[0]) > ranking.OVERFETCH_LIMIT)
+            or (query.hides_bought and _distinct_rows(purchases[0]) > ranking.OVERFETCH_LIMIT)
             or self._hybrid(catalog, query)
             for query, purchases in zip(queries, bought)
         )

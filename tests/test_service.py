@@ -881,6 +881,10 @@ def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(s
     with monkeypatch.context() as patched:
         patched.setattr(ranking, "OVERFETCH_LIMIT", 0)  # more purchases than a search overfetches: a mask
         assert recommend(service, hiding) == unbought and handed_off == ["_rank"] * 3
+    with monkeypatch.context() as patched:  # an article bought again counts once, as ranking hides it once
+        patched.setattr(ranking, "OVERFETCH_LIMIT", 2)
+        again = (np.asarray([3, 3, 3, 5]), np.zeros(4, dtype=np.float32))
+        assert service._rows_scored(catalog, [hiding], [again]) == catalog.rows_per_search
     with monkeypatch.context() as patched:  # a hybrid text query scores BM25 over every article
         patched.setattr(service, "_hybrid", lambda catalog, query: query.kind == "query")
         assert service._rows_scored(catalog, [text], [NOTHING_BOUGHT]) > service_module.INLINE_SEARCH_ROWS
