@@ -607,6 +607,10 @@ class Catalog:
         if self.item_bias is not None:
             scores += self.item_bias[rows] * self._weights(index_queries)[:, None]
         scores[~found] = -np.inf
+        if scores.shape[1] < k:  # fewer candidates than k (k past the index's rows): -1 rows after the last, as faiss
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            found, rows = np.pad(found, ((0, 0), (0, pad))), np.pad(rows, ((0, 0), (0, pad)))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.where(
             np.take_along_axis(found, order, 1), np.take_along_axis(rows, order, 1), -1
@@ -645,7 +649,9 @@ class Catalog:
         shown = self._shown.put(id(allowed), np.greater(allowed, self.excluded), allowed)
         summary, source = self._shown.summary(shown), self.filter_columns.summary(allowed)
         if summary is not None:  # its IVF lists counted from the filter's values, less the excluded (serving.ivf_lists)
-            summary.values, summary.without = source.values, self.excluded_rows
+            # `without` first: a search in another thread that finds `values` set counts the excluded out (review)
+            summary.without = self.excluded_rows
+            summary.values = source.values
         return shown
 
     def search_masked(

@@ -181,3 +181,19 @@ def test_compressed_indexes_rerank_within_the_gpus_k_limit(tmp_path: Path, fake_
     assert catalog.index.d == 144 and catalog.index.pq.M == 48 and catalog.gpu is not None
     odd = faiss.IndexIVFPQ(faiss.IndexFlatIP(129), 129, 4, 43, 8, faiss.METRIC_INNER_PRODUCT)
     assert "no 43-byte codes" in gpu_search.why_not_gpu(odd)
+
+
+@pytest.mark.parametrize("index_type", ["ivf-sq8", "ivf-pq-fastscan"])
+def test_a_re_ranked_search_for_more_rows_than_the_index_holds_pads_to_k(tmp_path: Path, index_type: str) -> None:
+    """[B, k] with -1 rows past the last result, as an uncompressed index answers (review: a compressed index
+    without rows scored beside it returned only its ntotal columns)."""
+    write_random_index(tmp_path / "v0001", index_type, ["A"] * 2000)  # no prior: no popular rows merged beside
+    catalog = Catalog(tmp_path / "v0001", exact_search_limit=100)
+    queries = np.random.default_rng(1).standard_normal((2, catalog.manifest.dim)).astype(np.float32)
+    scores, rows = catalog.search(queries, 2005)
+    assert rows.shape == scores.shape == (2, 2005)
+    assert (rows[:, :2000] >= 0).all() and (rows[:, 2000:] == -1).all() and np.isneginf(scores[:, 2000:]).all()
+    allowed = np.ones(2000, dtype=bool)
+    allowed[:500] = False
+    masked_scores, masked_rows = catalog.search_masked(queries[0], 2005, allowed)
+    assert masked_rows.shape == (2005,) and sorted(masked_rows[masked_rows >= 0].tolist()) == list(range(500, 2000))
