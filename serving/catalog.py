@@ -516,7 +516,8 @@ class Catalog:
         selector keeps faiss' nearest ones, as nearest_holding does (measured better for filters). The rows scored
         exactly beside the index (serving.exact_rows) are merged in, the ones `allowed_exact` (bool
         [len(exact_rows)]) allows."""
-        on_gpu = params is None and lists is None and self.gpu is not None
+        # More rows than faiss' GPU k-selection returns (GPU_MAX_K) come from the CPU index
+        on_gpu = params is None and lists is None and self.gpu is not None and k <= GPU_MAX_K
         if params is None and lists is None and not on_gpu and self.ivf_lists is not None:
             lists = (*self._ranked_lists(queries, self.ivf_nprobe), None)
 

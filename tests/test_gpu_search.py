@@ -90,6 +90,8 @@ def test_plain_searches_use_the_gpu_copy_and_filtered_ones_the_cpu_index(tmp_pat
     assert catalog.search_plan(few_hidden) == "overfetch"
     _, rows = catalog.search_masked(vectors[0], 10, few_hidden)
     assert copy.searches == 2 and not set(rows.tolist()) & set(range(5))  # overfetch is a plain search
+    _, rows = catalog.search(vectors[:1], gpu_search.GPU_MAX_K + 1)  # past the GPU's k-selection: the CPU index
+    assert copy.searches == 2 and rows.shape == (1, gpu_search.GPU_MAX_K + 1) and rows[0, 0] == 0
 
 
 def test_hnsw_stays_on_the_cpu(tmp_path: Path, fake_gpu) -> None:
