@@ -103,6 +103,15 @@ def test_index_types_search_inner_product() -> None:
     assert resolve_index_type("auto", 10) == "flat" and resolve_index_type("auto", 10**6) == "ivf"
 
 
+def test_hnsw_over_a_popularity_bias_warns(caplog: pytest.LogCaptureFixture) -> None:
+    vectors = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="export.index"):
+        build_faiss_index(vectors, "hnsw")
+        assert not caplog.records
+        build_faiss_index(vectors, "hnsw", np.ones(200, dtype=np.float32))
+    assert "finds the nearest articles poorly" in caplog.text
+
+
 def test_failed_index_write_leaves_nothing_behind(tmp_path: Path) -> None:
     out = tmp_path / "index"
     with pytest.raises(TypeError):
