@@ -145,7 +145,7 @@ def update_catalogue(
 ) -> UpdateSummary:
     """Write and publish the next index version on top of CURRENT; the parent is never modified. One writer of
     the root at a time: a concurrent update or export waits, then builds on what this one published."""
-    with artifacts.writer_lock(index_root):
+    with artifacts.writer_lock(artifacts.index_root(index_root)):  # checked first: nothing written elsewhere
         return _update(Path(index_root), embedder_for, articles_path, remove_ids)
 
 
@@ -164,7 +164,8 @@ def _update(
     remove_ids = list(dict.fromkeys(remove_ids or []))
     if (delta is None or delta.empty) and not remove_ids:
         raise ValueError("nothing to do: give an articles delta file and/or article_ids to remove")
-    unknown = [a for a in remove_ids if a not in parent.row_of]
+    added_ids = set() if delta is None else set(delta["article_id"])  # removed in the same update: the removal wins
+    unknown = [a for a in remove_ids if a not in parent.row_of and a not in added_ids]
     if unknown:
         raise ValueError(f"cannot remove unknown article_id(s): {unknown[:5]}")
 

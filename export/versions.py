@@ -25,15 +25,6 @@ from twotower import artifacts
 log = logging.getLogger("export.versions")
 
 
-def index_root(path: Path) -> Path:
-    """`path` if it is an index root (it has CURRENT); a clear error otherwise, before anything is written there."""
-    if (path / artifacts.MANIFEST_FILE).is_file():
-        raise artifacts.ArtifactError(f"{path} is an index version: pass its index root ({path.parent})")
-    if not (path / artifacts.CURRENT_FILE).is_file():
-        raise artifacts.ArtifactError(f"{path}: not an index root (no {artifacts.CURRENT_FILE})")
-    return path
-
-
 def _file_sizes(directory: Path) -> dict[tuple[int, int], int]:
     """(device, inode) -> size of every file under a version: hard links between versions are one file."""
     sizes = {}
@@ -86,7 +77,7 @@ def version_rows(root: Path) -> list[str]:
 def publish(root: Path, name: str, force: bool = False) -> str:
     """Point CURRENT at `name` once every file of it checks out and running retrievers can swap to it; returns
     the version CURRENT named before."""
-    with artifacts.writer_lock(index_root(root)):
+    with artifacts.writer_lock(artifacts.index_root(root)):
         if name not in artifacts.list_versions(root):
             raise artifacts.ArtifactError(f"{root / name}: not a complete index version of {root}")
         manifest = artifacts.read_manifest(root / name)
@@ -115,7 +106,7 @@ def publish(root: Path, name: str, force: bool = False) -> str:
 
 def prune(root: Path, keep: int) -> list[str]:
     """artifacts.prune_versions under the root's writer lock."""
-    with artifacts.writer_lock(index_root(root)):
+    with artifacts.writer_lock(artifacts.index_root(root)):
         return artifacts.prune_versions(root, keep)
 
 
@@ -141,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"published {args.publish} (was {previous}): retrievers watching {root} swap to it")
         elif args.prune is not None:
-            before = disk_bytes(_version_files(index_root(root)))
+            before = disk_bytes(_version_files(artifacts.index_root(root)))
             removed = prune(root, args.prune)
             freed = (before - disk_bytes(_version_files(root))) / 2**20
             print(f"removed {len(removed)} version(s): {', '.join(removed) or '-'} ({freed:,.1f} MiB freed)")

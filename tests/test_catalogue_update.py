@@ -602,6 +602,14 @@ def test_sharded_embedding_refuses_other_work_in_its_directory(tiny_pipeline, tm
     assert {"0999000001", "0999000002"} <= set(Catalog(root).row_of)
 
 
+def test_an_article_added_and_removed_in_one_update_is_not_shown(tiny_pipeline, tmp_path: Path) -> None:
+    root = copy_root(tiny_pipeline, tmp_path)
+    delta_file(tiny_pipeline, tmp_path / "delta.csv", ["0999000001", "0999000002"])
+    update_catalogue(root, embedder(tiny_pipeline), tmp_path / "delta.csv", remove_ids=["0999000002"])
+    catalog = Catalog(root)
+    assert not catalog.excluded[catalog.row_of["0999000001"]] and catalog.excluded[catalog.row_of["0999000002"]]
+
+
 def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Path) -> None:
     root = copy_root(tiny_pipeline, tmp_path)
     versions = artifacts.list_versions(root)
@@ -626,6 +634,15 @@ def test_update_refuses_bad_input_and_writes_nothing(tiny_pipeline, tmp_path: Pa
     with pytest.raises(SystemExit) as usage:  # new articles need the item tower
         update_main(["--index-dir", str(root), "--articles", str(bad)])
     assert usage.value.code == 2
+    version_dir = root / artifacts.current_version(root)  # a version given as the root: refused before any write
+    before = sorted(p.name for p in version_dir.iterdir())
+    with pytest.raises(artifacts.ArtifactError, match="is an index version: pass its index root"):
+        update_catalogue(version_dir, embedder(tiny_pipeline), remove_ids=["0108775015"])
+    assert sorted(p.name for p in version_dir.iterdir()) == before
+    one = tmp_path / "one.txt"
+    one.write_text("0108775015\n")
+    assert update_main(["--index-dir", str(tmp_path / "mistyped"), "--remove", str(one)]) == 2
+    assert not (tmp_path / "mistyped").exists()
     assert artifacts.list_versions(root) == versions
     # no staging directory left (the writers' lock file stays: it is how the next writer waits)
     assert not [

@@ -362,6 +362,16 @@ WRITER_LOCK_FILE = ".writer.lock"
 log = logging.getLogger("twotower.artifacts")
 
 
+def index_root(path: Path | str) -> Path:
+    """`path` if it is an index root (it has CURRENT); a clear error otherwise, before anything is written there."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file():
+        raise ArtifactError(f"{path} is an index version: pass its index root ({path.parent})")
+    if not (path / CURRENT_FILE).is_file():
+        raise ArtifactError(f"{path}: not an index root (no {CURRENT_FILE})")
+    return path
+
+
 @contextlib.contextmanager
 def writer_lock(root: Path | str) -> Iterator[None]:
     """One writer of an index root at a time (export, catalogue updates): an update reads CURRENT, builds on it
