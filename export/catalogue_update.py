@@ -37,6 +37,7 @@ from typing import Callable, Protocol
 
 import faiss
 import numpy as np
+import pandas as pd
 
 from export.catalogue_index import SharedParts, index_rows, item_metadata, new_version_dir, write_index_dir
 from serving import exact_rows
@@ -44,6 +45,7 @@ from serving.catalog import Catalog
 from twotower import artifacts, triton_repository
 from twotower.data.hm import build_captions, load_articles
 from twotower.files import RowBlocks
+from twotower.item_table import ItemTable
 
 log = logging.getLogger("export.update")
 
@@ -149,6 +151,22 @@ def update_catalogue(
         return _update(Path(index_root), embedder_for, articles_path, remove_ids)
 
 
+def carried_over(delta: pd.DataFrame, parent_items: ItemTable, replaced: np.ndarray) -> dict[str, list[str]]:
+    """The delta's metadata columns (twotower item columns, `price`), where a changed article (`replaced`: its parent
+    row, -1 for a new one) keeps its parent's value of every column the delta file does not have: a delta that fixes
+    descriptions must not wipe prices that export counted from sales. A new article gets "" there."""
+    metadata = item_metadata(delta)
+    changed = np.flatnonzero(replaced >= 0)
+    for name in parent_items:
+        if name in delta.columns or not len(changed):
+            continue
+        values = list(metadata.get(name, [""] * len(delta)))
+        for offset, value in zip(changed.tolist(), parent_items[name].take(replaced[changed])):
+            values[offset] = value
+        metadata[name] = values
+    return metadata
+
+
 def _update(
     index_root: Path,
     embedder_for: Callable[[artifacts.Manifest], ItemEmbedder],
@@ -190,7 +208,6 @@ def _update(
             if lexical.new_block() is not None:
                 unchanged.add(artifacts.LEXICAL_DIR)
         _check_vectors(new_vectors, len(delta), manifest.dim, articles_path)
-        items = parent.items.appended(item_metadata(delta), len(delta))  # "" where the delta lacks a column
         remap = np.arange(n_parent + len(delta), dtype=np.int64)
         new_bias = np.zeros(len(delta), dtype=np.float32)
         replaced = np.full(len(delta), -1, dtype=np.int64)
@@ -205,6 +222,7 @@ def _update(
                     new_bias[offset] = item_bias[old]
             else:
                 added += 1
+        items = parent.items.appended(carried_over(delta, parent.items, replaced), len(delta))
         if item_bias is not None:
             item_bias = np.concatenate([item_bias, new_bias])
         first = n_parent - manifest.unindexed_rows  # the first row the parent's index lacks

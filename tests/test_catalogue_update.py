@@ -98,6 +98,10 @@ def test_update_appends_a_new_version_and_leaves_the_parent_untouched(tiny_pipel
         after.row_of[changed_id] != old_changed_row
         and after.metadata([after.row_of[changed_id]])[0]["prod_name"] == "Edited name"
     )
+    # The delta has no price column: the changed article keeps the mean sale price export counted, a new one has none
+    sold_price = before.metadata([old_changed_row])[0]["price"]
+    assert sold_price and after.metadata([after.row_of[changed_id]])[0]["price"] == sold_price
+    assert "price" not in delta.columns and metadata["price"] == ""
     # The popularity prior: nobody has bought a new article yet; a changed one keeps its sales.
     assert after.item_bias is not None and after.index.d == after.manifest.dim + 1
     assert after.item_bias[new_row] == 0.0 and np.array_equal(
