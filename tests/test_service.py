@@ -848,16 +848,22 @@ def test_writes_and_admin_need_the_bearer_token_and_reads_do_not(tmp_path: Path)
         RecommendationService(dataclasses.replace(config, admin_token_file=str(tmp_path / "missing")), service.slot)
 
 
-def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(shop, monkeypatch) -> None:
-    service, _, _ = shop
-    handed_off: list[str] = []
+@pytest.fixture
+def handed_off(monkeypatch) -> list[str]:
+    """The names of the functions requests hand to a worker thread (asyncio.to_thread), in order."""
+    names: list[str] = []
     real_to_thread = asyncio.to_thread
 
     async def to_thread(function, *args, **kwargs):
-        handed_off.append(function.__name__)
+        names.append(function.__name__)
         return await real_to_thread(function, *args, **kwargs)
 
     monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    return names
+
+
+def test_searches_stay_on_the_event_loop_unless_a_request_scores_too_many_rows(shop, handed_off, monkeypatch) -> None:
+    service, _, _ = shop
     catalog = service.serving().catalog
     one = Query("customer_id", "alice", 5)
     red = Query("customer_id", "alice", 5, QueryOptions(Filters.parse({"colour": ["Red"]})))
@@ -995,20 +1001,12 @@ def stand_in_stage():
     return SecondStage(signals, weights)
 
 
-def test_lists_the_second_stage_re_ranks_count_in_the_event_loops_budget(shop, monkeypatch) -> None:
+def test_lists_the_second_stage_re_ranks_count_in_the_event_loops_budget(shop, handed_off, monkeypatch) -> None:
     """A batch of customers' lists whose searches fit the budget leaves the loop when their second stage does not."""
     from retriever.limits import AdaptiveLimit
 
     service, _, _ = shop
     catalog = service.serving().catalog
-    handed_off: list[str] = []
-    real_to_thread = asyncio.to_thread
-
-    async def to_thread(function, *args, **kwargs):
-        handed_off.append(function.__name__)
-        return await real_to_thread(function, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", to_thread)
     batch = [Query("customer_id", "alice", 5), Query("history", ["0000000003"], 5), Query("query", "red dress", 5)]
     bought = [NOTHING_BOUGHT] * len(batch)
     searches = catalog.rows_per_search * len(batch)
