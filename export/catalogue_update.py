@@ -152,9 +152,9 @@ def update_catalogue(
 
 
 def carried_over(delta: pd.DataFrame, parent_items: ItemTable, replaced: np.ndarray) -> dict[str, list[str]]:
-    """The delta's metadata columns (twotower item columns, `price`), where a changed article (`replaced`: its parent
-    row, -1 for a new one) keeps its parent's value of every column the delta file does not have: a delta that fixes
-    descriptions must not wipe prices that export counted from sales. A new article gets "" there."""
+    """The delta rows' metadata (item_metadata: the catalogue's columns and `price`), where a changed article
+    (`replaced`: its parent row, -1 for a new one) keeps its parent's value of every column the delta file does not
+    have: a delta that fixes descriptions must not wipe the prices export counted from sales. A new article gets ""."""
     metadata = item_metadata(delta)
     changed = np.flatnonzero(replaced >= 0)
     for name in parent_items:
