@@ -602,16 +602,14 @@ class Catalog:
         """The best k of each query's candidate rows [B, C] by their exact score, from the full vectors:
         [vector, bias] . [query, prior weight], the score the index approximates."""
         dim = self.manifest.dim
+        if candidates.shape[1] < k:  # fewer than k (k past the index's rows): -1 rows after the last, as faiss answers
+            candidates = np.pad(candidates, ((0, 0), (0, k - candidates.shape[1])), constant_values=-1)
         found = candidates >= 0
         rows = np.where(found, candidates, 0)
         scores = np.einsum("bcd,bd->bc", as_float32(self.vectors[rows]), index_queries[:, :dim])
         if self.item_bias is not None:
             scores += self.item_bias[rows] * self._weights(index_queries)[:, None]
         scores[~found] = -np.inf
-        if scores.shape[1] < k:  # fewer candidates than k (k past the index's rows): -1 rows after the last, as faiss
-            pad = k - scores.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-            found, rows = np.pad(found, ((0, 0), (0, pad))), np.pad(rows, ((0, 0), (0, pad)))
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.where(
             np.take_along_axis(found, order, 1), np.take_along_axis(rows, order, 1), -1
