@@ -201,6 +201,7 @@ def write_version(
     reference version, its towers' manifest fields, score head and known customers (whose history rows
     all fall inside the synthetic catalogue) come along, so its Triton model repository can serve it."""
     from export.catalogue_index import build_faiss_index, write_catalogue_only, write_index_dir
+    from export.pipeline import ExportOptions
 
     started = time.perf_counter()
     index = build_faiss_index(vectors, index_type, bias)
@@ -213,6 +214,7 @@ def write_version(
     manifest = artifacts.read_manifest(reference)
     own = {"dim", "metric", "item_count", "index_version", "files", "index_type", "data_source", "parent_version"}
     own.add("unindexed_rows")  # the reference's rows past its index (a catalogue update's): not this version's
+    own.add("ivf_probes")  # measured on this version's own lists, as export does
     fields = {k: v for k, v in dataclasses.asdict(manifest).items() if k not in own}
     fields.update(
         index_type=index_type, data_source=f"benchmarks.scale, towers of {reference}", vector_dtype=vector_dtype
@@ -221,7 +223,18 @@ def write_version(
         histories = {name: stored[name] for name in stored.files}
     head = artifacts.ScoreHeadWeights.from_json(json.loads((reference / artifacts.SCORE_HEAD_FILE).read_text()))
     signals = second_stage_signals(reference, len(vectors))
-    write_index_dir(directory, index, vectors, items, histories, head, fields, item_bias=bias, signals=signals)
+    write_index_dir(
+        directory,
+        index,
+        vectors,
+        items,
+        histories,
+        head,
+        fields,
+        item_bias=bias,
+        signals=signals,
+        ivf_recall_target=ExportOptions.ivf_recall_target,
+    )
     return seconds
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from serving.catalog import Catalog
 from serving.gpu_search import GPU_PQ_SUBQUANTIZERS
 from serving.lexical import LexicalIndex
+from serving.nprobe import calibrate_nprobe
 from twotower import artifacts, item_table, popularity
 from twotower.config import RetrieverConfig
 from twotower.data.histories import user_tower_inputs
@@ -222,12 +224,16 @@ def write_index_dir(
     lexical: LexicalIndex | None = None,
     signals: ArticleSignals | None = None,
     shared: SharedParts | None = None,
+    ivf_recall_target: float = 0.0,
 ) -> artifacts.Manifest:
     """Write one index version into a staging directory, checksum it, then rename it into place. `vectors` may be
     blocks of rows (a parent's memory-mapped vectors and an update's new rows), written one after the other. The
     parts `shared` names are linked from its parent instead of written (their arguments are then not read; `index`
     may be None when the index is one of them). When the vectors are shared, `vectors` are the rows after the
-    parent's (none for a removal), written as a block of their own (artifacts.VECTOR_BLOCKS_DIR)."""
+    parent's (none for a removal), written as a block of their own (artifacts.VECTOR_BLOCKS_DIR).
+    `ivf_recall_target` > 0: the IVF lists each served prior weight probes are measured on the version's stored
+    customers (serving.nprobe) before it is renamed into place; a catalogue update keeps its parent's
+    (`manifest_fields`: its rows past the index are scored exactly, its lists are the parent's)."""
     if out.exists():
         raise FileExistsError(f"{out} exists: index versions are immutable")
     vector_dtype = manifest_fields.get("vector_dtype", artifacts.Manifest.vector_dtype)
@@ -334,6 +340,11 @@ def write_index_dir(
             **{**manifest_fields, "vector_blocks": vector_blocks, "lexical_blocks": lexical_blocks},
         )
         artifacts.write_manifest(staging, manifest)
+        if ivf_recall_target > 0 and shared is None and manifest.index_type in artifacts.IVF_INDEX_TYPES:
+            probes = calibrate_nprobe(Catalog(staging, lexical=False, verify=False), ivf_recall_target)
+            if probes:
+                manifest = dataclasses.replace(manifest, ivf_probes=[setting.to_json() for setting in probes])
+                artifacts.write_manifest(staging, manifest)
     return manifest
 
 

@@ -143,6 +143,9 @@ class ExportOptions:
     # How vectors.npy stores the catalogue (artifacts.VECTOR_DTYPES): float16 halves what every read of the
     # vectors pages in, for catalogues whose float32 vectors would not stay in the pod's page cache (docs/scale.md)
     vector_dtype: str = "float32"
+    # An IVF index's lists probed per served prior weight: the fewest (of the retriever's nprobe x 1-4) at which
+    # 200 stored customers' lists find this share of their exact top 10 (serving.nprobe); 0 = the served nprobe
+    ivf_recall_target: float = 0.90
 
 
 def export_run(
@@ -262,6 +265,7 @@ def export_run(
             item_bias=item_bias,
             lexical=LexicalIndex.build(captions),
             signals=signals,
+            ivf_recall_target=options.ivf_recall_target,
         )
         # Models next, CURRENT last: a failure before leaves the repository and the served index untouched.
         # A retriever watching the root swaps only once Triton serves the version this index names.

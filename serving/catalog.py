@@ -21,7 +21,7 @@ import numpy as np
 from serving.exact_rows import ExactRows
 from serving.filters import FilterColumns, KeptMasks
 from serving.gpu_search import GPU_MAX_K, GpuIndex, gpu_copy
-from serving.ivf_lists import IvfLists, search_lists
+from serving.ivf_lists import IvfLists, ProbeSetting, search_lists
 from serving.lexical import LexicalIndex
 from twotower import artifacts, popularity, ranking, repeats
 from twotower.config import RetrieverConfig
@@ -195,6 +195,21 @@ class Catalog:
         self.exact_search_limit = exact_search_limit
         self.popularity_weight = popularity_weight
         self.manifest = artifacts.read_manifest(self.index_dir)
+        # The IVF lists a search at each prior weight probes, as export measured them on this version's customers
+        # (serving.nprobe; float32 keys: the weight as the index's queries carry it); ivf_nprobe stays the floor, and
+        # the weights that need no more than it are left out (H&M's: its searches take the one-nprobe path)
+        self.probes_by_weight = {
+            np.float32(setting.weight): setting.nprobe
+            for setting in map(ProbeSetting.from_json, self.manifest.ivf_probes)
+            if setting.nprobe > ivf_nprobe
+        }
+        if self.probes_by_weight:
+            log.info(
+                "%s: IVF lists probed at prior weight %s as export measured (%d at any other weight)",
+                self.index_dir,
+                ", ".join(f"{w:g}: {n}" for w, n in self.probes_by_weight.items()),
+                ivf_nprobe,
+            )
         checked = None if shares_with is None else (shares_with.index_dir, shares_with.manifest)
 
         def shared(part: str) -> bool:
@@ -225,7 +240,8 @@ class Catalog:
                 self.index.hnsw.efSearch = hnsw_ef_search
             if hasattr(self.index, "nprobe"):
                 self.index.nprobe = ivf_nprobe
-            self.gpu = gpu_copy(self.index, faiss_gpu, ivf_nprobe)
+            # One nprobe for the GPU copy's searches: the widest any weight was measured to need
+            self.gpu = gpu_copy(self.index, faiss_gpu, max([ivf_nprobe, *self.probes_by_weight.values()]))
             ivf_lists = None  # made once the version's parts are checked against each other, below
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         self.unweighted_rerank_factor = UNWEIGHTED_RERANK_FACTORS.get(self.manifest.index_type, 0)
@@ -358,7 +374,8 @@ class Catalog:
         if hasattr(self.index, "hnsw"):
             scanned = self.hnsw_ef_search * 32
         elif hasattr(self.index, "nprobe"):
-            probed = self.index.ntotal * min(1.0, self.ivf_nprobe / max(1, self.index.nlist))
+            widest = max([self.ivf_nprobe, *self.probes_by_weight.values()])
+            probed = self.index.ntotal * min(1.0, widest / max(1, self.index.nlist))
             # as a weighted search (text queries re-rank up to twice as many: ~1% more rows at 10M); 0 where the
             # index holds the vectors
             scanned = probed + self._rerank_candidates(TYPICAL_K)
@@ -519,7 +536,7 @@ class Catalog:
         # More rows than faiss' GPU k-selection returns (GPU_MAX_K) come from the CPU index
         on_gpu = params is None and lists is None and self.gpu is not None and k <= GPU_MAX_K
         if params is None and lists is None and not on_gpu and self.ivf_lists is not None:
-            lists = (*self._ranked_lists(queries, self.ivf_nprobe), None)
+            lists = (*self._ranked_lists(queries), None)
 
         def search(n: int) -> tuple[np.ndarray, np.ndarray]:
             if lists is not None:
@@ -540,12 +557,24 @@ class Catalog:
             return found
         return self.exact_rows.merged(found, queries, k, allowed_exact)
 
-    def _ranked_lists(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `nprobe` IVF lists an unfiltered search of `queries` (as the index takes them) probes, with their
-        centroids' scores: ranked by direction and this version's best prior per list (IvfLists.nearest)."""
+    def _ranked_lists(self, queries: np.ndarray, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The `nprobe` IVF lists (None: each query's `nprobe_at` its weight) an unfiltered search of `queries` (as
+        the index takes them) probes, with their centroids' scores: ranked by direction and this version's best
+        prior per list (IvfLists.nearest)."""
         assert self.ivf_lists is not None
         weights = None if self.list_priors is None else self._weights(queries)
-        return self.ivf_lists.nearest(queries, nprobe, self.list_priors, weights)
+        probes: int | np.ndarray = self.ivf_nprobe if nprobe is None else nprobe
+        if nprobe is None and self.probes_by_weight:
+            at = self._weights(queries) if self.item_bias is not None else np.zeros(len(queries), np.float32)
+            each = np.array([self.nprobe_at(w) for w in at], np.int64)
+            probes = int(each[0]) if (each == each[0]).all() else each  # one for the batch: faiss' usual search
+        return self.ivf_lists.nearest(queries, probes, self.list_priors, weights)
+
+    def nprobe_at(self, weight: float) -> int:
+        """The IVF lists a search at this prior weight probes: as export measured for it (`probes_by_weight`), at
+        least the served ivf_nprobe; the served one for a weight it did not measure (text queries, an operator's
+        --popularity-weight)."""
+        return max(self.ivf_nprobe, self.probes_by_weight.get(np.float32(weight), 0))
 
     def _available_rows(self) -> tuple[np.ndarray, Any, Any] | None:
         """(bitmap of the rows not excluded, its selector, search parameters selecting them), as a masked search of
@@ -566,11 +595,12 @@ class Catalog:
             return bitmap, selector, faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         return bitmap, selector, self._selector_params(plan, selector, n_available / len(self.excluded))
 
-    def _selector_params(self, plan: str, selector: Any, selectivity: float) -> Any:
+    def _selector_params(self, plan: str, selector: Any, selectivity: float, nprobe: int | None = None) -> Any:
         """Search parameters restricted to `selector`'s rows (a share `selectivity` of all), widened as fewer rows
         are allowed. The selector is given to the constructor, and the caller keeps it: some faiss releases keep a
         reference to constructor arguments only, so a selector assigned as `params.sel = ...` could be freed while
-        the search reads it (1.15.1, installed here, protects both)."""
+        the search reads it (1.15.1, installed here, protects both). An IVF search widens `nprobe` (None: the
+        served ivf_nprobe)."""
         if plan == "hnsw+selector":
             # A restricted walk needs a wider beam: efSearch / selectivity^2 (measured on H&M: 1/selectivity gave
             # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
@@ -579,7 +609,7 @@ class Catalog:
         # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search;
         # past MAX_FILTERED_PROBE_FACTOR the nearest lists already hold the allowed rows that rank.
         widen = min(1.0 / selectivity, MAX_FILTERED_PROBE_FACTOR)
-        nprobe = int(min(self.index.nlist, np.ceil(self.ivf_nprobe * widen)))
+        nprobe = int(min(self.index.nlist, np.ceil((nprobe or self.ivf_nprobe) * widen)))
         return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
 
     def _weights(self, index_queries: np.ndarray) -> np.ndarray:
@@ -690,12 +720,12 @@ class Catalog:
             lists = self.ivf_lists.nearest_holding(
                 index_query,
                 self.ivf_lists.allowed_per_list(allowed, summary),
-                int(FILTERED_ROWS_FACTOR * self.ivf_nprobe * self.ivf_lists.rows_per_list),
-                int(min(self.ivf_lists.nlist, self.ivf_nprobe * MAX_FILTERED_PROBE_FACTOR)),
+                int(FILTERED_ROWS_FACTOR * self.nprobe_at(prior) * self.ivf_lists.rows_per_list),
+                int(min(self.ivf_lists.nlist, self.nprobe_at(prior) * MAX_FILTERED_PROBE_FACTOR)),
             )
             found_similarities, found_rows = self._top_k(index_query, k, None, exact, (*lists, selector))
         else:
-            params = self._selector_params(plan, selector, n_allowed / len(allowed))
+            params = self._selector_params(plan, selector, n_allowed / len(allowed), self.nprobe_at(prior))
             found_similarities, found_rows = self._top_k(index_query, k, params, exact)
         return found_similarities[0], found_rows[0]
 

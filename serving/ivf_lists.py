@@ -20,6 +20,7 @@ popular rows scored exactly (serving.exact_rows). Numpy and faiss only.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections import OrderedDict
@@ -33,6 +34,22 @@ from serving.filters import MaskSummary
 # Metadata columns' tables kept per index (a version filters by ~6 columns; a swap brings new ones): at 10M rows and
 # 12,649 lists 2.4 MiB for 50 colours, 6.3 MiB for 130 product types
 TABLES_KEPT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSetting:
+    """The nprobe of the lists searched at one prior weight, and the recall@10 it measured."""
+
+    weight: float
+    nprobe: int
+    recall: float
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, float]) -> "ProbeSetting":
+        return cls(float(raw["weight"]), int(raw["nprobe"]), float(raw["recall"]))
 
 
 class IvfLists:
@@ -115,19 +132,33 @@ class IvfLists:
         return best
 
     def nearest(
-        self, queries: np.ndarray, nprobe: int, best_prior: np.ndarray | None = None, weights: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        nprobe: int | np.ndarray,
+        best_prior: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(lists int64 [B, P], their centroids' scores float32 [B, P]): the `nprobe` best-ranked lists of each of
-        `queries` [B, d] (as the index takes them), for `search_lists`. A list ranks by its centroid's score, + the
-        query's prior weight (`weights`, float [B]) x the list's `best_prior` (`best_priors`) where both are given;
-        faiss is given the centroid scores (an IVF-PQ adds its codes' scores to them)."""
+        """(lists int64 [B, P], their centroids' scores float32 [B, P]): the `nprobe` (one, or int [B]: one per
+        query, the rest of a row -1, which faiss skips) best-ranked lists of each of `queries` [B, d] (as the index
+        takes them), for `search_lists`. A list ranks by its centroid's score, + the query's prior weight
+        (`weights`, float [B]) x the list's `best_prior` (`best_priors`) where both are given; faiss is given the
+        centroid scores (an IVF-PQ adds its codes' scores to them)."""
         scores = queries @ self.centroids.T
         key = scores
         if best_prior is not None and weights is not None:
             key = scores + weights[:, None] * best_prior
-        nprobe = min(nprobe, self.nlist)
-        best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
-        return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)
+        if isinstance(nprobe, (int, np.integer)):  # one for the batch (no measured nprobe: 30 us less a search)
+            nprobe = min(int(nprobe), self.nlist)
+            best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
+            return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)
+        probes = np.minimum(np.asarray(nprobe, np.int64), self.nlist)
+        lists = np.full((len(queries), int(probes.max(initial=1))), -1, np.int64)
+        for n in np.unique(probes):  # one pass per distinct nprobe: a batch holds one or two
+            rows = np.flatnonzero(probes == n)
+            part = key[rows]
+            best = np.argpartition(-part, n - 1, axis=1)[:, :n] if n < self.nlist else np.argsort(-part, 1)
+            lists[rows, :n] = best
+        return lists, np.take_along_axis(scores, np.maximum(lists, 0), 1).astype(np.float32)
 
     def nearest_holding(
         self, query: np.ndarray, allowed_per_list: np.ndarray, allowed_rows: int, max_lists: int

@@ -146,6 +146,9 @@ class Manifest:
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
     query_model: str = ""  # the model text queries go through: "" = the item tower (no distilled query tower)
+    # IVF lists to probe per prior weight, measured on the version's stored customers when it was written
+    # (serving.nprobe.ProbeSetting's fields); [] = the retriever's --ivf-nprobe for every search
+    ivf_probes: list[dict[str, float]] = dataclasses.field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -160,7 +163,7 @@ def vector_files(manifest: Manifest) -> list[str]:
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:
     raw = dataclasses.asdict(manifest)
-    for field in ("vector_blocks", "lexical_blocks", "unindexed_rows"):
+    for field in ("vector_blocks", "lexical_blocks", "unindexed_rows", "ivf_probes"):
         if not raw[field]:  # a version without them stays readable by a retriever from before them
             del raw[field]
     write_json(index_dir / MANIFEST_FILE, raw)
