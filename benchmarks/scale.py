@@ -72,6 +72,7 @@ class Reference:
             self.items = ItemTable.from_columns({"article_id": [str(i) for i in range(len(groups))],
                                                  "product_group_name": groups})  # fmt: skip
             self.users, self.prior_weight = _unit(rng.standard_normal((QUERIES, dim)).astype(np.float32)), 0.0
+            self.discovery_weight = 0.0
             return
         from serving.catalog import Catalog
 
@@ -105,6 +106,7 @@ class Reference:
         else:
             self.users = _unit(vectors[rng.choice(len(vectors), QUERIES)] + 0.1)
         self.prior_weight = catalog.prior_weight
+        self.discovery_weight = catalog.prior_weight_for(exclude_bought=True)  # lists without the own articles
 
     def text_vectors(self, repository: Path | None) -> np.ndarray | None:
         """Text queries as served: QUERIES of the bench's shopper phrases from the reference catalogue
@@ -271,9 +273,12 @@ def measure_version(
     prior: float,
     exact: dict[str, np.ndarray],
     texts: tuple[np.ndarray, np.ndarray] | None = None,
+    discovery: tuple[float, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """In a child process: load the Catalog as the retriever does, search as it does, report memory. `texts`:
-    text queries' vectors and their exact top 10 (without the prior)."""
+    text queries' vectors and their exact top 10 (without the prior). `discovery`: the prior weight of lists without
+    the customer's own articles and the users' exact top 10 at it (the IVF lists probed are the version's own for
+    that weight, serving.nprobe)."""
     faiss.omp_set_num_threads(1)  # one request's search, as the retriever runs it
     from serving.catalog import Catalog
     from serving.filters import Filters
@@ -309,6 +314,15 @@ def measure_version(
                 "p50_ms": 1000 * float(np.percentile(more_seconds, 50)),
             }
         catalog.rerank_factor, catalog.rerank_max_candidates = served_factor, served_cap
+    if discovery is not None:
+        weight, truth = discovery
+        discovery_seconds, discovery_found = _search_each(catalog, users, weight)
+        result["discovery"] = {
+            "weight": weight,
+            "nprobe": catalog.nprobe_at(weight),
+            "recall_at_10": _recall(np.stack(discovery_found), truth),
+            "p50_ms": 1000 * float(np.percentile(discovery_seconds, 50)),
+        }
     if texts is not None:
         text_seconds, text_found = _search_each(catalog, texts[0], 0.0)
         result["text"] = {
@@ -619,12 +633,16 @@ def run(
                     vectors, bias, reference.users[:100], reference.prior_weight, allowed
                 )
         texts = None if text_vectors is None else (text_vectors, exact_top10(vectors, bias, text_vectors, 0.0))
+        discovery = None
+        if reference.discovery_weight != reference.prior_weight:
+            weight = reference.discovery_weight
+            discovery = (weight, exact_top10(vectors, bias, reference.users, weight))
         for index_type in index_types:
             directory = work_n / index_type
             build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir, vector_dtype)
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as child:
                 measured = child.submit(
-                    measure_version, str(directory), reference.users, reference.prior_weight, exact, texts
+                    measure_version, str(directory), reference.users, reference.prior_weight, exact, texts, discovery
                 ).result()
             row = {
                 "articles": n,
@@ -674,9 +692,10 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
         "| articles | index | build s | index MiB | load s | anon MiB | file MiB | anon, two versions |"
         " recall@10 | p50 ms | p99 ms | more re-ranked: k x factor recall@10 / p50 ms"
         " | text queries: recall@10 / p50 / p99 ms | filtered: share / path / recall@10 / p99 ms"
+        " | discovery lists: prior weight, nprobe, recall@10 / p50 ms"
         " | served: QPS, p50 / p99 ms, errors | served: retriever anon / file MiB | served: retriever flags"
         " | served under a memory limit: limit / peak MiB, OOM kills, major faults; cold first run p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["memory_before"]["anon_mib"]
@@ -689,7 +708,8 @@ def report(rows: list[dict[str, Any]], source: str, out: Path, command: str) -> 
             f"| {r['load_s']:.1f} "
             f"| {r['memory_searched']['anon_mib'] - base:.0f} | {r['memory_searched']['file_mib']:.0f} "
             f"| {r['memory_two_versions']['anon_mib'] - base:.0f} | {r['recall_at_10']:.3f} | {r['p50_ms']:.2f} "
-            f"| {r['p99_ms']:.2f} | {_reranked(r)} | {_text(r)} | {filtered} | {_served(r.get('served'))} |"
+            f"| {r['p99_ms']:.2f} | {_reranked(r)} | {_text(r)} | {filtered} | {_discovery(r)} "
+            f"| {_served(r.get('served'))} |"
         )
     lines += _hot_swap_table(rows)
     lines += ["", f"Command: `{command}`", ""]
@@ -759,6 +779,14 @@ def _reranked(row: dict[str, Any]) -> str:
     """Rows measured before the re-rank sweep have no such column: '-', as for uncompressed types."""
     more = row.get("rerank") or {}
     return "; ".join(f"x{f}: {m['recall_at_10']:.3f} / {m['p50_ms']:.2f}" for f, m in more.items()) or "-"
+
+
+def _discovery(row: dict[str, Any]) -> str:
+    """Rows measured before discovery lists were (2026-12-02), or whose reference has one weight, have '-'."""
+    found = row.get("discovery")
+    if not found:
+        return "-"
+    return f"{found['weight']:g}, {found['nprobe']}, {found['recall_at_10']:.3f} / {found['p50_ms']:.2f}"
 
 
 def _text(row: dict[str, Any]) -> str:

@@ -341,7 +341,11 @@ def write_index_dir(
         )
         artifacts.write_manifest(staging, manifest)
         if ivf_recall_target > 0 and shared is None and manifest.index_type in artifacts.IVF_INDEX_TYPES:
-            probes = calibrate_nprobe(Catalog(staging, lexical=False, verify=False), ivf_recall_target)
+            catalog = Catalog(staging, lexical=False, verify=False)
+            # Only the weights that need more lists than the served nprobe: a manifest with none stays readable by
+            # a retriever from before the field (H&M's: 128 lists reach 0.997-1.000)
+            probes = [s for s in calibrate_nprobe(catalog, ivf_recall_target) if s.nprobe > catalog.ivf_nprobe]
+            del catalog
             if probes:
                 manifest = dataclasses.replace(manifest, ivf_probes=[setting.to_json() for setting in probes])
                 artifacts.write_manifest(staging, manifest)

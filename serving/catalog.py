@@ -115,6 +115,13 @@ def _drop_rows(similarities: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k
     return out_similarities, out_rows
 
 
+def _widening(selectivity: float) -> float:
+    """How many times more IVF lists a search restricted to this share of the rows probes. Probing 1/selectivity times
+    more lists scans about as many allowed rows as an unfiltered search; past MAX_FILTERED_PROBE_FACTOR the nearest
+    lists already hold the allowed rows that rank."""
+    return min(1.0 / selectivity, MAX_FILTERED_PROBE_FACTOR)
+
+
 def as_float32(rows: np.ndarray) -> np.ndarray:
     """Gathered vector rows in float32: float16 ones decoded by faiss' SIMD decoder, not numpy's scalar cast (2,400 x
     128, one thread: 0.33 instead of 0.60 ms; the re-rank's product after it 0.35 ms against 0.67 in float16)."""
@@ -510,10 +517,10 @@ class Catalog:
             shown = None if self.exact_rows is None else ~self.excluded[self.exact_rows.ids]
             if self.ivf_lists is None:
                 return self._top_k(index_queries, k, params, shown)
-            # Every available row: the lists ranked as an unfiltered search ranks them, at the selector's nprobe
-            return self._top_k(
-                index_queries, k, None, shown, (*self._ranked_lists(index_queries, params.nprobe), selector)
-            )
+            # Every available row: the lists ranked as an unfiltered search ranks them, each query's nprobe widened as
+            # the selector's is (review: the selector's own nprobe left out the lists measured for a weight)
+            widen = _widening(1.0 - self.n_excluded / len(self.excluded))
+            return self._top_k(index_queries, k, None, shown, (*self._ranked_lists(index_queries, widen), selector))
         everything = np.ones(len(self.excluded), dtype=bool)
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))
         results = [self.search_masked(q, k, everything, float(w)) for q, w in zip(queries, priors)]
@@ -557,18 +564,21 @@ class Catalog:
             return found
         return self.exact_rows.merged(found, queries, k, allowed_exact)
 
-    def _ranked_lists(self, queries: np.ndarray, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The `nprobe` IVF lists (None: each query's `nprobe_at` its weight) an unfiltered search of `queries` (as
-        the index takes them) probes, with their centroids' scores: ranked by direction and this version's best
-        prior per list (IvfLists.nearest)."""
+    def _ranked_lists(self, queries: np.ndarray, widen: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF lists an unfiltered search of `queries` (as the index takes them) probes, each query's `nprobe_at`
+        its weight x `widen`, with their centroids' scores: ranked by direction and this version's best prior per
+        list (IvfLists.nearest)."""
         assert self.ivf_lists is not None
         weights = None if self.list_priors is None else self._weights(queries)
-        probes: int | np.ndarray = self.ivf_nprobe if nprobe is None else nprobe
-        if nprobe is None and self.probes_by_weight:
+        probes: int | np.ndarray = self._widened(self.ivf_nprobe, widen)
+        if self.probes_by_weight:
             at = self._weights(queries) if self.item_bias is not None else np.zeros(len(queries), np.float32)
-            each = np.array([self.nprobe_at(w) for w in at], np.int64)
+            each = np.array([self._widened(self.nprobe_at(w), widen) for w in at], np.int64)
             probes = int(each[0]) if (each == each[0]).all() else each  # one for the batch: faiss' usual search
         return self.ivf_lists.nearest(queries, probes, self.list_priors, weights)
+
+    def _widened(self, nprobe: int, widen: float) -> int:
+        return int(min(self.index.nlist, np.ceil(nprobe * widen)))
 
     def nprobe_at(self, weight: float) -> int:
         """The IVF lists a search at this prior weight probes: as export measured for it (`probes_by_weight`), at
@@ -606,10 +616,7 @@ class Catalog:
             # recall@10 0.94 at 40% selectivity, this 0.97+; docs/filters.md).
             ef = int(min(MAX_FILTERED_EF, np.ceil(self.hnsw_ef_search / selectivity**2)))
             return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
-        # Probing 1/selectivity times more lists scans about as many allowed rows as an unfiltered search;
-        # past MAX_FILTERED_PROBE_FACTOR the nearest lists already hold the allowed rows that rank.
-        widen = min(1.0 / selectivity, MAX_FILTERED_PROBE_FACTOR)
-        nprobe = int(min(self.index.nlist, np.ceil((nprobe or self.ivf_nprobe) * widen)))
+        nprobe = self._widened(nprobe or self.ivf_nprobe, _widening(selectivity))
         return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
 
     def _weights(self, index_queries: np.ndarray) -> np.ndarray:

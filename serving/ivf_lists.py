@@ -151,7 +151,7 @@ class IvfLists:
             nprobe = min(int(nprobe), self.nlist)
             best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
             return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)
-        probes = np.minimum(np.asarray(nprobe, np.int64), self.nlist)
+        probes = np.minimum(np.broadcast_to(np.asarray(nprobe, np.int64), (len(queries),)), self.nlist)
         lists = np.full((len(queries), int(probes.max(initial=1))), -1, np.int64)
         for n in np.unique(probes):  # one pass per distinct nprobe: a batch holds one or two
             rows = np.flatnonzero(probes == n)

@@ -6,8 +6,9 @@ One served nprobe fits one catalogue and one prior weight: at 10M synthetic arti
 ranking favours) 0.810; 192 lists brought those to 0.903 for +0.4 ms a search. On H&M 128 lists already give both
 0.997-0.999. So export measures, for each weight a customer's list is searched at, the smallest nprobe (of the
 served one times NPROBE_FACTORS) at which its stored customers' top 10 reach a recall target against exact
-search, and the manifest carries it (`Manifest.ivf_probes`). The served nprobe stays the floor: a calibration only
-widens, so the second stage's pool, deeper than 10, never loses rows it had.
+search; the manifest carries those above the served one (`Manifest.ivf_probes`, written by
+export.catalogue_index). The served nprobe stays the floor: a calibration only widens, so the second stage's pool,
+deeper than 10, never loses rows it had.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def calibrate_nprobe(
     NPROBE_FACTORS at which `customers` of the version's stored customers (their export-time vectors, drawn at
     random) find `target` of their exact top 10; where none does, the widest. [] for an index without IVF lists
     or a version without stored customers' vectors."""
+    if catalog.gpu is not None:  # its searches probe the copy's one nprobe, whatever is tried here
+        raise ValueError("nprobe is measured on a catalogue searched on the CPU (faiss_gpu off)")
     vectors = catalog.customer_vectors
     if catalog.ivf_lists is None or vectors is None:
         return []
