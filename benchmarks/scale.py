@@ -175,19 +175,11 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior: float, allowed=None) -> np.ndarray:
-    """Exact top-10 rows per user by cosine + prior * bias (chunked: the catalogue may not fit twice)."""
-    best_scores = np.full((len(users), 10), -np.inf, np.float32)
-    best_rows = np.zeros((len(users), 10), np.int64)
-    for start in range(0, len(vectors), CHUNK):
-        scores = users @ np.asarray(vectors[start : start + CHUNK]).T + prior * bias[start : start + CHUNK]
-        if allowed is not None:
-            scores[:, ~allowed[start : start + CHUNK]] = -np.inf
-        rows = np.argpartition(-scores, 10, axis=1)[:, :10]
-        merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, rows, 1)], axis=1)
-        merged_rows = np.concatenate([best_rows, rows + start], axis=1)
-        order = np.argsort(-merged_scores, axis=1)[:, :10]
-        best_scores, best_rows = np.take_along_axis(merged_scores, order, 1), np.take_along_axis(merged_rows, order, 1)
-    return best_rows
+    """Exact top-10 rows per user by cosine + prior * bias among the `allowed` rows (serving.nprobe's, chunked: the
+    catalogue may not fit twice)."""
+    from serving.nprobe import exact_top_k
+
+    return exact_top_k(vectors, bias, np.asarray(users, np.float32), [prior], 10, allowed)[prior]
 
 
 def write_version(

@@ -22,6 +22,7 @@ import numpy as np
 from serving.catalog import Catalog, as_float32
 from serving.ivf_lists import ProbeSetting
 from twotower import popularity
+from twotower.files import VectorRows
 
 log = logging.getLogger("serving.nprobe")
 
@@ -36,26 +37,32 @@ def served_weights(catalog: Catalog) -> list[float]:
     return sorted({catalog.prior_weight_for(False), catalog.prior_weight_for(True)})
 
 
-def exact_top_k(catalog: Catalog, queries: np.ndarray, weights: list[float], k: int) -> dict[float, np.ndarray]:
-    """Each weight's exact top-k rows [B, k] among the rows the version shows, by the score every search ranks
-    by ([vector, bias] . [query, weight]); faiss' exact k-selection over a chunk of rows at a time (at 10M rows
+def exact_top_k(
+    vectors: VectorRows,
+    bias: np.ndarray | None,
+    queries: np.ndarray,
+    weights: list[float],
+    k: int,
+    shown: np.ndarray | None = None,
+) -> dict[float, np.ndarray]:
+    """Each weight's exact top-k rows [B, k] among the rows `shown` (bool [N]; None: all), by the score every search
+    ranks by ([vector, bias] . [query, weight]); faiss' exact k-selection over a chunk of rows at a time (at 10M rows
     numpy's argpartition over every score took most of a 2-3 minute calibration)."""
-    n = len(catalog.excluded)
+    n = len(vectors)
     best: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     for start in range(0, n, TRUTH_CHUNK_ROWS):
         rows: slice | np.ndarray = slice(start, min(n, start + TRUTH_CHUNK_ROWS))
-        hidden = catalog.excluded[rows]
-        if hidden.any():
-            rows = np.flatnonzero(~hidden) + start
+        if shown is not None and not shown[rows].all():
+            rows = np.flatnonzero(shown[rows]) + start
         ids = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
         if not len(ids):
             continue
-        block = as_float32(np.asarray(catalog.vectors[rows]))
-        if catalog.item_bias is not None:
-            block = np.hstack([block, np.asarray(catalog.item_bias[rows], np.float32)[:, None]])
+        block = as_float32(np.asarray(vectors[rows]))
+        if bias is not None:
+            block = np.hstack([block, np.asarray(bias[rows], np.float32)[:, None]])
         block = np.ascontiguousarray(block, dtype=np.float32)
         for weight in weights:
-            query = queries if catalog.item_bias is None else popularity.with_weight(queries, weight)
+            query = queries if bias is None else popularity.with_weight(queries, weight)
             scores, found = faiss.knn(query, block, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
             merged = (scores, ids[found])
             if weight in best:  # with the chunks before
@@ -90,7 +97,7 @@ def calibrate_nprobe(
     rng = np.random.default_rng(seed)
     users = np.asarray(vectors[np.sort(rng.choice(finite, min(customers, len(finite)), replace=False))], np.float32)
     weights = served_weights(catalog)
-    truth = exact_top_k(catalog, users, weights, CALIBRATION_K)
+    truth = exact_top_k(catalog.vectors, catalog.item_bias, users, weights, CALIBRATION_K, ~catalog.excluded)
     base, nlist = catalog.ivf_nprobe, catalog.ivf_lists.nlist
     candidates = sorted({min(nlist, int(round(base * factor))) for factor in NPROBE_FACTORS})
     settings = []

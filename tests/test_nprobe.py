@@ -11,6 +11,7 @@ import pytest
 
 from export.catalogue_index import build_faiss_index, write_index_dir
 from export.catalogue_update import update_catalogue
+from serving import nprobe
 from serving.catalog import Catalog
 from serving.ivf_lists import IvfLists
 from serving.nprobe import CALIBRATION_K, NPROBE_FACTORS, calibrate_nprobe, exact_top_k, recall
@@ -80,7 +81,7 @@ def test_export_records_the_fewest_lists_that_reach_the_target_where_the_served_
         catalog.ivf_nprobe = nprobe
         return recall(catalog.search(users, CALIBRATION_K, weight)[1], truth[weight])
 
-    truth = exact_top_k(catalog, np.asarray(users), [PRIOR, DISCOVERY_PRIOR], CALIBRATION_K)
+    truth = exact_top_k(catalog.vectors, catalog.item_bias, np.asarray(users), [PRIOR, DISCOVERY_PRIOR], CALIBRATION_K)
     for weight in (PRIOR, DISCOVERY_PRIOR):
         if weight not in recorded:  # the served lists reach the target: nothing written
             assert measured(base, weight) >= 1.0
@@ -167,3 +168,18 @@ def test_lists_ranked_at_one_nprobe_per_query_are_the_best_of_each_then_none():
     assert same.shape == (6, 7) and all(
         set(a) == set(np.argsort(-(lists.centroids @ q))[:7]) for a, q in zip(same, queries)
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_exact_top_k_is_every_shown_rows_score_sorted(monkeypatch, dtype):
+    monkeypatch.setattr(nprobe, "TRUTH_CHUNK_ROWS", 37)  # chunks, some with fewer shown rows than k
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng.standard_normal((500, DIM))).astype(dtype)
+    bias = rng.random(500).astype(np.float32)
+    queries = _unit(rng.standard_normal((5, DIM)))
+    shown = rng.random(500) < 0.3
+    truth = exact_top_k(vectors, bias, queries, [0.0, 0.3], 10, shown)
+    for weight, rows in truth.items():
+        scores = queries @ vectors.astype(np.float32).T + weight * bias
+        scores[:, ~shown] = -np.inf
+        assert np.array_equal(rows, np.argsort(-scores, axis=1, kind="stable")[:, :10])
