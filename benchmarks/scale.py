@@ -311,7 +311,7 @@ def measure_version(
         discovery_seconds, discovery_found = _search_each(catalog, users, weight)
         result["discovery"] = {
             "weight": weight,
-            "nprobe": catalog.nprobe_at(weight),
+            "nprobe": catalog.nprobe_at(weight) if catalog.ivf_lists is not None else None,  # flat, HNSW: none
             "recall_at_10": _recall(np.stack(discovery_found), truth),
             "p50_ms": 1000 * float(np.percentile(discovery_seconds, 50)),
         }
@@ -778,7 +778,8 @@ def _discovery(row: dict[str, Any]) -> str:
     found = row.get("discovery")
     if not found:
         return "-"
-    return f"{found['weight']:g}, {found['nprobe']}, {found['recall_at_10']:.3f} / {found['p50_ms']:.2f}"
+    nprobe = "-" if found["nprobe"] is None else found["nprobe"]
+    return f"{found['weight']:g}, {nprobe}, {found['recall_at_10']:.3f} / {found['p50_ms']:.2f}"
 
 
 def _text(row: dict[str, Any]) -> str:

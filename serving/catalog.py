@@ -519,7 +519,7 @@ class Catalog:
                 return self._top_k(index_queries, k, params, shown)
             # Every available row: the lists ranked as an unfiltered search ranks them, each query's nprobe widened as
             # the selector's is (review: the selector's own nprobe left out the lists measured for a weight)
-            widen = _widening(1.0 - self.n_excluded / len(self.excluded))
+            widen = _widening((len(self.excluded) - self.n_excluded) / len(self.excluded))  # the selector's, to the bit
             return self._top_k(index_queries, k, None, shown, (*self._ranked_lists(index_queries, widen), selector))
         everything = np.ones(len(self.excluded), dtype=bool)
         priors = np.broadcast_to(np.asarray(prior, dtype=np.float32), (len(queries),))

@@ -45,11 +45,14 @@ def exact_top_k(
     k: int,
     shown: np.ndarray | None = None,
 ) -> dict[float, np.ndarray]:
-    """Each weight's exact top-k rows [B, k] among the rows `shown` (bool [N]; None: all), by the score every search
-    ranks by ([vector, bias] . [query, weight]); faiss' exact k-selection over a chunk of rows at a time (at 10M rows
-    numpy's argpartition over every score took most of a 2-3 minute calibration)."""
+    """Each weight's exact top-k rows [B, k] (fewer columns where fewer rows are shown) among the rows `shown` (bool
+    [N]; None: all), by the score every search ranks by ([vector, bias] . [query, weight]); faiss' exact k-selection
+    over a chunk of rows at a time (at 10M rows numpy's argpartition over every score took most of a 2-3 minute
+    calibration)."""
     n = len(vectors)
-    best: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    weights = list(dict.fromkeys(weights))  # a weight twice would merge its chunks with themselves
+    none = np.zeros((len(queries), 0), np.int64)
+    best: dict[float, tuple[np.ndarray, np.ndarray]] = {weight: (none.astype(np.float32), none) for weight in weights}
     for start in range(0, n, TRUTH_CHUNK_ROWS):
         rows: slice | np.ndarray = slice(start, min(n, start + TRUTH_CHUNK_ROWS))
         if shown is not None and not shown[rows].all():
@@ -64,12 +67,10 @@ def exact_top_k(
         for weight in weights:
             query = queries if bias is None else popularity.with_weight(queries, weight)
             scores, found = faiss.knn(query, block, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
-            merged = (scores, ids[found])
-            if weight in best:  # with the chunks before
-                merged = (np.hstack([best[weight][0], scores]), np.hstack([best[weight][1], ids[found]]))
-                keep = np.argsort(-merged[0], axis=1, kind="stable")[:, :k]
-                merged = (np.take_along_axis(merged[0], keep, 1), np.take_along_axis(merged[1], keep, 1))
-            best[weight] = merged
+            # with the chunks before
+            merged = (np.hstack([best[weight][0], scores]), np.hstack([best[weight][1], ids[found]]))
+            keep = np.argsort(-merged[0], axis=1, kind="stable")[:, :k]
+            best[weight] = (np.take_along_axis(merged[0], keep, 1), np.take_along_axis(merged[1], keep, 1))
     return {weight: rows for weight, (_, rows) in best.items()}
 
 

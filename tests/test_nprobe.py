@@ -183,3 +183,6 @@ def test_the_exact_top_k_is_every_shown_rows_score_sorted(monkeypatch, dtype):
         scores = queries @ vectors.astype(np.float32).T + weight * bias
         scores[:, ~shown] = -np.inf
         assert np.array_equal(rows, np.argsort(-scores, axis=1, kind="stable")[:, :10])
+    # a weight given twice is measured once; nothing shown, no rows
+    assert np.array_equal(exact_top_k(vectors, bias, queries, [0.3, 0.3], 10, shown)[0.3], truth[0.3])
+    assert exact_top_k(vectors, bias, queries, [0.3], 10, np.zeros(500, bool))[0.3].shape == (5, 0)

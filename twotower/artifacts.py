@@ -146,8 +146,9 @@ class Manifest:
     item_model: str = ITEM_MODEL
     user_model: str = USER_MODEL
     query_model: str = ""  # the model text queries go through: "" = the item tower (no distilled query tower)
-    # IVF lists to probe at the prior weights that need more than the served nprobe, measured on the version's stored
-    # customers when it was written (serving.nprobe.ProbeSetting's fields); [] = the retriever's --ivf-nprobe for all
+    # IVF lists to probe at the prior weights that need more than the default served nprobe (128), measured on the
+    # version's stored customers when it was written (serving.nprobe.ProbeSetting's fields); [] = the retriever's
+    # --ivf-nprobe for all
     ivf_probes: list[dict[str, float]] = dataclasses.field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
