@@ -174,12 +174,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def exact_top10(vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, prior: float, allowed=None) -> np.ndarray:
-    """Exact top-10 rows per user by cosine + prior * bias among the `allowed` rows (serving.nprobe's, chunked: the
-    catalogue may not fit twice)."""
+def exact_top10(
+    vectors: np.ndarray, bias: np.ndarray, users: np.ndarray, priors: list[float], allowed=None
+) -> dict[float, np.ndarray]:
+    """Each prior weight's exact top-10 rows per user by cosine + prior * bias among the `allowed` rows, every weight
+    in one pass over the rows (serving.nprobe's, chunked: the catalogue may not fit twice)."""
     from serving.nprobe import exact_top_k
 
-    return exact_top_k(vectors, bias, np.asarray(users, np.float32), [prior], 10, allowed)[prior]
+    return exact_top_k(vectors, bias, np.asarray(users, np.float32), priors, 10, allowed)
 
 
 def write_version(
@@ -614,21 +616,22 @@ def run(
         started = time.perf_counter()
         vectors, bias, items = reference.write_vectors(work_n / "vectors.npy", n)
         log.info("%d synthetic articles in %.0fs", n, time.perf_counter() - started)
-        exact = {"all": exact_top10(vectors, bias, reference.users, reference.prior_weight)}
+        weight = reference.prior_weight
+        # customers' lists and discovery lists (lists without the customer's own articles) at their weights
+        users_exact = exact_top10(vectors, bias, reference.users, [weight, reference.discovery_weight])
+        exact = {"all": users_exact[weight]}
         if "product_group_name" in items:
             groups = items["product_group_name"]
             counts = np.bincount(groups.codes, minlength=len(groups.values))
             # the largest product group and one near 5% of the catalogue: the two filtered-search regimes
             for code in dict.fromkeys([int(np.argmax(counts)), int(np.argmin(np.abs(counts / n - 0.05)))]):
                 allowed = np.asarray(groups.codes) == code
-                exact[groups.distinct()[code]] = exact_top10(
-                    vectors, bias, reference.users[:100], reference.prior_weight, allowed
-                )
-        texts = None if text_vectors is None else (text_vectors, exact_top10(vectors, bias, text_vectors, 0.0))
+                filtered = exact_top10(vectors, bias, reference.users[:100], [weight], allowed)
+                exact[groups.distinct()[code]] = filtered[weight]
+        texts = None if text_vectors is None else (text_vectors, exact_top10(vectors, bias, text_vectors, [0.0])[0.0])
         discovery = None
-        if reference.discovery_weight != reference.prior_weight:
-            weight = reference.discovery_weight
-            discovery = (weight, exact_top10(vectors, bias, reference.users, weight))
+        if reference.discovery_weight != weight:
+            discovery = (reference.discovery_weight, users_exact[reference.discovery_weight])
         for index_type in index_types:
             directory = work_n / index_type
             build_s = write_version(directory, index_type, vectors, bias, items, reference.index_dir, vector_dtype)

@@ -210,6 +210,7 @@ class Catalog:
             for setting in map(ProbeSetting.from_json, self.manifest.ivf_probes)
             if setting.nprobe > ivf_nprobe
         }
+        self.widest_nprobe = max([ivf_nprobe, *self.probes_by_weight.values()])  # any search's, unfiltered
         if self.probes_by_weight:
             log.info(
                 "%s: IVF lists probed at prior weight %s as export measured (%d at any other weight)",
@@ -248,7 +249,7 @@ class Catalog:
             if hasattr(self.index, "nprobe"):
                 self.index.nprobe = ivf_nprobe
             # One nprobe for the GPU copy's searches: the widest any weight was measured to need
-            self.gpu = gpu_copy(self.index, faiss_gpu, max([ivf_nprobe, *self.probes_by_weight.values()]))
+            self.gpu = gpu_copy(self.index, faiss_gpu, self.widest_nprobe)
             ivf_lists = None  # made once the version's parts are checked against each other, below
         self.rerank_factor = RERANK_FACTORS.get(self.manifest.index_type, 0)  # 0: the index holds the vectors
         self.unweighted_rerank_factor = UNWEIGHTED_RERANK_FACTORS.get(self.manifest.index_type, 0)
@@ -381,8 +382,7 @@ class Catalog:
         if hasattr(self.index, "hnsw"):
             scanned = self.hnsw_ef_search * 32
         elif hasattr(self.index, "nprobe"):
-            widest = max([self.ivf_nprobe, *self.probes_by_weight.values()])
-            probed = self.index.ntotal * min(1.0, widest / max(1, self.index.nlist))
+            probed = self.index.ntotal * min(1.0, self.widest_nprobe / max(1, self.index.nlist))
             # as a weighted search (text queries re-rank up to twice as many: ~1% more rows at 10M); 0 where the
             # index holds the vectors
             scanned = probed + self._rerank_candidates(TYPICAL_K)
@@ -724,11 +724,12 @@ class Catalog:
         if plan == "ivf+selector" and kept and self.ivf_lists is not None:
             # The nearest lists holding allowed rows, until they hold as many as an unfiltered search scans (a
             # request's own mask, seen once, widens nprobe instead: counting its rows per list costs 11-58 ms at 10M)
+            nprobe = self.nprobe_at(prior)
             lists = self.ivf_lists.nearest_holding(
                 index_query,
                 self.ivf_lists.allowed_per_list(allowed, summary),
-                int(FILTERED_ROWS_FACTOR * self.nprobe_at(prior) * self.ivf_lists.rows_per_list),
-                int(min(self.ivf_lists.nlist, self.nprobe_at(prior) * MAX_FILTERED_PROBE_FACTOR)),
+                int(FILTERED_ROWS_FACTOR * nprobe * self.ivf_lists.rows_per_list),
+                int(min(self.ivf_lists.nlist, nprobe * MAX_FILTERED_PROBE_FACTOR)),
             )
             found_similarities, found_rows = self._top_k(index_query, k, None, exact, (*lists, selector))
         else:

@@ -148,17 +148,21 @@ class IvfLists:
         if best_prior is not None and weights is not None:
             key = scores + weights[:, None] * best_prior
         if isinstance(nprobe, (int, np.integer)):  # one for the batch (no measured nprobe: 30 us less a search)
-            nprobe = min(int(nprobe), self.nlist)
-            best = np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe] if nprobe < self.nlist else np.argsort(-key, 1)
-            return best.astype(np.int64), np.take_along_axis(scores, best, 1).astype(np.float32)
-        probes = np.minimum(np.broadcast_to(np.asarray(nprobe, np.int64), (len(queries),)), self.nlist)
-        lists = np.full((len(queries), int(probes.max(initial=1))), -1, np.int64)
+            best = self._best(key, int(nprobe))
+            return best, np.take_along_axis(scores, best, 1).astype(np.float32)
+        probes = np.broadcast_to(np.asarray(nprobe, np.int64), (len(queries),))
+        lists = np.full((len(queries), min(int(probes.max(initial=1)), self.nlist)), -1, np.int64)
         for n in np.unique(probes):  # one pass per distinct nprobe: a batch holds one or two
             rows = np.flatnonzero(probes == n)
-            part = key[rows]
-            best = np.argpartition(-part, n - 1, axis=1)[:, :n] if n < self.nlist else np.argsort(-part, 1)
-            lists[rows, :n] = best
+            best = self._best(key[rows], int(n))
+            lists[rows, : best.shape[1]] = best
         return lists, np.take_along_axis(scores, np.maximum(lists, 0), 1).astype(np.float32)
+
+    def _best(self, key: np.ndarray, nprobe: int) -> np.ndarray:
+        """int64 [B, min(nprobe, nlist)]: each row's highest-keyed lists, unordered (all, ordered, from nlist on)."""
+        if nprobe >= self.nlist:
+            return np.argsort(-key, 1).astype(np.int64)
+        return np.argpartition(-key, nprobe - 1, axis=1)[:, :nprobe].astype(np.int64)
 
     def nearest_holding(
         self, query: np.ndarray, allowed_per_list: np.ndarray, allowed_rows: int, max_lists: int
