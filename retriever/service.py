@@ -138,6 +138,8 @@ class RecommendationService:
         self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
         self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
         self._towers_healthy = False
+        self._checked = False  # whether this process has had a health check's answer (a worker: not the launcher's)
+        self._first_check: asyncio.Future[bool] | None = None
         self._health_checked_at = float("-inf")
         self._load: LoadSignal | None = None  # an object, not a closure: the service pickles (KServe --workers N)
         self._stage_shed_logged_at, self._stage_shed_since_log = float("-inf"), 0
@@ -217,8 +219,28 @@ class RecommendationService:
             return False
         now = time.monotonic()
         if now - self._health_checked_at < self.config.health_cache_s:
+            # Before a process's first answer there is no last answer to give: wait for the check in flight.
+            # Answered "not healthy" instead, a new KServe worker refused the requests that reached it during its
+            # first check with 503 ModelNotReady (seen at the start of a fresh `make bench`, --workers 2)
+            if self._first_check is not None:
+                return await asyncio.shield(self._first_check)
             return self._towers_healthy
         self._health_checked_at = now
+        check = asyncio.ensure_future(self._check_towers(serving))
+        if not self._checked:
+            self._first_check = check
+            check.add_done_callback(self._first_check_done)
+        return await asyncio.shield(check)  # a caller that goes away leaves the check to the others
+
+    def _first_check_done(self, _: asyncio.Future[bool]) -> None:
+        self._first_check = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # KServe's --workers N pickles the service: a check in flight stays with the launcher's event loop
+        return {**self.__dict__, "_first_check": None}
+
+    async def _check_towers(self, serving: Serving) -> bool:
+        """A tiny user-tower inference: its answer becomes the cached one (logged when it changes)."""
         await self.slot.close_retired()
         probe = serving.catalog.history_tensors([(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32))])
         try:
@@ -230,7 +252,7 @@ class RecommendationService:
                 log.error("not ready: the towers do not answer (%s)", err)
         if healthy and not self._towers_healthy:
             log.info("ready: the towers answer again")
-        self._towers_healthy = healthy
+        self._towers_healthy, self._checked = healthy, True
         self.slot.towers_answered(healthy)
         metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
         return healthy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import pickle
 import time
 from pathlib import Path
 from typing import Callable
@@ -456,6 +457,42 @@ def test_a_replica_counts_as_serving_only_while_its_towers_answer(shop, monkeypa
         assert left >= 5 and beats == 0 and "no health check for 0 s" in caplog.text
     finally:
         slot.stop()
+
+
+def test_requests_during_a_process_first_health_check_wait_for_its_answer(shop, monkeypatch) -> None:
+    """A new KServe worker has no answer yet: requests that reach it while its first check is in flight get that
+    check's answer, not 503 (they did: its cached answer starts as "not healthy"). Later checks in flight leave
+    the others the last answer, and a caller going away does not cancel the check the others wait for."""
+    service = pickle.loads(pickle.dumps(shop[0]))  # as a worker gets it
+    towers = service.serving().towers
+    answered = towers.user_vectors
+    release = asyncio.Event()
+    checks: list[int] = []
+
+    async def slow(*args: np.ndarray) -> np.ndarray:
+        checks.append(1)
+        await release.wait()
+        return await answered(*args)
+
+    monkeypatch.setattr(towers, "user_vectors", slow)
+
+    async def requests_during_checks() -> tuple[list[bool], list[bool]]:
+        first = [asyncio.ensure_future(service.healthy()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        first[0].cancel()  # the caller that started the check goes away
+        release.set()
+        first_answers = await asyncio.gather(*first[1:])
+        release.clear()
+        service._health_checked_at = float("-inf")  # the cached answer has aged: the next caller checks again
+        later = [asyncio.ensure_future(service.healthy()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        others = [task.result() for task in later[1:]]  # answered at once, from the last answer
+        release.set()
+        await later[0]
+        return first_answers, others
+
+    first_answers, others = asyncio.run(requests_during_checks())
+    assert first_answers == [True, True] and others == [True, True] and len(checks) == 2
 
 
 def test_a_turn_past_its_limit_is_handed_on_and_its_load_installed_in_a_later_turn(shop, caplog) -> None:
