@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser, RetrieverConfig)
     parser.add_argument("--triton-wait-s", type=float, default=60.0, help="how long load() waits for Triton")
-    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_grpc=False)
+    # KServe's per-request latency line (preprocess/predict/postprocess ms) off unless asked for: the stage histograms
+    # on /metrics carry the same, and it was every other line of the log (one beside each access-log line)
+    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_grpc=False, enable_latency_logging=False)
     args = parser.parse_args(argv)  # an unknown or misspelt flag exits 2 naming it, never silently ignored
     if not args.predictor_host:
         parser.error("--predictor_host (Triton's HTTP host:port) is required")
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         asyncio.set_event_loop(asyncio.new_event_loop())  # KServe asks for a current loop before asyncio.run()
     kserve.ModelServer(
-        http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, enable_grpc=args.enable_grpc
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=args.workers,
+        enable_grpc=args.enable_grpc,
+        enable_latency_logging=args.enable_latency_logging,
     ).start([recommender])
     return 0

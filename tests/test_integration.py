@@ -491,8 +491,11 @@ def test_two_kserve_workers_serve_every_route(tiny_pipeline, triton, tmp_path: P
                 text = response.read().decode()
             assert 'retriever_stage_seconds_count{stage="total"} 6.0' in text
             assert f'retriever_index_items{{model_version="{manifest.model_version}"}} {float(items)}' in text
-        metrics_dir = retriever.log_path.read_text().split("/metrics sums their files in ")[1].split()[0]
+        log = retriever.log_path.read_text()
+        metrics_dir = log.split("/metrics sums their files in ")[1].split()[0]
         assert Path(metrics_dir).is_dir()
+        # an access-log line per request, without KServe's latency line beside each (--enable_latency_logging)
+        assert log.count("POST /v1/models/recommender:predict") == 6 and "predict_ms" not in log
     assert not Path(metrics_dir).exists()  # made for this run, removed with it
 
 
