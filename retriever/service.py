@@ -138,7 +138,7 @@ class RecommendationService:
         self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
         self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
         self._towers_healthy = False
-        self._checked = False  # whether this process has had a health check's answer (a worker: not the launcher's)
+        self._checked = False  # whether a health check has answered yet (a worker is pickled before any has)
         self._first_check: asyncio.Future[bool] | None = None
         self._health_checked_at = float("-inf")
         self._load: LoadSignal | None = None  # an object, not a closure: the service pickles (KServe --workers N)
