@@ -1,5 +1,5 @@
-"""Adjustments to KServe's FastAPI app, applied in every process that serves it: no timing middleware,
-and with several workers a /metrics that sums them all.
+"""Adjustments to KServe's FastAPI app, applied in every process that serves it: no timing middleware, its
+not-ready answer ours, and with several workers a /metrics that sums them all.
 
 With `--workers N` KServe spawns fresh worker processes that import its app again, so what the
 launcher patched in its own process is gone there: retriever/server.py applies these in the launcher
@@ -34,6 +34,15 @@ def disable_kserve_timing() -> None:
     from kserve.protocol.rest import server
 
     server.TimingMiddleware = _Untimed  # read when KServe builds its app (RESTServer.create_application)
+
+
+def answer_model_not_ready(handler: Any) -> None:
+    """Have `handler` answer KServe's ModelNotReady, which its predict and infer endpoints raise before the model
+    is called when its health check says no (the towers did not answer, or no index yet). KServe's own handler
+    logged a traceback per request and answered without Retry-After, uncounted by the retriever's metrics."""
+    from kserve.protocol.rest import server
+
+    server.model_not_ready_handler = handler  # read when KServe builds its app, like TimingMiddleware
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

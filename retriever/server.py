@@ -22,9 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from kserve import model_server
 
-from retriever import errors, kserve_app, shop_api
+from retriever import errors, kserve_app, metrics, shop_api
 from retriever.index_slot import IndexSlot
 from retriever.kserve_adapter import DEFAULT_MODEL_NAME, KServeRecommender
+from retriever.limits import AdmissionLimit
 from retriever.service import RecommendationService
 from serving.gpu_search import GpuUnavailable
 from serving.towers import TowerSource
@@ -54,6 +55,15 @@ async def domain_error(request: Request, exc: Exception, retry_after_s: int = 1)
     return JSONResponse(status_code=status, content={"error": errors.message(exc)}, headers=retry)
 
 
+async def model_not_ready(request: Request, exc: Exception, retry_after_s: int = 1) -> JSONResponse:
+    """KServe's readiness check said no (before each predict, or a readiness probe): answered as the service's
+    NotReady; counted where it refused an API request (as retriever_api_requests_total counts them), not a probe."""
+    if AdmissionLimit.limited(request.url.path):
+        metrics.ERRORS.labels("not_ready").inc()
+    not_ready = errors.NotReady(f"{exc} The index is not loaded or its towers do not answer.")
+    return await domain_error(request, not_ready, retry_after_s)
+
+
 def install_routes(app: FastAPI, service: RecommendationService) -> None:
     """The shop/admin routes and the domain-error handlers on an app (KServe's, or a test's)."""
     shop_api.install(app, service)
@@ -78,11 +88,15 @@ def configure_logging() -> None:
 
 def prepare_app(recommender: KServeRecommender) -> None:
     """Everything a serving process does to KServe's module-level app before KServe builds it: our
-    routes and error handlers, the timing middleware off unless asked for, and summed worker metrics."""
+    routes and error handlers, the timing middleware off unless asked for, KServe's not-ready answer ours, and
+    summed worker metrics."""
     configure_logging()
     install_routes(model_server.app, recommender.service)
     if not recommender.service.config.kserve_timing:
         kserve_app.disable_kserve_timing()
+    kserve_app.answer_model_not_ready(
+        functools.partial(model_not_ready, retry_after_s=recommender.service.config.retry_after_s)
+    )
     kserve_app.expose_worker_metrics()
 
 

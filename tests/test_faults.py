@@ -59,14 +59,22 @@ REQUEST = {"instances": [{"query": "black dress", "k": 3}]}
 
 
 def test_triton_gone_gives_503_and_not_ready_then_recovers(private_servers) -> None:
+    """While the towers fail their health check KServe refuses predict before the model is called: answered as the
+    service's own NotReady (Retry-After, counted under not_ready, one warning line), not KServe's traceback."""
     triton, retriever = private_servers
     ready_url = f"{retriever.url}/v1/models/recommender"
     assert status_of(retriever.predict_url, REQUEST)[0] == 200
     triton.stop()
     assert wait_for(lambda: status_of(ready_url)[0] == 503, 15), "readiness stayed true with Triton gone"
-    code, body = status_of(retriever.predict_url, REQUEST)
-    assert code == 503, body
-    assert "not ready" in body or "Triton" in body
+    request = urllib.request.Request(retriever.predict_url, json.dumps(REQUEST).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    body = refused.value.read().decode()
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1", body
+    assert "is not ready" in json.loads(body)["error"]
+    with urllib.request.urlopen(f"{retriever.url}/metrics", timeout=10) as response:
+        assert 'retriever_errors_total{reason="not_ready"} 1.0' in response.read().decode()  # the probes not counted
+    assert "Traceback" not in retriever.log_path.read_text()
     triton.start()  # same ports: the retriever must find it again by itself
     assert wait_for(lambda: status_of(ready_url)[0] == 200, 30), "readiness did not come back"
     assert status_of(retriever.predict_url, REQUEST)[0] == 200
