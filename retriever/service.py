@@ -251,7 +251,7 @@ class RecommendationService:
             if self._towers_healthy:
                 log.error("not ready: the towers do not answer (%s)", err)
         if healthy and not self._towers_healthy:
-            log.info("ready: the towers answer again")
+            log.info("ready: the towers answer%s", " again" if self._checked else "")  # "again" after a failure
         self._towers_healthy, self._checked = healthy, True
         self.slot.towers_answered(healthy)
         metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
