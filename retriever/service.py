@@ -217,23 +217,25 @@ class RecommendationService:
         serving = self.slot.serving
         if serving is None:
             return False
+        # Before a process's first answer there is no last answer to give: wait for the check in flight, however long
+        # it takes (up to the towers' timeout and retry), and share its outcome, an unexpected error included.
+        # Answered "not healthy" instead, a new KServe worker refused the requests that reached it during its first
+        # check with 503 ModelNotReady (seen at the start of a fresh `make bench`, --workers 2)
+        if self._first_check is not None:
+            return await asyncio.shield(self._first_check)
         now = time.monotonic()
         if now - self._health_checked_at < self.config.health_cache_s:
-            # Before a process's first answer there is no last answer to give: wait for the check in flight.
-            # Answered "not healthy" instead, a new KServe worker refused the requests that reached it during its
-            # first check with 503 ModelNotReady (seen at the start of a fresh `make bench`, --workers 2)
-            if self._first_check is not None:
-                return await asyncio.shield(self._first_check)
             return self._towers_healthy
         self._health_checked_at = now
         check = asyncio.ensure_future(self._check_towers(serving))
         if not self._checked:
-            self._first_check = check
+            self._first_check = check  # also keeps the task referenced while its first caller is gone
             check.add_done_callback(self._first_check_done)
-        return await asyncio.shield(check)  # a caller that goes away leaves the check to the others
+        return await asyncio.shield(check)  # a first check outlives a caller that goes away: others wait on it
 
-    def _first_check_done(self, _: asyncio.Future[bool]) -> None:
-        self._first_check = None
+    def _first_check_done(self, check: asyncio.Future[bool]) -> None:
+        if self._first_check is check:
+            self._first_check = None
 
     def __getstate__(self) -> dict[str, Any]:
         # KServe's --workers N pickles the service: a check in flight stays with the launcher's event loop

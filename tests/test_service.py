@@ -479,6 +479,11 @@ def test_requests_during_a_process_first_health_check_wait_for_its_answer(shop, 
     async def requests_during_checks() -> tuple[list[bool], list[bool]]:
         first = [asyncio.ensure_future(service.healthy()) for _ in range(3)]
         await asyncio.sleep(0.01)
+        # a worker may be pickled from a process with a check in flight: the future stays behind
+        assert service._first_check is not None and service.__getstate__()["_first_check"] is None
+        service._health_checked_at = float("-inf")  # a first check outlasting the cache: still the one waited on
+        first.append(asyncio.ensure_future(service.healthy()))
+        await asyncio.sleep(0.01)
         first[0].cancel()  # the caller that started the check goes away
         release.set()
         first_answers = await asyncio.gather(*first[1:])
@@ -492,7 +497,7 @@ def test_requests_during_a_process_first_health_check_wait_for_its_answer(shop, 
         return first_answers, others
 
     first_answers, others = asyncio.run(requests_during_checks())
-    assert first_answers == [True, True] and others == [True, True] and len(checks) == 2
+    assert first_answers == [True, True, True] and others == [True, True] and len(checks) == 2
 
 
 def test_a_turn_past_its_limit_is_handed_on_and_its_load_installed_in_a_later_turn(shop, caplog) -> None:
