@@ -35,6 +35,9 @@ class NotReady(RuntimeError):
     """No index is loaded yet."""
 
 
+NOT_SERVING = "the index is not loaded or its towers do not answer"  # why a health check says no
+
+
 # domain error -> (HTTP status, reason label of retriever_errors_total); the first match wins.
 ERRORS: tuple[tuple[type[Exception], HTTPStatus, str], ...] = (
     (RequestTooLarge, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "too_large"),

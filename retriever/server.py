@@ -60,7 +60,7 @@ async def model_not_ready(request: Request, exc: Exception, retry_after_s: int =
     NotReady; counted where it refused an API request (as retriever_api_requests_total counts them), not a probe."""
     if AdmissionLimit.limited(request.url.path):
         metrics.ERRORS.labels("not_ready").inc()
-    not_ready = errors.NotReady(f"{exc} The index is not loaded or its towers do not answer.")
+    not_ready = errors.NotReady(f"{str(exc).rstrip('.')}: {errors.NOT_SERVING}")
     return await domain_error(request, not_ready, retry_after_s)
 
 

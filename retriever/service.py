@@ -22,7 +22,7 @@ import numpy as np
 
 from retriever import metrics
 from retriever.cache import LRUCache
-from retriever.errors import NotReady, RequestError
+from retriever.errors import NOT_SERVING, NotReady, RequestError
 from retriever.index_slot import IndexSlot, ReloadResult, Serving
 from retriever.purchases import NOTHING_POSTED, Posted, purchase_store
 from retriever.queries import PERSONAL_KINDS, Query, Recommendation
@@ -137,8 +137,8 @@ class RecommendationService:
         )
         self.user_cache: LRUCache[np.ndarray] = LRUCache("user_vector", config.vector_cache_size)
         self.query_cache: LRUCache[np.ndarray] = LRUCache("query_vector", config.vector_cache_size)
-        self._towers_healthy = False
-        self._checked = False  # whether a health check has answered yet (a worker is pickled before any has)
+        # The last tower check's answer; None before this process's first (a worker is pickled before any)
+        self._towers_healthy: bool | None = None
         self._first_check: asyncio.Future[bool] | None = None
         self._health_checked_at = float("-inf")
         self._load: LoadSignal | None = None  # an object, not a closure: the service pickles (KServe --workers N)
@@ -203,7 +203,7 @@ class RecommendationService:
         """The readiness probe's answer: the towers answer and this replica is not out of rotation for an
         index swap (retriever/swap_turns.py); else NotReady saying why."""
         if not await self.healthy():
-            raise NotReady("the index is not loaded or its towers do not answer")
+            raise NotReady(NOT_SERVING)
         if self.slot.out_of_rotation:
             raise NotReady(f"out of rotation: {self.slot.out_of_rotation}")
         return {"ready": True, "index_version": self.serving().catalog.version}
@@ -225,10 +225,10 @@ class RecommendationService:
             return await asyncio.shield(self._first_check)
         now = time.monotonic()
         if now - self._health_checked_at < self.config.health_cache_s:
-            return self._towers_healthy
+            return bool(self._towers_healthy)
         self._health_checked_at = now
         check = asyncio.ensure_future(self._check_towers(serving))
-        if not self._checked:
+        if self._towers_healthy is None:
             self._first_check = check  # also keeps the task referenced while its first caller is gone
             check.add_done_callback(self._first_check_done)
         return await asyncio.shield(check)  # a first check outlives a caller that goes away: others wait on it
@@ -253,8 +253,8 @@ class RecommendationService:
             if self._towers_healthy:
                 log.error("not ready: the towers do not answer (%s)", err)
         if healthy and not self._towers_healthy:
-            log.info("ready: the towers answer%s", " again" if self._checked else "")  # "again" after a failure
-        self._towers_healthy, self._checked = healthy, True
+            log.info("ready: the towers answer%s", "" if self._towers_healthy is None else " again")
+        self._towers_healthy = healthy
         self.slot.towers_answered(healthy)
         metrics.TOWERS_HEALTHY.set(1.0 if healthy else 0.0)
         return healthy
