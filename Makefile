@@ -112,7 +112,8 @@ overload: setup tools
 
 # Synthetic catalogues of 1M articles (10M: make bench-scale SCALE_SIZES=1000000,10000000), one index per
 # type, vectors stored in float16 (export --vector-dtype float16): build time, memory, recall@10 vs exact,
-# latency, filtered recall, the served path under a 4 Gi memory cgroup (docs/scale.md).
+# latency, filtered recall, the served path under a 4 Gi memory cgroup (docs/scale.md). The articles imitate
+# make eval's export, else make bench's, which a checkout with neither builds first (as make bench would).
 SCALE_SIZES ?= 1000000
 bench-scale: setup
 	$(PY) -m benchmarks.scale --sizes $(SCALE_SIZES)

@@ -214,11 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="105542,1000000", help="comma-separated article counts")
     parser.add_argument("--reference", type=Path, default=None, help="index root whose captions to draw from")
-    parser.add_argument("--data-dir", type=Path, default=None, help="or an H&M-schema data directory's articles")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="or an H&M-schema data directory's articles (without a reference: the H&M data beside this checkout)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/lexical-scale"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.data_dir is None and args.reference is None and default_reference() is None:
+        from benchmarks.offline import default_data_dir  # torch: not in this module's worker processes
+
+        args.data_dir = default_data_dir()  # a clean checkout: the H&M captions themselves, where they are
     reference = args.data_dir or args.reference or default_reference()
     if reference is None:
         parser.error("no --reference, no --data-dir and no make eval / make bench export to draw captions from")

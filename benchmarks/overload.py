@@ -24,7 +24,6 @@ from typing import Any
 
 from benchmarks import offline
 from benchmarks.serving import (
-    HM_DIR,
     SIDECAR_BACKSTOP_ARGS,
     bench_servers,
     request_bodies,
@@ -184,8 +183,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--data-dir", type=Path, default=offline.default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=offline.BENCH_WORK)
     parser.add_argument("--run-dir", type=Path, default=None, help="trained run to serve, as for benchmarks.serving")
     parser.add_argument(
         "--saturating-rate",

@@ -39,7 +39,6 @@ from twotower.config import RetrieverConfig, config_from_env
 
 log = logging.getLogger("benchmarks.serving")
 
-HM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm_lastweek"
 P99_LIMIT_MS = 50.0
 # Text queries follow a Zipf law over the catalogue's own phrases, as search logs do: a head that
 # repeats (and hits the query-vector cache) and a long tail that reaches the item tower.
@@ -356,8 +355,8 @@ def in_process_baseline(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--data-dir", type=Path, default=offline.default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=offline.BENCH_WORK)
     parser.add_argument(
         "--run-dir",
         type=Path,

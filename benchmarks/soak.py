@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import offline
-from benchmarks.serving import HM_DIR, SIDECAR_BACKSTOP_ARGS, bench_servers, request_bodies, run_served_rate
+from benchmarks.serving import SIDECAR_BACKSTOP_ARGS, bench_servers, request_bodies, run_served_rate
 from serving.catalog import Catalog
 
 log = logging.getLogger("benchmarks.soak")
@@ -96,8 +96,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None)
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--data-dir", type=Path, default=offline.default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=offline.BENCH_WORK)
     parser.add_argument(
         "--run-dir",
         type=Path,

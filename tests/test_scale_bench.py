@@ -1,4 +1,5 @@
-"""benchmarks.scale: the synthetic catalogue keeps the real product sizes; benchmarks.lexical_scale runs."""
+"""benchmarks.scale: the synthetic catalogue keeps the real product sizes and imitates a trained export (built
+where there is none); benchmarks.lexical_scale runs."""
 
 from __future__ import annotations
 
@@ -31,6 +32,34 @@ def test_synthetic_products_keep_the_real_sizes() -> None:
         assert len(set(copied.codes[products.codes == code].tolist())) == 1
         assert values[code][:4] == bytes(real.values[copied.codes[products.codes == code][0]])
     assert _products_of_real_size(real, 6, 6, rng) is real  # one copy: the real products themselves
+
+
+def test_a_checkout_without_an_export_builds_make_bench_s_before_imitating_it(tmp_path, monkeypatch) -> None:
+    """A clean clone's `make bench-scale` drew random mixtures (recall@10 0.32, no served rows) and then failed in
+    benchmarks.lexical_scale: now make bench's export is built first and imitated (a stand-in build here)."""
+    from benchmarks import offline, scale
+    from twotower import artifacts
+
+    monkeypatch.chdir(tmp_path)
+    built: list[tuple[Path | None, Path]] = []
+
+    def prepare(data_dir: Path | None, work: Path, run_dir: Path | None = None) -> offline.BenchArtifacts:
+        built.append((data_dir, work))
+        (work / "index").mkdir(parents=True)
+        (work / "index" / artifacts.CURRENT_FILE).write_text("v0001\n")
+        return offline.BenchArtifacts(work / "index", work / "model_repository", 0, "flat", {})
+
+    monkeypatch.setattr(offline, "prepare_artifacts", prepare)
+    assert scale.resolve_reference(scale.RANDOM_REFERENCE, None) is None
+    assert scale.resolve_reference("elsewhere/index", None) == Path("elsewhere/index")
+    assert not built
+    assert scale.resolve_reference(None, tmp_path / "data") == offline.BENCH_WORK / "index"
+    assert built == [(tmp_path / "data", offline.BENCH_WORK)]
+    assert scale.resolve_reference(None, tmp_path / "data") == Path("runs/bench/index")  # built once, then found
+    (tmp_path / "runs" / "hm-eval" / "index").mkdir(parents=True)
+    (tmp_path / "runs" / "hm-eval" / "index" / artifacts.CURRENT_FILE).write_text("v0001\n")
+    assert scale.resolve_reference(None, None) == Path("runs/hm-eval/index")  # make eval's trained model first
+    assert len(built) == 1
 
 
 def test_synthetic_catalogues_carry_the_references_second_stage(tmp_path) -> None:
