@@ -120,7 +120,8 @@ bench-scale: setup
 	$(PY) -m benchmarks.lexical_scale --sizes 105542,1000000
 
 # On a GPU machine with PyTorch: the exported towers and the search on CUDA beside the CPU at batch
-# 1/16/64, one table, nothing from the network (runs as is without a GPU: CPU rows only).
+# 1/16/64, one table, nothing from the network (runs as is without a GPU: CPU rows only). It serves make eval's
+# export, else make bench's, which a fresh checkout builds first.
 gpu-check: setup
 	$(PY) -m benchmarks.gpu_check
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -275,6 +276,23 @@ def test_gpu_check_runs_the_exported_towers_and_search_where_there_is_no_gpu(tin
     assert [
         line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ") and "batch" not in line
     ][:3] == ["1", "16", "64"]
+
+
+def test_gpu_check_without_arguments_serves_the_export_it_finds_or_builds(tiny_pipeline, monkeypatch, capsys) -> None:
+    """A fresh checkout (a GPU machine's) has no runs/bench: `make gpu-check` stopped at its missing index. Now
+    it takes benchmarks.scale's reference (make eval's or make bench's export, the latter built where neither
+    exists: tests/test_scale_bench.py) and the model repository beside it."""
+    from benchmarks import gpu_check, scale
+
+    asked: list[tuple[object, object]] = []
+
+    def reference(requested: object, data_dir: object) -> Path:
+        asked.append((requested, data_dir))
+        return tiny_pipeline.index_dir
+
+    monkeypatch.setattr(scale, "resolve_reference", reference)
+    assert gpu_check.main(["--repeats", "2"]) == 0
+    assert asked == [(None, None)] and "user tower" in capsys.readouterr().out
 
 
 def test_a_bench_without_data_refuses_to_replace_another_datas_export(tiny_pipeline, tmp_path) -> None:
