@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.references import add_export_arguments, export_arguments
 from export.catalogue_update import local_embedder, triton_embedder
 from localtriton import TritonServer, TritonSettings
 from serving.catalog import Catalog
@@ -59,26 +60,26 @@ def repository_with_instances(source: Path, manifest: artifacts.Manifest, instan
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index-dir", type=Path, default=Path("runs/bench/index"))
-    parser.add_argument("--model-repository", type=Path, default=Path("runs/bench/model_repository"))
+    add_export_arguments(parser)
     parser.add_argument("--captions", type=int, default=3072)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/embedding"))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    catalog = Catalog(args.index_dir)
+    index_dir, model_repository = export_arguments(args)
+    catalog = Catalog(index_dir)
     manifest = catalog.manifest
     captions = captions_of(catalog, args.captions)
     rows: list[dict[str, Any]] = []
 
     torch.set_num_threads(1)  # as one Triton instance runs it
     started = time.perf_counter()
-    local_embedder(args.model_repository, manifest)(captions[:512])
+    local_embedder(model_repository, manifest)(captions[:512])
     rows.append({"where": "in-process TorchScript, 1 thread", "instances": 0, "concurrency": 1,
                  "items_per_s": 512 / (time.perf_counter() - started)})  # fmt: skip
     for instances in (1, 2):
         repository = repository_with_instances(
-            args.model_repository, manifest, instances, args.work_dir / f"repository-{instances}"
+            model_repository, manifest, instances, args.work_dir / f"repository-{instances}"
         )
         settings = TritonSettings.on_free_ports(repository, args.work_dir / f"triton-{instances}")
         settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.offline import known_user_vectors
+from benchmarks.references import add_export_arguments, export_arguments
 from serving.catalog import Catalog
 from serving.filters import Filters
 
@@ -50,13 +51,13 @@ def measure(catalog: Catalog, users: np.ndarray, masks: list[np.ndarray], k: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--index-dir", type=Path, default=Path("runs/bench/index"))
-    parser.add_argument("--model-repository", type=Path, default=Path("runs/bench/model_repository"))
+    add_export_arguments(parser)
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
-    catalog = Catalog(args.index_dir)
-    users, bought = known_user_vectors(catalog, args.model_repository, args.users)
+    index_dir, repository = export_arguments(args)
+    catalog = Catalog(index_dir)
+    users, bought = known_user_vectors(catalog, repository, args.users)
     columns = catalog.filter_columns
     cases: dict[str, list[np.ndarray]] = {}
     for group in columns.values("product_group_name"):

@@ -3,8 +3,9 @@
     python -m benchmarks.gpu_check [--index-dir runs/bench/index --model-repository runs/bench/model_repository]
 
 Needs only PyTorch (CUDA build) and the exported artifacts; faiss is used when it imports. Without --index-dir it
-serves make eval's export, else make bench's, and builds make bench's first where there is neither (a fresh
-checkout: the project's packages and ../shared/data, or a synthetic shop; nothing from the network). For CUDA
+measures make eval's export, else make bench's, and builds make bench's first where there is neither (a fresh
+checkout; that needs the project's packages and ../shared/data or a synthetic shop, nothing from the network:
+benchmarks.references). For CUDA
 (when a GPU is visible) and the CPU in the same process, at batch 1, 16 and 64:
 - each exported TorchScript tower (user, item, and the distilled query tower when the index names one)
   from the Triton model repository, the same model.pt files Triton's libtorch backend loads, with
@@ -27,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchmarks.references import add_export_arguments, export_arguments
 from serving.catalog import Catalog
 from serving.gpu_search import why_not_gpu
 from twotower import artifacts, triton_repository
@@ -117,25 +119,12 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--index-dir",
-        type=Path,
-        default=None,
-        help="default: make eval's export, else make bench's, built first on a checkout with neither (a fresh "
-        "checkout stopped at 'runs/bench/index: neither an index version nor an index root')",
-    )
-    parser.add_argument(
-        "--model-repository", type=Path, default=None, help="default: model_repository beside the index root"
-    )
+    add_export_arguments(parser)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.index_dir is None:
-        from benchmarks.scale import resolve_reference  # faiss and the exporter: only where none was named
-
-        args.index_dir = resolve_reference(None, None)
-    index_dir = artifacts.resolve_index_dir(args.index_dir)
-    repository = args.model_repository or index_dir.parent.parent / "model_repository"  # beside <root>/vNNNN's root
+    index_root, repository = export_arguments(args)
+    index_dir = artifacts.resolve_index_dir(index_root)
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         report["device"] = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.scale import default_reference
+from benchmarks.references import default_data_dir, existing_export
 from retriever.heap import process_memory
 from serving.lexical import MAX_APPENDED_SHARE, MAX_BLOCKS, LexicalIndex
 from twotower import ranking
@@ -224,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.data_dir is None and args.reference is None and default_reference() is None:
-        from benchmarks.offline import default_data_dir  # torch: not in this module's worker processes
-
+    if args.data_dir is None and args.reference is None and existing_export() is None:
         args.data_dir = default_data_dir()  # a clean checkout: the H&M captions themselves, where they are
-    reference = args.data_dir or args.reference or default_reference()
+    reference = args.data_dir or args.reference or existing_export()
     if reference is None:
         parser.error("no --reference, no --data-dir and no make eval / make bench export to draw captions from")
     captions, queries = data_texts(reference) if args.data_dir else reference_texts(reference)

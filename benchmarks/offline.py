@@ -26,14 +26,6 @@ from twotower.train import train
 
 log = logging.getLogger("benchmarks.offline")
 
-HM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm_lastweek"
-BENCH_WORK = Path("runs/bench")  # make bench's artifacts (its --work-dir default)
-
-
-def default_data_dir() -> Path | None:
-    """The H&M data beside this checkout (../shared/data/hm_lastweek), None where it is absent."""
-    return HM_DIR if (HM_DIR / "articles.csv.gz").is_file() else None
-
 
 @dataclasses.dataclass
 class BenchArtifacts:

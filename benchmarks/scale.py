@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import faiss
 import numpy as np
 
+from benchmarks import references
 from benchmarks.memory_limit import MemoryCgroup, evict_from_page_cache
 from retriever.heap import process_memory
 from retriever.launch import RedisServer
@@ -46,6 +47,7 @@ from twotower import artifacts
 from twotower.item_table import ID_COLUMN, Column, ItemTable
 from twotower.second_stage import ArticleSignals
 
+RANDOM_REFERENCE = "random"  # --reference random: random mixtures, no trained export imitated
 log = logging.getLogger("benchmarks.scale")
 
 INDEX_TYPES = ("ivf", "ivf-sq8", "ivf-pq", "ivf-pq-fastscan")
@@ -62,7 +64,7 @@ class Reference:
 
     def __init__(self, index_dir: Path | None, dim: int = 128, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.source = "random mixture (no trained index given)"
+        self.source = f"random mixture (--reference {RANDOM_REFERENCE})"
         self.index_dir = None
         if index_dir is None:
             vectors = _unit(rng.standard_normal((CLUSTERS, dim)).astype(np.float32))
@@ -587,38 +589,13 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def default_reference() -> Path | None:
-    for candidate in (Path("runs/hm-eval/index"), Path("runs/bench/index")):
-        if (candidate / artifacts.CURRENT_FILE).is_file():
-            return candidate
-    return None
-
-
-RANDOM_REFERENCE = "random"
-
-
 def resolve_reference(requested: str | None, data_dir: Path | None) -> Path | None:
-    """The index root the synthetic catalogues imitate: `requested`, else make eval's or make bench's export. On a
-    checkout with neither, make bench's export is built first, as `make bench` builds it (a 60-step model of
-    `data_dir`, default the H&M data beside the checkout, else a synthetic shop) and later reuses it: without it a
-    clean clone's `make bench-scale` drew random mixtures (recall@10 0.32 at 1M, no towers for the served rows;
-    2026-12-02). `random`: those random mixtures, on purpose (the index types alone, in minutes)."""
+    """The index root the synthetic catalogues imitate: `requested`, else the export benchmarks measure (make
+    eval's or make bench's, built first where neither exists: benchmarks.references). `random`: random mixtures
+    instead, on purpose (the index types alone, in minutes; no towers, so no served rows)."""
     if requested == RANDOM_REFERENCE:
         return None
-    if requested:
-        return Path(requested)
-    found = default_reference()
-    if found is not None:
-        return found
-    from benchmarks import offline  # torch: only where a model must be trained
-
-    data_dir = data_dir or offline.default_data_dir()
-    log.warning(
-        "no make eval or make bench export to imitate: building make bench's in %s first (a 60-step model of %s)",
-        offline.BENCH_WORK,
-        data_dir or "a synthetic shop",
-    )
-    return offline.prepare_artifacts(data_dir, offline.BENCH_WORK).index_dir
+    return Path(requested) if requested else references.export_to_measure(data_dir)
 
 
 def run(

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import psutil
 
-from benchmarks import hostspeed, offline
+from benchmarks import hostspeed, offline, references
 from benchmarks.loadgen import OK, open_loop
 from localtriton import TritonServer, TritonSettings
 from retriever.launch import AdmissionProxy, RetrieverProcess
@@ -355,8 +355,8 @@ def in_process_baseline(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=offline.default_data_dir())
-    parser.add_argument("--work-dir", type=Path, default=offline.BENCH_WORK)
+    parser.add_argument("--data-dir", type=Path, default=references.default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=references.BENCH_WORK)
     parser.add_argument(
         "--run-dir",
         type=Path,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import offline
+from benchmarks import offline, references
 from benchmarks.serving import SIDECAR_BACKSTOP_ARGS, bench_servers, request_bodies, run_served_rate
 from serving.catalog import Catalog
 
@@ -96,8 +96,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=offline.default_data_dir())
-    parser.add_argument("--work-dir", type=Path, default=offline.BENCH_WORK)
+    parser.add_argument("--data-dir", type=Path, default=references.default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=references.BENCH_WORK)
     parser.add_argument(
         "--run-dir",
         type=Path,

@@ -280,19 +280,35 @@ def test_gpu_check_runs_the_exported_towers_and_search_where_there_is_no_gpu(tin
 
 def test_gpu_check_without_arguments_serves_the_export_it_finds_or_builds(tiny_pipeline, monkeypatch, capsys) -> None:
     """A fresh checkout (a GPU machine's) has no runs/bench: `make gpu-check` stopped at its missing index. Now
-    it takes benchmarks.scale's reference (make eval's or make bench's export, the latter built where neither
-    exists: tests/test_scale_bench.py) and the model repository beside it."""
-    from benchmarks import gpu_check, scale
+    it measures benchmarks.references' export (make eval's or make bench's, the latter built where neither
+    exists: tests/test_scale_bench.py) with the model repository beside it."""
+    from benchmarks import gpu_check, references
 
-    asked: list[tuple[object, object]] = []
+    asked: list[object] = []
 
-    def reference(requested: object, data_dir: object) -> Path:
-        asked.append((requested, data_dir))
+    def export(data_dir: object = None) -> Path:
+        asked.append(data_dir)
         return tiny_pipeline.index_dir
 
-    monkeypatch.setattr(scale, "resolve_reference", reference)
+    monkeypatch.setattr(references, "export_to_measure", export)
     assert gpu_check.main(["--repeats", "2"]) == 0
-    assert asked == [(None, None)] and "user tower" in capsys.readouterr().out
+    assert asked == [None] and "user tower" in capsys.readouterr().out
+
+
+def test_an_exports_model_repository_is_found_beside_its_index_root(tiny_pipeline, tmp_path, monkeypatch) -> None:
+    from benchmarks.references import repository_beside
+    from twotower import artifacts
+
+    root = tiny_pipeline.index_dir
+    beside = tiny_pipeline.repository.resolve()
+    version = artifacts.resolve_index_dir(root)
+    assert repository_beside(root) == beside and repository_beside(version) == beside
+    monkeypatch.chdir(version)  # relative paths too: "." is a version, its root one level up
+    assert repository_beside(Path(".")) == beside
+    alone = tmp_path / "alone" / "index"
+    shutil.copytree(root, alone)  # an index root with no repository beside it: said, not a traceback from torch
+    with pytest.raises(SystemExit, match="no model repository beside .*--model-repository"):
+        repository_beside(alone)
 
 
 def test_a_bench_without_data_refuses_to_replace_another_datas_export(tiny_pipeline, tmp_path) -> None:

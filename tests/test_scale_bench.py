@@ -37,7 +37,7 @@ def test_synthetic_products_keep_the_real_sizes() -> None:
 def test_a_checkout_without_an_export_builds_make_bench_s_before_imitating_it(tmp_path, monkeypatch) -> None:
     """A clean clone's `make bench-scale` drew random mixtures (recall@10 0.32, no served rows) and then failed in
     benchmarks.lexical_scale: now make bench's export is built first and imitated (a stand-in build here)."""
-    from benchmarks import offline, scale
+    from benchmarks import offline, references, scale
     from twotower import artifacts
 
     monkeypatch.chdir(tmp_path)
@@ -53,8 +53,8 @@ def test_a_checkout_without_an_export_builds_make_bench_s_before_imitating_it(tm
     assert scale.resolve_reference(scale.RANDOM_REFERENCE, None) is None
     assert scale.resolve_reference("elsewhere/index", None) == Path("elsewhere/index")
     assert not built
-    assert scale.resolve_reference(None, tmp_path / "data") == offline.BENCH_WORK / "index"
-    assert built == [(tmp_path / "data", offline.BENCH_WORK)]
+    assert scale.resolve_reference(None, tmp_path / "data") == references.BENCH_WORK / "index"
+    assert built == [(tmp_path / "data", references.BENCH_WORK)]
     assert scale.resolve_reference(None, tmp_path / "data") == Path("runs/bench/index")  # built once, then found
     (tmp_path / "runs" / "hm-eval" / "index").mkdir(parents=True)
     (tmp_path / "runs" / "hm-eval" / "index" / artifacts.CURRENT_FILE).write_text("v0001\n")
