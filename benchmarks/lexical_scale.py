@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.data_dir is None and args.reference is None and existing_export() is None:
-        args.data_dir = default_data_dir()  # a clean checkout: the H&M captions themselves, where they are
     reference = args.data_dir or args.reference or existing_export()
+    if reference is None:  # a clean checkout: the H&M captions themselves, where they are
+        args.data_dir = reference = default_data_dir()
     if reference is None:
         parser.error("no --reference, no --data-dir and no make eval / make bench export to draw captions from")
     captions, queries = data_texts(reference) if args.data_dir else reference_texts(reference)

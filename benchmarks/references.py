@@ -54,10 +54,15 @@ def export_to_measure(data_dir: Path | None = None) -> Path:
     return offline.prepare_artifacts(data_dir, BENCH_WORK).index_dir
 
 
+def repository_path(index_dir: Path) -> Path:
+    """Where an export writes its Triton model repository: beside the index root of `index_dir` (a root or a
+    version)."""
+    return artifacts.resolve_index_dir(index_dir).resolve().parent.parent / MODEL_REPOSITORY
+
+
 def repository_beside(index_dir: Path) -> Path:
-    """The Triton model repository an export wrote beside the index root of `index_dir` (a root or a version)."""
-    version = artifacts.resolve_index_dir(index_dir).resolve()
-    repository = version.parent.parent / MODEL_REPOSITORY
+    """`repository_path(index_dir)`, a clear exit where there is none."""
+    repository = repository_path(index_dir)
     if not repository.is_dir():
         raise SystemExit(f"{repository}: no model repository beside {index_dir}'s index root; pass --model-repository")
     return repository

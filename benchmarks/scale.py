@@ -928,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--index-types: unknown {unknown}")
     reference_root = resolve_reference(args.reference, args.data_dir)
     reference = Reference(reference_root)
-    repository = args.model_repository or (reference_root.parent / "model_repository" if reference_root else None)
+    repository = args.model_repository or (references.repository_path(reference_root) if reference_root else None)
     if repository is not None and not repository.is_dir():
         log.warning("no model repository at %s: no served-path rows", repository)
         repository = None
